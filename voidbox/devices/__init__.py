@@ -1,0 +1,1 @@
+"""Emulated devices. A device sees its registers, guest memory and its interrupt; never KVM."""
