@@ -1,0 +1,48 @@
+"""The CLI's contract for bad input: one line on stderr, exit status 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def voidbox(*args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "voidbox", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["boot", "--kernel", "/nonexistent/vmlinux"], "does not exist"),
+        (["boot", "--kernel", "/", "--mem", "1G"], "not a regular file"),
+        (["boot", "--kernel", sys.executable, "--mem", "lots"], "invalid size"),
+        (["boot", "--kernel", sys.executable, "--cpus", "0"], "--cpus"),
+        (["boot", "--kernel", sys.executable, "--cpus", "many"], "cpus"),
+        (["boot", "--kernel", sys.executable, "--timeout", "-1"], "--timeout"),
+        (["boot", "--no-such-flag"], "no such option"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, needle):
+    result = voidbox(*args)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
+def test_a_file_that_is_not_a_kernel_is_a_usage_error(tmp_path):
+    bogus = tmp_path / "notakernel"
+    bogus.write_bytes(b"this is not a kernel" * 100)
+    result = voidbox("boot", "--kernel", str(bogus), "--timeout", "5")
+    # Without /dev/kvm this stops earlier with exit 1; either way: one line, no traceback.
+    assert result.returncode in (1, 2), result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_help_lists_the_commands():
+    result = voidbox("--help")
+    assert result.returncode == 0
+    for command in ("boot", "image", "doctor"):
+        assert command in result.stdout

@@ -1,0 +1,65 @@
+"""`voidbox doctor`: what this host can do, in a few lines a user can act on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from . import host
+
+
+def _kvm_lines() -> list[str]:
+    info = host.kvm_info()
+    if not info.present:
+        return [f"kvm:     missing ({info.reason}); voidbox cannot run VMs on this host"]
+    if not info.usable:
+        return [f"kvm:     present but unusable: {info.reason}"]
+    try:
+        from ._kvm import Kvm
+
+        kvm = Kvm()
+        api = f"API {kvm.api_version}"
+        kvm.close()
+    except Exception as error:  # noqa: BLE001 - doctor reports, never crashes
+        return [f"kvm:     {host.KVM_DEVICE} cannot be opened: {error}"]
+    if info.software_only:
+        return [
+            f"kvm:     software-only ({info.module}, {api}): every guest instruction is emulated",
+            "         an unmodified Linux guest gets through its early boot only; tiny guests and",
+            "         the KVM plumbing work, full boots need a host with hardware virtualization",
+        ]
+    return [f"kvm:     hardware-assisted ({info.module}, {api})"]
+
+
+def _tap_lines() -> list[str]:
+    tun = os.path.exists("/dev/net/tun")
+    if not tun:
+        return ["tap:     /dev/net/tun is missing: TAP networking unavailable (slirp still works)"]
+    if host.can_create_tap():
+        return ["tap:     can create TAP devices (CAP_NET_ADMIN)"]
+    return ["tap:     no CAP_NET_ADMIN: TAP needs root or a pre-created device; slirp works"]
+
+
+def _qemu_lines() -> list[str]:
+    qemu = host.qemu_binary()
+    if qemu is None:
+        return ["qemu:    not found (only needed for QEMU-backed tests)"]
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10)
+        version = out.stdout.splitlines()[0] if out.stdout else "unknown version"
+    except (OSError, subprocess.TimeoutExpired):
+        version = "version unknown"
+    return [f"qemu:    {qemu} ({version})"]
+
+
+def _guest_lines() -> list[str]:
+    from .image import cache_dir, default_guest
+
+    guest = default_guest()
+    if guest is None:
+        return [f"guest:   not built (run `voidbox image build`; cache {cache_dir()})"]
+    return [f"guest:   {guest.directory} (kernel {guest.kernel_version})"]
+
+
+def report() -> list[str]:
+    return _kvm_lines() + _tap_lines() + _qemu_lines() + _guest_lines()

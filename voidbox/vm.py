@@ -1,0 +1,319 @@
+"""The VM: the one module that wires memory, KVM, boot and devices together.
+
+Threads: one per vCPU (blocked in KVM_RUN, serving its own exits), and the caller's
+thread, which waits in `wait()` for a stop request (guest poweroff/reset, a fatal
+exit, timeout, signal or console quit). Stopping kicks every vCPU out of KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+import threading
+import time
+
+from . import layout
+from .config import VmConfig
+from .devices.bus import Bus
+from .errors import ExitStatus, VoidboxError
+from .exits import IoExit
+from .vcpu import Action, handle_exit
+
+
+class StopReason(enum.Enum):
+    POWEROFF = ("guest powered off", ExitStatus.POWEROFF)
+    QUIT = ("stopped from the console (Ctrl-A x)", ExitStatus.POWEROFF)
+    RESET = ("guest reset", ExitStatus.RESET)
+    TRIPLE_FAULT = ("guest triple-faulted", ExitStatus.GUEST_CRASH)
+    INTERNAL_ERROR = ("KVM internal error", ExitStatus.GUEST_CRASH)
+    TIMEOUT = ("timeout", ExitStatus.TIMEOUT)
+    SIGINT = ("interrupted (SIGINT)", ExitStatus.SIGINT)
+    SIGTERM = ("terminated (SIGTERM)", ExitStatus.SIGTERM)
+    ERROR = ("voidbox error", ExitStatus.ERROR)
+
+    @property
+    def text(self) -> str:
+        return self.value[0]
+
+    @property
+    def exit_status(self) -> ExitStatus:
+        return self.value[1]
+
+
+class SerialLog:
+    """Everything the guest wrote to its console: kept (bounded) and forwarded."""
+
+    def __init__(self, sink, limit: int):
+        self._sink = sink
+        self._limit = limit
+        self._data = bytearray()
+        self._dropped = 0
+        self._cond = threading.Condition()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._data += data
+            excess = len(self._data) - self._limit
+            if excess > 0:
+                del self._data[:excess]
+                self._dropped += excess
+            self._cond.notify_all()
+        if self._sink is not None:
+            try:
+                self._sink(data)
+            except BrokenPipeError:
+                self._sink = None  # the reader went away; keep the VM running
+
+    def getvalue(self) -> bytes:
+        with self._cond:
+            return bytes(self._data)
+
+    def wait_for(self, needle: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while needle not in self._data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+
+def _file_sink(target):
+    """A write function for the console output: a path, a binary file or None."""
+    if target is None:
+        return None, None
+    if isinstance(target, str | os.PathLike):
+        handle = open(target, "ab", buffering=0)  # noqa: SIM115 - closed with the VM
+        return handle.write, handle
+    if hasattr(target, "buffer"):
+        target = target.buffer
+
+    def write(data: bytes) -> None:
+        target.write(data)
+        target.flush()
+
+    return write, None
+
+
+class Vm:
+    """A voidbox VM built from a `VmConfig`.
+
+    `start()` builds and launches it, `wait()` blocks until it stops and returns the
+    `StopReason`, `stop()` asks it to stop, `close()` releases everything. `run()` does all
+    of it and returns the process exit status.
+    """
+
+    def __init__(self, config: VmConfig):
+        self.config = config
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.memory = None
+        self.stop_reason: StopReason | None = None
+        self.stop_detail = ""
+        self.boot_plan = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._vcpus = []
+        self._threads = []
+        self._kvm = None
+        self._vmfd = None
+        self._started_at = None
+        self._closables = []
+        self.first_run_at = None  # monotonic time of the first KVM_RUN (start-up benchmark)
+        sink, handle = _file_sink(config.console_output)
+        if handle is not None:
+            self._closables.append(handle)
+        self.serial_log = SerialLog(sink, config.serial_log_limit)
+
+    # -- building ------------------------------------------------------------------
+
+    def _build(self) -> None:
+        from ._kvm import Kvm
+        from .boot.acpi import build_acpi_tables
+        from .boot.cpu_state import setup_sregs
+        from .boot.loader import load_kernel
+        from .devices.acpi_pm import AcpiPm
+        from .devices.i8042 import I8042
+        from .devices.serial import Serial8250
+        from .memory import GuestMemory
+        from .vcpu import configure_vcpu
+
+        config = self.config
+        self.memory = GuestMemory(config.mem)
+        self._kvm = kvm = Kvm()
+        self._vmfd = vmfd = kvm.create_vm()
+        # The TSS and identity-map pages must sit in guest-physical space no RAM uses
+        # (api.rst, KVM_SET_TSS_ADDR): the top of the MMIO gap, below the BIOS ROM.
+        vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vmfd.set_tss_addr(TSS_ADDR)
+        vmfd.create_irqchip()
+        vmfd.create_pit2()
+        for slot, region in enumerate(self.memory.regions):
+            vmfd.set_user_memory_region(slot, region.gpa, region.size, self.memory.mmap, region.offset)
+
+        self.serial = Serial8250(
+            irq=lambda level: vmfd.irq_line(layout.SERIAL_COM1_IRQ, level),
+            output=self.serial_log.write,
+        )
+        self.pio_bus.register(layout.SERIAL_COM1_PORT, 8, self.serial)
+        self.i8042 = I8042(on_reset=lambda: self.stop(StopReason.RESET))
+        self.i8042.register(self.pio_bus)
+        self.acpi_pm = AcpiPm(on_poweroff=lambda: self.stop(StopReason.POWEROFF))
+        self.pio_bus.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm)
+
+        virtio_devices = ()
+        acpi = build_acpi_tables(config.cpus, virtio_devices)
+        acpi.write(self.memory)
+        cmdline = config.command_line()
+        self.boot_plan = plan = load_kernel(
+            self.memory, config.kernel, cmdline, config.initrd, rsdp_addr=acpi.rsdp_addr
+        )
+
+        supported = kvm.supported_cpuid()
+        for index in range(config.cpus):
+            vcpu = vmfd.create_vcpu(index)
+            self._vcpus.append(vcpu)
+            configure_vcpu(vcpu, supported, index, config.cpus)
+        # Only the boot vCPU gets an entry state; the others wait in the in-kernel LAPIC
+        # for the guest's INIT/SIPI.
+        boot = self._vcpus[0]
+        boot.set_sregs(setup_sregs(self.memory, plan.entry_mode, boot.get_sregs()))
+        boot.set_regs(plan.regs)
+
+    # -- running -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started_at is not None:
+            raise VoidboxError("the VM was already started")
+        self._started_at = time.monotonic()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        for vcpu in self._vcpus:
+            thread = threading.Thread(
+                target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _vcpu_loop(self, vcpu) -> None:
+        pio, mmio, stopped = self.pio_bus, self.mmio_bus, self._stopped
+        if self.first_run_at is None:
+            self.first_run_at = time.monotonic()
+        try:
+            while not stopped.is_set():
+                exit = vcpu.run()
+                outcome = handle_exit(exit, pio, mmio)
+                if outcome.reply is not None:
+                    if type(exit) is IoExit:
+                        vcpu.complete_io_in(outcome.reply)
+                    else:
+                        vcpu.complete_mmio_read(outcome.reply)
+                if outcome.action is not Action.CONTINUE:
+                    self.stop(_ACTION_REASONS[outcome.action], outcome.detail)
+        except Exception as error:  # noqa: BLE001 - any failure stops the VM with a message
+            self.stop(StopReason.ERROR, f"vCPU {vcpu.index}: {error}")
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """Drive an in-kernel irqchip input line (IOAPIC pin / PIC IRQ) to `level`."""
+        self._vmfd.irq_line(irq, level)
+
+    def stop(self, reason: StopReason = StopReason.QUIT, detail: str = "") -> None:
+        """Ask the VM to stop; the first reason given wins. Safe from any thread."""
+        with self._stop_lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+                self.stop_detail = detail
+        self._stopped.set()
+        for vcpu in self._vcpus:
+            vcpu.kick()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """Block until the VM stops (or `timeout` seconds pass: then None).
+
+        The configured `--timeout` counts from start() and stops the VM with TIMEOUT.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        vm_deadline = None
+        if self.config.timeout is not None and self._started_at is not None:
+            vm_deadline = self._started_at + self.config.timeout
+        while True:
+            ends = [d for d in (deadline, vm_deadline) if d is not None]
+            # Wake at least twice a second so signal handlers run promptly.
+            wait_for = min([*(e - time.monotonic() for e in ends), 0.5])
+            if self._stopped.wait(max(wait_for, 0)):
+                break
+            now = time.monotonic()
+            if vm_deadline is not None and now >= vm_deadline:
+                self.stop(StopReason.TIMEOUT, f"timeout after {self.config.timeout:g} s")
+                break
+            if deadline is not None and now >= deadline:
+                return None
+        for thread in self._threads:
+            thread.join(5)
+        return self.stop_reason
+
+    def close(self) -> None:
+        if not self._stopped.is_set() and self._vcpus:
+            self.stop(StopReason.QUIT)
+        for thread in self._threads:
+            thread.join(5)
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus = []
+        if self._vmfd is not None:
+            self._vmfd.close()
+            self._vmfd = None
+        if self._kvm is not None:
+            self._kvm.close()
+            self._kvm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        for handle in self._closables:
+            handle.close()
+        self._closables = []
+
+    def run(self) -> ExitStatus:
+        self.start()
+        try:
+            self.wait()
+        finally:
+            self.close()
+        return self.stop_reason.exit_status
+
+    def stop_message(self) -> str:
+        """One line saying why the VM stopped."""
+        reason = self.stop_reason
+        if reason is None:
+            return "running"
+        return self.stop_detail or reason.text
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Guest-physical pages KVM needs for real-mode emulation on Intel (KVM_SET_TSS_ADDR takes
+# three pages): kept in the MMIO gap, clear of the IOAPIC and LAPIC.
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+TSS_ADDR = 0xFFFB_D000
+
+
+_ACTION_REASONS = {
+    Action.POWEROFF: StopReason.POWEROFF,
+    Action.RESET: StopReason.RESET,
+    Action.TRIPLE_FAULT: StopReason.TRIPLE_FAULT,
+    Action.INTERNAL_ERROR: StopReason.INTERNAL_ERROR,
+}
+
+
+def stderr_line(text: str) -> None:
+    sys.stderr.write(f"voidbox: {text}\n")
+    sys.stderr.flush()
