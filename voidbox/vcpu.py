@@ -11,6 +11,12 @@ import enum
 from dataclasses import dataclass
 
 from .exits import (
+    KVM_INTERNAL_ERROR_DELIVERY_EV,
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_SIMUL_EX,
+    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
     FailEntryExit,
     HltExit,
     InternalErrorExit,
@@ -20,11 +26,6 @@ from .exits import (
     ShutdownExit,
     SystemEventExit,
 )
-
-# KVM_SYSTEM_EVENT_* (linux/kvm.h): the guest asked the platform to stop.
-KVM_SYSTEM_EVENT_SHUTDOWN = 1
-KVM_SYSTEM_EVENT_RESET = 2
-KVM_SYSTEM_EVENT_CRASH = 3
 
 # Model-specific registers the boot vCPU starts with (Intel SDM vol. 4). Zeroed syscall
 # MSRs and a write-back default memory type: Linux expects cacheable RAM from the start.
@@ -122,20 +123,24 @@ def handle_exit(exit, pio, mmio) -> Outcome:
     return Outcome(Action.INTERNAL_ERROR, detail=f"unhandled vCPU exit {exit!r}")
 
 
-# KVM_INTERNAL_ERROR_* (linux/kvm.h)
 _SUBERRORS = {
-    1: "instruction emulation failed",
-    2: "simultaneous exceptions",
-    3: "delivery event",
-    4: "unexpected exit reason",
+    KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+    KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+    KVM_INTERNAL_ERROR_DELIVERY_EV: "delivery event",
+    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
 }
 
 
-def configure_vcpu(vcpu, supported_cpuid, index: int, count: int) -> None:
-    """CPUID, MSRs, FPU and LAPIC for one vCPU, as every voidbox vCPU starts."""
+def configure_vcpu(vcpu, supported_cpuid, index: int, count: int, software_only: bool = False) -> None:
+    """CPUID, MSRs, FPU and LAPIC for one vCPU, as every voidbox vCPU starts.
+
+    On software-only KVM the features its instruction emulator cannot run (CX16, XSAVE
+    and what depends on it) are hidden, so a guest takes its fallback paths instead of
+    dying with an emulation failure.
+    """
     from .cpuid import filter_cpuid
 
-    vcpu.set_cpuid(filter_cpuid(supported_cpuid, index, count))
+    vcpu.set_cpuid(filter_cpuid(supported_cpuid, index, count, software_only=software_only))
     vcpu.set_msrs(list(BOOT_MSRS))
     vcpu.set_fpu()
     vcpu.setup_lapic()

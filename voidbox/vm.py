@@ -60,10 +60,7 @@ class SerialLog:
                 self._dropped += excess
             self._cond.notify_all()
         if self._sink is not None:
-            try:
-                self._sink(data)
-            except BrokenPipeError:
-                self._sink = None  # the reader went away; keep the VM running
+            self._sink(data)  # ConsoleOutput: a reader that went away costs nothing
 
     def getvalue(self) -> bytes:
         with self._cond:
@@ -80,23 +77,6 @@ class SerialLog:
             return True
 
 
-def _file_sink(target):
-    """A write function for the console output: a path, a binary file or None."""
-    if target is None:
-        return None, None
-    if isinstance(target, str | os.PathLike):
-        handle = open(target, "ab", buffering=0)  # noqa: SIM115 - closed with the VM
-        return handle.write, handle
-    if hasattr(target, "buffer"):
-        target = target.buffer
-
-    def write(data: bytes) -> None:
-        target.write(data)
-        target.flush()
-
-    return write, None
-
-
 class Vm:
     """A voidbox VM built from a `VmConfig`.
 
@@ -110,6 +90,7 @@ class Vm:
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.memory = None
+        self.serial = None
         self.stop_reason: StopReason | None = None
         self.stop_detail = ""
         self.boot_plan = None
@@ -121,10 +102,16 @@ class Vm:
         self._vmfd = None
         self._started_at = None
         self._closables = []
-        self.first_run_at = None  # monotonic time of the first KVM_RUN (start-up benchmark)
-        sink, handle = _file_sink(config.console_output)
-        if handle is not None:
-            self._closables.append(handle)
+        self._workers = []
+        self._fds = []
+        self.virtio_transports = []
+        self.first_run_at = None  # time.time() of the first KVM_RUN (start-up benchmark)
+        sink = None
+        if config.console_output is not None:
+            from .console import ConsoleOutput
+
+            sink = ConsoleOutput(config.console_output)
+            self._closables.append(sink)
         self.serial_log = SerialLog(sink, config.serial_log_limit)
 
     # -- building ------------------------------------------------------------------
@@ -137,6 +124,7 @@ class Vm:
         from .devices.acpi_pm import AcpiPm
         from .devices.i8042 import I8042
         from .devices.serial import Serial8250
+        from .host import kvm_info
         from .memory import GuestMemory
         from .vcpu import configure_vcpu
 
@@ -163,24 +151,72 @@ class Vm:
         self.acpi_pm = AcpiPm(on_poweroff=lambda: self.stop(StopReason.POWEROFF))
         self.pio_bus.register(layout.ACPI_SLEEP_CONTROL_PORT, 2, self.acpi_pm)
 
-        virtio_devices = ()
+        virtio_devices = self._add_virtio_devices()
         acpi = build_acpi_tables(config.cpus, virtio_devices)
         acpi.write(self.memory)
-        cmdline = config.command_line()
+        # Always on the command line too: kernels built with VIRTIO_MMIO_CMDLINE_DEVICES and
+        # small guests read it; a kernel that honours both finds the region claimed by
+        # the ACPI device and skips the duplicate.
+        cmdline = config.command_line(
+            " ".join(f"virtio_mmio.device={d.size // 1024}K@{d.base:#x}:{d.irq}" for d in virtio_devices)
+        )
         self.boot_plan = plan = load_kernel(
             self.memory, config.kernel, cmdline, config.initrd, rsdp_addr=acpi.rsdp_addr
         )
 
         supported = kvm.supported_cpuid()
+        software_only = kvm_info().software_only
         for index in range(config.cpus):
             vcpu = vmfd.create_vcpu(index)
             self._vcpus.append(vcpu)
-            configure_vcpu(vcpu, supported, index, config.cpus)
+            configure_vcpu(vcpu, supported, index, config.cpus, software_only)
         # Only the boot vCPU gets an entry state; the others wait in the in-kernel LAPIC
         # for the guest's INIT/SIPI.
         boot = self._vcpus[0]
         boot.set_sregs(setup_sregs(self.memory, plan.entry_mode, boot.get_sregs()))
         boot.set_regs(plan.regs)
+
+    def _add_virtio_devices(self):
+        """Create the configured virtio devices, each on its own MMIO window and IRQ."""
+        from .boot.acpi import VIRTIO_MMIO_IRQS, VirtioMmioDevice
+
+        devices = []
+        if self.config.image is not None:
+            from .virtio.blk import BlockBackend, VirtioBlk
+            from .virtio.worker import IoWorker
+
+            backend = BlockBackend(self.config.image, readonly=self.config.readonly)
+            self._closables.append(backend)
+            # The block worker is stopped before the backend closes (fsync on close).
+            worker = IoWorker("virtio-blk")
+            self._workers.append(worker)
+            devices.append(self._attach_virtio(VirtioBlk(backend), worker, len(devices), VIRTIO_MMIO_IRQS))
+        for worker in self._workers:
+            worker.start()
+        return [VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq) for base, irq in devices]
+
+    def _attach_virtio(self, device, worker, slot: int, irqs) -> tuple[int, int]:
+        """Put `device` on a virtio-mmio window: QueueNotify through ioeventfds served by
+        `worker`, interrupts through an irqfd on the line the DSDT advertises."""
+        from .virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
+
+        base = layout.VIRTIO_MMIO_BASE + slot * layout.VIRTIO_MMIO_SIZE
+        irq = irqs[slot]  # IRQ 9 is the SCI; acpi.VIRTIO_MMIO_IRQS skips it
+        irqfd = self._eventfd()
+        self._vmfd.register_irqfd(irqfd, irq)
+        transport = VirtioMmioTransport(device, self.memory, lambda: os.eventfd_write(irqfd, 1))
+        for index in range(len(device.queue_max_sizes)):
+            kick = self._eventfd()
+            self._vmfd.register_ioeventfd(kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
+            worker.add_eventfd(kick, lambda index=index: transport.handle_notify(index))
+        self.mmio_bus.register(base, layout.VIRTIO_MMIO_SIZE, transport)
+        self.virtio_transports.append(transport)
+        return base, irq
+
+    def _eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds.append(fd)
+        return fd
 
     # -- running -------------------------------------------------------------------
 
@@ -203,7 +239,7 @@ class Vm:
     def _vcpu_loop(self, vcpu) -> None:
         pio, mmio, stopped = self.pio_bus, self.mmio_bus, self._stopped
         if self.first_run_at is None:
-            self.first_run_at = time.monotonic()
+            self.first_run_at = time.time()  # wall clock: compared with the process start
         try:
             while not stopped.is_set():
                 exit = vcpu.run()
@@ -262,9 +298,15 @@ class Vm:
             self.stop(StopReason.QUIT)
         for thread in self._threads:
             thread.join(5)
+        if self.serial is not None:
+            self.serial.flush()  # the guest's last partial line
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus = []
+        # Devices finish the request in hand before their backends sync and close.
+        for worker in self._workers:
+            worker.close()
+        self._workers = []
         if self._vmfd is not None:
             self._vmfd.close()
             self._vmfd = None
@@ -277,6 +319,9 @@ class Vm:
         for handle in self._closables:
             handle.close()
         self._closables = []
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def run(self) -> ExitStatus:
         self.start()

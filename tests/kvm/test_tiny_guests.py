@@ -155,3 +155,16 @@ def test_two_vcpus_boot_the_same_guest(guests):
     finally:
         vm.close()
     assert reason is StopReason.POWEROFF, vm.stop_message()
+
+
+def test_uart_interrupts_drive_transmit_and_receive(guests):
+    vm = Vm(VmConfig(kernel=guests("serial_irq"), mem="64M", timeout=GUEST_TIMEOUT))
+    try:
+        vm.start()
+        assert vm.serial_log.wait_for(b"waiting for input", GUEST_TIMEOUT), serial(vm)
+        vm.serial.enqueue_input(b"ping\n")
+        reason = vm.wait()
+    finally:
+        vm.close()
+    assert "tx: 0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz!\n" in serial(vm)
+    assert "got: ping" in serial(vm) and reason is StopReason.POWEROFF

@@ -28,9 +28,10 @@ def test_cython_lint():
     linter = tool("cython-lint")
     if linter is None:
         pytest.skip("cython-lint is not installed (pip install -e '.[test]')")
-    sources = glob.glob(os.path.join(ROOT, "voidbox", "**", "*.p[yx]x", recursive=True))
-    sources += glob.glob(os.path.join(ROOT, "voidbox", "**", "*.pxd", recursive=True))
-    if not sources:
-        pytest.skip("no Cython sources")
-    result = subprocess.run([linter, *sources], cwd=ROOT, capture_output=True, text=True)
+    sources = glob.glob(os.path.join(ROOT, "voidbox", "**", "*.pyx"), recursive=True)
+    sources += glob.glob(os.path.join(ROOT, "voidbox", "**", "*.pxd"), recursive=True)
+    assert sources, "no Cython sources found"
+    # cython-lint runs pycodestyle from the same environment.
+    env = dict(os.environ, PATH=os.path.dirname(linter) + os.pathsep + os.environ.get("PATH", ""))
+    result = subprocess.run([linter, *sources], cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,95 @@
+"""Start-up: `voidbox boot` of a trivial tiny guest beside QEMU microvm running a trivial
+firmware to exit, in the same run on the same machine.
+
+    .venv/bin/python bench/startup.py [--runs 20]
+
+For each: wall ms from spawn to exit, CPU ms (user+sys) and peak RSS of the process
+(wait4), and for voidbox the wall ms from spawn to its first KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(argv, env=None):
+    """Spawn argv; return (wall_s, cpu_s, maxrss_kib, status, stderr, spawn_time)."""
+    err = tempfile.TemporaryFile()
+    spawned = time.time()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err.seek(0)
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, proc.returncode, err.read().decode(), spawned
+
+
+def firmware(path):
+    """A 64 KiB BIOS whose reset vector writes 0 to isa-debug-exit (port 0xf4) and halts."""
+    mov_al_0, out_f4, hlt = b"\xb0\x00", b"\xe6\xf4", b"\xf4"
+    bios = bytearray(hlt * 0x10000)
+    bios[0xFFF0 : 0xFFF5] = mov_al_0 + out_f4 + hlt
+    with open(path, "wb") as handle:
+        handle.write(bios)
+
+
+def summarize(name, samples):
+    def med(index, scale=1000.0):
+        return statistics.median(s[index] for s in samples) * scale
+
+    print(f"{name:<34} wall {med(0):7.1f} ms  cpu {med(1):6.1f} ms  rss {med(2, 1) / 1024:6.1f} MiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    from tests.guests.build import build_guest
+
+    work = tempfile.mkdtemp(prefix="voidbox-bench-")
+    guest = str(build_guest("hello", work))
+    voidbox = [os.path.join(os.path.dirname(sys.executable), "voidbox")]
+    if not os.path.exists(voidbox[0]):
+        voidbox = [sys.executable, "-m", "voidbox"]
+    env = dict(os.environ, VOIDBOX_TRACE_STARTUP="1")
+    vb, first_runs = [], []
+    for _ in range(args.runs):
+        sample = run([*voidbox, "boot", "--kernel", guest, "--mem", "64M", "--timeout", "30"], env)
+        if sample[3] != 0:
+            print("voidbox failed:", sample[4], file=sys.stderr)
+            return 1
+        vb.append(sample)
+        for line in sample[4].splitlines():
+            if "first-kvm-run" in line:
+                first_runs.append(float(line.split()[-1]) - sample[5])
+    print(f"runs: {args.runs}, python {sys.version.split()[0]}, {os.uname().release}")
+    summarize("voidbox boot (tiny guest)", vb)
+    if first_runs:
+        print(f"{'voidbox: spawn -> first KVM_RUN':<34} wall {statistics.median(first_runs) * 1000:7.1f} ms")
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu:
+        bios = os.path.join(work, "exit.bios")
+        firmware(bios)
+        argv = [qemu, "-M", "microvm", "-enable-kvm", "-m", "32M", "-nodefaults", "-no-user-config",
+                "-display", "none", "-bios", bios, "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
+        qs = [run(argv) for _ in range(args.runs)]
+        summarize("qemu microvm (trivial firmware)", qs)
+        ratio = statistics.median(s[0] for s in vb) / statistics.median(s[0] for s in qs)
+        print(f"voidbox / qemu wall: {ratio:.2f}x")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Helpers for NAT tests: guest-side frame builders and an engine harness.
+
+The harness drives the real Engine and EventLoop (loopback sockets only, no root): frames
+the engine sends to the guest are collected in .out, parsed on demand.
+"""
+
+from __future__ import annotations
+
+from voidbox.net.config import GATEWAY_MAC, GUEST_MAC, NatConfig, parse_mac
+from voidbox.net.engine import Engine
+from voidbox.net.loop import EventLoop
+from voidbox.net.packets import (
+    ETH_P_IP,
+    IPPROTO_ICMP,
+    IPPROTO_UDP,
+    build_ethernet,
+    build_icmp,
+    build_ipv4,
+    build_udp,
+    ip_to_bytes,
+    parse_ethernet,
+    parse_icmp,
+    parse_ipv4,
+    parse_udp,
+)
+from voidbox.net.policy import Policy
+
+GUEST = ip_to_bytes("10.0.2.15")
+GATEWAY = ip_to_bytes("10.0.2.2")
+DNS = ip_to_bytes("10.0.2.3")
+GUEST_HW = parse_mac(GUEST_MAC)
+GATEWAY_HW = parse_mac(GATEWAY_MAC)
+# Bound on loop iterations while waiting for an event: a failure bound, not a timing.
+MAX_PUMP = 400
+PUMP_SLICE = 0.05
+
+
+def frame_of(ip_packet: bytes) -> bytes:
+    """An IPv4 packet framed as the guest sends it to the gateway."""
+    return build_ethernet(GATEWAY_HW, GUEST_HW, ETH_P_IP, ip_packet)
+
+
+def guest_ip_frame(dst: bytes, proto: int, payload: bytes, src: bytes = GUEST, **kw) -> bytes:
+    return build_ethernet(GATEWAY_HW, GUEST_HW, ETH_P_IP, build_ipv4(src, dst, proto, payload, **kw))
+
+
+def guest_udp_frame(dst: bytes, sport: int, dport: int, data: bytes, src: bytes = GUEST) -> bytes:
+    return guest_ip_frame(dst, IPPROTO_UDP, build_udp(src, dst, sport, dport, data), src=src)
+
+
+def guest_echo_frame(dst: bytes, ident: int, seq: int, data: bytes = b"ping") -> bytes:
+    return guest_ip_frame(dst, IPPROTO_ICMP, build_icmp(8, 0, (ident << 16) | seq, data))
+
+
+class Harness:
+    def __init__(self, config: NatConfig | None = None, policy: Policy | None = None):
+        self.config = config or NatConfig()
+        self.loop = EventLoop(debug=True)
+        self.out: list[bytes] = []
+        self.engine = Engine(self.config, self.loop, self.out.append, policy)
+
+    def send(self, frame: bytes) -> None:
+        self.engine.guest_frame(frame)
+
+    def pump(self, until) -> None:
+        """Run the loop until until() is true (bounded)."""
+        for _ in range(MAX_PUMP):
+            if until():
+                return
+            self.loop.run_once(PUMP_SLICE)
+        raise AssertionError("condition not reached")
+
+    def ip_packets(self):
+        """(IPv4 header, payload) of every frame sent to the guest, consumed."""
+        frames, self.out[:] = list(self.out), []
+        result = []
+        for frame in frames:
+            eth, payload = parse_ethernet(frame)
+            assert eth.ethertype == ETH_P_IP
+            assert eth.src == GATEWAY_HW
+            result.append(parse_ipv4(payload))
+        return result
+
+    def udp_replies(self):
+        out = []
+        for ip, payload in self.ip_packets():
+            assert ip.proto == IPPROTO_UDP
+            hdr, data = parse_udp(ip.src, ip.dst, payload)
+            out.append((ip, hdr, bytes(data)))
+        return out
+
+    def icmp_replies(self):
+        out = []
+        for ip, payload in self.ip_packets():
+            assert ip.proto == IPPROTO_ICMP
+            hdr, data = parse_icmp(payload)
+            out.append((ip, hdr, bytes(data)))
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+        assert self.engine.flow_count() == 0
+        assert self.loop.watched_count() == 0
+        self.loop.close()

@@ -1,0 +1,78 @@
+"""Frame dispatch in the engine (voidbox/net/engine.py): what is dropped, and why."""
+
+import struct
+
+import pytest
+
+from tests.unit.netframes import (
+    GATEWAY,
+    GATEWAY_HW,
+    GUEST_HW,
+    Harness,
+    frame_of,
+    guest_echo_frame,
+    guest_ip_frame,
+)
+from voidbox.net.packets import ETH_P_IPV6, build_ethernet, checksum
+
+
+@pytest.fixture
+def h():
+    harness = Harness()
+    yield harness
+    harness.close()
+
+
+def test_frames_for_other_macs_are_ignored(h):
+    frame = bytearray(guest_echo_frame(GATEWAY, 1, 1))
+    frame[0:6] = bytes.fromhex("020000000001")
+    h.send(bytes(frame))
+    assert h.out == [] and h.engine.counters["eth_not_for_us"] == 1
+
+
+def test_spoofed_sources_are_dropped(h):
+    h.send(guest_ip_frame(GATEWAY, 1, b"\x08\x00\xf7\xff\x00\x00\x00\x00", src=bytes([10, 0, 2, 16])))
+    assert h.out == [] and h.engine.counters["ip_spoofed_source"] == 1
+
+
+def test_bad_ip_checksum_and_unknown_protocols_are_counted(h):
+    frame = bytearray(guest_echo_frame(GATEWAY, 1, 1))
+    frame[14 + 8] ^= 0x10  # TTL changes, the header checksum no longer holds
+    h.send(bytes(frame))
+    h.send(guest_ip_frame(GATEWAY, 47, b"gre"))
+    h.send(build_ethernet(GATEWAY_HW, GUEST_HW, ETH_P_IPV6, b"\x60" + b"\x00" * 39))
+    h.send(b"\x00" * 10)
+    c = h.engine.counters
+    assert (c["ip_checksum"], c["ip_unsupported_proto"], c["eth_unsupported_type"], c["eth_short"]) == (1, 1, 1, 1)
+    assert h.out == []
+
+
+def test_fragmented_echo_is_reassembled_and_overlaps_are_dropped(h):
+    whole = guest_echo_frame(GATEWAY, 3, 4, b"p" * 64)[14:]
+    payload = whole[20:]
+
+    def frag(off, data, more, ident=5):
+        hdr = bytearray(whole[:20])
+        struct.pack_into("!HHH", hdr, 2, 20 + len(data), ident, (0x2000 if more else 0) | off // 8)
+        hdr[10:12] = b"\x00\x00"
+        struct.pack_into("!H", hdr, 10, checksum(bytes(hdr)))
+        return frame_of(bytes(hdr) + data)
+
+    h.send(frag(0, payload[:40], True))
+    assert h.out == []
+    h.send(frag(40, payload[40:], False))
+    [(_ip, hdr, data)] = h.icmp_replies()
+    assert (hdr.type, data) == (0, b"p" * 64)
+    h.send(frag(0, payload[:40], True, ident=6))
+    h.send(frag(32, payload[32:], False, ident=6))
+    assert h.out == [] and h.engine.counters["ip_reassembly_dropped"] == 1
+
+
+def test_tcp_without_a_stack_is_counted():
+    h = Harness()
+    if h.engine.tcp is not None:
+        h.engine.tcp.close()
+    h.engine.tcp = None  # as when voidbox.net.tcp_nat is missing
+    h.send(guest_ip_frame(GATEWAY, 6, b"\x00" * 20))
+    assert h.out == [] and h.engine.counters["tcp_dropped_no_stack"] == 1
+    h.close()

@@ -1,0 +1,84 @@
+"""ICMP echo (voidbox/net/icmp.py): local answers, policy, and the no-privilege fallback."""
+
+import logging
+
+import pytest
+
+from tests.unit.netframes import DNS, GATEWAY, GUEST, Harness, guest_echo_frame, guest_ip_frame
+from voidbox.net.packets import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHOREPLY,
+    ICMP_HOST_UNREACH,
+    ICMP_PKT_FILTERED,
+    IPPROTO_ICMP,
+    build_icmp,
+    build_ipv4,
+)
+from voidbox.net.policy import Policy
+
+OUTSIDE = bytes([192, 0, 2, 9])
+
+
+@pytest.mark.parametrize("dst", [GATEWAY, DNS])
+def test_echo_to_gateway_and_dns_is_answered_locally(dst):
+    h = Harness()
+    h.send(guest_echo_frame(dst, 0x4242, 7, b"abcdefgh" * 7))
+    [(ip, hdr, data)] = h.icmp_replies()
+    assert (ip.src, ip.dst) == (dst, GUEST)
+    assert (hdr.type, hdr.code, hdr.rest) == (ICMP_ECHOREPLY, 0, (0x4242 << 16) | 7)
+    assert data == b"abcdefgh" * 7
+    h.close()
+
+
+def test_echo_reply_golden():
+    h = Harness()
+    h.send(guest_echo_frame(GATEWAY, 1, 2, b"hi"))
+    # Checksum by hand: ~(0x0001 + 0x0002 + 0x6869) = 0x9793.
+    expected = build_ipv4(GATEWAY, GUEST, IPPROTO_ICMP, bytes.fromhex("0000979300010002") + b"hi")
+    assert h.out[0][14:] == expected
+    h.close()
+
+
+def test_denied_destination_gets_admin_prohibited():
+    h = Harness(policy=Policy(deny=["192.0.2.0/24"]))
+    frame = guest_echo_frame(OUTSIDE, 5, 1)
+    h.send(frame)
+    [(ip, hdr, data)] = h.icmp_replies()
+    assert ip.src == OUTSIDE
+    assert (hdr.type, hdr.code) == (ICMP_DEST_UNREACH, ICMP_PKT_FILTERED)
+    assert data == frame[14 : 14 + 20 + 8]  # quotes the guest's header and 8 bytes
+    assert h.engine.counters["icmp_denied"] == 1
+    h.close()
+
+
+def test_without_ping_socket_or_raw_socket_host_unreachable_and_one_warning(caplog):
+    h = Harness()
+    h.engine.icmp.mode = "none"  # what an unprivileged host without ping_group_range gets
+    with caplog.at_level(logging.WARNING):
+        h.send(guest_echo_frame(OUTSIDE, 5, 1))
+        h.send(guest_echo_frame(OUTSIDE, 5, 2))
+    replies = h.icmp_replies()
+    assert [(r[1].type, r[1].code) for r in replies] == [(ICMP_DEST_UNREACH, ICMP_HOST_UNREACH)] * 2
+    assert len([r for r in caplog.records if "ICMP echo" in r.message]) == 1
+    h.close()
+
+
+def test_guest_subnet_and_broadcast_are_unreachable():
+    h = Harness()
+    h.send(guest_echo_frame(bytes([10, 0, 2, 77]), 1, 1))
+    h.send(guest_echo_frame(b"\xff" * 4, 1, 1))
+    assert [r[1].code for r in h.icmp_replies()] == [ICMP_HOST_UNREACH] * 2
+    assert h.engine.icmp.flow_count() == 0
+    h.close()
+
+
+def test_other_icmp_types_and_bad_checksums_are_dropped():
+    h = Harness()
+    h.send(guest_ip_frame(GATEWAY, IPPROTO_ICMP, build_icmp(13, 0, 0, b"x" * 12)))  # timestamp
+    bad = bytearray(build_icmp(8, 0, 1, b"x"))
+    bad[-1] ^= 1
+    h.send(guest_ip_frame(GATEWAY, IPPROTO_ICMP, bytes(bad)))
+    assert h.out == []
+    assert h.engine.counters["icmp_ignored_type"] == 1
+    assert h.engine.counters["icmp_checksum"] == 1
+    h.close()

@@ -1,0 +1,140 @@
+"""The epoll event loop (voidbox/net/loop.py)."""
+
+import os
+import select
+import threading
+
+import pytest
+
+from voidbox.net.loop import EventLoop
+
+MAX_ITER = 200
+
+
+@pytest.fixture
+def loop():
+    lp = EventLoop(debug=True)
+    yield lp
+    lp.close()
+
+
+def run_until(loop, cond):
+    for _ in range(MAX_ITER):
+        if cond():
+            return
+        loop.run_once(0.05)
+    raise AssertionError("condition not reached")
+
+
+def test_watch_reports_readable_and_unwatch_stops_it(loop):
+    r, w = os.pipe()
+    seen = []
+    try:
+        loop.watch(r, select.EPOLLIN, seen.append)
+        loop.run_once(0)
+        assert seen == []
+        os.write(w, b"x")
+        run_until(loop, lambda: seen)
+        assert seen[0] & select.EPOLLIN
+        loop.unwatch(r)
+        seen.clear()
+        loop.run_once(0)
+        assert seen == [] and loop.watched_count() == 0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_watch_again_modifies_the_interest(loop):
+    r, w = os.pipe()
+    seen = []
+    try:
+        loop.watch(w, select.EPOLLIN, seen.append)
+        loop.run_once(0)
+        assert seen == []
+        loop.watch(w, select.EPOLLOUT, seen.append)
+        run_until(loop, lambda: seen)
+        assert seen[0] & select.EPOLLOUT
+    finally:
+        loop.unwatch(w)
+        os.close(r)
+        os.close(w)
+
+
+def test_timers_fire_in_order_and_cancel(loop):
+    fired = []
+    now = loop.time()
+    loop.call_at(now + 0.02, lambda: fired.append("b"))
+    loop.call_at(now + 0.01, lambda: fired.append("a"))
+    t = loop.call_at(now + 0.015, lambda: fired.append("cancelled"))
+    t.cancel()
+    t.cancel()  # twice is harmless
+    run_until(loop, lambda: len(fired) == 2)
+    assert fired == ["a", "b"]
+    assert loop.timer_count() == 0
+
+
+def test_cancelled_timers_do_not_accumulate(loop):
+    far = loop.time() + 3600
+    for _ in range(1000):
+        loop.call_at(far, lambda: None).cancel()
+    loop.run_once(0)
+    assert len(loop._timers) < 10
+
+
+def test_call_soon_runs_next_iteration_in_order(loop):
+    order = []
+    loop.call_soon(lambda: (order.append(1), loop.call_soon(lambda: order.append(3))))
+    loop.call_soon(lambda: order.append(2))
+    loop.run_once(0)
+    assert order == [1, 2]  # what a callback queues waits for the next iteration
+    loop.run_once(0)
+    assert order == [1, 2, 3]
+
+
+def test_call_soon_threadsafe_wakes_a_blocked_loop(loop):
+    done = []
+    started = threading.Event()
+
+    def other():
+        started.wait()
+        loop.call_soon_threadsafe(lambda: (done.append(True), loop.stop()))
+
+    t = threading.Thread(target=other)
+    t.start()
+    # run() has no timers and no fds: only the eventfd wakeup can end it.
+    loop.call_soon(started.set)
+    loop.run()
+    t.join()
+    assert done == [True]
+
+
+def test_stop_from_a_callback(loop):
+    loop.call_soon(loop.stop)
+    loop.run()  # returns
+
+
+def test_debug_loop_propagates_errors():
+    lp = EventLoop(debug=True)
+    lp.call_soon(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        lp.run_once(0)
+    lp.close()
+
+
+def test_production_loop_counts_errors_and_goes_on():
+    lp = EventLoop()
+    ran = []
+    lp.call_soon(lambda: 1 / 0)
+    lp.call_soon(lambda: ran.append(True))
+    lp.run_once(0)
+    assert lp.errors == 1 and ran == [True]
+    lp.close()
+
+
+def test_close_releases_fds():
+    before = len(os.listdir("/proc/self/fd"))
+    lp = EventLoop()
+    lp.close()
+    lp.close()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -1,0 +1,116 @@
+"""Configuration of the user-mode NAT, shared by the packet layer and the TCP relay.
+
+The guest network layout follows DESIGN.md ("Guest network layout"): the guest is
+10.0.2.15/24, the gateway 10.0.2.2 stands for the host's loopback and 10.0.2.3 is the
+DNS relay.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+GUEST_IP = "10.0.2.15"
+GATEWAY_IP = "10.0.2.2"
+DNS_IP = "10.0.2.3"
+GUEST_MAC = "52:54:00:12:34:56"
+GATEWAY_MAC = "52:55:0a:00:02:02"
+HOST_LOOPBACK = "127.0.0.1"
+DNS_PORT = 53
+DEFAULT_MTU = 1500
+# RFC 791 §3.1 minimum datagram every host must accept, and the 16-bit total length.
+MIN_MTU = 576
+MAX_MTU = 65535
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A port forward: connections or datagrams to host_addr:host_port reach guest_port."""
+
+    proto: str  # "tcp" or "udp"
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+
+@dataclass
+class NatConfig:
+    """Addresses and limits of one NAT instance (one guest)."""
+
+    guest_ip: str = GUEST_IP
+    gateway_ip: str = GATEWAY_IP
+    dns_ip: str = DNS_IP
+    netmask_bits: int = 24
+    guest_mac: str = GUEST_MAC
+    gateway_mac: str = GATEWAY_MAC
+    mtu: int = DEFAULT_MTU
+    # (ip, port) pairs; empty means "the host's /etc/resolv.conf nameservers".
+    dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
+    max_flows: int = 65536
+    max_conn_rate: float | None = None
+    forwards: list[Forward] = field(default_factory=list)
+    udp_idle_timeout: float = 60.0
+    icmp_idle_timeout: float = 10.0
+    dns_timeout: float = 5.0
+    hostname: str | None = None
+    lease_time: int = 86400
+
+    def translate(self, dst_ip: str) -> str:
+        """The host address a guest destination maps to (the gateway means host loopback).
+
+        The DNS address maps to the first upstream resolver; its port may differ from 53,
+        so relays that carry DNS use translate_addr.
+        """
+        if dst_ip == self.gateway_ip:
+            return HOST_LOOPBACK
+        if dst_ip == self.dns_ip:
+            ups = self.upstreams()
+            if ups:
+                return ups[0][0]
+        return dst_ip
+
+    def translate_addr(self, dst_ip: str, dst_port: int) -> tuple[str, int]:
+        """The host endpoint for a guest destination, with DNS on 10.0.2.3:53 redirected."""
+        if dst_ip == self.dns_ip and dst_port == DNS_PORT:
+            ups = self.upstreams()
+            if ups:
+                return ups[0]
+        return self.translate(dst_ip), dst_port
+
+    def upstreams(self) -> list[tuple[str, int]]:
+        """The DNS upstreams: the explicit list, else the host's resolv.conf nameservers."""
+        if self.dns_upstreams:
+            return list(self.dns_upstreams)
+        if not hasattr(self, "_resolv_cache"):
+            self._resolv_cache = read_resolv_conf()
+        return self._resolv_cache
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"{self.guest_ip}/{self.netmask_bits}", strict=False)
+
+
+def read_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """IPv4 nameservers from resolv.conf(5), in order; IPv6 ones are skipped (IPv4-only NAT)."""
+    servers: list[tuple[str, int]] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        ipaddress.IPv4Address(parts[1])
+                    except ValueError:
+                        continue
+                    servers.append((parts[1], DNS_PORT))
+    except OSError:
+        pass
+    return servers
+
+
+def parse_mac(mac: str) -> bytes:
+    """'52:54:00:12:34:56' -> 6 bytes."""
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"bad MAC address {mac!r}")
+    return raw

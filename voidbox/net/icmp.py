@@ -1,0 +1,312 @@
+"""ICMP echo for the guest (RFC 792).
+
+Echo requests to the gateway and DNS addresses are answered here. Others, when the
+policy allows them, go out through an unprivileged ping socket (SOCK_DGRAM/IPPROTO_ICMP,
+allowed by net.ipv4.ping_group_range), else a raw socket (CAP_NET_RAW), else the guest
+gets ICMP host unreachable and the user one warning. Errors from the host come back
+through IP_RECVERR (ping sockets) or the raw socket and are reflected to the guest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import select
+import socket
+import struct
+from collections.abc import Callable
+
+from voidbox.net.config import NatConfig
+from voidbox.net.loop import EventLoop, Timer
+from voidbox.net.packets import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO,
+    ICMP_ECHOREPLY,
+    ICMP_HLEN,
+    ICMP_HOST_UNREACH,
+    ICMP_PKT_FILTERED,
+    ICMP_TIME_EXCEEDED,
+    IPPROTO_ICMP,
+    IPV4_HLEN,
+    PacketError,
+    build_icmp,
+    build_ipv4,
+    icmp_error_quote,
+    ip_to_bytes,
+    ip_to_str,
+    parse_icmp,
+    parse_ipv4,
+)
+from voidbox.net.policy import Policy
+from voidbox.net.udp import IP_RECVERR, is_unicast_destination, parse_recverr
+
+log = logging.getLogger(__name__)
+
+ICMP_MAX_MESSAGE = 65535
+ICMP_BATCH = 64
+ID_SPACE = 0x10000
+ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(16 + 16)
+
+
+def echo_reply(guest_ip: bytes, responder_ip: bytes, ident: int, seq: int,
+               data: bytes | memoryview) -> bytes:
+    """An IPv4 echo reply from responder_ip to the guest, echoing ident, seq and data."""
+    return build_ipv4(responder_ip, guest_ip, IPPROTO_ICMP,
+                      build_icmp(ICMP_ECHOREPLY, 0, (ident << 16) | seq, data))
+
+
+class _Flow:
+    __slots__ = ("key", "sock", "guest_dst", "host_dst", "guest_id", "host_id", "last_active",
+                 "timer", "quote")
+
+    def __init__(self, key, guest_dst: bytes, host_dst: bytes, guest_id: int):
+        self.key = key
+        self.sock: socket.socket | None = None
+        self.guest_dst = guest_dst
+        self.host_dst = host_dst
+        self.guest_id = guest_id
+        self.host_id = guest_id
+        self.last_active = 0.0
+        self.timer: Timer | None = None
+        self.quote = b""
+
+
+class IcmpNat:
+    def __init__(self, loop: EventLoop, config: NatConfig, policy: Policy,
+                 send_ip: Callable[[bytes], None], counters: dict[str, int] | None = None):
+        self.loop = loop
+        self.config = config
+        self.policy = policy
+        self.send_ip = send_ip
+        self.counters = counters if counters is not None else {}
+        self.guest_ip = ip_to_bytes(config.guest_ip)
+        self.local = {ip_to_bytes(config.gateway_ip), ip_to_bytes(config.dns_ip)}
+        self.network = config.network
+        self.flows: dict[tuple[bytes, int], _Flow] = {}
+        self.raw_ids: dict[int, _Flow] = {}
+        self.mode: str | None = None  # "ping", "raw" or "none", probed on first use
+        self.raw: socket.socket | None = None
+        self._next_id = 1
+        self._warned = False
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def flow_count(self) -> int:
+        return len(self.flows)
+
+    def guest_icmp(self, src_ip: bytes, dst_ip: bytes, message: memoryview, ip_packet: memoryview) -> None:
+        try:
+            hdr, data = parse_icmp(message)
+        except PacketError as e:
+            self._count(str(e))
+            return
+        if hdr.type != ICMP_ECHO or hdr.code != 0:
+            self._count("icmp_ignored_type")
+            return
+        ident, seq = hdr.rest >> 16, hdr.rest & 0xFFFF
+        if dst_ip in self.local:
+            self._count("icmp_echo_local")
+            self.send_ip(echo_reply(self.guest_ip, dst_ip, ident, seq, data))
+            return
+        quote = icmp_error_quote(ip_packet)
+        if ipaddress.IPv4Address(dst_ip) in self.network or not is_unicast_destination(dst_ip):
+            self._unreachable(dst_ip, ICMP_HOST_UNREACH, quote)
+            return
+        host_ip = self.config.translate(ip_to_str(dst_ip))
+        if not self.policy.allows("icmp", host_ip, None):
+            self._count("icmp_denied")
+            self._unreachable(dst_ip, ICMP_PKT_FILTERED, quote)
+            return
+        key = (dst_ip, ident)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._open(key, dst_ip, ip_to_bytes(host_ip), ident, quote)
+            if flow is None:
+                return
+        flow.last_active = self.loop.time()
+        flow.quote = quote
+        # Ping sockets take the ICMP header with the kernel filling in the id and
+        # checksum; the raw socket needs our own id and a correct checksum.
+        msg = build_icmp(ICMP_ECHO, 0, (flow.host_id << 16) | seq, data)
+        try:
+            if self.mode == "ping":
+                flow.sock.send(msg)
+            else:
+                self.raw.sendto(msg, (ip_to_str(flow.host_dst), 0))
+        except BlockingIOError:
+            self._count("icmp_tx_dropped")
+            return
+        except OSError:
+            self._count("icmp_tx_error")
+            return
+        self._count("icmp_echo_tx")
+
+    def _unreachable(self, src: bytes, code: int, quote: bytes) -> None:
+        self._count("icmp_unreachable_sent")
+        self.send_ip(build_ipv4(src, self.guest_ip, IPPROTO_ICMP,
+                                build_icmp(ICMP_DEST_UNREACH, code, 0, quote)))
+
+    def _probe(self) -> None:
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
+            self.mode = "ping"
+            return
+        except OSError:
+            pass
+        try:
+            self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                     socket.IPPROTO_ICMP)
+        except OSError:
+            self.mode = "none"
+            return
+        self.mode = "raw"
+        self.loop.watch(self.raw.fileno(), select.EPOLLIN, self._raw_event)
+
+    def _open(self, key, guest_dst: bytes, host_dst: bytes, ident: int, quote: bytes) -> _Flow | None:
+        if self.mode is None:
+            self._probe()
+        if self.mode == "none":
+            if not self._warned:
+                self._warned = True
+                log.warning("ICMP echo to outside hosts is unavailable: no ping socket "
+                            "(net.ipv4.ping_group_range) and no CAP_NET_RAW; guests get "
+                            "host unreachable")
+            self._unreachable(guest_dst, ICMP_HOST_UNREACH, quote)
+            return None
+        if len(self.flows) >= self.config.max_flows:
+            self._count("icmp_dropped_flow_limit")
+            return None
+        flow = _Flow(key, guest_dst, host_dst, ident)
+        if self.mode == "ping":
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                 socket.IPPROTO_ICMP)
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+                sock.connect((ip_to_str(host_dst), 0))
+            except OSError:
+                sock.close()
+                self._unreachable(guest_dst, ICMP_HOST_UNREACH, quote)
+                return None
+            flow.sock = sock
+            self.loop.watch(sock.fileno(), select.EPOLLIN, lambda ev, f=flow: self._ping_event(f, ev))
+        else:
+            host_id = self._alloc_id()
+            if host_id is None:
+                self._count("icmp_dropped_flow_limit")
+                return None
+            flow.host_id = host_id
+            self.raw_ids[host_id] = flow
+        self.flows[key] = flow
+        flow.last_active = self.loop.time()
+        self._arm(flow)
+        self._count("icmp_flows_opened")
+        return flow
+
+    def _alloc_id(self) -> int | None:
+        for _ in range(ID_SPACE):
+            candidate = self._next_id
+            self._next_id = (self._next_id + 1) % ID_SPACE
+            if candidate not in self.raw_ids:
+                return candidate
+        return None
+
+    def _arm(self, flow: _Flow) -> None:
+        flow.timer = self.loop.call_at(flow.last_active + self.config.icmp_idle_timeout,
+                                       lambda f=flow: self._idle(f))
+
+    def _idle(self, flow: _Flow) -> None:
+        flow.timer = None
+        if self.loop.time() - flow.last_active >= self.config.icmp_idle_timeout:
+            self._close_flow(flow)
+        else:
+            self._arm(flow)
+
+    def _close_flow(self, flow: _Flow) -> None:
+        self.flows.pop(flow.key, None)
+        if self.raw_ids.get(flow.host_id) is flow:
+            del self.raw_ids[flow.host_id]
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        if flow.sock is not None:
+            self.loop.unwatch(flow.sock.fileno())
+            flow.sock.close()
+            flow.sock = None
+
+    def _reply_to_guest(self, flow: _Flow, seq: int, data: bytes | memoryview) -> None:
+        flow.last_active = self.loop.time()
+        self._count("icmp_echo_rx")
+        self.send_ip(echo_reply(self.guest_ip, flow.guest_dst, flow.guest_id, seq, data))
+
+    def _reflect_error(self, flow: _Flow, etype: int, code: int, offender: bytes | None) -> None:
+        if not flow.quote:
+            return
+        src = flow.guest_dst if offender in (None, flow.host_dst) else offender
+        self._count("icmp_error_reflected")
+        self.send_ip(build_ipv4(src, self.guest_ip, IPPROTO_ICMP, build_icmp(etype, code, 0, flow.quote)))
+
+    def _ping_event(self, flow: _Flow, events: int) -> None:
+        if flow.sock is None:
+            return
+        if events & select.EPOLLERR:
+            for _ in range(ICMP_BATCH):
+                try:
+                    _d, anc, _f, _a = flow.sock.recvmsg(ICMP_MAX_MESSAGE, ERRQUEUE_CMSG_SPACE,
+                                                        socket.MSG_ERRQUEUE)
+                except OSError:
+                    break
+                err = parse_recverr(anc)
+                if err is not None:
+                    self._reflect_error(flow, *err)
+        for _ in range(ICMP_BATCH):
+            try:
+                msg = flow.sock.recv(ICMP_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            # Ping sockets deliver the ICMP message without the IP header; the kernel
+            # already checked it and matched the id.
+            if len(msg) < ICMP_HLEN or msg[0] != ICMP_ECHOREPLY:
+                continue
+            seq = struct.unpack_from("!H", msg, 6)[0]
+            self._reply_to_guest(flow, seq, memoryview(msg)[ICMP_HLEN:])
+
+    def _raw_event(self, events: int) -> None:
+        for _ in range(ICMP_BATCH):
+            try:
+                pkt, _addr = self.raw.recvfrom(ICMP_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            try:
+                ip, payload = parse_ipv4(pkt)
+                hdr, data = parse_icmp(payload)
+            except PacketError:
+                continue
+            if hdr.type == ICMP_ECHOREPLY:
+                flow = self.raw_ids.get(hdr.rest >> 16)
+                if flow is not None and flow.host_dst == ip.src:
+                    self._reply_to_guest(flow, hdr.rest & 0xFFFF, data)
+            elif hdr.type in (ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED):
+                # The quoted packet is our echo request: match it by destination and id.
+                if len(data) < IPV4_HLEN + ICMP_HLEN:
+                    continue
+                ihl = (data[0] & 0x0F) * 4
+                if len(data) < ihl + ICMP_HLEN or data[9] != IPPROTO_ICMP:
+                    continue
+                inner_dst = bytes(data[16:20])
+                inner_id = struct.unpack_from("!H", data, ihl + 4)[0]
+                flow = self.raw_ids.get(inner_id)
+                if flow is not None and flow.host_dst == inner_dst:
+                    self._reflect_error(flow, hdr.type, hdr.code, ip.src)
+
+    def close(self) -> None:
+        for flow in list(self.flows.values()):
+            self._close_flow(flow)
+        if self.raw is not None:
+            self.loop.unwatch(self.raw.fileno())
+            self.raw.close()
+            self.raw = None

@@ -1,0 +1,211 @@
+"""The network I/O thread's event loop: epoll over fds, a timer heap and a ready queue.
+
+Level-triggered epoll (epoll(7)); callers drop interest in a socket that cannot make
+progress so the loop never spins. Another thread wakes the loop through an eventfd
+(eventfd(2)), so work queued from a vCPU thread runs at once instead of at the next poll
+timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# Cap on one epoll_wait's batch; more ready fds are picked up by the next iteration.
+MAX_EVENTS = 256
+# Rebuild the heap once cancelled timers outnumber live ones by this factor, so a flow
+# that re-arms its idle timer on every packet does not grow the heap without bound.
+CANCELLED_REBUILD_FACTOR = 2
+
+
+class Timer:
+    """A pending call_at callback; cancel() makes it a no-op."""
+
+    __slots__ = ("when", "callback", "cancelled", "_loop")
+
+    def __init__(self, when: float, callback: Callable[[], None], loop: EventLoop):
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+        self._loop = loop
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._loop._cancelled += 1
+
+
+class EventLoop:
+    """A single-threaded epoll loop.
+
+    With debug=True an exception from a callback propagates out of run(); otherwise it is
+    logged, counted in .errors, and the loop goes on (one bad flow must not take the
+    network down).
+    """
+
+    def __init__(self, debug: bool = False):
+        self.debug = debug
+        self.errors = 0
+        self._epoll = select.epoll()
+        self._watchers: dict[int, Callable[[int], None]] = {}
+        self._events: dict[int, int] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0
+        self._seq = itertools.count()
+        self._ready: collections.deque[Callable[[], None]] = collections.deque()
+        self._stopping = False
+        self._closed = False
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_pending = False
+        self._lock = threading.Lock()
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+
+    # ------------------------------------------------------------ fds
+
+    def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        """Call callback(events) while fd is ready for events; calling again modifies."""
+        if fd in self._watchers:
+            if self._events[fd] != events:
+                self._epoll.modify(fd, events)
+        else:
+            self._epoll.register(fd, events)
+        self._watchers[fd] = callback
+        self._events[fd] = events
+
+    def unwatch(self, fd: int) -> None:
+        if self._watchers.pop(fd, None) is not None:
+            del self._events[fd]
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                # Already closed: the kernel dropped it from the interest list.
+                pass
+
+    def watched_count(self) -> int:
+        return len(self._watchers)
+
+    # ------------------------------------------------------------ time and callbacks
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(when, callback, self)
+        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        return timer
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self.call_at(self.time() + delay, callback)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self._ready.append(callback)
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        # deque.append is atomic; the lock only keeps the wakeup writes from piling up.
+        self._ready.append(callback)
+        with self._lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except BlockingIOError:
+            pass
+
+    def timer_count(self) -> int:
+        return len(self._timers) - self._cancelled
+
+    # ------------------------------------------------------------ running
+
+    def stop(self) -> None:
+        """Make run() return after the current iteration (safe from any thread)."""
+        self._stopping = True
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except (BlockingIOError, OSError):
+            pass
+
+    def run(self) -> None:
+        self._stopping = False
+        while not self._stopping:
+            self.run_once()
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """One iteration: wait for fds or the next timer, then run what is due."""
+        if self._ready:
+            wait = 0.0
+        elif self._timers:
+            wait = max(0.0, self._timers[0][0] - self.time())
+        else:
+            wait = -1.0
+        if timeout is not None:
+            wait = timeout if wait < 0 else min(wait, timeout)
+        try:
+            events = self._epoll.poll(wait, MAX_EVENTS)
+        except InterruptedError:
+            events = []
+        for fd, ev in events:
+            if fd == self._wake_fd:
+                self._drain_wakeup()
+                continue
+            cb = self._watchers.get(fd)
+            if cb is not None:
+                self._invoke(cb, ev)
+        self._run_timers()
+        # Only what was ready before this point runs now: callbacks queued by callbacks
+        # wait for the next iteration, so fd events are never starved.
+        for _ in range(len(self._ready)):
+            self._invoke(self._ready.popleft())
+
+    def _drain_wakeup(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+
+    def _run_timers(self) -> None:
+        now = self.time()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if timer.cancelled:
+                self._cancelled -= 1
+                continue
+            timer.cancelled = True  # fired and off the heap: a later cancel() is a no-op
+            self._invoke(timer.callback)
+        if self._cancelled > CANCELLED_REBUILD_FACTOR * max(1, len(timers) - self._cancelled):
+            self._timers = [t for t in timers if not t[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    def _invoke(self, cb: Callable, *args) -> None:
+        if self.debug:
+            cb(*args)
+            return
+        try:
+            cb(*args)
+        except Exception:
+            self.errors += 1
+            log.exception("event loop callback %r failed", cb)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._epoll.close()
+        os.close(self._wake_fd)
+        self._watchers.clear()
+        self._events.clear()
+        self._timers.clear()
+        self._ready.clear()

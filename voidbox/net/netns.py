@@ -1,0 +1,113 @@
+"""Namespaces for `voidbox net run`: unshare, uid/gid maps, fd passing, interface setup.
+
+Python 3.11 has no os.unshare, so unshare(2) and mount(2) are called through libc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import socket
+
+from voidbox.errors import VoidboxError
+
+# linux/sched.h
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+# linux/mount.h
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+NETNS_SELF = "/proc/self/ns/net"
+# linux/prctl.h
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        err = ctypes.get_errno()
+        raise VoidboxError(f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    _check(
+        _libc.mount(source.encode() if source else None, target.encode(),
+                    fstype.encode() if fstype else None, flags, None),
+        f"mount {target}",
+    )
+
+
+def set_parent_death_signal(sig: int) -> None:
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def enter_namespaces(unprivileged: bool) -> None:
+    """Move the calling process into new net and mount namespaces (and a user one if asked).
+
+    In a new user namespace the caller maps its own uid and gid to root
+    (user_namespaces(7): one line, its own ids, setgroups denied first), which gives it
+    CAP_NET_ADMIN over the new network namespace.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    host_netns = os.stat(NETNS_SELF).st_ino
+    flags = CLONE_NEWNET | CLONE_NEWNS | (CLONE_NEWUSER if unprivileged else 0)
+    unshare(flags)
+    # Everything after this configures interfaces: be certain it is not the host's namespace.
+    if os.stat(NETNS_SELF).st_ino == host_netns:
+        raise VoidboxError("unshare(CLONE_NEWNET) left the process in its network namespace")
+    if unprivileged:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"0 {uid} 1\n")
+        _write("/proc/self/gid_map", f"0 {gid} 1\n")
+    # Mounts made from here on stay in this namespace (mount_namespaces(7)).
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise VoidboxError(f"cannot write {path}: {e.strerror}") from None
+
+
+def bind_file(source: str, target: str) -> None:
+    mount(source, target, None, MS_BIND)
+
+
+def configure_interface(ifname: str, mac: str, mtu: int, address: str | None, prefixlen: int,
+                        gateway: str | None) -> None:
+    """Bring lo and ifname up with mac and mtu; add an address and default route if asked."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        ipr.link("set", index=idx, mtu=mtu, address=mac)
+        if address is not None:
+            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+        ipr.link("set", index=idx, state="up")
+        if gateway is not None:
+            ipr.route("add", dst="default", gateway=gateway, oif=idx)
+
+
+def send_fd(sock: socket.socket, fd: int, message: bytes = b"T") -> None:
+    socket.send_fds(sock, [message], [fd])
+
+
+def recv_fd(sock: socket.socket, bufsize: int = 4096) -> tuple[bytes, int | None]:
+    msg, fds, _flags, _addr = socket.recv_fds(sock, bufsize, 1)
+    return msg, (fds[0] if fds else None)

@@ -1,0 +1,108 @@
+"""Egress policy (--allow/--deny CIDR[:PORTS]) and port-forward specs.
+
+A destination is checked after translation (10.0.2.2 is checked as 127.0.0.1), for every
+protocol. The most specific matching rule wins: the longest prefix first, then a rule
+naming ports over one that does not, then a user rule over a built-in default, then deny
+over allow. With no matching rule the destination is allowed. The link-local range
+169.254.0.0/16 (cloud metadata services) is denied by default; an --allow for it or a
+narrower range overrides that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from voidbox.errors import UsageError
+from voidbox.net.config import HOST_LOOPBACK, Forward
+
+DEFAULT_DENY = ("169.254.0.0/16",)
+MAX_PORT = 65535
+
+
+@dataclass(frozen=True)
+class Rule:
+    network: ipaddress.IPv4Network
+    ports: tuple[tuple[int, int], ...] | None  # inclusive ranges; None means every port
+    allow: bool
+    user: bool = True
+
+    def matches(self, ip: ipaddress.IPv4Address, port: int | None) -> bool:
+        if ip not in self.network:
+            return False
+        if self.ports is None:
+            return True
+        if port is None:
+            # A rule naming ports says nothing about portless protocols (ICMP).
+            return False
+        return any(lo <= port <= hi for lo, hi in self.ports)
+
+    def specificity(self) -> tuple[int, int, int, int]:
+        return (self.network.prefixlen, self.ports is not None, self.user, not self.allow)
+
+
+def _parse_port(text: str, spec: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise UsageError(f"bad port {text!r} in {spec!r}") from None
+    if not 0 < port <= MAX_PORT:
+        raise UsageError(f"port {port} out of range 1-{MAX_PORT} in {spec!r}")
+    return port
+
+
+def _parse_ports(text: str, spec: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for item in text.split(","):
+        lo_s, sep, hi_s = item.partition("-")
+        lo = _parse_port(lo_s, spec)
+        hi = _parse_port(hi_s, spec) if sep else lo
+        if hi < lo:
+            raise UsageError(f"empty port range {item!r} in {spec!r}")
+        ranges.append((lo, hi))
+    return tuple(ranges)
+
+
+def parse_rule(spec: str, allow: bool, user: bool = True) -> Rule:
+    """'10.0.0.0/8', '1.2.3.4:53', '0.0.0.0/0:80,443,8000-8100' -> Rule."""
+    addr, sep, ports = spec.partition(":")
+    try:
+        network = ipaddress.IPv4Network(addr.strip(), strict=False)
+    except ValueError:
+        raise UsageError(f"bad IPv4 CIDR {addr!r} in rule {spec!r}") from None
+    return Rule(network, _parse_ports(ports, spec) if sep else None, allow, user)
+
+
+class Policy:
+    """The egress rule set. allows() takes the translated destination."""
+
+    def __init__(self, allow: list[str] | tuple[str, ...] = (), deny: list[str] | tuple[str, ...] = ()):
+        rules = [parse_rule(s, allow=False, user=False) for s in DEFAULT_DENY]
+        rules += [parse_rule(s, allow=True) for s in allow]
+        rules += [parse_rule(s, allow=False) for s in deny]
+        # Most specific first, so the first match decides.
+        self.rules = sorted(rules, key=Rule.specificity, reverse=True)
+
+    def allows(self, proto: str, dst_ip: str, dst_port: int | None) -> bool:
+        """Whether the guest may reach dst_ip[:dst_port] over proto ('tcp', 'udp', 'icmp')."""
+        ip = ipaddress.IPv4Address(dst_ip)
+        for rule in self.rules:
+            if rule.matches(ip, dst_port):
+                return rule.allow
+        return True
+
+
+def parse_forward(spec: str) -> Forward:
+    """PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, e.g. 'tcp:8080:80', 'udp:127.0.0.1:5353:53'."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4):
+        raise UsageError(f"bad forward {spec!r}: expected PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT")
+    proto = parts[0].lower()
+    if proto not in ("tcp", "udp"):
+        raise UsageError(f"bad forward {spec!r}: protocol must be tcp or udp")
+    host_addr = parts[1] if len(parts) == 4 else HOST_LOOPBACK
+    try:
+        ipaddress.IPv4Address(host_addr)
+    except ValueError:
+        raise UsageError(f"bad forward {spec!r}: {host_addr!r} is not an IPv4 address") from None
+    return Forward(proto, host_addr, _parse_port(parts[-2], spec), _parse_port(parts[-1], spec))

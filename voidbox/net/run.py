@@ -1,0 +1,203 @@
+"""`voidbox net run`: a command in its own network namespace, networked by the NAT.
+
+The way slirp4netns and pasta work: a child process enters new network and mount
+namespaces (and a user namespace when not root), creates a TAP there, passes its fd to
+the parent over a socketpair (SCM_RIGHTS), configures the interface (unless the command
+will use DHCP), bind-mounts a resolv.conf naming the DNS relay over /etc/resolv.conf,
+waits for the parent's go-ahead and execs the command. The parent serves the TAP with
+the NAT engine until the child exits, and returns its exit status.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import tempfile
+
+from voidbox.errors import UsageError, VoidboxError
+from voidbox.net import netns
+from voidbox.net.config import DNS_PORT, MAX_MTU, MIN_MTU, NatConfig
+from voidbox.net.engine import Engine
+from voidbox.net.loop import EventLoop
+from voidbox.net.policy import Policy, parse_forward
+from voidbox.net.tap import TapIO, open_tap
+
+log = logging.getLogger(__name__)
+
+TAP_NAME = "tap0"
+RESOLV_CONF = "/etc/resolv.conf"
+MSG_TAP = b"T"
+MSG_ERROR = b"E"
+MSG_GO = b"G"
+EXEC_FAILED = 127  # the shell's status for a command that cannot be run
+SIGNAL_STATUS_BASE = 128
+MAX_PORT = 65535
+
+
+def parse_dns_upstream(spec: str) -> tuple[str, int]:
+    """'IP' or 'IP:PORT' -> (ip, port)."""
+    host, sep, port = spec.partition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        num = int(port) if sep else DNS_PORT
+    except ValueError:
+        raise UsageError(f"bad DNS upstream {spec!r}: expected IPV4[:PORT]") from None
+    if not 0 < num <= MAX_PORT:
+        raise UsageError(f"bad DNS upstream {spec!r}: port out of range")
+    return host, num
+
+
+def config_from_options(mtu: int | None = None, forwards=(), allow=(), deny=(),
+                        dns_upstreams=()) -> tuple[NatConfig, Policy]:
+    """The NAT configuration and policy for `voidbox net run` options (strings as typed)."""
+    config = NatConfig()
+    if mtu is not None:
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise UsageError(f"--mtu {mtu} out of range {MIN_MTU}-{MAX_MTU}")
+        config.mtu = mtu
+    config.forwards = [parse_forward(f) for f in forwards]
+    config.dns_upstreams = [parse_dns_upstream(d) for d in dns_upstreams]
+    return config, Policy(allow=list(allow), deny=list(deny))
+
+
+def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
+                 policy: Policy | None = None, debug: bool = False,
+                 stats: dict | None = None) -> int:
+    """Run argv in a new network namespace behind the NAT; return its exit status.
+
+    stats, if given, receives the engine's counters and the final flow count.
+    """
+    if not argv:
+        raise VoidboxError("no command given")
+    unprivileged = os.geteuid() != 0
+    # Import in the parent: the forked child should not import while other threads of this
+    # process might hold the import lock.
+    import pyroute2  # noqa: F401
+    fd_resolv, resolv_path = tempfile.mkstemp(prefix="voidbox-resolv-", suffix=".conf")
+    try:
+        os.write(fd_resolv, f"nameserver {config.dns_ip}\n".encode())
+        os.fchmod(fd_resolv, 0o644)
+        os.close(fd_resolv)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            parent_sock.close()
+            _child(argv, config, dhcp, unprivileged, resolv_path, child_sock)  # never returns
+        child_sock.close()
+        with parent_sock:
+            return _parent(pid, parent_sock, config, policy, debug, stats)
+    finally:
+        try:
+            os.unlink(resolv_path)
+        except FileNotFoundError:
+            pass
+
+
+def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path: str,
+           sock: socket.socket) -> None:
+    status = EXEC_FAILED
+    try:
+        try:
+            netns.set_parent_death_signal(signal.SIGKILL)
+            netns.enter_namespaces(unprivileged)
+            tap_fd, ifname = open_tap(TAP_NAME)
+            netns.send_fd(sock, tap_fd, MSG_TAP)
+            os.close(tap_fd)
+            netns.configure_interface(
+                ifname, config.guest_mac, config.mtu,
+                None if dhcp else config.guest_ip, config.netmask_bits,
+                None if dhcp else config.gateway_ip,
+            )
+            if os.path.exists(RESOLV_CONF):
+                netns.bind_file(resolv_path, RESOLV_CONF)
+        except Exception as e:  # report every set-up failure to the parent as one line
+            sock.send(MSG_ERROR + str(e).encode()[:1000])
+            os._exit(EXEC_FAILED)
+        sock.send(MSG_GO)
+        if sock.recv(16) != MSG_GO:
+            os._exit(EXEC_FAILED)
+        sock.close()
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            sys.stderr.write(f"voidbox net run: {argv[0]}: {e.strerror}\n")
+            sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | None,
+            debug: bool, stats: dict | None) -> int:
+    tap_fd = None
+    loop = engine = tap = None
+    pidfd = os.pidfd_open(pid)
+    old_handlers = {}
+    try:
+        msg, tap_fd = netns.recv_fd(sock)
+        if msg.startswith(MSG_ERROR) or tap_fd is None:
+            raise VoidboxError(msg[1:].decode(errors="replace") or "namespace set-up failed")
+        msg = sock.recv(4096)
+        if msg.startswith(MSG_ERROR):
+            raise VoidboxError(msg[1:].decode(errors="replace"))
+        if msg != MSG_GO:
+            raise VoidboxError("namespace set-up failed")
+        loop = EventLoop(debug=debug)
+        engine = Engine(config, loop, lambda frame: tap.write(frame), policy)
+        tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame)
+        loop.watch(pidfd, select.EPOLLIN, lambda ev: loop.stop())
+        old_handlers = _forward_signals(pid)
+        sock.send(MSG_GO)
+        loop.run()
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        code = os.waitstatus_to_exitcode(status)
+        return SIGNAL_STATUS_BASE - code if code < 0 else code
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        if engine is not None:
+            engine.close()
+            if stats is not None:
+                stats["counters"] = dict(engine.counters)
+                stats["flows"] = engine.flow_count()
+        if tap is not None:
+            tap.close()
+        if loop is not None:
+            loop.unwatch(pidfd)
+            if stats is not None:
+                stats["watched"] = loop.watched_count()
+                stats["loop_errors"] = loop.errors
+            loop.close()
+        os.close(pidfd)
+        if tap_fd is not None:
+            os.close(tap_fd)
+
+
+def _forward_signals(pid: int) -> dict:
+    """SIGTERM/SIGHUP go to the command; SIGINT reaches it from the terminal anyway."""
+    old = {}
+
+    def forward(sig, _frame):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    try:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old[sig] = signal.signal(sig, forward)
+    except ValueError:
+        pass  # not the main thread: signals stay as they are
+    return old
