@@ -7,9 +7,9 @@ the guest talks to listen on the host's loopback only.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
-import gc
 import os
 import pathlib
 import shutil
