@@ -18,7 +18,14 @@ from voidbox.kvm_types import Sregs
 from voidbox.memory import GuestMemory
 
 MEM_SIZE = 64 << 20
-REAL_VMLINUX = Path("~/.cache/voidbox/guest/vmlinux").expanduser()
+def _default_guest_vmlinux() -> Path | None:
+    from voidbox.image import default_guest
+
+    guest = default_guest()
+    return guest.vmlinux if guest else None
+
+
+REAL_VMLINUX = _default_guest_vmlinux()
 
 
 @pytest.fixture
@@ -232,7 +239,7 @@ def test_hostile_files_give_usage_errors_only(mem, tmp_path, kind):
     assert outcomes["loaded"] and outcomes["rejected"]
 
 
-@pytest.mark.skipif(not REAL_VMLINUX.exists(), reason=f"no real kernel at {REAL_VMLINUX}")
+@pytest.mark.skipif(REAL_VMLINUX is None, reason="the default guest is not built (voidbox image build)")
 @pytest.mark.parametrize("prefer_pvh", [True, False])
 def test_real_vmlinux(prefer_pvh):
     with GuestMemory(256 << 20) as mem:
