@@ -22,6 +22,9 @@ def voidbox(*args, timeout=60):
         (["boot", "--kernel", sys.executable, "--cpus", "many"], "cpus"),
         (["boot", "--kernel", sys.executable, "--timeout", "-1"], "--timeout"),
         (["boot", "--no-such-flag"], "no such option"),
+        (["net", "run", "--mtu", "65521", "--", "true"], "--mtu"),
+        (["net", "run", "--forward", "tcp:nonsense", "--", "true"], "forward"),
+        (["net", "run", "--deny", "10.0.0.0/33", "--", "true"], "10.0.0.0/33"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args, needle):

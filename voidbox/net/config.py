@@ -20,7 +20,7 @@ DNS_PORT = 53
 DEFAULT_MTU = 1500
 # RFC 791 §3.1 minimum datagram every host must accept, and the 16-bit total length.
 MIN_MTU = 576
-MAX_MTU = 65535
+MAX_MTU = 65520  # a TAP device takes at most 65521; 65520 keeps frames 4-byte aligned
 
 
 @dataclass(frozen=True)

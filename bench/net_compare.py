@@ -1,0 +1,517 @@
+"""voidbox's user-mode NAT beside slirp4netns and pasta: one run, one machine, one table.
+
+    sudo .venv/bin/python bench/net_compare.py [--seconds 5] [--mtu 1500 --mtu 65520]
+        [--peer voidbox --peer slirp4netns --peer pasta] [--conns 1000] [--rrs 2000]
+        [--udps 2000] [--json out.json] [--max-minutes 10]
+
+Needs root (network namespaces), iperf3, slirp4netns and pasta (passt). Everything stays on
+this machine: the servers listen on the host's 127.0.0.1, the client runs inside each
+NAT's namespace and reaches them through 10.0.2.2, which all three NATs map to the host's
+loopback. Each NAT gets the same client program (bench/net/client.py), driven over its
+stdin/stdout, so the peers measure the same thing:
+
+1. iperf3 throughput namespace->host and host->namespace (-R), -t --seconds, JSON parsed
+   (receiver's byte count and rate);
+2. new TCP connection + a few bytes echoed + close, sequential: p50/p99 and connections/s;
+3. 1-byte request/response on one persistent TCP connection: p50/p99;
+4. a new UDP socket per query to a UDP echo server (DNS-style): p50/p99;
+5. the NAT process's CPU seconds (utime+stime of /proc/PID/stat, all its threads) over each
+   iperf3 run divided by the GB (10^9 bytes) received, and per connection in (2).
+
+How each NAT is run (from their man pages; Debian 12 versions):
+- voidbox: `voidbox net run --mtu N -- CLIENT`; the NAT is the `voidbox net run` process.
+- slirp4netns: `ip netns add NS`, then `slirp4netns --configure --mtu=N --ready-fd=FD
+  --netns-type=path /run/netns/NS tap0` (no --disable-host-loopback: 10.0.2.2 must reach
+  the host's 127.0.0.1); the client runs under `nsenter --net=/run/netns/NS`.
+- pasta: the same named namespace, `pasta -f --runas 0 --config-net -m N -a 10.0.2.15 -n 24
+  -g 10.0.2.2 -t none -u none -T none -U none -P PIDFILE --netns NS`. -g makes the gateway
+  10.0.2.2 (pasta maps TCP and untracked UDP to its gateway address to the host's loopback
+  unless --no-map-gw); the four `none` turn off port forwarding, whose "auto" default
+  would scan and forward our ports; --runas 0 because as root pasta otherwise switches to
+  nobody and then cannot enter the root-owned namespace.
+
+Every loop is bounded in count and time; a peer that fails or stalls in one mode gets
+that written into its cell and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+CLIENT = os.path.join(BENCH, "net", "client.py")
+ECHO_SERVER = os.path.join(BENCH, "net", "echo_server.py")
+VOIDBOX = os.path.join(ROOT, ".venv", "bin", "voidbox")
+PREFIX = "@@"
+PEERS = ("voidbox", "slirp4netns", "pasta")
+GUEST_IP = "10.0.2.15"
+GATEWAY_IP = "10.0.2.2"
+PREFIX_LEN = "24"
+LOOPBACK = "127.0.0.1"
+SLIRP_TAP = "tap0"
+GB = 1e9
+READY_TIMEOUT = 15.0  # NAT set-up and the client's wait for its route
+OP_MARGIN = 20.0  # seconds allowed beyond an op's own budget before the session is abandoned
+LATENCY_BUDGET = 30.0  # seconds per latency op, whatever N is
+WARMUP = 20
+STOP_TIMEOUT = 5.0
+TCP_LISTEN = "0A"  # include/net/tcp_states.h TCP_LISTEN, as /proc/net/tcp prints it
+
+
+class SessionError(Exception):
+    """The NAT or the client failed in a way that ends this peer's session."""
+
+
+# ---------------------------------------------------------------- host facts
+
+def cmd_output(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"n/a ({e})"
+    return (proc.stdout or proc.stderr).strip()
+
+
+def versions() -> dict:
+    rev = cmd_output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = cmd_output(["git", "-C", ROOT, "status", "--porcelain", "--", "voidbox"]).splitlines()
+    if dirty:
+        rev += f" + {len(dirty)} uncommitted file(s) under voidbox/"
+    slirp = cmd_output(["slirp4netns", "--version"]).splitlines()
+    pasta = cmd_output(["pasta", "--version"]).splitlines()[:1]
+    passt_pkg = cmd_output(["dpkg-query", "-W", "-f", "${Version}", "passt"])
+    return {
+        "voidbox": rev,
+        "slirp4netns": " / ".join(line for line in slirp
+                                  if line.startswith(("slirp4netns", "libslirp"))),
+        "pasta": f"`{pasta[0] if pasta else 'n/a'}` (Debian package passt {passt_pkg})",
+        "iperf3": cmd_output(["iperf3", "--version"]).splitlines()[0],
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def cpu_busy_snapshot() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat, for the host load during a session."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a whole process so far.
+
+    The sum of the first field of /proc/PID/task/*/schedstat (ns on CPU, per thread) has
+    nanosecond resolution, where utime+stime of /proc/PID/stat moves in 10 ms ticks, too
+    coarse for the CPU per connection; a thread that ends between two readings would be
+    missed, and none of the three NATs starts one per flow. Falls back to /proc/PID/stat
+    (proc(5) fields 14 and 15) where schedstat is missing.
+    """
+    total_ns = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), \
+                    open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total_ns += int(f.read().split()[0])
+        return total_ns / 1e9
+    except (FileNotFoundError, ValueError):
+        pass
+    with open(f"/proc/{pid}/stat") as f:
+        after_comm = f.read().rsplit(")", 1)[1].split()
+    # after_comm[0] is field 3 (state), so field N is after_comm[N - 3].
+    return (int(after_comm[14 - 3]) + int(after_comm[15 - 3])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == TCP_LISTEN and int(fields[1].split(":")[1], 16) == port:
+                return True
+    return False
+
+
+def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+    """End a process this runner started (by its own Popen), escalating to SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(STOP_TIMEOUT)
+
+
+@contextlib.contextmanager
+def iperf_server():
+    """A one-off `iperf3 -s -1` on 127.0.0.1 and a fresh port, so a stalled test cannot
+    leave a busy server behind for the next one."""
+    port = free_port()
+    proc = subprocess.Popen(["iperf3", "-s", "-1", "-B", LOOPBACK, "-p", str(port)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while not listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SessionError("iperf3 server did not start")
+            time.sleep(0.01)
+        yield port
+    finally:
+        stop(proc)
+
+
+# ---------------------------------------------------------------- talking to the client
+
+class LineReader:
+    """Lines from a pipe with a deadline (select + os.read, no hidden buffering)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = b""
+
+    def readline(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    return None
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def message(self, timeout: float) -> dict | None:
+        """The next PREFIX line as a dict; other output (logs) is skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.readline(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                return None
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+
+
+# ---------------------------------------------------------------- one NAT, one MTU
+
+class Session:
+    """One NAT serving one namespace at one MTU, with the client running inside."""
+
+    def __init__(self, peer: str, mtu: int, workdir: str):
+        self.peer, self.mtu, self.workdir = peer, mtu, workdir
+        self.nat: subprocess.Popen | None = None
+        self.client: subprocess.Popen | None = None
+        self.nat_pid = 0
+        self.netns = None
+        self.log_path = os.path.join(workdir, f"{peer}-{mtu}.log")
+        self.log = open(self.log_path, "wb")
+        self.reader: LineReader | None = None
+        self.ready: dict = {}
+
+    def client_argv(self) -> list[str]:
+        return [sys.executable, CLIENT]
+
+    def start(self) -> None:
+        getattr(self, f"_start_{self.peer}")()
+        self.reader = LineReader(self.client.stdout.fileno())
+        msg = self.reader.message(READY_TIMEOUT + OP_MARGIN)
+        if msg is None:
+            raise SessionError(f"client never reported ready ({self.tail_log()})")
+        if not msg.get("ready"):
+            raise SessionError(msg.get("error", "client not ready"))
+        self.ready = msg
+
+    def _popen_client(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=self.log)
+
+    def _start_voidbox(self) -> None:
+        self.client = self._popen_client(
+            [VOIDBOX, "net", "run", "--mtu", str(self.mtu), "--", *self.client_argv()])
+        self.nat, self.nat_pid = self.client, self.client.pid
+
+    def _add_netns(self) -> str:
+        name = f"vbbench-{os.getpid()}-{self.peer}-{self.mtu}"
+        subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+        self.netns = name
+        return name
+
+    def _start_client_in_netns(self) -> None:
+        self.client = self._popen_client(
+            ["nsenter", f"--net=/run/netns/{self.netns}", "--", *self.client_argv()])
+
+    def _start_slirp4netns(self) -> None:
+        name = self._add_netns()
+        ready_r, ready_w = os.pipe()
+        try:
+            self.nat = subprocess.Popen(
+                ["slirp4netns", "--configure", f"--mtu={self.mtu}", f"--ready-fd={ready_w}",
+                 "--netns-type=path", f"/run/netns/{name}", SLIRP_TAP],
+                pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+            os.close(ready_w)
+            ready_w = -1
+            ready, _, _ = select.select([ready_r], [], [], READY_TIMEOUT)
+            if not ready or os.read(ready_r, 1) != b"1":
+                raise SessionError(f"slirp4netns not ready ({self.tail_log()})")
+        finally:
+            os.close(ready_r)
+            if ready_w >= 0:
+                os.close(ready_w)
+        self.nat_pid = self.nat.pid
+        self._start_client_in_netns()
+
+    def _start_pasta(self) -> None:
+        name = self._add_netns()
+        pidfile = os.path.join(self.workdir, f"pasta-{self.mtu}.pid")
+        self.nat = subprocess.Popen(
+            ["pasta", "-f", "--runas", "0", "--config-net", "-m", str(self.mtu),
+             "-a", GUEST_IP, "-n", PREFIX_LEN, "-g", GATEWAY_IP,
+             "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+             "-P", pidfile, "--netns", name],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not (os.path.exists(pidfile) and os.path.getsize(pidfile)):
+            if self.nat.poll() is not None or time.monotonic() > deadline:
+                raise SessionError(f"pasta not ready ({self.tail_log()})")
+            time.sleep(0.01)
+        with open(pidfile) as f:
+            self.nat_pid = int(f.read().split()[0])
+        if self.nat_pid != self.nat.pid:  # -f: it must not have forked away
+            raise SessionError(f"pasta wrote pid {self.nat_pid}, started {self.nat.pid}")
+        self._start_client_in_netns()
+
+    def tail_log(self) -> str:
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            text = f.read().decode(errors="replace")
+        lines = [line for line in text.splitlines() if line and "syslog" not in line]
+        return " | ".join(lines[-3:])[:300] or "no log output"
+
+    def run_op(self, op: dict, budget: float) -> dict:
+        """Send one op; the NAT's CPU seconds over it are added as nat_cpu_s."""
+        if self.nat.poll() is not None:
+            raise SessionError(f"NAT exited rc={self.nat.returncode} ({self.tail_log()})")
+        cpu0 = proc_cpu_seconds(self.nat_pid)
+        self.client.stdin.write((json.dumps(op) + "\n").encode())
+        self.client.stdin.flush()
+        result = self.reader.message(budget + OP_MARGIN)
+        if result is None:
+            raise SessionError(f"no answer to {op['op']} within {budget + OP_MARGIN:.0f} s")
+        result["nat_cpu_s"] = proc_cpu_seconds(self.nat_pid) - cpu0
+        return result
+
+    def close(self) -> None:
+        if self.client is not None and self.client.poll() is None:
+            with contextlib.suppress(OSError):
+                self.client.stdin.write(b'{"op": "quit"}\n')
+                self.client.stdin.close()
+            try:
+                self.client.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                stop(self.client)
+        if self.nat is not self.client:
+            stop(self.nat)
+        if self.netns:
+            subprocess.run(["ip", "netns", "del", self.netns], timeout=10, check=False)
+        self.log.close()
+
+
+def run_session(peer: str, mtu: int, args, echo_ports: dict, workdir: str) -> dict:
+    out: dict = {"peer": peer, "mtu": mtu}
+    session = Session(peer, mtu, workdir)
+    busy0 = cpu_busy_snapshot()
+    try:
+        session.start()
+        out["ready"] = session.ready
+        out["nat_exe"] = os.readlink(f"/proc/{session.nat_pid}/exe")
+        latency = {"warmup": WARMUP, "budget": LATENCY_BUDGET}
+        plan = [
+            ("connect", {**latency, "op": "connect", "port": echo_ports["tcp"], "n": args.conns}),
+            ("rr", {**latency, "op": "rr", "port": echo_ports["tcp"], "n": args.rrs}),
+            ("udp", {**latency, "op": "udp", "port": echo_ports["udp"], "n": args.udps}),
+            ("up", {"op": "iperf", "reverse": False}),
+            ("down", {"op": "iperf", "reverse": True}),
+        ]
+        for key, op in plan:
+            if op["op"] == "iperf":
+                budget = args.seconds + OP_MARGIN
+                op.update(seconds=args.seconds, timeout=budget)
+                with iperf_server() as port:
+                    op["port"] = port
+                    out[key] = session.run_op(op, budget)
+            else:
+                out[key] = session.run_op(op, LATENCY_BUDGET)
+    except (SessionError, OSError, subprocess.SubprocessError, ValueError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        session.close()
+    busy1 = cpu_busy_snapshot()
+    if busy1[1] > busy0[1]:
+        out["host_busy_pct"] = 100.0 * (busy1[0] - busy0[0]) / (busy1[1] - busy0[1])
+    return out
+
+
+# ---------------------------------------------------------------- the table
+
+def fmt_error(res: dict | None, session: dict) -> str:
+    if res is None:  # the session ended before this op; its error is listed under the table
+        return "n/a: session error" if session.get("error") else "n/a: not run"
+    return res.get("error") or res.get("first_error") or "failed"
+
+
+def cell_iperf(res, session, what: str) -> str:
+    if not res or not res.get("ok"):
+        return fmt_error(res, session)
+    if what == "rate":
+        notes = [f"{res['retransmits']} retr"] if res.get("retransmits") else []
+        if res.get("stalled_s"):
+            notes.append(f"{res['stalled_s']:g} s stalled")
+        return f"{res['bits_per_second'] / 1e9:.2f}" + (f" ({', '.join(notes)})" if notes else "")
+    if not res["bytes"]:
+        return "n/a: 0 bytes"
+    # The share of one core says whether the NAT was CPU-bound or waiting.
+    core = f" ({100 * res['nat_cpu_s'] / res['seconds']:.0f}% core)" if res.get("seconds") else ""
+    return f"{res['nat_cpu_s'] / (res['bytes'] / GB):.2f}{core}"
+
+
+def cell_latency(res, session, what: str) -> str:
+    if not res or not res.get("n"):
+        return fmt_error(res, session)
+    note = f" ({res['errors']} failed: {res['first_error']})" if res.get("errors") else ""
+    if res["n"] < res["asked"]:
+        note += f" (only {res['n']}/{res['asked']} in budget)"
+    if what == "pct":
+        return f"{res['p50_us']:.0f} / {res['p99_us']:.0f}{note}"
+    if what == "rate":
+        return f"{res['per_s']:.0f}"
+    return f"{res['nat_cpu_s'] / res['n'] * 1e6:.0f}"
+
+
+ROWS = [
+    ("MTU seen in the namespace (iface)", lambda s: (
+        f"{s['ready']['mtu']} ({s['ready']['iface']})" if s.get("ready") else fmt_error(None, s))),
+    ("NAT process measured", lambda s: (
+        f"pid's exe {os.path.basename(s['nat_exe'])}" if s.get("nat_exe") else "n/a")),
+    ("ns->host iperf3 Gbit/s", lambda s: cell_iperf(s.get("up"), s, "rate")),
+    ("ns->host NAT CPU s/GB", lambda s: cell_iperf(s.get("up"), s, "cpu")),
+    ("host->ns iperf3 -R Gbit/s", lambda s: cell_iperf(s.get("down"), s, "rate")),
+    ("host->ns NAT CPU s/GB", lambda s: cell_iperf(s.get("down"), s, "cpu")),
+    ("connect+echo+close p50 / p99 µs", lambda s: cell_latency(s.get("connect"), s, "pct")),
+    ("connections/s (sequential)", lambda s: cell_latency(s.get("connect"), s, "rate")),
+    ("NAT CPU µs per connection", lambda s: cell_latency(s.get("connect"), s, "cpu")),
+    ("1-byte RR, one conn, p50 / p99 µs", lambda s: cell_latency(s.get("rr"), s, "pct")),
+    ("UDP new socket/query p50 / p99 µs", lambda s: cell_latency(s.get("udp"), s, "pct")),
+    ("host CPU busy % during session", lambda s: (
+        f"{s['host_busy_pct']:.0f}" if "host_busy_pct" in s else "n/a")),
+]
+
+
+def table(sessions: list[dict]) -> str:
+    head = ["metric"] + [f"{s['peer']} @{s['mtu']}" for s in sessions]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, cell in ROWS:
+        cells = [cell(s).replace("|", "/").replace("\n", " ") for s in sessions]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer", action="append", choices=PEERS, help="default: all three")
+    parser.add_argument("--mtu", action="append", type=int, help="default: 1500 and 65520")
+    parser.add_argument("--seconds", type=int, default=5, help="iperf3 -t")
+    parser.add_argument("--conns", type=int, default=1000, help="sequential connections")
+    parser.add_argument("--rrs", type=int, default=2000, help="1-byte round trips")
+    parser.add_argument("--udps", type=int, default=2000, help="UDP queries")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--max-minutes", type=float, default=10.0,
+                        help="skip the sessions that would start after this")
+    args = parser.parse_args()
+    peers, mtus = args.peer or list(PEERS), args.mtu or [1500, 65520]
+    if os.geteuid() != 0:
+        sys.exit("net_compare.py needs root (ip netns, nsenter)")
+    tools = ("iperf3", "slirp4netns", "pasta", "nsenter", "ip")
+    missing = [b for b in tools if not shutil.which(b)]
+    if missing or not os.path.exists(VOIDBOX):
+        sys.exit(f"missing: {' '.join(missing) or VOIDBOX}")
+    started = time.monotonic()
+    info = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "argv": " ".join([sys.executable, *sys.argv]), "versions": versions(),
+            "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "load_before": os.getloadavg()}
+    sessions = []
+    with tempfile.TemporaryDirectory(prefix="voidbox-netbench-") as workdir:
+        echo = subprocess.Popen([sys.executable, ECHO_SERVER, "--bind", LOOPBACK],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            line = LineReader(echo.stdout.fileno()).readline(READY_TIMEOUT)
+            if line is None:
+                sys.exit("echo server did not start")
+            echo_ports = json.loads(line)
+            # MTU outermost and peers interleaved, so a drift in host load hits every peer.
+            for mtu in mtus:
+                for peer in peers:
+                    if time.monotonic() - started > args.max_minutes * 60:
+                        sessions.append({"peer": peer, "mtu": mtu, "error": "time limit"})
+                        continue
+                    print(f"# {peer} @ MTU {mtu} ...", file=sys.stderr, flush=True)
+                    sessions.append(run_session(peer, mtu, args, echo_ports, workdir))
+        finally:
+            echo.stdin.close()
+            stop(echo)
+    info["load_after"] = os.getloadavg()
+    info["wall_s"] = round(time.monotonic() - started, 1)
+    v = info["versions"]
+    print(f"## User-mode NAT: voidbox vs slirp4netns vs pasta ({info['date']})\n")
+    print(f"- command: `{info['argv']}`")
+    print(f"- voidbox {v['voidbox']} (Python {v['python']}); {v['slirp4netns']}; "
+          f"pasta --version: {v['pasta']}; {v['iperf3']}; kernel {v['kernel']}")
+    print(f"- CPUs: {info['cpus']} (affinity {info['affinity']}); load average (1/5/15 min) "
+          f"before {'/'.join(f'{x:.2f}' for x in info['load_before'])}, after "
+          f"{'/'.join(f'{x:.2f}' for x in info['load_after'])}; other work shares this machine")
+    print(f"- iperf3 -t {args.seconds}, one stream, server on {LOOPBACK}, client in the namespace "
+          f"to {GATEWAY_IP}; latency N: connect {args.conns}, RR {args.rrs}, UDP {args.udps} "
+          f"(after {WARMUP} warm-up samples each); GB = 10^9 bytes received; "
+          f"NAT CPU = user+system time of the NAT process, all threads (\"% core\": its "
+          f"CPU time over the iperf3 run's length); retr = iperf3 sender's TCP retransmits; "
+          f"s stalled = 0.5 s iperf3 intervals (client's view) moving <1% of the mean; "
+          f"wall {info['wall_s']} s\n")
+    print(table(sessions))
+    errors = [f"- {s['peer']} @{s['mtu']}: {s['error']}" for s in sessions if s.get("error")]
+    if errors:
+        print("\nSession errors:\n" + "\n".join(errors))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "sessions": sessions}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
