@@ -67,12 +67,13 @@ class Reader:
 @pytest.mark.slow
 def test_early_boot_shows_voidbox_cmdline_e820_and_acpi(guest):
     proc = voidbox_boot("--kernel", str(guest.vmlinux), "--append", "earlyprintk=serial",
-                        "--timeout", str(BOOT_TIMEOUT))
+                        "--cpus", "2", "--timeout", str(BOOT_TIMEOUT))
     out = Reader(proc.stdout)
     try:
-        # The table list ends with the DSDT entry, printed before any AML is interpreted.
+        # The table list comes first; the MADT is parsed a few emulated seconds later, still
+        # before any AML is interpreted.
         assert out.wait_for("ACPI: DSDT", BOOT_TIMEOUT + 10), out.text()
-        out.wait_for("ACPI: Reserving", 10)
+        assert out.wait_for("smpboot: Allowing", BOOT_TIMEOUT + 10), out.text()
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -89,6 +90,9 @@ def test_early_boot_shows_voidbox_cmdline_e820_and_acpi(guest):
     for table in ("RSDP 0x00000000000E0000", "XSDT", "FACP", "APIC", "DSDT"):
         assert f"ACPI: {table}" in text, table
     assert "VOIDBX" in text
+    # The MADT: one local APIC per vCPU, NMI on LINT1.
+    assert "smpboot: Allowing 2 CPUs" in text
+    assert "ACPI: LAPIC_NMI" in text and "lint[0x1]" in text
     assert "ACPI BIOS Error" not in text
     # Stopped by our SIGTERM (or by its timeout if the host is slower): one line, no trace.
     assert status in (ExitStatus.SIGTERM, ExitStatus.TIMEOUT), stderr

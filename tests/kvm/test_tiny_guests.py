@@ -168,3 +168,30 @@ def test_uart_interrupts_drive_transmit_and_receive(guests):
         vm.close()
     assert "tx: 0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz!\n" in serial(vm)
     assert "got: ping" in serial(vm) and reason is StopReason.POWEROFF
+
+
+def test_ram_above_the_mmio_gap(guests):
+    """4 GiB of RAM: 3 GiB below the MMIO gap, the rest from 4 GiB up, both in KVM slots."""
+    vm = Vm(VmConfig(kernel=guests("hello"), mem="4G", timeout=GUEST_TIMEOUT))
+    try:
+        vm.start()
+        regions = vm.memory.regions
+        plan = vm.boot_plan
+        reason = vm.wait()
+    finally:
+        vm.close()
+    assert reason is StopReason.POWEROFF, vm.stop_message()
+    assert [(r.gpa, r.size) for r in regions] == [(0, 3 << 30), (4 << 30, 1 << 30)]
+    assert any(e.addr == 4 << 30 and e.size == 1 << 30 for e in plan.e820)
+
+
+def test_the_boot_path_does_not_import_numpy(guests):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "voidbox", "boot", "--kernel", guests("hello"),
+         "--mem", "64M"],
+        capture_output=True, text=True, timeout=GUEST_TIMEOUT, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time" in line]
+    assert "voidbox._kvm" in imported
+    assert not [name for name in imported if name.split(".")[0] == "numpy"]
