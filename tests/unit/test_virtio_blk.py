@@ -248,6 +248,17 @@ def test_discard_and_write_zeroes_with_bad_ranges(disk, image):
     assert image.read_bytes() == before
 
 
+def test_reserved_discard_flags_are_unsupported(disk, image):
+    """§5.2.6.2: DISCARD with the unmap flag (or any flag), WRITE_ZEROES with a reserved one."""
+    d = disk()
+    before = image.read_bytes()
+    assert d.request(VIRTIO_BLK_T_DISCARD, data=segment(4, 1, flags=1))[0] == VIRTIO_BLK_S_UNSUPP
+    assert d.request(VIRTIO_BLK_T_WRITE_ZEROES, data=segment(4, 1, flags=2))[0] == VIRTIO_BLK_S_UNSUPP
+    assert image.read_bytes() == before
+    assert d.request(VIRTIO_BLK_T_WRITE_ZEROES, data=segment(4, 1, flags=1))[0] == VIRTIO_BLK_S_OK
+    assert file_sector(image, 4) == bytes(SECTOR_SIZE)
+
+
 def test_features(disk):
     features = disk().device.features
     assert features & (1 << VIRTIO_F_VERSION_1)

@@ -238,6 +238,10 @@ class VirtioBlk(VirtioDevice):
             if data_out != DISCARD_SEGMENT.size:
                 return VIRTIO_BLK_S_UNSUPP, 0
             start, count, flags = DISCARD_SEGMENT.unpack(chain.read(REQUEST_HEADER.size, data_out))
+            # §5.2.6.2: the unmap flag is only for WRITE_ZEROES; any other flag is reserved.
+            allowed = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if kind == VIRTIO_BLK_T_WRITE_ZEROES else 0
+            if flags & ~allowed:
+                return VIRTIO_BLK_S_UNSUPP, 0
             offset, length = start << SECTOR_SHIFT, count << SECTOR_SHIFT
             if count > MAX_DISCARD_SECTORS or offset + length > backend.size:
                 return VIRTIO_BLK_S_IOERR, 0
