@@ -1,0 +1,142 @@
+"""The NAT's per-packet hot path: the compiled voidbox._slirp and its pure twin agree.
+
+Every test runs against both modules; the compiled one is skipped (with the reason) only
+when it has not been built.
+"""
+
+import importlib
+import random
+import struct
+
+import pytest
+
+from voidbox.net import _slirp_py
+
+try:
+    _compiled = importlib.import_module("voidbox._slirp")
+    _why = ""
+except ImportError as e:  # pragma: no cover - depends on build_ext having run
+    _compiled = None
+    _why = f"voidbox._slirp not built: {e}"
+
+IMPLS = [
+    pytest.param(_slirp_py, id="pure"),
+    pytest.param(_compiled, id="cython",
+                 marks=pytest.mark.skipif(_compiled is None, reason=_why or "built")),
+]
+
+SRC = bytes([10, 0, 2, 2])
+DST = bytes([10, 0, 2, 15])
+
+
+def reference_checksum(data: bytes) -> int:
+    """RFC 1071 written the slow, obvious way: big-endian words, end-around carry."""
+    if len(data) % 2:
+        data += b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += (data[i] << 8) | data[i + 1]
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+@pytest.fixture(params=IMPLS)
+def m(request):
+    return request.param
+
+
+@pytest.mark.parametrize(("a", "b", "lt"), [
+    (0, 1, True), (1, 0, False), (5, 5, False),
+    (0xFFFFFFFF, 0, True),           # wraps: 2**32-1 is just before 0
+    (0xFFFFFF00, 0x100, True),
+    (0x100, 0xFFFFFF00, False),
+    (0, 0x7FFFFFFF, True),           # the far edge of "before" (2**31 - 1 apart)
+])
+def test_seq_compare_wraps(m, a, b, lt):
+    assert bool(m.seq_lt(a, b)) == lt
+    assert bool(m.seq_gt(b, a)) == lt
+    assert bool(m.seq_le(a, b)) == (lt or a == b)
+    assert bool(m.seq_ge(b, a)) == (lt or a == b)
+    assert bool(m.seq_le(a, a)) and bool(m.seq_ge(a, a))
+
+
+def test_seq_add_and_diff_wrap(m):
+    assert m.seq_add(0xFFFFFFF0, 0x20) == 0x10
+    assert m.seq_add(0x10, -0x20) == 0xFFFFFFF0
+    assert m.seq_diff(0x10, 0xFFFFFFF0) == 0x20
+    assert m.seq_diff(0xFFFFFFF0, 0x10) == -0x20
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 20, 1459, 1460, 65515])
+def test_inet_checksum_matches_reference(m, n):
+    rng = random.Random(n)
+    data = bytes(rng.getrandbits(8) for _ in range(n))
+    assert m.inet_checksum(data) == reference_checksum(data)
+
+
+def test_inet_checksum_carries(m):
+    # All-ones words force repeated end-around carries.
+    assert m.inet_checksum(b"\xff" * 1001) == reference_checksum(b"\xff" * 1001)
+    assert m.inet_checksum(b"\x00\x01\xf2\x03\xf4\xf5\xf6\xf7") == 0x220D  # RFC 1071 §3
+
+
+def test_tcp_checksum_is_pseudo_header_plus_segment(m):
+    seg = bytes(range(37))
+    pseudo = SRC + DST + struct.pack("!BBH", 0, 6, len(seg))
+    assert m.tcp_checksum(SRC, DST, seg) == reference_checksum(pseudo + seg)
+
+
+def test_tcp_checksum_rejects_bad_addresses(m):
+    with pytest.raises(ValueError):
+        m.tcp_checksum(b"\1\2\3", DST, b"x" * 20)
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", b"hello world", bytes(range(256)) * 5])
+def test_build_ipv4_tcp_is_valid_and_identical(payload):
+    outs = []
+    for impl in (_slirp_py, _compiled or _slirp_py):
+        out = bytearray(2000)
+        n = impl.build_ipv4_tcp(out, SRC, DST, 0x1234, 80, 40000, 0xFFFFFFFE, 7, 0x18, 512,
+                                b"\x02\x04\x05\xb4", payload)
+        outs.append(bytes(out[:n]))
+        pkt = out[:n]
+        assert n == 20 + 24 + len(payload)
+        assert reference_checksum(bytes(pkt[:20])) == 0
+        ver_ihl, _tos, total, ip_id, frag, ttl, proto = struct.unpack_from("!BBHHHBB", pkt)
+        assert (ver_ihl, total, ip_id, frag, ttl, proto) == (0x45, n, 0x1234, 0x4000, 64, 6)
+        assert pkt[12:16] == SRC and pkt[16:20] == DST
+        tcp = bytes(pkt[20:])
+        pseudo = SRC + DST + struct.pack("!BBH", 0, 6, len(tcp))
+        assert reference_checksum(pseudo + tcp) == 0
+        sport, dport, seq, ack, off, flags, win = struct.unpack_from("!HHIIBBH", tcp)
+        assert (sport, dport, seq, ack, off >> 4, flags, win) == (80, 40000, 0xFFFFFFFE, 7, 6,
+                                                                  0x18, 512)
+        assert tcp[24:] == payload
+    assert outs[0] == outs[1]
+
+
+def test_build_ipv4_tcp_rejects_bad_input(m):
+    with pytest.raises(ValueError):
+        m.build_ipv4_tcp(bytearray(30), SRC, DST, 0, 1, 2, 0, 0, 0, 0, b"", b"")  # too small
+    with pytest.raises(ValueError):
+        m.build_ipv4_tcp(bytearray(100), SRC, DST, 0, 1, 2, 0, 0, 0, 0, b"\x01\x01", b"")
+    with pytest.raises(ValueError):
+        m.build_ipv4_tcp(bytearray(100), SRC, DST, 0, 1, 2, 0, 0, 0, 0, b"\x01" * 44, b"")
+    with pytest.raises(ValueError):
+        m.build_ipv4_tcp(bytearray(100), SRC, DST, 0, 1, 2, 0, 0, 0, 0x10000, b"", b"")
+    with pytest.raises(ValueError):
+        m.build_ipv4_tcp(bytearray(70000), SRC, DST, 0, 1, 2, 0, 0, 0, 0, b"", b"x" * 65500)
+
+
+def test_fastpath_selects_by_environment(monkeypatch):
+    import voidbox.net.fastpath as fp
+    monkeypatch.setenv("VOIDBOX_PURE", "1")
+    try:
+        pure = importlib.reload(fp)
+        assert pure.impl is _slirp_py and not pure.COMPILED
+        monkeypatch.delenv("VOIDBOX_PURE")
+        chosen = importlib.reload(fp)
+        assert chosen.COMPILED == (_compiled is not None)
+    finally:
+        monkeypatch.delenv("VOIDBOX_PURE", raising=False)
+        importlib.reload(fp)

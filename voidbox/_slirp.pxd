@@ -1,0 +1,33 @@
+# C-level interface of voidbox/_slirp.pyx, the user-mode NAT's per-packet hot path.
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+
+# RFC 9293 §3.4: sequence numbers compare modulo 2**32; valid within 2**31 of each other.
+cdef inline bint seq_lt_c(uint32_t a, uint32_t b) noexcept nogil:
+    return <int32_t>(a - b) < 0
+
+
+cdef inline bint seq_le_c(uint32_t a, uint32_t b) noexcept nogil:
+    return <int32_t>(a - b) <= 0
+
+
+cdef inline bint seq_gt_c(uint32_t a, uint32_t b) noexcept nogil:
+    return <int32_t>(a - b) > 0
+
+
+cdef inline bint seq_ge_c(uint32_t a, uint32_t b) noexcept nogil:
+    return <int32_t>(a - b) >= 0
+
+
+# Native-order one's complement sum of p[0:n] added to acc (RFC 1071 §2), unfolded.
+cdef uint64_t csum_partial(const uint8_t *p, Py_ssize_t n, uint64_t acc) noexcept nogil
+# Fold a csum_partial accumulator to 16 bits in network order and complement it.
+cdef uint16_t csum_finish(uint64_t acc) noexcept nogil
+# Write IPv4 + TCP headers, options and payload into out[0:cap]; -1 (no exception) if it
+# does not fit. All pointers must be valid for their lengths.
+cdef Py_ssize_t write_ipv4_tcp(uint8_t *out, Py_ssize_t cap,
+                               const uint8_t *src_ip, const uint8_t *dst_ip, uint16_t ip_id,
+                               uint16_t src_port, uint16_t dst_port, uint32_t seq, uint32_t ack,
+                               uint8_t flags, uint16_t window,
+                               const uint8_t *options, Py_ssize_t nopt,
+                               const uint8_t *payload, Py_ssize_t npay) noexcept nogil

@@ -1,0 +1,32 @@
+"""Selects the NAT's per-packet hot path: compiled voidbox._slirp, or its pure-Python twin.
+
+VOIDBOX_PURE=1 forces the twin (the test suite runs both). Without the environment
+variable the compiled module is used when it is built; `COMPILED` says which one was chosen.
+"""
+
+import os
+
+if os.environ.get("VOIDBOX_PURE") == "1":
+    from voidbox.net import _slirp_py as impl
+else:
+    try:
+        from voidbox import _slirp as impl
+    except ImportError:  # not built (source checkout without build_ext): same API, slower
+        from voidbox.net import _slirp_py as impl
+
+COMPILED = impl.__name__ == "voidbox._slirp"
+
+seq_lt = impl.seq_lt
+seq_le = impl.seq_le
+seq_gt = impl.seq_gt
+seq_ge = impl.seq_ge
+seq_add = impl.seq_add
+seq_diff = impl.seq_diff
+inet_checksum = impl.inet_checksum
+tcp_checksum = impl.tcp_checksum
+build_ipv4_tcp = impl.build_ipv4_tcp
+
+__all__ = [
+    "COMPILED", "build_ipv4_tcp", "impl", "inet_checksum", "seq_add", "seq_diff", "seq_ge",
+    "seq_gt", "seq_le", "seq_lt", "tcp_checksum",
+]

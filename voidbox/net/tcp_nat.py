@@ -1,0 +1,692 @@
+"""The user-mode NAT's TCP relay: guest TCP flows <-> non-blocking host sockets.
+
+Each guest connection is a voidbox.net.tcp.TcpFlow (the sans-I/O state machine facing the
+guest) plus one host socket, driven by the network thread's EventLoop. As in passt, the
+host kernel socket is the buffer:
+
+- Host-to-guest data is peeked at an offset (SO_PEEK_OFF, socket(7)) and consumed only when
+  the guest acknowledges it; a retransmission peeks again from the acknowledged point.
+  Kernels without SO_PEEK_OFF for TCP get a fallback that peeks from 0 and skips the bytes
+  in flight (in-flight data is then capped by the peek buffer).
+- Guest-to-host data is acknowledged only as far as send() accepted it; EAGAIN leaves the
+  rest unacknowledged (the guest retransmits) and arms EPOLLOUT for a window update.
+- The window advertised to the guest is the host socket's free send buffer
+  (SO_SNDBUF vs SIOCOUTQ), re-read at most every WINDOW_CACHE_S.
+- Connects are asynchronous (EINPROGRESS, then EPOLLOUT); the guest gets its SYN-ACK only
+  once the host connect succeeded, a RST if it failed or if policy denies the destination.
+- ACKs that only acknowledge new guest data are coalesced to one per flow per loop turn
+  (call_soon: still this turn, never a timer); duplicate ACKs go out at once, since the
+  guest's fast retransmit counts them.
+- A flow that cannot make progress is not polled: EPOLLIN only while nothing is in flight
+  and the guest's window is open (an ACK or window update pumps directly), EPOLLOUT only
+  while guest data is blocked on a full socket. The loop never spins on a flow.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+
+from voidbox.errors import VoidboxError
+from voidbox.net.fastpath import build_ipv4_tcp, seq_gt, tcp_checksum
+from voidbox.net.tcp import (
+    ACK,
+    FIN,
+    IPV4_TCP_OVERHEAD,
+    RST,
+    SYN,
+    Act,
+    Segment,
+    SegmentError,
+    TcpFlow,
+    TcpState,
+    parse_segment,
+    reset_for,
+)
+
+log = logging.getLogger(__name__)
+
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # socket(7); TCP support since Linux 6.9
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # socket(7): u32 array, sock_diag(7) order
+SK_MEMINFO_SNDBUF = 3
+SK_MEMINFO_WMEM_QUEUED = 5
+SK_MEMINFO_VARS = 9
+_MEMINFO = struct.Struct(f"{SK_MEMINFO_VARS}I")
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR
+
+WSCALE = 7  # our window shift: 65535 << 7 is an 8 MiB window (RFC 7323 §2.3)
+MAX_WINDOW = 0xFFFF << WSCALE
+PEEK_BUF = 256 * 1024  # one peek; the fallback path also caps in-flight data at this
+DISCARD_BUF = 256 * 1024  # recv(MSG_TRUNC) copies nothing, but Python wants a buffer this big
+PUMP_CAP = 1024 * 1024  # bytes one flow may send per turn before yielding to other flows
+WINDOW_CACHE_S = 0.005  # getsockopt(SO_MEMINFO) for the window at most this often per flow
+# A fixed host send buffer: autotuning only grows sk_sndbuf after writes hit the limit, which
+# a relay that advertises only the free space never does. socket(7): the kernel doubles it
+# and caps the request at net.core.wmem_max. The memory is used only while data is queued.
+HOST_SNDBUF = 2 * 1024 * 1024
+ACCEPT_BATCH = 64  # port-forward accepts per readiness event
+EPHEMERAL_LO, EPHEMERAL_HI = 32768, 60999  # source ports of forwarded connections
+PACKET_BUF = 65536
+
+
+class _Flow:
+    """One relayed connection: the guest-facing TcpFlow and its host socket."""
+
+    __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
+                 "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
+                 "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
+                 "forwarded", "cb", "last_ack", "ack_pending")
+
+    def __init__(self, key, core: TcpFlow, sock: socket.socket, guest_ip: bytes,
+                 remote_ip: bytes):
+        self.key = key
+        self.core = core
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.guest_ip = guest_ip
+        self.remote_ip = remote_ip
+        self.events = 0
+        self.connecting = False
+        self.timer = None
+        self.timer_when = 0.0
+        self.peek_off = 0  # the kernel's SO_PEEK_OFF as we last left it
+        self.host_eof = False
+        self.win_base = 0
+        self.win_time = -1e9
+        self.written = 0
+        self.want_out = False
+        self.pump_scheduled = False
+        self.bytes_up = 0  # guest -> host
+        self.bytes_down = 0  # host -> guest
+        self.forwarded = False
+        self.cb = None
+        self.last_ack: int | None = None  # ack field of the last segment sent to the guest
+        self.ack_pending = False  # a coalesced ACK waits for the end of this loop turn
+
+
+class TcpNat:
+    """TCP for the user-mode NAT (see the module docstring).
+
+    send_ip(packet) takes a whole IPv4 packet for the guest. Counters (all prefixed tcp_)
+    are in `counters`; per-flow byte and retransmit counts come from flow_stats().
+    """
+
+    def __init__(self, loop, send_ip: Callable[[bytes], None], policy, config):
+        self.loop = loop
+        self.send_ip = send_ip
+        self.policy = policy
+        self.config = config
+        self.mss = config.mtu - IPV4_TCP_OVERHEAD  # RFC 9293 §3.7.1: MSS excludes both headers
+        self.guest_ip = socket.inet_aton(config.guest_ip)
+        self.gateway_ip = socket.inet_aton(config.gateway_ip)
+        self.flows: dict[tuple, _Flow] = {}
+        self.listeners: dict[int, tuple[socket.socket, int]] = {}
+        self.counters: dict[str, int] = {}
+        self._pkt = bytearray(PACKET_BUF)
+        self._peek = bytearray(PEEK_BUF)
+        self._peek_mv = memoryview(self._peek)
+        self._discard = bytearray(DISCARD_BUF)
+        self._ip_id = 0
+        self._next_port = EPHEMERAL_LO
+        self.peek_off_supported: bool | None = None
+        rate = config.max_conn_rate
+        self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
+        self._token_time = loop.time()
+        self.flow_kw = {}  # extra TcpFlow keywords (tests shorten timers)
+        self._ack_queue: list[_Flow] = []
+
+    # ---- bookkeeping --------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def flow_count(self) -> int:
+        return len(self.flows)
+
+    def flow_stats(self) -> list[dict]:
+        """Per-flow counters: addresses, state, bytes each way, retransmissions."""
+        return [{
+            "guest": (socket.inet_ntoa(f.key[0]), f.key[1]),
+            "remote": (socket.inet_ntoa(f.key[2]), f.key[3]),
+            "state": f.core.state.value,
+            "bytes_up": f.bytes_up,
+            "bytes_down": f.bytes_down,
+            "retransmits": f.core.retransmits,
+        } for f in self.flows.values()]
+
+    # ---- guest side ---------------------------------------------------------------------
+
+    def guest_segment(self, src_ip: bytes, dst_ip: bytes, tcp: memoryview) -> None:
+        """A TCP segment from the guest (IPv4 header already validated by the engine)."""
+        if tcp_checksum(src_ip, dst_ip, tcp) != 0:
+            self._count("tcp_bad_checksum")
+            return
+        try:
+            seg = parse_segment(tcp)
+        except SegmentError:
+            self._count("tcp_malformed")
+            return
+        src_ip = bytes(src_ip)
+        dst_ip = bytes(dst_ip)
+        key = (src_ip, seg.src_port, dst_ip, seg.dst_port)
+        f = self.flows.get(key)
+        now = self.loop.time()
+        if f is not None and f.core.state is TcpState.TIME_WAIT and \
+                seg.flags & (SYN | ACK | RST) == SYN and seq_gt(seg.seq, f.core.rcv_nxt):
+            # RFC 9293 §3.10.7.4 TIME-WAIT: a new SYN above the old sequence space reopens.
+            self._close(f, rst=False)
+            f = None
+        if f is None:
+            if seg.flags & (SYN | ACK | RST | FIN) == SYN:
+                self._open(key, seg, now)
+            else:
+                self._reset_unknown(seg, src_ip, dst_ip)
+            return
+        self._refresh_window(f, now)
+        acts = f.core.guest_segment(seg, now, f.cb)
+        if f.core.rcv_wnd < 2 * self.mss and f.sock is not None and not f.core.fin_received:
+            # We are (nearly) closing the guest's window: have EPOLLOUT tell us once the
+            # host socket drains, for a window update (one-shot, re-armed by guest traffic).
+            f.want_out = True
+        self._apply(f, acts, now)
+        if self.flows.get(f.key) is f and not f.events & EPOLLIN:
+            # An ACK or window update may let more host data go out; the socket is not
+            # being polled while data is in flight, so pump from here.
+            self._pump(f, now)
+        self._settle(f, now)
+
+    def _reset_unknown(self, seg: Segment, guest_ip: bytes, remote_ip: bytes) -> None:
+        rst = reset_for(seg)
+        if rst is None:
+            return
+        self._count("tcp_rst_unknown_flow")
+        self._send(remote_ip, guest_ip, rst)
+
+    def _refuse(self, seg: Segment, guest_ip: bytes, remote_ip: bytes, counter: str) -> None:
+        self._count(counter)
+        self._send(remote_ip, guest_ip, reset_for(seg))
+
+    def _rate_ok(self, now: float) -> bool:
+        rate = self.config.max_conn_rate
+        if rate is None:
+            return True
+        burst = max(1.0, float(rate))
+        self._tokens = min(burst, self._tokens + (now - self._token_time) * rate)
+        self._token_time = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def _open(self, key, seg: Segment, now: float) -> None:
+        guest_ip, _gport, remote_ip, dport = key
+        if len(self.flows) >= self.config.max_flows:
+            self._refuse(seg, guest_ip, remote_ip, "tcp_flow_limit")
+            return
+        if not self._rate_ok(now):
+            self._refuse(seg, guest_ip, remote_ip, "tcp_rate_limited")
+            return
+        host_ip, host_port = self._translate(socket.inet_ntoa(remote_ip), dport)
+        if not self.policy.allows("tcp", host_ip, host_port):
+            self._refuse(seg, guest_ip, remote_ip, "tcp_denied")
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            self._prepare(sock)
+            err = sock.connect_ex((host_ip, host_port))
+        except OSError as e:
+            err = e.errno or errno.EINVAL
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._refuse(seg, guest_ip, remote_ip, "tcp_connect_failed")
+            return
+        core = TcpFlow.accept(seg, self._iss(), now, mss=self.mss, wscale=WSCALE,
+                              **self.flow_kw)
+        f = self._register(key, core, sock, guest_ip, remote_ip)
+        self._count("tcp_flows_opened")
+        if err == 0:
+            self._connected(f, now)
+        else:
+            f.connecting = True
+        self._settle(f, now)
+
+    def _translate(self, ip: str, port: int) -> tuple[str, int]:
+        tr = getattr(self.config, "translate_addr", None)
+        if tr is not None:
+            return tr(ip, port)  # also redirects DNS over TCP to the upstream resolver
+        return self.config.translate(ip), port
+
+    def _prepare(self, sock: socket.socket) -> None:
+        # Segments from the guest are already sized by its own Nagle/cork logic.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HOST_SNDBUF)
+        if self.peek_off_supported is not False:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+                self.peek_off_supported = True
+            except OSError:
+                log.info("no SO_PEEK_OFF for TCP on this kernel: peeking from offset 0")
+                self.peek_off_supported = False
+
+    def _iss(self) -> int:
+        # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers.
+        return int.from_bytes(os.urandom(4), "little")
+
+    def _register(self, key, core: TcpFlow, sock: socket.socket, guest_ip: bytes,
+                  remote_ip: bytes) -> _Flow:
+        f = _Flow(key, core, sock, guest_ip, remote_ip)
+        f.cb = self._writer(f)
+        self.flows[key] = f
+        return f
+
+    # ---- host socket events -------------------------------------------------------------
+
+    def _events(self, f: _Flow) -> Callable[[int], None]:
+        def on_event(revents: int) -> None:
+            self._on_event(f, revents)
+        return on_event
+
+    def _on_event(self, f: _Flow, revents: int) -> None:
+        if f.sock is None or self.flows.get(f.key) is not f:
+            return
+        now = self.loop.time()
+        if f.connecting:
+            err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._count("tcp_connect_failed")
+                self._apply(f, f.core.host_refused(), now)
+                return
+            self._connected(f, now)
+            self._settle(f, now)
+            return
+        if revents & EPOLLERR:
+            err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._count("tcp_host_reset")
+                self._apply(f, f.core.host_reset(), now)
+                return
+        if revents & EPOLLOUT and f.want_out:
+            f.want_out = False
+            self._refresh_window(f, now, force=True)
+            self._apply(f, f.core.window_update(now), now)
+        if f.sock is not None and self.flows.get(f.key) is f:
+            self._pump(f, now)
+            self._settle(f, now)
+
+    def _connected(self, f: _Flow, now: float) -> None:
+        f.connecting = False
+        self._refresh_window(f, now, force=True)
+        self._apply(f, f.core.host_connected(now), now)
+
+    def _writer(self, f: _Flow) -> Callable[[memoryview], int]:
+        def write(data: memoryview) -> int:
+            sock = f.sock
+            if sock is None:
+                return -1
+            try:
+                n = sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._count("tcp_host_reset")
+                return -1
+            if n < len(data):
+                # Full host socket: ACK only what went in, advertise a closed window and
+                # wait for EPOLLOUT to reopen it.
+                self._count("tcp_host_eagain")
+                f.want_out = True
+                f.core.rcv_wnd = 0
+            f.written += n
+            f.bytes_up += n
+            self._count("tcp_bytes_to_host", n)
+            return n
+        return write
+
+    def _refresh_window(self, f: _Flow, now: float, force: bool = False) -> None:
+        sock = f.sock
+        if sock is None:
+            f.core.rcv_wnd = 0
+            return
+        if force or now - f.win_time >= WINDOW_CACHE_S:
+            try:
+                info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO,
+                                                       _MEMINFO.size))
+                free = info[SK_MEMINFO_SNDBUF] - info[SK_MEMINFO_WMEM_QUEUED]
+            except (OSError, struct.error):
+                free = 0
+            # The send queue is charged skb truesize, not payload (socket(7) doubles
+            # SO_SNDBUF for the same reason): count half of the free space as payload.
+            f.win_base = free // 2
+            f.win_time = now
+            f.written = 0
+        if f.want_out:
+            f.core.rcv_wnd = 0  # blocked on a full socket until EPOLLOUT says otherwise
+            return
+        f.core.rcv_wnd = max(0, min(f.win_base - f.written, MAX_WINDOW))
+
+    def _pump(self, f: _Flow, now: float) -> None:
+        """Send host data the guest's window has room for (peek, never consume)."""
+        core = f.core
+        sock = f.sock
+        if sock is None or f.connecting:
+            return
+        # After the host's EOF only retransmissions remain (send_budget stops at our FIN).
+        fallback = not self.peek_off_supported
+        sent = 0
+        while sent < PUMP_CAP and self.flows.get(f.key) is f:
+            budget = core.send_budget()
+            if budget <= 0:
+                return
+            inflight = core.in_flight()
+            try:
+                if fallback:
+                    budget = min(budget, PEEK_BUF - inflight)
+                    if budget <= 0:
+                        return
+                    got = sock.recv_into(self._peek, inflight + budget, socket.MSG_PEEK)
+                    if got == 0 and inflight == 0:
+                        if not f.host_eof:
+                            self._host_eof(f, now)
+                        return
+                    if got <= inflight:
+                        return  # nothing new; EOF (if any) is seen once all is acked
+                    data = self._peek_mv[inflight:got]
+                else:
+                    if f.peek_off != inflight:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, inflight)
+                        f.peek_off = inflight
+                    got = sock.recv_into(self._peek, min(budget, PEEK_BUF), socket.MSG_PEEK)
+                    if got == 0:
+                        if not f.host_eof:
+                            self._host_eof(f, now)
+                        return
+                    f.peek_off += got
+                    data = self._peek_mv[:got]
+            except BlockingIOError:
+                return
+            except OSError:
+                self._count("tcp_host_reset")
+                self._apply(f, core.host_reset(), now)
+                return
+            n = len(data)
+            f.bytes_down += n
+            self._count("tcp_bytes_to_guest", n)
+            self._apply(f, core.send_data(data, now), now)
+            sent += n
+        if self.flows.get(f.key) is f and core.send_budget() > 0 and not f.pump_scheduled:
+            # Yield to other flows; carry on at the next loop turn.
+            f.pump_scheduled = True
+            self.loop.call_soon(lambda: self._deferred_pump(f))
+
+    def _deferred_pump(self, f: _Flow) -> None:
+        f.pump_scheduled = False
+        if self.flows.get(f.key) is f:
+            now = self.loop.time()
+            self._pump(f, now)
+            self._settle(f, now)
+
+    def _host_eof(self, f: _Flow, now: float) -> None:
+        f.host_eof = True
+        self._apply(f, f.core.host_eof(now), now)
+
+    def _consume(self, f: _Flow, n: int) -> None:
+        sock = f.sock
+        if sock is None:
+            return
+        left = n
+        while left > 0:
+            try:
+                got = sock.recv_into(self._discard, min(left, DISCARD_BUF), socket.MSG_TRUNC)
+            except OSError:
+                break
+            if got <= 0:
+                break
+            left -= got
+        # socket(7): a non-peeking read moves the peek offset back by what it removed.
+        f.peek_off = max(0, f.peek_off - (n - left))
+
+    # ---- actions, timers, interest ------------------------------------------------------
+
+    def _apply(self, f: _Flow, acts, now: float) -> None:
+        for kind, value in acts:
+            if kind is Act.SEND:
+                if (value.flags == ACK and not value.payload and value.ack != f.last_ack
+                        and value.seq == f.core.snd_nxt):
+                    # An ACK for new guest data: one per flow per loop turn is enough (the
+                    # TAP hands over a batch of frames per wakeup). Duplicate ACKs, probes
+                    # and everything else go out at once.
+                    if not f.ack_pending:
+                        f.ack_pending = True
+                        if not self._ack_queue:
+                            self.loop.call_soon(self._flush_acks)
+                        self._ack_queue.append(f)
+                    continue
+                self._send_flow(f, value)
+            elif kind is Act.CONSUME:
+                self._consume(f, value)
+            elif kind is Act.REWIND:
+                self._count("tcp_retransmits")
+                if not f.pump_scheduled:
+                    f.pump_scheduled = True
+                    self.loop.call_soon(lambda: self._deferred_pump(f))
+            elif kind is Act.SHUT_WR:
+                if f.sock is not None:
+                    try:
+                        f.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+            elif kind is Act.ABORT:
+                self._close(f, rst=True)
+                return
+            elif kind is Act.CLOSE:
+                self._close(f, rst=False)
+                return
+
+    def _send_flow(self, f: _Flow, seg: Segment) -> None:
+        if seg.flags & ACK:
+            f.last_ack = seg.ack
+        self._send(f.remote_ip, f.guest_ip, seg)
+
+    def _flush_acks(self) -> None:
+        queue, self._ack_queue = self._ack_queue, []
+        for f in queue:
+            if not f.ack_pending:
+                continue
+            f.ack_pending = False
+            if self.flows.get(f.key) is not f or f.core.closed:
+                continue
+            if f.last_ack != f.core.rcv_nxt:  # not already carried by a later segment
+                self._send_flow(f, f.core.ack_segment())
+
+    def _send(self, src_ip: bytes, dst_ip: bytes, seg: Segment) -> None:
+        self._ip_id = (self._ip_id + 1) & 0xFFFF
+        opts = seg.options() if seg.flags & SYN else b""
+        n = build_ipv4_tcp(self._pkt, src_ip, dst_ip, self._ip_id, seg.src_port, seg.dst_port,
+                           seg.seq, seg.ack, seg.flags, seg.window, opts, seg.payload)
+        if seg.flags & RST:
+            self._count("tcp_rst_sent")
+        self.send_ip(bytes(self._pkt[:n]))
+
+    def _settle(self, f: _Flow, now: float) -> None:
+        """After any event: release a finished socket, re-arm the timer and epoll interest."""
+        if self.flows.get(f.key) is not f:
+            return
+        core = f.core
+        if core.state is TcpState.TIME_WAIT and f.sock is not None:
+            # Both FINs are done; TIME-WAIT only needs the TCB to re-ACK a FIN.
+            self._drop_socket(f, rst=False)
+        self._schedule(f)
+        self._interest(f)
+
+    def _schedule(self, f: _Flow) -> None:
+        d = f.core.deadline
+        if d is None:
+            if f.timer is not None:
+                f.timer.cancel()
+                f.timer = None
+            return
+        if f.timer is not None:
+            if f.timer_when <= d:
+                return  # fires early at worst; on_timer re-arms for the real deadline
+            f.timer.cancel()
+        f.timer_when = d
+        f.timer = self.loop.call_at(d, lambda: self._on_timer(f))
+
+    def _on_timer(self, f: _Flow) -> None:
+        f.timer = None
+        if self.flows.get(f.key) is not f:
+            return
+        now = self.loop.time()
+        acts = f.core.on_timer(now)
+        for kind, _ in acts:
+            if kind is Act.SEND:
+                self._count("tcp_timer_sends")
+        self._apply(f, acts, now)
+        self._settle(f, now)
+
+    def _interest(self, f: _Flow) -> None:
+        if f.sock is None:
+            return
+        core = f.core
+        if f.connecting:
+            want = EPOLLOUT
+        else:
+            want = 0
+            if (not f.host_eof and core.fin_seq is None and core.in_flight() == 0
+                    and core.send_budget() > 0):
+                want |= EPOLLIN
+            if f.want_out:
+                want |= EPOLLOUT
+        if want == f.events:
+            return
+        if want:
+            self.loop.watch(f.fd, want, self._events(f))
+        else:
+            # Even an empty interest set reports EPOLLHUP; unregister instead.
+            self.loop.unwatch(f.fd)
+        f.events = want
+
+    def _drop_socket(self, f: _Flow, rst: bool) -> None:
+        sock = f.sock
+        if sock is None:
+            return
+        if f.events:
+            self.loop.unwatch(f.fd)
+            f.events = 0
+        if rst:
+            try:
+                # socket(7) SO_LINGER with a zero timeout: close() sends RST.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        sock.close()
+        f.sock = None
+
+    def _close(self, f: _Flow, rst: bool) -> None:
+        self._drop_socket(f, rst)
+        if f.timer is not None:
+            f.timer.cancel()
+            f.timer = None
+        if self.flows.get(f.key) is f:
+            del self.flows[f.key]
+            self._count("tcp_flows_closed")
+            self._count("tcp_retransmits_total", f.core.retransmits)
+
+    # ---- port forwards ------------------------------------------------------------------
+
+    def add_forward(self, host_addr: str, host_port: int, guest_port: int) -> None:
+        """Listen on host_addr:host_port; each accepted connection opens a flow to the guest's
+        guest_port (we send the SYN from the gateway address)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host_addr, host_port))
+            sock.listen(socket.SOMAXCONN)
+        except OSError as e:
+            sock.close()
+            raise VoidboxError(f"cannot forward tcp {host_addr}:{host_port}: {e.strerror}") \
+                from None
+        fd = sock.fileno()
+        self.listeners[fd] = (sock, guest_port)
+        self.loop.watch(fd, EPOLLIN, lambda _ev: self._accept(fd))
+
+    def listener_addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname() for s, _ in self.listeners.values()]
+
+    def _ephemeral_port(self, guest_port: int) -> int | None:
+        span = EPHEMERAL_HI - EPHEMERAL_LO + 1
+        for _ in range(span):
+            port = self._next_port
+            self._next_port = EPHEMERAL_LO + (port - EPHEMERAL_LO + 1) % span
+            if (self.guest_ip, guest_port, self.gateway_ip, port) not in self.flows:
+                return port
+        return None
+
+    def _accept(self, fd: int) -> None:
+        entry = self.listeners.get(fd)
+        if entry is None:
+            return
+        lsock, guest_port = entry
+        now = self.loop.time()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._count("tcp_accept_failed")
+                return
+            conn.setblocking(False)
+            port = self._ephemeral_port(guest_port)
+            if len(self.flows) >= self.config.max_flows or port is None:
+                self._count("tcp_flow_limit")
+                self._abort_socket(conn)
+                continue
+            if not self._rate_ok(now):
+                self._count("tcp_rate_limited")
+                self._abort_socket(conn)
+                continue
+            self._prepare(conn)
+            key = (self.guest_ip, guest_port, self.gateway_ip, port)
+            core, acts = TcpFlow.connect(port, guest_port, self._iss(), now, mss=self.mss,
+                                         wscale=WSCALE, **self.flow_kw)
+            f = self._register(key, core, conn, self.guest_ip, self.gateway_ip)
+            f.forwarded = True
+            self._count("tcp_flows_opened")
+            self._count("tcp_forward_accepted")
+            self._refresh_window(f, now, force=True)
+            self._apply(f, acts, now)
+            self._settle(f, now)
+
+    @staticmethod
+    def _abort_socket(sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+
+    # ---- shutdown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Reset every flow (host side and guest side) and close the listeners."""
+        for f in list(self.flows.values()):
+            if f.core.state not in (TcpState.TIME_WAIT, TcpState.CLOSED):
+                self._apply(f, f.core.host_reset(), self.loop.time())
+            self._close(f, rst=True)
+        for fd, (sock, _port) in list(self.listeners.items()):
+            self.loop.unwatch(fd)
+            sock.close()
+        self.listeners.clear()
+
+
+__all__ = ["TcpNat"]
