@@ -421,7 +421,6 @@ def http_server(tmp_path):
 
 
 def test_curl_through_the_gateway(tmp_path, http_server):
-    pytest.importorskip("voidbox.net.tcp_nat")
     www, port = http_server
     payload = os.urandom(2 * 1024 * 1024)
     (www / "blob").write_bytes(payload)
@@ -433,7 +432,6 @@ def test_curl_through_the_gateway(tmp_path, http_server):
 
 
 def test_tcp_to_a_denied_destination_is_refused(http_server):
-    pytest.importorskip("voidbox.net.tcp_nat")
     _www, port = http_server
     rc, _ = run(["curl", "-sf", "--max-time", "20", f"http://10.0.2.2:{port}/"],
                 policy=Policy(deny=[f"127.0.0.1:{port}"]))
@@ -441,7 +439,6 @@ def test_tcp_to_a_denied_destination_is_refused(http_server):
 
 
 def test_tcp_port_forward(tmp_path):
-    pytest.importorskip("voidbox.net.tcp_nat")
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     host_port = probe.getsockname()[1]

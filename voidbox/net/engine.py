@@ -105,6 +105,9 @@ class Engine:
             n += self.tcp.flow_count()
         return n
 
+    def active_tcp_flows(self) -> int:
+        return self.tcp.active_flow_count() if self.tcp is not None else 0
+
     # ------------------------------------------------------------ to the guest
 
     def send_ip(self, packet: bytes) -> None:

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 from voidbox.errors import UsageError, VoidboxError
 from voidbox.net import netns
@@ -153,6 +154,7 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         old_handlers = _forward_signals(pid)
         sock.send(MSG_GO)
         loop.run()
+        _drain(loop, engine, tap)
         _, status = os.waitpid(pid, 0)
         pid = 0
         code = os.waitstatus_to_exitcode(status)
@@ -182,6 +184,26 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         os.close(pidfd)
         if tap_fd is not None:
             os.close(tap_fd)
+
+
+# After the command exits, the kernel in its namespace may still be sending what it wrote
+# just before (its orphaned sockets keep the namespace alive): keep relaying while TCP flows
+# are open and frames still move, for at most DRAIN_MAX seconds.
+DRAIN_MAX = 5.0
+DRAIN_QUIET = 1.0
+
+
+def _drain(loop: EventLoop, engine: Engine, tap: TapIO) -> None:
+    start = quiet_since = time.monotonic()
+    last = None
+    while engine.active_tcp_flows():
+        now = time.monotonic()
+        activity = (tap.counters["tap_rx"], tap.counters["tap_tx"])
+        if activity != last:
+            last, quiet_since = activity, now
+        if now - quiet_since > DRAIN_QUIET or now - start > DRAIN_MAX:
+            break
+        loop.run_once(0.05)
 
 
 def _forward_signals(pid: int) -> dict:

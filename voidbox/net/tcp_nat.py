@@ -150,6 +150,11 @@ class TcpNat:
     def flow_count(self) -> int:
         return len(self.flows)
 
+    def active_flow_count(self) -> int:
+        """Flows that may still carry data (not in TIME-WAIT or closed)."""
+        done = (TcpState.TIME_WAIT, TcpState.CLOSED)
+        return sum(1 for f in self.flows.values() if f.core.state not in done)
+
     def flow_stats(self) -> list[dict]:
         """Per-flow counters: addresses, state, bytes each way, retransmissions."""
         return [{
