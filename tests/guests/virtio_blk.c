@@ -290,5 +290,9 @@ void guest_main(void)
     serial_puts(" vring=");
     serial_puthex((uint64_t)vring_irq_count, 2);
     serial_puts("\nvirtio-blk done\n");
+#ifdef VIRTIO_BLK_SPIN_AT_END
+    for (;;)
+        __asm__ volatile("pause");
+#endif
     acpi_poweroff();
 }

@@ -7,6 +7,7 @@ QueueNotify register) and completions through the irqfd on GSI 5. The serial log
 attached to every failure.
 """
 
+import signal
 import subprocess
 import sys
 
@@ -160,3 +161,21 @@ def test_cli_refuses_an_image_another_writer_holds(kernel, image):
     last = result.stderr.strip().splitlines()[-1]
     assert "in use" in last and "Traceback" not in result.stderr, result.stderr
     assert sector(image, WRITE_SECTOR) == bytes(SECTOR_SIZE)
+
+
+def test_flushed_writes_survive_sigterm(tmp_path, image):
+    spin = str(build_guest("virtio_blk_spin", tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voidbox", "boot", "--kernel", spin, "--mem", "64M", "--timeout", "60",
+         str(image)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    seen = b""
+    for line in proc.stdout:
+        seen += line
+        if b"virtio-blk done" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143, proc.stderr.read().decode()
+    assert b"flush status=00" in seen, seen.decode(errors="replace")
+    assert sector(image, 1) == guest_write_pattern()
