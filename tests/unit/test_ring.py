@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import voidbox._ring_py as pure
+from tests.twins import load_ring
 from voidbox.layout import MMIO_GAP_END, MMIO_GAP_START, MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import (
@@ -34,14 +35,7 @@ MEM_SIZE = 64 * MiB
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 
 
-def load_impl(name):
-    if name == "pure":
-        return pure
-    try:
-        import voidbox._ring as compiled
-    except ImportError:
-        pytest.skip("voidbox._ring is not built: VOIDBOX_ONLY=_ring python setup.py build_ext --inplace")
-    return compiled
+load_impl = load_ring
 
 
 @pytest.fixture(params=["cython", "pure"])

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import voidbox._ring_py as pure
+from tests.twins import load_ring
 from voidbox.layout import MIN_MEM, MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import QueueError, used_ring_size
@@ -73,12 +74,9 @@ def scenarios(draw):
     }
 
 
+
 def load_compiled():
-    try:
-        import voidbox._ring as compiled
-    except ImportError:
-        pytest.skip("voidbox._ring is not built: VOIDBOX_ONLY=_ring python setup.py build_ext --inplace")
-    return compiled
+    return load_ring("cython")
 
 
 def play(impl, mem, sc, changed):

@@ -15,6 +15,7 @@ import pytest
 
 import voidbox._ring_py as pure
 import voidbox.virtio.blk as blk
+from tests.twins import load_ring
 from voidbox.errors import UsageError
 from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
@@ -54,14 +55,7 @@ HUGE_BUFFER = 16 * MiB  # three of these claim more than MAX_REQUEST_BYTES
 SPARSE_IMAGE_SIZE = 1 << 30
 
 
-def load_impl(name):
-    if name == "pure":
-        return pure
-    try:
-        import voidbox._ring as compiled
-    except ImportError:
-        pytest.skip("voidbox._ring is not built: VOIDBOX_ONLY=_ring python setup.py build_ext --inplace")
-    return compiled
+load_impl = load_ring
 
 
 @pytest.fixture(params=["cython", "pure"])

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import voidbox._ring_py as pure
+from tests.twins import load_ring
 from voidbox._ring_py import (
     RING_IDX_OFFSET,
     VIRTQ_AVAIL_ELEM_SIZE,
@@ -151,14 +152,7 @@ def sector_pattern(sector):
 IMAGE = b"".join(sector_pattern(s) for s in range(IMAGE_SECTORS))
 
 
-def load_impl(name):
-    if name == "pure":
-        return pure
-    try:
-        import voidbox._ring as compiled
-    except ImportError:
-        pytest.skip("voidbox._ring is not built: VOIDBOX_ONLY=_ring python setup.py build_ext --inplace")
-    return compiled
+load_impl = load_ring
 
 
 @pytest.fixture(params=["cython", "pure"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import voidbox._ring_py as pure
+from tests.twins import load_ring
 from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import QueueError
@@ -76,14 +77,7 @@ SECOND_RINGS = {"desc_addr": 0x50_0000, "avail_addr": 0x60_0000, "used_addr": 0x
 SECOND_DATA = 0x200_0000
 
 
-def load_impl(name):
-    if name == "pure":
-        return pure
-    try:
-        import voidbox._ring as compiled
-    except ImportError:
-        pytest.skip("voidbox._ring is not built: VOIDBOX_ONLY=_ring python setup.py build_ext --inplace")
-    return compiled
+load_impl = load_ring
 
 
 @pytest.fixture(params=["cython", "pure"])
