@@ -21,7 +21,7 @@ from voidbox.memory import GuestMemory
 
 pytestmark = pytest.mark.kvm
 
-_kvm = pytest.importorskip("voidbox._kvm")
+from voidbox import _kvm  # noqa: E402 - a missing build must fail, not skip
 
 RAM_SIZE = 0x80000  # 512 KiB of the GuestMemory is a memory slot; the rest of the space is MMIO
 RAM_CODE = 0x1000
