@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 
 KVM_DEVICE = "/dev/kvm"
@@ -39,6 +38,8 @@ SOFTWARE_KVM_NOTE = (
 
 
 def qemu_binary() -> str | None:
+    import shutil  # not on the boot path: it pulls in the compression modules
+
     return shutil.which("qemu-system-x86_64")
 
 
