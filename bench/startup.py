@@ -54,12 +54,14 @@ def summarize(name, samples):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--voidbox", help="the voidbox command to time (default: this tree's venv); "
+                        "e.g. one installed from a wheel, without the editable-install hook")
     args = parser.parse_args()
     from tests.guests.build import build_guest
 
     work = tempfile.mkdtemp(prefix="voidbox-bench-")
     guest = str(build_guest("hello", work))
-    voidbox = [os.path.join(os.path.dirname(sys.executable), "voidbox")]
+    voidbox = [args.voidbox or os.path.join(os.path.dirname(sys.executable), "voidbox")]
     if not os.path.exists(voidbox[0]):
         voidbox = [sys.executable, "-m", "voidbox"]
     # An installed wheel has its bytecode compiled; so must this tree, or every run
@@ -78,7 +80,8 @@ def main() -> int:
         for line in sample[4].splitlines():
             if "first-kvm-run" in line:
                 first_runs.append(float(line.split()[-1]) - sample[5])
-    print(f"runs: {args.runs}, python {sys.version.split()[0]}, {os.uname().release}")
+    print(f"runs: {args.runs}, python {sys.version.split()[0]}, {os.uname().release}, "
+          f"voidbox {voidbox[0]}, load {os.getloadavg()[0]:.2f}")
     summarize("voidbox boot (tiny guest)", vb)
     if first_runs:
         print(f"{'voidbox: spawn -> first KVM_RUN':<34} wall {statistics.median(first_runs) * 1000:7.1f} ms")
