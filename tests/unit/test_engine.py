@@ -76,3 +76,38 @@ def test_tcp_without_a_stack_is_counted():
     h.send(guest_ip_frame(GATEWAY, 6, b"\x00" * 20))
     assert h.out == [] and h.engine.counters["tcp_dropped_no_stack"] == 1
     h.close()
+
+
+@pytest.mark.parametrize("borrow", [False, True])
+def test_tcp_frames_are_framed_in_place(borrow):
+    """TCP builds its frames in one reused buffer (Engine.send_ip_buf): with borrow=False
+    the engine hands out copies; with borrow=True, views its caller must use at once."""
+    from voidbox.net.fastpath import tcp_checksum
+    from voidbox.net.packets import IPPROTO_TCP, parse_ethernet, parse_ipv4
+    from voidbox.net.tcp import ACK, RST, Segment, parse_segment
+    from voidbox.net.tcp_nat import TcpNat  # noqa: F401  (the engine's TCP must exist)
+
+    h = Harness()
+    got: list[bytes] = []
+    h.engine.send_frame = (lambda f: got.append(bytes(f))) if borrow else got.append
+    h.engine.borrow = borrow
+    try:
+        for port in (7, 9):
+            seg = Segment(40000 + port, port, 1000, 5000 + port, ACK, 1000)
+            buf = bytearray(20)
+            struct.pack_into("!HHIIBBHHH", buf, 0, seg.src_port, seg.dst_port, seg.seq,
+                             seg.ack, 5 << 4, seg.flags, seg.window, 0, 0)
+            struct.pack_into("!H", buf, 16, tcp_checksum(bytes([10, 0, 2, 15]), GATEWAY,
+                                                         bytes(buf)))
+            h.send(guest_ip_frame(GATEWAY, IPPROTO_TCP, bytes(buf)))
+        assert len(got) == 2  # a RST for each unknown flow, each frame its own bytes
+        for port, frame in zip((7, 9), got, strict=True):
+            assert isinstance(frame, bytes)
+            eth, payload = parse_ethernet(frame)
+            assert eth.dst == GUEST_HW and eth.src == GATEWAY_HW
+            ip, tcp = parse_ipv4(payload)
+            assert ip.src == GATEWAY and tcp_checksum(ip.src, ip.dst, tcp) == 0
+            rst = parse_segment(tcp)
+            assert rst.flags == RST and rst.seq == 5000 + port and rst.src_port == port
+    finally:
+        h.close()

@@ -17,6 +17,7 @@ Decisions a reader should know:
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
@@ -28,6 +29,7 @@ from voidbox.net.icmp import IcmpNat
 from voidbox.net.loop import EventLoop
 from voidbox.net.packets import (
     ETH_BROADCAST,
+    ETH_HLEN,
     ETH_P_ARP,
     ETH_P_IP,
     IPPROTO_ICMP,
@@ -53,14 +55,18 @@ DNS_PORT = 53
 INADDR_ANY = b"\x00" * 4
 # Ethernet multicast: the group bit is the low bit of the first octet (IEEE 802.3 §3.2.3).
 ETH_GROUP_BIT = 0x01
+_ETH_HDR = struct.Struct("!6s6sH")  # IEEE 802.3 §3.1.1: destination, source, EtherType
 
 
 class Engine:
     def __init__(self, config: NatConfig, loop: EventLoop, send_frame: Callable[[bytes], None],
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, borrow: bool = False):
+        """borrow=True promises that send_frame is done with its argument when it returns
+        (it writes or copies it): relays may then hand it a view of a reused buffer."""
         self.config = config
         self.loop = loop
         self.send_frame = send_frame
+        self.borrow = borrow
         self.policy = policy if policy is not None else Policy()
         self.counters: dict[str, int] = {}
         self.gateway_mac = parse_mac(config.gateway_mac)
@@ -86,7 +92,8 @@ class Engine:
                 raise
             log.debug("no TCP NAT (voidbox.net.tcp_nat missing): TCP is dropped")
             return None
-        return TcpNat(self.loop, self.send_ip, self.policy, self.config)
+        return TcpNat(self.loop, self.send_ip, self.policy, self.config,
+                      send_ip_buf=self.send_ip_buf)
 
     def add_forward(self, proto: str, host_addr: str, host_port: int, guest_port: int) -> None:
         if proto == "udp":
@@ -114,6 +121,14 @@ class Engine:
         """Send an IPv4 packet to the guest, framed to its learned MAC."""
         self._count("frames_to_guest")
         self.send_frame(build_ethernet(self.guest_mac, self.gateway_mac, ETH_P_IP, packet))
+
+    def send_ip_buf(self, buf: bytearray, n: int) -> None:
+        """Send the IPv4 packet buf[ETH_HLEN:ETH_HLEN + n] to the guest; the Ethernet header
+        is written into buf[:ETH_HLEN], so the frame is never copied to be framed."""
+        self._count("frames_to_guest")
+        buf[:ETH_HLEN] = _ETH_HDR.pack(self.guest_mac, self.gateway_mac, ETH_P_IP)
+        frame = memoryview(buf)[:ETH_HLEN + n]
+        self.send_frame(frame if self.borrow else bytes(frame))
 
     def _dns_reply(self, guest_port: int, payload: bytes) -> None:
         udp = build_udp(self.dns_ip, self.guest_ip, DNS_PORT, guest_port, payload)

@@ -17,6 +17,9 @@ from voidbox.errors import UsageError
 from voidbox.net.config import HOST_LOOPBACK, Forward
 
 DEFAULT_DENY = ("169.254.0.0/16",)
+# Verdicts remembered per (address, port): every new flow asks, and parsing the address
+# and walking the rules costs more than the socket set-up. Cleared when full.
+VERDICT_CACHE_MAX = 4096
 MAX_PORT = 65535
 
 
@@ -82,10 +85,20 @@ class Policy:
         rules += [parse_rule(s, allow=False) for s in deny]
         # Most specific first, so the first match decides.
         self.rules = sorted(rules, key=Rule.specificity, reverse=True)
+        self._verdicts: dict[tuple[str, int | None], bool] = {}
 
     def allows(self, proto: str, dst_ip: str, dst_port: int | None) -> bool:
         """Whether the guest may reach dst_ip[:dst_port] over proto ('tcp', 'udp', 'icmp')."""
-        ip = ipaddress.IPv4Address(dst_ip)
+        key = (dst_ip, dst_port)  # no rule looks at proto
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._decide(ipaddress.IPv4Address(dst_ip), dst_port)
+            if len(self._verdicts) >= VERDICT_CACHE_MAX:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
+
+    def _decide(self, ip: ipaddress.IPv4Address, dst_port: int | None) -> bool:
         for rule in self.rules:
             if rule.matches(ip, dst_port):
                 return rule.allow

@@ -148,8 +148,10 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         if msg != MSG_GO:
             raise VoidboxError("namespace set-up failed")
         loop = EventLoop(debug=debug)
-        engine = Engine(config, loop, lambda frame: tap.write(frame), policy)
+        # TapIO.write writes each frame at once or copies it to its backlog: borrow=True.
+        engine = Engine(config, loop, lambda frame: tap.write(frame), policy, borrow=True)
         tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame)
+        engine.send_frame = tap.write  # from now on without the lambda's extra call
         loop.watch(pidfd, select.EPOLLIN, lambda ev: loop.stop())
         old_handlers = _forward_signals(pid)
         sock.send(MSG_GO)

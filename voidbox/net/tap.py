@@ -85,15 +85,16 @@ class TapIO:
                 self.counters["tap_rx"] += 1
                 self.on_frame(frame)
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes | memoryview) -> None:
+        """Write one frame now, or queue a copy of it: the caller may reuse its buffer."""
         if self.backlog:
-            self._enqueue(frame)
+            self._enqueue(bytes(frame))
             return
         try:
             os.write(self.fd, frame)
             self.counters["tap_tx"] += 1
         except BlockingIOError:
-            self._enqueue(frame)
+            self._enqueue(bytes(frame))
         except OSError:
             self.counters["tap_tx_dropped"] += 1
 

@@ -181,12 +181,14 @@ def reset_for(seg: Segment) -> Segment | None:
     return Segment(seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len), RST | ACK, 0)
 
 
+# Tuples, not sets: `in` on a tuple matches members by identity, while a set would call
+# Enum.__hash__, a Python-level function, on every segment.
 # States in which we may still send data to the guest (before our FIN).
-_SEND_STATES = frozenset({TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT_1,
-                          TcpState.CLOSING, TcpState.LAST_ACK})
+_SEND_STATES = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT_1,
+                TcpState.CLOSING, TcpState.LAST_ACK)
 # States in which guest data is still expected (the guest has not sent FIN).
-_RECV_STATES = frozenset({TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.FIN_WAIT_1,
-                          TcpState.FIN_WAIT_2})
+_RECV_STATES = (TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.FIN_WAIT_1,
+                TcpState.FIN_WAIT_2)
 
 Actions = list[tuple[Act, object]]
 Writer = Callable[[memoryview], int]

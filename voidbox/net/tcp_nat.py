@@ -5,7 +5,8 @@ guest) plus one host socket, driven by the network thread's EventLoop. As in pas
 host kernel socket is the buffer:
 
 - Host-to-guest data is peeked at an offset (SO_PEEK_OFF, socket(7)) and consumed only when
-  the guest acknowledges it; a retransmission peeks again from the acknowledged point.
+  the guest acknowledges it (once per flow per loop turn, however many ACKs the turn
+  brought); a retransmission peeks again from the acknowledged point.
   Kernels without SO_PEEK_OFF for TCP get a fallback that peeks from 0 and skips the bytes
   in flight (in-flight data is then capped by the peek buffer).
 - Guest-to-host data is acknowledged only as far as send() accepted it; EAGAIN leaves the
@@ -17,9 +18,16 @@ host kernel socket is the buffer:
 - ACKs that only acknowledge new guest data are coalesced to one per flow per loop turn
   (call_soon: still this turn, never a timer); duplicate ACKs go out at once, since the
   guest's fast retransmit counts them.
+- Consecutive in-order data segments of one flow in one TAP batch go to the host in one
+  sendmsg(2) at the end of the loop turn (or at a PSH, which ends a guest write), before
+  that turn's ACK. Whatever the kernel refuses is taken back (rcv_nxt rewinds) before any
+  segment acknowledges it: any segment for the guest, any other guest segment and any
+  host event or timer of the flow flush the batch first.
+- A loopback connect() completes inside the call: the SYN-ACK then goes out at once.
 - A flow that cannot make progress is not polled: EPOLLIN only while nothing is in flight
-  and the guest's window is open (an ACK or window update pumps directly), EPOLLOUT only
-  while guest data is blocked on a full socket. The loop never spins on a flow.
+  and the guest's window is open (an ACK or window update pumps once the turn's frames
+  are in), EPOLLOUT only while guest data is blocked on a full socket. The loop never
+  spins on a flow.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ import struct
 from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
-from voidbox.net.fastpath import build_ipv4_tcp, seq_gt, tcp_checksum
+from voidbox.net.fastpath import build_ipv4_tcp, seq_add, seq_gt, tcp_checksum
+from voidbox.net.packets import ETH_HLEN
 from voidbox.net.tcp import (
     ACK,
     FIN,
     IPV4_TCP_OVERHEAD,
+    PSH,
     RST,
     SYN,
     Act,
@@ -74,6 +84,9 @@ HOST_SNDBUF = 2 * 1024 * 1024
 ACCEPT_BATCH = 64  # port-forward accepts per readiness event
 EPHEMERAL_LO, EPHEMERAL_HI = 32768, 60999  # source ports of forwarded connections
 PACKET_BUF = 65536
+# Guest segments gathered into one sendmsg(2): a TAP read batch is 64 frames, and the
+# iovec stays far below IOV_MAX (1024).
+TX_BATCH_MAX = 64
 
 
 class _Flow:
@@ -82,7 +95,8 @@ class _Flow:
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
-                 "forwarded", "cb", "last_ack", "ack_pending")
+                 "forwarded", "cb", "last_ack", "ack_pending", "batching", "tx_bufs",
+                 "tx_len", "queued", "unconsumed")
 
     def __init__(self, key, core: TcpFlow, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -109,6 +123,11 @@ class _Flow:
         self.cb = None
         self.last_ack: int | None = None  # ack field of the last segment sent to the guest
         self.ack_pending = False  # a coalesced ACK waits for the end of this loop turn
+        self.batching = False  # the segment being processed may have its data batched
+        self.tx_bufs: list = []  # in-order guest data accepted, sent at the end of the turn
+        self.tx_len = 0
+        self.queued = False  # in TcpNat._turn_queue
+        self.unconsumed = 0  # acknowledged bytes still at the head of the host socket
 
 
 class TcpNat:
@@ -118,9 +137,13 @@ class TcpNat:
     are in `counters`; per-flow byte and retransmit counts come from flow_stats().
     """
 
-    def __init__(self, loop, send_ip: Callable[[bytes], None], policy, config):
+    def __init__(self, loop, send_ip: Callable[[bytes], None], policy, config,
+                 send_ip_buf: Callable[[bytearray, int], None] | None = None):
+        """send_ip_buf(buf, n), if given, sends buf[ETH_HLEN:ETH_HLEN + n] and may fill
+        buf[:ETH_HLEN] (Engine.send_ip_buf): segments are then built in place, uncopied."""
         self.loop = loop
         self.send_ip = send_ip
+        self.send_ip_buf = send_ip_buf
         self.policy = policy
         self.config = config
         self.mss = config.mtu - IPV4_TCP_OVERHEAD  # RFC 9293 §3.7.1: MSS excludes both headers
@@ -129,7 +152,8 @@ class TcpNat:
         self.flows: dict[tuple, _Flow] = {}
         self.listeners: dict[int, tuple[socket.socket, int]] = {}
         self.counters: dict[str, int] = {}
-        self._pkt = bytearray(PACKET_BUF)
+        self._pkt = bytearray(ETH_HLEN + PACKET_BUF)  # room for the guest's Ethernet header
+        self._pkt_ip = memoryview(self._pkt)[ETH_HLEN:]
         self._peek = bytearray(PEEK_BUF)
         self._peek_mv = memoryview(self._peek)
         self._discard = bytearray(DISCARD_BUF)
@@ -140,7 +164,7 @@ class TcpNat:
         self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
         self._token_time = loop.time()
         self.flow_kw = {}  # extra TcpFlow keywords (tests shorten timers)
-        self._ack_queue: list[_Flow] = []
+        self._turn_queue: list[_Flow] = []  # flows with a coalesced ACK or batched data
 
     # ---- bookkeeping --------------------------------------------------------------------
 
@@ -195,16 +219,33 @@ class TcpNat:
                 self._reset_unknown(seg, src_ip, dst_ip)
             return
         self._refresh_window(f, now)
-        acts = f.core.guest_segment(seg, now, f.cb)
+        core = f.core
+        # Only plain in-order data in ESTABLISHED may be batched: then the core's only
+        # answer is a (coalesced) ACK, so nothing acknowledges the data before it is sent.
+        batch = (not seg.flags & (SYN | RST | FIN) and core.state is TcpState.ESTABLISHED
+                 and seg.seq == core.rcv_nxt and not f.want_out and f.sock is not None)
+        if f.tx_bufs and not batch:
+            self._flush_tx(f)
+        f.batching = batch
+        try:
+            acts = core.guest_segment(seg, now, f.cb)
+        finally:
+            f.batching = False
+        if f.tx_bufs and seg.flags & PSH:
+            # PSH ends one write of the guest's application (RFC 9293 §3.9.1): a request
+            # waits for its answer, so it goes now; bulk data waits for the turn's end.
+            self._flush_tx(f)
         if f.core.rcv_wnd < 2 * self.mss and f.sock is not None and not f.core.fin_received:
             # We are (nearly) closing the guest's window: have EPOLLOUT tell us once the
             # host socket drains, for a window update (one-shot, re-armed by guest traffic).
             f.want_out = True
         self._apply(f, acts, now)
-        if self.flows.get(f.key) is f and not f.events & EPOLLIN:
+        if self.flows.get(f.key) is f and not f.events & EPOLLIN and not f.pump_scheduled:
             # An ACK or window update may let more host data go out; the socket is not
-            # being polled while data is in flight, so pump from here.
-            self._pump(f, now)
+            # being polled while data is in flight, so pump from here: once, after the
+            # rest of the TAP batch (a wakeup brings dozens of ACKs), with one peek.
+            f.pump_scheduled = True
+            self.loop.call_soon(lambda: self._deferred_pump(f))
         self._settle(f, now)
 
     def _reset_unknown(self, seg: Segment, guest_ip: bytes, remote_ip: bytes) -> None:
@@ -253,6 +294,11 @@ class TcpNat:
             sock.close()
             self._refuse(seg, guest_ip, remote_ip, "tcp_connect_failed")
             return
+        if err and self._connect_done(sock):
+            # A loopback connect finishes inside connect(): answer the SYN in this turn
+            # instead of after an epoll register, a wait and a modify.
+            err = 0
+            self._count("tcp_connect_immediate")
         core = TcpFlow.accept(seg, self._iss(), now, mss=self.mss, wscale=WSCALE,
                               **self.flow_kw)
         f = self._register(key, core, sock, guest_ip, remote_ip)
@@ -262,6 +308,19 @@ class TcpNat:
         else:
             f.connecting = True
         self._settle(f, now)
+
+    @staticmethod
+    def _connect_done(sock: socket.socket) -> bool:
+        """True once a non-blocking connect has completed (the socket is ESTABLISHED).
+
+        getpeername(2) fails with ENOTCONN while the socket is still in SYN-SENT (or was
+        refused: that error is left for EPOLLOUT and SO_ERROR to report).
+        """
+        try:
+            sock.getpeername()
+        except OSError:
+            return False
+        return True
 
     def _translate(self, ip: str, port: int) -> tuple[str, int]:
         tr = getattr(self.config, "translate_addr", None)
@@ -302,6 +361,8 @@ class TcpNat:
     def _on_event(self, f: _Flow, revents: int) -> None:
         if f.sock is None or self.flows.get(f.key) is not f:
             return
+        if f.tx_bufs:
+            self._flush_tx(f)
         now = self.loop.time()
         if f.connecting:
             err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -336,6 +397,19 @@ class TcpNat:
             sock = f.sock
             if sock is None:
                 return -1
+            n = len(data)
+            if f.batching and n <= f.core.rcv_wnd and len(f.tx_bufs) < TX_BATCH_MAX:
+                # Accepted now, sent by _flush_tx before anything acknowledges it.
+                if not f.tx_bufs and not f.queued:
+                    self._queue_turn(f)
+                f.tx_bufs.append(data)
+                f.tx_len += n
+                f.written += n
+                f.bytes_up += n
+                f.core.rcv_wnd -= n
+                return n
+            if f.tx_bufs and not self._flush_tx(f):
+                return 0  # the batch was cut short: this data lies beyond the gap
             try:
                 n = sock.send(data)
             except BlockingIOError:
@@ -371,7 +445,7 @@ class TcpNat:
             # SO_SNDBUF for the same reason): count half of the free space as payload.
             f.win_base = free // 2
             f.win_time = now
-            f.written = 0
+            f.written = f.tx_len  # batched data is not in the socket yet
         if f.want_out:
             f.core.rcv_wnd = 0  # blocked on a full socket until EPOLLOUT says otherwise
             return
@@ -405,16 +479,24 @@ class TcpNat:
                         return  # nothing new; EOF (if any) is seen once all is acked
                     data = self._peek_mv[inflight:got]
                 else:
-                    if f.peek_off != inflight:
-                        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, inflight)
-                        f.peek_off = inflight
-                    got = sock.recv_into(self._peek, min(budget, PEEK_BUF), socket.MSG_PEEK)
+                    # Acknowledged bytes are dropped once per turn (_end_of_turn): until
+                    # then they sit in front of what is in flight.
+                    off = inflight + f.unconsumed
+                    if f.peek_off != off:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off)
+                        f.peek_off = off
+                    want = min(budget, PEEK_BUF)
+                    got = sock.recv_into(self._peek, want, socket.MSG_PEEK)
                     if got == 0:
                         if not f.host_eof:
                             self._host_eof(f, now)
                         return
                     f.peek_off += got
                     data = self._peek_mv[:got]
+                    if got < want:
+                        # The socket is drained: send this and stop, rather than pay for
+                        # a peek that fails with EAGAIN. The guest's next ACK pumps again.
+                        budget = 0
             except BlockingIOError:
                 return
             except OSError:
@@ -422,10 +504,14 @@ class TcpNat:
                 self._apply(f, core.host_reset(), now)
                 return
             n = len(data)
+            if f.tx_bufs:
+                self._flush_tx(f)  # these segments carry rcv_nxt: it must be final
             f.bytes_down += n
             self._count("tcp_bytes_to_guest", n)
             self._apply(f, core.send_data(data, now), now)
             sent += n
+            if budget == 0:
+                return
         if self.flows.get(f.key) is f and core.send_budget() > 0 and not f.pump_scheduled:
             # Yield to other flows; carry on at the next loop turn.
             f.pump_scheduled = True
@@ -434,6 +520,8 @@ class TcpNat:
     def _deferred_pump(self, f: _Flow) -> None:
         f.pump_scheduled = False
         if self.flows.get(f.key) is f:
+            if f.tx_bufs:
+                self._flush_tx(f)
             now = self.loop.time()
             self._pump(f, now)
             self._settle(f, now)
@@ -470,13 +558,18 @@ class TcpNat:
                     # and everything else go out at once.
                     if not f.ack_pending:
                         f.ack_pending = True
-                        if not self._ack_queue:
-                            self.loop.call_soon(self._flush_acks)
-                        self._ack_queue.append(f)
+                        if not f.queued:
+                            self._queue_turn(f)
                     continue
                 self._send_flow(f, value)
             elif kind is Act.CONSUME:
-                self._consume(f, value)
+                if self.peek_off_supported:
+                    # One recv(MSG_TRUNC) per flow per turn, not one per guest ACK.
+                    f.unconsumed += value
+                    if not f.queued:
+                        self._queue_turn(f)
+                else:
+                    self._consume(f, value)  # peeks start at 0: drop the bytes at once
             elif kind is Act.REWIND:
                 self._count("tcp_retransmits")
                 if not f.pump_scheduled:
@@ -496,13 +589,30 @@ class TcpNat:
                 return
 
     def _send_flow(self, f: _Flow, seg: Segment) -> None:
+        if f.tx_bufs and not self._flush_tx(f) and seg.flags & ACK \
+                and seq_gt(seg.ack, f.core.rcv_nxt):
+            seg.ack = f.core.rcv_nxt  # never acknowledge what the host refused
         if seg.flags & ACK:
             f.last_ack = seg.ack
         self._send(f.remote_ip, f.guest_ip, seg)
 
-    def _flush_acks(self) -> None:
-        queue, self._ack_queue = self._ack_queue, []
+    def _queue_turn(self, f: _Flow) -> None:
+        f.queued = True
+        if not self._turn_queue:
+            self.loop.call_soon(self._end_of_turn)
+        self._turn_queue.append(f)
+
+    def _end_of_turn(self) -> None:
+        """Per flow: send batched guest data to the host, drop acknowledged host bytes, then
+        one ACK to the guest (in that order)."""
+        queue, self._turn_queue = self._turn_queue, []
         for f in queue:
+            f.queued = False
+            if f.tx_bufs:
+                self._flush_tx(f)
+            if f.unconsumed:
+                n, f.unconsumed = f.unconsumed, 0
+                self._consume(f, n)
             if not f.ack_pending:
                 continue
             f.ack_pending = False
@@ -511,14 +621,67 @@ class TcpNat:
             if f.last_ack != f.core.rcv_nxt:  # not already carried by a later segment
                 self._send_flow(f, f.core.ack_segment())
 
+    def _flush_tx(self, f: _Flow) -> bool:
+        """Send the flow's batched guest data in one sendmsg(2).
+
+        Returns True if the host took all of it. Otherwise rcv_nxt goes back to the first
+        refused byte (nothing has acknowledged it yet: see guest_segment), the window
+        closes until EPOLLOUT, and the guest retransmits from there.
+        """
+        bufs, total = f.tx_bufs, f.tx_len
+        f.tx_bufs = []
+        f.tx_len = 0
+        sock = f.sock
+        broken = False
+        n = 0
+        if sock is not None:
+            try:
+                n = sock.sendmsg(bufs) if len(bufs) > 1 else sock.send(bufs[0])
+            except BlockingIOError:
+                pass
+            except OSError:
+                broken = True
+            self._count("tcp_host_sends")
+        self._count("tcp_bytes_to_host", n)
+        if n >= total:
+            return True
+        left = total - n
+        core = f.core
+        core.rcv_nxt = seq_add(core.rcv_nxt, -left)
+        core.guest_blocked = True
+        core.rcv_wnd = 0
+        f.written -= left
+        f.bytes_up -= left
+        if broken:
+            # As a failed send() in the writer does: reset both sides. Deferred, since this
+            # may run inside the flow's own segment processing.
+            self._count("tcp_host_reset")
+            self.loop.call_soon(lambda: self._host_broken(f))
+            return False
+        f.want_out = True
+        self._count("tcp_host_eagain")
+        if self.flows.get(f.key) is f:
+            self._interest(f)
+        return False
+
+    def _host_broken(self, f: _Flow) -> None:
+        if self.flows.get(f.key) is f:
+            now = self.loop.time()
+            self._apply(f, f.core.host_reset(), now)
+            self._settle(f, now)
+
     def _send(self, src_ip: bytes, dst_ip: bytes, seg: Segment) -> None:
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         opts = seg.options() if seg.flags & SYN else b""
-        n = build_ipv4_tcp(self._pkt, src_ip, dst_ip, self._ip_id, seg.src_port, seg.dst_port,
-                           seg.seq, seg.ack, seg.flags, seg.window, opts, seg.payload)
+        n = build_ipv4_tcp(self._pkt_ip, src_ip, dst_ip, self._ip_id, seg.src_port,
+                           seg.dst_port, seg.seq, seg.ack, seg.flags, seg.window, opts,
+                           seg.payload)
         if seg.flags & RST:
             self._count("tcp_rst_sent")
-        self.send_ip(bytes(self._pkt[:n]))
+        if self.send_ip_buf is not None:
+            self.send_ip_buf(self._pkt, n)
+        else:
+            self.send_ip(bytes(self._pkt_ip[:n]))
 
     def _settle(self, f: _Flow, now: float) -> None:
         """After any event: release a finished socket, re-arm the timer and epoll interest."""
@@ -549,6 +712,8 @@ class TcpNat:
         f.timer = None
         if self.flows.get(f.key) is not f:
             return
+        if f.tx_bufs:
+            self._flush_tx(f)
         now = self.loop.time()
         acts = f.core.on_timer(now)
         for kind, _ in acts:
@@ -596,6 +761,10 @@ class TcpNat:
         f.sock = None
 
     def _close(self, f: _Flow, rst: bool) -> None:
+        if f.tx_bufs and not rst:
+            self._flush_tx(f)
+        f.tx_bufs = []
+        f.tx_len = 0
         self._drop_socket(f, rst)
         if f.timer is not None:
             f.timer.cancel()

@@ -42,6 +42,7 @@ IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 UDP_MAX_DATAGRAM = 65535
 # Datagrams relayed per socket wakeup: bounded so one busy flow cannot starve the others.
 UDP_BATCH = 64
+ROUTABLE_MEMO_MAX = 4096  # destinations whose routability is remembered; cleared when full
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(_SOCK_EXTENDED_ERR.size + 16)
 
 
@@ -94,6 +95,7 @@ class UdpNat:
         self.gateway_ip = ip_to_bytes(config.gateway_ip)
         self.dns_ip = ip_to_bytes(config.dns_ip)
         self.network = config.network
+        self._routable_memo: dict[bytes, bool] = {}  # per destination: ipaddress is slow
         self.flows: dict[tuple[int, bytes, int], _Flow] = {}
         self.listeners: dict[int, socket.socket] = {}
         self._ident = 0
@@ -133,8 +135,7 @@ class UdpNat:
 
     def _open_flow(self, key, ip_packet: memoryview) -> _Flow | None:
         sport, dst_ip, dport = key
-        addr = ipaddress.IPv4Address(dst_ip)
-        if not is_unicast_destination(dst_ip) or addr in self.network and dst_ip != self.gateway_ip:
+        if not self._routable(dst_ip):
             # Broadcasts, multicast and other hosts of the guest's own subnet go nowhere.
             self._count("udp_dropped_local")
             return None
@@ -160,6 +161,17 @@ class UdpNat:
         self._install(flow)
         self._count("udp_flows_opened")
         return flow
+
+    def _routable(self, dst_ip: bytes) -> bool:
+        ok = self._routable_memo.get(dst_ip)
+        if ok is None:
+            addr = ipaddress.IPv4Address(dst_ip)
+            ok = is_unicast_destination(dst_ip) and (
+                addr not in self.network or dst_ip == self.gateway_ip)
+            if len(self._routable_memo) >= ROUTABLE_MEMO_MAX:
+                self._routable_memo.clear()
+            self._routable_memo[dst_ip] = ok
+        return ok
 
     def _install(self, flow: _Flow) -> None:
         self.flows[flow.key] = flow
