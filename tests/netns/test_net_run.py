@@ -48,6 +48,7 @@ def run(argv, config=None, dhcp=False, policy=None, check_fds=True):
     before = _fd_count()
     rc = run_in_netns(argv, config or NatConfig(), dhcp=dhcp, policy=policy, debug=True, stats=stats)
     assert stats["flows"] == 0
+    assert stats["active_tcp_flows_at_exit"] == 0  # nothing reset while still carrying data
     assert stats["watched"] == 0
     assert stats["loop_errors"] == 0
     if check_fds:

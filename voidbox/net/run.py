@@ -171,10 +171,16 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
             except (ProcessLookupError, ChildProcessError):
                 pass
         if engine is not None:
+            if stats is not None:
+                # Flows still carrying data when the command's namespace went away: the
+                # drain above should leave none.
+                stats["active_tcp_flows_at_exit"] = engine.active_tcp_flows()
             engine.close()
             if stats is not None:
                 stats["counters"] = dict(engine.counters)
-                stats["flows"] = engine.flow_count()
+                if engine.tcp is not None:
+                    stats["counters"].update(engine.tcp.counters)
+                stats["flows"] = engine.flow_count()  # after close: everything released
         if tap is not None:
             tap.close()
         if loop is not None:
