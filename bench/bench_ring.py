@@ -10,9 +10,9 @@ compiled Python-level API and the pure-Python twin run in the same session, as d
 import struct
 
 import pytest
-from virtio_driver import DATA_ADDR, Driver
 
 import voidbox._ring_py as pure
+from tests.virtio_driver import DATA_ADDR, Driver
 from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE

@@ -8,7 +8,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the driver mock
+sys.path.insert(0, str(ROOT))  # tests.virtio_driver, the driver mock
 
 
 def build_ring_bench(build_dir: Path = BENCH / "build"):

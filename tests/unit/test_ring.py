@@ -5,13 +5,13 @@ follow the virtqueue section of NET-LESSONS.md line by line.
 """
 
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
 import voidbox._ring_py as pure
 from tests.twins import load_ring
+from tests.virtio_driver import DATA_ADDR, Driver
 from voidbox.layout import MMIO_GAP_END, MMIO_GAP_START, MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import (
@@ -26,9 +26,6 @@ from voidbox.ring import (
     avail_ring_size,
     used_ring_size,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the driver mock
-from virtio_driver import DATA_ADDR, Driver  # noqa: E402
 
 U64_MAX = (1 << 64) - 1
 MEM_SIZE = 64 * MiB

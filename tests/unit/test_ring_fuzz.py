@@ -8,8 +8,6 @@ of returned chains and the used ring; both twins give identical results.
 """
 
 import struct
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +16,10 @@ from hypothesis import strategies as st
 
 import voidbox._ring_py as pure
 from tests.twins import load_ring
+from tests.virtio_driver import Driver
 from voidbox.layout import MIN_MEM, MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import QueueError, used_ring_size
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the driver mock
-from virtio_driver import Driver  # noqa: E402
 
 MEM = MIN_MEM  # hostile rings: every byte is compared after each example
 VALID_MEM = 32 * MiB  # the driver mock puts its buffers at 16 MiB

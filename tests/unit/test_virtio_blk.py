@@ -8,14 +8,13 @@ is the last writable byte of the chain.
 
 import errno
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 import voidbox._ring_py as pure
 import voidbox.virtio.blk as blk
 from tests.twins import load_ring
+from tests.virtio_driver import Driver
 from voidbox.errors import UsageError
 from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
@@ -42,9 +41,6 @@ from voidbox.virtio.blk import (
     VirtioBlk,
 )
 from voidbox.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the driver mock
-from virtio_driver import Driver  # noqa: E402
 
 MEM_SIZE = 64 * MiB
 IMAGE_SECTORS = 64

@@ -25,7 +25,6 @@ register accesses of every width, and explicit cases from NET-LESSONS' virtqueue
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from hypothesis import strategies as st
 
 import voidbox._ring_py as pure
 from tests.twins import load_ring
+from tests.virtio_driver import Driver
 from voidbox._ring_py import (
     RING_IDX_OFFSET,
     VIRTQ_AVAIL_ELEM_SIZE,
@@ -106,9 +106,6 @@ from voidbox.virtio.mmio import (
     VIRTIO_MMIO_STATUS,
     VirtioMmioTransport,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the driver mock
-from virtio_driver import Driver  # noqa: E402
 
 MEM = MIN_MEM  # every byte is compared after each example: the smallest RAM allowed
 SENTINEL = 0xA5

@@ -5,14 +5,13 @@ offsets, as §4.2.2.2 requires) and the driver-side ring mock in tests/virtio_dr
 Every test that builds a ring runs against both twins (compiled `_ring`, pure `_ring_py`).
 """
 
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 import voidbox._ring_py as pure
 from tests.twins import load_ring
+from tests.virtio_driver import Driver
 from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import QueueError
@@ -59,9 +58,6 @@ from voidbox.virtio.mmio import (
     VIRTIO_MMIO_VERSION,
     VirtioMmioTransport,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the driver mock
-from virtio_driver import Driver  # noqa: E402
 
 MEM_SIZE = 64 * MiB
 U32 = 0xFFFFFFFF
