@@ -5,22 +5,17 @@ Exit statuses are those of voidbox.errors.ExitStatus; every error is one line on
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 
 import click
 
-from .errors import ExitStatus, UsageError, VoidboxError
-
-
-def _fail(error: VoidboxError) -> None:
-    click.echo(f"voidbox: error: {error}", err=True)
-    sys.exit(int(error.exit_status))
+from .errors import ExitStatus, VoidboxError
+from .launch import BOOT_OPTIONS, boot_command, fail
 
 
 def main(argv=None) -> None:
-    """Entry point: every error, click's usage errors included, is one line on stderr."""
+    """The click CLI (launch.main is the entry point): every error, click's usage errors
+    included, is one line on stderr."""
     try:
         status = cli.main(args=argv, prog_name="voidbox", standalone_mode=False)
     except click.UsageError as error:
@@ -31,7 +26,7 @@ def main(argv=None) -> None:
         click.echo(f"voidbox: error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
     except VoidboxError as error:
-        _fail(error)
+        fail(error)
     except (KeyboardInterrupt, click.Abort):
         click.echo("voidbox: interrupted", err=True)
         sys.exit(int(ExitStatus.SIGINT))
@@ -44,80 +39,28 @@ def cli() -> None:
     """voidbox: disposable KVM micro-VMs with user-mode networking."""
 
 
+def _boot_options(command):
+    """Click options from the one table the fast path in launch.py parses too."""
+    for option in reversed(BOOT_OPTIONS):
+        if option.kind is bool:
+            command = click.option(option.flag, is_flag=True, help=option.help)(command)
+        else:
+            command = click.option(
+                option.flag, type=option.kind, default=option.default,
+                show_default=option.default not in (None, ""), help=option.help,
+            )(command)
+    return command
+
+
 @cli.command()
 @click.argument("image", required=False)
-@click.option("--kernel", help="Kernel (bzImage or ELF vmlinux).")
-@click.option("--initrd", help="Initial ramdisk.")
-@click.option("--cmdline", help="Replace the default kernel command line.")
-@click.option("--append", default="", help="Add to the kernel command line.")
-@click.option("--mem", default="512M", show_default=True, help="Guest memory (K, M, G suffixes).")
-@click.option("--cpus", default=1, show_default=True, type=int, help="Number of vCPUs.")
-@click.option("--timeout", type=float, help="Stop the VM after this many seconds (exit 3).")
-@click.option("--readonly", is_flag=True, help="Attach the disk image read-only.")
-def boot(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly) -> None:
+@_boot_options
+def boot(**params) -> None:
     """Boot a Linux guest with its console on this terminal.
 
     Without --kernel, the default guest (see `voidbox image build`) is used.
     """
-    from . import host
-    from .config import VmConfig
-
-    if kernel is None:
-        from .image import default_guest
-
-        guest = default_guest()
-        if guest is None:
-            raise UsageError("no kernel given and no default guest: run `voidbox image build` or pass --kernel")
-        kernel = str(guest.vmlinux)
-        if initrd is None:
-            initrd = str(guest.initrd)
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    config = VmConfig(
-        kernel=kernel, initrd=initrd, image=image, cmdline=cmdline, append=append, mem=mem,
-        cpus=cpus, timeout=timeout, readonly=readonly, console_output=sys.stdout,
-        interactive=interactive,
-    )
-    info = host.kvm_info()
-    if not info.usable:
-        raise VoidboxError(f"KVM is not available: {info.reason}")
-    if info.software_only:
-        click.echo(f"voidbox: note: {host.SOFTWARE_KVM_NOTE}", err=True)
-    sys.exit(int(_run_vm(config, info.software_only)))
-
-
-def _run_vm(config, software_only: bool = False) -> ExitStatus:
-    from .vm import StopReason, Vm, stderr_line
-
-    vm = Vm(config)
-
-    def on_signal(signum, _frame):
-        vm.stop(StopReason.SIGINT if signum == signal.SIGINT else StopReason.SIGTERM)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        vm.start()
-        console = None
-        if config.interactive:
-            from .console import Console
-
-            console = Console(on_input=vm.serial.enqueue_input, on_quit=lambda: vm.stop(StopReason.QUIT))
-            console.start()
-        try:
-            vm.wait()
-        finally:
-            if console is not None:
-                console.stop()
-    finally:
-        vm.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    message = vm.stop_message()
-    if software_only and vm.stop_reason is StopReason.TIMEOUT:
-        message += " (software-only KVM: the guest runs emulated and cannot finish booting here)"
-    stderr_line(message)
-    if os.environ.get("VOIDBOX_TRACE_STARTUP") and vm.first_run_at is not None:
-        stderr_line(f"trace: first-kvm-run {vm.first_run_at:.6f}")
-    return vm.stop_reason.exit_status
+    boot_command(**params)
 
 
 @cli.group()
