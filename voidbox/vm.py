@@ -119,7 +119,6 @@ class Vm:
     def _build(self) -> None:
         from ._kvm import Kvm
         from .boot.acpi import build_acpi_tables
-        from .boot.cpu_state import setup_sregs
         from .boot.loader import load_kernel
         from .devices.acpi_pm import AcpiPm
         from .devices.i8042 import I8042
@@ -173,7 +172,7 @@ class Vm:
         # Only the boot vCPU gets an entry state; the others wait in the in-kernel LAPIC
         # for the guest's INIT/SIPI.
         boot = self._vcpus[0]
-        boot.set_sregs(setup_sregs(self.memory, plan.entry_mode, boot.get_sregs()))
+        boot.set_sregs(plan.sregs_update(boot.get_sregs()))
         boot.set_regs(plan.regs)
 
     def _add_virtio_devices(self):

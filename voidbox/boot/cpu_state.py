@@ -156,14 +156,21 @@ def write_page_tables(memory) -> None:
     memory.write(PML4_ADDR, page_tables())
 
 
-def setup_sregs(memory, mode: str, sregs: Sregs) -> Sregs:
-    """Write the GDT (and, for 64-bit modes, the page tables) and return the entry Sregs.
+def write_boot_tables(memory, mode: str) -> list[int]:
+    """Write the GDT and, for the 64-bit modes, the identity page tables; return the GDT."""
+    table = write_gdt(memory, mode)
+    if mode != ENTRY_PVH:
+        write_page_tables(memory)
+    return table
+
+
+def entry_sregs(mode: str, table: list[int], sregs: Sregs) -> Sregs:
+    """The boot vCPU's entry Sregs, given the GDT `write_boot_tables` wrote.
 
     `sregs` is the vCPU's current state (KVM_GET_SREGS); a modified copy comes back,
     keeping what the entry protocol leaves alone (LDT, APIC base, CR8, pending
     interrupts). For the boot vCPU only: see the module docstring for SMP.
     """
-    table = write_gdt(memory, mode)
     out = copy.deepcopy(sregs)
     code = segment_from_descriptor(BOOT_CS, table[GDT_ENTRY_BOOT_CS])
     data = segment_from_descriptor(BOOT_DS, table[GDT_ENTRY_BOOT_DS])
@@ -180,12 +187,16 @@ def setup_sregs(memory, mode: str, sregs: Sregs) -> Sregs:
         out.cr4 = 0
         out.efer = 0
     else:
-        write_page_tables(memory)
         out.cr0 = CR0_LONG_MODE
         out.cr3 = PML4_ADDR
         out.cr4 = CR4_LONG_MODE
         out.efer = EFER_LONG_MODE
     return out
+
+
+def setup_sregs(memory, mode: str, sregs: Sregs) -> Sregs:
+    """Write the boot tables and return the entry Sregs (both steps of the above)."""
+    return entry_sregs(mode, write_boot_tables(memory, mode), sregs)
 
 
 def entry_regs(mode: str, entry: int) -> Regs:

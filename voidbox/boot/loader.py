@@ -16,7 +16,14 @@ from .. import layout
 from ..errors import GuestMemoryError, UsageError
 from ..kvm_types import Regs, Sregs
 from . import bootparams, bzimage, elf, pvh
-from .cpu_state import ENTRY_ELF64, ENTRY_LINUX64, ENTRY_PVH, entry_regs, setup_sregs
+from .cpu_state import (
+    ENTRY_ELF64,
+    ENTRY_LINUX64,
+    ENTRY_PVH,
+    entry_regs,
+    entry_sregs,
+    write_boot_tables,
+)
 from .e820 import E820Entry, build_e820
 
 PAGE_SIZE = 0x1000
@@ -217,10 +224,8 @@ def load_kernel(
     pvh.write_start_info(
         memory, cmdline_addr=layout.CMDLINE_ADDR, rsdp_addr=rsdp_addr, e820=e820, initrd=initrd
     )
-    sregs_update = functools.partial(setup_sregs, memory, mode)
-    # Write the GDT and page tables now so guest memory is complete after loading;
-    # sregs_update rewrites the same bytes.
-    sregs_update(Sregs())
+    # Guest memory is complete after loading; the entry Sregs are then a pure function.
+    sregs_update = functools.partial(entry_sregs, mode, write_boot_tables(memory, mode))
     return BootPlan(
         entry_mode=mode,
         entry=entry,
