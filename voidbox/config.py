@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UsageError
 from .layout import MIN_MEM, MiB
@@ -65,7 +65,6 @@ class VmConfig:
     console_output: object = None
     interactive: bool = False
     serial_log_limit: int = 4 * MiB
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()

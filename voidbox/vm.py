@@ -42,13 +42,16 @@ class StopReason(enum.Enum):
 
 
 class SerialLog:
-    """Everything the guest wrote to its console: kept (bounded) and forwarded."""
+    """Everything the guest wrote to its console: kept (bounded) and forwarded.
+
+    `dropped` counts the oldest bytes discarded to stay within the limit.
+    """
 
     def __init__(self, sink, limit: int):
         self._sink = sink
         self._limit = limit
         self._data = bytearray()
-        self._dropped = 0
+        self.dropped = 0
         self._cond = threading.Condition()
 
     def write(self, data: bytes) -> None:
@@ -57,7 +60,7 @@ class SerialLog:
             excess = len(self._data) - self._limit
             if excess > 0:
                 del self._data[:excess]
-                self._dropped += excess
+                self.dropped += excess
             self._cond.notify_all()
         if self._sink is not None:
             self._sink(data)  # ConsoleOutput: a reader that went away costs nothing
