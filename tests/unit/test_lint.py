@@ -6,8 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -18,16 +16,14 @@ def tool(name):
 
 def test_ruff():
     ruff = tool("ruff")
-    if ruff is None:
-        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    assert ruff, "ruff is not installed: pip install -e '.[test]'"
     result = subprocess.run([ruff, "check", "voidbox", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_cython_lint():
     linter = tool("cython-lint")
-    if linter is None:
-        pytest.skip("cython-lint is not installed (pip install -e '.[test]')")
+    assert linter, "cython-lint is not installed: pip install -e '.[test]'"
     sources = glob.glob(os.path.join(ROOT, "voidbox", "**", "*.pyx"), recursive=True)
     sources += glob.glob(os.path.join(ROOT, "voidbox", "**", "*.pxd"), recursive=True)
     assert sources, "no Cython sources found"
