@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from tests.default_guest import require_default_guest
 from voidbox.errors import ExitStatus
 
 BOOT_TIMEOUT = 60  # the `--timeout` the issue names: a bound, not a measurement
@@ -19,12 +20,7 @@ BOOT_TIMEOUT = 60  # the `--timeout` the issue names: a bound, not a measurement
 
 @pytest.fixture(scope="module")
 def guest():
-    from voidbox.image import default_guest
-
-    built = default_guest()
-    if built is None:
-        pytest.skip("the default guest is not built (run `voidbox image build`; scripts/bootstrap does)")
-    return built
+    return require_default_guest()
 
 
 def voidbox_boot(*args):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from voidbox.errors import VoidboxError
+from tests.default_guest import require_default_guest
 from voidbox.host import qemu_binary
-from voidbox.image import GuestImage, build_default_guest, default_guest, initramfs, rootfs
+from voidbox.image import GuestImage, initramfs, rootfs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -39,13 +39,7 @@ def host_tsc_khz() -> int:
 
 @pytest.fixture(scope="module")
 def guest() -> GuestImage:
-    built = default_guest()
-    if built is not None:
-        return built
-    try:
-        return build_default_guest(progress=lambda message: None)
-    except VoidboxError as exc:
-        pytest.skip(f"the default guest is not built and cannot be built here: {exc}")
+    return require_default_guest(build=True)
 
 
 def qemu_argv(kernel: Path, initrd: Path, append: str, disk: Path | None,

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from tests.default_guest import require_default_guest
 from voidbox import layout
 from voidbox.boot import acpi
 from voidbox.boot.acpi import VirtioMmioDevice, build_acpi_tables
@@ -433,14 +434,7 @@ def _isa_debug_exit_status(value: int) -> int:
 
 
 def _default_guest():
-    from voidbox.image import cache_dir, default_guest
-
-    guest = default_guest()
-    if guest is None:
-        pytest.skip(
-            f"needs the default guest kernel (run `voidbox image build`; cache {cache_dir()})"
-        )
-    return guest
+    return require_default_guest()
 
 
 def _run_qemu(tmp_path, tables, append: str, extra: list[str]) -> tuple[int, str]:
