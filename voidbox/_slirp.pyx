@@ -221,3 +221,355 @@ def build_ipv4_tcp(uint8_t[::1] out, const uint8_t[::1] src_ip, const uint8_t[::
     if n < 0:
         raise ValueError("packet does not fit")
     return n
+
+
+# ---------------------------------------------------------------------------------------
+# Frame port: a TAP fd (or any fd that keeps frame boundaries) with virtio_net_hdr framing.
+# ---------------------------------------------------------------------------------------
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport EAGAIN, EINTR, errno  # EWOULDBLOCK == EAGAIN on Linux
+from libc.stdlib cimport free, malloc
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t c_read "read"(int fd, void *buf, size_t count)
+    ssize_t c_write "write"(int fd, const void *buf, size_t count)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t recvmsg(int sockfd, msghdr *msg, int flags)
+    enum:
+        MSG_PEEK
+        MSG_DONTWAIT
+
+cdef extern from "<string.h>" nogil:
+    void *memset(void *s, int c, size_t n)
+
+cdef enum:
+    # virtio 1.2 §5.1.6 struct virtio_net_hdr (little-endian fields, as TUN uses by default).
+    VIRTIO_NET_HDR_LEN = 10
+    VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+    VIRTIO_NET_HDR_F_DATA_VALID = 2
+    VIRTIO_NET_HDR_GSO_NONE = 0
+    VIRTIO_NET_HDR_GSO_TCPV4 = 1
+    ETH_HLEN_C = 14
+    ETH_P_IP_C = 0x0800
+    TCP_CSUM_OFFSET = 16           # RFC 9293 §3.1: the checksum field's offset in the header
+    TCP_FLAG_PSH = 0x08
+    TCP_FLAG_ACK = 0x10
+    SEG_HEADROOM = ETH_HLEN_C + IPV4_HEADER_LEN + TCP_HEADER_LEN
+    # Frames per send_tcp_stream call; the caller loops for more.
+    STREAM_MAX_FRAMES = 64
+    # Largest TCP payload one IPv4 packet carries (RFC 791 total length is 16 bits).
+    MAX_SEG_PAYLOAD = IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN - TCP_HEADER_LEN
+
+cdef enum StreamStatus:
+    # send_tcp_stream: why the burst ended.
+    S_MORE = 0      # the whole budget went out; the socket may hold more
+    S_DRAINED = 1   # the socket had less than the budget (or nothing: EAGAIN)
+    S_EOF = 2       # nothing left and the peer closed its side
+    S_BLOCKED = 3   # the port refused a frame (EAGAIN): retry when it is writable
+
+STREAM_MORE = S_MORE
+STREAM_DRAINED = S_DRAINED
+STREAM_EOF = S_EOF
+STREAM_BLOCKED = S_BLOCKED
+
+
+cdef inline void put16le(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = <uint8_t>(v & 0xFF)
+    p[1] = <uint8_t>(v >> 8)
+
+
+cdef inline uint16_t get16le(const uint8_t *p) noexcept nogil:
+    return <uint16_t>(p[0] | (p[1] << 8))
+
+
+cdef class FramePort:
+    """Batched frame I/O on an fd that carries one Ethernet frame per read and write.
+
+    A TAP (Documentation/networking/tuntap.rst) or, in tests, an AF_UNIX datagram socket.
+    With vnet_hdr_len > 0 every frame is preceded by a struct virtio_net_hdr (virtio 1.2
+    §5.1.6; TUNSETVNETHDRSZ sets 10 or 12): frames that arrive with NEEDS_CSUM or DATA_VALID
+    are reported as checksum-verified (the sender offloaded the checksum), and with
+    tso=True the TCP stream sender writes GSO super-frames of up to 64 KiB that the other
+    side segments (or, for local delivery, takes whole). The system calls run without the GIL.
+    """
+
+    cdef readonly int fd
+    cdef readonly int vnet_hdr_len
+    cdef readonly bint tso
+    cdef readonly Py_ssize_t max_frame
+    cdef readonly Py_ssize_t batch
+    cdef uint8_t *rx
+    cdef Py_ssize_t rx_slot
+    cdef Py_ssize_t *rx_len
+    cdef uint8_t *tx
+    cdef Py_ssize_t tx_slot
+    cdef public unsigned long long rx_frames, rx_dropped, tx_frames, tx_eagain, tx_dropped
+    cdef public unsigned long long stream_frames, stream_bytes
+
+    def __cinit__(self, int fd, int vnet_hdr_len=0, Py_ssize_t max_frame=65550,
+                  Py_ssize_t batch=64, bint tso=False):
+        if vnet_hdr_len not in (0, 10, 12):
+            raise ValueError("vnet_hdr_len must be 0, 10 or 12")
+        if tso and not vnet_hdr_len:
+            raise ValueError("TSO needs the virtio_net_hdr")
+        if max_frame < ETH_HLEN_C or batch < 1:
+            raise ValueError("max_frame and batch must be positive")
+        self.fd = fd
+        self.vnet_hdr_len = vnet_hdr_len
+        self.tso = tso
+        self.max_frame = max_frame
+        self.batch = batch
+        self.rx_slot = vnet_hdr_len + max_frame
+        self.rx = <uint8_t *>malloc(self.rx_slot * batch)
+        self.rx_len = <Py_ssize_t *>malloc(sizeof(Py_ssize_t) * batch)
+        self.tx_slot = vnet_hdr_len + SEG_HEADROOM + MAX_SEG_PAYLOAD
+        self.tx = NULL  # allocated on the first stream send
+        if self.rx == NULL or self.rx_len == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.rx)
+        free(self.rx_len)
+        free(self.tx)
+
+    def read_batch(self):
+        """Read up to `batch` frames; return [(frame bytes, checksum_verified)].
+
+        Stops at EAGAIN, at EOF and at a read error (EIO before the interface is up); those
+        end the batch without raising. Frames shorter than the virtio header are dropped.
+        """
+        cdef Py_ssize_t n = 0
+        cdef ssize_t r
+        cdef Py_ssize_t i
+        cdef uint8_t *slot
+        cdef int hl = self.vnet_hdr_len
+        with nogil:
+            while n < self.batch:
+                r = c_read(self.fd, self.rx + n * self.rx_slot, self.rx_slot)
+                if r < 0 and errno == EINTR:
+                    continue
+                if r <= 0:
+                    break
+                self.rx_len[n] = r
+                n += 1
+        out = []
+        for i in range(n):
+            slot = self.rx + i * self.rx_slot
+            if self.rx_len[i] < hl + ETH_HLEN_C:
+                self.rx_dropped += 1
+                continue
+            verified = hl > 0 and (slot[0] & (VIRTIO_NET_HDR_F_NEEDS_CSUM
+                                              | VIRTIO_NET_HDR_F_DATA_VALID)) != 0
+            out.append((PyBytes_FromStringAndSize(<char *>slot + hl, self.rx_len[i] - hl),
+                        verified))
+        self.rx_frames += len(out)
+        return out
+
+    def write(self, const uint8_t[::1] frame):
+        """Write one frame (its checksums complete). 1: written, 0: EAGAIN, -1: error
+        (counted in tx_dropped)."""
+        cdef uint8_t hdr[12]
+        cdef iovec iov[2]
+        cdef ssize_t r
+        cdef int cnt = 0
+        cdef Py_ssize_t n = frame.shape[0]
+        if n == 0:
+            return -1
+        memset(hdr, 0, sizeof(hdr))
+        if self.vnet_hdr_len:
+            iov[0].iov_base = hdr
+            iov[0].iov_len = self.vnet_hdr_len
+            cnt = 1
+        iov[cnt].iov_base = <void *>&frame[0]
+        iov[cnt].iov_len = n
+        cnt += 1
+        cdef int err = 0
+        with nogil:
+            while True:
+                r = writev(self.fd, iov, cnt)
+                if not (r < 0 and errno == EINTR):
+                    break
+            if r < 0:
+                err = errno
+        if r >= 0:
+            self.tx_frames += 1
+            return 1
+        if err == EAGAIN:
+            self.tx_eagain += 1
+            return 0
+        self.tx_dropped += 1
+        return -1
+
+    def send_tcp_stream(self, int sockfd, const uint8_t[::1] eth_header,
+                        const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,
+                        int src_port, int dst_port, uint64_t seq, uint64_t ack, int window,
+                        int mss, Py_ssize_t budget, int ip_id):
+        """Peek up to budget bytes from the TCP socket sockfd (at its SO_PEEK_OFF) straight
+        into frames, put Ethernet/IPv4/TCP headers in front and write them to the port.
+
+        One recvmsg(MSG_PEEK) fills up to STREAM_MAX_FRAMES frames; segments carry at most
+        mss bytes, or with tso a GSO super-frame of mss-sized segments. Every segment has
+        ACK and the last one PSH. Returns (bytes sent, bytes peeked, frames, status); the
+        caller commits the bytes sent to the TCP state and moves SO_PEEK_OFF back by
+        peeked - sent. Status is STREAM_MORE, STREAM_DRAINED, STREAM_EOF, STREAM_BLOCKED, or
+        a negative errno from recvmsg.
+        """
+        if eth_header.shape[0] != ETH_HLEN_C or src_ip.shape[0] != 4 or dst_ip.shape[0] != 4:
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
+        if not (0 < mss <= MAX_SEG_PAYLOAD) or budget < 0:
+            raise ValueError("mss or budget out of range")
+        if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
+            raise ValueError("port or window out of range")
+        if self.tx == NULL:
+            self.tx = <uint8_t *>malloc(self.tx_slot * STREAM_MAX_FRAMES)
+            if self.tx == NULL:
+                raise MemoryError()
+        cdef Py_ssize_t seg_cap = mss
+        if self.tso:
+            # As many whole segments as one IPv4 packet holds.
+            seg_cap = (MAX_SEG_PAYLOAD // mss) * mss
+        cdef iovec iov[STREAM_MAX_FRAMES]
+        cdef msghdr msg
+        cdef Py_ssize_t nframes = 0
+        cdef Py_ssize_t want = 0
+        cdef Py_ssize_t off = SEG_HEADROOM + self.vnet_hdr_len
+        while nframes < STREAM_MAX_FRAMES and want < budget:
+            iov[nframes].iov_base = self.tx + nframes * self.tx_slot + off
+            iov[nframes].iov_len = min(seg_cap, budget - want)
+            want += iov[nframes].iov_len
+            nframes += 1
+        if want == 0:
+            return 0, 0, 0, S_MORE
+        memset(&msg, 0, sizeof(msg))
+        msg.msg_iov = iov
+        msg.msg_iovlen = nframes
+        cdef ssize_t got
+        cdef Py_ssize_t sent = 0
+        cdef Py_ssize_t frames = 0
+        cdef int status = S_MORE
+        cdef int err = 0
+        with nogil:
+            while True:
+                got = recvmsg(sockfd, &msg, MSG_PEEK | MSG_DONTWAIT)
+                if not (got < 0 and errno == EINTR):
+                    break
+            if got < 0:
+                err = errno
+            elif got > 0:
+                status = self._write_stream(got, want, &eth_header[0], &src_ip[0], &dst_ip[0],
+                                            src_port, dst_port, <uint32_t>(seq & SEQ_MASK),
+                                            <uint32_t>(ack & SEQ_MASK), window, mss,
+                                            seg_cap, ip_id, &sent, &frames)
+        if got < 0:
+            if err == EAGAIN:
+                return 0, 0, 0, S_DRAINED
+            return 0, 0, 0, -err
+        if got == 0:
+            return 0, 0, 0, S_EOF
+        self.stream_frames += frames
+        self.stream_bytes += sent
+        self.tx_frames += frames
+        return sent, got, frames, status
+
+    cdef int _write_stream(self, Py_ssize_t got, Py_ssize_t want, const uint8_t *eth,
+                           const uint8_t *src_ip, const uint8_t *dst_ip, int src_port,
+                           int dst_port, uint32_t seq, uint32_t ack, int window, int mss,
+                           Py_ssize_t seg_cap, int ip_id, Py_ssize_t *sent_out,
+                           Py_ssize_t *frames_out) noexcept nogil:
+        # Headers go in front of each peeked payload; the last segment gets PSH.
+        cdef Py_ssize_t done = 0
+        cdef Py_ssize_t n
+        cdef Py_ssize_t frame_len
+        cdef uint8_t *slot
+        cdef uint8_t *frame
+        cdef uint8_t *ip
+        cdef uint8_t *t
+        cdef uint8_t flags
+        cdef int hl = self.vnet_hdr_len
+        cdef ssize_t r
+        cdef uint16_t c
+        cdef Py_ssize_t i = 0
+        cdef int status = S_MORE if got == want else S_DRAINED
+        while done < got:
+            n = min(seg_cap, got - done)
+            slot = self.tx + i * self.tx_slot
+            frame = slot + hl
+            ip = frame + ETH_HLEN_C
+            t = ip + IPV4_HEADER_LEN
+            memcpy(frame, eth, ETH_HLEN_C)
+            flags = TCP_FLAG_ACK
+            if done + n >= got:
+                flags |= TCP_FLAG_PSH
+            # RFC 791 §3.1 header with its checksum.
+            ip[0] = IPV4_VERSION_IHL
+            ip[1] = 0
+            put16(ip + 2, <uint16_t>(IPV4_HEADER_LEN + TCP_HEADER_LEN + n))
+            put16(ip + 4, <uint16_t>((ip_id + i) & 0xFFFF))
+            put16(ip + 6, IPV4_FLAG_DF)
+            ip[8] = IPV4_DEFAULT_TTL
+            ip[9] = IPPROTO_TCP
+            put16(ip + 10, 0)
+            memcpy(ip + 12, src_ip, 4)
+            memcpy(ip + 16, dst_ip, 4)
+            c = csum_finish(csum_partial(ip, IPV4_HEADER_LEN, 0))
+            put16(ip + 10, c)
+            # RFC 9293 §3.1 header.
+            put16(t, <uint16_t>src_port)
+            put16(t + 2, <uint16_t>dst_port)
+            put32(t + 4, <uint32_t>(seq + done))
+            put32(t + 8, ack)
+            t[12] = <uint8_t>((TCP_HEADER_LEN >> 2) << 4)
+            t[13] = flags
+            put16(t + 14, <uint16_t>window)
+            put16(t + 16, 0)
+            put16(t + 18, 0)
+            if hl:
+                memset(slot, 0, hl)
+                # virtio 1.2 §5.1.6.2: the receiver completes the checksum from csum_start;
+                # the field holds the pseudo-header sum (not complemented) meanwhile.
+                slot[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM
+                put16le(slot + 6, ETH_HLEN_C + IPV4_HEADER_LEN)
+                put16le(slot + 8, TCP_CSUM_OFFSET)
+                c = <uint16_t>(~csum_finish(pseudo_sum(src_ip, dst_ip, TCP_HEADER_LEN + n)))
+                put16(t + 16, c)
+                if n > mss:
+                    slot[1] = VIRTIO_NET_HDR_GSO_TCPV4
+                    put16le(slot + 2, SEG_HEADROOM)
+                    put16le(slot + 4, <uint16_t>mss)
+            else:
+                c = csum_finish(csum_partial(t, TCP_HEADER_LEN + n,
+                                             pseudo_sum(src_ip, dst_ip, TCP_HEADER_LEN + n)))
+                put16(t + 16, c)
+            frame_len = hl + SEG_HEADROOM + n
+            while True:
+                r = c_write(self.fd, slot, frame_len)
+                if not (r < 0 and errno == EINTR):
+                    break
+            if r < 0:
+                if errno == EAGAIN:
+                    self.tx_eagain += 1
+                    status = S_BLOCKED
+                    break
+                # A frame the port refused for good is lost on the wire: TCP retransmits.
+                self.tx_dropped += 1
+            done += n
+            i += 1
+        sent_out[0] = done
+        frames_out[0] = i
+        return status

@@ -103,11 +103,14 @@ def net() -> None:
 @click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="IP[:PORT]",
               help="Relay 10.0.2.3 to this resolver instead of /etc/resolv.conf's.")
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")
+@click.option("--offload/--no-offload", default=True, show_default=True,
+              help="Checksum and TCP segmentation offload on the namespace's interface.")
 @click.option("--max-flows", type=click.IntRange(1), default=65536, show_default=True)
 @click.option("--max-conn-rate", type=click.FloatRange(min=0, min_open=True),
               help="New connections per second (default unlimited).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, max_flows, max_conn_rate, command) -> None:
+def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, offload, max_flows, max_conn_rate,
+            command) -> None:
     """Run COMMAND in a network namespace whose only interface is served by the NAT.
 
     Example: voidbox net run -- curl http://10.0.2.2:8000/ (10.0.2.2 is the host's loopback).
@@ -117,4 +120,4 @@ def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, max_flows, max_conn
     config, policy = config_from_options(mtu, forwards, allow, deny, dns_upstreams)
     config.max_flows = max_flows
     config.max_conn_rate = max_conn_rate
-    sys.exit(run_in_netns(list(command), config, dhcp=dhcp, policy=policy))
+    sys.exit(run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload))

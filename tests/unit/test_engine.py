@@ -12,6 +12,7 @@ from tests.unit.netframes import (
     frame_of,
     guest_echo_frame,
     guest_ip_frame,
+    guest_udp_frame,
 )
 from voidbox.net.packets import ETH_P_IPV6, build_ethernet, checksum
 
@@ -109,5 +110,53 @@ def test_tcp_frames_are_framed_in_place(borrow):
             assert ip.src == GATEWAY and tcp_checksum(ip.src, ip.dst, tcp) == 0
             rst = parse_segment(tcp)
             assert rst.flags == RST and rst.seq == 5000 + port and rst.src_port == port
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_offloaded_checksums_are_taken_when_the_frontend_vouches(verified):
+    """A TAP with virtio_net_hdr hands over NEEDS_CSUM frames whose TCP and UDP checksum
+    fields hold only the pseudo-header sum: with csum_verified they are accepted, without
+    it they are bad checksums and dropped."""
+    from voidbox.net.packets import IPPROTO_TCP
+
+    h = Harness()
+    try:
+        tcp = bytearray(20)
+        struct.pack_into("!HHIIBBHHH", tcp, 0, 40000, 7, 1000, 0, 5 << 4, 0x10, 1000,
+                         0x1234, 0)  # an ACK for no flow, checksum field not the checksum
+        h.engine.guest_frame(guest_ip_frame(GATEWAY, IPPROTO_TCP, bytes(tcp)), verified)
+        # To a port of the DNS address that is not 53: counted and dropped, nothing sent.
+        udp = bytearray(guest_udp_frame(bytes([10, 0, 2, 3]), 5353, 9, b"\x00" * 12))
+        udp[14 + 20 + 6:14 + 20 + 8] = b"\x12\x34"
+        h.engine.guest_frame(bytes(udp), verified)
+        c = {**h.engine.counters, **h.engine.tcp.counters}
+        if verified:
+            assert c.get("tcp_bad_checksum", 0) == 0 and c.get("udp_checksum", 0) == 0
+            assert c["tcp_rst_unknown_flow"] == 1  # it reached the TCP NAT
+            assert c["udp_in"] == 1 and c["udp_dropped_local"] == 1
+        else:
+            assert c["tcp_bad_checksum"] == 1 and c["udp_checksum"] == 1
+            assert h.out == []
+    finally:
+        h.close()
+
+
+def test_reassembled_datagrams_are_verified_even_if_the_last_fragment_was_vouched_for():
+    """csum_verified describes one frame: a datagram rebuilt from fragments is checked."""
+    from voidbox.net.packets import IPPROTO_UDP, build_ipv4_fragments, build_udp
+
+    h = Harness()
+    try:
+        dns = bytes([10, 0, 2, 3])
+        udp = bytearray(build_udp(bytes([10, 0, 2, 15]), dns, 5353, 9, b"x" * 64))
+        udp[6:8] = b"\x12\x34"  # broken checksum
+        first, last = build_ipv4_fragments(bytes([10, 0, 2, 15]), dns, IPPROTO_UDP,
+                                           bytes(udp), 60, ident=7)
+        h.engine.guest_frame(frame_of(first), True)
+        h.engine.guest_frame(frame_of(last), True)
+        assert h.engine.counters.get("ip_reassembled") == 1
+        assert h.engine.counters.get("udp_checksum") == 1
     finally:
         h.close()

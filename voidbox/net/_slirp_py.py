@@ -139,3 +139,144 @@ def build_ipv4_tcp(out, src_ip, dst_ip, ip_id: int, src_port: int, dst_port: int
     buf[t + TCP_HEADER_LEN + nopt:total] = data
     struct.pack_into("!H", buf, t + 16, tcp_checksum(src_ip, dst_ip, buf[t:total]))
     return total
+
+
+# ---------------------------------------------------------------------------------------
+# Frame port (twin of _slirp.FramePort): see its docstrings for the contract.
+# ---------------------------------------------------------------------------------------
+
+import errno as _errno  # noqa: E402
+import os as _os  # noqa: E402
+import socket as _socket  # noqa: E402
+
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+ETH_HLEN = 14
+TCP_CSUM_OFFSET = 16
+TCP_FLAG_PSH = 0x08
+TCP_FLAG_ACK = 0x10
+SEG_HEADROOM = ETH_HLEN + IPV4_HEADER_LEN + TCP_HEADER_LEN
+STREAM_MAX_FRAMES = 64
+MAX_SEG_PAYLOAD = IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN - TCP_HEADER_LEN
+STREAM_MORE, STREAM_DRAINED, STREAM_EOF, STREAM_BLOCKED = range(4)
+_VNET_HDR = struct.Struct("<BBHHHH")  # virtio 1.2 §5.1.6 struct virtio_net_hdr
+
+
+class FramePort:
+    """Batched frame I/O on an fd carrying one Ethernet frame per read/write."""
+
+    def __init__(self, fd: int, vnet_hdr_len: int = 0, max_frame: int = 65550,
+                 batch: int = 64, tso: bool = False):
+        if vnet_hdr_len not in (0, 10, 12):
+            raise ValueError("vnet_hdr_len must be 0, 10 or 12")
+        if tso and not vnet_hdr_len:
+            raise ValueError("TSO needs the virtio_net_hdr")
+        if max_frame < ETH_HLEN or batch < 1:
+            raise ValueError("max_frame and batch must be positive")
+        self.fd = fd
+        self.vnet_hdr_len = vnet_hdr_len
+        self.tso = tso
+        self.max_frame = max_frame
+        self.batch = batch
+        self.rx_frames = self.rx_dropped = self.tx_frames = 0
+        self.tx_eagain = self.tx_dropped = self.stream_frames = self.stream_bytes = 0
+
+    def read_batch(self):
+        hl = self.vnet_hdr_len
+        out = []
+        for _ in range(self.batch):
+            try:
+                data = _os.read(self.fd, hl + self.max_frame)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            if len(data) < hl + ETH_HLEN:
+                self.rx_dropped += 1
+                continue
+            verified = hl > 0 and bool(data[0] & (VIRTIO_NET_HDR_F_NEEDS_CSUM
+                                                  | VIRTIO_NET_HDR_F_DATA_VALID))
+            out.append((data[hl:], verified))
+        self.rx_frames += len(out)
+        return out
+
+    def _writev(self, parts) -> int:
+        try:
+            _os.writev(self.fd, parts)
+        except BlockingIOError:
+            self.tx_eagain += 1
+            return 0
+        except OSError:
+            self.tx_dropped += 1
+            return -1
+        return 1
+
+    def write(self, frame) -> int:
+        if len(frame) == 0:
+            return -1
+        parts = [bytes(self.vnet_hdr_len), frame] if self.vnet_hdr_len else [frame]
+        r = self._writev(parts)
+        if r == 1:
+            self.tx_frames += 1
+        return r
+
+    def send_tcp_stream(self, sockfd: int, eth_header, src_ip, dst_ip, src_port: int,
+                        dst_port: int, seq: int, ack: int, window: int, mss: int,
+                        budget: int, ip_id: int):
+        if len(eth_header) != ETH_HLEN or len(src_ip) != 4 or len(dst_ip) != 4:
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
+        if not (0 < mss <= MAX_SEG_PAYLOAD) or budget < 0:
+            raise ValueError("mss or budget out of range")
+        if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
+            raise ValueError("port or window out of range")
+        seg_cap = (MAX_SEG_PAYLOAD // mss) * mss if self.tso else mss
+        want = min(budget, seg_cap * STREAM_MAX_FRAMES)
+        if want == 0:
+            return 0, 0, 0, STREAM_MORE
+        sock = _socket.socket(fileno=sockfd)
+        try:
+            data = sock.recv(want, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0, 0, 0, STREAM_DRAINED
+        except OSError as e:
+            return 0, 0, 0, -(e.errno or _errno.EIO)
+        finally:
+            sock.detach()
+        got = len(data)
+        if got == 0:
+            return 0, 0, 0, STREAM_EOF
+        status = STREAM_MORE if got == want else STREAM_DRAINED
+        hl = self.vnet_hdr_len
+        done = frames = 0
+        pkt = bytearray(IPV4_MAX_TOTAL_LEN)
+        while done < got:
+            n = min(seg_cap, got - done)
+            flags = TCP_FLAG_ACK | (TCP_FLAG_PSH if done + n >= got else 0)
+            length = build_ipv4_tcp(pkt, src_ip, dst_ip, (ip_id + frames) & 0xFFFF, src_port,
+                                    dst_port, (seq + done) & SEQ_MASK, ack, flags, window, b"",
+                                    data[done:done + n])
+            parts = []
+            if hl:
+                # NEEDS_CSUM: the field holds the (uncomplemented) pseudo-header sum.
+                gso = n > mss
+                vnet = _VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                                      VIRTIO_NET_HDR_GSO_TCPV4 if gso else 0,
+                                      SEG_HEADROOM if gso else 0, mss if gso else 0,
+                                      ETH_HLEN + IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+                parts.append(vnet.ljust(hl, b"\0"))
+                struct.pack_into("!H", pkt, IPV4_HEADER_LEN + TCP_CSUM_OFFSET,
+                                 _fold(_pseudo_sum(src_ip, dst_ip, TCP_HEADER_LEN + n)))
+            parts += [bytes(eth_header), pkt[:length]]
+            r = self._writev(parts)
+            if r == 0:
+                status = STREAM_BLOCKED
+                break
+            done += n
+            frames += 1
+        self.stream_frames += frames
+        self.stream_bytes += done
+        self.tx_frames += frames
+        return done, got, frames, status

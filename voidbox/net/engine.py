@@ -136,8 +136,21 @@ class Engine:
 
     # ------------------------------------------------------------ from the guest
 
-    def guest_frame(self, frame: bytes | memoryview) -> None:
-        """One Ethernet frame from the guest. Malformed frames are counted and dropped."""
+    def attach_stream_port(self, port, blocked: Callable[[], None]) -> None:
+        """Let the TCP NAT write host data straight to port (a FramePort on the same fd as
+        send_frame); blocked() must arrange for tcp.port_writable() once it drains."""
+        if self.tcp is not None:
+            self.tcp.set_stream_port(port, self._guest_eth_header, blocked)
+
+    def _guest_eth_header(self) -> bytes:
+        return _ETH_HDR.pack(self.guest_mac, self.gateway_mac, ETH_P_IP)
+
+    def guest_frame(self, frame: bytes | memoryview, csum_verified: bool = False) -> None:
+        """One Ethernet frame from the guest. Malformed frames are counted and dropped.
+
+        csum_verified: the frontend says the TCP/UDP checksum is valid or was offloaded
+        (virtio_net_hdr NEEDS_CSUM or DATA_VALID), so it is not checked here.
+        """
         self._count("frames_from_guest")
         try:
             eth, payload = parse_ethernet(frame)
@@ -147,7 +160,7 @@ class Engine:
             if eth.ethertype == ETH_P_ARP:
                 self._arp(payload)
             elif eth.ethertype == ETH_P_IP:
-                self._ipv4(eth.src, payload)
+                self._ipv4(eth.src, payload, csum_verified)
             else:
                 self._count("eth_unsupported_type")
         except PacketError as e:
@@ -162,7 +175,7 @@ class Engine:
             self._count("arp_replies")
             self.send_frame(reply)
 
-    def _ipv4(self, eth_src: bytes, packet: memoryview) -> None:
+    def _ipv4(self, eth_src: bytes, packet: memoryview, csum_verified: bool) -> None:
         ip, payload = parse_ipv4(packet)
         if ip.is_fragment:
             self._count("ip_fragments_in")
@@ -171,6 +184,7 @@ class Engine:
             if whole is None:
                 return
             self._count("ip_reassembled")
+            csum_verified = False  # the whole datagram's checksum was never vouched for
             packet = memoryview(build_ipv4(ip.src, ip.dst, ip.proto, whole, ident=ip.ident,
                                            ttl=ip.ttl, tos=ip.tos, df=False))
             ip, payload = parse_ipv4(packet)
@@ -187,9 +201,9 @@ class Engine:
                 self._count("tcp_dropped_no_stack")
                 return
             self._count("tcp_in")
-            self.tcp.guest_segment(ip.src, ip.dst, payload)
+            self.tcp.guest_segment(ip.src, ip.dst, payload, csum_verified)
         elif ip.proto == IPPROTO_UDP:
-            hdr, data = parse_udp(ip.src, ip.dst, payload)
+            hdr, data = parse_udp(ip.src, ip.dst, payload, verify=not csum_verified)
             self._count("udp_in")
             if hdr.dport == DHCP_SERVER_PORT and hdr.sport == DHCP_CLIENT_PORT:
                 self._dhcp(eth_src, ip, payload)

@@ -25,8 +25,14 @@ seq_diff = impl.seq_diff
 inet_checksum = impl.inet_checksum
 tcp_checksum = impl.tcp_checksum
 build_ipv4_tcp = impl.build_ipv4_tcp
+FramePort = impl.FramePort
+STREAM_MORE = impl.STREAM_MORE
+STREAM_DRAINED = impl.STREAM_DRAINED
+STREAM_EOF = impl.STREAM_EOF
+STREAM_BLOCKED = impl.STREAM_BLOCKED
 
 __all__ = [
-    "COMPILED", "build_ipv4_tcp", "impl", "inet_checksum", "seq_add", "seq_diff", "seq_ge",
+    "COMPILED", "FramePort", "STREAM_BLOCKED", "STREAM_DRAINED", "STREAM_EOF", "STREAM_MORE",
+    "build_ipv4_tcp", "impl", "inet_checksum", "seq_add", "seq_diff", "seq_ge",
     "seq_gt", "seq_le", "seq_lt", "tcp_checksum",
 ]

@@ -224,8 +224,10 @@ class UdpHeader(NamedTuple):
     csum: int
 
 
-def parse_udp(src: bytes, dst: bytes, segment: bytes | memoryview) -> tuple[UdpHeader, memoryview]:
-    """A UDP datagram (RFC 768); the checksum is verified when the sender set one."""
+def parse_udp(src: bytes, dst: bytes, segment: bytes | memoryview,
+              verify: bool = True) -> tuple[UdpHeader, memoryview]:
+    """A UDP datagram (RFC 768); the checksum is verified when the sender set one, unless
+    verify=False (the frontend vouches for it, or it is a partial offloaded checksum)."""
     mv = memoryview(segment)
     if len(mv) < UDP_HLEN:
         raise PacketError("udp_short")
@@ -234,7 +236,7 @@ def parse_udp(src: bytes, dst: bytes, segment: bytes | memoryview) -> tuple[UdpH
         raise PacketError("udp_length")
     mv = mv[:length]
     # RFC 768: an all-zero checksum means the sender computed none.
-    if csum and checksum(mv, pseudo_header_sum(src, dst, IPPROTO_UDP, length)) != 0:
+    if verify and csum and checksum(mv, pseudo_header_sum(src, dst, IPPROTO_UDP, length)) != 0:
         raise PacketError("udp_checksum")
     return UdpHeader(sport, dport, length, csum), mv[UDP_HLEN:]
 

@@ -6,6 +6,11 @@ the parent over a socketpair (SCM_RIGHTS), configures the interface (unless the 
 will use DHCP), bind-mounts a resolv.conf naming the DNS relay over /etc/resolv.conf,
 waits for the parent's go-ahead and execs the command. The parent serves the TAP with
 the NAT engine until the child exits, and returns its exit status.
+
+With offload (the default) the TAP carries virtio_net_hdr and has checksum and TCPv4
+segmentation offload on (see voidbox.net.tap): the namespace's TCP sends and receives
+64 KiB segments whatever its MTU, and host data goes from socket to TAP in one Cython
+call per burst (FramePort.send_tcp_stream).
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def config_from_options(mtu: int | None = None, forwards=(), allow=(), deny=(),
 
 def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
                  policy: Policy | None = None, debug: bool = False,
-                 stats: dict | None = None) -> int:
+                 stats: dict | None = None, offload: bool = True) -> int:
     """Run argv in a new network namespace behind the NAT; return its exit status.
 
     stats, if given, receives the engine's counters and the final flow count.
@@ -88,10 +93,11 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
         pid = os.fork()
         if pid == 0:
             parent_sock.close()
-            _child(argv, config, dhcp, unprivileged, resolv_path, child_sock)  # never returns
+            _child(argv, config, dhcp, unprivileged, resolv_path, child_sock,
+                   offload)  # never returns
         child_sock.close()
         with parent_sock:
-            return _parent(pid, parent_sock, config, policy, debug, stats)
+            return _parent(pid, parent_sock, config, policy, debug, stats, offload)
     finally:
         try:
             os.unlink(resolv_path)
@@ -100,13 +106,13 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
 
 
 def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path: str,
-           sock: socket.socket) -> None:
+           sock: socket.socket, offload: bool) -> None:
     status = EXEC_FAILED
     try:
         try:
             netns.set_parent_death_signal(signal.SIGKILL)
             netns.enter_namespaces(unprivileged)
-            tap_fd, ifname = open_tap(TAP_NAME)
+            tap_fd, ifname = open_tap(TAP_NAME, vnet_hdr=offload)
             netns.send_fd(sock, tap_fd, MSG_TAP)
             os.close(tap_fd)
             netns.configure_interface(
@@ -133,7 +139,7 @@ def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path:
 
 
 def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | None,
-            debug: bool, stats: dict | None) -> int:
+            debug: bool, stats: dict | None, offload: bool) -> int:
     tap_fd = None
     loop = engine = tap = None
     pidfd = os.pidfd_open(pid)
@@ -150,8 +156,11 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         loop = EventLoop(debug=debug)
         # TapIO.write writes each frame at once or copies it to its backlog: borrow=True.
         engine = Engine(config, loop, lambda frame: tap.write(frame), policy, borrow=True)
-        tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame)
+        tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame, vnet_hdr=offload)
         engine.send_frame = tap.write  # from now on without the lambda's extra call
+        if offload and tap.port.tso and engine.tcp is not None:
+            engine.attach_stream_port(tap.port, tap.stream_blocked)
+            tap.on_writable = engine.tcp.port_writable
         loop.watch(pidfd, select.EPOLLIN, lambda ev: loop.stop())
         old_handlers = _forward_signals(pid)
         sock.send(MSG_GO)
@@ -181,6 +190,9 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
                 if engine.tcp is not None:
                     stats["counters"].update(engine.tcp.counters)
                 stats["flows"] = engine.flow_count()  # after close: everything released
+                if tap is not None:
+                    stats["counters"].update(tap.counters)
+                    stats["counters"]["tap_stream_frames"] = tap.port.stream_frames
         if tap is not None:
             tap.close()
         if loop is not None:
@@ -206,7 +218,7 @@ def _drain(loop: EventLoop, engine: Engine, tap: TapIO) -> None:
     last = None
     while engine.active_tcp_flows():
         now = time.monotonic()
-        activity = (tap.counters["tap_rx"], tap.counters["tap_tx"])
+        activity = (tap.port.rx_frames, tap.port.tx_frames)  # tx includes TCP streams
         if activity != last:
             last, quiet_since = activity, now
         if now - quiet_since > DRAIN_QUIET or now - start > DRAIN_MAX:

@@ -473,6 +473,25 @@ class TcpFlow:
         self._arm(now)
         return out
 
+    def stream_sent(self, n: int, now: float) -> None:
+        """Record n payload bytes sent from snd_nxt in segments the caller built itself
+        (FramePort.send_tcp_stream: ACK, rcv_nxt, window_field()); as send_data does, minus
+        the segments. Only while no FIN is due (fin_seq is None): send_data adds it."""
+        if n <= 0:
+            return
+        new = self.snd_nxt == self.snd_max
+        self.snd_nxt = seq_add(self.snd_nxt, n)
+        if seq_gt(self.snd_nxt, self.snd_max):
+            self.snd_max = self.snd_nxt
+        if new and self.rtt_seq is None:
+            self.rtt_seq = self.snd_nxt
+            self.rtt_time = now
+        self._arm(now)
+
+    def window_field(self) -> int:
+        """The window field for our next segment (scaled, RFC 7323 §2.3)."""
+        return self._window_field()
+
     # ---- timers -------------------------------------------------------------------------
 
     def on_timer(self, now: float) -> Actions:

@@ -41,7 +41,15 @@ import struct
 from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
-from voidbox.net.fastpath import build_ipv4_tcp, seq_add, seq_gt, tcp_checksum
+from voidbox.net.fastpath import (
+    STREAM_BLOCKED,
+    STREAM_DRAINED,
+    STREAM_EOF,
+    build_ipv4_tcp,
+    seq_add,
+    seq_gt,
+    tcp_checksum,
+)
 from voidbox.net.packets import ETH_HLEN
 from voidbox.net.tcp import (
     ACK,
@@ -165,6 +173,31 @@ class TcpNat:
         self._token_time = loop.time()
         self.flow_kw = {}  # extra TcpFlow keywords (tests shorten timers)
         self._turn_queue: list[_Flow] = []  # flows with a coalesced ACK or batched data
+        # set_stream_port: host data then goes socket -> frames -> TAP in one Cython call.
+        self.stream_port = None
+        self._eth_header: Callable[[], bytes] | None = None
+        self._port_blocked: Callable[[], None] | None = None
+        self._waiting_port: dict[tuple, _Flow] = {}  # flows stopped by a full port
+
+    def set_stream_port(self, port, eth_header: Callable[[], bytes],
+                        blocked: Callable[[], None]) -> None:
+        """Send host data straight to `port` (a FramePort) with port.send_tcp_stream.
+
+        eth_header() gives the Ethernet header of a frame to the guest (its MAC may change);
+        blocked() asks to be told, through port_writable(), when the port takes frames again.
+        Without SO_PEEK_OFF (old kernels) the Python path stays in use.
+        """
+        self.stream_port = port
+        self._eth_header = eth_header
+        self._port_blocked = blocked
+
+    def port_writable(self) -> None:
+        """The stream port drained: resume the flows it stopped."""
+        waiting, self._waiting_port = self._waiting_port, {}
+        for f in waiting.values():
+            if self.flows.get(f.key) is f and not f.pump_scheduled:
+                f.pump_scheduled = True
+                self.loop.call_soon(lambda f=f: self._deferred_pump(f))
 
     # ---- bookkeeping --------------------------------------------------------------------
 
@@ -192,9 +225,14 @@ class TcpNat:
 
     # ---- guest side ---------------------------------------------------------------------
 
-    def guest_segment(self, src_ip: bytes, dst_ip: bytes, tcp: memoryview) -> None:
-        """A TCP segment from the guest (IPv4 header already validated by the engine)."""
-        if tcp_checksum(src_ip, dst_ip, tcp) != 0:
+    def guest_segment(self, src_ip: bytes, dst_ip: bytes, tcp: memoryview,
+                      csum_verified: bool = False) -> None:
+        """A TCP segment from the guest (IPv4 header already validated by the engine).
+
+        csum_verified: the frontend vouches for the checksum (virtio_net_hdr NEEDS_CSUM or
+        DATA_VALID), so it is not checked; a partial checksum would not verify anyway.
+        """
+        if not csum_verified and tcp_checksum(src_ip, dst_ip, tcp) != 0:
             self._count("tcp_bad_checksum")
             return
         try:
@@ -485,6 +523,12 @@ class TcpNat:
                     if f.peek_off != off:
                         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off)
                         f.peek_off = off
+                    if self.stream_port is not None and core.fin_seq is None:
+                        n = self._stream(f, min(budget, PUMP_CAP - sent), now)
+                        if n <= 0:
+                            return
+                        sent += n
+                        continue
                     want = min(budget, PEEK_BUF)
                     got = sock.recv_into(self._peek, want, socket.MSG_PEEK)
                     if got == 0:
@@ -516,6 +560,48 @@ class TcpNat:
             # Yield to other flows; carry on at the next loop turn.
             f.pump_scheduled = True
             self.loop.call_soon(lambda: self._deferred_pump(f))
+
+    def _stream(self, f: _Flow, budget: int, now: float) -> int:
+        """One FramePort.send_tcp_stream burst of host data to the guest (no FIN due).
+
+        Returns the bytes sent, 0 if the caller should stop pumping, -1 if the flow ended.
+        """
+        if f.tx_bufs:
+            self._flush_tx(f)  # the segments carry rcv_nxt: it must be final
+        core = f.core
+        ack = core.rcv_nxt
+        sent, peeked, frames, status = self.stream_port.send_tcp_stream(
+            f.fd, self._eth_header(), f.remote_ip, f.guest_ip, core.port, core.guest_port,
+            core.snd_nxt, ack, core.window_field(), core.snd_mss, budget,
+            (self._ip_id + 1) & 0xFFFF)
+        self._ip_id = (self._ip_id + frames) & 0xFFFF
+        f.peek_off += peeked
+        if peeked != sent:
+            # The port refused frames: what was peeked for them is peeked again later.
+            f.peek_off -= peeked - sent
+            f.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, f.peek_off)
+        if sent:
+            core.stream_sent(sent, now)
+            f.last_ack = ack
+            f.bytes_down += sent
+            self._count("tcp_bytes_to_guest", sent)
+            self._count("tcp_stream_frames", frames)
+        if status < 0:
+            self._count("tcp_host_reset")
+            self._apply(f, core.host_reset(), now)
+            return -1
+        if status == STREAM_EOF:
+            if not f.host_eof:
+                self._host_eof(f, now)
+            return 0
+        if status == STREAM_BLOCKED:
+            self._count("tcp_port_blocked")
+            self._waiting_port[f.key] = f
+            self._port_blocked()
+            return 0
+        if status == STREAM_DRAINED:
+            return 0  # the guest's next ACK or the socket's EPOLLIN pumps again
+        return sent
 
     def _deferred_pump(self, f: _Flow) -> None:
         f.pump_scheduled = False

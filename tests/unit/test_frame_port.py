@@ -1,0 +1,276 @@
+"""FramePort: batched frame I/O with virtio_net_hdr framing and the TCP stream sender.
+
+A datagram socketpair stands in for the TAP (it keeps frame boundaries, as a TAP does) and
+a loopback TCP connection for the host socket, so no root is needed. Every test runs on
+the compiled port and its pure twin; the two must write the same bytes.
+"""
+
+import fcntl
+import importlib
+import select
+import socket
+import struct
+import termios
+import time
+
+import pytest
+
+from tests.twins import pure_only
+from voidbox.net import _slirp_py
+
+_compiled = None if pure_only() else importlib.import_module("voidbox._slirp")
+
+IMPLS = [
+    pytest.param(_slirp_py, id="pure"),
+    pytest.param(_compiled, id="cython",
+                 marks=pytest.mark.skipif(_compiled is None, reason="VOIDBOX_PURE=1: pure twin only")),
+]
+
+ETH = bytes.fromhex("525400123456" "525400000002" "0800")
+SRC = bytes([10, 0, 2, 2])
+DST = bytes([10, 0, 2, 15])
+VNET = struct.Struct("<BBHHHH")
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
+
+
+@pytest.fixture
+def tap_pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.fixture
+def tcp_pair():
+    """(peeked: our side with SO_PEEK_OFF on, sender: the host application's side)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    sender = socket.create_connection(lst.getsockname())
+    peeked, _ = lst.accept()
+    lst.close()
+    peeked.setblocking(False)
+    try:
+        peeked.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    except OSError:
+        pytest.skip("no SO_PEEK_OFF for TCP on this kernel")
+    yield peeked, sender
+    peeked.close()
+    sender.close()
+
+
+def recv_all(sock, n):
+    out = []
+    for _ in range(n):
+        out.append(sock.recv(1 << 17))
+    return out
+
+
+def fill(sender, data, peeked):
+    """Send data and wait (bounded) until all of it is queued at the peeked end."""
+    sender.sendall(data)
+    deadline = time.monotonic() + 10
+    while available(peeked) < len(data) and time.monotonic() < deadline:
+        select.select([peeked], [], [], 0.1)
+    assert available(peeked) >= len(data)
+
+
+def available(sock):
+    """FIONREAD (tcp(7) SIOCINQ): bytes queued for reading."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_read_batch_reports_offloaded_checksums(impl, tap_pair):
+    ours, peer = tap_pair
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=10, batch=8)
+    frames = [ETH + b"a" * 50, ETH + b"b" * 60, ETH + b"c"]
+    peer.send(VNET.pack(1, 0, 0, 0, 34, 16) + frames[0])   # NEEDS_CSUM
+    peer.send(VNET.pack(2, 0, 0, 0, 0, 0) + frames[1])     # DATA_VALID
+    peer.send(VNET.pack(0, 0, 0, 0, 0, 0) + frames[2])     # nothing offloaded
+    peer.send(b"\0" * 12)                                  # shorter than hdr + Ethernet
+    got = port.read_batch()
+    assert got == [(frames[0], True), (frames[1], True), (frames[2], False)]
+    assert port.rx_dropped == 1 and port.rx_frames == 3
+    assert port.read_batch() == []  # EAGAIN ends the batch quietly
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_read_batch_is_bounded(impl, tap_pair):
+    ours, peer = tap_pair
+    port = impl.FramePort(ours.fileno(), batch=3)
+    for i in range(5):
+        peer.send(ETH + bytes([i]) * 20)
+    assert [f[-1] for f, _ in port.read_batch()] == [0, 1, 2]
+    assert [f[-1] for f, ok in port.read_batch()] == [3, 4]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_write_prefixes_an_empty_virtio_header(impl, tap_pair):
+    ours, peer = tap_pair
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=12)
+    assert port.write(ETH + b"xyz") == 1
+    assert peer.recv(100) == b"\0" * 12 + ETH + b"xyz"
+    plain = impl.FramePort(ours.fileno())
+    assert plain.write(memoryview(ETH + b"q")) == 1
+    assert peer.recv(100) == ETH + b"q"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_write_reports_eagain(impl):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    try:
+        port = impl.FramePort(a.fileno())
+        results = [port.write(ETH + b"x" * 1000) for _ in range(10000)]
+        assert 0 in results and port.tx_eagain >= 1
+        assert -1 not in results
+    finally:
+        a.close()
+        b.close()
+
+
+def parse_frame(frame):
+    assert frame[:14] == ETH
+    ip = frame[14:]
+    total = struct.unpack_from("!H", ip, 2)[0]
+    assert total == len(ip)
+    tcp = ip[20:]
+    sport, dport, seq, ack, off, flags, win = struct.unpack_from("!HHIIBBH", tcp)
+    return sport, dport, seq, ack, flags, win, tcp[(off >> 4) * 4:], ip, tcp
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stream_segments_at_mss_with_full_checksums(impl, tap_pair, tcp_pair):
+    ours, peer = tap_pair
+    peeked, sender = tcp_pair
+    data = bytes(range(256)) * 40  # 10240 bytes
+    fill(sender, data, peeked)
+    port = impl.FramePort(ours.fileno())
+    seq0 = 0xFFFFF000  # the stream wraps inside this burst
+    sent, peekd, frames, status = port.send_tcp_stream(
+        peeked.fileno(), ETH, SRC, DST, 80, 40000, seq0, 777, 5000, 1000, 4500, 10)
+    assert (sent, peekd, frames, status) == (4500, 4500, 5, impl.STREAM_MORE)
+    out = recv_all(peer, 5)
+    payload = b""
+    for i, frame in enumerate(out):
+        sport, dport, seq, ack, flags, win, body, ip, tcp = parse_frame(frame)
+        assert (sport, dport, ack, win) == (80, 40000, 777, 5000)
+        assert seq == (seq0 + 1000 * i) & 0xFFFFFFFF
+        assert flags == (0x18 if i == 4 else 0x10)  # PSH on the last only
+        assert struct.unpack_from("!H", ip, 4)[0] == 10 + i
+        assert _slirp_py.inet_checksum(ip[:20]) == 0
+        assert _slirp_py.tcp_checksum(SRC, DST, tcp) == 0
+        payload += body
+    assert payload == data[:4500]
+    # The peek offset moved: the next burst continues where this one stopped.
+    sent, peekd, frames, status = port.send_tcp_stream(
+        peeked.fileno(), ETH, SRC, DST, 80, 40000, seq0 + 4500, 777, 5000, 1000, 100000, 15)
+    assert (sent, status) == (len(data) - 4500, impl.STREAM_DRAINED)
+    rest = b"".join(parse_frame(f)[6] for f in recv_all(peer, frames))
+    assert rest == data[4500:]
+    # Nothing left: drained (EAGAIN), and EOF once the sender closes.
+    assert port.send_tcp_stream(peeked.fileno(), ETH, SRC, DST, 80, 40000, 0, 0, 0, 1000,
+                                1000, 0)[3] == impl.STREAM_DRAINED
+    sender.shutdown(socket.SHUT_WR)
+    # Consume what was peeked: EOF is only seen at the head of an empty queue.
+    peeked.recv(len(data))
+    peeked.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    select.select([peeked], [], [], 5)
+    assert port.send_tcp_stream(peeked.fileno(), ETH, SRC, DST, 80, 40000, 0, 0, 0, 1000,
+                                1000, 0) == (0, 0, 0, impl.STREAM_EOF)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stream_tso_writes_gso_superframes_with_partial_checksums(impl, tap_pair, tcp_pair):
+    ours, peer = tap_pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    peeked, sender = tcp_pair
+    data = bytes((i * 7) & 0xFF for i in range(100000))
+    fill(sender, data, peeked)
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=10, tso=True)
+    mss = 1460
+    sent, peekd, frames, status = port.send_tcp_stream(
+        peeked.fileno(), ETH, SRC, DST, 80, 40000, 1, 2, 3, mss, 100000, 0)
+    assert sent == 100000 and frames == 2
+    superseg = (65495 // mss) * mss
+    out = recv_all(peer, 2)
+    body = b""
+    for i, raw in enumerate(out):
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET.unpack_from(raw)
+        frame = raw[10:]
+        *_, payload, ip, tcp = parse_frame(frame)
+        n = len(payload)
+        assert n == (superseg if i == 0 else 100000 - superseg)
+        assert (flags, csum_start, csum_offset) == (1, 34, 16)  # NEEDS_CSUM from TCP
+        assert (gso_type, hdr_len, gso_size) == (1, 54, mss)    # TCPv4 GSO, mss segments
+        assert _slirp_py.inet_checksum(ip[:20]) == 0
+        # The field holds the pseudo-header sum: completing it gives a valid checksum.
+        pseudo = _slirp_py._fold(_slirp_py._pseudo_sum(SRC, DST, len(tcp)))
+        assert struct.unpack_from("!H", tcp, 16)[0] == pseudo
+        zeroed = bytearray(tcp)
+        zeroed[16:18] = b"\0\0"
+        full = _slirp_py.tcp_checksum(SRC, DST, zeroed)
+        zeroed[16:18] = struct.pack("!H", full)
+        assert _slirp_py.tcp_checksum(SRC, DST, zeroed) == 0
+        body += payload
+    assert body == data
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stream_short_tso_frame_has_no_gso(impl, tap_pair, tcp_pair):
+    ours, peer = tap_pair
+    peeked, sender = tcp_pair
+    fill(sender, b"hello", peeked)
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=10, tso=True)
+    assert port.send_tcp_stream(peeked.fileno(), ETH, SRC, DST, 80, 40000, 1, 2, 3, 1460,
+                                65536, 0) == (5, 5, 1, impl.STREAM_DRAINED)
+    raw = peer.recv(1000)
+    assert VNET.unpack_from(raw) == (1, 0, 0, 0, 34, 16)
+    assert parse_frame(raw[10:])[6] == b"hello"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stream_rejects_bad_arguments(impl, tap_pair):
+    ours, _ = tap_pair
+    port = impl.FramePort(ours.fileno())
+    with pytest.raises(ValueError):
+        port.send_tcp_stream(0, ETH[:10], SRC, DST, 1, 2, 0, 0, 0, 1000, 10, 0)
+    with pytest.raises(ValueError):
+        port.send_tcp_stream(0, ETH, SRC, DST, 1, 2, 0, 0, 0, 0, 10, 0)
+    with pytest.raises(ValueError):
+        port.send_tcp_stream(0, ETH, SRC, DST, 70000, 2, 0, 0, 0, 1000, 10, 0)
+    with pytest.raises(ValueError):
+        impl.FramePort(ours.fileno(), vnet_hdr_len=4)
+    with pytest.raises(ValueError):
+        impl.FramePort(ours.fileno(), tso=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stream_blocked_port_reports_what_went_out(impl, tcp_pair):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # a few frames fill it
+    peeked, sender = tcp_pair
+    try:
+        fill(sender, b"z" * 60000, peeked)
+        port = impl.FramePort(a.fileno())
+        total = 0
+        status = None
+        for _ in range(200):
+            sent, peekd, frames, status = port.send_tcp_stream(
+                peeked.fileno(), ETH, SRC, DST, 1, 2, total, 0, 0, 1000, 60000 - total, 0)
+            total += sent
+            if status == impl.STREAM_BLOCKED:
+                assert sent < peekd
+                break
+            peeked.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, total)
+        assert status == impl.STREAM_BLOCKED
+        assert port.tx_eagain >= 1
+    finally:
+        a.close()
+        b.close()
