@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/net_compare.py [--seconds 5] [--mtu 1500 --mtu 65520]
         [--peer voidbox --peer slirp4netns --peer pasta] [--conns 1000] [--rrs 2000]
-        [--udps 2000] [--json out.json] [--max-minutes 10]
+        [--udps 2000] [--ops throughput,connect,rr,udp] [--json out.json] [--max-minutes 10]
 
 Needs root (network namespaces), iperf3, slirp4netns and pasta (passt). Everything stays on
 this machine: the servers listen on the host's 127.0.0.1, the client runs inside each
@@ -70,6 +70,8 @@ LATENCY_BUDGET = 30.0  # seconds per latency op, whatever N is
 WARMUP = 20
 STOP_TIMEOUT = 5.0
 TCP_LISTEN = "0A"  # include/net/tcp_states.h TCP_LISTEN, as /proc/net/tcp prints it
+# --ops names -> the plan entries (table keys) each one runs; "throughput" is both iperf3 ways.
+OPS = {"throughput": ("up", "down"), "connect": ("connect",), "rr": ("rr",), "udp": ("udp",)}
 
 
 class SessionError(Exception):
@@ -360,6 +362,8 @@ def run_session(peer: str, mtu: int, args, echo_ports: dict, workdir: str) -> di
             ("down", {"op": "iperf", "reverse": True}),
         ]
         for key, op in plan:
+            if key not in args.plan_keys:
+                continue
             if op["op"] == "iperf":
                 budget = args.seconds + OP_MARGIN
                 op.update(seconds=args.seconds, timeout=budget)
@@ -450,10 +454,18 @@ def main() -> int:
     parser.add_argument("--conns", type=int, default=1000, help="sequential connections")
     parser.add_argument("--rrs", type=int, default=2000, help="1-byte round trips")
     parser.add_argument("--udps", type=int, default=2000, help="UDP queries")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma list of the measurements to run, of {','.join(OPS)} "
+                             "(default: all)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--max-minutes", type=float, default=10.0,
                         help="skip the sessions that would start after this")
     args = parser.parse_args()
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in OPS]
+    if unknown or not ops:
+        parser.error(f"--ops: unknown {','.join(unknown) or '(empty)'}; choose from {','.join(OPS)}")
+    args.plan_keys = {key for o in ops for key in OPS[o]}
     peers, mtus = args.peer or list(PEERS), args.mtu or [1500, 65520]
     if os.geteuid() != 0:
         sys.exit("net_compare.py needs root (ip netns, nsenter)")
@@ -496,7 +508,7 @@ def main() -> int:
     print(f"- CPUs: {info['cpus']} (affinity {info['affinity']}); load average (1/5/15 min) "
           f"before {'/'.join(f'{x:.2f}' for x in info['load_before'])}, after "
           f"{'/'.join(f'{x:.2f}' for x in info['load_after'])}; other work shares this machine")
-    print(f"- iperf3 -t {args.seconds}, one stream, server on {LOOPBACK}, client in the namespace "
+    print(f"- ops: {','.join(ops)}; iperf3 -t {args.seconds}, one stream, server on {LOOPBACK}, client in the namespace "
           f"to {GATEWAY_IP}; latency N: connect {args.conns}, RR {args.rrs}, UDP {args.udps} "
           f"(after {WARMUP} warm-up samples each); GB = 10^9 bytes received; "
           f"NAT CPU = user+system time of the NAT process, all threads (\"% core\": its "

@@ -138,3 +138,57 @@ def test_close_releases_fds():
     lp.close()
     lp.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_watched_count_leaves_out_the_loops_own_wakeup_fd():
+    lp = EventLoop()
+    assert lp.watched_count() == 0
+    r, w = os.pipe()
+    try:
+        lp.watch(r, select.EPOLLIN, lambda ev: None)
+        assert lp.watched_count() == 1
+        lp.unwatch(r)
+        assert lp.watched_count() == 0
+    finally:
+        lp.close()
+        os.close(r)
+        os.close(w)
+    assert lp.watched_count() == 0
+
+
+def test_production_loop_survives_a_failing_fd_callback():
+    lp = EventLoop()
+    fds = [os.pipe() for _ in range(2)]
+    ran = []
+
+    def boom(ev):
+        raise RuntimeError("bad flow")
+
+    try:
+        lp.watch(fds[0][0], select.EPOLLIN, boom)
+        lp.watch(fds[1][0], select.EPOLLIN, ran.append)
+        for _, w in fds:
+            os.write(w, b"x")
+        lp.run_once(0)
+        assert lp.errors == 1 and len(ran) == 1
+    finally:
+        lp.close()
+        for r, w in fds:
+            os.close(r)
+            os.close(w)
+
+
+def test_timers_due_fire_even_while_fds_stay_ready(loop):
+    # Timers are looked at after every batch of fd events, not only on an idle loop.
+    r, w = os.pipe()
+    fired = []
+    try:
+        os.write(w, b"x")  # stays readable: level-triggered, never read
+        loop.watch(r, select.EPOLLIN, lambda ev: None)
+        loop.call_at(loop.time(), lambda: fired.append(True))
+        loop.run_once(0)
+        assert fired == [True]
+    finally:
+        loop.unwatch(r)
+        os.close(r)
+        os.close(w)

@@ -46,6 +46,8 @@ ICMP_MAX_MESSAGE = 65535
 ICMP_BATCH = 64
 ID_SPACE = 0x10000
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(16 + 16)
+# Destinations whose reachability and host address are remembered; cleared when full.
+DEST_MEMO_MAX = 4096
 
 
 def echo_reply(guest_ip: bytes, responder_ip: bytes, ident: int, seq: int,
@@ -82,6 +84,7 @@ class IcmpNat:
         self.guest_ip = ip_to_bytes(config.guest_ip)
         self.local = {ip_to_bytes(config.gateway_ip), ip_to_bytes(config.dns_ip)}
         self.network = config.network
+        self._dest_memo: dict[bytes, str | None] = {}
         self.flows: dict[tuple[bytes, int], _Flow] = {}
         self.raw_ids: dict[int, _Flow] = {}
         self.mode: str | None = None  # "ping", "raw" or "none", probed on first use
@@ -110,10 +113,13 @@ class IcmpNat:
             self.send_ip(echo_reply(self.guest_ip, dst_ip, ident, seq, data))
             return
         quote = icmp_error_quote(ip_packet)
-        if ipaddress.IPv4Address(dst_ip) in self.network or not is_unicast_destination(dst_ip):
+        try:
+            host_ip = self._dest_memo[dst_ip]
+        except KeyError:
+            host_ip = self._destination(dst_ip)
+        if host_ip is None:
             self._unreachable(dst_ip, ICMP_HOST_UNREACH, quote)
             return
-        host_ip = self.config.translate(ip_to_str(dst_ip))
         if not self.policy.allows("icmp", host_ip, None):
             self._count("icmp_denied")
             self._unreachable(dst_ip, ICMP_PKT_FILTERED, quote)
@@ -141,6 +147,18 @@ class IcmpNat:
             self._count("icmp_tx_error")
             return
         self._count("icmp_echo_tx")
+
+    def _destination(self, dst_ip: bytes) -> str | None:
+        """The host address an echo to dst_ip goes to, or None if it is unreachable (the
+        guest's own subnet, broadcast, multicast); remembered per destination, as ipaddress
+        is too slow to ask per echo request."""
+        host_ip = None
+        if ipaddress.IPv4Address(dst_ip) not in self.network and is_unicast_destination(dst_ip):
+            host_ip = self.config.translate(ip_to_str(dst_ip))
+        if len(self._dest_memo) >= DEST_MEMO_MAX:
+            self._dest_memo.clear()
+        self._dest_memo[dst_ip] = host_ip
+        return host_ip
 
     def _unreachable(self, src: bytes, code: int, quote: bytes) -> None:
         self._count("icmp_unreachable_sent")

@@ -25,6 +25,7 @@ MAX_EVENTS = 256
 # Rebuild the heap once cancelled timers outnumber live ones by this factor, so a flow
 # that re-arms its idle timer on every packet does not grow the heap without bound.
 CANCELLED_REBUILD_FACTOR = 2
+_monotonic = time.monotonic
 
 
 class Timer:
@@ -67,7 +68,8 @@ class EventLoop:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
         self._lock = threading.Lock()
-        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        # The wakeup eventfd is an ordinary watcher: no per-event test for it in run_once.
+        self.watch(self._wake_fd, select.EPOLLIN, self._drain_wakeup)
 
     # ------------------------------------------------------------ fds
 
@@ -91,12 +93,13 @@ class EventLoop:
                 pass
 
     def watched_count(self) -> int:
-        return len(self._watchers)
+        """Fds watched for callers (the loop's own wakeup eventfd is not counted)."""
+        return len(self._watchers) - (not self._closed)
 
     # ------------------------------------------------------------ time and callbacks
 
     def time(self) -> float:
-        return time.monotonic()
+        return _monotonic()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(when, callback, self)
@@ -141,10 +144,13 @@ class EventLoop:
 
     def run_once(self, timeout: float | None = None) -> None:
         """One iteration: wait for fds or the next timer, then run what is due."""
+        timers = self._timers
         if self._ready:
             wait = 0.0
-        elif self._timers:
-            wait = max(0.0, self._timers[0][0] - self.time())
+        elif timers:
+            wait = timers[0][0] - _monotonic()
+            if wait < 0.0:
+                wait = 0.0
         else:
             wait = -1.0
         if timeout is not None:
@@ -152,21 +158,35 @@ class EventLoop:
         try:
             events = self._epoll.poll(wait, MAX_EVENTS)
         except InterruptedError:
-            events = []
-        for fd, ev in events:
-            if fd == self._wake_fd:
-                self._drain_wakeup()
-                continue
-            cb = self._watchers.get(fd)
-            if cb is not None:
-                self._invoke(cb, ev)
-        self._run_timers()
+            events = ()
+        watchers = self._watchers
+        if self.debug:
+            for fd, ev in events:
+                cb = watchers.get(fd)
+                if cb is not None:
+                    cb(ev)
+        else:
+            # One try per callback, inlined: _invoke's extra call is per-event overhead.
+            for fd, ev in events:
+                cb = watchers.get(fd)
+                if cb is not None:
+                    try:
+                        cb(ev)
+                    except Exception:
+                        self._failed(cb)
+        # The timer heap is looked at only when its head is due (or it needs a clean-up).
+        if timers:
+            if timers[0][0] <= _monotonic():
+                self._run_timers()
+            elif self._cancelled > CANCELLED_REBUILD_FACTOR * max(1, len(timers) - self._cancelled):
+                self._rebuild_timers()
         # Only what was ready before this point runs now: callbacks queued by callbacks
         # wait for the next iteration, so fd events are never starved.
-        for _ in range(len(self._ready)):
-            self._invoke(self._ready.popleft())
+        if self._ready:
+            for _ in range(len(self._ready)):
+                self._invoke(self._ready.popleft())
 
-    def _drain_wakeup(self) -> None:
+    def _drain_wakeup(self, _events: int = 0) -> None:
         with self._lock:
             self._wake_pending = False
         try:
@@ -175,7 +195,7 @@ class EventLoop:
             pass
 
     def _run_timers(self) -> None:
-        now = self.time()
+        now = _monotonic()
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, timer = heapq.heappop(timers)
@@ -185,9 +205,13 @@ class EventLoop:
             timer.cancelled = True  # fired and off the heap: a later cancel() is a no-op
             self._invoke(timer.callback)
         if self._cancelled > CANCELLED_REBUILD_FACTOR * max(1, len(timers) - self._cancelled):
-            self._timers = [t for t in timers if not t[2].cancelled]
-            heapq.heapify(self._timers)
-            self._cancelled = 0
+            self._rebuild_timers()
+
+    def _rebuild_timers(self) -> None:
+        """Drop cancelled timers from the heap (in place: run_once holds a reference)."""
+        self._timers[:] = [t for t in self._timers if not t[2].cancelled]
+        heapq.heapify(self._timers)
+        self._cancelled = 0
 
     def _invoke(self, cb: Callable, *args) -> None:
         if self.debug:
@@ -196,8 +220,12 @@ class EventLoop:
         try:
             cb(*args)
         except Exception:
-            self.errors += 1
-            log.exception("event loop callback %r failed", cb)
+            self._failed(cb)
+
+    def _failed(self, cb: Callable) -> None:
+        """Count and log the exception being handled (production loops go on)."""
+        self.errors += 1
+        log.exception("event loop callback %r failed", cb)
 
     def close(self) -> None:
         if self._closed:
@@ -208,4 +236,5 @@ class EventLoop:
         self._watchers.clear()
         self._events.clear()
         self._timers.clear()
+        self._cancelled = 0
         self._ready.clear()

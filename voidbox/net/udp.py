@@ -10,6 +10,7 @@ to the guest as a flow from the gateway (loopback peers) or the peer's own addre
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import select
 import socket
@@ -18,13 +19,21 @@ from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
 from voidbox.net.config import NatConfig
+from voidbox.net.fastpath import inet_checksum
 from voidbox.net.loop import EventLoop, Timer
 from voidbox.net.packets import (
+    DEFAULT_TTL,
+    ETH_HLEN,
     ICMP_DEST_UNREACH,
     ICMP_HOST_UNREACH,
     ICMP_PKT_FILTERED,
+    IP_DF,
     IPPROTO_ICMP,
     IPPROTO_UDP,
+    IPV4_HLEN,
+    IPV4_MIN_IHL,
+    IPV4_VERSION,
+    UDP_HLEN,
     build_icmp,
     build_ipv4,
     build_ipv4_fragments,
@@ -42,6 +51,27 @@ IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 UDP_MAX_DATAGRAM = 65535
 # Datagrams relayed per socket wakeup: bounded so one busy flow cannot starve the others.
 UDP_BATCH = 64
+# A flow's first wakeup reads one datagram: a DNS-style flow gets one reply, and a second
+# recv would only fail with EAGAIN (a syscall and an exception). Each wakeup that uses its
+# whole batch doubles it, up to UDP_BATCH, so a busy flow is still drained in batches
+# (epoll is level-triggered: what is left is reported again on the next iteration).
+UDP_FIRST_BATCH = 1
+# Unconnected sockets kept ready for new flows (see UdpNat._refill).
+UDP_SPARE_SOCKETS = 4
+# IPv4 + UDP headers in front of a reply's payload (RFC 791 §3.1, RFC 768).
+IPV4_UDP_HLEN = IPV4_HLEN + UDP_HLEN
+# The RFC 768 pseudo-header (source, destination, zero, protocol, UDP length) is 12 bytes;
+# it is written just before the UDP header, over the tail of the not yet written IPv4
+# header, so one checksum pass covers pseudo-header and datagram without a copy.
+_PSEUDO = struct.Struct("!4s4sBBH")
+PSEUDO_OFF = IPV4_UDP_HLEN - UDP_HLEN - _PSEUDO.size
+_IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # IPv4 header (no options) + UDP header
+_UDP = struct.Struct("!HHHH")
+_CSUM = struct.Struct("!H")
+IPV4_CSUM_OFF = 10  # RFC 791 §3.1: header checksum
+UDP_CSUM_NONE = 0xFFFF  # RFC 768: a computed zero is sent as all ones
+IPV4_VIHL = (IPV4_VERSION << 4) | IPV4_MIN_IHL
+LOOPBACK_NET = 127  # first octet of 127.0.0.0/8, loopback (RFC 1122 §3.2.1.3 (g))
 ROUTABLE_MEMO_MAX = 4096  # destinations whose routability is remembered; cleared when full
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(_SOCK_EXTENDED_ERR.size + 16)
 
@@ -68,37 +98,76 @@ def parse_recverr(ancdata) -> tuple[int, int, bytes | None] | None:
 
 
 class _Flow:
-    __slots__ = ("key", "sock", "guest_dst", "host_dst", "last_active", "timer", "quote", "peer",
-                 "listener")
+    """One UDP flow; calling it with epoll events handles its socket (EventLoop.watch).
 
-    def __init__(self, key, sock, guest_dst: bytes, host_dst: bytes):
+    Being its own callback (no closure per flow) keeps the objects the cyclic garbage
+    collector must visit to the flow and its socket: with thousands of idle flows alive
+    (udp_idle_timeout), each extra tracked object per flow costs in every collection.
+    """
+
+    __slots__ = ("nat", "key", "sock", "guest_dst", "host_dst", "last_active", "quote", "peer",
+                 "listener", "batch")
+
+    def __init__(self, nat: UdpNat, key, sock, guest_dst: bytes, host_dst: bytes, now: float):
+        self.nat = nat
         self.key = key  # (guest port, guest-visible remote address, remote port)
         self.sock = sock
         self.guest_dst = guest_dst
         self.host_dst = host_dst
-        self.last_active = 0.0
-        self.timer: Timer | None = None
+        self.last_active = now
         self.quote = b""  # the guest's last datagram, as an ICMP error would quote it
         self.peer: tuple[str, int] | None = None  # forwarded flows: the remote peer
         self.listener: socket.socket | None = None
+        self.batch = UDP_FIRST_BATCH  # datagrams to read on the next wakeup
+
+    def __call__(self, events: int) -> None:
+        self.nat._flow_event(self, events)
 
 
 class UdpNat:
     def __init__(self, loop: EventLoop, config: NatConfig, policy: Policy,
-                 send_ip: Callable[[bytes], None], counters: dict[str, int] | None = None):
+                 send_ip: Callable[[bytes], None], counters: dict[str, int] | None = None,
+                 send_ip_buf: Callable[[bytearray, int], None] | None = None):
+        """send_ip_buf(buf, n), if given, sends the IPv4 packet buf[ETH_HLEN:ETH_HLEN + n]
+        and may write the Ethernet header into buf[:ETH_HLEN] (Engine.send_ip_buf): replies
+        then reach it without being copied into a new bytes object first."""
         self.loop = loop
         self.config = config
         self.policy = policy
         self.send_ip = send_ip
+        self.send_ip_buf = send_ip_buf
         self.counters = counters if counters is not None else {}
         self.guest_ip = ip_to_bytes(config.guest_ip)
         self.gateway_ip = ip_to_bytes(config.gateway_ip)
         self.dns_ip = ip_to_bytes(config.dns_ip)
         self.network = config.network
-        self._routable_memo: dict[bytes, bool] = {}  # per destination: ipaddress is slow
+        self.idle_timeout = config.udp_idle_timeout
+        # Per guest destination: (host address, its 4 bytes), or None where datagrams go
+        # nowhere; ipaddress and the translation are too slow to redo per new flow.
+        self._dest_memo: dict[bytes, tuple[str, bytes] | None] = {}
         self.flows: dict[tuple[int, bytes, int], _Flow] = {}
         self.listeners: dict[int, socket.socket] = {}
         self._ident = 0
+        self._closed = False
+        # Fresh sockets made ahead of need (as passt pre-opens its TCP socket pool), so a
+        # new flow's first datagram pays only connect(2): socket(2) + setsockopt(2) for
+        # the next flows run after the current loop turn, while the host answers.
+        self._spare: list[socket.socket] = []
+        self._refill_pending = False
+        # Idle expiry: one heap of (deadline, flow key) and one loop timer for its head,
+        # instead of a loop timer (and a closure) per flow. Entries whose flow is gone
+        # are dropped when they come up. Keys, not flows: a tuple of a float and a key
+        # holds no container the garbage collector must keep visiting.
+        self._expiry: list[tuple[float, tuple[int, bytes, int]]] = []
+        self._sweep_timer: Timer | None = None
+        # A reply is built in place: headers, then the payload received right behind them.
+        # ETH_HLEN of headroom lets a send_ip_buf callback frame it without a copy.
+        self._rx = bytearray(ETH_HLEN + IPV4_UDP_HLEN + UDP_MAX_DATAGRAM)
+        self._rx_view = memoryview(self._rx)
+        self._rx_payload = self._rx_view[ETH_HLEN + IPV4_UDP_HLEN:]
+        self._rx_packet = self._rx_view[ETH_HLEN:]
+        self._pseudo_view = self._rx_view[ETH_HLEN + PSEUDO_OFF:]
+        self._ip_hdr_view = self._rx_view[ETH_HLEN:ETH_HLEN + IPV4_HLEN]
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -117,89 +186,150 @@ class UdpNat:
             flow = self._open_flow(key, ip_packet)
             if flow is None:
                 return
-        flow.last_active = self.loop.time()
-        flow.quote = icmp_error_quote(ip_packet)
+        else:
+            flow.last_active = self.loop.time()
+        # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine) + 8 bytes.
+        flow.quote = bytes(ip_packet[:(ip_packet[0] & 0x0F) * 4 + UDP_HLEN])
+        counters = self.counters
         try:
             if flow.listener is not None:
                 flow.listener.sendto(payload, flow.peer)
             else:
                 flow.sock.send(payload)
         except BlockingIOError:
-            self._count("udp_tx_dropped")  # UDP may drop; the socket buffer is full
+            # UDP may drop; the socket buffer is full
+            counters["udp_tx_dropped"] = counters.get("udp_tx_dropped", 0) + 1
             return
         except OSError:
             # An earlier ICMP error surfacing; IP_RECVERR delivers the details separately.
-            self._count("udp_tx_error")
+            counters["udp_tx_error"] = counters.get("udp_tx_error", 0) + 1
             return
-        self._count("udp_tx")
+        counters["udp_tx"] = counters.get("udp_tx", 0) + 1
 
     def _open_flow(self, key, ip_packet: memoryview) -> _Flow | None:
         sport, dst_ip, dport = key
-        if not self._routable(dst_ip):
+        try:
+            dest = self._dest_memo[dst_ip]
+        except KeyError:
+            dest = self._destination(dst_ip)
+        if dest is None:
             # Broadcasts, multicast and other hosts of the guest's own subnet go nowhere.
             self._count("udp_dropped_local")
             return None
         if len(self.flows) >= self.config.max_flows:
             self._count("udp_dropped_flow_limit")
             return None
-        host_ip = self.config.translate(ip_to_str(dst_ip))
+        host_ip, host_ip_bytes = dest
         if not self.policy.allows("udp", host_ip, dport):
             self._count("udp_denied")
             self.send_ip(self._icmp_error(ICMP_DEST_UNREACH, ICMP_PKT_FILTERED, dst_ip,
                                           icmp_error_quote(ip_packet)))
             return None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            sock = self._spare.pop() if self._spare else self._new_socket()
+        except OSError:
+            self._count("udp_socket_error")  # EMFILE, ENOBUFS: this datagram is dropped
+            return None
+        if len(self._spare) < UDP_SPARE_SOCKETS and not self._refill_pending:
+            self._refill_pending = True
+            self.loop.call_soon(self._refill)
+        try:
             sock.connect((host_ip, dport))
         except OSError:
             sock.close()
             self._count("udp_connect_error")
-            self.send_ip(self._icmp_error(ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, dst_ip, icmp_error_quote(ip_packet)))
+            self.send_ip(self._icmp_error(ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, dst_ip,
+                                          icmp_error_quote(ip_packet)))
             return None
-        flow = _Flow(key, sock, dst_ip, ip_to_bytes(host_ip))
+        flow = _Flow(self, key, sock, dst_ip, host_ip_bytes, self.loop.time())
         self._install(flow)
-        self._count("udp_flows_opened")
+        counters = self.counters
+        counters["udp_flows_opened"] = counters.get("udp_flows_opened", 0) + 1
         return flow
 
-    def _routable(self, dst_ip: bytes) -> bool:
-        ok = self._routable_memo.get(dst_ip)
-        if ok is None:
-            addr = ipaddress.IPv4Address(dst_ip)
-            ok = is_unicast_destination(dst_ip) and (
-                addr not in self.network or dst_ip == self.gateway_ip)
-            if len(self._routable_memo) >= ROUTABLE_MEMO_MAX:
-                self._routable_memo.clear()
-            self._routable_memo[dst_ip] = ok
-        return ok
+    @staticmethod
+    def _new_socket() -> socket.socket:
+        """An unconnected flow socket: non-blocking and close-on-exec from socket(2) itself
+        (no fcntl calls), with IP_RECVERR for ICMP errors."""
+        sock = socket.socket(socket.AF_INET,
+                             socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _refill(self) -> None:
+        """Top up the spare sockets, after this loop turn's events (off the reply's path)."""
+        self._refill_pending = False
+        if self._closed:
+            return
+        try:
+            while len(self._spare) < UDP_SPARE_SOCKETS:
+                self._spare.append(self._new_socket())
+        except OSError:
+            self._count("udp_spare_socket_error")  # EMFILE and the like: flows make their own
+
+    def _destination(self, dst_ip: bytes) -> tuple[str, bytes] | None:
+        """The host address for a guest destination, or None if datagrams go nowhere."""
+        addr = ipaddress.IPv4Address(dst_ip)
+        dest = None
+        if is_unicast_destination(dst_ip) and (
+                addr not in self.network or dst_ip == self.gateway_ip):
+            host_ip = self.config.translate(ip_to_str(dst_ip))
+            dest = (host_ip, ip_to_bytes(host_ip))
+        if len(self._dest_memo) >= ROUTABLE_MEMO_MAX:
+            self._dest_memo.clear()
+        self._dest_memo[dst_ip] = dest
+        return dest
 
     def _install(self, flow: _Flow) -> None:
         self.flows[flow.key] = flow
-        flow.last_active = self.loop.time()
         if flow.listener is None:
-            self.loop.watch(flow.sock.fileno(), select.EPOLLIN,
-                            lambda ev, f=flow: self._flow_event(f, ev))
-        self._arm(flow)
-
-    def _arm(self, flow: _Flow) -> None:
-        flow.timer = self.loop.call_at(flow.last_active + self.config.udp_idle_timeout,
-                                       lambda f=flow: self._idle_check(f))
-
-    def _idle_check(self, flow: _Flow) -> None:
-        flow.timer = None
-        # Re-arming once per timeout, rather than per datagram, keeps the timer heap small.
-        if self.loop.time() - flow.last_active >= self.config.udp_idle_timeout:
-            self._close_flow(flow)
-            self._count("udp_flows_expired")
+            self.loop.watch(flow.sock.fileno(), select.EPOLLIN, flow)
+        deadline = flow.last_active + self.idle_timeout
+        timer = self._sweep_timer
+        if timer is not None and timer.when <= deadline:
+            # The usual case: the sweep already due first will look at this flow too.
+            heapq.heappush(self._expiry, (deadline, flow.key))
         else:
-            self._arm(flow)
+            self._arm(flow, deadline)
+
+    def _arm(self, flow: _Flow, deadline: float) -> None:
+        heapq.heappush(self._expiry, (deadline, flow.key))
+        timer = self._sweep_timer
+        if timer is None or deadline < timer.when:
+            if timer is not None:
+                timer.cancel()
+            self._sweep_timer = self.loop.call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the flows idle for udp_idle_timeout; re-arm the others at last_active +
+        timeout, so each flow is looked at about once per timeout, not per datagram."""
+        self._sweep_timer = None
+        now = self.loop.time()
+        timeout = self.idle_timeout
+        expiry = self._expiry
+        rearm = []
+        flows = self.flows
+        while expiry and expiry[0][0] <= now:
+            flow = flows.get(heapq.heappop(expiry)[1])
+            if flow is None or flow.sock is None:
+                continue  # closed already
+            if now - flow.last_active >= timeout:
+                self._close_flow(flow)
+                self._count("udp_flows_expired")
+            else:
+                rearm.append(flow)
+        for flow in rearm:
+            heapq.heappush(expiry, (flow.last_active + timeout, flow.key))
+        if expiry:
+            self._sweep_timer = self.loop.call_at(expiry[0][0], self._sweep)
 
     def _close_flow(self, flow: _Flow) -> None:
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
-        if flow.timer is not None:
-            flow.timer.cancel()
-            flow.timer = None
         if flow.listener is None and flow.sock is not None:
             self.loop.unwatch(flow.sock.fileno())
             flow.sock.close()
@@ -208,21 +338,54 @@ class UdpNat:
     # ------------------------------------------------------------ host -> guest
 
     def _flow_event(self, flow: _Flow, events: int) -> None:
-        if flow.sock is None:
+        sock = flow.sock
+        if sock is None:
             return
         if events & select.EPOLLERR:
             self._drain_errors(flow)
         if events & select.EPOLLIN:
-            for _ in range(UDP_BATCH):
+            batch = flow.batch
+            got = 0
+            for _ in range(batch):
                 try:
-                    data = flow.sock.recv(UDP_MAX_DATAGRAM)
+                    # Straight into the reply buffer, behind the space for its headers.
+                    n = sock.recv_into(self._rx_payload)
                 except BlockingIOError:
                     break
                 except OSError:
                     # The pending error was already reported through the error queue.
                     continue
+                got += 1
+                self._reply(flow.guest_dst, flow.key[2], flow.key[0], n)
+            else:
+                if batch < UDP_BATCH:
+                    flow.batch = batch * 2  # the whole batch was used: a busy flow
+            if got:
                 flow.last_active = self.loop.time()
-                self._to_guest(flow.guest_dst, flow.key[2], flow.key[0], data)
+
+    def _reply(self, src_ip: bytes, sport: int, dport: int, n: int) -> None:
+        """Send the n payload bytes in self._rx_payload to the guest as one IPv4 + UDP
+        packet (RFC 791 §3.1, RFC 768), or as fragments if that exceeds the MTU."""
+        total = IPV4_UDP_HLEN + n
+        if total > self.config.mtu:
+            self._to_guest(src_ip, sport, dport, bytes(self._rx_payload[:n]))
+            return
+        buf = self._rx
+        guest_ip = self.guest_ip
+        ulen = UDP_HLEN + n
+        _PSEUDO.pack_into(buf, ETH_HLEN + PSEUDO_OFF, src_ip, guest_ip, 0, IPPROTO_UDP, ulen)
+        _UDP.pack_into(buf, ETH_HLEN + IPV4_HLEN, sport, dport, ulen, 0)
+        csum = inet_checksum(self._pseudo_view[:_PSEUDO.size + ulen])
+        self._ident = ident = (self._ident + 1) & 0xFFFF
+        _IPV4_UDP.pack_into(buf, ETH_HLEN, IPV4_VIHL, 0, total, ident, IP_DF, DEFAULT_TTL,
+                            IPPROTO_UDP, 0, src_ip, guest_ip, sport, dport, ulen,
+                            csum or UDP_CSUM_NONE)
+        _CSUM.pack_into(buf, ETH_HLEN + IPV4_CSUM_OFF, inet_checksum(self._ip_hdr_view))
+        if self.send_ip_buf is not None:
+            self.send_ip_buf(buf, total)
+        else:
+            self.send_ip(bytes(self._rx_packet[:total]))
+        self._count("udp_rx")
 
     def _to_guest(self, src_ip: bytes, sport: int, dport: int, data: bytes) -> None:
         udp = build_udp(src_ip, self.guest_ip, sport, dport, data)
@@ -271,28 +434,38 @@ class UdpNat:
     def _listener_event(self, sock: socket.socket, guest_port: int) -> None:
         for _ in range(UDP_BATCH):
             try:
-                data, peer = sock.recvfrom(UDP_MAX_DATAGRAM)
+                n, peer = sock.recvfrom_into(self._rx_payload)
             except BlockingIOError:
                 return
             except OSError:
                 continue
             peer_ip = ip_to_bytes(peer[0])
-            visible = self.gateway_ip if ipaddress.IPv4Address(peer_ip).is_loopback else peer_ip
+            # 127.0.0.0/8 is loopback (RFC 1122 §3.2.1.3 (g)).
+            visible = self.gateway_ip if peer_ip[0] == LOOPBACK_NET else peer_ip
             key = (guest_port, visible, peer[1])
             flow = self.flows.get(key)
+            now = self.loop.time()
             if flow is None:
                 if len(self.flows) >= self.config.max_flows:
                     self._count("udp_dropped_flow_limit")
                     continue
-                flow = _Flow(key, sock, visible, peer_ip)
+                flow = _Flow(self, key, sock, visible, peer_ip, now)
                 flow.listener = sock
                 flow.peer = peer
                 self._install(flow)
                 self._count("udp_forward_flows_opened")
-            flow.last_active = self.loop.time()
-            self._to_guest(visible, peer[1], guest_port, data)
+            flow.last_active = now
+            self._reply(visible, peer[1], guest_port, n)
 
     def close(self) -> None:
+        self._closed = True
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        self._expiry.clear()
+        for sock in self._spare:
+            sock.close()
+        self._spare.clear()
         for flow in list(self.flows.values()):
             self._close_flow(flow)
         for fd, sock in list(self.listeners.items()):
