@@ -275,6 +275,9 @@ cdef enum:
     STREAM_MAX_FRAMES = 64
     # Largest TCP payload one IPv4 packet carries (RFC 791 total length is 16 bits).
     MAX_SEG_PAYLOAD = IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN - TCP_HEADER_LEN
+    # Below this MSS no GSO: a peer announcing a tiny MSS must not make the kernel cut
+    # a super-frame into thousands of segments (RFC 9293 §3.7.1 default MSS).
+    TSO_MIN_MSS = 536
 
 cdef enum StreamStatus:
     # send_tcp_stream: why the burst ended.
@@ -296,6 +299,37 @@ cdef inline void put16le(uint8_t *p, uint16_t v) noexcept nogil:
 
 cdef inline uint16_t get16le(const uint8_t *p) noexcept nogil:
     return <uint16_t>(p[0] | (p[1] << 8))
+
+
+cdef int rx_checksum_state(uint8_t *slot, Py_ssize_t length, int hl) noexcept nogil:
+    """1: the frame's L4 checksum need not be checked; 0: check it; -1: drop the frame.
+
+    virtio 1.2 §5.1.6.2: NEEDS_CSUM means the checksum from csum_start on is unfinished
+    (the field holds the pseudo-header sum). If that is the IPv4 packet's own TCP/UDP
+    header we relay only the payload, so nothing needs it. Otherwise (a tunnel's inner
+    packet, say) it is finished here, as the kernel's skb_checksum_help would, because the
+    payload we relay carries it.
+    """
+    cdef uint8_t *frame = slot + hl
+    cdef Py_ssize_t flen = length - hl
+    cdef Py_ssize_t start
+    cdef Py_ssize_t field
+    cdef uint16_t c
+    if hl == 0:
+        return 0
+    if slot[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        start = get16le(slot + 6)
+        field = start + get16le(slot + 8)
+        if field + 2 > flen:
+            return -1
+        if (flen >= ETH_HLEN_C + IPV4_HEADER_LEN and frame[12] == (ETH_P_IP_C >> 8)
+                and frame[13] == (ETH_P_IP_C & 0xFF)
+                and start == ETH_HLEN_C + (frame[ETH_HLEN_C] & 0x0F) * 4):
+            return 1
+        c = csum_finish(csum_partial(frame + start, flen - start, 0))
+        put16(frame + field, c if c else 0xFFFF)  # RFC 768: a computed zero is sent as ~0
+        return 0
+    return 1 if slot[0] & VIRTIO_NET_HDR_F_DATA_VALID else 0
 
 
 cdef class FramePort:
@@ -321,6 +355,9 @@ cdef class FramePort:
     cdef Py_ssize_t tx_slot
     cdef public unsigned long long rx_frames, rx_dropped, tx_frames, tx_eagain, tx_dropped
     cdef public unsigned long long stream_frames, stream_bytes
+    # Set while the owner has frames queued for the fd: stream sends then report
+    # STREAM_BLOCKED rather than overtake them.
+    cdef public bint paused
 
     def __cinit__(self, int fd, int vnet_hdr_len=0, Py_ssize_t max_frame=65550,
                   Py_ssize_t batch=64, bint tso=False):
@@ -352,7 +389,8 @@ cdef class FramePort:
         """Read up to `batch` frames; return [(frame bytes, checksum_verified)].
 
         Stops at EAGAIN, at EOF and at a read error (EIO before the interface is up); those
-        end the batch without raising. Frames shorter than the virtio header are dropped.
+        end the batch without raising. Frames shorter than the virtio header, and frames
+        whose NEEDS_CSUM points outside them, are dropped (rx_dropped).
         """
         cdef Py_ssize_t n = 0
         cdef ssize_t r
@@ -369,15 +407,18 @@ cdef class FramePort:
                 self.rx_len[n] = r
                 n += 1
         out = []
+        cdef int state
         for i in range(n):
             slot = self.rx + i * self.rx_slot
             if self.rx_len[i] < hl + ETH_HLEN_C:
                 self.rx_dropped += 1
                 continue
-            verified = hl > 0 and (slot[0] & (VIRTIO_NET_HDR_F_NEEDS_CSUM
-                                              | VIRTIO_NET_HDR_F_DATA_VALID)) != 0
+            state = rx_checksum_state(slot, self.rx_len[i], hl)
+            if state < 0:
+                self.rx_dropped += 1
+                continue
             out.append((PyBytes_FromStringAndSize(<char *>slot + hl, self.rx_len[i] - hl),
-                        verified))
+                        state == 1))
         self.rx_frames += len(out)
         return out
 
@@ -425,7 +466,8 @@ cdef class FramePort:
 
         One recvmsg(MSG_PEEK) fills up to STREAM_MAX_FRAMES frames; segments carry at most
         mss bytes, or with tso a GSO super-frame of mss-sized segments. Every segment has
-        ACK and the last one PSH. Returns (bytes sent, bytes peeked, frames, status); the
+        ACK and the last one PSH. Returns (bytes sent, bytes peeked, frames written, status);
+        bytes of frames the port rejected for good count as sent (lost on the wire); the
         caller commits the bytes sent to the TCP state and moves SO_PEEK_OFF back by
         peeked - sent. Status is STREAM_MORE, STREAM_DRAINED, STREAM_EOF, STREAM_BLOCKED, or
         a negative errno from recvmsg.
@@ -436,12 +478,14 @@ cdef class FramePort:
             raise ValueError("mss or budget out of range")
         if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
             raise ValueError("port or window out of range")
+        if self.paused:
+            return 0, 0, 0, S_BLOCKED
         if self.tx == NULL:
             self.tx = <uint8_t *>malloc(self.tx_slot * STREAM_MAX_FRAMES)
             if self.tx == NULL:
                 raise MemoryError()
         cdef Py_ssize_t seg_cap = mss
-        if self.tso:
+        if self.tso and mss >= TSO_MIN_MSS:
             # As many whole segments as one IPv4 packet holds.
             seg_cap = (MAX_SEG_PAYLOAD // mss) * mss
         cdef iovec iov[STREAM_MAX_FRAMES]
@@ -461,7 +505,7 @@ cdef class FramePort:
         msg.msg_iovlen = nframes
         cdef ssize_t got
         cdef Py_ssize_t sent = 0
-        cdef Py_ssize_t frames = 0
+        cdef Py_ssize_t frames = 0  # frames the port took
         cdef int status = S_MORE
         cdef int err = 0
         with nogil:
@@ -505,6 +549,7 @@ cdef class FramePort:
         cdef ssize_t r
         cdef uint16_t c
         cdef Py_ssize_t i = 0
+        cdef Py_ssize_t written = 0
         cdef int status = S_MORE if got == want else S_DRAINED
         while done < got:
             n = min(seg_cap, got - done)
@@ -568,8 +613,10 @@ cdef class FramePort:
                     break
                 # A frame the port refused for good is lost on the wire: TCP retransmits.
                 self.tx_dropped += 1
+            else:
+                written += 1
             done += n
             i += 1
         sent_out[0] = done
-        frames_out[0] = i
+        frames_out[0] = written
         return status

@@ -83,19 +83,51 @@ def available(sock):
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
+def ipv4_udp_frame(payload: bytes) -> bytes:
+    """An Ethernet frame with IPv4 + UDP whose UDP checksum field holds the pseudo-header
+    sum, as a sender offloading the checksum (NEEDS_CSUM) leaves it."""
+    udp_len = 8 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, 0x4000, 64, 17, 0, DST, SRC)
+    ip = ip[:10] + struct.pack("!H", _slirp_py.inet_checksum(ip)) + ip[12:]
+    pseudo = _slirp_py._fold(_slirp_py._sum16(DST + SRC + struct.pack("!BBH", 0, 17, udp_len)))
+    return ETH + ip + struct.pack("!HHHH", 5000, 4789, udp_len, pseudo) + payload
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_read_batch_reports_offloaded_checksums(impl, tap_pair):
     ours, peer = tap_pair
     port = impl.FramePort(ours.fileno(), vnet_hdr_len=10, batch=8)
-    frames = [ETH + b"a" * 50, ETH + b"b" * 60, ETH + b"c"]
-    peer.send(VNET.pack(1, 0, 0, 0, 34, 16) + frames[0])   # NEEDS_CSUM
+    own = ipv4_udp_frame(b"payload")
+    frames = [own, ETH + b"b" * 60, ETH + b"c"]
+    peer.send(VNET.pack(1, 0, 0, 0, 34, 6) + frames[0])    # NEEDS_CSUM at its own UDP
     peer.send(VNET.pack(2, 0, 0, 0, 0, 0) + frames[1])     # DATA_VALID
     peer.send(VNET.pack(0, 0, 0, 0, 0, 0) + frames[2])     # nothing offloaded
     peer.send(b"\0" * 12)                                  # shorter than hdr + Ethernet
+    peer.send(VNET.pack(1, 0, 0, 0, 34, 60) + own)         # csum field beyond the frame
     got = port.read_batch()
     assert got == [(frames[0], True), (frames[1], True), (frames[2], False)]
-    assert port.rx_dropped == 1 and port.rx_frames == 3
+    assert port.rx_dropped == 2 and port.rx_frames == 3
     assert port.read_batch() == []  # EAGAIN ends the batch quietly
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_read_batch_finishes_a_tunnelled_partial_checksum(impl, tap_pair):
+    """NEEDS_CSUM pointing past the packet's own L4 header (an inner packet in a UDP
+    tunnel): the relayed payload carries that checksum, so it is completed here."""
+    ours, peer = tap_pair
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=10)
+    inner = ipv4_udp_frame(b"inner data")[14:]  # IPv4 + UDP, checksum unfinished
+    outer = ipv4_udp_frame(b"\0" * 8 + inner)   # 8 bytes standing in for a VXLAN header
+    inner_udp = 14 + 20 + 8 + 8 + 20
+    peer.send(VNET.pack(1, 0, 0, 0, inner_udp, 6) + outer)
+    [(frame, verified)] = port.read_batch()
+    assert not verified  # the outer UDP checksum is still to be checked by the engine
+    assert frame[:inner_udp + 6] == outer[:inner_udp + 6]
+    assert frame[inner_udp + 8:] == outer[inner_udp + 8:]
+    udp = frame[inner_udp:]
+    inner_src, inner_dst = frame[inner_udp - 8:inner_udp - 4], frame[inner_udp - 4:inner_udp]
+    pseudo = _slirp_py._sum16(inner_src + inner_dst + struct.pack("!BBH", 0, 17, len(udp)))
+    assert ~_slirp_py._fold(_slirp_py._sum16(udp, pseudo)) & 0xFFFF == 0  # now valid
 
 
 @pytest.mark.parametrize("impl", IMPLS)

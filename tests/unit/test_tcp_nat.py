@@ -18,6 +18,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -1127,4 +1128,49 @@ def test_stream_port_full_stops_the_flow_until_writable(stream):
         assert rig.port.tx_eagain >= rig.blocked
         assert rig.nat.counters["tcp_bytes_to_guest"] == len(data)
     finally:
+        rig.close()
+
+
+def test_full_port_before_any_data_does_not_spin():
+    """The port refuses the flow's first frame: with nothing in flight the host socket
+    must not stay polled (its data is only peeked, so EPOLLIN would fire every turn)."""
+    rig = Rig(stream="plain")
+    try:
+        ours, peer = rig.port_pair
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        go = threading.Event()
+
+        def handler(conn, res):
+            go.wait(30)
+            conn.sendall(b"r" * 5000)
+            res["done"] = True
+            go.wait(30)
+
+        srv = Server(handler)
+        g = rig.connect(srv.port, eof=False)
+        rig.run(lambda: g.flow.state is TcpState.ESTABLISHED and rig.nat.flows)
+        while True:  # fill the stand-in TAP
+            try:
+                ours.send(b"\0" * 1000)
+            except BlockingIOError:
+                break
+        go.set()
+        deadline = time.monotonic() + 10
+        while not rig.blocked and time.monotonic() < deadline:
+            rig.loop.run_once(0.01)
+        assert rig.blocked >= 1
+        calls, blocked = rig.loop.fd_calls, rig.blocked
+        for _ in range(50):
+            rig.loop.run_once(0.001)
+        # Nothing polled, nothing retried while the port is full.
+        assert (rig.loop.fd_calls, rig.blocked) == (calls, blocked)
+        while True:  # the TAP drains: the flow resumes by itself
+            try:
+                peer.recv(2000)
+            except BlockingIOError:
+                break
+        rig.run(lambda: len(g.sink) == 5000)
+        assert bytes(g.sink) == b"r" * 5000
+    finally:
+        go.set()
         rig.close()

@@ -159,8 +159,31 @@ TCP_FLAG_ACK = 0x10
 SEG_HEADROOM = ETH_HLEN + IPV4_HEADER_LEN + TCP_HEADER_LEN
 STREAM_MAX_FRAMES = 64
 MAX_SEG_PAYLOAD = IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN - TCP_HEADER_LEN
+TSO_MIN_MSS = 536  # no GSO below the RFC 9293 §3.7.1 default MSS
+ETH_P_IP = 0x0800
 STREAM_MORE, STREAM_DRAINED, STREAM_EOF, STREAM_BLOCKED = range(4)
 _VNET_HDR = struct.Struct("<BBHHHH")  # virtio 1.2 §5.1.6 struct virtio_net_hdr
+
+
+def _rx_checksum_state(data: bytearray, hl: int) -> int:
+    """1: no L4 check needed; 0: check it; -1: drop (see _slirp.rx_checksum_state)."""
+    if not hl:
+        return 0
+    flags = data[0]
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        _f, _g, _h, _s, start, off = _VNET_HDR.unpack_from(data)
+        frame = memoryview(data)[hl:]
+        field = start + off
+        if field + 2 > len(frame):
+            return -1
+        if (len(frame) >= ETH_HLEN + IPV4_HEADER_LEN
+                and struct.unpack_from("!H", frame, 12)[0] == ETH_P_IP
+                and start == ETH_HLEN + (frame[ETH_HLEN] & 0x0F) * 4):
+            return 1
+        c = inet_checksum(frame[start:])
+        struct.pack_into("!H", frame, field, c or 0xFFFF)
+        return 0
+    return 1 if flags & VIRTIO_NET_HDR_F_DATA_VALID else 0
 
 
 class FramePort:
@@ -181,6 +204,7 @@ class FramePort:
         self.batch = batch
         self.rx_frames = self.rx_dropped = self.tx_frames = 0
         self.tx_eagain = self.tx_dropped = self.stream_frames = self.stream_bytes = 0
+        self.paused = False
 
     def read_batch(self):
         hl = self.vnet_hdr_len
@@ -197,9 +221,12 @@ class FramePort:
             if len(data) < hl + ETH_HLEN:
                 self.rx_dropped += 1
                 continue
-            verified = hl > 0 and bool(data[0] & (VIRTIO_NET_HDR_F_NEEDS_CSUM
-                                                  | VIRTIO_NET_HDR_F_DATA_VALID))
-            out.append((data[hl:], verified))
+            buf = bytearray(data)
+            state = _rx_checksum_state(buf, hl)
+            if state < 0:
+                self.rx_dropped += 1
+                continue
+            out.append((bytes(buf[hl:]), state == 1))
         self.rx_frames += len(out)
         return out
 
@@ -232,7 +259,9 @@ class FramePort:
             raise ValueError("mss or budget out of range")
         if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
             raise ValueError("port or window out of range")
-        seg_cap = (MAX_SEG_PAYLOAD // mss) * mss if self.tso else mss
+        if self.paused:
+            return 0, 0, 0, STREAM_BLOCKED
+        seg_cap = (MAX_SEG_PAYLOAD // mss) * mss if self.tso and mss >= TSO_MIN_MSS else mss
         want = min(budget, seg_cap * STREAM_MAX_FRAMES)
         if want == 0:
             return 0, 0, 0, STREAM_MORE
@@ -250,12 +279,12 @@ class FramePort:
             return 0, 0, 0, STREAM_EOF
         status = STREAM_MORE if got == want else STREAM_DRAINED
         hl = self.vnet_hdr_len
-        done = frames = 0
+        done = frames = built = 0
         pkt = bytearray(IPV4_MAX_TOTAL_LEN)
         while done < got:
             n = min(seg_cap, got - done)
             flags = TCP_FLAG_ACK | (TCP_FLAG_PSH if done + n >= got else 0)
-            length = build_ipv4_tcp(pkt, src_ip, dst_ip, (ip_id + frames) & 0xFFFF, src_port,
+            length = build_ipv4_tcp(pkt, src_ip, dst_ip, (ip_id + built) & 0xFFFF, src_port,
                                     dst_port, (seq + done) & SEQ_MASK, ack, flags, window, b"",
                                     data[done:done + n])
             parts = []
@@ -274,8 +303,9 @@ class FramePort:
             if r == 0:
                 status = STREAM_BLOCKED
                 break
-            done += n
-            frames += 1
+            done += n  # a frame refused for good (r < 0) is lost on the wire
+            built += 1
+            frames += r > 0
         self.stream_frames += frames
         self.stream_bytes += done
         self.tx_frames += frames

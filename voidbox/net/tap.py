@@ -136,6 +136,7 @@ class TapIO:
             self.counters["tap_tx_dropped"] += 1
             return
         self.backlog.append(frame)
+        self.port.paused = True  # TCP streams must not overtake the queued frames
         self._set_events(select.EPOLLIN | select.EPOLLOUT)
 
     def _flush(self) -> None:
@@ -148,6 +149,7 @@ class TapIO:
             else:
                 self.counters["tap_tx_dropped"] += 1
             self.backlog.popleft()
+        self.port.paused = False
         self._set_events(select.EPOLLIN)
         if self.on_writable is not None:
             self.on_writable()

@@ -44,6 +44,7 @@ TCPOLEN_WINDOW = 3
 TCP_HEADER_LEN = 20
 TCP_MAX_HEADER_LEN = 60
 TCP_DEFAULT_MSS = 536  # RFC 9293 §3.7.1: assumed when the SYN carries no MSS option
+TCP_MIN_SND_MSS = 48  # Linux's net.ipv4.tcp_min_snd_mss default
 TCP_MAX_WSCALE = 14  # RFC 7323 §2.3: larger shift counts are treated as 14
 TCP_MAX_WINDOW_FIELD = 0xFFFF
 IPV4_TCP_OVERHEAD = 40  # IPv4 header + TCP header, both without options
@@ -280,7 +281,9 @@ class TcpFlow:
 
     def _take_syn_options(self, syn: Segment) -> None:
         mss = syn.mss if syn.mss else TCP_DEFAULT_MSS
-        self.snd_mss = max(1, min(mss, self.our_mss))
+        # A floor as Linux's tcp_min_snd_mss: a peer announcing a tiny MSS must not make
+        # us cut the stream into thousands of segments per window (CVE-2019-11479).
+        self.snd_mss = max(TCP_MIN_SND_MSS, min(mss, self.our_mss))
         # RFC 7323 §2.2: scaling is in effect only if both SYNs carried the option.
         self.wscale_ok = self.our_wscale is not None and syn.wscale is not None
         if self.wscale_ok:

@@ -582,7 +582,8 @@ class TcpNat:
             f.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, f.peek_off)
         if sent:
             core.stream_sent(sent, now)
-            f.last_ack = ack
+            if frames:
+                f.last_ack = ack  # else the turn's coalesced ACK must still go out
             f.bytes_down += sent
             self._count("tcp_bytes_to_guest", sent)
             self._count("tcp_stream_frames", frames)
@@ -816,8 +817,10 @@ class TcpNat:
             want = EPOLLOUT
         else:
             want = 0
+            # Not while the stream port is full: the host data is only peeked, so EPOLLIN
+            # would fire every turn; port_writable() pumps the flow instead.
             if (not f.host_eof and core.fin_seq is None and core.in_flight() == 0
-                    and core.send_budget() > 0):
+                    and core.send_budget() > 0 and f.key not in self._waiting_port):
                 want |= EPOLLIN
             if f.want_out:
                 want |= EPOLLOUT
