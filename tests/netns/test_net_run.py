@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -111,6 +112,35 @@ def test_exit_status_is_the_commands():
     assert run(["sh", "-c", "exit 7"])[0] == 7
     assert run(["sh", "-c", "kill -TERM $$"])[0] == 128 + 15
     assert run(["/nonexistent/command"])[0] == 127
+
+
+# Reads tap0's TSO and TX-checksum state with SIOCETHTOOL (linux/ethtool.h), from inside
+# the namespace: what the namespace's stack will actually do.
+ETHTOOL_PROBE = textwrap.dedent("""
+    import ctypes, fcntl, socket, struct, sys
+    SIOCETHTOOL, ETHTOOL_GTXCSUM, ETHTOOL_GTSO = 0x8946, 0x16, 0x1E
+    out = []
+    sock = socket.socket()
+    for cmd in (ETHTOOL_GTXCSUM, ETHTOOL_GTSO):
+        val = ctypes.create_string_buffer(struct.pack("II", cmd, 0))
+        ifr = struct.pack("16sP", b"tap0", ctypes.addressof(val)).ljust(40, b"\\0")
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifr)
+        out.append(struct.unpack_from("II", val.raw)[1])
+    print("txcsum=%d tso=%d" % tuple(out))
+""")
+
+
+@pytest.mark.parametrize("flag,expect", [(None, "txcsum=1 tso=1"),
+                                         ("--no-offload", "txcsum=0 tso=0")])
+def test_offloads_follow_the_cli_flag(tmp_path, flag, expect):
+    """`voidbox net run` turns on checksum offload and TSO on the namespace's interface
+    by default, and leaves both off with --no-offload."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(ETHTOOL_PROBE)
+    args = [PY, "-m", "voidbox", "net", "run", *([flag] if flag else []), "--", PY, str(probe)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == expect
 
 
 def test_ping_gateway():
