@@ -96,6 +96,38 @@ cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     memcpy(p, &be, 4)
 
 
+cdef inline void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
+                                   const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil:
+    # RFC 791 §3.1: no options, DF, TTL 64, protocol TCP, with its header checksum.
+    out[0] = IPV4_VERSION_IHL
+    out[1] = 0
+    put16(out + 2, total)
+    put16(out + 4, ip_id)
+    put16(out + 6, IPV4_FLAG_DF)
+    out[8] = IPV4_DEFAULT_TTL
+    out[9] = IPPROTO_TCP
+    put16(out + 10, 0)
+    memcpy(out + 12, src_ip, 4)
+    memcpy(out + 16, dst_ip, 4)
+    # csum_finish returns the checksum as a number; put16 stores it big-endian.
+    put16(out + 10, csum_finish(csum_partial(out, IPV4_HEADER_LEN, 0)))
+
+
+cdef inline void write_tcp_header(uint8_t *t, uint16_t src_port, uint16_t dst_port,
+                                  uint32_t seq, uint32_t ack, Py_ssize_t header_len,
+                                  uint8_t flags, uint16_t window) noexcept nogil:
+    # RFC 9293 §3.1, checksum and urgent pointer zero (the caller fills the checksum).
+    put16(t, src_port)
+    put16(t + 2, dst_port)
+    put32(t + 4, seq)
+    put32(t + 8, ack)
+    t[12] = <uint8_t>((header_len >> 2) << 4)
+    t[13] = flags
+    put16(t + 14, window)
+    put16(t + 16, 0)
+    put16(t + 18, 0)
+
+
 cdef Py_ssize_t write_ipv4_tcp(uint8_t *out, Py_ssize_t cap,
                                const uint8_t *src_ip, const uint8_t *dst_ip, uint16_t ip_id,
                                uint16_t src_port, uint16_t dst_port, uint32_t seq, uint32_t ack,
@@ -109,30 +141,10 @@ cdef Py_ssize_t write_ipv4_tcp(uint8_t *out, Py_ssize_t cap,
         return -1
     if total > IPV4_MAX_TOTAL_LEN or total > cap:
         return -1
-    # RFC 791 §3.1 header; every store below is inside out[0:total] checked just above.
-    out[0] = IPV4_VERSION_IHL
-    out[1] = 0
-    put16(out + 2, <uint16_t>total)
-    put16(out + 4, ip_id)
-    put16(out + 6, IPV4_FLAG_DF)
-    out[8] = IPV4_DEFAULT_TTL
-    out[9] = IPPROTO_TCP
-    put16(out + 10, 0)
-    memcpy(out + 12, src_ip, 4)
-    memcpy(out + 16, dst_ip, 4)
-    # csum_finish returns the checksum as a number; put16 stores it big-endian.
-    cdef uint16_t c = csum_finish(csum_partial(out, IPV4_HEADER_LEN, 0))
-    put16(out + 10, c)
-    # RFC 9293 §3.1 header.
-    put16(t, src_port)
-    put16(t + 2, dst_port)
-    put32(t + 4, seq)
-    put32(t + 8, ack)
-    t[12] = <uint8_t>(((TCP_HEADER_LEN + nopt) >> 2) << 4)
-    t[13] = flags
-    put16(t + 14, window)
-    put16(t + 16, 0)
-    put16(t + 18, 0)
+    # Every store below is inside out[0:total], checked just above.
+    write_ipv4_header(out, <uint16_t>total, ip_id, src_ip, dst_ip)
+    write_tcp_header(t, src_port, dst_port, seq, ack, TCP_HEADER_LEN + nopt, flags, window)
+    cdef uint16_t c
     if nopt:
         memcpy(t + TCP_HEADER_LEN, options, nopt)
     if npay:
@@ -561,29 +573,10 @@ cdef class FramePort:
             flags = TCP_FLAG_ACK
             if done + n >= got:
                 flags |= TCP_FLAG_PSH
-            # RFC 791 §3.1 header with its checksum.
-            ip[0] = IPV4_VERSION_IHL
-            ip[1] = 0
-            put16(ip + 2, <uint16_t>(IPV4_HEADER_LEN + TCP_HEADER_LEN + n))
-            put16(ip + 4, <uint16_t>((ip_id + i) & 0xFFFF))
-            put16(ip + 6, IPV4_FLAG_DF)
-            ip[8] = IPV4_DEFAULT_TTL
-            ip[9] = IPPROTO_TCP
-            put16(ip + 10, 0)
-            memcpy(ip + 12, src_ip, 4)
-            memcpy(ip + 16, dst_ip, 4)
-            c = csum_finish(csum_partial(ip, IPV4_HEADER_LEN, 0))
-            put16(ip + 10, c)
-            # RFC 9293 §3.1 header.
-            put16(t, <uint16_t>src_port)
-            put16(t + 2, <uint16_t>dst_port)
-            put32(t + 4, <uint32_t>(seq + done))
-            put32(t + 8, ack)
-            t[12] = <uint8_t>((TCP_HEADER_LEN >> 2) << 4)
-            t[13] = flags
-            put16(t + 14, <uint16_t>window)
-            put16(t + 16, 0)
-            put16(t + 18, 0)
+            write_ipv4_header(ip, <uint16_t>(IPV4_HEADER_LEN + TCP_HEADER_LEN + n),
+                              <uint16_t>((ip_id + i) & 0xFFFF), src_ip, dst_ip)
+            write_tcp_header(t, <uint16_t>src_port, <uint16_t>dst_port, <uint32_t>(seq + done),
+                             ack, TCP_HEADER_LEN, flags, <uint16_t>window)
             if hl:
                 memset(slot, 0, hl)
                 # virtio 1.2 §5.1.6.2: the receiver completes the checksum from csum_start;

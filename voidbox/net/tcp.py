@@ -468,13 +468,18 @@ class TcpFlow:
                 self.snd_nxt = seq_add(self.snd_nxt, 1)
             out.append((Act.SEND, Segment(self.port, self.guest_port, seq, self.rcv_nxt, flags,
                                           window, chunk)))
+        self._after_send(new, now)
+        return out
+
+    def _after_send(self, new: bool, now: float) -> None:
+        """snd_nxt has moved over data just sent: extend snd_max, time a new segment for
+        the RTT (RFC 6298 §3, Karn: never a retransmitted one) and arm the RTO."""
         if seq_gt(self.snd_nxt, self.snd_max):
             self.snd_max = self.snd_nxt
         if new and self.rtt_seq is None:
             self.rtt_seq = self.snd_nxt
             self.rtt_time = now
         self._arm(now)
-        return out
 
     def stream_sent(self, n: int, now: float) -> None:
         """Record n payload bytes sent from snd_nxt in segments the caller built itself
@@ -484,12 +489,7 @@ class TcpFlow:
             return
         new = self.snd_nxt == self.snd_max
         self.snd_nxt = seq_add(self.snd_nxt, n)
-        if seq_gt(self.snd_nxt, self.snd_max):
-            self.snd_max = self.snd_nxt
-        if new and self.rtt_seq is None:
-            self.rtt_seq = self.snd_nxt
-            self.rtt_time = now
-        self._arm(now)
+        self._after_send(new, now)
 
     def window_field(self) -> int:
         """The window field for our next segment (scaled, RFC 7323 §2.3)."""
