@@ -11,6 +11,7 @@ import pytest
 
 import voidbox._ring_py as pure
 from tests.twins import load_ring
+from tests.unit.conftest import RING_MEM_SIZE
 from tests.virtio_driver import DATA_ADDR, Driver
 from voidbox.layout import MMIO_GAP_END, MMIO_GAP_START, MiB
 from voidbox.memory import GuestMemory
@@ -28,22 +29,11 @@ from voidbox.ring import (
 )
 
 U64_MAX = (1 << 64) - 1
-MEM_SIZE = 64 * MiB
+MEM_SIZE = RING_MEM_SIZE  # the memory fixture's size (conftest.py)
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 
 
-load_impl = load_ring
-
-
-@pytest.fixture(params=["cython", "pure"])
-def impl(request):
-    return load_impl(request.param)
-
-
-@pytest.fixture
-def memory():
-    with GuestMemory(MEM_SIZE) as mem:
-        yield mem
+load_impl = load_ring  # impl and memory fixtures: tests/unit/conftest.py
 
 
 @pytest.fixture

@@ -13,11 +13,9 @@ import pytest
 
 import voidbox._ring_py as pure
 import voidbox.virtio.blk as blk
-from tests.twins import load_ring
 from tests.virtio_driver import Driver
 from voidbox.errors import UsageError
 from voidbox.layout import MiB
-from voidbox.memory import GuestMemory
 from voidbox.virtio.blk import (
     DISCARD_SEGMENT,
     MAX_REQUEST_BYTES,
@@ -42,7 +40,6 @@ from voidbox.virtio.blk import (
 )
 from voidbox.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING
 
-MEM_SIZE = 64 * MiB
 IMAGE_SECTORS = 64
 QUEUE_SIZE = 16
 STATUS_UNTOUCHED = 0xAA  # what the driver puts in the status byte before submitting
@@ -51,18 +48,7 @@ HUGE_BUFFER = 16 * MiB  # three of these claim more than MAX_REQUEST_BYTES
 SPARSE_IMAGE_SIZE = 1 << 30
 
 
-load_impl = load_ring
-
-
-@pytest.fixture(params=["cython", "pure"])
-def impl(request):
-    return load_impl(request.param)
-
-
-@pytest.fixture
-def memory():
-    with GuestMemory(MEM_SIZE) as mem:
-        yield mem
+# impl and memory fixtures: tests/unit/conftest.py
 
 
 def sector_pattern(sector):

@@ -10,10 +10,8 @@ import threading
 import pytest
 
 import voidbox._ring_py as pure
-from tests.twins import load_ring
+from tests.unit.conftest import RING_MEM_SIZE
 from tests.virtio_driver import Driver
-from voidbox.layout import MiB
-from voidbox.memory import GuestMemory
 from voidbox.ring import QueueError
 from voidbox.virtio.blk import SECTOR_SIZE, BlockBackend, VirtioBlk
 from voidbox.virtio.device import (
@@ -59,7 +57,7 @@ from voidbox.virtio.mmio import (
     VirtioMmioTransport,
 )
 
-MEM_SIZE = 64 * MiB
+MEM_SIZE = RING_MEM_SIZE  # the memory fixture's size (conftest.py)
 U32 = 0xFFFFFFFF
 U64_MAX = (1 << 64) - 1
 QUEUE_MAX = 16
@@ -73,18 +71,7 @@ SECOND_RINGS = {"desc_addr": 0x50_0000, "avail_addr": 0x60_0000, "used_addr": 0x
 SECOND_DATA = 0x200_0000
 
 
-load_impl = load_ring
-
-
-@pytest.fixture(params=["cython", "pure"])
-def impl(request):
-    return load_impl(request.param)
-
-
-@pytest.fixture
-def memory():
-    with GuestMemory(MEM_SIZE) as mem:
-        yield mem
+# impl and memory fixtures: tests/unit/conftest.py
 
 
 class FakeDevice(VirtioDevice):
