@@ -58,6 +58,13 @@ def run(argv, config=None, dhcp=False, policy=None, check_fds=True, offload=True
     return rc, stats["counters"]
 
 
+def unused_loopback_port(kind: int) -> int:
+    """A 127.0.0.1 port nothing listens on now (bound, read, released)."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def script(tmp_path, name, body):
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
@@ -256,10 +263,7 @@ def test_udp_denied_destination_is_refused(tmp_path, echo):
 
 
 def test_udp_port_unreachable_is_reflected(tmp_path):
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.bind(("127.0.0.1", 0))
-    closed_port = probe.getsockname()[1]
-    probe.close()
+    closed_port = unused_loopback_port(socket.SOCK_DGRAM)
     out = tmp_path / "out"
     client = script(tmp_path, "client.py", f"""\
         import socket
@@ -312,10 +316,7 @@ def test_large_dns_answer_is_truncated_for_tcp_retry(tmp_path):
 
 
 def test_udp_port_forward(tmp_path):
-    fwd_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fwd_sock.bind(("127.0.0.1", 0))
-    host_port = fwd_sock.getsockname()[1]
-    fwd_sock.close()
+    host_port = unused_loopback_port(socket.SOCK_DGRAM)
     ready = tmp_path / "ready"
     server = script(tmp_path, "server.py", f"""\
         import socket
@@ -471,10 +472,7 @@ def test_tcp_to_a_denied_destination_is_refused(http_server):
 
 
 def test_tcp_port_forward(tmp_path):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    host_port = probe.getsockname()[1]
-    probe.close()
+    host_port = unused_loopback_port(socket.SOCK_STREAM)
     server = script(tmp_path, "server.py", """\
         import socket
         s = socket.socket()

@@ -27,7 +27,7 @@ import textwrap
 
 import pytest
 
-from tests.netns.test_net_run import WAIT, _drop_to_nobody_and_run, run
+from tests.netns.test_net_run import WAIT, _drop_to_nobody_and_run, run, unused_loopback_port
 from voidbox.net import run as net_run
 from voidbox.net.config import NatConfig
 from voidbox.net.engine import Engine
@@ -446,10 +446,7 @@ def test_host_half_closes_and_still_receives(tmp_path, tool, server):
 # ---------------------------------------------------------------------- refused
 
 def test_closed_host_port_is_refused_at_once(tmp_path, tool):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    closed_port = probe.getsockname()[1]
-    probe.close()
+    closed_port = unused_loopback_port(socket.SOCK_STREAM)
     out = tmp_path / "out.json"
     rc, counters = run_client(tool, ["refused", GATEWAY, closed_port, REFUSED_ATTEMPTS, out],
                               NatConfig())
