@@ -126,7 +126,7 @@ class Engine:
         """Send the IPv4 packet buf[ETH_HLEN:ETH_HLEN + n] to the guest; the Ethernet header
         is written into buf[:ETH_HLEN], so the frame is never copied to be framed."""
         self._count("frames_to_guest")
-        buf[:ETH_HLEN] = _ETH_HDR.pack(self.guest_mac, self.gateway_mac, ETH_P_IP)
+        buf[:ETH_HLEN] = self._guest_eth_header()
         frame = memoryview(buf)[:ETH_HLEN + n]
         self.send_frame(frame if self.borrow else bytes(frame))
 

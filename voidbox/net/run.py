@@ -195,7 +195,6 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
                 stats["flows"] = engine.flow_count()  # after close: everything released
                 if tap is not None:
                     stats["counters"].update(tap.counters)
-                    stats["counters"]["tap_stream_frames"] = tap.port.stream_frames
         if tap is not None:
             tap.close()
         if loop is not None:

@@ -92,9 +92,9 @@ class TapIO:
         self.port = FramePort(fd, VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
                               payload + ETH_HLEN + 2 * VLAN_HLEN, TAP_READ_BATCH, vnet_hdr)
         self.backlog: collections.deque[bytes] = collections.deque()
-        # tap_rx_oversize: frames longer than the MTU allows, i.e. GSO super-frames (TSO).
-        self.counters = {"tap_rx": 0, "tap_tx": 0, "tap_tx_dropped": 0, "tap_wakeups": 0,
-                         "tap_rx_oversize": 0}
+        self.wakeups = 0
+        self.rx_oversize = 0  # frames longer than the MTU allows: GSO super-frames (TSO)
+        self.backlog_dropped = 0  # frames refused because the write backlog was full
         self.mtu_frame = mtu + ETH_HLEN
         self._events = select.EPOLLIN
         self.on_writable: Callable[[], None] | None = None  # set by the TCP NAT
@@ -104,14 +104,13 @@ class TapIO:
         if events & select.EPOLLOUT:
             self._flush()
         if events & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-            self.counters["tap_wakeups"] += 1
+            self.wakeups += 1
             # EAGAIN, EOF and EIO (before the interface is up) all end the batch.
             frames = self.port.read_batch()
-            self.counters["tap_rx"] += len(frames)
             mtu_frame = self.mtu_frame
             for frame, verified in frames:
                 if len(frame) > mtu_frame:
-                    self.counters["tap_rx_oversize"] += 1
+                    self.rx_oversize += 1
                 self.on_frame(frame, verified)
 
     def write(self, frame: bytes | memoryview) -> None:
@@ -119,13 +118,17 @@ class TapIO:
         if self.backlog:
             self._enqueue(bytes(frame))
             return
-        r = self.port.write(frame)
-        if r > 0:
-            self.counters["tap_tx"] += 1
-        elif r == 0:
+        if self.port.write(frame) == 0:  # EAGAIN; errors are counted by the port
             self._enqueue(bytes(frame))
-        else:
-            self.counters["tap_tx_dropped"] += 1
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Frames read and written (streams included), dropped, and wake-ups."""
+        port = self.port
+        return {"tap_rx": port.rx_frames, "tap_tx": port.tx_frames,
+                "tap_tx_dropped": port.tx_dropped + self.backlog_dropped,
+                "tap_stream_frames": port.stream_frames, "tap_wakeups": self.wakeups,
+                "tap_rx_oversize": self.rx_oversize}
 
     def stream_blocked(self) -> None:
         """The TCP NAT's direct writes hit EAGAIN: wake for EPOLLOUT like a queued write."""
@@ -133,7 +136,7 @@ class TapIO:
 
     def _enqueue(self, frame: bytes) -> None:
         if len(self.backlog) >= TAP_WRITE_BACKLOG:
-            self.counters["tap_tx_dropped"] += 1
+            self.backlog_dropped += 1
             return
         self.backlog.append(frame)
         self.port.paused = True  # TCP streams must not overtake the queued frames
@@ -141,13 +144,8 @@ class TapIO:
 
     def _flush(self) -> None:
         while self.backlog:
-            r = self.port.write(self.backlog[0])
-            if r == 0:
-                return
-            if r > 0:
-                self.counters["tap_tx"] += 1
-            else:
-                self.counters["tap_tx_dropped"] += 1
+            if self.port.write(self.backlog[0]) == 0:
+                return  # still full; a frame the port refused for good is counted there
             self.backlog.popleft()
         self.port.paused = False
         self._set_events(select.EPOLLIN)
