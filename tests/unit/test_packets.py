@@ -190,3 +190,33 @@ def test_reassembly_expires_and_is_bounded():
     for ident in range(200):
         r.push(*_frag(0, b"x" * 8, True, ident=ident), now=1.0)
     assert len(r.pending) == 64
+
+
+def test_reassembly_zero_length_fragment_cannot_hide_an_overlap():
+    """Issue 8 defect 10: E[0,32), an empty fragment at 0, X[0,32), X[32,64) final.
+    The empty piece replaced E's entry, so X[0,32) no longer overlapped anything."""
+    r = Reassembler()
+    assert r.push(*_frag(0, b"E" * 32, True), now=0) is None
+    assert r.push(*_frag(0, b"", True), now=0) is None
+    assert r.push(*_frag(0, b"X" * 32, True), now=0) is None
+    assert r.push(*_frag(32, b"X" * 32, False), now=0) is None
+    assert r.dropped >= 1
+
+
+def test_reassembly_zero_length_non_final_fragment_is_dropped():
+    r = Reassembler()
+    assert r.push(*_frag(8, b"", True), now=0) is None
+    assert r.dropped == 1 and not r.pending
+
+
+def test_reassembly_empty_final_fragment_inside_a_piece_is_an_overlap():
+    r = Reassembler()
+    assert r.push(*_frag(0, b"A" * 16, True), now=0) is None
+    assert r.push(*_frag(8, b"", False), now=0) is None  # ends the datagram inside [0, 16)
+    assert r.dropped == 1 and not r.pending
+
+
+def test_reassembly_empty_final_fragment_at_the_end_completes():
+    r = Reassembler()
+    assert r.push(*_frag(0, b"A" * 16, True), now=0) is None
+    assert r.push(*_frag(16, b"", False), now=0) == b"A" * 16

@@ -335,6 +335,8 @@ REASSEMBLY_TIMEOUT = 30.0
 # guest can make us hold.
 MAX_REASSEMBLIES = 64
 MAX_FRAGMENTS = 64
+# Datagrams remembered as discarded (their late fragments are dropped too).
+MAX_DISCARDED = 256
 IPV4_MAX_PAYLOAD = 0xFFFF - IPV4_HLEN
 
 
@@ -350,19 +352,27 @@ class Reassembler:
         self.timeout = timeout
         # key -> [deadline, {offset: bytes}, total length or None]
         self.pending: dict[tuple, list] = {}
+        # Datagrams discarded for an anomaly -> until when their late fragments are
+        # discarded too (RFC 5722 §4: "including those not yet received"); else the rest
+        # of a crafted overlap would assemble as a fresh datagram.
+        self.discarded: dict[tuple, float] = {}
         self.dropped = 0
 
     def push(self, ip: IPv4Header, payload: bytes | memoryview, now: float) -> bytes | None:
         self.expire(now)
         key = (ip.src, ip.dst, ip.proto, ip.ident)
+        if key in self.discarded:
+            self.dropped += 1
+            return None
         offset = (ip.flags_frag & IP_OFFMASK) * 8
         more = bool(ip.flags_frag & IP_MF)
-        if more and len(payload) % 8:
-            # Every fragment but the last carries a multiple of 8 bytes (RFC 791 §3.2).
-            self._drop(key)
+        if more and (len(payload) % 8 or not payload):
+            # Every fragment but the last carries a multiple of 8 bytes (RFC 791 §3.2), and
+            # an empty one carries nothing but a way to slip past an overlap check.
+            self._discard(key, now)
             return None
         if offset + len(payload) > IPV4_MAX_PAYLOAD:
-            self._drop(key)
+            self._discard(key, now)
             return None
         entry = self.pending.get(key)
         if entry is None:
@@ -375,19 +385,22 @@ class Reassembler:
         if not more:
             end = offset + len(payload)
             if entry[2] is not None and entry[2] != end:
-                self._drop(key)
+                self._discard(key, now)
                 return None
             entry[2] = end
         if len(pieces) >= MAX_FRAGMENTS:
-            self._drop(key)
+            self._discard(key, now)
             return None
         start, stop = offset, offset + len(payload)
         for o, data in pieces.items():
-            if o < stop and start < o + len(data):
-                self._drop(key)
+            # Any shared byte, and for an empty final piece any piece covering its offset
+            # or starting there, is an overlap (RFC 5722's rule: discard the datagram).
+            if (o < stop and start < o + len(data)) or (start == stop and o <= start < o + len(data)) \
+                    or o == start:
+                self._discard(key, now)
                 return None
         if entry[2] is not None and stop > entry[2]:
-            self._drop(key)
+            self._discard(key, now)
             return None
         pieces[offset] = bytes(payload)
         total = entry[2]
@@ -397,6 +410,13 @@ class Reassembler:
         del self.pending[key]
         return b"".join(pieces[o] for o in sorted(pieces))
 
+    def _discard(self, key, now: float) -> None:
+        """Discard a datagram for an anomaly, and its fragments still to come."""
+        self._drop(key)
+        if len(self.discarded) >= MAX_DISCARDED:
+            self.discarded.pop(next(iter(self.discarded)))  # the oldest (insertion order)
+        self.discarded[key] = now + self.timeout
+
     def _drop(self, key) -> None:
         """Discard a datagram (or a fragment that starts none): counted either way."""
         self.pending.pop(key, None)
@@ -405,3 +425,6 @@ class Reassembler:
     def expire(self, now: float) -> None:
         for key in [k for k, e in self.pending.items() if e[0] <= now]:
             self._drop(key)
+        if self.discarded:
+            for key in [k for k, until in self.discarded.items() if until <= now]:
+                del self.discarded[key]
