@@ -118,12 +118,13 @@ def test_every_upstream_failing_drops_the_query_and_frees_it():
     h.close()
 
 
-def test_other_ports_on_the_dns_address_and_garbage_are_dropped():
+def test_other_ports_on_the_dns_address_are_unreachable_and_garbage_is_dropped():
     h = Harness(NatConfig(dns_upstreams=[("127.0.0.1", 9)]))
     h.send(guest_udp_frame(DNS, 33337, 54, query()))
     h.send(guest_udp_frame(DNS, 33337, 53, b"\x01"))
     assert not h.engine.dns.pending
-    assert h.engine.counters["udp_dropped_local"] == 1
+    assert h.engine.counters["udp_dns_address_other_port"] == 1
+    assert len(h.out) == 1  # ICMP port unreachable for port 54, nothing for the garbage
     assert h.engine.counters["dns_malformed"] == 1
     h.close()
 
@@ -135,9 +136,13 @@ def test_resolv_conf_parsing(tmp_path):
     assert read_resolv_conf(str(tmp_path / "missing")) == []
 
 
-def test_translate_addr_sends_dns_to_the_upstream():
+def test_host_endpoint_sends_dns_to_the_upstream_and_nothing_else():
     cfg = NatConfig(dns_upstreams=[("127.0.0.1", 5353)])
-    assert cfg.translate_addr("10.0.2.3", 53) == ("127.0.0.1", 5353)
-    assert cfg.translate_addr("10.0.2.2", 80) == ("127.0.0.1", 80)
+    assert cfg.host_endpoint("10.0.2.3", 53) == ("127.0.0.1", 5353)
+    assert cfg.host_endpoint("10.0.2.3", 80) is None  # DNS only (issue 8, defect 3)
+    assert cfg.host_endpoint("10.0.2.2", 80) == ("127.0.0.1", 80)
+    assert cfg.host_endpoint("10.0.2.77", 80) is None  # the subnet (defect 11)
+    assert cfg.host_endpoint("192.0.2.1", 80) == ("192.0.2.1", 80)
     assert cfg.translate("10.0.2.2") == "127.0.0.1"
+    assert cfg.translate("10.0.2.3") == "10.0.2.3"
     assert cfg.translate("192.0.2.1") == "192.0.2.1"

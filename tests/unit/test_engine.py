@@ -127,7 +127,7 @@ def test_offloaded_checksums_are_taken_when_the_frontend_vouches(verified):
         struct.pack_into("!HHIIBBHHH", tcp, 0, 40000, 7, 1000, 0, 5 << 4, 0x10, 1000,
                          0x1234, 0)  # an ACK for no flow, checksum field not the checksum
         h.engine.guest_frame(guest_ip_frame(GATEWAY, IPPROTO_TCP, bytes(tcp)), verified)
-        # To a port of the DNS address that is not 53: counted and dropped, nothing sent.
+        # To a port of the DNS address that is not 53: counted, answered port unreachable.
         udp = bytearray(guest_udp_frame(bytes([10, 0, 2, 3]), 5353, 9, b"\x00" * 12))
         udp[14 + 20 + 6:14 + 20 + 8] = b"\x12\x34"
         h.engine.guest_frame(bytes(udp), verified)
@@ -135,7 +135,7 @@ def test_offloaded_checksums_are_taken_when_the_frontend_vouches(verified):
         if verified:
             assert c.get("tcp_bad_checksum", 0) == 0 and c.get("udp_checksum", 0) == 0
             assert c["tcp_rst_unknown_flow"] == 1  # it reached the TCP NAT
-            assert c["udp_in"] == 1 and c["udp_dropped_local"] == 1
+            assert c["udp_in"] == 1 and c["udp_dns_address_other_port"] == 1
         else:
             assert c["tcp_bad_checksum"] == 1 and c["udp_checksum"] == 1
             assert h.out == []

@@ -24,6 +24,7 @@ import pytest
 
 from tests.unit.test_tcp import Endpoint
 from voidbox.net import fastpath, tcp_nat
+from voidbox.net.config import NatConfig
 from voidbox.net.tcp import ACK, RST, SYN, Segment, TcpFlow, TcpState, parse_segment
 from voidbox.net.tcp_nat import TcpNat
 
@@ -109,23 +110,13 @@ class AllowAll:
         self.deny = set(deny)
         self.calls = []
 
-    def allows(self, proto, dst_ip, dst_port):
+    def allows(self, proto, dst_ip, dst_port, guest_dst=None):
         self.calls.append((proto, dst_ip, dst_port))
         return (dst_ip, dst_port) not in self.deny
 
 
-class Config:
-    guest_ip = "10.0.2.15"
-    gateway_ip = "10.0.2.2"
-    dns_ip = "10.0.2.3"
-
-    def __init__(self, mtu=1500, max_flows=65536, max_conn_rate=None):
-        self.mtu = mtu
-        self.max_flows = max_flows
-        self.max_conn_rate = max_conn_rate
-
-    def translate(self, dst_ip):
-        return "127.0.0.1" if dst_ip == self.gateway_ip else dst_ip
+def Config(mtu=1500, max_flows=65536, max_conn_rate=None) -> NatConfig:
+    return NatConfig(mtu=mtu, max_flows=max_flows, max_conn_rate=max_conn_rate)
 
 
 def parse_packet(pkt: bytes):
@@ -1066,7 +1057,6 @@ def test_forward_bind_failure_is_a_usage_level_error(rig):
 
 def test_with_the_real_event_loop_and_config():
     """Contract check against voidbox.net.loop.EventLoop, NatConfig and Policy."""
-    from voidbox.net.config import NatConfig
     from voidbox.net.loop import EventLoop
     from voidbox.net.policy import Policy
 

@@ -8,6 +8,7 @@ DNS relay.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 
 GUEST_IP = "10.0.2.15"
@@ -56,26 +57,38 @@ class NatConfig:
     lease_time: int = 86400
 
     def translate(self, dst_ip: str) -> str:
-        """The host address a guest destination maps to (the gateway means host loopback).
-
-        The DNS address maps to the first upstream resolver; its port may differ from 53,
-        so relays that carry DNS use translate_addr.
-        """
+        """The host address a guest destination maps to: the gateway means host loopback,
+        anything else is itself. The DNS address is not translated here: it serves DNS on
+        port 53 only (host_endpoint)."""
         if dst_ip == self.gateway_ip:
             return HOST_LOOPBACK
-        if dst_ip == self.dns_ip:
-            ups = self.upstreams()
-            if ups:
-                return ups[0][0]
         return dst_ip
 
-    def translate_addr(self, dst_ip: str, dst_port: int) -> tuple[str, int]:
-        """The host endpoint for a guest destination, with DNS on 10.0.2.3:53 redirected."""
-        if dst_ip == self.dns_ip and dst_port == DNS_PORT:
-            ups = self.upstreams()
-            if ups:
-                return ups[0]
-        return self.translate(dst_ip), dst_port
+    def host_endpoint(self, dst_ip: str, dst_port: int) -> tuple[str, int] | None:
+        """The host endpoint a guest TCP or UDP flow to dst_ip:dst_port goes to, or None
+        when there is nothing there.
+
+        The guest's own subnet holds only the gateway (the host's loopback, every port)
+        and the DNS relay, which serves port 53, relayed to the first upstream resolver,
+        and nothing else: 10.0.2.3:80 is not the upstream's port 80. Every address
+        outside the subnet is itself.
+        """
+        if dst_ip == self.gateway_ip:
+            return HOST_LOOPBACK, dst_port
+        if dst_ip == self.dns_ip:
+            ups = self.upstreams() if dst_port == DNS_PORT else None
+            return ups[0] if ups else None
+        if self.in_subnet(dst_ip):
+            return None
+        return dst_ip, dst_port
+
+    def in_subnet(self, ip: str | bytes) -> bool:
+        """Whether ip (dotted or 4 bytes) is in the guest's subnet: integer arithmetic, as
+        every new flow asks and ipaddress objects are slow to make."""
+        raw = ip if isinstance(ip, bytes) else socket.inet_aton(ip)
+        mask = (0xFFFFFFFF << (32 - self.netmask_bits)) & 0xFFFFFFFF
+        guest = int.from_bytes(socket.inet_aton(self.guest_ip), "big")
+        return int.from_bytes(raw, "big") & mask == guest & mask
 
     def upstreams(self) -> list[tuple[str, int]]:
         """The DNS upstreams: the explicit list, else the host's resolv.conf nameservers."""

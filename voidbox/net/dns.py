@@ -6,7 +6,7 @@ gets no answer within config.dns_timeout is retried on the next upstream, then d
 (the guest's resolver retries). Answers that would not fit in one guest frame are cut to
 header and question with TC set (RFC 1035 §4.2.1, RFC 7766 §5), so the guest retries
 over TCP; TCP to 10.0.2.3:53 is relayed by the TCP NAT to the upstream given by
-NatConfig.translate_addr.
+NatConfig.host_endpoint.
 
 The relay is the NAT's own service, like DHCP: the egress policy does not apply to the
 configured upstreams (a --deny 127.0.0.0/8 must not break a resolver on 127.0.0.53).

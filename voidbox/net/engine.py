@@ -32,6 +32,7 @@ from voidbox.net.packets import (
     ETH_HLEN,
     ETH_P_ARP,
     ETH_P_IP,
+    ICMP_PORT_UNREACH,
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -211,7 +212,9 @@ class Engine:
                 if hdr.dport == DNS_PORT:
                     self.dns.guest_query(hdr.sport, data)
                 else:
-                    self._count("udp_dropped_local")
+                    # The DNS address serves DNS only (not a relay to the upstream).
+                    self._count("udp_dns_address_other_port")
+                    self.udp.unreachable(ip.dst, ICMP_PORT_UNREACH, packet)
             else:
                 self.udp.guest_datagram(ip.dst, hdr.sport, hdr.dport, data, packet)
         elif ip.proto == IPPROTO_ICMP:

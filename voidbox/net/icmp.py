@@ -120,7 +120,7 @@ class IcmpNat:
         if host_ip is None:
             self._unreachable(dst_ip, ICMP_HOST_UNREACH, quote)
             return
-        if not self.policy.allows("icmp", host_ip, None):
+        if not self.policy.allows("icmp", host_ip, None, guest_dst=ip_to_str(dst_ip)):
             self._count("icmp_denied")
             self._unreachable(dst_ip, ICMP_PKT_FILTERED, quote)
             return

@@ -1,9 +1,13 @@
 """Egress policy (--allow/--deny CIDR[:PORTS]) and port-forward specs.
 
-A destination is checked after translation (10.0.2.2 is checked as 127.0.0.1), for every
-protocol. The most specific matching rule wins: the longest prefix first, then a rule
-naming ports over one that does not, then a user rule over a built-in default, then deny
-over allow. With no matching rule the destination is allowed. The link-local range
+Every protocol's new flows are checked against two addresses: the one the guest sent to
+(10.0.2.2) and the host destination it is translated to (127.0.0.1). A rule matches if
+it matches either, so `--deny 10.0.2.2` and `--deny 127.0.0.1` both keep the guest off
+the host's loopback. Of all the rules matching either address, the most specific wins:
+the longest prefix first, then a rule naming ports over one that does not, then a user
+rule over a built-in default, then deny over allow (so `--deny 0.0.0.0/0 --allow
+127.0.0.1` still lets the guest reach the host's loopback through 10.0.2.2). With no
+matching rule the destination is allowed. The link-local range
 169.254.0.0/16 (cloud metadata services) is denied by default; an --allow for it or a
 narrower range overrides that.
 """
@@ -77,7 +81,7 @@ def parse_rule(spec: str, allow: bool, user: bool = True) -> Rule:
 
 
 class Policy:
-    """The egress rule set. allows() takes the translated destination."""
+    """The egress rule set (see the module docstring)."""
 
     def __init__(self, allow: list[str] | tuple[str, ...] = (), deny: list[str] | tuple[str, ...] = ()):
         rules = [parse_rule(s, allow=False, user=False) for s in DEFAULT_DENY]
@@ -85,22 +89,30 @@ class Policy:
         rules += [parse_rule(s, allow=False) for s in deny]
         # Most specific first, so the first match decides.
         self.rules = sorted(rules, key=Rule.specificity, reverse=True)
-        self._verdicts: dict[tuple[str, int | None], bool] = {}
+        self._verdicts: dict[tuple[str, str | None, int | None], bool] = {}
 
-    def allows(self, proto: str, dst_ip: str, dst_port: int | None) -> bool:
-        """Whether the guest may reach dst_ip[:dst_port] over proto ('tcp', 'udp', 'icmp')."""
-        key = (dst_ip, dst_port)  # no rule looks at proto
+    def allows(self, proto: str, dst_ip: str, dst_port: int | None,
+               guest_dst: str | None = None) -> bool:
+        """Whether the guest may reach dst_ip[:dst_port] (the host destination) over proto
+        ('tcp', 'udp', 'icmp'); guest_dst is the address the guest sent to, when it
+        differs (the gateway for host loopback)."""
+        if guest_dst == dst_ip:
+            guest_dst = None
+        key = (dst_ip, guest_dst, dst_port)  # no rule looks at proto
         verdict = self._verdicts.get(key)
         if verdict is None:
-            verdict = self._decide(ipaddress.IPv4Address(dst_ip), dst_port)
+            ips = [ipaddress.IPv4Address(dst_ip)]
+            if guest_dst is not None:
+                ips.append(ipaddress.IPv4Address(guest_dst))
+            verdict = self._decide(ips, dst_port)
             if len(self._verdicts) >= VERDICT_CACHE_MAX:
                 self._verdicts.clear()
             self._verdicts[key] = verdict
         return verdict
 
-    def _decide(self, ip: ipaddress.IPv4Address, dst_port: int | None) -> bool:
+    def _decide(self, ips: list[ipaddress.IPv4Address], dst_port: int | None) -> bool:
         for rule in self.rules:
-            if rule.matches(ip, dst_port):
+            if any(rule.matches(ip, dst_port) for ip in ips):
                 return rule.allow
         return True
 

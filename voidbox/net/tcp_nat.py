@@ -157,6 +157,7 @@ class TcpNat:
         self.mss = config.mtu - IPV4_TCP_OVERHEAD  # RFC 9293 §3.7.1: MSS excludes both headers
         self.guest_ip = socket.inet_aton(config.guest_ip)
         self.gateway_ip = socket.inet_aton(config.gateway_ip)
+        self.dns_ip = socket.inet_aton(config.dns_ip)
         self.flows: dict[tuple, _Flow] = {}
         self.listeners: dict[int, tuple[socket.socket, int]] = {}
         self.counters: dict[str, int] = {}
@@ -317,8 +318,16 @@ class TcpNat:
         if not self._rate_ok(now):
             self._refuse(seg, guest_ip, remote_ip, "tcp_rate_limited")
             return
-        host_ip, host_port = self._translate(socket.inet_ntoa(remote_ip), dport)
-        if not self.policy.allows("tcp", host_ip, host_port):
+        visible = socket.inet_ntoa(remote_ip)
+        endpoint = self.config.host_endpoint(visible, dport)
+        if endpoint is None:
+            # Another address of the guest's subnet, or the DNS address off port 53.
+            self._refuse(seg, guest_ip, remote_ip, "tcp_unreachable")
+            return
+        host_ip, host_port = endpoint
+        # DNS over TCP is the NAT's own service, as over UDP: the policy does not apply.
+        if remote_ip != self.dns_ip and not self.policy.allows("tcp", host_ip, host_port,
+                                                               guest_dst=visible):
             self._refuse(seg, guest_ip, remote_ip, "tcp_denied")
             return
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
@@ -359,12 +368,6 @@ class TcpNat:
         except OSError:
             return False
         return True
-
-    def _translate(self, ip: str, port: int) -> tuple[str, int]:
-        tr = getattr(self.config, "translate_addr", None)
-        if tr is not None:
-            return tr(ip, port)  # also redirects DNS over TCP to the upstream resolver
-        return self.config.translate(ip), port
 
     def _prepare(self, sock: socket.socket) -> None:
         # Segments from the guest are already sized by its own Nagle/cork logic.

@@ -74,6 +74,7 @@ IPV4_VIHL = (IPV4_VERSION << 4) | IPV4_MIN_IHL
 LOOPBACK_NET = 127  # first octet of 127.0.0.0/8, loopback (RFC 1122 §3.2.1.3 (g))
 ROUTABLE_MEMO_MAX = 4096  # destinations whose routability is remembered; cleared when full
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(_SOCK_EXTENDED_ERR.size + 16)
+_UNREACHABLE = ("unreachable", b"")  # _destination's verdict for the subnet's other hosts
 
 
 def is_unicast_destination(ip: bytes) -> bool:
@@ -213,14 +214,19 @@ class UdpNat:
         except KeyError:
             dest = self._destination(dst_ip)
         if dest is None:
-            # Broadcasts, multicast and other hosts of the guest's own subnet go nowhere.
+            # Broadcasts and multicast go nowhere, silently (RFC 1122 §3.2.2).
             self._count("udp_dropped_local")
+            return None
+        if dest is _UNREACHABLE:
+            # Another host of the guest's own subnet: only the gateway and DNS live there.
+            self._count("udp_unreachable")
+            self.unreachable(dst_ip, ICMP_HOST_UNREACH, ip_packet)
             return None
         if len(self.flows) >= self.config.max_flows:
             self._count("udp_dropped_flow_limit")
             return None
         host_ip, host_ip_bytes = dest
-        if not self.policy.allows("udp", host_ip, dport):
+        if not self.policy.allows("udp", host_ip, dport, guest_dst=ip_to_str(dst_ip)):
             self._count("udp_denied")
             self.send_ip(self._icmp_error(ICMP_DEST_UNREACH, ICMP_PKT_FILTERED, dst_ip,
                                           icmp_error_quote(ip_packet)))
@@ -271,12 +277,17 @@ class UdpNat:
         except OSError:
             self._count("udp_spare_socket_error")  # EMFILE and the like: flows make their own
 
-    def _destination(self, dst_ip: bytes) -> tuple[str, bytes] | None:
-        """The host address for a guest destination, or None if datagrams go nowhere."""
+    def _destination(self, dst_ip: bytes):
+        """The (host address, its bytes) for a guest destination; None if datagrams go
+        nowhere (broadcast, multicast, the subnet's own network and broadcast addresses);
+        _UNREACHABLE for the other addresses of the guest's subnet but the gateway."""
         addr = ipaddress.IPv4Address(dst_ip)
-        dest = None
-        if is_unicast_destination(dst_ip) and (
-                addr not in self.network or dst_ip == self.gateway_ip):
+        if not is_unicast_destination(dst_ip) or addr in (self.network.network_address,
+                                                          self.network.broadcast_address):
+            dest = None
+        elif addr in self.network and dst_ip != self.gateway_ip:
+            dest = _UNREACHABLE
+        else:
             host_ip = self.config.translate(ip_to_str(dst_ip))
             dest = (host_ip, ip_to_bytes(host_ip))
         if len(self._dest_memo) >= ROUTABLE_MEMO_MAX:
@@ -412,6 +423,11 @@ class UdpNat:
             src = flow.guest_dst if offender in (None, flow.host_dst) else offender
             self.send_ip(self._icmp_error(etype, code, src, flow.quote))
             self._count("udp_icmp_reflected")
+
+    def unreachable(self, dst_ip: bytes, code: int, ip_packet: memoryview) -> None:
+        """Answer a guest datagram with ICMP destination unreachable (code) from dst_ip."""
+        self.send_ip(self._icmp_error(ICMP_DEST_UNREACH, code, dst_ip,
+                                      icmp_error_quote(ip_packet)))
 
     def _icmp_error(self, etype: int, code: int, src: bytes, quote: bytes) -> bytes:
         return build_ipv4(src, self.guest_ip, IPPROTO_ICMP, build_icmp(etype, code, 0, quote))
