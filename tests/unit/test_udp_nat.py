@@ -311,3 +311,24 @@ def test_socket_exhaustion_drops_the_datagram_and_counts_it(monkeypatch, server)
     assert h.engine.counters["udp_socket_error"] == 1
     assert server.recvfrom(100)[0] == b"x"
     h.close()
+
+
+def test_forward_never_shares_a_port_held_with_so_reuseaddr():
+    """Issue 8, defect 2: a service holding 127.0.0.1:P with SO_REUSEADDR kept binding
+    rights for anyone else who set it too; the forward took the service's datagrams."""
+    from voidbox.errors import VoidboxError
+
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    service.bind(("127.0.0.1", 0))
+    port = service.getsockname()[1]
+    loop = EventLoop(debug=True)
+    nat = UdpNat(loop, NatConfig(), Policy(), lambda pkt: None)
+    try:
+        with pytest.raises(VoidboxError, match=f"cannot forward udp 127.0.0.1:{port}: Address already in use"):
+            nat.add_forward("127.0.0.1", port, 5300)
+        assert not nat.listeners
+    finally:
+        nat.close()
+        loop.close()
+        service.close()

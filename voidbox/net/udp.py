@@ -438,7 +438,8 @@ class UdpNat:
         """Datagrams to host_addr:host_port reach guest_port."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # No SO_REUSEADDR (nor SO_REUSEPORT): on UDP it lets this bind share a port
+            # that another user's service holds with SO_REUSEADDR, and take its datagrams.
             sock.bind((host_addr, host_port))
         except OSError as e:
             sock.close()
