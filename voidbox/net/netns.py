@@ -8,18 +8,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import signal
 import socket
 
 from voidbox.errors import VoidboxError
 
 # linux/sched.h
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 # linux/mount.h
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 NETNS_SELF = "/proc/self/ns/net"
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1
@@ -54,7 +59,9 @@ def set_parent_death_signal(sig: int) -> None:
 
 
 def enter_namespaces(unprivileged: bool) -> None:
-    """Move the calling process into new net and mount namespaces (and a user one if asked).
+    """Move the calling process into new net and mount namespaces (and a user one if asked),
+    and make its next child the init of a new PID namespace (pid_namespaces(7)): when that
+    init exits, the kernel kills every process left in the namespace.
 
     In a new user namespace the caller maps its own uid and gid to root
     (user_namespaces(7): one line, its own ids, setgroups denied first), which gives it
@@ -62,7 +69,7 @@ def enter_namespaces(unprivileged: bool) -> None:
     """
     uid, gid = os.geteuid(), os.getegid()
     host_netns = os.stat(NETNS_SELF).st_ino
-    flags = CLONE_NEWNET | CLONE_NEWNS | (CLONE_NEWUSER if unprivileged else 0)
+    flags = CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID | (CLONE_NEWUSER if unprivileged else 0)
     unshare(flags)
     # Everything after this configures interfaces: be certain it is not the host's namespace.
     if os.stat(NETNS_SELF).st_ino == host_netns:
@@ -73,6 +80,43 @@ def enter_namespaces(unprivileged: bool) -> None:
         _write("/proc/self/gid_map", f"0 {gid} 1\n")
     # Mounts made from here on stay in this namespace (mount_namespaces(7)).
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def mount_proc() -> bool:
+    """Mount a procfs for the calling process's PID namespace over /proc (in its private
+    mount namespace), so ps and /proc show the namespace's processes. False if the host
+    forbids it (procfs partly hidden, as in some containers): the host's /proc stays."""
+    try:
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except VoidboxError:
+        return False
+    return True
+
+
+# Signals the Python runtime ignores for itself (it reports EPIPE and EFBIG as exceptions);
+# a program it starts must get them at their defaults, as a shell would give them.
+RUNTIME_IGNORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def reset_signals_for_exec() -> None:
+    """Default dispositions for every handled or runtime-ignored signal, and an empty
+    signal mask: what a command expects to inherit (execve(2) keeps ignored signals and
+    the mask; handlers are reset anyway). subprocess does this with restore_signals."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if handler is not signal.SIG_DFL and (handler is not signal.SIG_IGN
+                                              or sig in RUNTIME_IGNORED_SIGNALS
+                                              or sig == signal.SIGINT):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _write(path: str, text: str) -> None:

@@ -16,6 +16,7 @@ call per burst (FramePort.send_tcp_stream).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import ipaddress
 import logging
@@ -42,7 +43,8 @@ RESOLV_CONF = "/etc/resolv.conf"
 MSG_TAP = b"T"
 MSG_ERROR = b"E"
 MSG_GO = b"G"
-EXEC_FAILED = 127  # the shell's status for a command that cannot be run
+EXEC_FAILED = 127  # the shell's status for a command that is not found
+EXEC_NOT_RUNNABLE = 126  # ... and for one that is found but cannot be run
 SIGNAL_STATUS_BASE = 128
 MAX_PORT = 65535
 
@@ -109,10 +111,17 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
 
 def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path: str,
            sock: socket.socket, offload: bool) -> None:
+    """Set up the namespaces and the TAP, then run the namespace's init (never returns).
+
+    This process stays outside the new PID namespace (unshare(CLONE_NEWPID) moves only its
+    children): it waits for the init and exits with the command's status.
+    """
     status = EXEC_FAILED
     try:
         try:
             netns.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() == 1:  # the parent died before the line above
+                os._exit(EXEC_FAILED)
             netns.enter_namespaces(unprivileged)
             tap_fd, ifname = open_tap(TAP_NAME, vnet_hdr=offload)
             netns.send_fd(sock, tap_fd, MSG_TAP)
@@ -131,9 +140,90 @@ def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path:
         if sock.recv(16) != MSG_GO:
             os._exit(EXEC_FAILED)
         sock.close()
+        # Ctrl-C reaches the whole foreground process group: the command decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        init_pid = os.fork()
+        if init_pid == 0:
+            _init(argv)  # never returns
+        status = _wait_relaying_signals(init_pid)
+    finally:
+        os._exit(status)
+
+
+# Signals relayed down the chain voidbox -> set-up child -> init -> command.
+RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGUSR2)
+
+
+def _wait_relaying_signals(pid: int) -> int:
+    """Wait for child pid, passing RELAYED_SIGNALS on to it; its status as a shell's."""
+
+    def relay(sig, _frame):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in RELAYED_SIGNALS:
+        signal.signal(sig, relay)
+    while True:
+        try:
+            _, wstatus = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            return EXEC_FAILED
+    code = os.waitstatus_to_exitcode(wstatus)
+    return SIGNAL_STATUS_BASE - code if code < 0 else code
+
+
+def _init(argv) -> None:
+    """PID 1 of the command's namespace: start the command, relay signals to it, reap
+    orphans, and exit with the command's status. When this exits the kernel kills every
+    process left in the namespace, so nothing the command started outlives it.
+
+    The command is not the init itself: an init gets no signal it has no handler for
+    (pid_namespaces(7)), so a plain SIGTERM or SIGPIPE would not stop it.
+    """
+    status = EXEC_FAILED
+    try:
+        # The set-up child's death (voidbox killed) takes the namespace down with it.
+        netns.set_parent_death_signal(signal.SIGKILL)
+        netns.mount_proc()
+        cmd_pid = os.fork()
+        if cmd_pid == 0:
+            _exec_command(argv)  # never returns
+        for sig in RELAYED_SIGNALS:
+            signal.signal(sig, lambda sig, _f: _kill_quietly(cmd_pid, sig))
+        while True:
+            try:
+                pid, wstatus = os.waitpid(-1, 0)  # reaps orphans as well
+            except ChildProcessError:
+                break
+            if pid == cmd_pid:
+                code = os.waitstatus_to_exitcode(wstatus)
+                status = SIGNAL_STATUS_BASE - code if code < 0 else code
+                break
+    finally:
+        os._exit(status)
+
+
+def _kill_quietly(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _exec_command(argv) -> None:
+    """exec the command with the signal state a shell gives it; never returns."""
+    status = EXEC_FAILED
+    try:
+        netns.reset_signals_for_exec()
         try:
             os.execvp(argv[0], argv)
         except OSError as e:
+            # The shell's convention: 127 not found, 126 found but cannot be run.
+            status = EXEC_FAILED if e.errno == errno.ENOENT else EXEC_NOT_RUNNABLE
             sys.stderr.write(f"voidbox net run: {argv[0]}: {e.strerror}\n")
             sys.stderr.flush()
     finally:

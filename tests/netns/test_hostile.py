@@ -1,0 +1,126 @@
+"""`voidbox net run` against the hostile-input and fault probe of issue 8: each test names
+the defect it guards. Servers listen on the host's loopback only."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyroute2  # noqa: F401  (imported as root: the uid-nobody child cannot read it all)
+import pytest
+
+from tests.netns.test_net_run import _drop_to_nobody_and_run, run
+from voidbox.net.config import NatConfig
+
+pytestmark = pytest.mark.netns
+
+WAIT = 10  # a bound on failure, never asserted as a timing
+
+
+def voidbox(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "voidbox"), *args],
+                          capture_output=True, text=True, timeout=60, **kw)
+
+
+# ---- defect 6: the command starts with default signal dispositions and an empty mask ----
+
+def _signal_state(path) -> str:
+    return f"grep -E '^(SigIgn|SigBlk):' /proc/self/status > {path}"
+
+
+def test_command_starts_with_default_signals_and_empty_mask(tmp_path):
+    out = tmp_path / "sig"
+    rc, _ = run(["sh", "-c", _signal_state(out)])
+    assert rc == 0
+    assert out.read_text().split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
+
+
+def test_sigpipe_kills_like_in_a_shell():
+    rc, _ = run(["sh", "-c", "kill -PIPE $$"])
+    assert rc == 128 + signal.SIGPIPE
+    # yes | head: the writer dies of SIGPIPE (141) instead of printing "Broken pipe".
+    proc = voidbox("net", "run", "--", "bash", "-c", "yes | head -n1 >/dev/null; echo ${PIPESTATUS[*]}")
+    assert proc.returncode == 0 and proc.stdout.split() == ["141", "0"], proc.stderr
+    assert "Broken pipe" not in proc.stderr
+
+
+def test_unprivileged_command_gets_default_signals(tmp_path, workdir):
+    out = workdir / "sig"
+    assert _drop_to_nobody_and_run(tmp_path, workdir, _signal_state(out), NatConfig()) == 0
+    assert out.read_text().split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
+    second = tmp_path / "second"  # the helper makes its tun node in the directory given
+    second.mkdir()
+    assert _drop_to_nobody_and_run(second, workdir, "kill -PIPE $$", NatConfig()) == 141
+
+
+# ---- defect 12: found but not runnable is 126, not found is 127 -----------------------
+
+def test_exec_failures_use_the_shells_statuses(tmp_path):
+    plain = tmp_path / "not-executable"
+    plain.write_text("#!/bin/sh\nexit 0\n")
+    proc = voidbox("net", "run", "--", str(plain))
+    assert proc.returncode == 126
+    assert proc.stderr.strip() == f"voidbox net run: {plain}: Permission denied"
+    proc = voidbox("net", "run", "--", str(tmp_path / "missing"))
+    assert proc.returncode == 127
+
+
+# ---- defect 9: the command's descendants die with voidbox ---------------------------------
+
+def _alive(marker: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+@pytest.mark.parametrize("victim", ["voidbox", "command"])
+def test_descendants_do_not_outlive_voidbox_or_the_command(tmp_path, victim):
+    """SIGKILL of voidbox, or the command exiting, ends everything the command started
+    (its own PID namespace, whose init exits with it)."""
+    marker = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
+    ready = tmp_path / "ready"
+    body = (f"sleep 3{marker} & sleep 4{marker} & touch {ready}; "
+            + ("sleep 60" if victim == "voidbox" else "exit 0"))
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "voidbox"),
+                             "net", "run", "--", "sh", "-c", body],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        if victim == "voidbox":
+            assert len(_alive(f"^sleep [34]{marker}$")) == 2
+            proc.kill()
+        proc.wait(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while _alive(f"^sleep [34]{marker}$") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(f"^sleep [34]{marker}$") == []
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["pkill", "-f", f"^sleep [34]{marker}$"])
+
+
+def test_command_is_not_init_and_sees_its_own_pid_namespace(tmp_path):
+    out = tmp_path / "pids"
+    rc, _ = run(["sh", "-c", f"echo $$ > {out}; ls /proc | grep -c '^[0-9]' >> {out}"])
+    assert rc == 0
+    pid, count = out.read_text().split()
+    assert pid == "2"  # PID 1 is voidbox's small init, which relays signals and reaps
+    assert int(count) <= 4  # init, sh, ls, grep: not the host's processes
+
+
+def test_sigterm_reaches_the_command_through_the_init():
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "voidbox"),
+                             "net", "run", "--", "sleep", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=WAIT) == 128 + signal.SIGTERM
+
+
