@@ -370,6 +370,9 @@ cdef class FramePort:
     # Set while the owner has frames queued for the fd: stream sends then report
     # STREAM_BLOCKED rather than overtake them.
     cdef public bint paused
+    # errno of the read that ended the last batch (0: EOF or a full batch). EBADFD after
+    # EPOLLERR means the TAP's interface is gone (deleted): the owner stops watching it.
+    cdef readonly int read_errno
 
     def __cinit__(self, int fd, int vnet_hdr_len=0, Py_ssize_t max_frame=65550,
                   Py_ssize_t batch=64, bint tso=False):
@@ -401,20 +404,24 @@ cdef class FramePort:
         """Read up to `batch` frames; return [(frame bytes, checksum_verified)].
 
         Stops at EAGAIN, at EOF and at a read error (EIO before the interface is up); those
-        end the batch without raising. Frames shorter than the virtio header, and frames
-        whose NEEDS_CSUM points outside them, are dropped (rx_dropped).
+        end the batch without raising, and read_errno tells which. Frames shorter than the
+        virtio header, and frames whose NEEDS_CSUM points outside them, are dropped
+        (rx_dropped).
         """
         cdef Py_ssize_t n = 0
         cdef ssize_t r
         cdef Py_ssize_t i
         cdef uint8_t *slot
         cdef int hl = self.vnet_hdr_len
+        self.read_errno = 0
         with nogil:
             while n < self.batch:
                 r = c_read(self.fd, self.rx + n * self.rx_slot, self.rx_slot)
                 if r < 0 and errno == EINTR:
                     continue
                 if r <= 0:
+                    if r < 0:
+                        self.read_errno = errno
                     break
                 self.rx_len[n] = r
                 n += 1

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 
 import pyroute2  # noqa: F401  (imported as root: the uid-nobody child cannot read it all)
@@ -124,3 +127,46 @@ def test_sigterm_reaches_the_command_through_the_init():
     assert proc.wait(timeout=WAIT) == 128 + signal.SIGTERM
 
 
+
+
+# ---- defect 8: a TAP whose interface is deleted leaves the loop -------------------------
+
+def test_deleting_the_interface_closes_flows_and_does_not_spin(tmp_path):
+    """`ip link del tap0` made the NAT spin at 100% CPU until the command exited."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(WAIT)
+    seen = {}
+
+    def serve():
+        conn, _ = server.accept()
+        conn.settimeout(WAIT)
+        seen["first"] = conn.recv(10)
+        try:
+            seen["then"] = conn.recv(10)  # b"" or a reset once the NAT closes the flow
+        except ConnectionResetError:
+            seen["then"] = "reset"
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = tmp_path / "client.py"
+    client.write_text(textwrap.dedent(f"""\
+        import socket, subprocess, time
+        s = socket.create_connection(("10.0.2.2", {server.getsockname()[1]}), timeout={WAIT})
+        s.sendall(b"x")
+        time.sleep(0.5)
+        subprocess.run(["ip", "link", "del", "tap0"], check=True)
+        time.sleep(3)
+        """))
+    start = time.process_time()
+    rc, counters = run([sys.executable, str(client)])
+    cpu = time.process_time() - start
+    thread.join(WAIT)
+    server.close()
+    assert rc == 0
+    assert counters["tap_gone"] == 1
+    assert seen == {"first": b"x", "then": "reset"}
+    # A spinning loop burns the command's whole 3 s; set-up and teardown take a fraction.
+    assert cpu < 1.5, f"the NAT used {cpu:.2f} s of CPU while the command slept 3 s"

@@ -205,16 +205,19 @@ class FramePort:
         self.rx_frames = self.rx_dropped = self.tx_frames = 0
         self.tx_eagain = self.tx_dropped = self.stream_frames = self.stream_bytes = 0
         self.paused = False
+        self.read_errno = 0
 
     def read_batch(self):
         hl = self.vnet_hdr_len
         out = []
+        self.read_errno = 0
         for _ in range(self.batch):
             try:
                 data = _os.read(self.fd, hl + self.max_frame)
             except InterruptedError:
                 continue
-            except OSError:
+            except OSError as e:
+                self.read_errno = e.errno
                 break
             if not data:
                 break

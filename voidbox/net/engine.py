@@ -81,6 +81,7 @@ class Engine:
         self.udp = UdpNat(loop, config, self.policy, self.send_ip, self.counters)
         self.icmp = IcmpNat(loop, config, self.policy, self.send_ip, self.counters)
         self.reassembler = Reassembler()
+        self.closed = False
         self.tcp = self._make_tcp()
         for fwd in config.forwards:
             self.add_forward(fwd.proto, fwd.host_addr, fwd.host_port, fwd.guest_port)
@@ -239,6 +240,10 @@ class Engine:
         self.send_frame(build_ethernet(dst_mac, self.gateway_mac, ETH_P_IP, pkt))
 
     def close(self) -> None:
+        """Close every flow (TCP is reset both ways) and listener; safe to call again."""
+        if self.closed:
+            return
+        self.closed = True
         if self.tcp is not None:
             self.tcp.close()
         self.udp.close()

@@ -250,6 +250,14 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         engine = Engine(config, loop, lambda frame: tap.write(frame), policy, borrow=True)
         tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame, vnet_hdr=offload)
         engine.send_frame = tap.write  # from now on without the lambda's extra call
+
+        def interface_gone() -> None:
+            # `ip link del tap0` in the namespace: no frame can reach the command any more.
+            log.warning("the namespace's interface is gone: its flows are closed; "
+                        "waiting for the command to exit")
+            engine.close()
+
+        tap.on_hangup = interface_gone
         if offload and tap.port.tso and engine.tcp is not None:
             engine.attach_stream_port(tap.port, tap.stream_blocked)
             tap.on_writable = engine.tcp.port_writable

@@ -16,6 +16,7 @@ refuses with EAGAIN, up to a bound, watching EPOLLOUT only while that queue is n
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import os
 import select
@@ -74,6 +75,10 @@ def open_tap(name: str = "tap0", vnet_hdr: bool = False) -> tuple[int, str]:
     return fd, name
 
 
+# Read errors that end a batch but say nothing about the interface (EIO: not up yet).
+_TRANSIENT_READ_ERRORS = (0, errno.EAGAIN, errno.EINTR, errno.EIO)
+
+
 class TapIO:
     """Reads frames from a TAP fd into on_frame(frame, checksum_verified) and writes frames.
 
@@ -98,6 +103,8 @@ class TapIO:
         self.mtu_frame = mtu + ETH_HLEN
         self._events = select.EPOLLIN
         self.on_writable: Callable[[], None] | None = None  # set by the TCP NAT
+        self.on_hangup: Callable[[], None] | None = None  # the TAP's interface went away
+        self.gone = False
         loop.watch(fd, self._events, self._on_event)
 
     def _on_event(self, events: int) -> None:
@@ -107,14 +114,30 @@ class TapIO:
             self.wakeups += 1
             # EAGAIN, EOF and EIO (before the interface is up) all end the batch.
             frames = self.port.read_batch()
+            if not frames and events & (select.EPOLLERR | select.EPOLLHUP) \
+                    and self.port.read_errno not in _TRANSIENT_READ_ERRORS:
+                # The interface is gone (EBADFD: `ip link del`): epoll would report the
+                # fd on every turn from now on, so stop watching it.
+                self._hung_up()
+                return
             mtu_frame = self.mtu_frame
             for frame, verified in frames:
                 if len(frame) > mtu_frame:
                     self.rx_oversize += 1
                 self.on_frame(frame, verified)
 
+    def _hung_up(self) -> None:
+        self.gone = True
+        self.loop.unwatch(self.fd)
+        self.backlog.clear()
+        self.port.paused = True  # nothing more is written to a detached TAP
+        if self.on_hangup is not None:
+            self.on_hangup()
+
     def write(self, frame: bytes | memoryview) -> None:
         """Write one frame now, or queue a copy of it: the caller may reuse its buffer."""
+        if self.gone:
+            return
         if self.backlog:
             self._enqueue(bytes(frame))
             return
@@ -128,7 +151,7 @@ class TapIO:
         return {"tap_rx": port.rx_frames, "tap_tx": port.tx_frames,
                 "tap_tx_dropped": port.tx_dropped + self.backlog_dropped,
                 "tap_stream_frames": port.stream_frames, "tap_wakeups": self.wakeups,
-                "tap_rx_oversize": self.rx_oversize}
+                "tap_rx_oversize": self.rx_oversize, "tap_gone": int(self.gone)}
 
     def stream_blocked(self) -> None:
         """The TCP NAT's direct writes hit EAGAIN: wake for EPOLLOUT like a queued write."""
@@ -153,7 +176,7 @@ class TapIO:
             self.on_writable()
 
     def _set_events(self, events: int) -> None:
-        if events != self._events:
+        if events != self._events and not self.gone:
             self._events = events
             self.loop.watch(self.fd, events, self._on_event)
 
