@@ -3,8 +3,10 @@ the defect it guards. Servers listen on the host's loopback only."""
 
 from __future__ import annotations
 
+import ast
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -170,3 +172,54 @@ def test_deleting_the_interface_closes_flows_and_does_not_spin(tmp_path):
     assert seen == {"first": b"x", "then": "reset"}
     # A spinning loop burns the command's whole 3 s; set-up and teardown take a fraction.
     assert cpu < 1.5, f"the NAT used {cpu:.2f} s of CPU while the command slept 3 s"
+
+
+# ---- defect 7: out of file descriptors, flows are refused promptly -----------------------
+
+def test_low_fd_limit_refuses_new_flows_promptly(tmp_path):
+    """With `ulimit -n` 200 (hard), a flood of UDP flows used every fd; then TCP connects
+    and DNS lookups died with tracebacks and the command hung until its own timeout."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(512)
+    result = tmp_path / "result"
+    client = tmp_path / "client.py"
+    client.write_text(textwrap.dedent(f"""\
+        import socket, time
+        for i in range(300):  # one UDP flow per source port (the NAT keeps each open)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("", 20000 + i))
+                s.sendto(b"x", ("10.0.2.2", {sink.getsockname()[1]}))
+        time.sleep(0.5)
+        conns, outcomes, slowest = [], dict(), 0.0
+        for i in range(150):  # more than the fds the NAT has left
+            start = time.monotonic()
+            try:
+                conns.append(socket.create_connection(("10.0.2.2", {listener.getsockname()[1]}),
+                                                      timeout=10))
+                outcome = "connected"
+            except ConnectionRefusedError:
+                outcome = "refused"
+            except OSError as e:
+                outcome = type(e).__name__
+            slowest = max(slowest, time.monotonic() - start)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        open({str(result)!r}, "w").write(repr((outcomes, slowest)))
+        """))
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "voidbox"),
+                           "net", "run", "--", sys.executable, str(client)],
+                          capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
+    sink.close()
+    listener.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("open-file limit 200 allows") == 1
+    outcomes, slowest = ast.literal_eval(result.read_text())
+    assert set(outcomes) == {"connected", "refused"}, outcomes
+    assert slowest < 5  # each refusal is a prompt RST, never a hang

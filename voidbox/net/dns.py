@@ -20,12 +20,16 @@ import struct
 from collections.abc import Callable
 
 from voidbox.net.config import NatConfig
+from voidbox.net.limits import Exhaustion
 from voidbox.net.loop import EventLoop, Timer
 from voidbox.net.packets import IPV4_HLEN, UDP_HLEN, PacketError
 
 DNS_HEADER_LEN = 12
 DNS_FLAG_QR = 0x8000
 DNS_FLAG_TC = 0x0200
+DNS_FLAG_RD = 0x0100
+DNS_RCODE_SERVFAIL = 2
+DNS_OPCODE_MASK = 0x7800
 DNS_MAX_MESSAGE = 65535
 # RFC 1035 §3.1: a name is at most 255 octets; labels at most 63.
 DNS_MAX_NAME = 255
@@ -77,6 +81,15 @@ def truncate_response(msg: bytes | memoryview) -> bytes:
     return _HEADER.pack(ident, flags | DNS_FLAG_TC, qd, 0, 0, 0) + bytes(msg[DNS_HEADER_LEN:end])
 
 
+def servfail_response(query: bytes | memoryview) -> bytes:
+    """A SERVFAIL answer to query: its header with QR and RCODE 2 (RFC 1035 §4.1.1), its
+    question, no records. Raises PacketError if the query's question is malformed."""
+    end = question_end(query)
+    ident, flags, _qd, _an, _ns, _ar = _HEADER.unpack_from(query)
+    flags = (flags & (DNS_OPCODE_MASK | DNS_FLAG_RD)) | DNS_FLAG_QR | DNS_RCODE_SERVFAIL
+    return _HEADER.pack(ident, flags, 1, 0, 0, 0) + bytes(query[DNS_HEADER_LEN:end])
+
+
 def query_id(msg: bytes | memoryview) -> int:
     if len(msg) < DNS_HEADER_LEN:
         raise PacketError("dns_short")
@@ -104,6 +117,7 @@ class DnsRelay:
         self.config = config
         self.send_reply = send_reply
         self.counters = counters if counters is not None else {}
+        self.exhaustion = Exhaustion(self.counters)
         self.pending: dict[int, _Query] = {}  # by socket fd
         # Largest UDP payload that fits in one guest frame without fragmentation.
         self.max_reply = config.mtu - IPV4_HLEN - UDP_HLEN
@@ -132,7 +146,15 @@ class DnsRelay:
         upstreams = self.config.upstreams()
         while query.upstream_index < len(upstreams):
             addr = upstreams[query.upstream_index]
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                sock = socket.socket(socket.AF_INET,
+                                     socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as e:
+                # Out of fds: every upstream would fail alike. Answer SERVFAIL now, so the
+                # guest's resolver moves on instead of waiting out its timeout.
+                self.exhaustion.refused("DNS query", e)
+                self._servfail(query)
+                return
             try:
                 # connect() on UDP only sets the peer address: it never blocks.
                 sock.connect(addr)
@@ -150,6 +172,14 @@ class DnsRelay:
                                             lambda q=query: self._timeout(q))
             return
         self._count("dns_failed")
+
+    def _servfail(self, query: _Query) -> None:
+        try:
+            reply = servfail_response(query.payload)
+        except PacketError:
+            return
+        self._count("dns_servfail")
+        self.send_reply(query.sport, reply)
 
     def _release(self, query: _Query) -> None:
         if query.timer is not None:

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable
 
 from voidbox.net.config import NatConfig
+from voidbox.net.limits import Exhaustion
 from voidbox.net.loop import EventLoop, Timer
 from voidbox.net.packets import (
     ICMP_DEST_UNREACH,
@@ -81,6 +82,7 @@ class IcmpNat:
         self.policy = policy
         self.send_ip = send_ip
         self.counters = counters if counters is not None else {}
+        self.exhaustion = Exhaustion(self.counters)
         self.guest_ip = ip_to_bytes(config.guest_ip)
         self.local = {ip_to_bytes(config.gateway_ip), ip_to_bytes(config.dns_ip)}
         self.network = config.network
@@ -197,8 +199,13 @@ class IcmpNat:
             return None
         flow = _Flow(key, guest_dst, host_dst, ident)
         if self.mode == "ping":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                 socket.IPPROTO_ICMP)
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMP)
+            except OSError as e:  # EMFILE and the like: answer now, never raise
+                self.exhaustion.refused("ICMP echo flow", e)
+                self._unreachable(guest_dst, ICMP_HOST_UNREACH, quote)
+                return None
             try:
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
                 sock.connect((ip_to_str(host_dst), 0))

@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from voidbox.errors import UsageError, VoidboxError
-from voidbox.net import netns
+from voidbox.net import limits, netns
 from voidbox.net.config import DNS_PORT, MAX_MTU, MIN_MTU, NatConfig
 from voidbox.net.engine import Engine
 from voidbox.net.loop import EventLoop
@@ -85,6 +85,7 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
     if not argv:
         raise VoidboxError("no command given")
     unprivileged = os.geteuid() != 0
+    limits.cap_flows(config)  # every flow holds an fd: refuse flows, never hit EMFILE
     # Import in the parent: the forked child should not import while other threads of this
     # process might hold the import lock.
     import pyroute2  # noqa: F401

@@ -50,6 +50,7 @@ from voidbox.net.fastpath import (
     seq_gt,
     tcp_checksum,
 )
+from voidbox.net.limits import EXHAUSTION_ERRNOS, Exhaustion
 from voidbox.net.packets import ETH_HLEN
 from voidbox.net.tcp import (
     ACK,
@@ -90,6 +91,7 @@ WINDOW_CACHE_S = 0.005  # getsockopt(SO_MEMINFO) for the window at most this oft
 # and caps the request at net.core.wmem_max. The memory is used only while data is queued.
 HOST_SNDBUF = 2 * 1024 * 1024
 ACCEPT_BATCH = 64  # port-forward accepts per readiness event
+ACCEPT_RETRY_S = 0.1  # a listener waits this long after accept() ran out of fds
 EPHEMERAL_LO, EPHEMERAL_HI = 32768, 60999  # source ports of forwarded connections
 PACKET_BUF = 65536
 # Guest segments gathered into one sendmsg(2): a TAP read batch is 64 frames, and the
@@ -161,6 +163,7 @@ class TcpNat:
         self.flows: dict[tuple, _Flow] = {}
         self.listeners: dict[int, tuple[socket.socket, int]] = {}
         self.counters: dict[str, int] = {}
+        self.exhaustion = Exhaustion(self.counters)
         self._pkt = bytearray(ETH_HLEN + PACKET_BUF)  # room for the guest's Ethernet header
         self._pkt_ip = memoryview(self._pkt)[ETH_HLEN:]
         self._peek = bytearray(PEEK_BUF)
@@ -330,8 +333,13 @@ class TcpNat:
                                                                guest_dst=visible):
             self._refuse(seg, guest_ip, remote_ip, "tcp_denied")
             return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                             | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC)
+        except OSError as e:  # EMFILE and the like: refuse now, the guest is not left hanging
+            self.exhaustion.refused("TCP connection", e)
+            self._refuse(seg, guest_ip, remote_ip, "tcp_no_socket")
+            return
         try:
             self._prepare(sock)
             err = sock.connect_ex((host_ip, host_port))
@@ -908,8 +916,15 @@ class TcpNat:
                 conn, _peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as e:
                 self._count("tcp_accept_failed")
+                if e.errno in EXHAUSTION_ERRNOS:
+                    # The connection stays queued and the listener readable: stop
+                    # watching it for a while, or the loop spins on accept().
+                    self.exhaustion.refused("port-forward connection", e)
+                    self.loop.unwatch(fd)
+                    self.loop.call_at(self.loop.time() + ACCEPT_RETRY_S,
+                                      lambda: self._rewatch(fd))
                 return
             conn.setblocking(False)
             port = self._ephemeral_port(guest_port)
@@ -932,6 +947,10 @@ class TcpNat:
             self._refresh_window(f, now, force=True)
             self._apply(f, acts, now)
             self._settle(f, now)
+
+    def _rewatch(self, fd: int) -> None:
+        if fd in self.listeners:
+            self.loop.watch(fd, EPOLLIN, lambda _ev: self._accept(fd))
 
     @staticmethod
     def _abort_socket(sock: socket.socket) -> None:

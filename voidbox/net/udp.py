@@ -20,6 +20,7 @@ from collections.abc import Callable
 from voidbox.errors import VoidboxError
 from voidbox.net.config import NatConfig
 from voidbox.net.fastpath import inet_checksum
+from voidbox.net.limits import Exhaustion
 from voidbox.net.loop import EventLoop, Timer
 from voidbox.net.packets import (
     DEFAULT_TTL,
@@ -138,6 +139,7 @@ class UdpNat:
         self.send_ip = send_ip
         self.send_ip_buf = send_ip_buf
         self.counters = counters if counters is not None else {}
+        self.exhaustion = Exhaustion(self.counters)
         self.guest_ip = ip_to_bytes(config.guest_ip)
         self.gateway_ip = ip_to_bytes(config.gateway_ip)
         self.dns_ip = ip_to_bytes(config.dns_ip)
@@ -233,8 +235,11 @@ class UdpNat:
             return None
         try:
             sock = self._spare.pop() if self._spare else self._new_socket()
-        except OSError:
-            self._count("udp_socket_error")  # EMFILE, ENOBUFS: this datagram is dropped
+        except OSError as e:
+            # EMFILE, ENOBUFS: refuse at once rather than leave the guest waiting.
+            self._count("udp_socket_error")
+            self.exhaustion.refused("UDP flow", e)
+            self.unreachable(dst_ip, ICMP_HOST_UNREACH, ip_packet)
             return None
         if len(self._spare) < UDP_SPARE_SOCKETS and not self._refill_pending:
             self._refill_pending = True
