@@ -20,6 +20,7 @@ import pytest
 
 from tests.netns.test_net_run import _drop_to_nobody_and_run, run
 from voidbox.net.config import NatConfig
+from voidbox.net.policy import Policy
 
 pytestmark = pytest.mark.netns
 
@@ -223,3 +224,122 @@ def test_low_fd_limit_refuses_new_flows_promptly(tmp_path):
     outcomes, slowest = ast.literal_eval(result.read_text())
     assert set(outcomes) == {"connected", "refused"}, outcomes
     assert slowest < 5  # each refusal is a prompt RST, never a hang
+
+
+# ---- defects 1, 3, 11: where the command's flows may go ----------------------------------
+
+@pytest.fixture
+def tcp_listener():
+    """A host loopback listener that counts the connections it accepts."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.setblocking(False)
+    yield server
+    server.close()
+
+
+def _accepted(server: socket.socket) -> int:
+    n = 0
+    while True:
+        try:
+            conn, _ = server.accept()
+        except BlockingIOError:
+            return n
+        conn.close()
+        n += 1
+
+
+CURL_REFUSED = 7  # curl: failed to connect
+
+
+def _curl(url: str) -> list[str]:
+    return ["curl", "-s", "-o", "/dev/null", "--max-time", str(WAIT), url]
+
+
+@pytest.mark.parametrize("rule", ["10.0.2.2", "10.0.2.0/24"])
+def test_deny_with_the_gateway_address_blocks_the_host(tcp_listener, rule):
+    port = tcp_listener.getsockname()[1]
+    rc, counters = run(_curl(f"http://10.0.2.2:{port}/"), policy=Policy(deny=[rule]))
+    assert rc == CURL_REFUSED
+    assert counters["tcp_denied"] == 1 and _accepted(tcp_listener) == 0
+
+
+def test_deny_with_the_gateway_address_blocks_the_host_unprivileged(tmp_path, workdir,
+                                                                    tcp_listener):
+    port = tcp_listener.getsockname()[1]
+    cmd = f"busybox nc -w 2 10.0.2.2 {port} </dev/null; true"
+    # The same command without the rule reaches the listener: the rule is what blocks.
+    assert _drop_to_nobody_and_run(tmp_path, workdir, cmd, NatConfig()) == 0
+    assert _accepted(tcp_listener) == 1
+    second = tmp_path / "second"  # the helper makes its tun node in the directory given
+    second.mkdir()
+    assert _drop_to_nobody_and_run(second, workdir, cmd, NatConfig(),
+                                   policy=Policy(deny=["10.0.2.2"])) == 0
+    assert _accepted(tcp_listener) == 0
+
+
+def test_dns_address_is_not_a_relay_to_other_upstream_ports(tcp_listener):
+    port = tcp_listener.getsockname()[1]
+    config = NatConfig(dns_upstreams=[("127.0.0.1", port)])
+    rc, counters = run(_curl(f"http://10.0.2.3:{port}/"), config)
+    assert rc == CURL_REFUSED
+    assert counters["tcp_unreachable"] == 1 and _accepted(tcp_listener) == 0
+
+
+def test_other_addresses_of_the_guest_subnet_are_unreachable():
+    # On-link for the namespace: make its kernel send the SYN to the NAT's MAC, as a
+    # guest with a static neighbour entry (or a hostile one) would.
+    rc, counters = run(["sh", "-c", "ip neigh replace 10.0.2.77 lladdr "
+                        f"{NatConfig().gateway_mac} dev tap0 && "
+                        + " ".join(_curl("http://10.0.2.77:80/"))])
+    assert rc == CURL_REFUSED  # a prompt RST, not a connect timeout
+    assert counters["tcp_unreachable"] == 1
+
+
+# ---- defect 2: a UDP forward never takes a port another user's service holds ------------
+
+def test_udp_forward_onto_a_held_port_is_a_one_line_error():
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    service.bind(("127.0.0.1", 0))
+    port = service.getsockname()[1]
+    try:
+        proc = voidbox("net", "run", "--forward", f"udp:{port}:5300", "--", "true")
+        assert proc.returncode == 1
+        assert proc.stderr == (f"voidbox: error: cannot forward udp 127.0.0.1:{port}: "
+                               "Address already in use\n")
+    finally:
+        service.close()
+
+
+def test_udp_forward_as_another_user_cannot_share_roots_port():
+    """The probe's case: root's service holds the port with SO_REUSEADDR, uid nobody
+    asks for a forward onto it."""
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    service.bind(("127.0.0.1", 0))
+    port = service.getsockname()[1]
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            from voidbox.errors import VoidboxError
+            from voidbox.net.loop import EventLoop
+            from voidbox.net.udp import UdpNat
+
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            loop = EventLoop()
+            nat = UdpNat(loop, NatConfig(), Policy(), lambda pkt: None)
+            try:
+                nat.add_forward("127.0.0.1", port, 5300)
+                code = 1  # the hijack: bound next to root's service
+            except VoidboxError:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    service.close()
+    assert os.waitstatus_to_exitcode(status) == 0

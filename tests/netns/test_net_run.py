@@ -355,7 +355,8 @@ def test_udp_port_forward(tmp_path):
     assert _fd_count() == fds_before
 
 
-def _drop_to_nobody_and_run(tmp_path, workdir, cmd: str, config: NatConfig) -> int:
+def _drop_to_nobody_and_run(tmp_path, workdir, cmd: str, config: NatConfig,
+                            policy: Policy | None = None) -> int:
     """Run cmd with voidbox net run as uid nobody, in a forked child; return its status.
 
     /dev/net/tun is 0600 root here, so the child first covers it, in a private mount
@@ -380,7 +381,8 @@ def _drop_to_nobody_and_run(tmp_path, workdir, cmd: str, config: NatConfig) -> i
             netns._libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
             os.environ["TMPDIR"] = str(workdir)
             stats: dict = {}
-            code = run_in_netns(["sh", "-c", cmd], config, debug=True, stats=stats)
+            code = run_in_netns(["sh", "-c", cmd], config, debug=True, stats=stats,
+                                policy=policy)
             if stats["flows"] or stats["watched"] or stats["loop_errors"]:
                 code = 98
             (workdir / "counters.json").write_text(json.dumps(stats["counters"]))

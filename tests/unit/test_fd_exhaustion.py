@@ -132,7 +132,7 @@ def test_flow_limit_is_capped_by_the_fd_limit(caplog):
     config = NatConfig(max_flows=65536)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with caplog.at_level(logging.WARNING):
-        limits.cap_flows(config)
+        limits.cap_flows(config, 65536)
     now_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert now_soft == hard or hard == resource.RLIM_INFINITY
     assert config.max_flows == min(65536, now_soft - limits.RESERVED_FDS)
