@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from tests.requires import missing
 from voidbox.console import (
     CTRL_A,
     HELP_TEXT,
@@ -163,7 +164,7 @@ def test_stop_is_prompt_without_input(pty):
 
 def test_signal_handlers_installed_and_restored(pty):
     if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        pytest.skip("SIGTERM already handled in this process")
+        missing("SIGTERM already handled in this process")
     with Console(pty.on_input, pty.quit.set, stdin=pty.slave):
         assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

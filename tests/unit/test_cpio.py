@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from tests.requires import requires
 from voidbox.image.cpio import CpioWriter
 
 
@@ -97,7 +98,7 @@ def test_rejects_duplicates_and_writes_after_close():
         cpio.add_file("b", b"")
 
 
-@pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox for its cpio applet")
+@requires(shutil.which("busybox") is not None, "needs busybox for its cpio applet")
 def test_busybox_cpio_lists_and_extracts(tmp_path):
     data = sample_archive()
     listing = subprocess.run(["busybox", "cpio", "-t"], input=data, capture_output=True,
