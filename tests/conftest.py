@@ -12,6 +12,9 @@ import pytest
 from tests.requires import HWKVM_REASON, ci_failure_message, is_failure_under_ci
 from voidbox.host import kvm_info
 
+SLOW_TIMEOUT = 1200
+"""Seconds (pytest-timeout) for a test marked slow; the default for the rest is in pyproject."""
+
 
 def pytest_collection_modifyitems(config, items):
     kvm = kvm_info()
@@ -28,6 +31,8 @@ def pytest_collection_modifyitems(config, items):
         "netns": None if os.geteuid() == 0 else "needs root to create network namespaces",
     }
     for item in items:
+        if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
         for marker, reason in skips.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
