@@ -23,6 +23,9 @@ def voidbox(*args, timeout=60):
         (["boot", "--kernel", sys.executable, "--cpus", "0"], "--cpus"),
         (["boot", "--kernel", sys.executable, "--cpus", "many"], "cpus"),
         (["boot", "--kernel", sys.executable, "--timeout", "-1"], "--timeout"),
+        (["boot", "--kernel", sys.executable, "--timeout", "nan"], "not a finite number"),
+        (["boot", "--kernel", sys.executable, "--timeout=inf"], "not a finite number"),
+        (["boot", "--kernel", sys.executable, "--timeout", "-Infinity"], "not a finite number"),
         (["boot", "--no-such-flag"], "no such option"),
         (["net", "run", "--mtu", "65521", "--", "true"], "--mtu"),
         (["net", "run", "--forward", "tcp:nonsense", "--", "true"], "forward"),
@@ -33,6 +36,7 @@ def test_usage_errors_exit_2_with_one_line(args, needle):
     result = voidbox(*args)
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr.lower()
+    assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
 
 
