@@ -529,6 +529,38 @@ def test_guest_reset_aborts_and_out_of_window_reset_is_ignored():
     assert kinds(out) == [Act.ABORT] and nat.flow.closed
 
 
+# (window scale, rcv_wnd, the receive window the guest was told): 2**20 is advertised exactly
+# at scale 7; unscaled, the 16-bit field caps it at 65535.
+RST_WINDOWS = [(7, 1 << 20, 1 << 20), (0, 1 << 20, 65535)]
+
+
+@pytest.mark.parametrize("wscale,rcv_wnd,window", RST_WINDOWS, ids=["wscale7", "unscaled"])
+@pytest.mark.parametrize("giss", [1000, 2**32 - 50_000], ids=["low", "wrapping"])
+@pytest.mark.parametrize("offset,accepted", [
+    (-1, False), (0, True), (1, True), ("window-1", True), ("window", False),
+    ("window+1", False), (2**31 - 1, False), (2**31, False),
+])
+def test_guest_reset_is_accepted_exactly_within_the_receive_window(
+        wscale, rcv_wnd, window, giss, offset, accepted):
+    """RFC 9293 §3.10.7.4: a RST is acceptable iff RCV.NXT =< SEG.SEQ < RCV.NXT+RCV.WND.
+
+    The NAT accepts the whole window rather than challenging (RFC 5961 §3.2 would ask for
+    an exact match); beyond its last byte, and before RCV.NXT, the RST is ignored.
+    """
+    guest, nat = handshake(giss=giss, gwscale=wscale, nwscale=wscale)
+    flow = nat.flow
+    flow.rcv_wnd = rcv_wnd
+    assert flow.window_field() << wscale == window  # what the guest was told
+    if isinstance(offset, str):
+        offset = window + {"window-1": -1, "window": 0, "window+1": 1}[offset]
+    seq = (flow.rcv_nxt + offset) % 2**32
+    out = flow.guest_segment(Segment(40000, 80, seq, 0, RST, 0), 0.1, None)
+    if accepted:
+        assert kinds(out) == [Act.ABORT] and flow.closed
+    else:
+        assert out == [] and flow.state is TcpState.ESTABLISHED
+
+
 def test_host_reset_resets_the_guest():
     guest, nat = handshake()
     out = nat.flow.host_reset()
