@@ -561,6 +561,27 @@ def test_guest_reset_is_accepted_exactly_within_the_receive_window(
         assert out == [] and flow.state is TcpState.ESTABLISHED
 
 
+def test_an_older_ack_with_the_same_seq_leaves_the_window_alone():
+    """RFC 9293 §3.10.7.4 fifth check: the window comes from a segment only if SND.WL1 <
+    SEG.SEQ, or SND.WL1 = SEG.SEQ and SND.WL2 =< SEG.ACK. A reordered older ACK with the same
+    SEQ must not replace a newer window (it would if seq_lt(WL1, SEQ) were seq_le)."""
+    guest, nat = handshake(nat_data=b"x" * 1000)
+    nat.pump(0.0)
+    for seg in nat.outbox:
+        guest.receive(seg, 0.01)
+    latest = guest.outbox[-1]
+    nat.receive(latest, 0.02)
+    flow = nat.flow
+    assert (flow.snd_wl1, flow.snd_wl2, flow.snd_una) == (latest.seq, latest.ack, latest.ack)
+    window = flow.snd_wnd
+    older = Segment(40000, 80, latest.seq, fastpath.seq_add(latest.ack, -1000), ACK, 1)
+    flow.guest_segment(older, 0.03, nat.write)
+    assert flow.snd_wnd == window
+    same = Segment(40000, 80, latest.seq, latest.ack, ACK, 1)  # WL2 =< SEG.ACK: taken
+    flow.guest_segment(same, 0.04, nat.write)
+    assert flow.snd_wnd == 1 << flow.snd_wscale
+
+
 def test_host_reset_resets_the_guest():
     guest, nat = handshake()
     out = nat.flow.host_reset()
