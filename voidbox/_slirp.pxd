@@ -3,20 +3,25 @@ from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 # RFC 9293 §3.4: sequence numbers compare modulo 2**32; valid within 2**31 of each other.
+# a < b iff b is 1 to 2**31 - 1 ahead of a. Exactly 2**31 apart, neither is before the other
+# (RFC 1982 §3.2 leaves that pair undefined): the sign of <int32_t>(a - b) would make each
+# "before" the other there. The pure twin (voidbox/net/_slirp_py.py) defines the same.
 cdef inline bint seq_lt_c(uint32_t a, uint32_t b) noexcept nogil:
-    return <int32_t>(a - b) < 0
+    cdef uint32_t ahead = b - a  # unsigned: wraps modulo 2**32
+    return ahead != 0 and ahead < (<uint32_t>1 << 31)
 
 
 cdef inline bint seq_le_c(uint32_t a, uint32_t b) noexcept nogil:
-    return <int32_t>(a - b) <= 0
+    cdef uint32_t ahead = b - a
+    return ahead < (<uint32_t>1 << 31)
 
 
 cdef inline bint seq_gt_c(uint32_t a, uint32_t b) noexcept nogil:
-    return <int32_t>(a - b) > 0
+    return seq_lt_c(b, a)
 
 
 cdef inline bint seq_ge_c(uint32_t a, uint32_t b) noexcept nogil:
-    return <int32_t>(a - b) >= 0
+    return seq_le_c(b, a)
 
 
 # Native-order one's complement sum of p[0:n] added to acc (RFC 1071 §2), unfolded.

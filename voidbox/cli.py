@@ -5,6 +5,7 @@ Exit statuses are those of voidbox.errors.ExitStatus; every error is one line on
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -39,6 +40,16 @@ def cli() -> None:
     """voidbox: disposable KVM micro-VMs with user-mode networking."""
 
 
+class FiniteFloat(click.types.FloatParamType):
+    """A float option value; nan and inf (which float() accepts) are usage errors."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 def _boot_options(command):
     """Click options from the one table the fast path in launch.py parses too."""
     for option in reversed(BOOT_OPTIONS):
@@ -46,7 +57,8 @@ def _boot_options(command):
             command = click.option(option.flag, is_flag=True, help=option.help)(command)
         else:
             command = click.option(
-                option.flag, type=option.kind, default=option.default,
+                option.flag, type=FiniteFloat() if option.kind is float else option.kind,
+                default=option.default,
                 show_default=option.default not in (None, ""), help=option.help,
             )(command)
     return command

@@ -5,6 +5,7 @@ Every check here turns bad input into a one-line `UsageError` (exit status 2).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -79,8 +80,8 @@ class VmConfig:
             raise UsageError("--mem must be a multiple of 2M")
         if not isinstance(self.cpus, int) or not 1 <= self.cpus <= MAX_CPUS:
             raise UsageError(f"--cpus must be between 1 and {MAX_CPUS}, got {self.cpus}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise UsageError(f"--timeout must be a positive, finite number of seconds, got {self.timeout}")
         if self.kernel is None:
             raise UsageError("no kernel: pass --kernel PATH or build the default guest")
         _existing_file(self.kernel, "kernel")

@@ -10,6 +10,7 @@ owns every message about bad usage.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ from .errors import ExitStatus, UsageError, VoidboxError
 
 class Option(NamedTuple):
     flag: str
-    kind: type  # str, int, float, or bool for a flag without a value
+    kind: type  # str, int, float (finite only: nan and inf are refused), or bool for a flag
     default: object
     help: str
 
@@ -46,7 +47,8 @@ def parse_boot_fast(args: list[str]) -> dict | None:
     """`boot`'s parameters from a plain argument list, or None to let click parse it.
 
     Plain means: known long options (`--opt value` or `--opt=value`, each at most once),
-    values that do not start with "-", numbers that parse, and at most one IMAGE.
+    values that do not start with "-", numbers that parse (floats finite), and at most one
+    IMAGE.
     """
     params = {option.dest: option.default for option in BOOT_OPTIONS}
     params["image"] = None
@@ -81,6 +83,8 @@ def parse_boot_fast(args: list[str]) -> dict | None:
             params[option.dest] = option.kind(value)
         except ValueError:
             return None
+        if option.kind is float and not math.isfinite(params[option.dest]):
+            return None  # click's FiniteFloat owns the message
     return params
 
 

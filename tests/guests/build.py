@@ -6,8 +6,8 @@
 Each guest is tests/guests/<name>.c plus guest.h, linked at 1 MiB by guest.ld. The
 flags keep gcc to general-purpose registers (no SSE: the guest never enables it,
 and software-only KVM emulates every instruction) and make warnings errors, so a
-guest that builds is a guest that compiled cleanly. A test that needs a guest is
-skipped, with the reason, when gcc is not installed.
+guest that builds is a guest that compiled cleanly. A test that needs a guest ends
+as tests/requires.missing() says (a skip, a failure under CI) when gcc is not installed.
 
 Run as a script to build one guest by hand: python tests/guests/build.py hello OUTDIR
 """
@@ -50,16 +50,16 @@ def build_guest(name: str, tmp_dir: str | os.PathLike) -> Path:
     """Compile tests/guests/<name>.c to <tmp_dir>/<name>.elf and return its path.
 
     Reuses an existing output newer than its sources (tmp_path_factory sharing).
-    Calls pytest.skip when gcc is missing; raises GuestBuildError on any diagnostic.
+    Calls tests.requires.missing when gcc is missing; raises GuestBuildError on any diagnostic.
     """
     source = GUESTS_DIR / f"{name}.c"
     if "/" in name or not source.is_file():
         raise ValueError(f"no such test guest: {name!r} (have {', '.join(GUEST_NAMES)})")
     cc = compiler()
     if cc is None:
-        import pytest
+        from tests.requires import missing
 
-        pytest.skip("needs gcc to build the tiny test guests")
+        missing("needs gcc to build the tiny test guests")
     out = Path(tmp_dir) / f"{name}.elf"
     newest_input = max(p.stat().st_mtime for p in (source, HEADER, LINKER_SCRIPT))
     if out.exists() and out.stat().st_mtime >= newest_input:
@@ -76,12 +76,12 @@ def build_guest(name: str, tmp_dir: str | os.PathLike) -> Path:
 
 
 def disassemble(elf: str | os.PathLike) -> str:
-    """objdump -d output of a built guest (calls pytest.skip without objdump)."""
+    """objdump -d output of a built guest (calls tests.requires.missing without objdump)."""
     objdump = shutil.which("objdump")
     if objdump is None:
-        import pytest
+        from tests.requires import missing
 
-        pytest.skip("needs objdump (binutils) to inspect the test guests")
+        missing("needs objdump (binutils) to inspect the test guests")
     result = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(elf)],
                             capture_output=True, text=True, timeout=BUILD_TIMEOUT,
                             check=True)

@@ -13,17 +13,18 @@ import subprocess
 import pytest
 
 from tests.default_guest import require_default_guest
+from tests.requires import requires
 from voidbox import layout
 from voidbox.boot import acpi
 from voidbox.boot.acpi import VirtioMmioDevice, build_acpi_tables
 from voidbox.errors import UsageError
 from voidbox.memory import GuestMemory
 
-needs_iasl = pytest.mark.skipif(
-    shutil.which("iasl") is None, reason="needs iasl (acpica-tools) to disassemble the tables"
+needs_iasl = requires(
+    shutil.which("iasl") is not None, "needs iasl (acpica-tools) to disassemble the tables"
 )
-needs_acpiexec = pytest.mark.skipif(
-    shutil.which("acpiexec") is None, reason="needs acpiexec (acpica-tools) to run the DSDT"
+needs_acpiexec = requires(
+    shutil.which("acpiexec") is not None, "needs acpiexec (acpica-tools) to run the DSDT"
 )
 
 CPU_COUNTS = [1, 2, 8]

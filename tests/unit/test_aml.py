@@ -5,14 +5,13 @@ import subprocess
 
 import pytest
 
+from tests.requires import requires
 from voidbox.boot import aml
 from voidbox.boot.acpi import sdt
 
-needs_iasl = pytest.mark.skipif(
-    shutil.which("iasl") is None, reason="needs iasl (acpica-tools) to disassemble AML"
-)
-needs_acpiexec = pytest.mark.skipif(
-    shutil.which("acpiexec") is None, reason="needs acpiexec (acpica-tools) to run AML"
+needs_iasl = requires(shutil.which("iasl") is not None, "needs iasl (acpica-tools) to disassemble AML")
+needs_acpiexec = requires(
+    shutil.which("acpiexec") is not None, "needs acpiexec (acpica-tools) to run AML"
 )
 
 

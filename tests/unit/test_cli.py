@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from voidbox.host import kvm_info
+from tests.kvm_facts import kvm_opens
 
 
 def voidbox(*args, timeout=60):
@@ -23,6 +23,9 @@ def voidbox(*args, timeout=60):
         (["boot", "--kernel", sys.executable, "--cpus", "0"], "--cpus"),
         (["boot", "--kernel", sys.executable, "--cpus", "many"], "cpus"),
         (["boot", "--kernel", sys.executable, "--timeout", "-1"], "--timeout"),
+        (["boot", "--kernel", sys.executable, "--timeout", "nan"], "not a finite number"),
+        (["boot", "--kernel", sys.executable, "--timeout=inf"], "not a finite number"),
+        (["boot", "--kernel", sys.executable, "--timeout", "-Infinity"], "not a finite number"),
         (["boot", "--no-such-flag"], "no such option"),
         (["net", "run", "--mtu", "65521", "--", "true"], "--mtu"),
         (["net", "run", "--forward", "tcp:nonsense", "--", "true"], "forward"),
@@ -33,6 +36,7 @@ def test_usage_errors_exit_2_with_one_line(args, needle):
     result = voidbox(*args)
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr.lower()
+    assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -41,8 +45,9 @@ def test_a_file_that_is_not_a_kernel_is_a_usage_error(tmp_path):
     bogus.write_bytes(b"this is not a kernel" * 100)
     result = voidbox("boot", "--kernel", str(bogus), "--timeout", "5")
     # Without a usable /dev/kvm voidbox stops before loading, with exit 1.
-    assert result.returncode == (2 if kvm_info().usable else 1), result.stderr
-    if kvm_info().usable:
+    usable = kvm_opens()
+    assert result.returncode == (2 if usable else 1), result.stderr
+    if usable:
         assert "not a bzImage or x86-64 ELF kernel" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2

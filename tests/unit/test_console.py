@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from tests.requires import missing
 from voidbox.console import (
     CTRL_A,
     HELP_TEXT,
@@ -151,19 +152,25 @@ def test_ctrl_a_h_prints_help(pty):
     assert help_out.getvalue() == HELP_TEXT
 
 
+@pytest.mark.timeout(WAIT)
 def test_stop_is_prompt_without_input(pty):
     # The reader blocks in poll(); only the self-pipe can end it. A broken wake-up
-    # hangs here instead of returning.
+    # would block stop() in join(), which the timeout turns into a failure.
     console = Console(pty.on_input, pty.quit.set, stdin=pty.slave)
     console.start()
+    reader = console._thread
+    assert reader is not None and reader.is_alive()
     console.stop()
+    assert not reader.is_alive()
+    assert console._thread is None and (console._wake_r, console._wake_w) == (-1, -1)
     console.stop()  # idempotent
     assert console._thread is None
+    assert pty.got == bytearray() and not pty.quit.is_set()  # nothing typed, nothing sent
 
 
 def test_signal_handlers_installed_and_restored(pty):
     if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        pytest.skip("SIGTERM already handled in this process")
+        missing("SIGTERM already handled in this process")
     with Console(pty.on_input, pty.quit.set, stdin=pty.slave):
         assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

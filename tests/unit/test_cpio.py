@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from tests.requires import requires
 from voidbox.image.cpio import CpioWriter
 
 
@@ -65,8 +66,48 @@ def test_members_round_trip():
     assert len({m["ino"] for m in members.values()}) == len(members)
 
 
-def test_reproducible():
-    assert sample_archive() == sample_archive()
+def newc_header(*fields: str) -> bytes:
+    """The magic and thirteen 8-digit hex fields, as typed below (buffer-format.rst)."""
+    assert len(fields) == 13 and all(len(f) == 8 for f in fields)
+    return b"070701" + "".join(fields).encode()
+
+
+# A directory, a 5-byte file and a character device, then the trailer, laid out by hand from
+# the kernel's buffer-format.rst: fields ino, mode, uid, gid, nlink, mtime, filesize, devmajor,
+# devminor, rdevmajor, rdevminor, namesize (NUL included), check. Header + name pad to 4, and
+# the data pads to 4. Inodes count from 1 (0 is the trailer's); mtime 0 makes it reproducible.
+EXPECTED_LAYOUT = (
+    # "d": mode 040755, nlink 2; 110 + 2 = 112 bytes, already aligned
+    newc_header("00000001", "000041ED", "00000000", "00000000", "00000002", "00000000",
+                "00000000", "00000000", "00000000", "00000000", "00000000", "00000002",
+                "00000000")
+    + b"d\0"
+    # "d/f": mode 0100644, 5 bytes; 110 + 4 = 114 -> 2 pad bytes; 5 data bytes -> 3 pad bytes
+    + newc_header("00000002", "000081A4", "00000000", "00000000", "00000001", "00000000",
+                  "00000005", "00000000", "00000000", "00000000", "00000000", "00000004",
+                  "00000000")
+    + b"d/f\0" + b"\0" * 2 + b"hello" + b"\0" * 3
+    # "d/tty": mode 020600, rdev 4:64; 110 + 6 = 116, aligned; no data
+    + newc_header("00000003", "00002180", "00000000", "00000000", "00000001", "00000000",
+                  "00000000", "00000000", "00000000", "00000004", "00000040", "00000006",
+                  "00000000")
+    + b"d/tty\0"
+    # the trailer: all zero but nlink 1 and namesize 11; 110 + 11 = 121 -> 3 pad bytes
+    + newc_header("00000000", "00000000", "00000000", "00000000", "00000001", "00000000",
+                  "00000000", "00000000", "00000000", "00000000", "00000000", "0000000B",
+                  "00000000")
+    + b"TRAILER!!!\0" + b"\0" * 3
+)
+
+
+def test_byte_layout_matches_the_format_written_out_by_hand():
+    out = io.BytesIO()
+    with CpioWriter(out) as cpio:
+        cpio.add_dir("d")
+        cpio.add_file("d/f", b"hello")
+        cpio.add_char_device("d/tty", 4, 64)
+    assert out.getvalue() == EXPECTED_LAYOUT
+    assert len(EXPECTED_LAYOUT) == 112 + 116 + 8 + 116 + 124
 
 
 def test_alignment_of_every_header():
@@ -97,7 +138,7 @@ def test_rejects_duplicates_and_writes_after_close():
         cpio.add_file("b", b"")
 
 
-@pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox for its cpio applet")
+@requires(shutil.which("busybox") is not None, "needs busybox for its cpio applet")
 def test_busybox_cpio_lists_and_extracts(tmp_path):
     data = sample_archive()
     listing = subprocess.run(["busybox", "cpio", "-t"], input=data, capture_output=True,

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from tests.requires import requires
 from voidbox.boot import elf
 from voidbox.errors import UsageError
 from voidbox.memory import GuestMemory
@@ -191,7 +192,7 @@ def test_zero_crosses_chunks():
         assert mem.read(0x200000 + length, 1) == b"\xaa"
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build a freestanding guest")
+@requires(shutil.which("gcc") is not None, "needs gcc to build a freestanding guest")
 def test_gcc_built_freestanding_guest(tmp_path):
     src = tmp_path / "g.c"
     src.write_text(

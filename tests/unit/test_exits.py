@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.requires import missing
 from tests.twins import pure_only
 from voidbox import exits
 from voidbox.errors import UsageError, VoidboxError
@@ -155,7 +156,7 @@ def _guarded_buffer(length):
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     if libc.mprotect(address + (pages - 1) * page, page, PROT_NONE) != 0:
-        pytest.skip("mprotect failed")
+        missing("mprotect failed")
     start = (pages - 1) * page - length
     return area, memoryview(area)[start : start + length]
 

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests.requires import missing
 from tests.twins import pure_only
 from voidbox.net import _slirp_py
 
@@ -56,7 +57,7 @@ def tcp_pair():
     try:
         peeked.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
     except OSError:
-        pytest.skip("no SO_PEEK_OFF for TCP on this kernel")
+        missing("no SO_PEEK_OFF for TCP on this kernel")
     yield peeked, sender
     peeked.close()
     sender.close()

@@ -115,11 +115,15 @@ def test_build_reports_compiler_errors(tmp_path, monkeypatch):
         build.build_guest("broken", tmp_path)
 
 
-def test_missing_gcc_skips_with_a_reason(tmp_path, monkeypatch):
+def test_missing_gcc_skips_with_a_reason_and_fails_under_ci(tmp_path, monkeypatch):
     from tests.guests import build
 
     monkeypatch.setenv("CC", "no-such-compiler-voidbox")
+    monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="needs gcc"):
+        build.build_guest("hello", tmp_path)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="needs gcc.*under CI a skip is a failure"):
         build.build_guest("hello", tmp_path)
 
 

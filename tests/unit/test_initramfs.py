@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.requires import missing, requires
 from voidbox.errors import VoidboxError
 from voidbox.image import debian, initramfs, rootfs
 from voidbox.image.modules import (
@@ -254,7 +255,7 @@ def test_archive_contents(tmp_path, compress):
         assert not parent or names.index(parent) < names.index(name)
 
 
-@pytest.mark.skipif(BUSYBOX is None, reason="needs busybox to check the scripts")
+@requires(BUSYBOX is not None, "needs busybox to check the scripts")
 def test_scripts_parse_and_applets_exist():
     applets = set(subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
                                  check=True).stdout.split())
@@ -266,7 +267,7 @@ def test_scripts_parse_and_applets_exist():
         assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(BUSYBOX is None, reason="needs busybox to run the udhcpc hook")
+@requires(BUSYBOX is not None, "needs busybox to run the udhcpc hook")
 def test_udhcpc_script_writes_resolv_conf(tmp_path):
     """Run the hook with `ip` stubbed out, as udhcpc would call it on a lease."""
     # A shell function, since busybox sh may prefer its own applets to anything on PATH.
@@ -277,7 +278,7 @@ def test_udhcpc_script_writes_resolv_conf(tmp_path):
     # In a network namespace of its own: if the stub ever stopped shadowing `ip`, the hook
     # would reconfigure this host's interface (it once did).
     if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) to isolate the hook from the host network")
+        missing("needs unshare (util-linux) to isolate the hook from the host network")
     subprocess.run(["unshare", "--net", "--map-root-user", BUSYBOX, "sh", "-c", script,
                     "udhcpc.script", "bound"], env=env, check=True, timeout=30)
     assert (tmp_path / "resolv.conf").read_text() == "search example\nnameserver 10.0.2.3\n"
@@ -289,9 +290,9 @@ def test_udhcpc_script_writes_resolv_conf(tmp_path):
 # -- root image ----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(BUSYBOX is None or shutil.which("debugfs") is None
-                    and not Path("/usr/sbin/debugfs").exists(),
-                    reason="needs busybox and e2fsprogs (mkfs.ext4, debugfs)")
+@requires(BUSYBOX is not None
+          and (shutil.which("debugfs") is not None or Path("/usr/sbin/debugfs").exists()),
+          "needs busybox and e2fsprogs (mkfs.ext4, debugfs)")
 def test_root_image(tmp_path):
     image = tmp_path / "root.ext4"
     rootfs.build_rootfs(Path(BUSYBOX), image, tmp_path)
@@ -379,10 +380,10 @@ def fake_apt(tmp_path, debs: Path, *, lists: bool = True) -> Path:
     return bindir
 
 
-needs_build_tools = pytest.mark.skipif(
-    BUSYBOX is None or shutil.which("dpkg-deb") is None
-    or not (shutil.which("mkfs.ext4") or Path("/usr/sbin/mkfs.ext4").exists()),
-    reason="needs busybox, dpkg-deb and e2fsprogs",
+needs_build_tools = requires(
+    BUSYBOX is not None and shutil.which("dpkg-deb") is not None
+    and bool(shutil.which("mkfs.ext4") or Path("/usr/sbin/mkfs.ext4").exists()),
+    "needs busybox, dpkg-deb and e2fsprogs",
 )
 
 

@@ -11,7 +11,8 @@ from voidbox.launch import BOOT_OPTIONS, parse_boot_fast
 boot = cli.commands["boot"]
 
 values = st.one_of(
-    st.sampled_from(["512M", "2", "1.5", "-1", "x", "", "0x10", "1_000", "nan", "/tmp/k", "-", "--kernel"]),
+    st.sampled_from(["512M", "2", "1.5", "-1", "x", "", "0x10", "1_000", "nan", "NaN", "inf",
+                     "Infinity", "1e999", "/tmp/k", "-", "--kernel"]),
     st.text(alphabet="abc-=./0123456789 ", max_size=6),
 )
 flags = st.sampled_from([o.flag for o in BOOT_OPTIONS] + ["--bogus", "-k", "--", "--help"])
@@ -55,7 +56,14 @@ def test_common_command_lines_take_the_fast_path(argv):
 @pytest.mark.parametrize(
     "argv",
     [["--help"], ["-h"], ["--cpus", "two"], ["--kernel"], ["--kernel", "a", "--kernel", "b"],
-     ["a.img", "b.img"], ["--readonly=yes"], ["--append", "-x"], ["--no-such-flag"]],
+     ["a.img", "b.img"], ["--readonly=yes"], ["--append", "-x"], ["--no-such-flag"],
+     ["--timeout", "nan"], ["--timeout=inf"], ["--timeout", "1e999"]],
 )
 def test_everything_else_goes_to_click(argv):
     assert parse_boot_fast(argv) is None
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "Infinity", "1e999"])
+def test_click_refuses_a_non_finite_timeout(value):
+    with pytest.raises(click.BadParameter, match="not a finite number"):
+        boot.make_context("boot", ["--timeout", value])

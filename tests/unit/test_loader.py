@@ -3,10 +3,10 @@
 import os
 import random
 import struct
-from pathlib import Path
 
 import pytest
 
+from tests.default_guest import require_default_guest
 from tests.unit.test_bzimage import PAYLOAD, make_bzimage
 from tests.unit.test_elf import KERNEL_VADDR, make_elf, note, pvh_note
 from voidbox import layout
@@ -18,14 +18,6 @@ from voidbox.kvm_types import Sregs
 from voidbox.memory import GuestMemory
 
 MEM_SIZE = 64 << 20
-def _default_guest_vmlinux() -> Path | None:
-    from voidbox.image import default_guest
-
-    guest = default_guest()
-    return guest.vmlinux if guest else None
-
-
-REAL_VMLINUX = _default_guest_vmlinux()
 
 
 @pytest.fixture
@@ -239,11 +231,11 @@ def test_hostile_files_give_usage_errors_only(mem, tmp_path, kind):
     assert outcomes["loaded"] and outcomes["rejected"]
 
 
-@pytest.mark.skipif(REAL_VMLINUX is None, reason="the default guest is not built (voidbox image build)")
 @pytest.mark.parametrize("prefer_pvh", [True, False])
 def test_real_vmlinux(prefer_pvh):
+    vmlinux = require_default_guest().vmlinux
     with GuestMemory(256 << 20) as mem:
-        plan = load_kernel(mem, os.fspath(REAL_VMLINUX), "console=ttyS0", prefer_pvh=prefer_pvh)
+        plan = load_kernel(mem, os.fspath(vmlinux), "console=ttyS0", prefer_pvh=prefer_pvh)
         assert plan.entry_mode in (("pvh", "linux64") if prefer_pvh else ("linux64",))
         assert layout.KERNEL_LOAD_ADDR <= plan.entry < plan.kernel_end
         if plan.entry_mode == "pvh":

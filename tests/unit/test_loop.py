@@ -9,6 +9,7 @@ import pytest
 from voidbox.net.loop import EventLoop
 
 MAX_ITER = 200
+HANG_BOUND = 30  # seconds (pytest-timeout): a broken stop() fails here instead of hanging
 
 
 @pytest.fixture
@@ -92,6 +93,7 @@ def test_call_soon_runs_next_iteration_in_order(loop):
     assert order == [1, 2, 3]
 
 
+@pytest.mark.timeout(HANG_BOUND)
 def test_call_soon_threadsafe_wakes_a_blocked_loop(loop):
     done = []
     started = threading.Event()
@@ -109,9 +111,23 @@ def test_call_soon_threadsafe_wakes_a_blocked_loop(loop):
     assert done == [True]
 
 
-def test_stop_from_a_callback(loop):
+@pytest.mark.timeout(HANG_BOUND)
+def test_stop_from_a_callback_ends_run_after_that_iteration(loop):
+    ran = []
+
+    def stop_and_queue_more():
+        ran.append("stop")
+        loop.stop()
+        loop.call_soon(lambda: ran.append("next iteration"))
+
+    loop.call_soon(stop_and_queue_more)
+    loop.call_soon(lambda: ran.append("same iteration"))
+    loop.run()
+    assert ran == ["stop", "same iteration"]
+    # stop() is not sticky: the loop runs again, and what was queued runs then.
     loop.call_soon(loop.stop)
-    loop.run()  # returns
+    loop.run()
+    assert ran == ["stop", "same iteration", "next iteration"]
 
 
 def test_debug_loop_propagates_errors():

@@ -341,6 +341,46 @@ def test_next_outside_the_queue_is_malformed_and_the_prefix_is_not_returned(make
     retired_malformed(drv, q, 0)
 
 
+@pytest.mark.parametrize("size", [2, 16, 256])
+def test_next_at_the_last_descriptor_is_valid_and_one_past_it_is_malformed(make, size):
+    """virtio 1.2 §2.7.5: `next` indexes the table, so size-1 is its last valid value and
+    size its first invalid one (the chain is dropped, its head still retired)."""
+    drv, q = make(size=size)
+    last = size - 1
+    drv.write_desc(0, drv.alloc(4, b"head"), 4, NEXT, last)
+    drv.write_desc(last, drv.alloc(4, b"tail"), 4, 0, 0)
+    drv.offer(0)
+    [chain] = q.pop()
+    assert (chain.head, chain.read(), q.malformed) == (0, b"headtail", 0)
+    q.push(chain.head, 0)
+    assert drv.collect() == [(0, 0)]
+    drv.write_desc(0, drv.alloc(4, b"head"), 4, NEXT, size)
+    drv.offer(0)
+    assert q.pop() == []
+    retired_malformed(drv, q, 0)
+
+
+@pytest.mark.parametrize("entries", [2, 16])
+def test_indirect_next_at_the_last_entry_is_valid_and_one_past_it_is_malformed(make, entries):
+    """§2.7.5.3.1: inside an indirect table `next` indexes the table's own entries."""
+    drv, q = make(size=16)
+    last = entries - 1
+    for nxt, valid in ((last, True), (entries, False)):
+        head, tail = drv.alloc(4, b"head"), drv.alloc(4, b"tail")
+        table = [(head, 4, NEXT, nxt)] + [(tail, 4, 0, 0)] * last
+        addr, nbytes = drv.indirect_table(table)
+        drv.write_desc(0, addr, nbytes, INDIRECT)
+        drv.offer(0)
+        if valid:
+            [chain] = q.pop()
+            assert (chain.head, chain.read(), q.malformed) == (0, b"headtail", 0)
+            q.push(chain.head, 0)
+            assert drv.collect() == [(0, 0)]
+        else:
+            assert q.pop() == []
+            retired_malformed(drv, q, 0)
+
+
 @pytest.mark.parametrize("addr,length", [
     (MEM_SIZE, 1),  # just past the end
     (MEM_SIZE - 8, 16),  # straddles the end: a partial read is a failure

@@ -9,6 +9,8 @@ import random
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.twins import pure_only
 from voidbox.net import _slirp_py
@@ -55,6 +57,61 @@ def test_seq_compare_wraps(m, a, b, lt):
     assert bool(m.seq_le(a, b)) == (lt or a == b)
     assert bool(m.seq_ge(b, a)) == (lt or a == b)
     assert bool(m.seq_le(a, a)) and bool(m.seq_ge(a, a))
+
+
+SEQ_MOD = 1 << 32
+SEQ_HALF = 1 << 31
+
+
+def reference_order(a, b):
+    """RFC 9293 §3.4, from the definition: (lt, le, gt, ge) of a against b, where a < b iff
+    b is 1 to 2**31 - 1 ahead of a modulo 2**32; exactly 2**31 apart, neither is before."""
+    ahead, behind = (b - a) % SEQ_MOD, (a - b) % SEQ_MOD
+    return (0 < ahead < SEQ_HALF, ahead < SEQ_HALF, 0 < behind < SEQ_HALF, behind < SEQ_HALF)
+
+
+def order(m, a, b):
+    return tuple(bool(f(a, b)) for f in (m.seq_lt, m.seq_le, m.seq_gt, m.seq_ge))
+
+
+@pytest.mark.parametrize("a", [0, 5, SEQ_HALF - 1, SEQ_HALF, SEQ_MOD - 1])
+def test_seq_lt_is_strict_and_le_is_not(m, a):
+    # Would fail if seq_lt were seq_le (or seq_gt seq_ge): only equality tells them apart.
+    assert order(m, a, a) == (False, True, False, True)
+    b = (a + 1) % SEQ_MOD
+    assert order(m, a, b) == (True, True, False, False)
+    assert order(m, b, a) == (False, False, True, True)
+
+
+@pytest.mark.parametrize("a", [0, 5, SEQ_HALF - 1, SEQ_HALF, SEQ_MOD - 1])
+@pytest.mark.parametrize(("distance", "expected"), [
+    (SEQ_HALF - 1, (True, True, False, False)),     # the last distance that is "before"
+    (SEQ_HALF, (False, False, False, False)),       # undefined: neither is before the other
+    (SEQ_HALF + 1, (False, False, True, True)),     # b is 2**31 - 1 behind a
+])
+def test_seq_order_at_half_the_space(m, a, distance, expected):
+    b = (a + distance) % SEQ_MOD
+    assert order(m, a, b) == expected
+    lt, le, gt, ge = expected
+    assert order(m, b, a) == (gt, ge, lt, le)  # antisymmetric: swapping swaps lt and gt
+
+
+seq_numbers = st.one_of(st.sampled_from([0, 1, SEQ_HALF - 1, SEQ_HALF, SEQ_MOD - 1]),
+                        st.integers(0, SEQ_MOD - 1))
+distances = st.one_of(st.sampled_from([0, 1, SEQ_HALF - 1, SEQ_HALF, SEQ_HALF + 1, SEQ_MOD - 1]),
+                      st.integers(0, SEQ_MOD - 1))
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=seq_numbers, distance=distances)  # m, the module, is stateless
+def test_seq_order_matches_the_definition_everywhere(m, a, distance):
+    b = (a + distance) % SEQ_MOD
+    lt, le, gt, ge = got = order(m, a, b)
+    assert got == reference_order(a, b)
+    assert not (lt and gt) and not (lt and bool(m.seq_lt(b, a)))
+    assert (le and ge) == (a == b)
+    assert m.seq_diff(b, a) in (distance, distance - SEQ_MOD)
+    assert -SEQ_HALF <= m.seq_diff(b, a) < SEQ_HALF
 
 
 def test_seq_add_and_diff_wrap(m):
@@ -133,7 +190,11 @@ def test_fastpath_selects_by_environment(monkeypatch):
         assert pure.impl is _slirp_py and not pure.COMPILED
         monkeypatch.delenv("VOIDBOX_PURE")
         chosen = importlib.reload(fp)
-        assert chosen.COMPILED == (_compiled is not None)
+        try:
+            built = importlib.import_module("voidbox._slirp")
+        except ImportError:  # possible only under VOIDBOX_PURE=1: _compiled's import fails otherwise
+            built = None
+        assert chosen.impl is (built or _slirp_py) and chosen.COMPILED == (built is not None)
     finally:
-        monkeypatch.delenv("VOIDBOX_PURE", raising=False)
-        importlib.reload(fp)
+        monkeypatch.undo()  # back to this run's own VOIDBOX_PURE before the module is
+        importlib.reload(fp)  # reloaded, so later tests see the twin the run asked for

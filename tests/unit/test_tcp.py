@@ -529,6 +529,59 @@ def test_guest_reset_aborts_and_out_of_window_reset_is_ignored():
     assert kinds(out) == [Act.ABORT] and nat.flow.closed
 
 
+# (window scale, rcv_wnd, the receive window the guest was told): 2**20 is advertised exactly
+# at scale 7; unscaled, the 16-bit field caps it at 65535.
+RST_WINDOWS = [(7, 1 << 20, 1 << 20), (0, 1 << 20, 65535)]
+
+
+@pytest.mark.parametrize("wscale,rcv_wnd,window", RST_WINDOWS, ids=["wscale7", "unscaled"])
+@pytest.mark.parametrize("giss", [1000, 2**32 - 50_000], ids=["low", "wrapping"])
+@pytest.mark.parametrize("offset,accepted", [
+    (-1, False), (0, True), (1, True), ("window-1", True), ("window", False),
+    ("window+1", False), (2**31 - 1, False), (2**31, False),
+])
+def test_guest_reset_is_accepted_exactly_within_the_receive_window(
+        wscale, rcv_wnd, window, giss, offset, accepted):
+    """RFC 9293 §3.10.7.4: a RST is acceptable iff RCV.NXT =< SEG.SEQ < RCV.NXT+RCV.WND.
+
+    The NAT accepts the whole window rather than challenging (RFC 5961 §3.2 would ask for
+    an exact match); beyond its last byte, and before RCV.NXT, the RST is ignored.
+    """
+    guest, nat = handshake(giss=giss, gwscale=wscale, nwscale=wscale)
+    flow = nat.flow
+    flow.rcv_wnd = rcv_wnd
+    assert flow.window_field() << wscale == window  # what the guest was told
+    if isinstance(offset, str):
+        offset = window + {"window-1": -1, "window": 0, "window+1": 1}[offset]
+    seq = (flow.rcv_nxt + offset) % 2**32
+    out = flow.guest_segment(Segment(40000, 80, seq, 0, RST, 0), 0.1, None)
+    if accepted:
+        assert kinds(out) == [Act.ABORT] and flow.closed
+    else:
+        assert out == [] and flow.state is TcpState.ESTABLISHED
+
+
+def test_an_older_ack_with_the_same_seq_leaves_the_window_alone():
+    """RFC 9293 §3.10.7.4 fifth check: the window comes from a segment only if SND.WL1 <
+    SEG.SEQ, or SND.WL1 = SEG.SEQ and SND.WL2 =< SEG.ACK. A reordered older ACK with the same
+    SEQ must not replace a newer window (it would if seq_lt(WL1, SEQ) were seq_le)."""
+    guest, nat = handshake(nat_data=b"x" * 1000)
+    nat.pump(0.0)
+    for seg in nat.outbox:
+        guest.receive(seg, 0.01)
+    latest = guest.outbox[-1]
+    nat.receive(latest, 0.02)
+    flow = nat.flow
+    assert (flow.snd_wl1, flow.snd_wl2, flow.snd_una) == (latest.seq, latest.ack, latest.ack)
+    window = flow.snd_wnd
+    older = Segment(40000, 80, latest.seq, fastpath.seq_add(latest.ack, -1000), ACK, 1)
+    flow.guest_segment(older, 0.03, nat.write)
+    assert flow.snd_wnd == window
+    same = Segment(40000, 80, latest.seq, latest.ack, ACK, 1)  # WL2 =< SEG.ACK: taken
+    flow.guest_segment(same, 0.04, nat.write)
+    assert flow.snd_wnd == 1 << flow.snd_wscale
+
+
 def test_host_reset_resets_the_guest():
     guest, nat = handshake()
     out = nat.flow.host_reset()

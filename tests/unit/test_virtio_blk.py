@@ -13,6 +13,7 @@ import pytest
 
 import voidbox._ring_py as pure
 import voidbox.virtio.blk as blk
+from tests.requires import requires
 from tests.virtio_driver import Driver
 from voidbox.errors import UsageError
 from voidbox.layout import MiB
@@ -379,7 +380,7 @@ def test_read_error_reaches_the_guest_as_ioerr(disk, image):
     assert data == bytes(SECTOR_SIZE)
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@requires(os.path.exists("/dev/full"), "needs /dev/full")
 def test_a_full_device_reaches_the_guest_as_ioerr(disk, image):
     """A real ENOSPC: the backend's fd swapped for /dev/full (every write fails)."""
     d = disk()
