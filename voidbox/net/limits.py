@@ -21,6 +21,7 @@ EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 # Fds kept for everything that is not a flow: the TAP, epoll, eventfds, listeners,
 # spare UDP sockets, logging, the Python runtime's own.
 RESERVED_FDS = 64
+FEW_FLOWS = 4096  # below this, a capped default flow limit is worth a warning
 LOG_INTERVAL = 10.0  # seconds between two "out of fds" lines
 
 
@@ -42,13 +43,17 @@ def flow_limit_for_fds(requested: int, fd_limit: int) -> int:
     return max(1, min(requested, fd_limit - RESERVED_FDS))
 
 
-def cap_flows(config) -> None:
-    """Raise the fd limit and cap config.max_flows by it, saying so once if it bites."""
+def cap_flows(config, default_max_flows: int) -> None:
+    """Raise the fd limit and cap config.max_flows by it. Say so once (a warning) when it
+    bites: when the user asked for more flows, or when fewer than FEW_FLOWS remain;
+    capping the default to thousands of flows is only logged at info level."""
     fd_limit = raise_fd_limit()
     allowed = flow_limit_for_fds(config.max_flows, fd_limit)
     if allowed < config.max_flows:
-        log.warning("open-file limit %d allows %d flows, not %d: further flows are refused",
-                    fd_limit, allowed, config.max_flows)
+        notable = config.max_flows != default_max_flows or allowed < FEW_FLOWS
+        log.log(logging.WARNING if notable else logging.INFO,
+                "open-file limit %d allows %d flows, not %d: further flows are refused",
+                fd_limit, allowed, config.max_flows)
         config.max_flows = allowed
 
 

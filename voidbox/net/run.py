@@ -85,7 +85,8 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
     if not argv:
         raise VoidboxError("no command given")
     unprivileged = os.geteuid() != 0
-    limits.cap_flows(config)  # every flow holds an fd: refuse flows, never hit EMFILE
+    # Every flow holds an fd: refuse flows rather than run into EMFILE.
+    limits.cap_flows(config, NatConfig.max_flows)
     # Import in the parent: the forked child should not import while other threads of this
     # process might hold the import lock.
     import pyroute2  # noqa: F401
