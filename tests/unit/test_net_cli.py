@@ -1,0 +1,102 @@
+"""`voidbox net run`'s command line: what is voidbox's, what is CMD's, and what is refused.
+
+Most cases run the real entry point (voidbox.launch.main) in-process with run_in_netns
+replaced by a recorder, so nothing here makes a namespace unless it is marked netns.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from voidbox import launch
+from voidbox.net import run as net_run_module
+
+VOIDBOX = [sys.executable, "-m", "voidbox"]
+
+
+class Recorder:
+    """Stands in for run_in_netns: remembers what it was asked to run."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, argv, config, **kwargs):
+        self.calls.append((argv, config, kwargs))
+        return 0
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """cli(*args) -> (status, stdout, stderr, calls to run_in_netns)."""
+
+    def run(*args):
+        recorder = Recorder()
+        monkeypatch.setattr(net_run_module, "run_in_netns", recorder)
+        with pytest.raises(SystemExit) as exit_info:
+            launch.main(["net", "run", *args])
+        out, err = capsys.readouterr()
+        code = exit_info.value.code
+        return (0 if code is None else code), out, err, recorder.calls
+
+    return run
+
+
+# Defect 5: everything from the first non-option word on belongs to CMD.
+
+@pytest.mark.parametrize("args", [
+    ["ls", "-h", "."],
+    ["sh", "-c", 'echo "$@"', "x", "--mtu", "1400"],
+    ["curl", "--max-flows", "5", "http://10.0.2.2:8000/"],
+    ["env", "--help"],
+    ["true", "--", "--deny", "0.0.0.0/0"],
+])
+def test_options_after_the_command_are_the_commands(cli, args):
+    status, out, _, calls = cli(*args)
+    assert status == 0
+    assert "Usage:" not in out
+    [(argv, config, _)] = calls
+    assert argv == args
+    assert config.mtu == 1500
+    assert config.max_flows == 65536
+
+
+def test_voidbox_options_before_the_command_are_voidboxs(cli):
+    status, _, _, calls = cli("--mtu", "1400", "--max-flows", "7", "sh", "-c", "true", "--mtu")
+    assert status == 0
+    [(argv, config, _)] = calls
+    assert argv == ["sh", "-c", "true", "--mtu"]
+    assert (config.mtu, config.max_flows) == (1400, 7)
+
+
+@pytest.mark.parametrize("args, command", [
+    (["--", "sh", "-c", "true"], ["sh", "-c", "true"]),
+    (["--mtu", "1400", "--", "ls", "-h"], ["ls", "-h"]),
+    (["--", "--weird-name", "-x"], ["--weird-name", "-x"]),
+    (["--", "--", "x"], ["--", "x"]),
+])
+def test_double_dash_still_ends_voidboxs_options(cli, args, command):
+    status, _, _, calls = cli(*args)
+    assert status == 0
+    [(argv, _, _)] = calls
+    assert argv == command
+
+
+def test_help_is_still_voidboxs_before_the_command(cli):
+    status, out, _, calls = cli("--help")
+    assert status == 0
+    assert "Usage: voidbox net run" in out
+    assert not calls
+
+
+@pytest.mark.netns
+def test_real_namespace_gets_the_commands_options():
+    shell = subprocess.run([*VOIDBOX, "net", "run", "sh", "-c", 'echo "$@"', "x", "--mtu", "1400"],
+                           capture_output=True, text=True, timeout=60)
+    assert (shell.returncode, shell.stdout) == (0, "--mtu 1400\n"), shell.stderr
+    listing = subprocess.run([*VOIDBOX, "net", "run", "ls", "-h", "/"],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    assert "Usage:" not in listing.stdout
+    assert set(listing.stdout.split()) >= {name for name in os.listdir("/") if not name.startswith(".")}
