@@ -96,8 +96,8 @@ def net() -> None:
 
 # Everything from the first word that is not one of voidbox's options on is COMMAND's, as
 # with env, sudo and unshare: `voidbox net run ls -h` lists, and does not print this help.
-@net.command("run", context_settings={"ignore_unknown_options": True,
-                                      "allow_interspersed_args": False})
+# An unknown option before that word (or before --) is a usage error, not a command.
+@net.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--mtu", type=int, help="MTU of the namespace's interface (576-65520; default 1500).")
 @click.option("--forward", "forwards", multiple=True, metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
               help="Forward a host port into the namespace (repeatable).")

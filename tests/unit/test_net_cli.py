@@ -100,3 +100,27 @@ def test_real_namespace_gets_the_commands_options():
     assert listing.returncode == 0, listing.stderr
     assert "Usage:" not in listing.stdout
     assert set(listing.stdout.split()) >= {name for name in os.listdir("/") if not name.startswith(".")}
+
+
+# Defect 4: an unknown option before the command is a usage error, not the command.
+
+@pytest.mark.parametrize("args, option", [
+    (["--dney", "10.0.0.0/8", "--", "true"], "--dney"),
+    (["-x", "--", "true"], "-x"),
+    (["--bogus-flag", "true"], "--bogus-flag"),
+    (["--mtu", "1400", "--bogus-flag=1", "true"], "--bogus-flag"),
+])
+def test_unknown_options_are_usage_errors(cli, args, option):
+    status, out, err, calls = cli(*args)
+    assert status == 2
+    assert not calls
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith("voidbox: error: ") and option in err
+
+
+def test_unknown_option_exits_2_from_the_real_entry_point():
+    result = subprocess.run([*VOIDBOX, "net", "run", "--dney", "10.0.0.0/8", "--", "true"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and "--dney" in result.stderr
