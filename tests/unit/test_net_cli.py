@@ -124,3 +124,27 @@ def test_unknown_option_exits_2_from_the_real_entry_point():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1 and "--dney" in result.stderr
+
+
+# Defect 12: numbers on the command line are plain decimal, rates finite and positive.
+
+@pytest.mark.parametrize("args, word", [
+    (["--max-conn-rate", "nan"], "nan"),
+    (["--max-conn-rate", "inf"], "inf"),
+    (["--max-conn-rate", "0"], "--max-conn-rate"),
+    (["--mtu", "1_500"], "1_500"),
+    (["--mtu", "+1500"], "+1500"),
+    (["--max-flows", "1_000"], "1_000"),
+    (["--max-flows", "0"], "--max-flows"),
+    (["--forward", "tcp:+8080:80"], "+8080"),
+    (["--forward", "tcp:8_0:80"], "8_0"),
+    (["--allow", "10.0.0.0/8: 80"], " 80"),
+    (["--deny", "10.0.0.0/8:80-+90"], "+90"),
+    (["--dns-upstream", "127.0.0.1:5_3"], "5_3"),
+])
+def test_loose_numbers_are_usage_errors(cli, args, word):
+    status, out, err, calls = cli(*args, "--", "true")
+    assert status == 2
+    assert not calls
+    assert len(err.splitlines()) == 1
+    assert err.startswith("voidbox: error: ") and word in err
