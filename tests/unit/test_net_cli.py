@@ -148,3 +148,13 @@ def test_loose_numbers_are_usage_errors(cli, args, word):
     assert not calls
     assert len(err.splitlines()) == 1
     assert err.startswith("voidbox: error: ") and word in err
+
+
+# Defect 2 (parsing): duplicate --forward host ports are a usage error.
+
+def test_duplicate_forwards_are_usage_errors(cli):
+    status, _, err, calls = cli("--forward", "udp:5300:53", "--forward", "udp:0.0.0.0:5300:54",
+                                "--", "true")
+    assert status == 2
+    assert not calls
+    assert len(err.splitlines()) == 1 and "5300" in err

@@ -150,3 +150,31 @@ def test_plain_decimal_net_run_numbers_still_parse():
     assert (config.mtu, config.max_flows, config.max_conn_rate) == (9000, 3, 0.5)
     config, _ = config_from_options()
     assert (config.mtu, config.max_flows, config.max_conn_rate) == (1500, 65536, None)
+
+
+# Defect 2 (parsing): two forwards of one protocol may not share a host port. 0.0.0.0 binds
+# every address, so it collides with any address on the same port.
+
+@pytest.mark.parametrize("forwards", [
+    ["tcp:8080:80", "tcp:8080:80"],
+    ["tcp:8080:80", "tcp:127.0.0.1:8080:81"],
+    ["udp:0.0.0.0:5353:53", "udp:127.0.0.1:5353:54"],
+    ["udp:127.0.0.2:5353:53", "UDP:0.0.0.0:5353:54"],
+    ["tcp:0.0.0.0:80:80", "tcp:0.0.0.0:80:81"],
+    ["tcp:1000:1", "udp:1000:1", "tcp:2000:2", "tcp:1000:3"],
+])
+def test_forwards_sharing_a_host_port_are_usage_errors(forwards):
+    from voidbox.net.run import config_from_options
+
+    with pytest.raises(UsageError) as error:
+        config_from_options(forwards=forwards)
+    assert "\n" not in str(error.value)
+
+
+def test_forwards_on_distinct_host_ports_are_fine():
+    from voidbox.net.run import config_from_options
+
+    forwards = ["tcp:8080:80", "udp:8080:80", "tcp:127.0.0.2:8080:80", "tcp:8081:80",
+                "udp:0.0.0.0:5353:53"]
+    config, _ = config_from_options(forwards=forwards)
+    assert [f.host_port for f in config.forwards] == [8080, 8080, 8080, 8081, 5353]

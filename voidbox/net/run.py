@@ -71,7 +71,17 @@ def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), den
         config.max_flows = parse_int(max_flows, "--max-flows", 1)
     if max_conn_rate is not None:
         config.max_conn_rate = parse_rate(max_conn_rate, "--max-conn-rate")
-    config.forwards = [parse_forward(f) for f in forwards]
+    taken = {}  # (proto, host_port) -> [(host_addr, spec)]
+    for spec in forwards:
+        forward = parse_forward(spec)
+        # A second bind of one protocol's host port would fail, or with SO_REUSEADDR steal
+        # the first's traffic; 0.0.0.0 binds every address, so it collides with any.
+        for addr, other in taken.get((forward.proto, forward.host_port), ()):
+            if "0.0.0.0" in (addr, forward.host_addr) or addr == forward.host_addr:
+                raise UsageError(f"--forward {other!r} and {spec!r} both take "
+                                 f"{forward.proto} port {forward.host_port}")
+        taken.setdefault((forward.proto, forward.host_port), []).append((forward.host_addr, spec))
+        config.forwards.append(forward)
     config.dns_upstreams = [parse_dns_upstream(d) for d in dns_upstreams]
     return config, Policy(allow=list(allow), deny=list(deny))
 
