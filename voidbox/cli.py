@@ -97,14 +97,21 @@ def net() -> None:
 # Everything from the first word that is not one of voidbox's options on is COMMAND's, as
 # with env, sudo and unshare: `voidbox net run ls -h` lists, and does not print this help.
 # An unknown option before that word (or before --) is a usage error, not a command.
-@net.command("run", context_settings={"allow_interspersed_args": False})
+@net.command("run", context_settings={"allow_interspersed_args": False}, epilog=(
+    "Egress rules (--allow, --deny): CIDR[:PORTS], PORTS a list of ports and ranges, e.g. "
+    "10.0.0.0/8:80,443,8000-8100. A rule matches either the address the guest sees "
+    "(10.0.2.2 = the gateway, 10.0.2.3 = DNS, other addresses as they are) or the translated "
+    "host destination (10.0.2.2 -> 127.0.0.1, 10.0.2.3:53 -> the DNS upstream); a deny that "
+    "matches either denies."))
 # Numbers are taken as text and parsed strictly by config_from_options: click's int type is
 # Python's int(), which takes '1_500', '+80' and ' 80'.
 @click.option("--mtu", metavar="N", help="MTU of the namespace's interface (576-65520; default 1500).")
 @click.option("--forward", "forwards", multiple=True, metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
               help="Forward a host port into the namespace (repeatable).")
-@click.option("--allow", multiple=True, metavar="CIDR[:PORTS]", help="Allow egress (repeatable).")
-@click.option("--deny", multiple=True, metavar="CIDR[:PORTS]", help="Deny egress (repeatable).")
+@click.option("--allow", multiple=True, metavar="CIDR[:PORTS]",
+              help="Allow egress (repeatable; see egress rules below).")
+@click.option("--deny", multiple=True, metavar="CIDR[:PORTS]",
+              help="Deny egress (repeatable; see egress rules below).")
 @click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="IP[:PORT]",
               help="Relay 10.0.2.3 to this resolver instead of /etc/resolv.conf's.")
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")

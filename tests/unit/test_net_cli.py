@@ -158,3 +158,15 @@ def test_duplicate_forwards_are_usage_errors(cli):
     assert status == 2
     assert not calls
     assert len(err.splitlines()) == 1 and "5300" in err
+
+
+# Defect 1 (help text): --help says which destination an --allow/--deny rule matches.
+
+def test_help_says_rules_match_the_guest_visible_or_the_translated_destination(cli):
+    status, out, _, _ = cli("--help")
+    assert status == 0
+    text = " ".join(out.split())
+    for fact in ["the address the guest sees", "10.0.2.2 = the gateway", "10.0.2.3 = DNS",
+                 "the translated host destination", "10.0.2.2 -> 127.0.0.1",
+                 "10.0.2.3:53 -> the DNS upstream", "a deny that matches either denies"]:
+        assert fact in text, fact
