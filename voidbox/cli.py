@@ -106,20 +106,32 @@ def net() -> None:
     """User-mode networking without a VM."""
 
 
-@net.command("run", context_settings={"ignore_unknown_options": True})
-@click.option("--mtu", type=int, help="MTU of the namespace's interface (576-65520; default 1500).")
+# Everything from the first word that is not one of voidbox's options on is COMMAND's, as
+# with env, sudo and unshare: `voidbox net run ls -h` lists, and does not print this help.
+# An unknown option before that word (or before --) is a usage error, not a command.
+@net.command("run", context_settings={"allow_interspersed_args": False}, epilog=(
+    "Egress rules (--allow, --deny): CIDR[:PORTS], PORTS a list of ports and ranges, e.g. "
+    "10.0.0.0/8:80,443,8000-8100. A rule matches either the address the guest sees "
+    "(10.0.2.2 = the gateway, 10.0.2.3 = DNS, other addresses as they are) or the translated "
+    "host destination (10.0.2.2 -> 127.0.0.1, 10.0.2.3:53 -> the DNS upstream); a deny that "
+    "matches either denies."))
+# Numbers are taken as text and parsed strictly by config_from_options: click's int type is
+# Python's int(), which takes '1_500', '+80' and ' 80'.
+@click.option("--mtu", metavar="N", help="MTU of the namespace's interface (576-65520; default 1500).")
 @click.option("--forward", "forwards", multiple=True, metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
               help="Forward a host port into the namespace (repeatable).")
-@click.option("--allow", multiple=True, metavar="CIDR[:PORTS]", help="Allow egress (repeatable).")
-@click.option("--deny", multiple=True, metavar="CIDR[:PORTS]", help="Deny egress (repeatable).")
+@click.option("--allow", multiple=True, metavar="CIDR[:PORTS]",
+              help="Allow egress (repeatable; see egress rules below).")
+@click.option("--deny", multiple=True, metavar="CIDR[:PORTS]",
+              help="Deny egress (repeatable; see egress rules below).")
 @click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="IP[:PORT]",
               help="Relay 10.0.2.3 to this resolver instead of /etc/resolv.conf's.")
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")
 @click.option("--offload/--no-offload", default=True, show_default=True,
               help="Checksum and TCP segmentation offload on the namespace's interface.")
-@click.option("--max-flows", type=click.IntRange(1), default=65536, show_default=True)
-@click.option("--max-conn-rate", type=click.FloatRange(min=0, min_open=True),
-              help="New connections per second (default unlimited).")
+@click.option("--max-flows", metavar="N", help="Most flows open at once (default 65536).")
+@click.option("--max-conn-rate", metavar="RATE",
+              help="New connections per second, e.g. 10 or 2.5 (default unlimited).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, offload, max_flows, max_conn_rate,
             command) -> None:
@@ -129,7 +141,6 @@ def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, offload, max_flows,
     """
     from .net.run import config_from_options, run_in_netns
 
-    config, policy = config_from_options(mtu, forwards, allow, deny, dns_upstreams)
-    config.max_flows = max_flows
-    config.max_conn_rate = max_conn_rate
+    config, policy = config_from_options(mtu, forwards, allow, deny, dns_upstreams,
+                                         max_flows, max_conn_rate)
     sys.exit(run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload))

@@ -89,3 +89,92 @@ def test_bad_net_run_options_are_usage_errors(kwargs):
 
     with pytest.raises(UsageError):
         config_from_options(**kwargs)
+
+
+# Defect 12: a port, port range, MTU, count or rate is plain decimal digits. Python's int()
+# and float() also take '+80', ' 80', '8_0', '８０' (fullwidth digits), 'nan' and 'inf'.
+
+LOOSE_NUMBERS = ["+80", "8_0", " 80", "80 ", "\t80", "80\n", "８０", "0x50", "80.0", "-80", ""]
+
+
+@pytest.mark.parametrize("port", LOOSE_NUMBERS)
+def test_rule_ports_are_plain_decimal(port):
+    with pytest.raises(UsageError):
+        parse_rule(f"1.2.3.4:{port}", allow=False)
+    with pytest.raises(UsageError):
+        parse_rule(f"1.2.3.4:70-{port}", allow=False)
+    with pytest.raises(UsageError):
+        parse_rule(f"1.2.3.4:22,{port}", allow=False)
+
+
+@pytest.mark.parametrize("port", LOOSE_NUMBERS)
+def test_forward_ports_are_plain_decimal(port):
+    with pytest.raises(UsageError):
+        parse_forward(f"tcp:{port}:80")
+    with pytest.raises(UsageError):
+        parse_forward(f"udp:127.0.0.1:5353:{port}")
+
+
+def test_plain_decimal_ports_still_parse():
+    assert parse_rule("1.2.3.4:0080,1-65535", allow=True).ports == ((80, 80), (1, 65535))
+    assert parse_forward("tcp:0.0.0.0:65535:1") == Forward("tcp", "0.0.0.0", 65535, 1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    *({"mtu": text} for text in ["1_500", "+1500", " 1500", "1500 ", "1500.0", "１５００", "nan"]),
+    *({"dns_upstreams": [f"1.2.3.4:{port}"]} for port in LOOSE_NUMBERS),
+    *({"max_flows": text} for text in ["0", "-1", "1_0", "+5", " 5", "5.0", "nan", "inf", "", "9" * 5000]),
+    *({"max_conn_rate": text} for text in ["nan", "NaN", "inf", "-inf", "Infinity", "0", "0.0", "-1",
+                                           "1e3", "+5", "1_0", " 5", "5.", ".5", "", "9" * 400]),
+    {"max_conn_rate": float("nan")}, {"max_conn_rate": float("inf")}, {"max_conn_rate": 0.0},
+])
+def test_loose_numbers_in_net_run_options_are_usage_errors(kwargs):
+    from voidbox.net.run import config_from_options
+
+    with pytest.raises(UsageError) as error:
+        config_from_options(**kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_plain_decimal_net_run_numbers_still_parse():
+    from voidbox.net.run import config_from_options
+
+    config, _ = config_from_options(mtu="1400", max_flows="7", max_conn_rate="2.5",
+                                    dns_upstreams=["1.2.3.4:5353"])
+    assert (config.mtu, config.max_flows, config.max_conn_rate) == (1400, 7, 2.5)
+    assert config.dns_upstreams == [("1.2.3.4", 5353)]
+    config, _ = config_from_options(max_conn_rate="100")
+    assert config.max_conn_rate == 100.0
+    # Python callers may pass numbers.
+    config, _ = config_from_options(mtu=9000, max_flows=3, max_conn_rate=0.5)
+    assert (config.mtu, config.max_flows, config.max_conn_rate) == (9000, 3, 0.5)
+    config, _ = config_from_options()
+    assert (config.mtu, config.max_flows, config.max_conn_rate) == (1500, 65536, None)
+
+
+# Defect 2 (parsing): two forwards of one protocol may not share a host port. 0.0.0.0 binds
+# every address, so it collides with any address on the same port.
+
+@pytest.mark.parametrize("forwards", [
+    ["tcp:8080:80", "tcp:8080:80"],
+    ["tcp:8080:80", "tcp:127.0.0.1:8080:81"],
+    ["udp:0.0.0.0:5353:53", "udp:127.0.0.1:5353:54"],
+    ["udp:127.0.0.2:5353:53", "UDP:0.0.0.0:5353:54"],
+    ["tcp:0.0.0.0:80:80", "tcp:0.0.0.0:80:81"],
+    ["tcp:1000:1", "udp:1000:1", "tcp:2000:2", "tcp:1000:3"],
+])
+def test_forwards_sharing_a_host_port_are_usage_errors(forwards):
+    from voidbox.net.run import config_from_options
+
+    with pytest.raises(UsageError) as error:
+        config_from_options(forwards=forwards)
+    assert "\n" not in str(error.value)
+
+
+def test_forwards_on_distinct_host_ports_are_fine():
+    from voidbox.net.run import config_from_options
+
+    forwards = ["tcp:8080:80", "udp:8080:80", "tcp:127.0.0.2:8080:80", "tcp:8081:80",
+                "udp:0.0.0.0:5353:53"]
+    config, _ = config_from_options(forwards=forwards)
+    assert [f.host_port for f in config.forwards] == [8080, 8080, 8080, 8081, 5353]

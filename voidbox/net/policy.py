@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from voidbox.errors import UsageError
 from voidbox.net.config import HOST_LOOPBACK, Forward
+from voidbox.net.options import parse_int
 
 DEFAULT_DENY = ("169.254.0.0/16",)
 # Verdicts remembered per (address, port): every new flow asks, and parsing the address
@@ -49,13 +50,8 @@ class Rule:
 
 
 def _parse_port(text: str, spec: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise UsageError(f"bad port {text!r} in {spec!r}") from None
-    if not 0 < port <= MAX_PORT:
-        raise UsageError(f"port {port} out of range 1-{MAX_PORT} in {spec!r}")
-    return port
+    """A port typed in spec: plain decimal digits, 1-65535 (int() would take '+80', '8_0')."""
+    return parse_int(text, "port", 1, MAX_PORT, where=f" in {spec!r}")
 
 
 def _parse_ports(text: str, spec: str) -> tuple[tuple[int, int], ...]:

@@ -33,6 +33,7 @@ from voidbox.net import limits, netns
 from voidbox.net.config import DNS_PORT, MAX_MTU, MIN_MTU, NatConfig
 from voidbox.net.engine import Engine
 from voidbox.net.loop import EventLoop
+from voidbox.net.options import parse_int, parse_rate
 from voidbox.net.policy import Policy, parse_forward
 from voidbox.net.tap import TapIO, open_tap
 
@@ -54,23 +55,35 @@ def parse_dns_upstream(spec: str) -> tuple[str, int]:
     host, sep, port = spec.partition(":")
     try:
         ipaddress.IPv4Address(host)
-        num = int(port) if sep else DNS_PORT
     except ValueError:
         raise UsageError(f"bad DNS upstream {spec!r}: expected IPV4[:PORT]") from None
-    if not 0 < num <= MAX_PORT:
-        raise UsageError(f"bad DNS upstream {spec!r}: port out of range")
+    num = parse_int(port, "port", 1, MAX_PORT, where=f" in DNS upstream {spec!r}") if sep else DNS_PORT
     return host, num
 
 
-def config_from_options(mtu: int | None = None, forwards=(), allow=(), deny=(),
-                        dns_upstreams=()) -> tuple[NatConfig, Policy]:
-    """The NAT configuration and policy for `voidbox net run` options (strings as typed)."""
+def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), deny=(),
+                        dns_upstreams=(), max_flows: str | int | None = None,
+                        max_conn_rate: str | float | None = None) -> tuple[NatConfig, Policy]:
+    """The NAT configuration and policy for `voidbox net run` options (strings as typed;
+    numbers are plain decimal, see voidbox.net.options). None leaves NatConfig's default."""
     config = NatConfig()
     if mtu is not None:
-        if not MIN_MTU <= mtu <= MAX_MTU:
-            raise UsageError(f"--mtu {mtu} out of range {MIN_MTU}-{MAX_MTU}")
-        config.mtu = mtu
-    config.forwards = [parse_forward(f) for f in forwards]
+        config.mtu = parse_int(mtu, "--mtu", MIN_MTU, MAX_MTU)
+    if max_flows is not None:
+        config.max_flows = parse_int(max_flows, "--max-flows", 1)
+    if max_conn_rate is not None:
+        config.max_conn_rate = parse_rate(max_conn_rate, "--max-conn-rate")
+    taken = {}  # (proto, host_port) -> [(host_addr, spec)]
+    for spec in forwards:
+        forward = parse_forward(spec)
+        # A second bind of one protocol's host port would fail, or with SO_REUSEADDR steal
+        # the first's traffic; 0.0.0.0 binds every address, so it collides with any.
+        for addr, other in taken.get((forward.proto, forward.host_port), ()):
+            if "0.0.0.0" in (addr, forward.host_addr) or addr == forward.host_addr:
+                raise UsageError(f"--forward {other!r} and {spec!r} both take "
+                                 f"{forward.proto} port {forward.host_port}")
+        taken.setdefault((forward.proto, forward.host_port), []).append((forward.host_addr, spec))
+        config.forwards.append(forward)
     config.dns_upstreams = [parse_dns_upstream(d) for d in dns_upstreams]
     return config, Policy(allow=list(allow), deny=list(deny))
 
