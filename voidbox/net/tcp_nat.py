@@ -38,7 +38,9 @@ import os
 import select
 import socket
 import struct
+import weakref
 from collections.abc import Callable
+from functools import partial
 
 from voidbox.errors import VoidboxError
 from voidbox.net.fastpath import (
@@ -98,13 +100,22 @@ TX_BATCH_MAX = 64
 
 
 class _Flow:
-    """One relayed connection: the guest-facing TcpFlow and its host socket."""
+    """One relayed connection: the guest-facing TcpFlow and its host socket.
+
+    A flow must be freed by reference counting the moment it ends: the network loop runs
+    the cyclic garbage collector rarely (run.GC_THRESHOLDS), so anything in a cycle with a
+    flow stays in memory until a full collection. The writer closure (cb) refers to its
+    flow and is dropped by TcpNat._close; timer callbacks hold the flow only weakly (a
+    cancelled timer stays in the loop's heap until the heap is rebuilt); the epoll watcher
+    is removed with the socket. Nothing else outside TcpNat.flows refers to a flow beyond
+    the current loop turn.
+    """
 
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
                  "forwarded", "cb", "last_ack", "ack_pending", "batching", "tx_bufs",
-                 "tx_len", "queued", "unconsumed")
+                 "tx_len", "queued", "unconsumed", "__weakref__")
 
     def __init__(self, key, core: TcpFlow, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -793,9 +804,13 @@ class TcpNat:
                 return  # fires early at worst; on_timer re-arms for the real deadline
             f.timer.cancel()
         f.timer_when = d
-        f.timer = self.loop.call_at(d, lambda: self._on_timer(f))
+        # Weakly: a cancelled timer stays in the loop's heap, and must not keep the flow.
+        f.timer = self.loop.call_at(d, partial(self._on_timer, weakref.ref(f)))
 
-    def _on_timer(self, f: _Flow) -> None:
+    def _on_timer(self, ref: weakref.ref) -> None:
+        f = ref()
+        if f is None:
+            return
         f.timer = None
         if self.flows.get(f.key) is not f:
             return
@@ -858,6 +873,9 @@ class TcpNat:
         if f.timer is not None:
             f.timer.cancel()
             f.timer = None
+        f.cb = None  # the writer closure refers to the flow: break the cycle
+        if self._waiting_port.get(f.key) is f:
+            del self._waiting_port[f.key]
         if self.flows.get(f.key) is f:
             del self.flows[f.key]
             self._count("tcp_flows_closed")
