@@ -28,6 +28,11 @@ host kernel socket is the buffer:
   and the guest's window is open (an ACK or window update pumps once the turn's frames
   are in), EPOLLOUT only while guest data is blocked on a full socket. The loop never
   spins on a flow.
+- Flows do not live forever when the guest side is gone (its RST lost): the lifetime
+  limits of TcpFlow (keepalive probes after NatConfig.tcp_idle_timeout, 7200 s, without a
+  guest segment, 9 probes 75 s apart; half-open and unacknowledged-FIN flows after 60 s)
+  reset the host connection (SO_LINGER 0) and send the guest a RST.
+- A flow is freed by reference counting as soon as it ends (see _Flow).
 """
 
 from __future__ import annotations
@@ -149,6 +154,16 @@ class _Flow:
         self.unconsumed = 0  # acknowledged bytes still at the head of the host socket
 
 
+_LIMITS = (("idle_timeout", "tcp_idle_timeout"), ("keepalive_interval", "tcp_keepalive_interval"),
+           ("keepalive_probes", "tcp_keepalive_probes"),
+           ("handshake_timeout", "tcp_handshake_timeout"), ("fin_timeout", "tcp_fin_timeout"))
+
+
+def flow_limits(config) -> dict:
+    """TcpFlow's lifetime-limit keywords from NatConfig's tcp_* fields (those it has)."""
+    return {kw: getattr(config, name) for kw, name in _LIMITS if hasattr(config, name)}
+
+
 class TcpNat:
     """TCP for the user-mode NAT (see the module docstring).
 
@@ -182,7 +197,9 @@ class TcpNat:
         rate = config.max_conn_rate
         self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
         self._token_time = loop.time()
-        self.flow_kw = {}  # extra TcpFlow keywords (tests shorten timers)
+        # TcpFlow keywords: the lifetime limits from the config (a config without them,
+        # as tests' stand-ins, means no limits); tests also shorten timers here.
+        self.flow_kw = flow_limits(config)
         self._turn_queue: list[_Flow] = []  # flows with a coalesced ACK or batched data
         # set_stream_port: host data then goes socket -> frames -> TAP in one Cython call.
         self.stream_port = None
@@ -817,10 +834,16 @@ class TcpNat:
         if f.tx_bufs:
             self._flush_tx(f)
         now = self.loop.time()
-        acts = f.core.on_timer(now)
+        core = f.core
+        probes = core.ka_sent
+        acts = core.on_timer(now)
         for kind, _ in acts:
             if kind is Act.SEND:
                 self._count("tcp_timer_sends")
+        if core.ka_sent > probes:
+            self._count("tcp_keepalive_probes")
+        if core.expired:
+            self._count("tcp_flows_expired")
         self._apply(f, acts, now)
         self._settle(f, now)
 
