@@ -53,6 +53,15 @@ class NatConfig:
     udp_idle_timeout: float = 60.0
     icmp_idle_timeout: float = 10.0
     dns_timeout: float = 5.0
+    # TCP flow lifetime limits (voidbox.net.tcp.TcpFlow; None = no limit): keepalive probes
+    # after tcp_idle_timeout without a segment from the guest, tcp_keepalive_interval apart,
+    # reset after tcp_keepalive_probes unanswered (Linux's keepalive defaults); half-open
+    # flows reset after tcp_handshake_timeout, unacknowledged FINs after tcp_fin_timeout.
+    tcp_idle_timeout: float | None = 7200.0
+    tcp_keepalive_interval: float = 75.0
+    tcp_keepalive_probes: int = 9
+    tcp_handshake_timeout: float | None = 60.0
+    tcp_fin_timeout: float | None = 60.0
     hostname: str | None = None
     lease_time: int = 86400
 

@@ -57,6 +57,15 @@ RTO_MAX = 60.0
 RTO_CLOCK_GRANULARITY = 0.001
 MAX_RETRIES = 8  # then both sides are reset (RFC 9293 §3.8.3 R2 "close the connection")
 TIME_WAIT_S = 2.0  # RFC 9293 says 2 MSL; a NAT only needs to re-ACK a retransmitted FIN
+# Lifetime limits (see TcpFlow; off unless passed in, TcpNat takes them from NatConfig).
+# Keepalive as Linux does it for SO_KEEPALIVE sockets (tcp(7): tcp_keepalive_time 7200 s,
+# tcp_keepalive_intvl 75 s, tcp_keepalive_probes 9); passt also drops a flow after 2 h
+# without activity. Half-open and closing flows: 60 s, Linux's tcp_fin_timeout.
+IDLE_TIMEOUT_S = 7200.0
+KEEPALIVE_INTERVAL_S = 75.0
+KEEPALIVE_PROBES = 9
+HANDSHAKE_TIMEOUT_S = 60.0
+FIN_TIMEOUT_S = 60.0
 DUPACK_THRESHOLD = 3  # RFC 5681 §3.2 fast retransmit
 
 _HDR = struct.Struct("!HHIIBBHHH")
@@ -190,6 +199,9 @@ _SEND_STATES = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT_1,
 # States in which guest data is still expected (the guest has not sent FIN).
 _RECV_STATES = (TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.FIN_WAIT_1,
                 TcpState.FIN_WAIT_2)
+# Lifetime limits: states kept alive by probes, and those where our FIN is unacknowledged.
+_KEEPALIVE_STATES = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT_2)
+_FIN_SENT_STATES = (TcpState.FIN_WAIT_1, TcpState.CLOSING, TcpState.LAST_ACK)
 
 Actions = list[tuple[Act, object]]
 Writer = Callable[[memoryview], int]
@@ -205,12 +217,32 @@ class TcpFlow:
 
     `rcv_wnd` is set by the relay from the host socket's free send buffer before it feeds
     segments in; the flow only scales and clamps it.
+
+    Lifetime limits, for flows whose guest side went away without a RST that reached us
+    (each None = no limit, the default here; TcpNat passes NatConfig's, whose defaults are
+    the module's *_S constants). "Heard from the guest" means any segment of the flow.
+    - idle_timeout (7200 s): ESTABLISHED or CLOSE-WAIT and nothing heard for this long:
+      keepalive probes (an ACK one below snd_una, which a live guest answers with an ACK
+      and a guest without the connection with a RST), keepalive_interval (75 s) apart;
+      after keepalive_probes (9) unanswered ones, both sides are reset.
+    - handshake_timeout (60 s): still SYN-SENT or SYN-RECEIVED (host connect pending or
+      our SYN-ACK unanswered) this long after the flow began: both sides are reset (the
+      guest's SYN refused as by a closed port if it never had a SYN-ACK).
+    - fin_timeout (60 s): FIN-WAIT-1, CLOSING or LAST-ACK (our FIN unacknowledged) and
+      nothing heard for this long: both sides are reset. FIN-WAIT-2 (the host half-closed,
+      the guest may still send) is probed as ESTABLISHED is, after fin_timeout.
+    `expired` is set when a limit ended the flow. TIME-WAIT keeps `time_wait`.
     """
 
     def __init__(self, port: int, guest_port: int, iss: int, *, mss: int,
                  wscale: int | None = 7, max_retries: int = MAX_RETRIES,
                  rto_initial: float = RTO_INITIAL, rto_min: float = RTO_MIN,
-                 rto_max: float = RTO_MAX, time_wait: float = TIME_WAIT_S):
+                 rto_max: float = RTO_MAX, time_wait: float = TIME_WAIT_S,
+                 idle_timeout: float | None = None,
+                 keepalive_interval: float = KEEPALIVE_INTERVAL_S,
+                 keepalive_probes: int = KEEPALIVE_PROBES,
+                 handshake_timeout: float | None = None,
+                 fin_timeout: float | None = None):
         self.port = port
         self.guest_port = guest_port
         self.state = TcpState.CLOSED
@@ -250,6 +282,16 @@ class TcpFlow:
         self.recover = iss  # RFC 6582 §3.2: no second fast retransmit below this point
         self.retransmits = 0
         self.guest_blocked = False  # the last guest data hit a full host socket
+        self.idle_timeout = idle_timeout
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_probes = keepalive_probes
+        self.handshake_timeout = handshake_timeout
+        self.fin_timeout = fin_timeout
+        self.born = 0.0  # when the flow began (accept/connect)
+        self.last_heard = 0.0  # when the guest last sent a segment of this flow
+        self.ka_sent = 0  # keepalive probes since then
+        self.ka_next = 0.0  # when the next one is due (while ka_sent)
+        self.expired = False
 
     # ---- construction -------------------------------------------------------------------
 
@@ -261,6 +303,7 @@ class TcpFlow:
         host connect succeeded.
         """
         flow = cls(syn.dst_port, syn.src_port, iss, **kw)
+        flow.born = flow.last_heard = now
         flow.state = TcpState.SYN_RECEIVED
         flow.irs = syn.seq
         flow.rcv_nxt = seq_add(syn.seq, 1)
@@ -274,6 +317,7 @@ class TcpFlow:
                 **kw) -> tuple[TcpFlow, Actions]:
         """A flow we open towards the guest (port forwards): SYN-SENT and the SYN to send."""
         flow = cls(port, guest_port, iss, **kw)
+        flow.born = flow.last_heard = now
         flow.state = TcpState.SYN_SENT
         flow.snd_nxt = flow.snd_max = seq_add(iss, 1)
         flow._arm(now, restart=True)
@@ -363,12 +407,48 @@ class TcpFlow:
     @property
     def deadline(self) -> float | None:
         """When on_timer must next run, or None."""
-        a, b = self.rto_deadline, self.tw_deadline
-        if a is None:
-            return b
-        if b is None:
-            return a
-        return min(a, b)
+        d = self.rto_deadline
+        t = self.tw_deadline
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self._limit_deadline()
+        if t is not None and (d is None or t < d):
+            d = t
+        return d
+
+    def _limit_deadline(self) -> float | None:
+        """When a lifetime limit (see the class docstring) next acts, or None."""
+        st = self.state
+        if st is TcpState.ESTABLISHED or st is TcpState.CLOSE_WAIT:
+            idle = self.idle_timeout
+        elif st is TcpState.FIN_WAIT_2:
+            idle = self.fin_timeout
+        elif st is TcpState.SYN_RECEIVED or st is TcpState.SYN_SENT:
+            t = self.handshake_timeout
+            return None if t is None else self.born + t
+        elif st in _FIN_SENT_STATES:
+            t = self.fin_timeout
+            return None if t is None else self.last_heard + t
+        else:
+            return None
+        if idle is None:
+            return None
+        if self.ka_sent:
+            return self.ka_next
+        return self.last_heard + idle
+
+    def _limit_reached(self, now: float, out: Actions) -> Actions:
+        """on_timer past _limit_deadline: probe, or reset both sides."""
+        st = self.state
+        if (st in _KEEPALIVE_STATES and self.ka_sent < self.keepalive_probes):
+            self.ka_sent += 1
+            self.ka_next = now + self.keepalive_interval
+            out.append((Act.SEND, self._probe()))
+            return out
+        self.expired = True
+        if st is TcpState.SYN_RECEIVED and not self.synack_sent:
+            return self.host_refused()
+        return self._abort(out)
 
     @property
     def closed(self) -> bool:
@@ -498,14 +578,20 @@ class TcpFlow:
     # ---- timers -------------------------------------------------------------------------
 
     def on_timer(self, now: float) -> Actions:
-        """Retransmission (RFC 6298 §5.4-5.6), zero-window probes (RFC 9293 §3.8.6.1) and
-        TIME-WAIT expiry. Harmless to call early."""
+        """Retransmission (RFC 6298 §5.4-5.6), zero-window probes (RFC 9293 §3.8.6.1),
+        TIME-WAIT expiry and the lifetime limits (keepalive probes, timeouts). Harmless to
+        call early."""
         out: Actions = []
         if self.tw_deadline is not None and now >= self.tw_deadline:
             self.state = TcpState.CLOSED
             self.tw_deadline = self.rto_deadline = None
             out.append((Act.CLOSE, None))
             return out
+        limit = self._limit_deadline()
+        if limit is not None and now >= limit:
+            out = self._limit_reached(now, out)
+            if self.state is TcpState.CLOSED:
+                return out
         if self.rto_deadline is None or now < self.rto_deadline:
             return out
         self.retries += 1
@@ -556,6 +642,8 @@ class TcpFlow:
         out: Actions = []
         st = self.state
         flags = seg.flags
+        self.last_heard = now  # the guest is there (lifetime limits)
+        self.ka_sent = 0
         if st is TcpState.CLOSED:
             rst = reset_for(seg)
             if rst is not None:

@@ -28,6 +28,11 @@ host kernel socket is the buffer:
   and the guest's window is open (an ACK or window update pumps once the turn's frames
   are in), EPOLLOUT only while guest data is blocked on a full socket. The loop never
   spins on a flow.
+- Flows do not live forever when the guest side is gone (its RST lost): the lifetime
+  limits of TcpFlow (keepalive probes after NatConfig.tcp_idle_timeout, 7200 s, without a
+  guest segment, 9 probes 75 s apart; half-open and unacknowledged-FIN flows after 60 s)
+  reset the host connection (SO_LINGER 0) and send the guest a RST.
+- A flow is freed by reference counting as soon as it ends (see _Flow).
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ import os
 import select
 import socket
 import struct
+import weakref
 from collections.abc import Callable
+from functools import partial
 
 from voidbox.errors import VoidboxError
 from voidbox.net.fastpath import (
@@ -100,13 +107,22 @@ TX_BATCH_MAX = 64
 
 
 class _Flow:
-    """One relayed connection: the guest-facing TcpFlow and its host socket."""
+    """One relayed connection: the guest-facing TcpFlow and its host socket.
+
+    A flow must be freed by reference counting the moment it ends: the network loop runs
+    the cyclic garbage collector rarely (run.GC_THRESHOLDS), so anything in a cycle with a
+    flow stays in memory until a full collection. The writer closure (cb) refers to its
+    flow and is dropped by TcpNat._close; timer callbacks hold the flow only weakly (a
+    cancelled timer stays in the loop's heap until the heap is rebuilt); the epoll watcher
+    is removed with the socket. Nothing else outside TcpNat.flows refers to a flow beyond
+    the current loop turn.
+    """
 
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
                  "forwarded", "cb", "last_ack", "ack_pending", "batching", "tx_bufs",
-                 "tx_len", "queued", "unconsumed")
+                 "tx_len", "queued", "unconsumed", "__weakref__")
 
     def __init__(self, key, core: TcpFlow, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -138,6 +154,16 @@ class _Flow:
         self.tx_len = 0
         self.queued = False  # in TcpNat._turn_queue
         self.unconsumed = 0  # acknowledged bytes still at the head of the host socket
+
+
+_LIMITS = (("idle_timeout", "tcp_idle_timeout"), ("keepalive_interval", "tcp_keepalive_interval"),
+           ("keepalive_probes", "tcp_keepalive_probes"),
+           ("handshake_timeout", "tcp_handshake_timeout"), ("fin_timeout", "tcp_fin_timeout"))
+
+
+def flow_limits(config) -> dict:
+    """TcpFlow's lifetime-limit keywords from NatConfig's tcp_* fields (those it has)."""
+    return {kw: getattr(config, name) for kw, name in _LIMITS if hasattr(config, name)}
 
 
 class TcpNat:
@@ -175,7 +201,9 @@ class TcpNat:
         rate = config.max_conn_rate
         self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
         self._token_time = loop.time()
-        self.flow_kw = {}  # extra TcpFlow keywords (tests shorten timers)
+        # TcpFlow keywords: the lifetime limits from the config (a config without them,
+        # as tests' stand-ins, means no limits); tests also shorten timers here.
+        self.flow_kw = flow_limits(config)
         self._turn_queue: list[_Flow] = []  # flows with a coalesced ACK or batched data
         # set_stream_port: host data then goes socket -> frames -> TAP in one Cython call.
         self.stream_port = None
@@ -804,19 +832,29 @@ class TcpNat:
                 return  # fires early at worst; on_timer re-arms for the real deadline
             f.timer.cancel()
         f.timer_when = d
-        f.timer = self.loop.call_at(d, lambda: self._on_timer(f))
+        # Weakly: a cancelled timer stays in the loop's heap, and must not keep the flow.
+        f.timer = self.loop.call_at(d, partial(self._on_timer, weakref.ref(f)))
 
-    def _on_timer(self, f: _Flow) -> None:
+    def _on_timer(self, ref: weakref.ref) -> None:
+        f = ref()
+        if f is None:
+            return
         f.timer = None
         if self.flows.get(f.key) is not f:
             return
         if f.tx_bufs:
             self._flush_tx(f)
         now = self.loop.time()
-        acts = f.core.on_timer(now)
+        core = f.core
+        probes = core.ka_sent
+        acts = core.on_timer(now)
         for kind, _ in acts:
             if kind is Act.SEND:
                 self._count("tcp_timer_sends")
+        if core.ka_sent > probes:
+            self._count("tcp_keepalive_probes")
+        if core.expired:
+            self._count("tcp_flows_expired")
         self._apply(f, acts, now)
         self._settle(f, now)
 
@@ -869,6 +907,9 @@ class TcpNat:
         if f.timer is not None:
             f.timer.cancel()
             f.timer = None
+        f.cb = None  # the writer closure refers to the flow: break the cycle
+        if self._waiting_port.get(f.key) is f:
+            del self._waiting_port[f.key]
         if self.flows.get(f.key) is f:
             del self.flows[f.key]
             self._count("tcp_flows_closed")
