@@ -19,7 +19,7 @@ import random
 import socket
 import struct
 
-from tests.fuzz.frames import PORT_TCP, PORT_UDP, rewrite
+from tests.fuzz.frames import PORT_TCP, PORT_UDP, rewrite, tcp_frame
 from voidbox.net.config import NatConfig
 from voidbox.net.dns import MAX_PENDING_QUERIES
 from voidbox.net.engine import Engine
@@ -39,7 +39,7 @@ from voidbox.net.packets import (
     parse_udp,
 )
 from voidbox.net.policy import Policy
-from voidbox.net.tcp import FIN, SYN
+from voidbox.net.tcp import ACK, FIN, RST, SYN
 
 MAX_FLOWS = 64
 FLOW_BOUND = 3 * MAX_FLOWS + MAX_PENDING_QUERIES
@@ -198,7 +198,8 @@ class BadOutput(AssertionError):
 
 def check_output(frame) -> tuple | None:
     """Assert a frame to the guest is well formed; return (guest port, remote ip, remote
-    port, next seq) for a TCP segment, for fitting the ACK numbers of what follows."""
+    port, next seq, ack or None) for a TCP segment: the ACK number the guest's next segment
+    should carry, and the sequence number the NAT expects from it."""
     try:
         eth, payload = parse_ethernet(frame)
         if eth.ethertype == ETH_P_ARP:
@@ -214,11 +215,11 @@ def check_output(frame) -> tuple | None:
         if ip.proto == IPPROTO_TCP:
             if tcp_checksum(ip.src, ip.dst, l4) != 0:
                 raise BadOutput("TCP checksum")
-            sport, dport, seq = struct.unpack_from("!HHI", l4)
+            sport, dport, seq, ack = struct.unpack_from("!HHII", l4)
             flags = l4[13]
             data = len(l4) - (l4[12] >> 4) * 4
             nxt = seq + data + bool(flags & SYN) + bool(flags & FIN)
-            return dport, bytes(ip.src), sport, nxt & 0xFFFFFFFF
+            return dport, bytes(ip.src), sport, nxt & 0xFFFFFFFF, ack if flags & ACK else None
         if ip.proto == IPPROTO_UDP:
             parse_udp(ip.src, ip.dst, l4)
         elif ip.proto == IPPROTO_ICMP:
@@ -244,7 +245,19 @@ class Rig:
         self.frames_out = 0
 
     def ack_for(self, key):
-        return self.acks.get(key)
+        seen = self.acks.get(key)
+        return seen[0] if seen is not None else None
+
+    def resets(self, n: int) -> list[bytes]:
+        """RSTs, as the guest would send them, for up to n TCP flows the NAT has answered
+        (sequence number: the NAT's last ACK). TCP flows do not time out (issue 8 defect
+        9), so without these the flow limit soon refuses every SYN."""
+        out = []
+        for key in list(self.acks)[:n]:
+            (gport, remote, rport), (_nxt, ack) = key, self.acks.pop(key)
+            if ack is not None:
+                out.append(tcp_frame(rport, ack, 0, RST, dst=remote, sport=gport))
+        return out
 
     def fit(self, frame: bytes, verified: bool, sport: int | None = None) -> bytes:
         return rewrite(frame, verified, ports=self.endpoints.placeholders, sport=sport,
@@ -260,7 +273,8 @@ class Rig:
         for f in frames:
             tcp = check_output(f)
             if tcp is not None:
-                self.acks[tcp[:3]] = tcp[3]
+                old = self.acks.get(tcp[:3])
+                self.acks[tcp[:3]] = (tcp[3], tcp[4] if tcp[4] is not None or old is None else old[1])
         if len(self.acks) > 4096:
             self.acks.clear()
         return frames

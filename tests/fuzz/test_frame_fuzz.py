@@ -25,7 +25,7 @@ import pytest
 from tests.fuzz import frames as F
 from tests.fuzz.guard import EgressBlocked, Guard, open_fd_count, unguarded_sockets
 from tests.fuzz.mutate import mutate, refragment
-from tests.fuzz.rig import FD_SLACK, FLOW_BOUND, Endpoints, Rig, fuzz_policy
+from tests.fuzz.rig import FD_SLACK, FLOW_BOUND, MAX_FLOWS, Endpoints, Rig, fuzz_policy
 from tests.unit.netframes import DNS, GATEWAY
 from voidbox.net import fastpath
 from voidbox.net.packets import ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, parse_ethernet, parse_ipv4
@@ -36,7 +36,8 @@ DEFAULT_SECONDS = 20.0
 GENERATION_SECONDS = 5.0  # then the engine is closed (and checked) and a new one made
 CASE_TIMEOUT = 10.0  # one case (a few frames and loop turns) taking longer is a hang
 RSS_GROWTH_MB = 64  # bound on RSS growth from the end of the first generation
-CHECK_EVERY = 16  # cases between fd / RSS / unguarded-socket checks
+CHECK_EVERY = 16  # cases between fd and RSS checks
+STRAY_CHECK_EVERY = 256  # cases between looks for sockets made around the guard (costly)
 # Corpus files that still crash or hang the engine, with the reason (xfail strict).
 KNOWN_FAILURES: dict[str, str] = {}
 
@@ -118,6 +119,11 @@ def run_case(rig: Rig, rng: random.Random, frames, stats: Stats, rec: Recorder,
         if rng.random() < 0.25:
             rig.turn()
     rig.turn()
+    if mutating and (rng.random() < 0.05 or len(rig.acks) >= MAX_FLOWS * 3 // 4):
+        for rst in rig.resets(rng.randint(1, 16)):
+            rec.case.append((False, rst))
+            rig.send(rst)
+            stats.frames += 1
 
 
 def _alarm(_sig, _frame):
@@ -176,15 +182,18 @@ def test_fuzz_frames(endpoints, guard, tmp_path):
                     stats.max_fds_over = max(stats.max_fds_over, fds - fds_start)
                     assert fds <= fds_start + FLOW_BOUND + FD_SLACK, \
                         f"{fds} fds open, generation started with {fds_start}"
-                    stray = unguarded_sockets(guard, known_sockets | endpoints.fds())
-                    assert not stray, f"socket fds {stray} were not made through the guard"
                     rss = rss_mb()
                     rss_peak = max(rss_peak or rss, rss)
                     if rss_warm is not None:
                         assert rss - rss_warm <= RSS_GROWTH_MB, \
                             f"RSS {rss:.0f} MB, {rss - rss_warm:.0f} MB above the first generation's"
+                if stats.cases % STRAY_CHECK_EVERY == 0:
+                    stray = unguarded_sockets(guard, known_sockets | endpoints.fds())
+                    assert not stray, f"socket fds {stray} were not made through the guard"
             rec.start("engine.close()")
             stats.counters.update(rig.engine.counters)
+            if rig.engine.tcp is not None:
+                stats.counters.update(rig.engine.tcp.counters)
             stats.frames_out += rig.frames_out
             stats.generations += 1
             rig.close()
@@ -207,7 +216,7 @@ def test_fuzz_frames(endpoints, guard, tmp_path):
             rig.engine.close()
             rig.loop.close()
     elapsed = time.monotonic() - start
-    top = ", ".join(f"{k}={v}" for k, v in stats.counters.most_common(25))
+    top = ", ".join(f"{k}={v}" for k, v in stats.counters.most_common())
     print(f"frame fuzzer: {stats.frames} frames in {elapsed:.1f} s "
           f"({stats.frames / elapsed:.0f} frames/s), {stats.cases} cases, "
           f"{stats.generations} engines, {stats.frames_out} frames to the guest; "
