@@ -17,6 +17,7 @@ import collections
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -28,6 +29,7 @@ from tests.fuzz.mutate import mutate, refragment
 from tests.fuzz.rig import FD_SLACK, FLOW_BOUND, MAX_FLOWS, Endpoints, Rig, fuzz_policy
 from tests.unit.netframes import DNS, GATEWAY
 from voidbox.net import fastpath
+from voidbox.net.engine import Engine
 from voidbox.net.packets import ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, parse_ethernet, parse_ipv4
 from voidbox.net.policy import Policy
 from voidbox.net.tcp import ACK, RST, SYN
@@ -136,6 +138,13 @@ def test_fuzz_frames(endpoints, guard, tmp_path):
     budget = float(os.environ.get("VOIDBOX_FUZZ_SECONDS", DEFAULT_SECONDS))
     seed = int(os.environ.get("VOIDBOX_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
     print(f"\nframe fuzzer: VOIDBOX_FUZZ_SEED={seed} VOIDBOX_FUZZ_SECONDS={budget:g}")
+    fuzz(endpoints, guard, tmp_path, budget, seed)
+    assert not guard.blocked
+
+
+def fuzz(endpoints: Endpoints, guard: Guard, tmp_path, budget: float, seed: int) -> Stats:
+    """Replay the corpus, then fuzz for `budget` seconds; raise on the first failure after
+    writing the failing case to tmp_path/fuzz-failure.hex."""
     rng = random.Random(seed)
     endpoints.rng.seed(seed ^ 0x5EED)
     corpus = {os.path.basename(p): F.load(p) for p in F.corpus_files()}
@@ -161,7 +170,11 @@ def test_fuzz_frames(endpoints, guard, tmp_path):
                     if name in KNOWN_FAILURES:
                         continue
                     rec.start(name)
+                    if use_alarm:
+                        signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT)
                     run_case(rig, rng, corpus[name], stats, rec, mutating=False)
+                if use_alarm:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
             first = False
             while time.monotonic() < gen_end:
                 name = rng.choice(names)
@@ -191,6 +204,8 @@ def test_fuzz_frames(endpoints, guard, tmp_path):
                     stray = unguarded_sockets(guard, known_sockets | endpoints.fds())
                     assert not stray, f"socket fds {stray} were not made through the guard"
             rec.start("engine.close()")
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT)
             stats.counters.update(rig.engine.counters)
             if rig.engine.tcp is not None:
                 stats.counters.update(rig.engine.tcp.counters)
@@ -198,6 +213,8 @@ def test_fuzz_frames(endpoints, guard, tmp_path):
             stats.generations += 1
             rig.close()
             rig = None
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             endpoints.close_conns()
             fds = open_fd_count()
             assert fds == fds_start, f"{fds} fds open after engine.close(), {fds_start} before"
@@ -224,7 +241,46 @@ def test_fuzz_frames(endpoints, guard, tmp_path):
           f"(bound +{FLOW_BOUND + FD_SLACK}), RSS warm {rss_warm or 0:.0f} MB peak "
           f"{rss_peak or 0:.0f} MB (growth bound {RSS_GROWTH_MB} MB); guard refused "
           f"{len(guard.blocked)}\ncounters: {top}")
-    assert not guard.blocked
+    return stats
+
+
+def test_a_failure_is_written_and_printed_with_its_seed(endpoints, guard, tmp_path, monkeypatch,
+                                                       capsys):
+    real = Engine.guest_frame
+    calls = []
+
+    def faulty(self, frame, csum_verified=False):
+        calls.append(frame)
+        if len(calls) == 300:
+            raise RuntimeError("planted")
+        return real(self, frame, csum_verified)
+
+    monkeypatch.setattr(Engine, "guest_frame", faulty)
+    with pytest.raises(RuntimeError, match="planted"):
+        fuzz(endpoints, guard, tmp_path, 5.0, seed=1234)
+    saved = F.load(str(tmp_path / "fuzz-failure.hex"))
+    assert saved and saved[-1][1] == bytes(calls[-1])
+    printed = capsys.readouterr().out
+    assert bytes(calls[-1]).hex() in printed and "VOIDBOX_FUZZ_SEED=1234" in printed
+    assert "VOIDBOX_FUZZ_SEED=1234" in (tmp_path / "fuzz-failure.hex").read_text()
+
+
+def test_a_hang_is_caught(endpoints, guard, tmp_path, monkeypatch):
+    real = Engine.guest_frame
+    calls = []
+
+    def stuck(self, frame, csum_verified=False):
+        calls.append(frame)
+        if len(calls) == 300:
+            while True:
+                time.sleep(0.01)
+        return real(self, frame, csum_verified)
+
+    monkeypatch.setattr(Engine, "guest_frame", stuck)
+    monkeypatch.setattr(sys.modules[__name__], "CASE_TIMEOUT", 0.5)
+    with pytest.raises(Hang):
+        fuzz(endpoints, guard, tmp_path, 5.0, seed=99)
+    assert F.load(str(tmp_path / "fuzz-failure.hex"))[-1][1] == bytes(calls[-1])
 
 
 # ---------------------------------------------------------------- the corpus, case by case
