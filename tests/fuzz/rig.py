@@ -236,11 +236,16 @@ def check_output(frame) -> tuple | None:
 class Rig:
     """One engine generation."""
 
-    def __init__(self, endpoints: Endpoints, policy: Policy, config: NatConfig | None = None):
+    def __init__(self, endpoints: Endpoints, policy: Policy, config: NatConfig | None = None,
+                 borrow: bool = False):
+        """borrow: the engine may hand send_frame views of reused buffers (as TapIO
+        allows); they are copied at once, as the promise requires."""
         self.endpoints = endpoints
         self.out: list = []
         self.loop = EventLoop(debug=True)
-        self.engine = Engine(config or fuzz_config(endpoints), self.loop, self.out.append, policy)
+        send = (lambda f: self.out.append(bytes(f))) if borrow else self.out.append
+        self.engine = Engine(config or fuzz_config(endpoints), self.loop, send, policy,
+                             borrow=borrow)
         self.acks: dict[tuple, int] = {}
         self.frames_out = 0
 

@@ -163,7 +163,7 @@ def fuzz(endpoints: Endpoints, guard: Guard, tmp_path, budget: float, seed: int)
         first = True
         while first or time.monotonic() < deadline:
             fds_start = open_fd_count()
-            rig = Rig(endpoints, policy)
+            rig = Rig(endpoints, policy, borrow=stats.generations % 2 == 1)
             gen_end = min(deadline, time.monotonic() + GENERATION_SECONDS)
             if first:  # every corpus file, as stored, before anything is mutated
                 for name in names:
