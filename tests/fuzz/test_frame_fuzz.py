@@ -97,6 +97,7 @@ class Recorder:
 class Stats:
     def __init__(self):
         self.frames = self.cases = self.generations = self.frames_out = 0
+        self.oversize_echo_replies = 0
         self.max_flows = self.max_fds_over = 0
         self.counters: collections.Counter = collections.Counter()
 
@@ -210,6 +211,7 @@ def fuzz(endpoints: Endpoints, guard: Guard, tmp_path, budget: float, seed: int)
             if rig.engine.tcp is not None:
                 stats.counters.update(rig.engine.tcp.counters)
             stats.frames_out += rig.frames_out
+            stats.oversize_echo_replies += len(rig.oversize_echo_replies)
             stats.generations += 1
             rig.close()
             rig = None
@@ -240,7 +242,8 @@ def fuzz(endpoints: Endpoints, guard: Guard, tmp_path, budget: float, seed: int)
           f"peak flows {stats.max_flows} (bound {FLOW_BOUND}), peak fds +{stats.max_fds_over} "
           f"(bound +{FLOW_BOUND + FD_SLACK}), RSS warm {rss_warm or 0:.0f} MB peak "
           f"{rss_peak or 0:.0f} MB (growth bound {RSS_GROWTH_MB} MB); guard refused "
-          f"{len(guard.blocked)}\ncounters: {top}")
+          f"{len(guard.blocked)}; echo replies larger than the MTU (known) "
+          f"{stats.oversize_echo_replies}\ncounters: {top}")
     return stats
 
 
@@ -421,3 +424,19 @@ def test_defect10_overlapping_fragments_around_an_empty_one_are_discarded(endpoi
                  counters=counters)
     assert counters.get("ip_reassembly_dropped", 0) >= 1, \
         f"no reassembly dropped; {len(_echo_replies(out))} echo replies to the overlapping datagram"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="fuzzer finding: ICMP echo replies are sent unfragmented, larger than "
+                          "the MTU (voidbox/net/icmp.py:113 local, :258 relayed)")
+def test_echo_replies_fit_the_mtu(endpoints, guard):
+    # A 3000-byte echo request in MTU-sized fragments (ping -s 3000) is reassembled and
+    # answered; the answer must reach the guest in frames of at most 14 + MTU bytes, as
+    # UDP replies do (udp.py fragments them), not as one 3042-byte frame. (The relayed
+    # reply, corpus/found-...-loopback.hex, has the same fault; it is not asserted here
+    # as the ICMP relay needs a ping socket or CAP_NET_RAW.)
+    out = replay(endpoints, fuzz_policy(endpoints.ports),
+                 _case("found-icmp-echo-reply-larger-than-mtu-gateway"))
+    replies = _echo_replies(out)
+    assert len(replies) == 1 or len(out) > 1, "no echo reply"
+    assert max(len(f) for f in out) <= 14 + 1500, [len(f) for f in out]
