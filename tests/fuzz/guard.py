@@ -20,6 +20,7 @@ in the process must be one the guard made, one the test made, or one that was al
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import socket
@@ -40,7 +41,9 @@ class Guard:
     def __init__(self, allowed_ports):
         self.allowed_ports = frozenset(allowed_ports)
         self.sockets: weakref.WeakSet = weakref.WeakSet()
-        self.attempts: list[tuple[str, str, int]] = []  # every destination checked (proto, ip, port)
+        # The latest destinations checked, (proto, ip, port): bounded, a long run makes
+        # hundreds of thousands.
+        self.attempts: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=1024)
         self.blocked: list[str] = []
 
     def check(self, sock: socket.socket, address, what: str) -> None:
