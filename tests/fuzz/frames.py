@@ -325,14 +325,14 @@ def regression_cases() -> dict[str, tuple[str, list[tuple[bool, bytes]]]]:
             [(False, tcp_frame(80, ISN, 0, SYN, dst=bytes([10, 0, 2, 77]), sport=40011))]),
         "found-icmp-echo-reply-larger-than-mtu-gateway": (
             "Fuzzer finding: a 3000-byte echo request to 10.0.2.2 in MTU-sized fragments is\n"
-            "answered with one 3042-byte frame (voidbox/net/icmp.py:113 sends echo_reply\n"
+            "answered with one 3034-byte frame (voidbox/net/icmp.py:113 sends echo_reply\n"
             "unfragmented); it must fit 14 + MTU (1500) bytes per frame, as UDP replies do.",
             [(False, f) for f in fragment_frames(
                 GATEWAY, IPPROTO_ICMP, build_icmp(8, 0, (0x5A5A << 16) | 1, b"q" * 2992), 1500,
                 ident=0x5A5A)]),
         "found-icmp-echo-reply-larger-than-mtu-loopback": (
             "Fuzzer finding: the same through the ICMP relay (echo to 127.0.0.1): the host's\n"
-            "reply goes to the guest as one 3042-byte frame (voidbox/net/icmp.py:258).",
+            "reply goes to the guest as one 3034-byte frame (voidbox/net/icmp.py:258).",
             [(False, f) for f in fragment_frames(
                 LOOPBACK, IPPROTO_ICMP, build_icmp(8, 0, (0x5B5B << 16) | 1, b"q" * 2992), 1500,
                 ident=0x5B5B)]),

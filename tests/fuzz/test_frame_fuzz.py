@@ -432,7 +432,7 @@ def test_defect10_overlapping_fragments_around_an_empty_one_are_discarded(endpoi
 def test_echo_replies_fit_the_mtu(endpoints, guard):
     # A 3000-byte echo request in MTU-sized fragments (ping -s 3000) is reassembled and
     # answered; the answer must reach the guest in frames of at most 14 + MTU bytes, as
-    # UDP replies do (udp.py fragments them), not as one 3042-byte frame. (The relayed
+    # UDP replies do (udp.py fragments them), not as one 3034-byte frame. (The relayed
     # reply, corpus/found-...-loopback.hex, has the same fault; it is not asserted here
     # as the ICMP relay needs a ping socket or CAP_NET_RAW.)
     out = replay(endpoints, fuzz_policy(endpoints.ports),
