@@ -84,3 +84,23 @@ def test_other_icmp_types_and_bad_checksums_are_dropped():
     assert h.engine.counters["icmp_ignored_type"] == 1
     assert h.engine.counters["icmp_checksum"] == 1
     h.close()
+
+
+def test_echo_reply_larger_than_the_mtu_is_fragmented():
+    """Found by the frame fuzzer: a 3000-byte ping of the gateway (sent in fragments) was
+    answered with one 3034-byte frame, over a 1500-byte MTU."""
+    from tests.unit.netframes import frame_of
+    from voidbox.net.packets import IP_MF, IPV4_HLEN, Reassembler, build_ipv4_fragments
+
+    h = Harness()
+    data = bytes(range(256)) * 11 + b"x" * 164  # 2980 bytes
+    request = build_icmp(8, 0, (0x77 << 16) | 1, data)
+    for packet in build_ipv4_fragments(GUEST, GATEWAY, IPPROTO_ICMP, request, 1500, ident=9):
+        h.send(frame_of(packet))
+    packets = h.ip_packets()
+    assert len(packets) == 3 and all(IPV4_HLEN + len(p) <= 1500 for _ip, p in packets)
+    assert [bool(ip.flags_frag & IP_MF) for ip, _ in packets] == [True, True, False]
+    r = Reassembler()
+    whole = [r.push(ip, payload, now=0.0) for ip, payload in packets][-1]
+    assert whole == build_icmp(ICMP_ECHOREPLY, 0, (0x77 << 16) | 1, data)
+    h.close()

@@ -32,6 +32,7 @@ from voidbox.net.packets import (
     PacketError,
     build_icmp,
     build_ipv4,
+    build_ipv4_fragments,
     icmp_error_quote,
     ip_to_bytes,
     ip_to_str,
@@ -83,6 +84,7 @@ class IcmpNat:
         self.send_ip = send_ip
         self.counters = counters if counters is not None else {}
         self.exhaustion = Exhaustion(self.counters)
+        self._frag_ident = 0
         self.guest_ip = ip_to_bytes(config.guest_ip)
         self.local = {ip_to_bytes(config.gateway_ip), ip_to_bytes(config.dns_ip)}
         self.network = config.network
@@ -112,7 +114,7 @@ class IcmpNat:
         ident, seq = hdr.rest >> 16, hdr.rest & 0xFFFF
         if dst_ip in self.local:
             self._count("icmp_echo_local")
-            self.send_ip(echo_reply(self.guest_ip, dst_ip, ident, seq, data))
+            self._echo_reply(dst_ip, ident, seq, data)
             return
         quote = icmp_error_quote(ip_packet)
         try:
@@ -161,6 +163,18 @@ class IcmpNat:
             self._dest_memo.clear()
         self._dest_memo[dst_ip] = host_ip
         return host_ip
+
+    def _echo_reply(self, src: bytes, ident: int, seq: int, data: bytes | memoryview) -> None:
+        """An echo reply from src, in fragments if it is larger than the MTU (the guest
+        may ping with more than an MTU of data, reassembled on our side)."""
+        if IPV4_HLEN + ICMP_HLEN + len(data) <= self.config.mtu:
+            self.send_ip(echo_reply(self.guest_ip, src, ident, seq, data))
+            return
+        self._frag_ident = (self._frag_ident + 1) & 0xFFFF
+        message = build_icmp(ICMP_ECHOREPLY, 0, (ident << 16) | seq, data)
+        for packet in build_ipv4_fragments(src, self.guest_ip, IPPROTO_ICMP, message,
+                                           self.config.mtu, ident=self._frag_ident):
+            self.send_ip(packet)
 
     def _unreachable(self, src: bytes, code: int, quote: bytes) -> None:
         self._count("icmp_unreachable_sent")
@@ -262,7 +276,7 @@ class IcmpNat:
     def _reply_to_guest(self, flow: _Flow, seq: int, data: bytes | memoryview) -> None:
         flow.last_active = self.loop.time()
         self._count("icmp_echo_rx")
-        self.send_ip(echo_reply(self.guest_ip, flow.guest_dst, flow.guest_id, seq, data))
+        self._echo_reply(flow.guest_dst, flow.guest_id, seq, data)
 
     def _reflect_error(self, flow: _Flow, etype: int, code: int, offender: bytes | None) -> None:
         if not flow.quote:
