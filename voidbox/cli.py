@@ -113,8 +113,11 @@ def net() -> None:
     "Egress rules (--allow, --deny): CIDR[:PORTS], PORTS a list of ports and ranges, e.g. "
     "10.0.0.0/8:80,443,8000-8100. A rule matches either the address the guest sees "
     "(10.0.2.2 = the gateway, 10.0.2.3 = DNS, other addresses as they are) or the translated "
-    "host destination (10.0.2.2 -> 127.0.0.1, 10.0.2.3:53 -> the DNS upstream); a deny that "
-    "matches either denies."))
+    "host destination (10.0.2.2 -> 127.0.0.1); the most specific rule matching either wins "
+    "(longest prefix, then a rule with ports, then deny). So --deny 10.0.2.2 keeps the "
+    "command off the host's loopback, and --deny 0.0.0.0/0 --allow 127.0.0.1 allows only "
+    "it. 169.254.0.0/16 is denied unless allowed. DNS at 10.0.2.3:53 is the NAT's own "
+    "service and is always served."))
 # Numbers are taken as text and parsed strictly by config_from_options: click's int type is
 # Python's int(), which takes '1_500', '+80' and ' 80'.
 @click.option("--mtu", metavar="N", help="MTU of the namespace's interface (576-65520; default 1500).")

@@ -168,5 +168,6 @@ def test_help_says_rules_match_the_guest_visible_or_the_translated_destination(c
     text = " ".join(out.split())
     for fact in ["the address the guest sees", "10.0.2.2 = the gateway", "10.0.2.3 = DNS",
                  "the translated host destination", "10.0.2.2 -> 127.0.0.1",
-                 "10.0.2.3:53 -> the DNS upstream", "a deny that matches either denies"]:
+                 "the most specific rule matching either wins",
+                 "--deny 10.0.2.2 keeps the command off the host's loopback"]:
         assert fact in text, fact
