@@ -1,0 +1,376 @@
+"""virtio-net (virtio 1.2 §5.1) driven through the MMIO register file by the driver mock.
+
+Every test runs against both ring twins (the `impl` fixture). The backend is a recorder:
+it keeps what the guest sent and lets the test deliver frames to the guest, as the NAT
+does from its thread.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from tests.unit.netframes import GATEWAY, guest_udp_frame
+from tests.unit.test_virtio_mmio import Guest, Signals
+from tests.virtio_driver import DATA_ADDR, Driver
+from voidbox.net.fastpath import inet_checksum
+from voidbox.virtio.device import (
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
+from voidbox.virtio.mmio import VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_STATUS, VirtioMmioTransport
+from voidbox.virtio.net import (
+    MAX_FRAME,
+    RX_BACKLOG_FRAMES,
+    RX_QUEUE,
+    TX_QUEUE,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_LEN,
+    VirtioNet,
+)
+
+MAC = bytes.fromhex("020000abcdef")
+QSIZE = 16
+RX_BUF = 1526  # what Linux posts without MRG_RXBUF or GUEST_TSO (§5.1.6.3.1)
+BASE = 1 << VIRTIO_F_VERSION_1
+ALL = (BASE | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MTU
+       | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4
+       | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_INDIRECT_DESC)
+
+
+class Recorder:
+    """A backend that keeps the guest's frames; deliver() plays the NAT's side."""
+
+    accepts_partial_checksums = True
+    accepts_tso4 = True
+
+    def __init__(self):
+        self.sent: list[tuple[bytes, bool]] = []
+        self.deliver = None
+
+    def attach(self, deliver):
+        self.deliver = deliver
+
+    def guest_frame(self, frame, csum_verified=False):
+        self.sent.append((bytes(frame), csum_verified))
+
+
+class Plain(Recorder):
+    accepts_partial_checksums = False
+    accepts_tso4 = False
+
+
+class Nic:
+    """A VirtioNet on a transport, negotiated and live; rx and tx are driver mocks."""
+
+    def __init__(self, impl, memory, features=ALL, backend=None, rx_buffers=4, rx_len=RX_BUF):
+        self.backend = backend or Recorder()
+        self.device = VirtioNet(self.backend, MAC)
+        self.backend.attach(self.device.receive)
+        self.signals = Signals()
+        self.transport = VirtioMmioTransport(self.device, memory, self.signals,
+                                             ring_factory=impl.Virtqueue)
+        self.signals.transport = self.transport
+        self.guest = Guest(self.transport)
+        self.memory = memory
+        self.status = self.guest.negotiate(features)
+        self.rx = Driver(memory, size=QSIZE)
+        self.tx = Driver(memory, size=QSIZE, desc_addr=0x50_0000, avail_addr=0x60_0000,
+                         used_addr=0x70_0000)
+        self.tx._data_next = DATA_ADDR + (16 << 20)  # the two mocks' buffers never overlap
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK:
+            assert self.guest.setup_driver_queue(RX_QUEUE, self.rx) == 1
+            assert self.guest.setup_driver_queue(TX_QUEUE, self.tx) == 1
+            self.post(rx_buffers, rx_len, kick=False)
+            assert self.guest.driver_ok() & VIRTIO_CONFIG_S_DRIVER_OK
+
+    @property
+    def counters(self):
+        return self.device.counters
+
+    def post(self, count, length=RX_BUF, kick=True):
+        heads = [self.rx.add_buffers(writable=[length]) for _ in range(count)]
+        if kick:
+            self.transport.handle_notify(RX_QUEUE)
+        return heads
+
+    def send(self, frame, header=None, chain=None, indirect=False):
+        """One frame as the driver sends it: header + frame, in one or more buffers."""
+        header = header if header is not None else VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, 0)
+        data = header + frame
+        pieces = chain or [len(data)]
+        bufs, pos = [], 0
+        for n in pieces:
+            bufs.append((self.tx.alloc(n, data[pos:pos + n]), n, False))
+            pos += n
+        if indirect:
+            self.tx.add_indirect(bufs)
+        else:
+            self.tx.add_chain(bufs)
+        self.transport.handle_notify(TX_QUEUE)
+        return self.tx.collect(recycle=True)
+
+    def received(self):
+        """(header fields, frame) for each frame the device put in RX buffers."""
+        out = []
+        used = self.rx.collect()
+        i = 0
+        while i < len(used):
+            head, length = used[i]
+            addr = self.rx.read_desc(head)[0]
+            raw = self.memory.read(addr, length)
+            hdr = VIRTIO_NET_HDR.unpack_from(raw)
+            data = raw[VIRTIO_NET_HDR_LEN:]
+            for head2, length2 in used[i + 1:i + hdr[6]]:
+                data += self.memory.read(self.rx.read_desc(head2)[0], length2)
+            i += max(hdr[6], 1)
+            out.append((hdr, data))
+        for head, _length in used:
+            self.rx.recycle(head)
+        return out
+
+
+def udp_frame(n=100):
+    return guest_udp_frame(GATEWAY, 5555, 7, bytes(range(256)) * (n // 256) + b"u" * (n % 256))
+
+
+# ---- identity and negotiation -------------------------------------------------------------
+
+def test_offers_what_the_backend_honours(impl, memory):
+    assert Nic(impl, memory).device.features == ALL
+    plain = Nic(impl, memory, backend=Plain()).device.features
+    assert not plain & (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4)
+    # Frames to the guest are always complete: no guest offloads are ever offered.
+    assert not ALL & (1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4)
+
+
+def test_config_space_has_mac_link_up_one_pair_and_mtu(impl, memory):
+    t = Nic(impl, memory).transport
+    assert bytes(t.read(VIRTIO_MMIO_CONFIG + i, 1) for i in range(6)) == MAC
+    assert t.read(VIRTIO_MMIO_CONFIG + 6, 2) == 1  # VIRTIO_NET_S_LINK_UP
+    assert t.read(VIRTIO_MMIO_CONFIG + 8, 2) == 1
+    assert t.read(VIRTIO_MMIO_CONFIG + 10, 2) == 1500
+
+
+def test_a_subset_is_acked_and_a_driver_without_version_1_is_refused(impl, memory):
+    nic = Nic(impl, memory, features=BASE | 1 << VIRTIO_NET_F_MAC)
+    assert nic.device.acked_features == BASE | 1 << VIRTIO_NET_F_MAC
+    legacy = Nic(impl, memory, features=1 << VIRTIO_NET_F_MAC)
+    assert not legacy.status & VIRTIO_CONFIG_S_FEATURES_OK
+
+
+# ---- guest -> backend ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["single", "chained", "indirect", "header apart"])
+def test_tx_frames_reach_the_backend(impl, memory, layout):
+    nic = Nic(impl, memory)
+    frame = udp_frame(300)
+    total = VIRTIO_NET_HDR_LEN + len(frame)
+    chain = {"single": None, "chained": [5, 100, total - 105], "indirect": [50, total - 50],
+             "header apart": [VIRTIO_NET_HDR_LEN, len(frame)]}[layout]
+    used = nic.send(frame, chain=chain, indirect=layout == "indirect")
+    assert nic.backend.sent == [(frame, False)]
+    assert [length for _head, length in used] == [0]
+    assert nic.signals.seen  # the used buffer was signalled
+    assert nic.counters["tx_frames"] == 1 and nic.counters["tx_bytes"] == len(frame)
+
+
+def test_partial_checksum_at_the_packets_own_header_is_vouched_for(impl, memory):
+    nic = Nic(impl, memory)
+    frame = bytearray(udp_frame(64))
+    frame[14 + 20 + 6:14 + 20 + 8] = b"\x12\x34"  # the pseudo-header sum, not a checksum
+    header = VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 6, 0)
+    nic.send(bytes(frame), header)
+    assert nic.backend.sent == [(bytes(frame), True)]
+
+
+def test_partial_checksum_elsewhere_is_finished_by_the_device(impl, memory):
+    nic = Nic(impl, memory)
+    frame = bytearray(udp_frame(64))
+    # A checksum over the UDP payload only, at its first two bytes (as a tunnel would).
+    start, offset = 14 + 28, 0
+    frame[start:start + 2] = b"\x00\x00"
+    expected = inet_checksum(bytes(frame[start:])) or 0xFFFF
+    header = VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, start, offset, 0)
+    nic.send(bytes(frame), header)
+    ((sent, verified),) = nic.backend.sent
+    assert struct.unpack_from("!H", sent, start)[0] == expected and not verified
+
+
+def test_offloads_are_honoured_only_as_negotiated(impl, memory):
+    nic = Nic(impl, memory, features=BASE)  # no CSUM, no HOST_TSO4
+    frame = udp_frame(200)
+    nic.send(frame, VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 6, 0))
+    nic.send(frame, VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                                        VIRTIO_NET_HDR_GSO_TCPV4, 54, 100, 34, 16, 0))
+    assert nic.backend.sent == []
+    assert nic.counters["tx_drop_csum_not_negotiated"] == 1
+    assert nic.counters["tx_drop_gso_not_negotiated"] == 1
+    nic.send(frame)  # the queue still serves
+    assert nic.backend.sent == [(frame, False)]
+
+
+def test_a_tso_segment_is_one_frame(impl, memory):
+    nic = Nic(impl, memory)
+    big = guest_udp_frame(GATEWAY, 5555, 7, b"t" * 60000)
+    header = VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+                                 54, 1448, 34, 6, 0)
+    nic.send(big, header, chain=[4096] * 14 + [VIRTIO_NET_HDR_LEN + len(big) - 4096 * 14])
+    assert nic.backend.sent == [(big, True)] and nic.counters["tx_tso_frames"] == 1
+
+
+HOSTILE_HEADERS = {
+    "gso_size 0": VIRTIO_NET_HDR.pack(1, VIRTIO_NET_HDR_GSO_TCPV4, 54, 0, 34, 16, 0),
+    "gso_size past the frame": VIRTIO_NET_HDR.pack(1, VIRTIO_NET_HDR_GSO_TCPV4, 54, 9000, 34, 16, 0),
+    "hdr_len past the frame": VIRTIO_NET_HDR.pack(1, VIRTIO_NET_HDR_GSO_TCPV4, 9000, 100, 34, 16, 0),
+    "gso without NEEDS_CSUM": VIRTIO_NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_TCPV4, 54, 100, 34, 16, 0),
+    "csum_start past the frame": VIRTIO_NET_HDR.pack(1, 0, 0, 0, 5000, 6, 0),
+    "csum field past the frame": VIRTIO_NET_HDR.pack(1, 0, 0, 0, 34, 0xFFFF, 0),
+    "ECN not negotiated": VIRTIO_NET_HDR.pack(1, VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN,
+                                              54, 100, 34, 16, 0),
+    "UDP GSO type": VIRTIO_NET_HDR.pack(1, 5, 54, 100, 34, 6, 0),
+    "DATA_VALID on TX": VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_HEADERS))
+def test_hostile_headers_are_dropped_and_the_queue_keeps_serving(impl, memory, name):
+    nic = Nic(impl, memory)
+    frame = udp_frame(500)
+    used = nic.send(frame, HOSTILE_HEADERS[name])
+    assert len(used) == 1 and nic.backend.sent == []
+    assert sum(v for k, v in nic.counters.items() if k.startswith("tx_drop_")) == 1
+    nic.send(frame)
+    assert nic.backend.sent == [(frame, False)]
+
+
+@pytest.mark.parametrize("case", ["short header", "runt", "oversize", "zero-length buffers",
+                                  "outside RAM", "in the MMIO gap", "loop"])
+def test_hostile_chains_are_retired_and_the_queue_keeps_serving(impl, memory, case):
+    nic = Nic(impl, memory)
+    tx = nic.tx
+    if case == "short header":
+        tx.add_buffers(readable=[b"\x00" * 11])
+    elif case == "runt":
+        tx.add_buffers(readable=[b"\x00" * (VIRTIO_NET_HDR_LEN + 13)])
+    elif case == "oversize":
+        n = VIRTIO_NET_HDR_LEN + MAX_FRAME + 1
+        tx.add_chain([(tx.alloc(n), n, False)])
+    elif case == "zero-length buffers":
+        tx.add_chain([(tx.alloc(16), 0, False)] * 3)
+    elif case == "outside RAM":
+        tx.add_chain([(memory.size + (1 << 30), 100, False)])
+    elif case == "in the MMIO gap":
+        tx.add_chain([(0xD000_0000, 100, False)])
+    else:
+        head = tx.free.pop(0)
+        gpa = tx.alloc(64, bytes(64))
+        tx.write_desc(head, gpa, 64, 1, head)  # NEXT pointing at itself
+        tx.offer(head)
+    nic.transport.handle_notify(TX_QUEUE)
+    assert len(tx.collect()) == 1  # retired, not replayed on the next kick
+    assert nic.backend.sent == []
+    frame = udp_frame(100)
+    nic.send(frame)
+    assert nic.backend.sent == [(frame, False)]
+
+
+# ---- backend -> guest ----------------------------------------------------------------------
+
+def test_rx_frame_lands_behind_a_clean_header(impl, memory):
+    nic = Nic(impl, memory)
+    frame = udp_frame(200)
+    assert nic.backend.deliver(frame)
+    ((hdr, data),) = nic.received()
+    assert hdr == (0, 0, 0, 0, 0, 0, 1) and data == frame
+    assert nic.signals.seen
+
+
+def test_rx_spreads_over_mergeable_buffers_with_num_buffers(impl, memory):
+    nic = Nic(impl, memory, rx_buffers=0)
+    nic.post(8, 1000)
+    frame = udp_frame(2500)  # 2542 + 12 header bytes: three 1000-byte buffers
+    nic.backend.deliver(frame)
+    ((hdr, data),) = nic.received()
+    assert hdr[6] == 3 and data == frame
+    assert nic.counters["rx_merged_frames"] == 1
+
+
+def test_without_mrg_rxbuf_a_frame_needs_one_buffer_that_fits(impl, memory):
+    nic = Nic(impl, memory, features=BASE, rx_buffers=0)
+    small, big = nic.post(1, 200), nic.post(1, RX_BUF)
+    frame = udp_frame(500)
+    nic.backend.deliver(frame)
+    used = nic.rx.collect()
+    assert used[0] == (small[0], 0)  # too small: returned unused
+    assert used[1][0] == big[0]
+    assert nic.counters["rx_buffer_too_small"] == 1
+
+
+def test_no_rx_buffers_backlog_then_resume_in_order_and_bounded(impl, memory):
+    nic = Nic(impl, memory, rx_buffers=0)
+    frames = [udp_frame(100 + i) for i in range(RX_BACKLOG_FRAMES + 10)]
+    results = [nic.backend.deliver(f) for f in frames]
+    assert results.count(False) == 10 and nic.counters["rx_drop_backlog_full"] == 10
+    assert nic.counters["rx_starved"] >= 1
+    got = []
+    for _ in range(RX_BACKLOG_FRAMES // QSIZE):
+        nic.post(QSIZE)
+        got += [data for _hdr, data in nic.received()]
+    assert got == [f for f, ok in zip(frames, results, strict=True) if ok]
+    assert not nic.device._rx_backlog
+
+
+def test_backlog_flushes_on_the_rx_kick(impl, memory):
+    nic = Nic(impl, memory, rx_buffers=0)
+    frames = [udp_frame(100 + i) for i in range(3)]
+    for f in frames:
+        nic.backend.deliver(f)
+    assert nic.received() == []
+    nic.post(4)
+    assert [data for _hdr, data in nic.received()] == frames
+
+
+def test_reset_in_the_middle_of_traffic(impl, memory):
+    nic = Nic(impl, memory, rx_buffers=0)
+    nic.backend.deliver(udp_frame(100))
+    nic.send(udp_frame(50))
+    nic.guest.w(VIRTIO_MMIO_STATUS, 0)
+    assert nic.device.queues == () and not nic.device._rx_backlog
+    assert not nic.backend.deliver(udp_frame(100))  # no driver: dropped, nothing touched
+    assert nic.counters["rx_drop_no_driver"] == 1
+    status = nic.guest.negotiate(ALL)
+    assert status & VIRTIO_CONFIG_S_FEATURES_OK
+    nic.rx = Driver(memory, size=QSIZE, desc_addr=0x80_0000, avail_addr=0x90_0000,
+                    used_addr=0xA0_0000)
+    nic.rx._data_next = DATA_ADDR + (32 << 20)
+    nic.guest.setup_driver_queue(RX_QUEUE, nic.rx)
+    nic.guest.setup_driver_queue(TX_QUEUE, nic.tx)
+    nic.post(2, kick=False)
+    nic.guest.driver_ok()
+    frame = udp_frame(77)
+    assert nic.backend.deliver(frame)
+    assert [data for _hdr, data in nic.received()] == [frame]
+
+
+def test_frames_of_bad_length_are_never_placed(impl, memory):
+    nic = Nic(impl, memory)
+    assert not nic.backend.deliver(b"x" * 13)
+    assert not nic.backend.deliver(b"x" * (MAX_FRAME + 1))
+    assert nic.counters["rx_drop_bad_length"] == 2 and nic.received() == []

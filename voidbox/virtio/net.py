@@ -1,0 +1,378 @@
+"""virtio-net (virtio 1.2 §5.1): the guest's network card, whatever carries its queues.
+
+The device core sees guest memory (through its queues), its two queues (receiveq1 = 0,
+transmitq1 = 1), an interrupt callable and a backend. It never sees KVM, the MMIO
+registers or vhost-user, so any transport can host it.
+
+The backend contract (voidbox.net.backend): the device hands every frame the guest sends
+to `backend.guest_frame(frame, csum_verified)`; the backend hands every frame for the
+guest to `device.receive(frame)`, from its own I/O thread. `accepts_partial_checksums`
+and `accepts_tso4` say which offloads it can honour; only those are offered.
+
+Decisions a reader should know:
+- The header is always the 12-byte struct virtio_net_hdr (§5.1.6: VERSION_1 includes
+  num_buffers). Every header a hostile driver writes is checked: a header shorter than 12
+  bytes, a checksum request (NEEDS_CSUM) pointing outside the frame, a GSO type or flag
+  that was not negotiated, a gso_size of 0 or not below the frame's length, a frame
+  shorter than an Ethernet header or longer than MAX_FRAME: each is dropped and counted,
+  its chain retired, and the queue keeps serving.
+- A partial checksum (NEEDS_CSUM) at the packet's own TCP/UDP header is taken as vouched
+  for (the NAT relays payloads, it never forwards packets); one anywhere else is finished
+  here, as the host stack's skb_checksum_help would.
+- RX buffers are taken from the ring when a frame needs them and held by the device until
+  used; with MRG_RXBUF a frame spreads over as many as it needs (num_buffers says how
+  many), without it a frame must fit one buffer. A frame that cannot be placed waits in
+  a bounded backlog until the driver posts buffers (its RX kick); beyond the bound frames
+  are dropped and counted, as a NIC would drop them, so a guest that never posts buffers
+  costs bounded memory.
+- Frames to the guest are complete (checksums filled in, no GSO): GUEST_CSUM and
+  GUEST_TSO4 are not offered, so nothing the driver did not ack can reach it.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import threading
+from collections.abc import Callable
+
+from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE
+from .device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
+    VirtioDevice,
+)
+
+VIRTIO_ID_NET = 1
+RX_QUEUE = 0  # receiveq1
+TX_QUEUE = 1  # transmitq1
+QUEUE_SIZE = 256
+
+# Feature bits (§5.1.3)
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+
+VIRTIO_NET_S_LINK_UP = 1  # §5.1.4: status field
+
+# struct virtio_net_hdr (§5.1.6)
+VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size,
+#                                              csum_start, csum_offset, num_buffers
+VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.size  # 12
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+
+ETH_HLEN = 14
+ETH_P_IP = 0x0800
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+TCP_CSUM_OFFSET = 16  # RFC 9293 §3.1
+UDP_CSUM_OFFSET = 6  # RFC 768
+VLAN_HLEN = 4
+# The largest frame either way: a 64 KiB IPv4 packet (a TSO segment) behind an Ethernet
+# header and two VLAN tags. Anything longer is dropped, never truncated.
+MAX_FRAME = ETH_HLEN + 2 * VLAN_HLEN + 65535
+DEFAULT_MTU = 1500
+# Frames waiting for RX buffers: a NIC's worth of queue. Past it, frames are dropped.
+RX_BACKLOG_FRAMES = 256
+# Chains one kick may serve before the rest is rescheduled: a guest cannot keep the
+# network thread in one callback for ever by refilling as fast as we drain.
+TX_BUDGET = 2 * QUEUE_SIZE
+TOO_BIG = object()  # _take_buffers: the frame can never fit the posted buffers
+
+
+def inet_checksum(data) -> int:
+    """RFC 1071 one's complement sum of data, folded and inverted."""
+    from ..net.fastpath import inet_checksum as fast
+
+    return fast(data)
+
+
+def l4_checksum_offset(frame) -> int | None:
+    """Offset of the checksum field of an untunnelled IPv4 TCP or UDP frame, else None."""
+    if len(frame) < ETH_HLEN + 20 or frame[12] << 8 | frame[13] != ETH_P_IP:
+        return None
+    vihl = frame[ETH_HLEN]
+    if vihl >> 4 != 4:
+        return None
+    l4 = ETH_HLEN + (vihl & 0x0F) * 4
+    proto = frame[ETH_HLEN + 9]
+    if proto == IPPROTO_TCP:
+        return l4 + TCP_CSUM_OFFSET
+    if proto == IPPROTO_UDP:
+        return l4 + UDP_CSUM_OFFSET
+    return None
+
+
+class VirtioNet(VirtioDevice):
+    """The device core: see the module docstring.
+
+    `schedule(callback)` runs callback later on the device's I/O thread (a TX kick that
+    used its budget continues there); `counters` holds frames, bytes and drops by reason.
+    """
+
+    device_id = VIRTIO_ID_NET
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, backend, mac: bytes, mtu: int = DEFAULT_MTU,
+                 schedule: Callable[[Callable[[], None]], None] | None = None):
+        super().__init__()
+        if len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.backend = backend
+        self.mac = bytes(mac)
+        self.mtu = mtu
+        self.schedule = schedule or (lambda callback: callback())
+        # RLock: a TX frame may be answered (ARP, DHCP) inside guest_frame, on this thread.
+        self._lock = threading.RLock()
+        self._rx_held: collections.deque = collections.deque()  # popped, unused RX chains
+        self._rx_backlog: collections.deque = collections.deque()
+        self._tx_rescheduled = False
+        self.counters: collections.Counter = collections.Counter()
+
+    # ---- what the driver sees ----------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        bits = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)
+                | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_NET_F_MAC)
+                | (1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_STATUS)
+                | (1 << VIRTIO_NET_F_MRG_RXBUF))
+        # Only what the backend can take is offered; HOST_TSO4 requires CSUM (§5.1.3.1).
+        if getattr(self.backend, "accepts_partial_checksums", False):
+            bits |= 1 << VIRTIO_NET_F_CSUM
+            if getattr(self.backend, "accepts_tso4", False):
+                bits |= 1 << VIRTIO_NET_F_HOST_TSO4
+        return bits
+
+    def config_bytes(self) -> bytes:
+        """struct virtio_net_config (§5.1.4): mac, status, max_virtqueue_pairs, mtu."""
+        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, 1, self.mtu)
+
+    def _acked(self, bit: int) -> bool:
+        return bool(self.acked_features & (1 << bit))
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def activate(self, memory, queues, interrupt) -> None:
+        with self._lock:
+            super().activate(memory, queues, interrupt)
+            self.counters["activations"] += 1
+        # Frames that waited for the driver, and buffers it posted before DRIVER_OK.
+        self.schedule(self._refill)
+
+    def reset(self) -> None:
+        """§2.1.2: after reset the device touches no ring; held buffers and the backlog go."""
+        with self._lock:
+            self._rx_held.clear()
+            self._rx_backlog.clear()
+            super().reset()
+            self.counters["resets"] += 1
+
+    def _queue(self, index: int):
+        queues = self.queues
+        return queues[index] if index < len(queues) else None
+
+    def queue_notify(self, index: int) -> None:
+        if index == TX_QUEUE:
+            self._transmit()
+        elif index == RX_QUEUE:
+            self.counters["rx_kicks"] += 1
+            self._refill()
+
+    # ---- guest -> backend ----------------------------------------------------------------
+
+    def _transmit(self) -> None:
+        with self._lock:
+            queue = self._queue(TX_QUEUE)
+            if queue is None or self.interrupt is None:
+                return
+            budget = TX_BUDGET
+            while budget > 0:
+                chains = queue.pop(min(budget, queue.size), REQUIRE_READABLE)
+                budget -= len(chains)
+                for chain in chains:
+                    self._send_chain(chain)
+                if chains:
+                    queue.push_many([(chain.head, 0) for chain in chains])
+                # Also after a pop that only retired malformed chains.
+                if queue.needs_notification():
+                    self.interrupt(VIRTIO_MMIO_INT_VRING)
+                if not chains:
+                    return
+            # Budget used with chains left: carry on after the loop's other work.
+            if not self._tx_rescheduled:
+                self._tx_rescheduled = True
+                self.counters["tx_rescheduled"] += 1
+                self.schedule(self._continue_transmit)
+
+    def _continue_transmit(self) -> None:
+        self._tx_rescheduled = False
+        self._transmit()
+
+    def _send_chain(self, chain) -> None:
+        counters = self.counters
+        if chain.readable < VIRTIO_NET_HDR_LEN:
+            counters["tx_drop_short_header"] += 1
+            return
+        length = chain.readable - VIRTIO_NET_HDR_LEN
+        if length < ETH_HLEN:
+            counters["tx_drop_runt"] += 1
+            return
+        if length > MAX_FRAME:
+            # Checked before anything is read: a guest can describe far more than it has.
+            counters["tx_drop_oversize"] += 1
+            return
+        data = chain.read(0, VIRTIO_NET_HDR_LEN + length)
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _nb = \
+            VIRTIO_NET_HDR.unpack_from(data)
+        frame = memoryview(data)[VIRTIO_NET_HDR_LEN:]
+        verified = False
+        if flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            counters["tx_drop_bad_flags"] += 1  # §5.1.6.2: DATA_VALID is for RX only
+            return
+        if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            if gso_type != VIRTIO_NET_HDR_GSO_TCPV4 or not self._acked(VIRTIO_NET_F_HOST_TSO4):
+                counters["tx_drop_gso_not_negotiated"] += 1
+                return
+            if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or not 0 < gso_size < length \
+                    or hdr_len > length:
+                counters["tx_drop_bad_gso"] += 1
+                return
+            counters["tx_tso_frames"] += 1
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            if not self._acked(VIRTIO_NET_F_CSUM):
+                counters["tx_drop_csum_not_negotiated"] += 1
+                return
+            field = csum_start + csum_offset
+            if csum_start >= length or field + 2 > length:
+                counters["tx_drop_bad_csum"] += 1
+                return
+            if field == l4_checksum_offset(frame):
+                verified = True  # the packet's own TCP/UDP checksum: vouched for
+            else:
+                # Somewhere else (a tunnel's inner packet): finish it here (§5.1.6.2.1).
+                buf = bytearray(frame)
+                struct.pack_into("!H", buf, field, 0)
+                partial = struct.unpack_from("!H", frame, field)[0]
+                total = (~inet_checksum(buf[csum_start:]) & 0xFFFF) + partial
+                total = (total & 0xFFFF) + (total >> 16)
+                struct.pack_into("!H", buf, field, (~total & 0xFFFF) or 0xFFFF)
+                frame = memoryview(buf)
+                counters["tx_csum_finished"] += 1
+            counters["tx_csum_offloaded"] += 1
+        counters["tx_frames"] += 1
+        counters["tx_bytes"] += length
+        self.backend.guest_frame(frame, verified)
+
+    # ---- backend -> guest ----------------------------------------------------------------
+
+    def receive(self, frame) -> bool:
+        """A frame for the guest (from the backend's thread). Copied into RX buffers now,
+        or into the backlog; False if it was dropped."""
+        counters = self.counters
+        length = len(frame)
+        if length < ETH_HLEN or length > MAX_FRAME:
+            counters["rx_drop_bad_length"] += 1
+            return False
+        with self._lock:
+            if self._rx_backlog or not self._place(frame):
+                if self.interrupt is None and not self.queues:
+                    counters["rx_drop_no_driver"] += 1
+                    return False
+                if len(self._rx_backlog) >= RX_BACKLOG_FRAMES:
+                    counters["rx_drop_backlog_full"] += 1
+                    return False
+                self._rx_backlog.append(bytes(frame))
+                counters["rx_backlogged"] += 1
+                return True
+            return True
+
+    def _refill(self) -> None:
+        """The driver posted RX buffers (or the device just went live): place the backlog."""
+        with self._lock:
+            backlog = self._rx_backlog
+            while backlog and self._place(backlog[0]):
+                backlog.popleft()
+
+    def _take_buffers(self, queue, needed: int):
+        """Held RX chains covering `needed` bytes (popping more as needed), or None."""
+        held = self._rx_held
+        merge = self._acked(VIRTIO_NET_F_MRG_RXBUF)
+        while True:
+            if merge:
+                room = 0
+                for count, chain in enumerate(held, 1):
+                    room += chain.writable
+                    if room >= needed:
+                        return [held.popleft() for _ in range(count)]
+                if len(held) >= queue.size:
+                    return TOO_BIG  # the whole ring would not hold it: never wait for it
+            else:
+                while held and held[0].writable < needed:
+                    # Without MRG_RXBUF the driver posts buffers that fit a whole frame
+                    # (§5.1.6.3.1); one that does not is returned unused, and counted.
+                    chain = held.popleft()
+                    queue.push(chain.head, 0)
+                    self.counters["rx_buffer_too_small"] += 1
+                if held:
+                    return [held.popleft()]
+            chains = queue.pop(None, REQUIRE_WRITABLE)
+            if not chains:
+                if queue.enable_notifications():
+                    continue  # buffers arrived while we looked: take them
+                self.counters["rx_starved"] += 1
+                return None
+            held.extend(chains)
+
+    def _place(self, frame) -> bool:
+        """Copy frame (behind its header) into RX buffers and publish them; False if the
+        driver has not posted enough."""
+        queue = self._queue(RX_QUEUE)
+        if queue is None or self.interrupt is None:
+            return False
+        length = len(frame)
+        chains = self._take_buffers(queue, VIRTIO_NET_HDR_LEN + length)
+        if chains is None:
+            return False
+        if chains is TOO_BIG:
+            self.counters["rx_drop_larger_than_ring"] += 1
+            return True  # consumed: dropped
+        header = VIRTIO_NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains))
+        view = memoryview(frame)
+        first = chains[0]
+        take = min(length, first.writable - VIRTIO_NET_HDR_LEN)
+        first.write(header, 0)
+        first.write(view[:take], VIRTIO_NET_HDR_LEN)
+        used = [(first.head, VIRTIO_NET_HDR_LEN + take)]
+        pos = take
+        for chain in chains[1:]:
+            take = min(length - pos, chain.writable)
+            chain.write(view[pos:pos + take], 0)
+            used.append((chain.head, take))
+            pos += take
+        queue.push_many(used)
+        counters = self.counters
+        counters["rx_frames"] += 1
+        counters["rx_bytes"] += length
+        if len(chains) > 1:
+            counters["rx_merged_frames"] += 1
+        if queue.needs_notification():
+            self.interrupt(VIRTIO_MMIO_INT_VRING)
+        return True
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
