@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .layout import MIN_MEM, MiB
 
-MAX_CPUS = 255  # one xAPIC ID per vCPU, and the IOAPIC takes the next one
+MAX_CPUS = 255
+MAX_NICS = 4  # virtio-mmio windows left after the disk (layout.VIRTIO_MMIO_*)  # one xAPIC ID per vCPU, and the IOAPIC takes the next one
 MAX_MEM = 1 << 40
 
 DEFAULT_CMDLINE = (
@@ -66,6 +67,11 @@ class VmConfig:
     console_output: object = None
     interactive: bool = False
     serial_log_limit: int = 4 * MiB
+    # Network cards, one per entry: "slirp" (the user-mode NAT), "tap:NAME" or "none".
+    net: list[str] = field(default_factory=lambda: ["slirp"])
+    mac: str | None = None  # the first NIC's MAC; default: stable per kernel/image path
+    nat: object = None  # voidbox.net.config.NatConfig for slirp NICs (default layout)
+    policy: object = None  # voidbox.net.policy.Policy for slirp NICs (default rules)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,8 +93,57 @@ class VmConfig:
         _existing_file(self.kernel, "kernel")
         _existing_file(self.initrd, "initrd")
         _existing_file(self.image, "disk image")
+        self.nics = self._parse_nics()
+
+    def _parse_nics(self) -> list[tuple[str, str | None, bytes]]:
+        """(kind, tap name, MAC) per NIC that exists (`none` adds no card)."""
+        specs = [parse_net_spec(spec) for spec in (self.net or ["none"])]
+        if ("none", None) in specs and len(specs) > 1:
+            raise UsageError("--net none cannot be combined with other --net values")
+        nics = [spec for spec in specs if spec[0] != "none"]
+        if len(nics) > MAX_NICS:
+            raise UsageError(f"at most {MAX_NICS} network cards, got {len(nics)}")
+        for kind, name in nics:
+            if kind == "tap":
+                raise UsageError(f"--net tap:{name}: the TAP backend for VMs is not built yet; "
+                                 "use --net slirp (the default)")
+        base = parse_mac_address(self.mac) if self.mac else default_mac(self.image or self.kernel)
+        return [(kind, name, base[:5] + bytes([(base[5] + i) & 0xFF]))
+                for i, (kind, name) in enumerate(nics)]
 
     def command_line(self, extra_devices: str = "") -> str:
         base = self.cmdline if self.cmdline is not None else DEFAULT_CMDLINE
         parts = [base.strip(), extra_devices.strip(), self.append.strip()]
         return " ".join(p for p in parts if p)
+
+
+def parse_mac_address(text: str) -> bytes:
+    """'02:00:00:ab:cd:ef' -> 6 bytes: a unicast address (the group bit is clear)."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts):
+        raise UsageError(f"bad --mac {text!r}: expected six hex pairs such as 02:00:00:12:34:56")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise UsageError(f"bad --mac {text!r}: a multicast address cannot be a NIC's")
+    return mac
+
+
+def default_mac(seed: str | None) -> bytes:
+    """A locally administered unicast MAC (IEEE 802: bit 1 of the first octet set, bit 0
+    clear), the same for the same image or kernel path, so DHCP leases and neighbour
+    caches see one machine across boots."""
+    import hashlib
+
+    digest = hashlib.sha256(os.path.abspath(seed or "voidbox").encode()).digest()
+    return bytes([0x02, *digest[:4], digest[4] & 0xF0])
+
+
+def parse_net_spec(spec: str) -> tuple[str, str | None]:
+    """'slirp' | 'none' | 'tap:NAME' -> (kind, TAP name or None); UsageError otherwise."""
+    kind, sep, name = spec.partition(":")
+    if kind in ("slirp", "none") and not sep:
+        return kind, None
+    # IFNAMSIZ is 16 with the NUL; a name is one path component of /sys/class/net.
+    if kind == "tap" and sep and 0 < len(name) < 16 and "/" not in name and name.isprintable():
+        return kind, name
+    raise UsageError(f"bad --net {spec!r}: expected slirp, none or tap:NAME")

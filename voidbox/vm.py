@@ -7,6 +7,7 @@ exit, timeout, signal or console quit). Stopping kicks every vCPU out of KVM_RUN
 
 from __future__ import annotations
 
+import copy
 import enum
 import os
 import sys
@@ -108,6 +109,8 @@ class Vm:
         self._workers = []
         self._fds = []
         self.virtio_transports = []
+        self.nics = []  # VirtioNet devices, in --net order
+        self.net_thread = None
         self.first_run_at = None  # time.time() of the first KVM_RUN (start-up benchmark)
         sink = None
         if config.console_output is not None:
@@ -192,28 +195,79 @@ class Vm:
             # The block worker is stopped before the backend closes (fsync on close).
             worker = IoWorker("virtio-blk")
             self._workers.append(worker)
-            devices.append(self._attach_virtio(VirtioBlk(backend), worker, len(devices), VIRTIO_MMIO_IRQS))
+            transport, base, irq = self._attach_virtio(VirtioBlk(backend), len(devices),
+                                                       VIRTIO_MMIO_IRQS)
+            for index, kick in enumerate(self._kicks(transport, base)):
+                worker.add_eventfd(kick, lambda index=index, t=transport: t.handle_notify(index))
+            devices.append((base, irq))
+        if self.config.nics:
+            devices += self._add_nics(len(devices), VIRTIO_MMIO_IRQS)
         for worker in self._workers:
             worker.start()
+        if self.net_thread is not None:
+            self.net_thread.start()
         return [VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq) for base, irq in devices]
 
-    def _attach_virtio(self, device, worker, slot: int, irqs) -> tuple[int, int]:
-        """Put `device` on a virtio-mmio window: QueueNotify through ioeventfds served by
-        `worker`, interrupts through an irqfd on the line the DSDT advertises."""
-        from .virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
+    def _add_nics(self, first_slot: int, irqs) -> list[tuple[int, int]]:
+        """virtio-net cards, all served by one network I/O thread (an epoll loop over their
+        kicks, the backends' sockets and timers), so a vCPU never waits on the network
+        and the network never waits on the disk."""
+        import select
+
+        from .net.backend import SlirpBackend
+        from .net.config import NatConfig
+        from .net.loop import LoopThread
+        from .virtio.net import VirtioNet
+
+        self.net_thread = LoopThread("net")
+        loop = self.net_thread.loop
+        out = []
+        for i, (_kind, _name, mac) in enumerate(self.config.nics):
+            nat = copy.deepcopy(self.config.nat) if self.config.nat is not None else NatConfig()
+            backend = SlirpBackend(loop, nat, self.config.policy)
+            device = VirtioNet(backend, mac, nat.mtu, schedule=loop.call_soon_threadsafe)
+            backend.attach(device.receive)  # before the loop runs: listeners join it
+            self.nics.append(device)
+            # A QueueNotify that did not go through an ioeventfd (trapped on a vCPU) is
+            # served on the network thread too: the backend is never entered from two.
+            cell = []
+            transport, base, irq = self._attach_virtio(
+                device, first_slot + i, irqs,
+                lambda index, cell=cell: loop.call_soon_threadsafe(
+                    lambda: cell[0].handle_notify(index)))
+            cell.append(transport)
+            for index, kick in enumerate(self._kicks(transport, base)):
+                loop.watch(kick, select.EPOLLIN,
+                           lambda _ev, k=kick, q=index, t=transport: _kicked(k, t, q))
+            out.append((base, irq))
+        return out
+
+    def _attach_virtio(self, device, slot: int, irqs, notify=None):
+        """Put `device` on a virtio-mmio window, interrupts through an irqfd on the line the
+        DSDT advertises; -> (transport, base, irq)."""
+        from .virtio.mmio import VirtioMmioTransport
 
         base = layout.VIRTIO_MMIO_BASE + slot * layout.VIRTIO_MMIO_SIZE
         irq = irqs[slot]  # IRQ 9 is the SCI; acpi.VIRTIO_MMIO_IRQS skips it
         irqfd = self._eventfd()
         self._vmfd.register_irqfd(irqfd, irq)
-        transport = VirtioMmioTransport(device, self.memory, lambda: os.eventfd_write(irqfd, 1))
-        for index in range(len(device.queue_max_sizes)):
-            kick = self._eventfd()
-            self._vmfd.register_ioeventfd(kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
-            worker.add_eventfd(kick, lambda index=index: transport.handle_notify(index))
+        transport = VirtioMmioTransport(device, self.memory, lambda: os.eventfd_write(irqfd, 1),
+                                        notify)
         self.mmio_bus.register(base, layout.VIRTIO_MMIO_SIZE, transport)
         self.virtio_transports.append(transport)
-        return base, irq
+        return transport, base, irq
+
+    def _kicks(self, transport, base: int) -> list[int]:
+        """One ioeventfd per queue on QueueNotify (datamatch: the queue index): a guest's
+        kick signals it without a vCPU exit."""
+        from .virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
+
+        kicks = []
+        for index in range(len(transport.device.queue_max_sizes)):
+            kick = self._eventfd()
+            self._vmfd.register_ioeventfd(kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
+            kicks.append(kick)
+        return kicks
 
     def _eventfd(self) -> int:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -309,6 +363,12 @@ class Vm:
         for worker in self._workers:
             worker.close()
         self._workers = []
+        if self.net_thread is not None:
+            self.net_thread.stop()  # the NAT's flows are closed on this thread, after it
+            for nic in self.nics:
+                nic.close()
+            self.net_thread.close()
+            self.net_thread = None
         if self._vmfd is not None:
             self._vmfd.close()
             self._vmfd = None
@@ -359,6 +419,15 @@ _ACTION_REASONS = {
     Action.TRIPLE_FAULT: StopReason.TRIPLE_FAULT,
     Action.INTERNAL_ERROR: StopReason.INTERNAL_ERROR,
 }
+
+
+def _kicked(kick: int, transport, index: int) -> None:
+    """A queue's ioeventfd fired on the network thread: consume it, run the device."""
+    try:
+        os.eventfd_read(kick)
+    except BlockingIOError:
+        return
+    transport.handle_notify(index)
 
 
 def stderr_line(text: str) -> None:

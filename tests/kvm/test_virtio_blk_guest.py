@@ -17,7 +17,7 @@ from tests.guests.build import build_guest, disassemble
 from voidbox import Vm, VmConfig
 from voidbox.errors import ExitStatus
 from voidbox.layout import MiB
-from voidbox.virtio.blk import SECTOR_SIZE, BlockBackend
+from voidbox.virtio.blk import SECTOR_SIZE, VIRTIO_ID_BLOCK, BlockBackend
 from voidbox.vm import StopReason
 
 pytestmark = pytest.mark.kvm
@@ -104,7 +104,7 @@ def test_guest_driver_reads_writes_and_flushes_through_ioeventfd_and_irqfd(kerne
     assert sector(image, 0) == sector0_pattern()
     assert sector(image, WRITE_SECTOR + 1) == bytes(SECTOR_SIZE)
 
-    (transport,) = vm.virtio_transports
+    (transport,) = [t for t in vm.virtio_transports if t.device.device_id == VIRTIO_ID_BLOCK]
     # Every kick came through the KVM ioeventfd, served on the block worker ...
     assert transport.notifies == REQUESTS, log
     assert transport.trapped_notifies == 0, log
@@ -126,7 +126,7 @@ def test_readonly_image_refuses_the_guest_write(kernel, image):
         assert line in lines, log
     assert "ro=1" in log, log
     assert image.read_bytes() == before
-    (transport,) = vm.virtio_transports
+    (transport,) = [t for t in vm.virtio_transports if t.device.device_id == VIRTIO_ID_BLOCK]
     assert transport.trapped_notifies == 0 and transport.interrupts_signalled == REQUESTS
 
 

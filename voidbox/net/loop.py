@@ -238,3 +238,27 @@ class EventLoop:
         self._timers.clear()
         self._cancelled = 0
         self._ready.clear()
+
+
+class LoopThread:
+    """An EventLoop run on a thread of its own (a VM's network I/O thread)."""
+
+    def __init__(self, name: str, loop: EventLoop | None = None):
+        self.name = name
+        self.loop = loop or EventLoop()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.loop.run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Let the loop finish its iteration and return; safe to call twice."""
+        if self._thread is not None:
+            self.loop.stop()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.close()
