@@ -1,11 +1,12 @@
 """The pcap writer (voidbox/net/pcap.py), read back by a reader written here from
-pcap-savefile(5), and by tcpdump."""
+pcap-savefile(5) and by tcpdump; and TapIO capturing the frames that cross its fd."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import socket
 import stat
 import struct
 import subprocess
@@ -17,6 +18,7 @@ from tests.requires import requires
 from tests.unit.netframes import GUEST_HW
 from voidbox.errors import VoidboxError
 from voidbox.net.dhcp import DHCP_MAGIC, DHCPDISCOVER
+from voidbox.net.loop import EventLoop
 from voidbox.net.packets import (
     ARPOP_REQUEST,
     ETH_BROADCAST,
@@ -29,6 +31,7 @@ from voidbox.net.packets import (
     build_udp,
 )
 from voidbox.net.pcap import SNAPLEN, PcapWriter
+from voidbox.net.tap import TapIO
 
 # pcap-savefile(5), little-endian, nanosecond magic: a1b23c4d, 2.4, zone 0, sigfigs 0,
 # snaplen 262144, LINKTYPE_ETHERNET.
@@ -190,3 +193,68 @@ def test_tcpdump_reads_dhcp_and_arp(tmp_path):
     assert len(out) == 2, out
     assert "0.0.0.0.68 > 255.255.255.255.67: BOOTP/DHCP, Request from 52:54:00:12:34:56" in out[0]
     assert "ARP, Request who-has 10.0.2.2 tell 10.0.2.15" in out[1]
+
+
+# TapIO with a capture: a datagram socketpair stands in for the TAP (as in test_tap_io.py).
+
+ETH = bytes.fromhex("525400000002" "525400123456" "0800")
+VNET_HDR = bytes(10)
+
+
+@pytest.fixture
+def tap_pair():
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    peer.setblocking(False)
+    loop = EventLoop(debug=True)
+    yield loop, ours, peer
+    loop.close()
+    ours.close()
+    peer.close()
+
+
+def test_tap_captures_frames_read_without_their_virtio_header(tmp_path, tap_pair):
+    loop, ours, peer = tap_pair
+    path = tmp_path / "c.pcap"
+    got = []
+    with PcapWriter(str(path)) as writer:
+        tap = TapIO(loop, ours.fileno(), 1500, lambda f, ok: got.append(f), vnet_hdr=True,
+                    pcap=writer)
+        big = ETH + b"g" * 60000  # a TSO super-frame is captured whole, as tcpdump shows it
+        peer.send(VNET_HDR + big)
+        peer.send(VNET_HDR + ETH + b"small")
+        loop.run_once(1.0)
+        tap.close()
+    assert got == [big, ETH + b"small"]
+    _, records = read_pcap(path.read_bytes())
+    assert [data for _, _, data in records] == got
+
+
+def test_tap_captures_frames_as_the_kernel_takes_them_backlog_included(tmp_path, tap_pair):
+    loop, ours, peer = tap_pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    path = tmp_path / "c.pcap"
+    frames = [ETH + bytes([i]) * 1000 for i in range(40)]
+    received = []
+    with PcapWriter(str(path)) as writer:
+        tap = TapIO(loop, ours.fileno(), 1500, lambda f, ok: None, vnet_hdr=True, pcap=writer)
+        buf = bytearray(ETH + b"\x00" * 1000)
+        for f in frames:
+            buf[:] = f
+            tap.write(memoryview(buf))  # the engine reuses its buffer: borrow=True
+        assert tap.backlog  # the pair filled up: the rest waits for EPOLLOUT
+        queued_at_first = writer.frames
+        assert queued_at_first == len(frames) - len(tap.backlog)
+        for _ in range(200):
+            while True:
+                try:
+                    received.append(peer.recv(4096)[len(VNET_HDR):])
+                except BlockingIOError:
+                    break
+            if len(received) == len(frames):
+                break
+            loop.run_once(0.05)
+        tap.close()
+    assert received == frames
+    _, records = read_pcap(path.read_bytes())
+    assert [data for _, _, data in records] == frames  # each once, in the order sent
