@@ -135,15 +135,24 @@ def net() -> None:
 @click.option("--max-flows", metavar="N", help="Most flows open at once (default 65536).")
 @click.option("--max-conn-rate", metavar="RATE",
               help="New connections per second, e.g. 10 or 2.5 (default unlimited).")
+@click.option("--pcap", metavar="FILE",
+              help="Write every frame crossing the namespace's interface, both ways, to FILE "
+                   "(pcap, mode 0600; replaced if it exists). Captures slow bulk TCP: host "
+                   "data then takes the Python path.")
+@click.option("--pcap-max-bytes", metavar="N",
+              help="Stop capturing, with a note, before FILE grows past N bytes (default "
+                   "67108864, 64 MiB).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, offload, max_flows, max_conn_rate,
-            command) -> None:
+            pcap, pcap_max_bytes, command) -> None:
     """Run COMMAND in a network namespace whose only interface is served by the NAT.
 
     Example: voidbox net run -- curl http://10.0.2.2:8000/ (10.0.2.2 is the host's loopback).
     """
-    from .net.run import config_from_options, run_in_netns
+    from .net.run import config_from_options, pcap_from_options, run_in_netns
 
     config, policy = config_from_options(mtu, forwards, allow, deny, dns_upstreams,
                                          max_flows, max_conn_rate)
-    sys.exit(run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload))
+    capture = pcap_from_options(pcap, pcap_max_bytes)
+    sys.exit(run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload,
+                          pcap=capture))

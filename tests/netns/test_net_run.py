@@ -43,12 +43,12 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def run(argv, config=None, dhcp=False, policy=None, check_fds=True, offload=True):
+def run(argv, config=None, dhcp=False, policy=None, check_fds=True, offload=True, pcap=None):
     """run_in_netns plus leak checks: every flow, watch and fd is gone afterwards."""
     stats: dict = {}
     before = _fd_count()
     rc = run_in_netns(argv, config or NatConfig(), dhcp=dhcp, policy=policy, debug=True,
-                      stats=stats, offload=offload)
+                      stats=stats, offload=offload, pcap=pcap)
     assert stats["flows"] == 0
     assert stats["active_tcp_flows_at_exit"] == 0  # nothing reset while still carrying data
     assert stats["watched"] == 0

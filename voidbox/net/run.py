@@ -11,6 +11,10 @@ With offload (the default) the TAP carries virtio_net_hdr and has checksum and T
 segmentation offload on (see voidbox.net.tap): the namespace's TCP sends and receives
 64 KiB segments whatever its MTU, and host data goes from socket to TAP in one Cython
 call per burst (FramePort.send_tcp_stream).
+
+With a capture (--pcap) every frame crossing the TAP goes to a PcapWriter, and host data
+takes the Python path, which builds each frame and writes it through TapIO.write where
+the capture sees it: bulk TCP towards the command is slower while capturing.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from voidbox.net.config import DNS_PORT, MAX_MTU, MIN_MTU, NatConfig
 from voidbox.net.engine import Engine
 from voidbox.net.loop import EventLoop
 from voidbox.net.options import parse_int, parse_rate
+from voidbox.net.pcap import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, PcapSpec, PcapWriter
 from voidbox.net.policy import Policy, parse_forward
 from voidbox.net.tap import TapIO, open_tap
 
@@ -88,15 +93,49 @@ def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), den
     return config, Policy(allow=list(allow), deny=list(deny))
 
 
+def pcap_from_options(path: str | None = None,
+                      max_bytes: str | int | None = None) -> PcapSpec | None:
+    """The capture `--pcap FILE --pcap-max-bytes N` ask for (None: no capture).
+
+    Apart from config_from_options because a capture belongs to the guest's interface,
+    not to the NAT: a VM's TAP-backed NIC has no NatConfig and can still be captured.
+    """
+    if max_bytes is not None:
+        limit = parse_int(max_bytes, "--pcap-max-bytes", MIN_MAX_BYTES)
+        if path is None:
+            raise UsageError("--pcap-max-bytes needs --pcap FILE")
+    else:
+        limit = DEFAULT_MAX_BYTES
+    if path is None:
+        return None
+    if not path:
+        raise UsageError("--pcap needs a file name")
+    return PcapSpec(path, limit)
+
+
 def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
                  policy: Policy | None = None, debug: bool = False,
-                 stats: dict | None = None, offload: bool = True) -> int:
+                 stats: dict | None = None, offload: bool = True,
+                 pcap: PcapSpec | None = None) -> int:
     """Run argv in a new network namespace behind the NAT; return its exit status.
 
-    stats, if given, receives the engine's counters and the final flow count.
+    stats, if given, receives the engine's counters and the final flow count. pcap, if
+    given, captures every frame crossing the namespace's interface, both ways.
     """
     if not argv:
         raise VoidboxError("no command given")
+    # Opened before anything else: a capture that cannot be written stops the run before
+    # the command starts, not after it has sent traffic nobody recorded.
+    writer = PcapWriter(pcap.path, pcap.max_bytes) if pcap is not None else None
+    try:
+        return _run(argv, config, dhcp, policy, debug, stats, offload, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _run(argv: list[str], config: NatConfig, dhcp: bool, policy: Policy | None, debug: bool,
+         stats: dict | None, offload: bool, pcap: PcapWriter | None) -> int:
     unprivileged = os.geteuid() != 0
     # Every flow holds an fd: refuse flows rather than run into EMFILE.
     limits.cap_flows(config, NatConfig.max_flows)
@@ -116,7 +155,7 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
                    offload)  # never returns
         child_sock.close()
         with parent_sock:
-            return _parent(pid, parent_sock, config, policy, debug, stats, offload)
+            return _parent(pid, parent_sock, config, policy, debug, stats, offload, pcap)
     finally:
         try:
             os.unlink(resolv_path)
@@ -246,7 +285,7 @@ def _exec_command(argv) -> None:
 
 
 def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | None,
-            debug: bool, stats: dict | None, offload: bool) -> int:
+            debug: bool, stats: dict | None, offload: bool, pcap: PcapWriter | None) -> int:
     tap_fd = None
     loop = engine = tap = None
     pidfd = os.pidfd_open(pid)
@@ -263,7 +302,7 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         loop = EventLoop(debug=debug)
         # TapIO.write writes each frame at once or copies it to its backlog: borrow=True.
         engine = Engine(config, loop, lambda frame: tap.write(frame), policy, borrow=True)
-        tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame, vnet_hdr=offload)
+        tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame, vnet_hdr=offload, pcap=pcap)
         engine.send_frame = tap.write  # from now on without the lambda's extra call
 
         def interface_gone() -> None:
@@ -273,7 +312,8 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
             engine.close()
 
         tap.on_hangup = interface_gone
-        if offload and tap.port.tso and engine.tcp is not None:
+        # The stream sender writes frames straight to the fd, past TapIO and the capture.
+        if offload and tap.port.tso and engine.tcp is not None and pcap is None:
             engine.attach_stream_port(tap.port, tap.stream_blocked)
             tap.on_writable = engine.tcp.port_writable
         loop.watch(pidfd, select.EPOLLIN, lambda ev: loop.stop())
@@ -308,6 +348,8 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
                 stats["flows"] = engine.flow_count()  # after close: everything released
                 if tap is not None:
                     stats["counters"].update(tap.counters)
+                if pcap is not None:
+                    stats["counters"].update(pcap.counters)
         if tap is not None:
             tap.close()
         if loop is not None:

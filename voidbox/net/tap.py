@@ -11,6 +11,9 @@ takes whole. That is one system call and one header parse per 64 KiB instead of 
 TapIO drains the fd until EAGAIN (bounded per wakeup, so the loop stays fair) through a
 FramePort (voidbox._slirp: the reads run without the GIL), and queues writes the kernel
 refuses with EAGAIN, up to a bound, watching EPOLLOUT only while that queue is non-empty.
+With a PcapWriter it captures every frame it reads and every frame the kernel takes from
+it, as it crosses the fd: frames the TCP NAT writes itself (FramePort.send_tcp_stream)
+never pass here, so whoever captures does not attach that stream port.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from voidbox.errors import VoidboxError
 from voidbox.net.fastpath import FramePort
 from voidbox.net.loop import EventLoop
 from voidbox.net.packets import ETH_HLEN
+from voidbox.net.pcap import PcapWriter
 
 TUN_PATH = "/dev/net/tun"
 # linux/if_tun.h
@@ -83,14 +87,18 @@ class TapIO:
     """Reads frames from a TAP fd into on_frame(frame, checksum_verified) and writes frames.
 
     vnet_hdr must match how the TAP was opened (open_tap); `port` is the FramePort, whose
-    send_tcp_stream the TCP NAT may use to write straight to the TAP.
+    send_tcp_stream the TCP NAT may use to write straight to the TAP (uncaptured). pcap,
+    if given, gets each frame read and each frame written, without its virtio_net_hdr;
+    the caller owns it.
     """
 
     def __init__(self, loop: EventLoop, fd: int, mtu: int,
-                 on_frame: Callable[[bytes, bool], None], vnet_hdr: bool = False):
+                 on_frame: Callable[[bytes, bool], None], vnet_hdr: bool = False,
+                 pcap: PcapWriter | None = None):
         self.loop = loop
         self.fd = fd
         self.on_frame = on_frame
+        self.pcap = pcap
         # One frame per read: the TAP truncates anything longer, and the IPv4 length check
         # then drops it. With TSO on, a frame is one IPv4 packet of up to 64 KiB.
         payload = IP_MAX_PACKET if vnet_hdr else mtu
@@ -121,9 +129,12 @@ class TapIO:
                 self._hung_up()
                 return
             mtu_frame = self.mtu_frame
+            pcap = self.pcap
             for frame, verified in frames:
                 if len(frame) > mtu_frame:
                     self.rx_oversize += 1
+                if pcap is not None:
+                    pcap.write(frame)
                 self.on_frame(frame, verified)
 
     def _hung_up(self) -> None:
@@ -141,8 +152,11 @@ class TapIO:
         if self.backlog:
             self._enqueue(bytes(frame))
             return
-        if self.port.write(frame) == 0:  # EAGAIN; errors are counted by the port
+        written = self.port.write(frame)
+        if written == 0:  # EAGAIN; errors are counted by the port
             self._enqueue(bytes(frame))
+        elif written > 0 and self.pcap is not None:
+            self.pcap.write(frame)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -167,8 +181,12 @@ class TapIO:
 
     def _flush(self) -> None:
         while self.backlog:
-            if self.port.write(self.backlog[0]) == 0:
+            frame = self.backlog[0]
+            written = self.port.write(frame)
+            if written == 0:
                 return  # still full; a frame the port refused for good is counted there
+            if written > 0 and self.pcap is not None:
+                self.pcap.write(frame)
             self.backlog.popleft()
         self.port.paused = False
         self._set_events(select.EPOLLIN)

@@ -1,0 +1,142 @@
+"""Packet capture: Ethernet frames to a classic libpcap file, whatever carries them.
+
+The format is pcap-savefile(5) (draft-ietf-opsawg-pcap §4 and §5): a 24-byte file header,
+then one record header and the frame's bytes per frame. The nanosecond magic says that
+the second timestamp field counts nanoseconds, which time.time_ns() gives as it is.
+
+The writer knows nothing of TAPs or virtqueues: `voidbox net run` hands it the frames its
+TAP reads and writes, and a virtio-net device can hand it those of its queues.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import struct
+import time
+from dataclasses import dataclass
+
+from voidbox.errors import VoidboxError
+
+log = logging.getLogger(__name__)
+
+# draft-ietf-opsawg-pcap §4: the magic written in the writer's byte order (little-endian
+# here) tells a reader both the byte order and the timestamp resolution.
+PCAP_MAGIC_NSEC = 0xA1B23C4D
+PCAP_VERSION_MAJOR = 2
+PCAP_VERSION_MINOR = 4
+LINKTYPE_ETHERNET = 1  # https://www.tcpdump.org/linktypes.html
+# tcpdump's default snapshot length (MAXIMUM_SNAPLEN): longer frames are cut to it, and
+# the record's original length keeps the size on the wire.
+SNAPLEN = 262144
+# magic, version major, minor, thiszone (reserved, 0), sigfigs (reserved, 0), snaplen,
+# link type.
+FILE_HEADER = struct.Struct("<IHHiIII")
+# seconds, nanoseconds, captured length, original length.
+RECORD_HEADER = struct.Struct("<IIII")
+NSEC_PER_SEC = 1_000_000_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# The file holds at least its header, or a reader takes it for a broken file.
+MIN_MAX_BYTES = FILE_HEADER.size
+FILE_MODE = 0o600  # a capture holds the command's traffic: its owner alone reads it
+BUFFER_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class PcapSpec:
+    """Where to capture and how much: what `--pcap FILE --pcap-max-bytes N` ask for."""
+
+    path: str
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+def file_header() -> bytes:
+    return FILE_HEADER.pack(PCAP_MAGIC_NSEC, PCAP_VERSION_MAJOR, PCAP_VERSION_MINOR, 0, 0,
+                            SNAPLEN, LINKTYPE_ETHERNET)
+
+
+class PcapWriter:
+    """Writes each frame given to write() as one pcap record, until max_bytes.
+
+    The file, header included, never grows past max_bytes: the first record that would
+    take it past stops the capture for good (one warning), and every frame from then on is
+    counted in `dropped`. Records are buffered; close() flushes them.
+    """
+
+    def __init__(self, path: str, max_bytes: int = DEFAULT_MAX_BYTES):
+        if max_bytes < MIN_MAX_BYTES:
+            raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES}")
+        self.path = path
+        self.max_bytes = max_bytes
+        self.frames = 0  # frames written
+        self.dropped = 0  # frames not written: the size bound was reached
+        self.stopped = False
+        try:
+            # O_NOFOLLOW: a symlink planted at the path cannot redirect the capture onto
+            # another file (open(2) fails with ELOOP).
+            fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as e:
+            raise VoidboxError(f"cannot write pcap {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            # O_CREAT's mode applies only to a new file: an old capture of ours that others
+            # could read becomes private too. Someone else's file, a FIFO or a device
+            # keeps its mode.
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.fchmod(fd, FILE_MODE)
+            self._file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), BUFFER_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        header = file_header()
+        self._file.write(header)
+        self.size = len(header)
+
+    def write(self, frame: bytes | memoryview) -> None:
+        """Append one Ethernet frame, stamped with the time now."""
+        if self.stopped:
+            self.dropped += 1
+            return
+        length = len(frame)
+        captured = min(length, SNAPLEN)
+        record = RECORD_HEADER.size + captured
+        if self.size + record > self.max_bytes:
+            self.stopped = True
+            self.dropped += 1
+            log.warning("pcap %s reached %d bytes: capture stopped", self.path, self.size)
+            return
+        now = time.time_ns()
+        file = self._file
+        try:
+            file.write(RECORD_HEADER.pack(now // NSEC_PER_SEC, now % NSEC_PER_SEC, captured,
+                                          length))
+            file.write(frame if captured == length else memoryview(frame)[:captured])
+        except OSError as e:
+            # A full disk ends the capture, not the command whose traffic it records.
+            self.stopped = True
+            self.dropped += 1
+            log.warning("pcap %s: %s: capture stopped", self.path, e.strerror)
+            return
+        self.size += record
+        self.frames += 1
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {"pcap_frames": self.frames, "pcap_dropped": self.dropped}
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        try:
+            self._file.close()  # flushes
+        except OSError as e:
+            log.warning("pcap %s: %s", self.path, e.strerror)
+
+    def __enter__(self) -> PcapWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
