@@ -11,7 +11,7 @@ import sys
 import click
 
 from .errors import ExitStatus, VoidboxError
-from .launch import BOOT_OPTIONS, boot_command, fail
+from .launch import BOOT_OPTIONS, NAT_EPILOG, NAT_OPTIONS, boot_command, fail
 
 
 def main(argv=None) -> None:
@@ -50,23 +50,27 @@ class FiniteFloat(click.types.FloatParamType):
         return number
 
 
-def _boot_options(command):
-    """Click options from the one table the fast path in launch.py parses too."""
-    for option in reversed(BOOT_OPTIONS):
-        if option.kind is bool:
-            command = click.option(option.flag, is_flag=True, help=option.help)(command)
-        else:
+def _options(table):
+    """Click options from one of launch.py's tables (the fast path parses the same)."""
+
+    def decorate(command):
+        for option in reversed(table):
+            if option.kind is bool:
+                command = click.option(option.flag, is_flag=True, help=option.help)(command)
+                continue
             command = click.option(
                 option.flag, type=FiniteFloat() if option.kind is float else option.kind,
-                default=option.default,
-                show_default=option.default not in (None, ""), help=option.help,
+                default=option.default, multiple=option.multiple, metavar=option.metavar,
+                show_default=option.default not in (None, "", ()), help=option.help,
             )(command)
-    return command
+        return command
+
+    return decorate
 
 
-@cli.command()
+@cli.command(epilog=NAT_EPILOG)
 @click.argument("image", required=False)
-@_boot_options
+@_options(BOOT_OPTIONS)
 def boot(**params) -> None:
     """Boot a Linux guest with its console on this terminal.
 
@@ -109,41 +113,13 @@ def net() -> None:
 # Everything from the first word that is not one of voidbox's options on is COMMAND's, as
 # with env, sudo and unshare: `voidbox net run ls -h` lists, and does not print this help.
 # An unknown option before that word (or before --) is a usage error, not a command.
-@net.command("run", context_settings={"allow_interspersed_args": False}, epilog=(
-    "Egress rules (--allow, --deny): CIDR[:PORTS], PORTS a list of ports and ranges, e.g. "
-    "10.0.0.0/8:80,443,8000-8100. A rule matches either the address the guest sees "
-    "(10.0.2.2 = the gateway, 10.0.2.3 = DNS, other addresses as they are) or the translated "
-    "host destination (10.0.2.2 -> 127.0.0.1); the most specific rule matching either wins "
-    "(longest prefix, then a rule with ports, then deny). So --deny 10.0.2.2 keeps the "
-    "command off the host's loopback, and --deny 0.0.0.0/0 --allow 127.0.0.1 allows only "
-    "it. 169.254.0.0/16 is denied unless allowed. DNS at 10.0.2.3:53 is the NAT's own "
-    "service and is always served."))
-# Numbers are taken as text and parsed strictly by config_from_options: click's int type is
-# Python's int(), which takes '1_500', '+80' and ' 80'.
-@click.option("--mtu", metavar="N", help="MTU of the namespace's interface (576-65520; default 1500).")
-@click.option("--forward", "forwards", multiple=True, metavar="PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT",
-              help="Forward a host port into the namespace (repeatable).")
-@click.option("--allow", multiple=True, metavar="CIDR[:PORTS]",
-              help="Allow egress (repeatable; see egress rules below).")
-@click.option("--deny", multiple=True, metavar="CIDR[:PORTS]",
-              help="Deny egress (repeatable; see egress rules below).")
-@click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="IP[:PORT]",
-              help="Relay 10.0.2.3 to this resolver instead of /etc/resolv.conf's.")
+@net.command("run", context_settings={"allow_interspersed_args": False}, epilog=NAT_EPILOG)
+@_options(NAT_OPTIONS)
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")
 @click.option("--offload/--no-offload", default=True, show_default=True,
               help="Checksum and TCP segmentation offload on the namespace's interface.")
-@click.option("--max-flows", metavar="N", help="Most flows open at once (default 65536).")
-@click.option("--max-conn-rate", metavar="RATE",
-              help="New connections per second, e.g. 10 or 2.5 (default unlimited).")
-@click.option("--pcap", metavar="FILE",
-              help="Write every frame crossing the namespace's interface, both ways, to FILE "
-                   "(pcap, mode 0600; replaced if it exists). Captures slow bulk TCP: host "
-                   "data then takes the Python path.")
-@click.option("--pcap-max-bytes", metavar="N",
-              help="Stop capturing, with a note, before FILE grows past N bytes (default "
-                   "67108864, 64 MiB).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, offload, max_flows, max_conn_rate,
+def net_run(mtu, forward, allow, deny, dns_upstream, dhcp, offload, max_flows, max_conn_rate,
             pcap, pcap_max_bytes, command) -> None:
     """Run COMMAND in a network namespace whose only interface is served by the NAT.
 
@@ -151,7 +127,7 @@ def net_run(mtu, forwards, allow, deny, dns_upstreams, dhcp, offload, max_flows,
     """
     from .net.run import config_from_options, pcap_from_options, run_in_netns
 
-    config, policy = config_from_options(mtu, forwards, allow, deny, dns_upstreams,
+    config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
                                          max_flows, max_conn_rate)
     capture = pcap_from_options(pcap, pcap_max_bytes)
     sys.exit(run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload,

@@ -72,6 +72,7 @@ class VmConfig:
     mac: str | None = None  # the first NIC's MAC; default: stable per kernel/image path
     nat: object = None  # voidbox.net.config.NatConfig for slirp NICs (default layout)
     policy: object = None  # voidbox.net.policy.Policy for slirp NICs (default rules)
+    pcap: object = None  # voidbox.net.pcap.PcapSpec: capture the first NIC's frames
 
     def __post_init__(self) -> None:
         self.validate()

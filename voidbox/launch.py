@@ -24,11 +24,46 @@ class Option(NamedTuple):
     kind: type  # str, int, float (finite only: nan and inf are refused), or bool for a flag
     default: object
     help: str
+    multiple: bool = False  # repeatable: the values in order, as a tuple
+    metavar: str | None = None
 
     @property
     def dest(self) -> str:
         return self.flag[2:].replace("-", "_")
 
+
+# The user-mode NAT's options, shared by `boot` and `net run` so the two never drift.
+# Numbers stay text here: voidbox.net.options.config_from_options parses them strictly
+# (int() and click's int type take '1_500', '+80' and ' 80').
+NAT_OPTIONS = (
+    Option("--mtu", str, None, "MTU of the guest's interface (576-65520; default 1500).",
+           metavar="N"),
+    Option("--forward", str, (), "Forward a host port to the guest (repeatable).", True,
+           "PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT"),
+    Option("--allow", str, (), "Allow egress (repeatable; see egress rules below).", True,
+           "CIDR[:PORTS]"),
+    Option("--deny", str, (), "Deny egress (repeatable; see egress rules below).", True,
+           "CIDR[:PORTS]"),
+    Option("--dns-upstream", str, (), "Relay 10.0.2.3 to this resolver instead of "
+           "/etc/resolv.conf's (repeatable).", True, "IP[:PORT]"),
+    Option("--max-flows", str, None, "Most flows open at once (default 65536).", metavar="N"),
+    Option("--max-conn-rate", str, None, "New connections per second, e.g. 10 or 2.5 "
+           "(default unlimited).", metavar="RATE"),
+    Option("--pcap", str, None, "Write every frame crossing the guest's interface, both "
+           "ways, to FILE (pcap, mode 0600; replaced if it exists). Captures slow bulk TCP: "
+           "host data then takes the Python path.", metavar="FILE"),
+    Option("--pcap-max-bytes", str, None, "Stop capturing, with a note, before FILE grows "
+           "past N bytes (default 67108864, 64 MiB).", metavar="N"),
+)
+NAT_EPILOG = (
+    "Egress rules (--allow, --deny): CIDR[:PORTS], PORTS a list of ports and ranges, e.g. "
+    "10.0.0.0/8:80,443,8000-8100. A rule matches either the address the guest sees "
+    "(10.0.2.2 = the gateway, 10.0.2.3 = DNS, other addresses as they are) or the translated "
+    "host destination (10.0.2.2 -> 127.0.0.1); the most specific rule matching either wins "
+    "(longest prefix, then a rule with ports, then deny). So --deny 10.0.2.2 keeps the "
+    "command off the host's loopback, and --deny 0.0.0.0/0 --allow 127.0.0.1 allows only "
+    "it. 169.254.0.0/16 is denied unless allowed. DNS at 10.0.2.3:53 is the NAT's own "
+    "service and is always served.")
 
 BOOT_OPTIONS = (
     Option("--kernel", str, None, "Kernel (bzImage or ELF vmlinux)."),
@@ -39,6 +74,12 @@ BOOT_OPTIONS = (
     Option("--cpus", int, 1, "Number of vCPUs."),
     Option("--timeout", float, None, "Stop the VM after this many seconds (exit 3)."),
     Option("--readonly", bool, False, "Attach the disk image read-only."),
+    Option("--net", str, ("slirp",), "A network card and its backend: slirp (the user-mode "
+           "NAT, no root needed) or none (repeatable: one card each; default one slirp).",
+           True, "slirp|none"),
+    Option("--mac", str, None, "The first card's MAC (default: locally administered, stable "
+           "for the image or kernel path).", metavar="MAC"),
+    *NAT_OPTIONS,
 )
 _BY_FLAG = {option.flag: option for option in BOOT_OPTIONS}
 
@@ -64,9 +105,8 @@ def parse_boot_fast(args: list[str]) -> dict | None:
             continue
         flag, eq, value = arg.partition("=")
         option = _BY_FLAG.get(flag)
-        if option is None or flag in seen:
+        if option is None or (flag in seen and not option.multiple):
             return None
-        seen.add(flag)
         if option.kind is bool:
             if eq:
                 return None
@@ -80,9 +120,16 @@ def parse_boot_fast(args: list[str]) -> dict | None:
         if value.startswith("-"):
             return None
         try:
-            params[option.dest] = option.kind(value)
+            parsed = option.kind(value)
         except ValueError:
             return None
+        if option.multiple:
+            # The first value replaces the default (click's multiple=True does the same).
+            previous = params[option.dest] if flag in seen else ()
+            params[option.dest] = (*previous, parsed)
+        else:
+            params[option.dest] = parsed
+        seen.add(flag)
         if option.kind is float and not math.isfinite(params[option.dest]):
             return None  # click's FiniteFloat owns the message
     return params
@@ -108,10 +155,24 @@ def main(argv: list[str] | None = None) -> None:
     click_main(args)
 
 
-def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly) -> None:
+def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly,
+                 net=("slirp",), mac=None, mtu=None, forward=(), allow=(), deny=(),
+                 dns_upstream=(), max_flows=None, max_conn_rate=None, pcap=None,
+                 pcap_max_bytes=None) -> None:
     """`voidbox boot`: build the VM, run it with the console here, exit with its status."""
     from . import host
     from .config import VmConfig
+
+    nat = policy = capture = None
+    if "slirp" in net:
+        from .net.options import config_from_options, pcap_from_options
+
+        nat, policy = config_from_options(mtu, forward, allow, deny, dns_upstream, max_flows,
+                                          max_conn_rate)
+        capture = pcap_from_options(pcap, pcap_max_bytes)
+    elif any(v not in (None, ()) for v in (mtu, forward, allow, deny, dns_upstream, max_flows,
+                                          max_conn_rate, pcap, pcap_max_bytes)):
+        raise UsageError("NAT options (--forward, --allow, --pcap, ...) need a --net slirp card")
 
     if kernel is None:
         from .image import default_guest
@@ -126,7 +187,7 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
     config = VmConfig(
         kernel=kernel, initrd=initrd, image=image, cmdline=cmdline, append=append, mem=mem,
         cpus=cpus, timeout=timeout, readonly=readonly, console_output=sys.stdout,
-        interactive=interactive,
+        interactive=interactive, net=list(net), mac=mac, nat=nat, policy=policy, pcap=capture,
     )
     info = host.kvm_info()
     if not info.usable:

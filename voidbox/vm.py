@@ -225,7 +225,13 @@ class Vm:
         for i, (_kind, _name, mac) in enumerate(self.config.nics):
             nat = copy.deepcopy(self.config.nat) if self.config.nat is not None else NatConfig()
             backend = SlirpBackend(loop, nat, self.config.policy)
-            device = VirtioNet(backend, mac, nat.mtu, schedule=loop.call_soon_threadsafe)
+            capture = None
+            if i == 0 and self.config.pcap is not None:
+                from .net.pcap import PcapWriter
+
+                capture = PcapWriter(self.config.pcap.path, self.config.pcap.max_bytes)
+            device = VirtioNet(backend, mac, nat.mtu, schedule=loop.call_soon_threadsafe,
+                               pcap=capture)
             backend.attach(device.receive)  # before the loop runs: listeners join it
             self.nics.append(device)
             # A QueueNotify that did not go through an ioeventfd (trapped on a vCPU) is

@@ -1,4 +1,7 @@
-"""Strict numbers for `voidbox net run` options: ports, port ranges, the MTU, counts, rates.
+"""The NAT's command-line options (shared by `boot` and `net run`), parsed strictly into a
+NatConfig, a Policy and a capture: the configuration layer of the network.
+
+Strict numbers: ports, port ranges, the MTU, counts, rates.
 
 Python's int() and float() take '+80', ' 80', '8_0', fullwidth or other scripts' digits,
 'nan', 'inf' and '1e3'; click's int type is int(). What a user types here is plain ASCII
@@ -8,10 +11,19 @@ Python callers may pass an int (or, for a rate, a float) instead of the text.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
+from typing import TYPE_CHECKING
 
 from voidbox.errors import UsageError
+from voidbox.net.config import DNS_PORT, MAX_MTU, MIN_MTU, NatConfig
+from voidbox.net.pcap import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, PcapSpec
+
+if TYPE_CHECKING:
+    from voidbox.net.policy import Policy
+
+MAX_PORT = 65535
 
 INTEGER = re.compile(r"[0-9]+")
 RATE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
@@ -50,3 +62,63 @@ def parse_rate(value: str | float, what: str) -> float:
         shown = value if len(str(value)) <= MAX_DIGITS else f"{str(value)[:MAX_DIGITS]}..."
         raise UsageError(f"{what} {shown} must be finite and greater than 0")
     return number
+
+
+def parse_dns_upstream(spec: str) -> tuple[str, int]:
+    """'IP' or 'IP:PORT' -> (ip, port)."""
+    host, sep, port = spec.partition(":")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise UsageError(f"bad DNS upstream {spec!r}: expected IPV4[:PORT]") from None
+    num = parse_int(port, "port", 1, MAX_PORT, where=f" in DNS upstream {spec!r}") if sep else DNS_PORT
+    return host, num
+
+
+def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), deny=(),
+                        dns_upstreams=(), max_flows: str | int | None = None,
+                        max_conn_rate: str | float | None = None) -> tuple[NatConfig, Policy]:
+    """The NAT configuration and policy for `voidbox net run` options (strings as typed;
+    numbers are plain decimal, see voidbox.net.options). None leaves NatConfig's default."""
+    from voidbox.net.policy import Policy, parse_forward  # policy imports this module
+
+    config = NatConfig()
+    if mtu is not None:
+        config.mtu = parse_int(mtu, "--mtu", MIN_MTU, MAX_MTU)
+    if max_flows is not None:
+        config.max_flows = parse_int(max_flows, "--max-flows", 1)
+    if max_conn_rate is not None:
+        config.max_conn_rate = parse_rate(max_conn_rate, "--max-conn-rate")
+    taken = {}  # (proto, host_port) -> [(host_addr, spec)]
+    for spec in forwards:
+        forward = parse_forward(spec)
+        # A second bind of one protocol's host port would fail, or with SO_REUSEADDR steal
+        # the first's traffic; 0.0.0.0 binds every address, so it collides with any.
+        for addr, other in taken.get((forward.proto, forward.host_port), ()):
+            if "0.0.0.0" in (addr, forward.host_addr) or addr == forward.host_addr:
+                raise UsageError(f"--forward {other!r} and {spec!r} both take "
+                                 f"{forward.proto} port {forward.host_port}")
+        taken.setdefault((forward.proto, forward.host_port), []).append((forward.host_addr, spec))
+        config.forwards.append(forward)
+    config.dns_upstreams = [parse_dns_upstream(d) for d in dns_upstreams]
+    return config, Policy(allow=list(allow), deny=list(deny))
+
+
+def pcap_from_options(path: str | None = None,
+                      max_bytes: str | int | None = None) -> PcapSpec | None:
+    """The capture `--pcap FILE --pcap-max-bytes N` ask for (None: no capture).
+
+    Apart from config_from_options because a capture belongs to the guest's interface,
+    not to the NAT: a VM's TAP-backed NIC has no NatConfig and can still be captured.
+    """
+    if max_bytes is not None:
+        limit = parse_int(max_bytes, "--pcap-max-bytes", MIN_MAX_BYTES)
+        if path is None:
+            raise UsageError("--pcap-max-bytes needs --pcap FILE")
+    else:
+        limit = DEFAULT_MAX_BYTES
+    if path is None:
+        return None
+    if not path:
+        raise UsageError("--pcap needs a file name")
+    return PcapSpec(path, limit)

@@ -126,7 +126,7 @@ class VirtioNet(VirtioDevice):
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, backend, mac: bytes, mtu: int = DEFAULT_MTU,
-                 schedule: Callable[[Callable[[], None]], None] | None = None):
+                 schedule: Callable[[Callable[[], None]], None] | None = None, pcap=None):
         super().__init__()
         if len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
@@ -134,6 +134,7 @@ class VirtioNet(VirtioDevice):
         self.mac = bytes(mac)
         self.mtu = mtu
         self.schedule = schedule or (lambda callback: callback())
+        self.pcap = pcap  # a voidbox.net.pcap.PcapWriter: every frame both ways
         # RLock: a TX frame may be answered (ARP, DHCP) inside guest_frame, on this thread.
         self._lock = threading.RLock()
         self._rx_held: collections.deque = collections.deque()  # popped, unused RX chains
@@ -274,6 +275,8 @@ class VirtioNet(VirtioDevice):
             counters["tx_csum_offloaded"] += 1
         counters["tx_frames"] += 1
         counters["tx_bytes"] += length
+        if self.pcap is not None:
+            self.pcap.write(frame)
         self.backend.guest_frame(frame, verified)
 
     # ---- backend -> guest ----------------------------------------------------------------
@@ -363,6 +366,8 @@ class VirtioNet(VirtioDevice):
             used.append((chain.head, take))
             pos += take
         queue.push_many(used)
+        if self.pcap is not None:
+            self.pcap.write(frame)
         counters = self.counters
         counters["rx_frames"] += 1
         counters["rx_bytes"] += length
@@ -376,3 +381,5 @@ class VirtioNet(VirtioDevice):
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
+        if self.pcap is not None:
+            self.pcap.close()
