@@ -23,7 +23,8 @@ from pathlib import Path
 GUESTS_DIR = Path(__file__).resolve().parent
 LINKER_SCRIPT = GUESTS_DIR / "guest.ld"
 HEADER = GUESTS_DIR / "guest.h"
-GUEST_NAMES = ("hello", "io", "irq", "reset", "triple", "spin", "serial_irq", "virtio_blk", "virtio_blk_spin", "pio_loop")
+GUEST_NAMES = ("hello", "io", "irq", "reset", "triple", "spin", "serial_irq", "virtio_blk", "virtio_blk_spin",
+               "pio_loop", "virtio_net")
 GUEST_LOAD_ADDR = 0x100000  # layout.HIMEM_ADDR; guest.ld links here
 
 CFLAGS = (
