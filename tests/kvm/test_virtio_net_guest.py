@@ -122,3 +122,29 @@ def test_the_guest_uses_no_sse(kernel):
     text = disassemble(kernel)
     assert "<guest_main>" in text
     assert not [line for line in text.splitlines() if "%xmm" in line or "%ymm" in line]
+
+
+def test_pcap_of_the_vms_card_shows_the_dhcp_exchange(kernel, tmp_path):
+    """`boot --pcap FILE`: every frame the guest's card carries, both ways, in a file
+    tcpdump reads (issue 9: the DISCOVER and the NAT's OFFER, the ARP request and reply)."""
+    import subprocess
+
+    from voidbox.net.pcap import PcapSpec
+
+    capture = tmp_path / "vm.pcap"
+    vm = Vm(VmConfig(kernel=kernel, mem="64M", net=["slirp"], mac=GUEST_MAC,
+                     timeout=GUEST_TIMEOUT, pcap=PcapSpec(str(capture), 1 << 20)))
+    try:
+        vm.start()
+        reason = vm.wait()
+    finally:
+        vm.close()
+    log = vm.serial_log.getvalue().decode(errors="replace")
+    assert reason is StopReason.POWEROFF, report(vm, log)
+    shown = subprocess.run(["tcpdump", "-nn", "-v", "-r", str(capture)], capture_output=True,
+                           text=True, timeout=30, check=True).stdout
+    assert "DHCP-Message (53), length 1: Discover" in shown, shown
+    assert "DHCP-Message (53), length 1: Offer" in shown, shown
+    assert f"Request who-has {GATEWAY_IP} tell {GUEST_IP}" in shown, shown
+    assert f"Reply {GATEWAY_IP} is-at {GATEWAY_MAC}" in shown, shown
+    assert oct(capture.stat().st_mode & 0o777) == "0o600"
