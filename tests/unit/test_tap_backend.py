@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.unit.netframes import guest_udp_frame
-from tests.unit.test_virtio_net import ALL, QSIZE
+from tests.unit.test_virtio_net import ALL, QSIZE, Recorder, udp_frame
 from tests.unit.test_virtio_net import Nic as _Nic
 from voidbox.errors import VoidboxError
 from voidbox.net.backend import SlirpBackend, TapBackend, open_backend
@@ -34,8 +34,6 @@ from voidbox.virtio.net import (
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 )
-
-pytestmark = pytest.mark.netns
 
 TAP = "vbtap0"
 NS_ADDR = "10.9.0.1"  # the namespace's side of the TAP
@@ -138,6 +136,7 @@ def to_namespace(length=100, sport=5555, dport=7):
     return frame
 
 
+@pytest.mark.netns
 def test_frames_cross_both_ways(impl, memory, tap):
     loop, backend, wire = tap
     nic = Nic(impl, memory, backend=backend, rx_buffers=QSIZE)
@@ -157,6 +156,7 @@ def test_frames_cross_both_ways(impl, memory, tap):
     assert backend.counters["tap_tx_frames"] == 1 and backend.counters["tap_rx_frames"] == 3
 
 
+@pytest.mark.netns
 def test_a_partial_checksum_is_finished_by_the_kernel(impl, memory, tap):
     """NEEDS_CSUM goes on to the TAP: the datagram carries only the pseudo-header sum, so
     the namespace's stack takes it only because the header says the sum is partial."""
@@ -188,6 +188,7 @@ def pump(loop, nic, count: int) -> list[bytes]:
     return got
 
 
+@pytest.mark.netns
 def test_no_rx_buffers_stops_reading_the_tap_and_posting_resumes(impl, memory, tap):
     loop, backend, wire = tap
     nic = Nic(impl, memory, backend=backend, rx_buffers=0)
@@ -220,6 +221,7 @@ def test_no_rx_buffers_stops_reading_the_tap_and_posting_resumes(impl, memory, t
     assert backend.watching
 
 
+@pytest.mark.netns
 def test_an_interface_deleted_under_the_backend_leaves_the_loop(impl, memory, tap, ns):
     loop, backend, wire = tap
     nic = Nic(impl, memory, backend=backend)
@@ -233,6 +235,7 @@ def test_an_interface_deleted_under_the_backend_leaves_the_loop(impl, memory, ta
     assert backend.counters["tap_tx_dropped_gone"] == 1
 
 
+@pytest.mark.netns
 def test_a_tap_held_by_another_process_falls_back_or_fails(tap, ns, capsys):
     loop, _held, _wire = tap
     with inside(ns):
@@ -246,6 +249,7 @@ def test_a_tap_held_by_another_process_falls_back_or_fails(tap, ns, capsys):
     assert str(failure.value) == f"{line}: --net-fallback is fail"
 
 
+@pytest.mark.netns
 def test_guest_frames_go_out_in_order_without_the_loop(impl, memory, tap):
     """TX is a writev per frame on the vCPU's kick: nothing waits for the loop."""
     _loop, backend, wire = tap
@@ -260,3 +264,28 @@ def test_guest_frames_go_out_in_order_without_the_loop(impl, memory, tap):
         if data[12:14] == struct.pack("!H", ETH_P_IP):
             seen.append(data)
     assert seen == frames
+
+
+class Pausing(Recorder):
+    """A backend that counts the NIC's rx_ready() calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.ready = 0
+
+    def rx_ready(self):
+        self.ready += 1
+
+
+def test_the_nic_signals_rx_ready_once_its_backlog_is_placed(impl, memory):
+    nic = Nic(impl, memory, backend=Pausing(), rx_buffers=0)
+    ready = nic.backend.ready  # going live counts as one
+    frames = [udp_frame(100 + i) for i in range(QSIZE + 2)]
+    for frame in frames:
+        assert nic.backend.deliver(frame)  # backlogged
+    nic.post(QSIZE)  # room for all but two: the backend must still wait
+    assert nic.backend.ready == ready
+    got = [data for _hdr, data in nic.received()]
+    nic.post(QSIZE)
+    assert nic.backend.ready == ready + 1
+    assert got + [data for _hdr, data in nic.received()] == frames
