@@ -16,6 +16,7 @@ from .layout import MIN_MEM, MiB
 MAX_CPUS = 255
 MAX_NICS = 4  # virtio-mmio windows left after the disk (layout.VIRTIO_MMIO_*)  # one xAPIC ID per vCPU, and the IOAPIC takes the next one
 MAX_MEM = 1 << 40
+NET_FALLBACKS = ("slirp", "fail")
 
 DEFAULT_CMDLINE = (
     "console=ttyS0 reboot=k panic=-1 pci=off nomodeset "
@@ -69,6 +70,9 @@ class VmConfig:
     serial_log_limit: int = 4 * MiB
     # Network cards, one per entry: "slirp" (the user-mode NAT), "tap:NAME" or "none".
     net: list[str] = field(default_factory=lambda: ["slirp"])
+    # When a tap:NAME card's TAP cannot be used: "slirp" serves it with the NAT (one line
+    # on stderr says so), "fail" stops the VM with that line.
+    net_fallback: str = "slirp"
     mac: str | None = None  # the first NIC's MAC; default: stable per kernel/image path
     nat: object = None  # voidbox.net.config.NatConfig for slirp NICs (default layout)
     policy: object = None  # voidbox.net.policy.Policy for slirp NICs (default rules)
@@ -94,6 +98,8 @@ class VmConfig:
         _existing_file(self.kernel, "kernel")
         _existing_file(self.initrd, "initrd")
         _existing_file(self.image, "disk image")
+        if self.net_fallback not in NET_FALLBACKS:
+            raise UsageError(f"bad --net-fallback {self.net_fallback!r}: expected slirp or fail")
         self.nics = self._parse_nics()
 
     def _parse_nics(self) -> list[tuple[str, str | None, bytes]]:
@@ -104,10 +110,6 @@ class VmConfig:
         nics = [spec for spec in specs if spec[0] != "none"]
         if len(nics) > MAX_NICS:
             raise UsageError(f"at most {MAX_NICS} network cards, got {len(nics)}")
-        for kind, name in nics:
-            if kind == "tap":
-                raise UsageError(f"--net tap:{name}: the TAP backend for VMs is not built yet; "
-                                 "use --net slirp (the default)")
         base = parse_mac_address(self.mac) if self.mac else default_mac(self.image or self.kernel)
         return [(kind, name, base[:5] + bytes([(base[5] + i) & 0xFF]))
                 for i, (kind, name) in enumerate(nics)]

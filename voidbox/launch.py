@@ -75,8 +75,12 @@ BOOT_OPTIONS = (
     Option("--timeout", float, None, "Stop the VM after this many seconds (exit 3)."),
     Option("--readonly", bool, False, "Attach the disk image read-only."),
     Option("--net", str, ("slirp",), "A network card and its backend: slirp (the user-mode "
-           "NAT, no root needed) or none (repeatable: one card each; default one slirp).",
-           True, "slirp|none"),
+           "NAT, no root needed), tap:NAME (a TAP the user owns, e.g. made by `ip tuntap add "
+           "mode tap user USER`, or a new one with CAP_NET_ADMIN) or none (repeatable: one "
+           "card each; default one slirp).", True, "slirp|tap:NAME|none"),
+    Option("--net-fallback", str, "slirp", "When a tap:NAME cannot be used: slirp serves "
+           "the card with the NAT (a line on stderr says why), fail exits 1.",
+           metavar="slirp|fail"),
     Option("--mac", str, None, "The first card's MAC (default: locally administered, stable "
            "for the image or kernel path).", metavar="MAC"),
     *NAT_OPTIONS,
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly,
-                 net=("slirp",), mac=None, mtu=None, forward=(), allow=(), deny=(),
+                 net=("slirp",), net_fallback="slirp", mac=None, mtu=None, forward=(), allow=(), deny=(),
                  dns_upstream=(), max_flows=None, max_conn_rate=None, pcap=None,
                  pcap_max_bytes=None) -> None:
     """`voidbox boot`: build the VM, run it with the console here, exit with its status."""
@@ -187,7 +191,8 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
     config = VmConfig(
         kernel=kernel, initrd=initrd, image=image, cmdline=cmdline, append=append, mem=mem,
         cpus=cpus, timeout=timeout, readonly=readonly, console_output=sys.stdout,
-        interactive=interactive, net=list(net), mac=mac, nat=nat, policy=policy, pcap=capture,
+        interactive=interactive, net=list(net), net_fallback=net_fallback, mac=mac, nat=nat,
+        policy=policy, pcap=capture,
     )
     info = host.kvm_info()
     if not info.usable:

@@ -214,7 +214,7 @@ class Vm:
         and the network never waits on the disk."""
         import select
 
-        from .net.backend import SlirpBackend
+        from .net.backend import open_backend
         from .net.config import NatConfig
         from .net.loop import LoopThread
         from .virtio.net import VirtioNet
@@ -222,9 +222,11 @@ class Vm:
         self.net_thread = LoopThread("net")
         loop = self.net_thread.loop
         out = []
-        for i, (_kind, _name, mac) in enumerate(self.config.nics):
+        for i, (kind, name, mac) in enumerate(self.config.nics):
             nat = copy.deepcopy(self.config.nat) if self.config.nat is not None else NatConfig()
-            backend = SlirpBackend(loop, nat, self.config.policy)
+            # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
+            backend = open_backend(kind, name, self.config.net_fallback, loop, nat,
+                                   self.config.policy)
             capture = None
             if i == 0 and self.config.pcap is not None:
                 from .net.pcap import PcapWriter

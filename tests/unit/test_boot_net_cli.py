@@ -21,7 +21,8 @@ def voidbox(*args):
     (["--net", "tap"], "bad --net 'tap'"),
     (["--net", "slirp:x"], "bad --net 'slirp:x'"),
     (["--net", "tap:averyveryverylongname"], "bad --net"),
-    (["--net", "tap:tap0"], "the TAP backend for VMs is not built yet"),
+    (["--net-fallback", "maybe"], "bad --net-fallback 'maybe': expected slirp or fail"),
+    (["--net", "tap:tap0", "--forward", "tcp:8080:80"], "need a --net slirp card"),
     (["--net", "none", "--net", "slirp"], "--net none cannot be combined"),
     (["--net", "none", "--forward", "tcp:8080:80"], "need a --net slirp card"),
     (["--mac", "01:00:00:00:00:01"], "multicast"),
@@ -55,6 +56,7 @@ def test_boot_and_net_run_share_the_nat_option_table():
     ["--kernel", "k", "--net", "slirp", "--net", "slirp", "--mac", "02:00:00:00:00:01"],
     ["--kernel", "k", "--forward", "tcp:8080:80", "--forward=udp:5353:53", "--deny", "10.0.0.0/8"],
     ["--kernel", "k", "--net", "none"],
+    ["--kernel", "k", "--net", "tap:tap0", "--net", "slirp", "--net-fallback", "fail"],
 ])
 def test_repeated_options_take_the_fast_path_and_agree_with_click(argv):
     fast = parse_boot_fast(argv)
@@ -63,3 +65,13 @@ def test_repeated_options_take_the_fast_path_and_agree_with_click(argv):
 
 def test_default_is_one_slirp_card():
     assert parse_boot_fast(["--kernel", "k"])["net"] == ("slirp",)
+
+
+def test_tap_cards_are_configured_in_order_with_the_fallback():
+    from voidbox.config import VmConfig
+
+    config = VmConfig(kernel=sys.executable, net=["tap:tap0", "slirp"], net_fallback="fail",
+                      mac="02:00:00:00:00:10")
+    assert config.nics == [("tap", "tap0", bytes.fromhex("020000000010")),
+                           ("slirp", None, bytes.fromhex("020000000011"))]
+    assert VmConfig(kernel=sys.executable).net_fallback == "slirp"

@@ -7,15 +7,41 @@ guest offloaded the TCP/UDP checksum at the packet's own header, so it is not ch
 The backend calls `deliver(frame)` on its I/O thread for each frame for the guest; deliver
 copies it (or queues a copy) before it returns, so the backend may reuse its buffer.
 `accepts_partial_checksums` and `accepts_tso4` say which guest offloads it takes.
+
+deliver returns False when the NIC dropped the frame: its guest has posted no room (its
+backlog is full) or no driver is up. A backend that reads from an fd (TAP) then stops
+reading, and the NIC calls `rx_ready()` on the same thread once it can take frames again
+(the guest posted RX buffers and the backlog is placed, or the driver went live), so a
+guest that never posts buffers costs no CPU. A backend that never pauses makes rx_ready a
+no-op.
+
+`open_backend` picks the backend for one `--net` entry, and applies `--net-fallback` when
+a TAP cannot be used.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
+import os
+import select
+import sys
 from collections.abc import Callable
 
+from voidbox.errors import VoidboxError
 from voidbox.net.config import NatConfig
+from voidbox.net.fastpath import FramePort
 from voidbox.net.loop import EventLoop
 from voidbox.net.policy import Policy
+from voidbox.net.tap import _TRANSIENT_READ_ERRORS, TAP_READ_BATCH, open_tap
+from voidbox.virtio.net import (
+    ETH_HLEN,
+    MAX_FRAME,
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_LEN,
+    l4_checksum_offset,
+)
 
 
 class SlirpBackend:
@@ -50,6 +76,9 @@ class SlirpBackend:
             out.update(self.engine.tcp.counters)
         return out
 
+    def rx_ready(self) -> None:
+        """Nothing to resume: the engine queues towards the guest and TCP honours its window."""
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
@@ -70,5 +99,157 @@ class NullBackend:
     def guest_frame(self, frame, csum_verified: bool = False) -> None:
         self.frames += 1
 
+    def rx_ready(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
+
+
+class TapBackend:
+    """A TAP device (`tap:NAME`) as a NIC's backend: the guest's frames on a host interface
+    for bridging or routing, on `loop`'s thread.
+
+    The TAP is opened by name: an existing persistent TAP the user owns (`ip tuntap add
+    mode tap user USER`, no privilege needed at run time), or a new one (CAP_NET_ADMIN),
+    which lives as long as the fd. Frames carry the 12-byte virtio_net_hdr both ways
+    (IFF_VNET_HDR, TUNSETVNETHDRSZ 12).
+    - Guest to TAP: one writev each. A partial checksum the guest left at the packet's own
+      TCP/UDP header goes out as NEEDS_CSUM and the kernel finishes it. TSO is not
+      offered: the NIC hands over a frame without its gso_size. A frame the kernel refuses
+      (EAGAIN, EIO while the interface is down) is dropped and counted, as a wire would.
+    - TAP to guest: TUNSETOFFLOAD 0, so the kernel sends complete frames (no partial
+      checksum, no GSO) and nothing the guest did not negotiate reaches it. Frames are read
+      in batches (FramePort, without the GIL) while the fd is readable; when deliver refuses
+      one, the fd is no longer watched until rx_ready(), and the rest of that batch waits
+      here in order.
+    - EBADFD on a read or write means the interface was deleted: the fd leaves the loop.
+    """
+
+    accepts_partial_checksums = True
+    accepts_tso4 = False
+
+    def __init__(self, loop: EventLoop, name: str):
+        self.loop = loop
+        self.fd, self.name = open_tap(name, vnet_hdr=True, vnet_hdr_len=VIRTIO_NET_HDR_LEN,
+                                      offloads=0)
+        # One frame per read, up to the largest the NIC takes: nothing is truncated.
+        self.port = FramePort(self.fd, VIRTIO_NET_HDR_LEN, MAX_FRAME, TAP_READ_BATCH)
+        self.deliver: Callable[[bytes], object] | None = None
+        self.stats: collections.Counter = collections.Counter()
+        self._pending: collections.deque[bytes] = collections.deque()
+        self.watching = False
+        self.gone = False
+
+    def attach(self, deliver: Callable[[bytes], object]) -> None:
+        self.deliver = deliver
+        self._watch()
+
+    # ---- TAP -> guest ----------------------------------------------------------------
+
+    def _watch(self) -> None:
+        if not self.watching and not self.gone:
+            self.watching = True
+            self.loop.watch(self.fd, select.EPOLLIN, self._on_readable)
+
+    def _unwatch(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.loop.unwatch(self.fd)
+
+    def _on_readable(self, events: int) -> None:
+        self.stats["tap_wakeups"] += 1
+        frames = self.port.read_batch()
+        if not frames and events & (select.EPOLLERR | select.EPOLLHUP) \
+                and self.port.read_errno not in _TRANSIENT_READ_ERRORS:
+            self._hung_up()  # EBADFD: `ip link del`; epoll would report it on every turn
+            return
+        self._pending.extend(frame for frame, _verified in frames)
+        self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
+        pending = self._pending
+        deliver = self.deliver
+        while pending:
+            if not deliver(pending.popleft()):
+                # The NIC dropped it (and counted it): no room in the guest. Read no more
+                # until it has some; the kernel's queue holds or drops what comes meanwhile.
+                self.stats["tap_rx_refused"] += 1
+                self.stats["tap_rx_paused"] += 1
+                self._unwatch()
+                return
+        self._watch()
+
+    def rx_ready(self) -> None:
+        """The NIC can take frames again: hand it what waited, then read the TAP again."""
+        if not self.watching and not self.gone and self.deliver is not None:
+            self._deliver_pending()
+
+    # ---- guest -> TAP ----------------------------------------------------------------
+
+    def guest_frame(self, frame, csum_verified: bool = False) -> None:
+        if self.gone:
+            self.stats["tap_tx_dropped_gone"] += 1
+            return
+        header = _PLAIN_HEADER
+        if csum_verified:
+            # The NIC vouches that the partial checksum sits at the packet's own header.
+            field = l4_checksum_offset(frame)
+            if field is not None:
+                start = ETH_HLEN + (frame[ETH_HLEN] & 0x0F) * 4
+                header = VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, start,
+                                             field - start, 0)
+                self.stats["tap_tx_csum_offloaded"] += 1
+        try:
+            os.writev(self.fd, (header, frame))
+        except OSError as e:
+            if e.errno == errno.EBADFD:
+                self._hung_up()
+            self.stats["tap_tx_dropped"] += 1
+            return
+        self.stats["tap_tx_frames"] += 1
+
+    # ---- the rest --------------------------------------------------------------------
+
+    def _hung_up(self) -> None:
+        self.gone = True
+        self._unwatch()
+        self._pending.clear()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        out = dict(self.stats)
+        out.update(tap_rx_frames=self.port.rx_frames, tap_rx_dropped=self.port.rx_dropped,
+                   tap_gone=int(self.gone))
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._unwatch()
+            self._pending.clear()
+            os.close(self.fd)
+            self.fd = -1
+
+
+_PLAIN_HEADER = bytes(VIRTIO_NET_HDR_LEN)  # no offload; num_buffers is RX-only
+
+
+def open_backend(kind: str, name: str | None, fallback: str, loop: EventLoop,
+                 nat: NatConfig, policy: Policy | None = None):
+    """The backend for one `--net` entry ("slirp" or "tap"). When the TAP cannot be used
+    (no permission, no /dev/net/tun, the name held by another process), one line on
+    stderr says why and the NAT serves the card; with fallback "fail" that line is the
+    VoidboxError raised instead."""
+    if kind == "slirp":
+        return SlirpBackend(loop, nat, policy)
+    if kind != "tap":
+        raise ValueError(f"no backend {kind!r}")
+    try:
+        return TapBackend(loop, name)
+    except VoidboxError as error:
+        reason = f"tap:{name} unusable ({error})"
+    if fallback == "fail":
+        raise VoidboxError(f"{reason}: --net-fallback is fail")
+    sys.stderr.write(f"voidbox: {reason}: the guest's card uses the user-mode NAT\n")
+    sys.stderr.flush()
+    return SlirpBackend(loop, nat, policy)

@@ -41,6 +41,7 @@ IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
+TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
 VIRTIO_NET_HDR_LEN = 10  # the TUN default (TUNSETVNETHDRSZ not needed)
 IP_MAX_PACKET = 0xFFFF  # a GSO super-frame carries one IPv4 packet of at most this
 IFNAMSIZ = 16
@@ -51,12 +52,16 @@ TAP_READ_BATCH = 64
 TAP_WRITE_BACKLOG = 1024
 
 
-def open_tap(name: str = "tap0", vnet_hdr: bool = False) -> tuple[int, str]:
+def open_tap(name: str = "tap0", vnet_hdr: bool = False, *,
+             vnet_hdr_len: int = VIRTIO_NET_HDR_LEN,
+             offloads: int = TUN_F_CSUM | TUN_F_TSO4) -> tuple[int, str]:
     """Create (or attach to) TAP interface name in the caller's network namespace.
 
     The namespace is the one current when /dev/net/tun is opened. With vnet_hdr, frames
-    carry a virtio_net_hdr and checksum and TCPv4 segmentation offloads are on. Returns
-    (fd, ifname); the fd is non-blocking and close-on-exec.
+    carry a virtio_net_hdr of vnet_hdr_len bytes (10, the TUN default, or 12: virtio 1.x
+    with num_buffers) and `offloads` (TUN_F_*) says which the kernel may hand us: by
+    default checksum and TCPv4 segmentation offloads are on, 0 asks for complete frames.
+    Returns (fd, ifname); the fd is non-blocking and close-on-exec.
     """
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -72,10 +77,13 @@ def open_tap(name: str = "tap0", vnet_hdr: bool = False) -> tuple[int, str]:
     name = res[:IFNAMSIZ].rstrip(b"\x00").decode()
     if vnet_hdr:
         try:
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+            if vnet_hdr_len != VIRTIO_NET_HDR_LEN:
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", vnet_hdr_len))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
         except OSError as e:
             os.close(fd)
-            raise VoidboxError(f"cannot enable offloads on TAP {name!r}: {e.strerror}") from None
+            raise VoidboxError(f"cannot set the virtio header or offloads on TAP {name!r}: "
+                               f"{e.strerror}") from None
     return fd, name
 
 

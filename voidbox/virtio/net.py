@@ -7,7 +7,9 @@ registers or vhost-user, so any transport can host it.
 The backend contract (voidbox.net.backend): the device hands every frame the guest sends
 to `backend.guest_frame(frame, csum_verified)`; the backend hands every frame for the
 guest to `device.receive(frame)`, from its own I/O thread. `accepts_partial_checksums`
-and `accepts_tso4` say which offloads it can honour; only those are offered.
+and `accepts_tso4` say which offloads it can honour; only those are offered. A backend
+that stops sending when receive() refuses a frame is told by `backend.rx_ready()` (on the
+RX kick, once the backlog is placed) that it may send again.
 
 Decisions a reader should know:
 - The header is always the 12-byte struct virtio_net_hdr (§5.1.6: VERSION_1 includes
@@ -303,11 +305,19 @@ class VirtioNet(VirtioDevice):
             return True
 
     def _refill(self) -> None:
-        """The driver posted RX buffers (or the device just went live): place the backlog."""
+        """The driver posted RX buffers (or the device just went live): place the backlog,
+        and once it is placed tell the backend it may send again (it stops reading when
+        receive() refuses a frame)."""
         with self._lock:
             backlog = self._rx_backlog
             while backlog and self._place(backlog[0]):
                 backlog.popleft()
+            ready = not backlog and self.interrupt is not None
+        # Outside the lock: the backend delivers what it held back, through receive().
+        rx_ready = getattr(self.backend, "rx_ready", None)  # optional: never pausing
+        if ready and rx_ready is not None:
+            self.counters["rx_ready_signalled"] += 1
+            rx_ready()
 
     def _take_buffers(self, queue, needed: int):
         """Held RX chains covering `needed` bytes (popping more as needed), or None."""
