@@ -1,7 +1,7 @@
 """`--net tap:NAME` under /dev/kvm: the virtio_net guest's card on a TAP in a namespace the
 test makes, with the user-mode NAT playing the far end of the wire.
 
-The VM opens its TAP while the test thread is inside the namespace. There an AF_PACKET
+The test makes a persistent TAP in the namespace and the VM opens it from inside. There an AF_PACKET
 socket on the TAP hands each frame the guest sends to a NAT Engine, and writes the
 Engine's replies back onto the TAP: the guest's DHCP DISCOVER and ARP request cross the TAP
 one way, the OFFER and the ARP reply the other, and the guest powers off when it has both.
@@ -80,11 +80,15 @@ def test_the_guest_talks_through_a_tap(tmp_path, ns):  # noqa: F811 (the fixture
                      mac=GUEST_MAC, timeout=GUEST_TIMEOUT))
     far = None
     try:
-        with inside(ns):
-            vm.start()  # the VM's TAP is made in the namespace
+        # The TAP exists, is up and has the far end listening before the VM opens it: the
+        # guest sends its DISCOVER once, at once, and a frame written to a TAP nobody
+        # reads yet (or that is still down) is lost.
+        subprocess.run(["ip", "-n", ns, "tuntap", "add", "dev", TAP, "mode", "tap"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", TAP, "up"], check=True)
         far = FarEnd(ns)
         far.start()
+        with inside(ns):
+            vm.start()  # opens the namespace's persistent TAP
         reason = vm.wait()
     finally:
         vm.close()
