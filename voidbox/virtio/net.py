@@ -36,7 +36,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE
+from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE, QueueError
 from .device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -290,7 +290,14 @@ class VirtioNet(VirtioDevice):
             counters["rx_drop_bad_length"] += 1
             return False
         with self._lock:
-            if self._rx_backlog or not self._place(frame):
+            try:
+                placed = not self._rx_backlog and self._place(frame)
+            except QueueError:
+                # A corrupt RX ring is not the backend's error: the frame waits, and the
+                # driver's next RX kick meets the ring again and gets DEVICE_NEEDS_RESET.
+                counters["rx_queue_errors"] += 1
+                placed = False
+            if not placed:
                 if self.interrupt is None and not self.queues:
                     counters["rx_drop_no_driver"] += 1
                     return False
