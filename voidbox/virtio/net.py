@@ -322,6 +322,11 @@ class VirtioNet(VirtioDevice):
         merge = self._acked(VIRTIO_NET_F_MRG_RXBUF)
         while True:
             if merge:
+                while held and held[0].writable < VIRTIO_NET_HDR_LEN:
+                    # With MRG_RXBUF every buffer holds at least the header (§5.1.6.3.1);
+                    # one that cannot is returned unused, and counted.
+                    queue.push(held.popleft().head, 0)
+                    self.counters["rx_buffer_too_small"] += 1
                 room = 0
                 for count, chain in enumerate(held, 1):
                     room += chain.writable
