@@ -38,7 +38,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE
+from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE, QueueError
 from .device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -292,7 +292,14 @@ class VirtioNet(VirtioDevice):
             counters["rx_drop_bad_length"] += 1
             return False
         with self._lock:
-            if self._rx_backlog or not self._place(frame):
+            try:
+                placed = not self._rx_backlog and self._place(frame)
+            except QueueError:
+                # A corrupt RX ring is not the backend's error: the frame waits, and the
+                # driver's next RX kick meets the ring again and gets DEVICE_NEEDS_RESET.
+                counters["rx_queue_errors"] += 1
+                placed = False
+            if not placed:
                 if self.interrupt is None and not self.queues:
                     counters["rx_drop_no_driver"] += 1
                     return False
@@ -325,6 +332,11 @@ class VirtioNet(VirtioDevice):
         merge = self._acked(VIRTIO_NET_F_MRG_RXBUF)
         while True:
             if merge:
+                while held and held[0].writable < VIRTIO_NET_HDR_LEN:
+                    # With MRG_RXBUF every buffer holds at least the header (§5.1.6.3.1);
+                    # one that cannot is returned unused, and counted.
+                    queue.push(held.popleft().head, 0)
+                    self.counters["rx_buffer_too_small"] += 1
                 room = 0
                 for count, chain in enumerate(held, 1):
                     room += chain.writable
