@@ -28,11 +28,11 @@ from tests.twins import load_ring
 from tests.unit.netframes import GATEWAY, guest_udp_frame
 from tests.unit.test_virtio_mmio import Guest, Signals
 from tests.virtio_driver import Driver
+from voidbox.eventloop import EventLoop
 from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
 from voidbox.net.backend import NullBackend, SlirpBackend
 from voidbox.net.config import NatConfig
-from voidbox.net.loop import EventLoop
 from voidbox.virtio.device import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_F_EVENT_IDX,

@@ -21,11 +21,11 @@ import socket
 import struct
 
 from tests.fuzz.frames import PORT_TCP, PORT_UDP, rewrite, tcp_frame
+from voidbox.eventloop import EventLoop
 from voidbox.net.config import NatConfig
 from voidbox.net.dns import MAX_PENDING_QUERIES
 from voidbox.net.engine import Engine
 from voidbox.net.fastpath import tcp_checksum
-from voidbox.net.loop import EventLoop
 from voidbox.net.packets import (
     ETH_P_ARP,
     ETH_P_IP,

@@ -17,9 +17,9 @@ import pytest
 from tests.guests.build import build_guest
 from tests.unit.test_tap_backend import inside, ns  # noqa: F401 (the ns fixture)
 from voidbox import Vm, VmConfig
+from voidbox.eventloop import LoopThread
 from voidbox.net.config import NatConfig
 from voidbox.net.engine import Engine
-from voidbox.net.loop import LoopThread
 from voidbox.vm import StopReason
 
 pytestmark = [pytest.mark.kvm, pytest.mark.netns]

@@ -327,7 +327,7 @@ def test_udp_forward_as_another_user_cannot_share_roots_port():
         code = 99
         try:
             from voidbox.errors import VoidboxError
-            from voidbox.net.loop import EventLoop
+            from voidbox.eventloop import EventLoop
             from voidbox.net.udp import UdpNat
 
             os.setgroups([])

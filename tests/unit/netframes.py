@@ -6,9 +6,9 @@ the engine sends to the guest are collected in .out, parsed on demand.
 
 from __future__ import annotations
 
+from voidbox.eventloop import EventLoop
 from voidbox.net.config import GATEWAY_MAC, GUEST_MAC, NatConfig, parse_mac
 from voidbox.net.engine import Engine
-from voidbox.net.loop import EventLoop
 from voidbox.net.packets import (
     ETH_P_IP,
     IPPROTO_ICMP,

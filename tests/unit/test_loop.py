@@ -1,4 +1,4 @@
-"""The epoll event loop (voidbox/net/loop.py)."""
+"""The epoll event loop (voidbox/eventloop.py)."""
 
 import os
 import select
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from voidbox.net.loop import EventLoop
+from voidbox.eventloop import EventLoop
 
 MAX_ITER = 200
 HANG_BOUND = 30  # seconds (pytest-timeout): a broken stop() fails here instead of hanging

@@ -17,8 +17,8 @@ import pytest
 from tests.requires import requires
 from tests.unit.netframes import GUEST_HW
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop
 from voidbox.net.dhcp import DHCP_MAGIC, DHCPDISCOVER
-from voidbox.net.loop import EventLoop
 from voidbox.net.packets import (
     ARPOP_REQUEST,
     ETH_BROADCAST,

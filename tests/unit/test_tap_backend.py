@@ -23,9 +23,9 @@ from tests.unit.netframes import guest_udp_frame
 from tests.unit.test_virtio_net import ALL, QSIZE, Recorder, udp_frame
 from tests.unit.test_virtio_net import Nic as _Nic
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop
 from voidbox.net.backend import SlirpBackend, TapBackend, open_backend
 from voidbox.net.config import GATEWAY_MAC, NatConfig
-from voidbox.net.loop import EventLoop
 from voidbox.net.netns import CLONE_NEWNET
 from voidbox.net.packets import ETH_P_IP, build_ethernet, ip_to_bytes
 from voidbox.virtio.net import (

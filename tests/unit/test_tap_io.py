@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
+from voidbox.eventloop import EventLoop
 from voidbox.net.fastpath import build_ipv4_tcp
-from voidbox.net.loop import EventLoop
 from voidbox.net.tap import TapIO
 
 ETH = bytes.fromhex("525400000002" "525400123456" "0800")

@@ -1056,8 +1056,8 @@ def test_forward_bind_failure_is_a_usage_level_error(rig):
 # ---- the engine's real event loop -------------------------------------------------------
 
 def test_with_the_real_event_loop_and_config():
-    """Contract check against voidbox.net.loop.EventLoop, NatConfig and Policy."""
-    from voidbox.net.loop import EventLoop
+    """Contract check against voidbox.eventloop.EventLoop, NatConfig and Policy."""
+    from voidbox.eventloop import EventLoop
     from voidbox.net.policy import Policy
 
     loop = EventLoop(debug=True)

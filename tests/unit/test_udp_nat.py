@@ -15,8 +15,8 @@ from tests.unit.netframes import (
     frame_of,
     guest_udp_frame,
 )
+from voidbox.eventloop import EventLoop
 from voidbox.net.config import Forward, NatConfig
-from voidbox.net.loop import EventLoop
 from voidbox.net.packets import (
     ETH_HLEN,
     ICMP_DEST_UNREACH,

@@ -29,9 +29,9 @@ import sys
 from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop
 from voidbox.net.config import NatConfig
 from voidbox.net.fastpath import FramePort
-from voidbox.net.loop import EventLoop
 from voidbox.net.policy import Policy
 from voidbox.net.tap import _TRANSIENT_READ_ERRORS, TAP_READ_BATCH, open_tap
 from voidbox.virtio.net import (

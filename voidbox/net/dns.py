@@ -19,9 +19,9 @@ import socket
 import struct
 from collections.abc import Callable
 
+from voidbox.eventloop import EventLoop, Timer
 from voidbox.net.config import NatConfig
 from voidbox.net.limits import Exhaustion
-from voidbox.net.loop import EventLoop, Timer
 from voidbox.net.packets import IPV4_HLEN, UDP_HLEN, PacketError
 
 DNS_HEADER_LEN = 12

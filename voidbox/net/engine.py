@@ -21,12 +21,12 @@ import struct
 from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop
 from voidbox.net.arp import ArpResponder
 from voidbox.net.config import NatConfig, parse_mac
 from voidbox.net.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
 from voidbox.net.dns import DnsRelay
 from voidbox.net.icmp import IcmpNat
-from voidbox.net.loop import EventLoop
 from voidbox.net.packets import (
     ETH_BROADCAST,
     ETH_HLEN,

@@ -32,10 +32,10 @@ import tempfile
 import time
 
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop
 from voidbox.net import limits, netns
 from voidbox.net.config import NatConfig
 from voidbox.net.engine import Engine
-from voidbox.net.loop import EventLoop
 
 # The option parsers live in the configuration layer; re-exported for callers of old.
 from voidbox.net.options import (  # noqa: F401

@@ -27,8 +27,8 @@ import struct
 from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop
 from voidbox.net.fastpath import FramePort
-from voidbox.net.loop import EventLoop
 from voidbox.net.packets import ETH_HLEN
 from voidbox.net.pcap import PcapWriter
 

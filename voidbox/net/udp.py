@@ -18,10 +18,10 @@ import struct
 from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop, Timer
 from voidbox.net.config import NatConfig
 from voidbox.net.fastpath import inet_checksum
 from voidbox.net.limits import Exhaustion
-from voidbox.net.loop import EventLoop, Timer
 from voidbox.net.packets import (
     DEFAULT_TTL,
     ETH_HLEN,

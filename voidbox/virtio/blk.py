@@ -1,7 +1,7 @@
 """virtio-blk (virtio 1.2 §5.2): a raw image file as the guest's disk.
 
-Requests run on the device's own worker thread (see worker.py). The image is locked with
-flock so two VMs never write one disk; --readonly opens it O_RDONLY and offers
+Requests run on the device's own I/O thread (a LoopThread: see vm.py). The image is
+locked with flock so two VMs never write one disk; --readonly opens it O_RDONLY and offers
 VIRTIO_BLK_F_RO. Write errors reach the guest as VIRTIO_BLK_S_IOERR. A FLUSH is an
 fdatasync, and close() syncs too, so nothing the guest wrote and flushed is lost when the
 VMM exits.

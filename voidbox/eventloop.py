@@ -1,4 +1,5 @@
-"""The network I/O thread's event loop: epoll over fds, a timer heap and a ready queue.
+"""The one event loop every I/O thread runs (the network thread, the disk's, `net run`):
+epoll over fds, a timer heap and a ready queue.
 
 Level-triggered epoll (epoll(7)); callers drop interest in a socket that cannot make
 progress so the loop never spins. Another thread wakes the loop through an eventfd
