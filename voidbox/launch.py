@@ -81,6 +81,7 @@ BOOT_OPTIONS = (
     Option("--net-fallback", str, "slirp", "When a tap:NAME cannot be used: slirp serves "
            "the card with the NAT (a line on stderr says why), fail exits 1.",
            metavar="slirp|fail"),
+    Option("--stats", bool, False, "Print each network card's counters when the VM stops."),
     Option("--mac", str, None, "The first card's MAC (default: locally administered, stable "
            "for the image or kernel path).", metavar="MAC"),
     *NAT_OPTIONS,
@@ -160,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly,
-                 net=("slirp",), net_fallback="slirp", mac=None, mtu=None, forward=(), allow=(), deny=(),
-                 dns_upstream=(), max_flows=None, max_conn_rate=None, pcap=None,
-                 pcap_max_bytes=None) -> None:
+                 net=("slirp",), net_fallback="slirp", stats=False, mac=None, mtu=None,
+                 forward=(), allow=(), deny=(), dns_upstream=(), max_flows=None,
+                 max_conn_rate=None, pcap=None, pcap_max_bytes=None) -> None:
     """`voidbox boot`: build the VM, run it with the console here, exit with its status."""
     from . import host
     from .config import VmConfig
@@ -199,10 +200,10 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
         raise VoidboxError(f"KVM is not available: {info.reason}")
     if info.software_only:
         sys.stderr.write(f"voidbox: note: {host.SOFTWARE_KVM_NOTE}\n")
-    sys.exit(int(run_vm(config, info.software_only)))
+    sys.exit(int(run_vm(config, info.software_only, stats)))
 
 
-def run_vm(config, software_only: bool = False) -> ExitStatus:
+def run_vm(config, software_only: bool = False, stats: bool = False) -> ExitStatus:
     from .vm import StopReason, Vm, stderr_line
 
     vm = Vm(config)
@@ -232,6 +233,11 @@ def run_vm(config, software_only: bool = False) -> ExitStatus:
     if software_only and vm.stop_reason is StopReason.TIMEOUT:
         message += " (software-only KVM: the guest runs emulated and cannot finish booting here)"
     stderr_line(message)
+    if stats:
+        for card in vm.network_counters():
+            name, backend = card.pop("card"), card.pop("backend")
+            stderr_line(f"{name} ({backend}): "
+                        + " ".join(f"{key}={value}" for key, value in sorted(card.items())))
     if os.environ.get("VOIDBOX_TRACE_STARTUP") and vm.first_run_at is not None:
         stderr_line(f"trace: first-kvm-run {vm.first_run_at:.6f}")
     return vm.stop_reason.exit_status

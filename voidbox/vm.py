@@ -406,6 +406,18 @@ class Vm:
             self.close()
         return self.stop_reason.exit_status
 
+    def network_counters(self) -> list[dict]:
+        """Per network card, in --net order: its name, backend, and the device's counters
+        (frames, bytes, drops by reason, offload use, RX starvation) with the backend's."""
+        out = []
+        for i, nic in enumerate(self.nics):
+            counters = dict(nic.counters)
+            counters.update(getattr(nic.backend, "counters", {}) or {})
+            if nic.pcap is not None:
+                counters.update(nic.pcap.counters)
+            out.append({"card": f"net{i}", "backend": type(nic.backend).__name__, **counters})
+        return out
+
     def stop_message(self) -> str:
         """One line saying why the VM stopped."""
         reason = self.stop_reason

@@ -148,3 +148,21 @@ def test_pcap_of_the_vms_card_shows_the_dhcp_exchange(kernel, tmp_path):
     assert f"Request who-has {GATEWAY_IP} tell {GUEST_IP}" in shown, shown
     assert f"Reply {GATEWAY_IP} is-at {GATEWAY_MAC}" in shown, shown
     assert oct(capture.stat().st_mode & 0o777) == "0o600"
+
+
+def test_boot_stats_prints_each_cards_counters(kernel):
+    """`voidbox boot --stats`: one line per card at exit, with the device's and the NAT's
+    counters; Vm.network_counters() gives the same from Python."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "voidbox", "boot", "--kernel", kernel, "--mem", "64M",
+         "--mac", GUEST_MAC, "--timeout", str(GUEST_TIMEOUT), "--stats"],
+        capture_output=True, text=True, timeout=GUEST_TIMEOUT + 30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("voidbox: net0 ")]
+    fields = dict(item.split("=") for item in line.split("): ", 1)[1].split())
+    assert line.startswith("voidbox: net0 (SlirpBackend): "), line
+    assert fields["tx_frames"] == str(FRAMES_SENT) and int(fields["rx_frames"]) >= 2, line
+    assert fields["dhcp_replies"] == "1" and fields["arp_replies"] == "1", line
