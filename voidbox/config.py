@@ -9,6 +9,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .errors import UsageError
 from .layout import MIN_MEM, MiB
@@ -47,6 +48,22 @@ def _existing_file(path: str | None, what: str) -> str | None:
     if not os.access(path, os.R_OK):
         raise UsageError(f"{what} {path!r} is not readable")
     return path
+
+
+class DiskSpec(NamedTuple):
+    """A virtio-blk disk: a raw image file."""
+
+    path: str
+    readonly: bool
+
+
+class NicSpec(NamedTuple):
+    """A virtio-net card: its backend ("slirp" or "tap"), TAP name, MAC, and its index."""
+
+    backend: str
+    tap: str | None
+    mac: bytes
+    index: int
 
 
 @dataclass
@@ -101,6 +118,14 @@ class VmConfig:
         if self.net_fallback not in NET_FALLBACKS:
             raise UsageError(f"bad --net-fallback {self.net_fallback!r}: expected slirp or fail")
         self.nics = self._parse_nics()
+
+    @property
+    def devices(self) -> list[DiskSpec | NicSpec]:
+        """The virtio devices, in the order they take MMIO windows: the disk first (the
+        guest's vda), then the network cards in --net order."""
+        disks = [DiskSpec(self.image, self.readonly)] if self.image is not None else []
+        return [*disks, *(NicSpec(kind, name, mac, index)
+                          for index, (kind, name, mac) in enumerate(self.nics))]
 
     def _parse_nics(self) -> list[tuple[str, str | None, bytes]]:
         """(kind, tap name, MAC) per NIC that exists (`none` adds no card)."""

@@ -182,41 +182,45 @@ class Vm:
         boot.set_regs(plan.regs)
 
     def _add_virtio_devices(self):
-        """Create the configured virtio devices, each on its own MMIO window and IRQ."""
+        """Create the configured virtio devices (VmConfig.devices), each on its own MMIO
+        window and IRQ, and start their I/O threads."""
         from .boot.acpi import VIRTIO_MMIO_IRQS, VirtioMmioDevice
+        from .config import DiskSpec
 
-        devices = []
-        if self.config.image is not None:
-            import select
-
-            from .eventloop import LoopThread
-            from .virtio.blk import BlockBackend, VirtioBlk
-
-            backend = BlockBackend(self.config.image, readonly=self.config.readonly)
-            self._closables.append(backend)
-            # The disk's own I/O thread (the same epoll loop the network thread runs), so a
-            # slow fsync never stalls the network or a vCPU. It is stopped before the
-            # backend closes (fsync on close).
-            worker = LoopThread("virtio-blk")
-            self._workers.append(worker)
-            transport, base, irq = self._attach_virtio(VirtioBlk(backend), len(devices),
-                                                       VIRTIO_MMIO_IRQS)
-            for index, kick in enumerate(self._kicks(transport, base)):
-                worker.loop.watch(kick, select.EPOLLIN,
-                                  lambda _ev, k=kick, q=index, t=transport: _kicked(k, t, q))
-            devices.append((base, irq))
-        if self.config.nics:
-            devices += self._add_nics(len(devices), VIRTIO_MMIO_IRQS)
+        windows = []
+        for slot, spec in enumerate(self.config.devices):
+            add = self._add_disk if isinstance(spec, DiskSpec) else self._add_nic
+            base, irq = add(spec, slot, VIRTIO_MMIO_IRQS)
+            windows.append(VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq))
         for worker in self._workers:
             worker.start()
         if self.net_thread is not None:
             self.net_thread.start()
-        return [VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq) for base, irq in devices]
+        return windows
 
-    def _add_nics(self, first_slot: int, irqs) -> list[tuple[int, int]]:
-        """virtio-net cards, all served by one network I/O thread (an epoll loop over their
-        kicks, the backends' sockets and timers), so a vCPU never waits on the network
-        and the network never waits on the disk."""
+    def _add_disk(self, spec, slot: int, irqs) -> tuple[int, int]:
+        """virtio-blk on a thread of its own (the same epoll loop the network thread runs),
+        so a slow fsync never stalls the network or a vCPU."""
+        import select
+
+        from .eventloop import LoopThread
+        from .virtio.blk import BlockBackend, VirtioBlk
+
+        backend = BlockBackend(spec.path, readonly=spec.readonly)
+        self._closables.append(backend)
+        # The worker is stopped before the backend closes (fsync on close): see close().
+        worker = LoopThread("virtio-blk")
+        self._workers.append(worker)
+        transport, base, irq = self._attach_virtio(VirtioBlk(backend), slot, irqs)
+        for index, kick in enumerate(self._kicks(transport, base)):
+            worker.loop.watch(kick, select.EPOLLIN,
+                              lambda _ev, k=kick, q=index, t=transport: _kicked(k, t, q))
+        return base, irq
+
+    def _add_nic(self, spec, slot: int, irqs) -> tuple[int, int]:
+        """A virtio-net card. Every card is served by one network I/O thread (an epoll loop
+        over their kicks, the backends' sockets and timers), so a vCPU never waits on the
+        network and the network never waits on the disk."""
         import select
 
         from .eventloop import LoopThread
@@ -224,36 +228,34 @@ class Vm:
         from .net.config import NatConfig
         from .virtio.net import VirtioNet
 
-        self.net_thread = LoopThread("net")
+        if self.net_thread is None:
+            self.net_thread = LoopThread("net")
         loop = self.net_thread.loop
-        out = []
-        for i, (kind, name, mac) in enumerate(self.config.nics):
-            nat = copy.deepcopy(self.config.nat) if self.config.nat is not None else NatConfig()
-            # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
-            backend = open_backend(kind, name, self.config.net_fallback, loop, nat,
-                                   self.config.policy)
-            capture = None
-            if i == 0 and self.config.pcap is not None:
-                from .net.pcap import PcapWriter
+        nat = copy.deepcopy(self.config.nat) if self.config.nat is not None else NatConfig()
+        # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
+        backend = open_backend(spec.backend, spec.tap, self.config.net_fallback, loop, nat,
+                               self.config.policy)
+        capture = None
+        if spec.index == 0 and self.config.pcap is not None:
+            from .net.pcap import PcapWriter
 
-                capture = PcapWriter(self.config.pcap.path, self.config.pcap.max_bytes)
-            device = VirtioNet(backend, mac, nat.mtu, schedule=loop.call_soon_threadsafe,
-                               pcap=capture)
-            backend.attach(device.receive)  # before the loop runs: listeners join it
-            self.nics.append(device)
-            # A QueueNotify that did not go through an ioeventfd (trapped on a vCPU) is
-            # served on the network thread too: the backend is never entered from two.
-            cell = []
-            transport, base, irq = self._attach_virtio(
-                device, first_slot + i, irqs,
-                lambda index, cell=cell: loop.call_soon_threadsafe(
-                    lambda: cell[0].handle_notify(index)))
-            cell.append(transport)
-            for index, kick in enumerate(self._kicks(transport, base)):
-                loop.watch(kick, select.EPOLLIN,
-                           lambda _ev, k=kick, q=index, t=transport: _kicked(k, t, q))
-            out.append((base, irq))
-        return out
+            capture = PcapWriter(self.config.pcap.path, self.config.pcap.max_bytes)
+        device = VirtioNet(backend, spec.mac, nat.mtu, schedule=loop.call_soon_threadsafe,
+                           pcap=capture)
+        backend.attach(device.receive)  # before the loop runs: listeners join it
+        self.nics.append(device)
+        # A QueueNotify that did not go through an ioeventfd (trapped on a vCPU) is served
+        # on the network thread too: the backend is never entered from two threads.
+        cell = []
+        transport, base, irq = self._attach_virtio(
+            device, slot, irqs,
+            lambda index, cell=cell: loop.call_soon_threadsafe(
+                lambda: cell[0].handle_notify(index)))
+        cell.append(transport)
+        for index, kick in enumerate(self._kicks(transport, base)):
+            loop.watch(kick, select.EPOLLIN,
+                       lambda _ev, k=kick, q=index, t=transport: _kicked(k, t, q))
+        return base, irq
 
     def _attach_virtio(self, device, slot: int, irqs, notify=None):
         """Put `device` on a virtio-mmio window, interrupts through an irqfd on the line the

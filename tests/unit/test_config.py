@@ -61,3 +61,23 @@ def test_command_line_composition(kernel):
     assert config.command_line("virtio_mmio.device=4K@0xd0000000:5") == (
         "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 quiet"
     )
+
+
+def test_devices_come_from_the_configuration_in_window_order(tmp_path):
+    from voidbox.config import DiskSpec, NicSpec
+
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"k")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(512))
+    config = VmConfig(kernel=str(kernel), image=str(disk), readonly=True,
+                      net=["slirp", "slirp"], mac="02:00:00:00:00:10")
+    assert config.devices == [
+        DiskSpec(str(disk), True),
+        NicSpec("slirp", None, bytes.fromhex("020000000010"), 0),
+        NicSpec("slirp", None, bytes.fromhex("020000000011"), 1),
+    ]
+    assert VmConfig(kernel=str(kernel), net=["none"]).devices == []
+    # The default MAC is locally administered, unicast, and the same for the same image.
+    mac = VmConfig(kernel=str(kernel), image=str(disk)).devices[1].mac
+    assert mac[0] & 0b11 == 0b10 and mac == VmConfig(kernel=str(kernel), image=str(disk)).devices[1].mac
