@@ -118,9 +118,10 @@ def net() -> None:
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")
 @click.option("--offload/--no-offload", default=True, show_default=True,
               help="Checksum and TCP segmentation offload on the namespace's interface.")
+@click.option("--stats", is_flag=True, help="Print the NAT's counters when COMMAND exits.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def net_run(mtu, forward, allow, deny, dns_upstream, dhcp, offload, max_flows, max_conn_rate,
-            pcap, pcap_max_bytes, command) -> None:
+def net_run(mtu, forward, allow, deny, dns_upstream, dhcp, offload, stats, max_flows,
+            max_conn_rate, pcap, pcap_max_bytes, command) -> None:
     """Run COMMAND in a network namespace whose only interface is served by the NAT.
 
     Example: voidbox net run -- curl http://10.0.2.2:8000/ (10.0.2.2 is the host's loopback).
@@ -130,5 +131,10 @@ def net_run(mtu, forward, allow, deny, dns_upstream, dhcp, offload, max_flows, m
     config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
                                          max_flows, max_conn_rate)
     capture = pcap_from_options(pcap, pcap_max_bytes)
-    sys.exit(run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload,
-                          pcap=capture))
+    counters: dict | None = {} if stats else None
+    status = run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload,
+                          pcap=capture, stats=counters)
+    if counters:
+        line = " ".join(f"{k}={v}" for k, v in sorted(counters.get("counters", {}).items()))
+        click.echo(f"voidbox: net run: {line}", err=True)
+    sys.exit(status)

@@ -553,3 +553,14 @@ def test_icmp_proxy_modes_in_a_private_namespace(mode):
         result = f.read()
     os.waitpid(pid, 0)
     assert result == f"{mode} c0000263 0 0x770001 b'payload'"
+
+
+def test_stats_prints_the_nats_counters_at_exit():
+    result = subprocess.run(
+        [sys.executable, "-m", "voidbox", "net", "run", "--stats", "--",
+         "busybox", "ping", "-c", "1", "-W", str(WAIT), "10.0.2.2"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("voidbox: net run: ")]
+    fields = dict(item.split("=") for item in line[len("voidbox: net run: "):].split())
+    assert fields["icmp_echo_local"] == "1" and int(fields["tap_rx"]) >= 1, line
