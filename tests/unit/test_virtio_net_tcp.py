@@ -197,8 +197,10 @@ class BulkRig:
     """VirtioNet + SlirpBackend on a real EventLoop, the driver mock as the guest's driver,
     and one GuestEndpoint. Everything is driven by step() on the caller's thread."""
 
-    def __init__(self, impl, memory, config: NatConfig | None = None):
+    def __init__(self, impl, memory, config: NatConfig | None = None,
+                 rx_buffers: int = RX_BUFFERS):
         self.memory = memory
+        self.rx_buffers = rx_buffers
         self.loop = EventLoop(debug=True)
         self.backend = SlirpBackend(self.loop, config or NatConfig())
         self.device = VirtioNet(self.backend, NIC_MAC, schedule=self.loop.call_soon)
@@ -208,12 +210,12 @@ class BulkRig:
                                              ring_factory=impl.Virtqueue)
         guest = Guest(self.transport)
         guest.negotiate(FEATURES)
-        self.rx = Driver(memory, size=RX_BUFFERS)
+        self.rx = Driver(memory, size=rx_buffers)
         self.tx = Driver(memory, size=TX_QSIZE, desc_addr=0x50_0000, avail_addr=0x60_0000,
                          used_addr=0x70_0000)
         assert guest.setup_driver_queue(RX_QUEUE, self.rx) == 1
         assert guest.setup_driver_queue(TX_QUEUE, self.tx) == 1
-        for _ in range(RX_BUFFERS):
+        for _ in range(rx_buffers):
             self._post_rx()
         assert guest.driver_ok() & VIRTIO_CONFIG_S_DRIVER_OK
         self.gateway_mac: bytes | None = None
