@@ -48,7 +48,6 @@ if __name__ == "__main__":
 from tests.twins import load_ring  # noqa: E402
 from tests.unit.test_virtio_net_tcp import (  # noqa: E402
     BulkRig,
-    HostServer,
     TcpState,
     payload,
 )
@@ -83,6 +82,50 @@ print(done, time.monotonic() - t0)
 """
 
 
+SERVER = """
+import hashlib, socket, sys
+mode, seed_size = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+from tests.unit.test_virtio_net_tcp import payload
+data = payload(seed_size) if mode == "send" else b""
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+ls.settimeout(300)
+print(ls.getsockname()[1], flush=True)
+conn, _ = ls.accept()
+conn.settimeout(300)
+if mode == "send":
+    conn.sendall(data)
+    total, sha = len(data), hashlib.sha256(data).hexdigest()
+else:
+    h, total, buf = hashlib.sha256(), 0, bytearray(1 << 20)
+    mv = memoryview(buf)
+    while k := conn.recv_into(buf):
+        h.update(mv[:k])
+        total += k
+    sha = h.hexdigest()
+conn.close()
+print(total, sha, flush=True)
+"""
+
+
+class ProcessServer:
+    """HostServer's contract in a process of its own, so it never waits for the rig's GIL
+    (a server thread in this process would: sendall takes the GIL between sends)."""
+
+    def __init__(self, mode: str, size: int):
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, mode, str(size), str(ROOT)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+
+    def join(self) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=NET_RUN_TIMEOUT)
+        assert self.proc.returncode == 0
+        total, sha = out.split()
+        return int(total), sha
+
+
 class TimedRig(BulkRig):
     """BulkRig with the guest's own work (frame parsing and checksums, its TCP receive,
     building its frames) timed apart."""
@@ -108,7 +151,7 @@ def ring_transfer(impl, memory, direction: str, data: bytes, rx_buffers: int = 6
     try:
         rig.arp()
         if direction == "down":
-            server = HostServer("send", data)
+            server = ProcessServer("send", size)
             ep = rig.connect(server.port, eof=False)
             t0 = time.perf_counter()
             rig.run(lambda: ep.received == size)
@@ -117,7 +160,7 @@ def ring_transfer(impl, memory, direction: str, data: bytes, rx_buffers: int = 6
             ep.eof = True
             got = (ep.received, ep.hash.hexdigest())
         else:
-            server = HostServer("recv")
+            server = ProcessServer("recv", size)
             ep = rig.connect(server.port, data, eof=True)
             rig.run(lambda: ep.flow.state is not TcpState.SYN_SENT)
             ep.flow.snd_mss = 44 * 1460  # TSO
@@ -139,7 +182,7 @@ def ring_transfer(impl, memory, direction: str, data: bytes, rx_buffers: int = 6
 def net_run_transfer(direction: str, data: bytes):
     """One `voidbox net run` transfer; (client seconds, wall seconds of the command)."""
     size = len(data)
-    server = HostServer("send", data) if direction == "down" else HostServer("recv")
+    server = ProcessServer("send" if direction == "down" else "recv", size)
     t0 = time.perf_counter()
     out = subprocess.run([VOIDBOX, "net", "run", "--", sys.executable, "-c", CLIENT,
                           "get" if direction == "down" else "put", str(server.port),
