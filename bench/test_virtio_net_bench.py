@@ -74,7 +74,7 @@ class Rig:
         self.frame = frame_of(size, port)
         self.backend = backend
         self.device = VirtioNet(backend, MAC, mtu=65520)
-        backend.attach(self.device.receive)
+        backend.attach(self.device.receive, self.device.rx_room)
         signals = Signals()
         self.transport = VirtioMmioTransport(self.device, memory, signals,
                                              ring_factory=impl.Virtqueue)

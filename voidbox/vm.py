@@ -242,7 +242,7 @@ class Vm:
             capture = PcapWriter(self.config.pcap.path, self.config.pcap.max_bytes)
         device = VirtioNet(backend, spec.mac, nat.mtu, schedule=loop.call_soon_threadsafe,
                            pcap=capture)
-        backend.attach(device.receive)  # before the loop runs: listeners join it
+        backend.attach(device.receive, device.rx_room)  # before the loop runs
         self.nics.append(device)
         # A QueueNotify that did not go through an ioeventfd (trapped on a vCPU) is served
         # on the network thread too: the backend is never entered from two threads.

@@ -1,7 +1,7 @@
 """Network backends behind one frame contract: what a NIC (virtio-net today, a vhost-user
 device later) hands its guest's frames to, and takes frames for the guest from.
 
-A backend never sees virtio. The NIC calls `attach(deliver)` once, then
+A backend never sees virtio. The NIC calls `attach(deliver, room)` once, then
 `guest_frame(frame, csum_verified)` for each frame the guest sends (csum_verified: the
 guest offloaded the TCP/UDP checksum at the packet's own header, so it is not checked).
 The backend calls `deliver(frame)` on its I/O thread for each frame for the guest; deliver
@@ -12,8 +12,9 @@ deliver returns False when the NIC dropped the frame: its guest has posted no ro
 backlog is full) or no driver is up. A backend that reads from an fd (TAP) then stops
 reading, and the NIC calls `rx_ready()` on the same thread once it can take frames again
 (the guest posted RX buffers and the backlog is placed, or the driver went live), so a
-guest that never posts buffers costs no CPU. A backend that never pauses makes rx_ready a
-no-op.
+guest that never posts buffers costs no CPU. room(), if given, says how many frames the
+NIC takes now without dropping: the NAT's TCP sends no more data than that and resumes
+on rx_ready().
 
 `open_backend` picks the backend for one `--net` entry, and applies `--net-fallback` when
 a TAP cannot be used.
@@ -58,11 +59,16 @@ class SlirpBackend:
         self.policy = policy
         self.engine = None
 
-    def attach(self, deliver: Callable[[bytes | memoryview], object]) -> None:
+    def attach(self, deliver: Callable[[bytes | memoryview], object],
+               room: Callable[[], int] | None = None) -> None:
         from voidbox.net.engine import Engine
 
         # borrow=True: deliver copies the frame into guest memory or its backlog at once.
         self.engine = Engine(self.config, self.loop, deliver, self.policy, borrow=True)
+        if room is not None and self.engine.tcp is not None:
+            # TCP data stops at the NIC's room and resumes on rx_ready(): a guest window
+            # larger than its RX buffers plus the backlog would otherwise mean drops.
+            self.engine.tcp.guest_room = room
 
     def guest_frame(self, frame, csum_verified: bool = False) -> None:
         self.engine.guest_frame(frame, csum_verified)
@@ -77,7 +83,9 @@ class SlirpBackend:
         return out
 
     def rx_ready(self) -> None:
-        """Nothing to resume: the engine queues towards the guest and TCP honours its window."""
+        """The NIC has room again: resume the TCP flows that stopped at guest_room()."""
+        if self.engine is not None and self.engine.tcp is not None:
+            self.engine.tcp.port_writable()
 
     def close(self) -> None:
         if self.engine is not None:
@@ -93,7 +101,7 @@ class NullBackend:
     def __init__(self):
         self.frames = 0
 
-    def attach(self, deliver) -> None:
+    def attach(self, deliver, room=None) -> None:
         self.deliver = deliver
 
     def guest_frame(self, frame, csum_verified: bool = False) -> None:
@@ -141,7 +149,9 @@ class TapBackend:
         self.watching = False
         self.gone = False
 
-    def attach(self, deliver: Callable[[bytes], object]) -> None:
+    def attach(self, deliver: Callable[[bytes], object],
+               room: Callable[[], int] | None = None) -> None:
+        """room is not needed: a refused frame stops reading the TAP until rx_ready()."""
         self.deliver = deliver
         self._watch()
 

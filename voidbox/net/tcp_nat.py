@@ -210,6 +210,9 @@ class TcpNat:
         self._eth_header: Callable[[], bytes] | None = None
         self._port_blocked: Callable[[], None] | None = None
         self._waiting_port: dict[tuple, _Flow] = {}  # flows stopped by a full port
+        # guest_room() -> frames the guest side takes now without dropping (a NIC's RX
+        # backlog room); None: unbounded. At 0 flows wait for port_writable().
+        self.guest_room: Callable[[], int] | None = None
 
     def set_stream_port(self, port, eth_header: Callable[[], bytes],
                         blocked: Callable[[], None]) -> None:
@@ -568,6 +571,15 @@ class TcpNat:
                             return
                         sent += n
                         continue
+                    if self.guest_room is not None:
+                        # The NIC's room for frames (its backlog, beyond the guest's posted
+                        # buffers): past it frames would be dropped. Wait for rx_ready.
+                        frames = self.guest_room()
+                        if frames <= 0:
+                            self._count("tcp_guest_rx_full")
+                            self._waiting_port[f.key] = f
+                            return
+                        budget = min(budget, frames * self.mss)
                     want = min(budget, PEEK_BUF)
                     got = sock.recv_into(self._peek, want, socket.MSG_PEEK)
                     if got == 0:

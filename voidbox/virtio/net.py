@@ -311,6 +311,13 @@ class VirtioNet(VirtioDevice):
                 return True
             return True
 
+    def rx_room(self) -> int:
+        """Frames receive() takes now without dropping: the backlog's free room (frames
+        beyond it wait for buffers only if there is room to wait in). 0 with no driver."""
+        if self.interrupt is None:
+            return 0
+        return RX_BACKLOG_FRAMES - len(self._rx_backlog)
+
     def _refill(self) -> None:
         """The driver posted RX buffers (or the device just went live): place the backlog,
         and once it is placed tell the backend it may send again (it stops reading when
