@@ -242,7 +242,10 @@ class Vm:
             capture = PcapWriter(self.config.pcap.path, self.config.pcap.max_bytes)
         device = VirtioNet(backend, spec.mac, nat.mtu, schedule=loop.call_soon_threadsafe,
                            pcap=capture)
-        backend.attach(device.receive, device.rx_room)  # before the loop runs
+        # Before the loop runs (forward listeners join it). Host TCP data goes straight
+        # into RX buffers unless a capture must see every frame.
+        backend.attach(device.receive, device.rx_room,
+                       device.stream_port() if capture is None else None)
         self.nics.append(device)
         # A QueueNotify that did not go through an ioeventfd (trapped on a vCPU) is served
         # on the network thread too: the backend is never entered from two threads.

@@ -14,7 +14,8 @@ reading, and the NIC calls `rx_ready()` on the same thread once it can take fram
 (the guest posted RX buffers and the backlog is placed, or the driver went live), so a
 guest that never posts buffers costs no CPU. room(), if given, says how many frames the
 NIC takes now without dropping: the NAT's TCP sends no more data than that and resumes
-on rx_ready().
+on rx_ready(). stream, if given, is the NIC's stream port (send_tcp_stream, as FramePort
+has): the NAT's TCP then peeks host data straight into the guest's RX buffers.
 
 `open_backend` picks the backend for one `--net` entry, and applies `--net-fallback` when
 a TAP cannot be used.
@@ -60,7 +61,7 @@ class SlirpBackend:
         self.engine = None
 
     def attach(self, deliver: Callable[[bytes | memoryview], object],
-               room: Callable[[], int] | None = None) -> None:
+               room: Callable[[], int] | None = None, stream=None) -> None:
         from voidbox.net.engine import Engine
 
         # borrow=True: deliver copies the frame into guest memory or its backlog at once.
@@ -69,6 +70,10 @@ class SlirpBackend:
             # TCP data stops at the NIC's room and resumes on rx_ready(): a guest window
             # larger than its RX buffers plus the backlog would otherwise mean drops.
             self.engine.tcp.guest_room = room
+        if stream is not None:
+            # Host data then goes socket -> RX buffers in one call per burst; a blocked
+            # stream resumes on rx_ready() (port_writable), so blocked() has nothing to do.
+            self.engine.attach_stream_port(stream, lambda: None)
 
     def guest_frame(self, frame, csum_verified: bool = False) -> None:
         self.engine.guest_frame(frame, csum_verified)
@@ -101,7 +106,7 @@ class NullBackend:
     def __init__(self):
         self.frames = 0
 
-    def attach(self, deliver, room=None) -> None:
+    def attach(self, deliver, room=None, stream=None) -> None:
         self.deliver = deliver
 
     def guest_frame(self, frame, csum_verified: bool = False) -> None:
@@ -150,8 +155,9 @@ class TapBackend:
         self.gone = False
 
     def attach(self, deliver: Callable[[bytes], object],
-               room: Callable[[], int] | None = None) -> None:
-        """room is not needed: a refused frame stops reading the TAP until rx_ready()."""
+               room: Callable[[], int] | None = None, stream=None) -> None:
+        """room and stream are not needed: a refused frame stops reading the TAP until
+        rx_ready(), and TAP frames are no TCP streams of ours."""
         self.deliver = deliver
         self._watch()
 

@@ -311,6 +311,13 @@ class VirtioNet(VirtioDevice):
                 return True
             return True
 
+    def stream_port(self):
+        """The card's stream port for the NAT's TCP relay: host data straight into RX
+        buffers (voidbox.virtio.rxstream.RingStream), with FramePort's send_tcp_stream."""
+        from .rxstream import RingStream
+
+        return RingStream(self)
+
     def rx_room(self) -> int:
         """Frames receive() takes now without dropping: the backlog's free room (frames
         beyond it wait for buffers only if there is room to wait in). 0 with no driver."""
