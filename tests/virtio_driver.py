@@ -7,6 +7,7 @@ write anything a hostile driver would: raw descriptors, raw ring slots and index
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 from voidbox._ring_py import (
@@ -28,6 +29,31 @@ DATA_ADDR = 0x100_0000  # buffers, bump-allocated
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+
+
+class RegionMemory:
+    """Guest memory made of separate anonymous mmaps, one per region, like a vhost-user
+    backend's memory table: `layout` is [(gpa, size), ...]. Offers what Driver and
+    Virtqueue use (read, write, ring_regions) and nothing that assumes one mapping.
+    """
+
+    def __init__(self, layout):
+        self.regions = [(gpa, size, mmap.mmap(-1, size)) for gpa, size in layout]
+
+    def ring_regions(self):
+        return [(gpa, size, memoryview(area)) for gpa, size, area in self.regions]
+
+    def _view(self, gpa: int, length: int) -> memoryview:
+        for rgpa, size, area in self.regions:
+            if rgpa <= gpa and gpa + length <= rgpa + size:
+                return memoryview(area)[gpa - rgpa : gpa - rgpa + length]
+        raise ValueError(f"{gpa:#x}+{length:#x} is not inside one region")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self._view(gpa, length))
+
+    def write(self, gpa: int, data) -> None:
+        self._view(gpa, len(data))[:] = data
 
 
 class Driver:
