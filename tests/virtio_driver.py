@@ -59,7 +59,7 @@ class RegionMemory:
 class Driver:
     """The driver side of one split virtqueue in `memory`.
 
-    configure(queue) copies the ring addresses into a device Virtqueue the way the
+    configure(queue) activates a device Virtqueue with the ring addresses, the way the
     transport would after the driver's register writes.
     """
 
@@ -77,15 +77,15 @@ class Driver:
         self._data_next = DATA_ADDR
         self._indirect_next = INDIRECT_ADDR
 
-    def configure(self, queue, activate: bool = True):
-        queue.size = self.size
-        queue.desc_addr = self.desc_addr
-        queue.avail_addr = self.avail_addr
-        queue.used_addr = self.used_addr
-        queue.event_idx = self.event_idx
-        queue.ready = True
-        if activate:
-            queue.activate()
+    def ring_config(self) -> dict:
+        """The keyword arguments of Virtqueue.activate() for this driver's rings."""
+        return {"size": self.size, "desc_addr": self.desc_addr, "avail_addr": self.avail_addr,
+                "used_addr": self.used_addr, "event_idx": self.event_idx}
+
+    def configure(self, queue, **overrides):
+        """queue.activate() with this driver's rings, `overrides` replacing any of them
+        (a hostile driver's registers); returns the queue."""
+        queue.activate(**{**self.ring_config(), **overrides})
         return queue
 
     # -- memory ------------------------------------------------------------------------

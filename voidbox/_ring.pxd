@@ -56,12 +56,12 @@ cdef class Virtqueue:
     cdef vb_region regions[VB_MAX_REGIONS]
     cdef int nregions
 
-    cdef public uint32_t size
-    cdef public uint64_t desc_addr
-    cdef public uint64_t avail_addr
-    cdef public uint64_t used_addr
-    cdef public bint ready
-    cdef public bint event_idx
+    # The configuration activate() validated (zero while inactive); read-only.
+    cdef readonly uint32_t size
+    cdef readonly uint64_t desc_addr
+    cdef readonly uint64_t avail_addr
+    cdef readonly uint64_t used_addr
+    cdef readonly bint event_idx
     cdef readonly uint32_t max_size
     cdef readonly uint64_t malformed
     cdef readonly int64_t in_flight
@@ -88,6 +88,7 @@ cdef class Virtqueue:
     cdef int _walk(self, uint16_t head, int require, vb_segment *out,
                    vb_chain *chain) noexcept nogil
     cdef int _pop_raw(self, uint32_t max_entries, int require) noexcept nogil
+    cdef void _deactivate(self) noexcept
     cdef int _check_active(self) except -1
     cdef int _raise_broken(self) except -1
     cdef int _check_completion(self, head, written) except -1

@@ -107,6 +107,10 @@ cdef struct vb_used_elem:
 # validation of the region list, so both twins accept and refuse the same memory.
 from voidbox._ring_py import MAX_REGIONS, QueueError, host_regions  # noqa: E402
 
+import operator  # noqa: E402
+
+U64_MAX = (1 << 64) - 1
+
 assert MAX_REGIONS == VB_MAX_REGIONS
 
 
@@ -257,8 +261,11 @@ cdef class Chain:
 cdef class Virtqueue:
     """Device side of one split virtqueue (virtio 1.2 §2.7).
 
-    The transport fills size, desc_addr, avail_addr, used_addr, ready and event_idx
-    from the driver's writes, then calls activate().
+    `memory` is the guest's regions (see voidbox._ring_py.host_regions()). The
+    transport calls activate(size, desc_addr, avail_addr, used_addr, event_idx) with
+    what the driver wrote once the driver sets the queue ready; size, desc_addr,
+    avail_addr, used_addr, event_idx and ready then read back the active configuration
+    (zero/False while the queue is inactive).
     """
 
     def __cinit__(self, memory, uint32_t max_size=256):
@@ -293,16 +300,9 @@ cdef class Virtqueue:
 
     def reset(self):
         """Back to the state after device reset (§2.1.2): inactive, indexes at zero."""
-        self.size = self.max_size
-        self.desc_addr = 0
-        self.avail_addr = 0
-        self.used_addr = 0
-        self.ready = False
-        self.event_idx = False
+        self._deactivate()
         self.malformed = 0
         self.in_flight = 0
-        self._active = False
-        self._qsize = 0
         self._broken_code = 0
         self._last_avail = 0
         self._next_used = 0
@@ -323,20 +323,34 @@ cdef class Virtqueue:
                     return self.regions[i].host + rel
         return NULL
 
-    def activate(self):
-        """Validate the configuration once (§2.7: sizes and alignment): raises QueueError."""
-        cdef uint8_t *host
-        cdef uint32_t size = self.size
+    cdef void _deactivate(self) noexcept:
         self._active = False
-        if size == 0 or size & (size - 1) or size > self.max_size:
+        self._qsize = 0
+        self.size = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.event_idx = False
+
+    def activate(self, size, desc_addr, avail_addr, used_addr, event_idx=False):
+        """Validate the driver's configuration once and start the queue (§2.7: sizes,
+        alignment, placement). Raises QueueError and leaves the queue inactive if it is
+        bad. The ring indexes are kept: reset() sets them to zero.
+        """
+        cdef uint8_t *host
+        self._deactivate()
+        size = operator.index(size)
+        if size <= 0 or size & (size - 1) or size > self.max_size:
             raise QueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
         parts = (
-            ("descriptor table", self.desc_addr, desc_table_size(size), C_DESC_ALIGN),
-            ("available ring", self.avail_addr, avail_ring_size(size), C_AVAIL_ALIGN),
-            ("used ring", self.used_addr, used_ring_size(size), C_USED_ALIGN),
+            ("descriptor table", operator.index(desc_addr), desc_table_size(size),
+             C_DESC_ALIGN),
+            ("available ring", operator.index(avail_addr), avail_ring_size(size),
+             C_AVAIL_ALIGN),
+            ("used ring", operator.index(used_addr), used_ring_size(size), C_USED_ALIGN),
         )
         hosts = []
         for name, addr, length, align in parts:
+            if not 0 <= addr <= U64_MAX:
+                raise QueueError(f"{name} at {addr:#x} is not a guest-physical address")
             if addr % align:
                 raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
             # Each part lies in one region, not necessarily the others'.
@@ -352,8 +366,15 @@ cdef class Virtqueue:
         # Later writes to `size` (a register the driver controls) change nothing until
         # the next activate(): the hot paths use the size validated here.
         self._qsize = size
+        self.size = size
+        self.desc_addr, self.avail_addr, self.used_addr = (addr for _, addr, _, _ in parts)
+        self.event_idx = bool(event_idx)
         self._broken_code = 0
         self._active = True
+
+    @property
+    def ready(self):
+        return self._active
 
     cdef int _check_active(self) except -1:
         if not self._active:

@@ -3,10 +3,13 @@
 virtio 1.2 §2.7 (split virtqueues). Both implementations expose the same names and
 behave the same way; `voidbox.ring` picks one. The guest is hostile, so:
 
-- activate() validates once: size a power of two in 1..max_size, each ring aligned
-  (§2.7: 16/2/4) and inside one guest memory region at its full size, used_event and
-  avail_event included. Later writes to `size` or the addresses change nothing until
-  the next activate(), so the used slot is always writable before any side effect.
+- activate(size, desc_addr, avail_addr, used_addr, event_idx) takes the driver's whole
+  configuration in one call and validates it once: size a power of two in 1..max_size,
+  each ring aligned (§2.7: 16/2/4) and inside one guest memory region at its full
+  size, used_event and avail_event included. The queue keeps its own copy (the
+  attributes of that name are read-only), so a driver rewriting its registers changes
+  nothing until the next activate(), and the used slot is always writable before any
+  side effect. A configuration that fails leaves the queue inactive.
 - every ring index and descriptor is read once into a local, then validated;
 - a chain walk is bounded by the queue size (§2.7.5.3.1: no chain longer than the
   Queue Size), which catches loops and self-referential `next`; the only legitimate
@@ -241,8 +244,11 @@ class Chain:
 class Virtqueue:
     """Device side of one split virtqueue (virtio 1.2 §2.7).
 
-    The transport fills size, desc_addr, avail_addr, used_addr, ready and event_idx
-    from the driver's writes, then calls activate().
+    `memory` is the guest's regions (see host_regions()). The transport calls
+    activate(size, desc_addr, avail_addr, used_addr, event_idx) with what the driver
+    wrote once the driver sets the queue ready; size, desc_addr, avail_addr, used_addr,
+    event_idx and ready then read back the active configuration (zero/False while the
+    queue is inactive).
     """
 
     def __init__(self, memory, max_size: int = 256):
@@ -258,16 +264,9 @@ class Virtqueue:
 
     def reset(self) -> None:
         """Back to the state after device reset (§2.1.2): inactive, indexes at zero."""
-        self.size = self.max_size
-        self.desc_addr = 0
-        self.avail_addr = 0
-        self.used_addr = 0
-        self.ready = False
-        self.event_idx = False
+        self._deactivate()
         self.malformed = 0
         self.in_flight = 0
-        self._active = False
-        self._qsize = 0
         self._broken = None
         self._last_avail = 0
         self._next_used = 0
@@ -282,19 +281,33 @@ class Virtqueue:
                 return view, rel
         return None
 
-    def activate(self) -> None:
-        """Validate the configuration once (§2.7: sizes and alignment): raises QueueError."""
+    def _deactivate(self) -> None:
         self._active = False
-        size = self.size
-        if size == 0 or size & (size - 1) or size > self.max_size:
+        self._qsize = 0
+        self._desc_addr = self._avail_addr = self._used_addr = 0
+        self._event_idx = False
+
+    def activate(self, size: int, desc_addr: int, avail_addr: int, used_addr: int,
+                 event_idx: bool = False) -> None:
+        """Validate the driver's configuration once and start the queue (§2.7: sizes,
+        alignment, placement). Raises QueueError and leaves the queue inactive if it is
+        bad. The ring indexes are kept: reset() sets them to zero.
+        """
+        self._deactivate()
+        size = operator.index(size)
+        if size <= 0 or size & (size - 1) or size > self.max_size:
             raise QueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
         parts = (
-            ("descriptor table", self.desc_addr, desc_table_size(size), VIRTQ_DESC_ALIGN),
-            ("available ring", self.avail_addr, avail_ring_size(size), VIRTQ_AVAIL_ALIGN),
-            ("used ring", self.used_addr, used_ring_size(size), VIRTQ_USED_ALIGN),
+            ("descriptor table", operator.index(desc_addr), desc_table_size(size),
+             VIRTQ_DESC_ALIGN),
+            ("available ring", operator.index(avail_addr), avail_ring_size(size),
+             VIRTQ_AVAIL_ALIGN),
+            ("used ring", operator.index(used_addr), used_ring_size(size), VIRTQ_USED_ALIGN),
         )
         places = []
         for name, addr, length, align in parts:
+            if not 0 <= addr <= _U64_MAX:
+                raise QueueError(f"{name} at {addr:#x} is not a guest-physical address")
             if addr % align:
                 raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
             # Each part lies in one region, not necessarily the others' (host_regions()
@@ -308,8 +321,34 @@ class Virtqueue:
         # Later writes to `size` (a register the driver controls) change nothing until
         # the next activate(): everything else uses the size validated here.
         self._qsize = size
+        self._desc_addr, self._avail_addr, self._used_addr = (addr for _, addr, _, _ in parts)
+        self._event_idx = bool(event_idx)
         self._broken = None
         self._active = True
+
+    @property
+    def size(self) -> int:
+        return self._qsize
+
+    @property
+    def desc_addr(self) -> int:
+        return self._desc_addr
+
+    @property
+    def avail_addr(self) -> int:
+        return self._avail_addr
+
+    @property
+    def used_addr(self) -> int:
+        return self._used_addr
+
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
+
+    @property
+    def ready(self) -> bool:
+        return self._active
 
     def _check_active(self) -> None:
         if not self._active:
@@ -365,7 +404,7 @@ class Virtqueue:
         if retired:
             self.malformed += retired
             self._publish_used()
-        if self.event_idx and self._notify:
+        if self._event_idx and self._notify:
             self._set_u16(self._used_view, self._used_off + VIRTQ_RING_HEADER_SIZE
                           + VIRTQ_USED_ELEM_SIZE * size, self._last_avail)
         self.in_flight += len(chains)
@@ -476,7 +515,7 @@ class Virtqueue:
         new = self._next_used
         old = self._signalled_used
         self._signalled_used = new
-        if self.event_idx:
+        if self._event_idx:
             used_event = self._u16(self._avail_view, self._avail_off + VIRTQ_RING_HEADER_SIZE
                                    + VIRTQ_AVAIL_ELEM_SIZE * self._qsize)
             return vring_need_event(used_event, new, old)
@@ -492,7 +531,7 @@ class Virtqueue:
         """
         self._check_active()
         self._notify = True
-        if self.event_idx:
+        if self._event_idx:
             self._set_u16(self._used_view, self._used_off + VIRTQ_RING_HEADER_SIZE
                           + VIRTQ_USED_ELEM_SIZE * self._qsize, self._last_avail)
         else:
@@ -507,7 +546,7 @@ class Virtqueue:
         """
         self._check_active()
         self._notify = False
-        if not self.event_idx:
+        if not self._event_idx:
             self._set_u16(self._used_view, self._used_off, VIRTQ_USED_F_NO_NOTIFY)
 
     @property

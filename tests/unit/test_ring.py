@@ -179,10 +179,9 @@ def test_require_direction(make):
 @pytest.mark.parametrize("size", [0, 3, 24, 512, 1 << 16])
 def test_activate_rejects_bad_sizes(impl, memory, size):
     drv = Driver(memory, size=16)
-    q = drv.configure(impl.Virtqueue(memory, max_size=256), activate=False)
-    q.size = size
+    q = impl.Virtqueue(memory, max_size=256)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, size=size)
     with pytest.raises(QueueError):
         q.pop()
 
@@ -208,10 +207,9 @@ def test_not_activated_queue_is_unusable(impl, memory):
 ])
 def test_activate_rejects_misaligned_rings(impl, memory, field, addr):
     drv = Driver(memory, size=16)
-    q = drv.configure(impl.Virtqueue(memory), activate=False)
-    setattr(q, field, addr)
+    q = impl.Virtqueue(memory)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, **{field: addr})
 
 
 @pytest.mark.parametrize("size", [16, 256])
@@ -223,26 +221,23 @@ def test_activate_rejects_misaligned_rings(impl, memory, field, addr):
 def test_rings_must_fit_at_full_size_including_event_fields(impl, memory, size, field, length,
                                                             align):
     drv = Driver(memory, size=size)
-    q = drv.configure(impl.Virtqueue(memory), activate=False)
+    q = impl.Virtqueue(memory)
     # As close to the end of memory as alignment allows: fits.
     last = (MEM_SIZE - length(size)) & ~(align - 1)
     assert MEM_SIZE - (last + length(size)) < align
-    setattr(q, field, last)
-    q.activate()
+    drv.configure(q, **{field: last})
     # One alignment unit further: the last field (used_event / avail_event) is outside.
-    setattr(q, field, last + align)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, **{field: last + align})
 
 
 @pytest.mark.parametrize("addr", [U64_MAX - 15, (1 << 64) - 4096, MMIO_GAP_START, 1 << 63])
 @pytest.mark.parametrize("field", ["desc_addr", "avail_addr", "used_addr"])
 def test_ring_addresses_near_2_64_or_outside_memory(impl, memory, field, addr):
     drv = Driver(memory, size=16)
-    q = drv.configure(impl.Virtqueue(memory), activate=False)
-    setattr(q, field, addr & ~15)
+    q = impl.Virtqueue(memory)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, **{field: addr & ~15})
 
 
 def test_two_regions_around_the_mmio_gap(impl):
@@ -263,9 +258,47 @@ def test_two_regions_around_the_mmio_gap(impl):
         assert chain.head == good and chain.read() == b"lowhigh"
         assert drv.collect() == [(in_gap, 0), (straddle, 0)]
         # A ring inside the gap cannot be activated.
-        q.used_addr = MMIO_GAP_START + 0x1000
         with pytest.raises(QueueError):
-            q.activate()
+            drv.configure(q, used_addr=MMIO_GAP_START + 0x1000)
+
+
+def test_activate_takes_the_whole_configuration_in_one_call(impl, memory):
+    drv = Driver(memory, size=16, event_idx=True)
+    q = impl.Virtqueue(memory)
+    assert not q.ready and q.size == 0
+    q.activate(16, drv.desc_addr, drv.avail_addr, drv.used_addr, True)  # positional
+    assert (q.size, q.desc_addr, q.avail_addr, q.used_addr, q.event_idx, q.ready) == (
+        16, drv.desc_addr, drv.avail_addr, drv.used_addr, True, True)
+    head = drv.add_buffers(readable=[b"a"])
+    assert [c.head for c in q.pop()] == [head]
+    assert drv.avail_event == 1
+    # A bad configuration leaves the queue inactive, the old one forgotten.
+    with pytest.raises(QueueError):
+        q.activate(size=16, desc_addr=drv.desc_addr + 8, avail_addr=drv.avail_addr,
+                   used_addr=drv.used_addr)
+    assert (q.size, q.desc_addr, q.ready, q.event_idx) == (0, 0, False, False)
+    with pytest.raises(QueueError):
+        q.pop()
+    # Activating again keeps the ring indexes (reset() is what zeroes them).
+    q.activate(used_addr=drv.used_addr, avail_addr=drv.avail_addr, desc_addr=drv.desc_addr,
+               size=16)
+    assert not q.event_idx and q.last_avail_idx == 1 and q.in_flight == 1
+    q.push(head, 0)
+    assert drv.collect() == [(head, 0)]
+
+
+@pytest.mark.parametrize("override", [
+    {"size": -16}, {"size": 1 << 40}, {"desc_addr": -16}, {"avail_addr": 1 << 64},
+    {"used_addr": (1 << 64) + 0x30_0000}, {"desc_addr": 1 << 70},
+])
+def test_activate_refuses_values_no_register_holds(impl, memory, override):
+    drv = Driver(memory, size=16)
+    q = impl.Virtqueue(memory)
+    with pytest.raises(QueueError):
+        drv.configure(q, **override)
+    with pytest.raises(TypeError):
+        drv.configure(q, desc_addr=float(drv.desc_addr))
+    assert not q.ready
 
 
 def test_reset_returns_to_the_initial_state(make):
@@ -274,7 +307,8 @@ def test_reset_returns_to_the_initial_state(make):
     q.pop()
     q.reset()
     assert (q.last_avail_idx, q.used_idx, q.malformed, q.in_flight) == (0, 0, 0, 0)
-    assert q.size == q.max_size and not q.ready
+    assert (q.size, q.desc_addr, q.avail_addr, q.used_addr, q.event_idx, q.ready) == (
+        0, 0, 0, 0, False, False)
     with pytest.raises(QueueError):
         q.pop()
 
@@ -1001,9 +1035,12 @@ def test_batch_path_over_separate_mappings(ring_bench):
 
 
 def test_size_written_after_activate_changes_nothing(make):
-    # A driver rewriting QueueNum on a live queue must not widen the validated rings.
+    # A driver rewriting QueueNum on a live queue must not widen the validated rings:
+    # the queue's configuration is read-only, and only activate() replaces it.
     drv, q = make(size=16)
-    q.size = 256
+    for field in ("size", "desc_addr", "avail_addr", "used_addr", "event_idx", "ready"):
+        with pytest.raises(AttributeError):
+            setattr(q, field, 256)
     heads = [drv.add_buffers(readable=[b"x"]) for _ in range(16)]
     assert [c.head for c in q.pop()] == heads
     drv.offer(17)  # in range for 256, not for the validated 16
