@@ -7,6 +7,7 @@ write anything a hostile driver would: raw descriptors, raw ring slots and index
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 from voidbox._ring_py import (
@@ -30,10 +31,35 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
+class RegionMemory:
+    """Guest memory made of separate anonymous mmaps, one per region, like a vhost-user
+    backend's memory table: `layout` is [(gpa, size), ...]. Offers what Driver and
+    Virtqueue use (read, write, ring_regions) and nothing that assumes one mapping.
+    """
+
+    def __init__(self, layout):
+        self.regions = [(gpa, size, mmap.mmap(-1, size)) for gpa, size in layout]
+
+    def ring_regions(self):
+        return [(gpa, size, memoryview(area)) for gpa, size, area in self.regions]
+
+    def _view(self, gpa: int, length: int) -> memoryview:
+        for rgpa, size, area in self.regions:
+            if rgpa <= gpa and gpa + length <= rgpa + size:
+                return memoryview(area)[gpa - rgpa : gpa - rgpa + length]
+        raise ValueError(f"{gpa:#x}+{length:#x} is not inside one region")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self._view(gpa, length))
+
+    def write(self, gpa: int, data) -> None:
+        self._view(gpa, len(data))[:] = data
+
+
 class Driver:
     """The driver side of one split virtqueue in `memory`.
 
-    configure(queue) copies the ring addresses into a device Virtqueue the way the
+    configure(queue) activates a device Virtqueue with the ring addresses, the way the
     transport would after the driver's register writes.
     """
 
@@ -51,15 +77,15 @@ class Driver:
         self._data_next = DATA_ADDR
         self._indirect_next = INDIRECT_ADDR
 
-    def configure(self, queue, activate: bool = True):
-        queue.size = self.size
-        queue.desc_addr = self.desc_addr
-        queue.avail_addr = self.avail_addr
-        queue.used_addr = self.used_addr
-        queue.event_idx = self.event_idx
-        queue.ready = True
-        if activate:
-            queue.activate()
+    def ring_config(self) -> dict:
+        """The keyword arguments of Virtqueue.activate() for this driver's rings."""
+        return {"size": self.size, "desc_addr": self.desc_addr, "avail_addr": self.avail_addr,
+                "used_addr": self.used_addr, "event_idx": self.event_idx}
+
+    def configure(self, queue, **overrides):
+        """queue.activate() with this driver's rings, `overrides` replacing any of them
+        (a hostile driver's registers); returns the queue."""
+        queue.activate(**{**self.ring_config(), **overrides})
         return queue
 
     # -- memory ------------------------------------------------------------------------

@@ -14,10 +14,11 @@ Chains from pop_batch live in scratch arrays of the queue (`chains`, `segs`) and
 valid until the next pop_batch, pop or reset.
 """
 
+from cpython.buffer cimport Py_buffer
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
-    VB_MAX_REGIONS = 8
+    VB_MAX_REGIONS = 8      # voidbox._ring_py.MAX_REGIONS
 
 cdef enum:
     # Direction requirement of pop_batch / pop (virtio 1.2 §2.7.5.1)
@@ -28,11 +29,11 @@ cdef enum:
 cdef struct vb_region:
     uint64_t gpa
     uint64_t size
-    uint64_t offset         # in the mapping
+    uint8_t *host           # `size` bytes of host memory, exported to Virtqueue._bufs
 
 cdef struct vb_segment:
     uint64_t gpa
-    uint64_t offset         # in the mapping, validated: offset + len <= mapping length
+    uint8_t *host           # validated: `len` bytes inside one region's host memory
     uint32_t len
     uint32_t writable
 
@@ -51,18 +52,16 @@ cdef struct vb_used:
 
 cdef class Virtqueue:
     cdef readonly object memory
-    cdef unsigned char[::1] _mem            # holds the buffer export of memory.mmap
-    cdef uint8_t *base
-    cdef uint64_t base_len
+    cdef Py_buffer _bufs[VB_MAX_REGIONS]    # held exports of the regions' host buffers
     cdef vb_region regions[VB_MAX_REGIONS]
     cdef int nregions
 
-    cdef public uint32_t size
-    cdef public uint64_t desc_addr
-    cdef public uint64_t avail_addr
-    cdef public uint64_t used_addr
-    cdef public bint ready
-    cdef public bint event_idx
+    # The configuration activate() validated (zero while inactive); read-only.
+    cdef readonly uint32_t size
+    cdef readonly uint64_t desc_addr
+    cdef readonly uint64_t avail_addr
+    cdef readonly uint64_t used_addr
+    cdef readonly bint event_idx
     cdef readonly uint32_t max_size
     cdef readonly uint64_t malformed
     cdef readonly int64_t in_flight
@@ -85,10 +84,11 @@ cdef class Virtqueue:
     cdef vb_segment *segs
     cdef uint32_t nsegs_cap
 
-    cdef bint _translate(self, uint64_t gpa, uint64_t length, uint64_t *offset) noexcept nogil
+    cdef uint8_t *_translate(self, uint64_t gpa, uint64_t length) noexcept nogil
     cdef int _walk(self, uint16_t head, int require, vb_segment *out,
                    vb_chain *chain) noexcept nogil
     cdef int _pop_raw(self, uint32_t max_entries, int require) noexcept nogil
+    cdef void _deactivate(self) noexcept
     cdef int _check_active(self) except -1
     cdef int _raise_broken(self) except -1
     cdef int _check_completion(self, head, written) except -1

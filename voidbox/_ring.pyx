@@ -15,11 +15,14 @@ into a local (a relaxed atomic load or a memcpy into a local struct).
 Fields are little-endian (§1.4); voidbox runs on x86-64 hosts only.
 
 Unchecked accesses: `desc`, `avail` and `used` point at rings activate() found wholly
-inside the mapping at the validated size `_qsize` (event fields included), aligned;
+inside one region each at the validated size `_qsize` (event fields included), aligned;
 slots are taken modulo `_qsize`; segments were checked against the region table when
-popped, and the regions against the mapping length in __cinit__.
+popped. Each region's host pointer comes from a buffer export the queue holds until it
+is freed (chains hold the queue), of at least the region's size (host_regions() checks
+sizes, writability and alignment, shared with the pure twin).
 """
 
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
@@ -100,8 +103,15 @@ cdef struct vb_used_elem:
     uint32_t len
 
 
-# One exception class for both twins, so devices catch it whichever is loaded.
-from voidbox._ring_py import QueueError  # noqa: E402
+# One exception class for both twins, so devices catch it whichever is loaded; one
+# validation of the region list, so both twins accept and refuse the same memory.
+from voidbox._ring_py import MAX_REGIONS, QueueError, host_regions  # noqa: E402
+
+import operator  # noqa: E402
+
+U64_MAX = (1 << 64) - 1
+
+assert MAX_REGIONS == VB_MAX_REGIONS
 
 
 def vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx):
@@ -124,7 +134,7 @@ def used_ring_size(uint32_t size):
     return C_RING_HEADER_SIZE + C_USED_ELEM_SIZE * <uint64_t>size + C_EVENT_SIZE
 
 
-cdef uint64_t _gather(const uint8_t *base, const vb_segment *segs, const vb_chain *chain,
+cdef uint64_t _gather(const vb_segment *segs, const vb_chain *chain,
                       uint64_t offset, uint8_t *dst, uint64_t length) noexcept nogil:
     """Copy up to `length` readable bytes from `offset`; returns the count copied."""
     cdef uint32_t i
@@ -138,14 +148,14 @@ cdef uint64_t _gather(const uint8_t *base, const vb_segment *segs, const vb_chai
         take = segs[i].len - offset
         if take > length - done:
             take = length - done
-        # segs[i] was validated at pop: offset + len lies inside the mapping.
-        memcpy(dst + done, base + segs[i].offset + offset, take)
+        # segs[i] was validated at pop: its len bytes lie inside one region.
+        memcpy(dst + done, segs[i].host + offset, take)
         done += take
         offset = 0
     return done
 
 
-cdef uint64_t _scatter(uint8_t *base, const vb_segment *segs, const vb_chain *chain,
+cdef uint64_t _scatter(const vb_segment *segs, const vb_chain *chain,
                        uint64_t offset, const uint8_t *src, uint64_t length) noexcept nogil:
     """Copy up to `length` bytes into the writable segments from `offset`; returns the count."""
     cdef uint32_t i
@@ -159,8 +169,8 @@ cdef uint64_t _scatter(uint8_t *base, const vb_segment *segs, const vb_chain *ch
         take = segs[i].len - offset
         if take > length - done:
             take = length - done
-        # segs[i] was validated at pop: offset + len lies inside the mapping.
-        memcpy(base + segs[i].offset + offset, src + done, take)
+        # segs[i] was validated at pop: its len bytes lie inside one region.
+        memcpy(segs[i].host + offset, src + done, take)
         done += take
         offset = 0
     return done
@@ -207,10 +217,10 @@ cdef class Chain:
         out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
         cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
         if n < NOGIL_COPY_MIN:
-            _gather(self.queue.base, self.segs, &self.info, start, dst, n)
+            _gather(self.segs, &self.info, start, dst, n)
         else:
             with nogil:
-                _gather(self.queue.base, self.segs, &self.info, start, dst, n)
+                _gather(self.segs, &self.info, start, dst, n)
         return out
 
     def read_into(self, buffer, offset=0):
@@ -224,9 +234,9 @@ cdef class Chain:
         if n == 0:
             return 0
         if n < NOGIL_COPY_MIN:
-            return _gather(self.queue.base, self.segs, &self.info, start, &dst[0], n)
+            return _gather(self.segs, &self.info, start, &dst[0], n)
         with nogil:
-            got = _gather(self.queue.base, self.segs, &self.info, start, &dst[0], n)
+            got = _gather(self.segs, &self.info, start, &dst[0], n)
         return got
 
     def write(self, data, offset=0):
@@ -242,17 +252,20 @@ cdef class Chain:
         if n == 0:
             return 0
         if n < NOGIL_COPY_MIN:
-            return _scatter(self.queue.base, self.segs, &self.info, start, &src[0], n)
+            return _scatter(self.segs, &self.info, start, &src[0], n)
         with nogil:
-            got = _scatter(self.queue.base, self.segs, &self.info, start, &src[0], n)
+            got = _scatter(self.segs, &self.info, start, &src[0], n)
         return got
 
 
 cdef class Virtqueue:
     """Device side of one split virtqueue (virtio 1.2 §2.7).
 
-    The transport fills size, desc_addr, avail_addr, used_addr, ready and event_idx
-    from the driver's writes, then calls activate().
+    `memory` is the guest's regions (see voidbox._ring_py.host_regions()). The
+    transport calls activate(size, desc_addr, avail_addr, used_addr, event_idx) with
+    what the driver wrote once the driver sets the queue ready; size, desc_addr,
+    avail_addr, used_addr, event_idx and ready then read back the active configuration
+    (zero/False while the queue is inactive).
     """
 
     def __cinit__(self, memory, uint32_t max_size=256):
@@ -260,20 +273,14 @@ cdef class Virtqueue:
             raise ValueError(f"max_size must be a power of two in 1..{C_MAX_SIZE}, got {max_size}")
         self.memory = memory
         self.max_size = max_size
-        self._mem = memory.mmap
-        self.base = &self._mem[0]
-        self.base_len = self._mem.shape[0]
-        regions = tuple(memory.regions)
-        if len(regions) > VB_MAX_REGIONS:
-            raise ValueError(f"at most {VB_MAX_REGIONS} memory regions, got {len(regions)}")
         self.nregions = 0
-        for region in regions:
-            if (region.gpa < 0 or region.size < 0 or region.offset < 0
-                    or region.offset + region.size > self.base_len):
-                raise ValueError(f"memory region {region} lies outside the mapping")
-            self.regions[self.nregions].gpa = region.gpa
-            self.regions[self.nregions].size = region.size
-            self.regions[self.nregions].offset = region.offset
+        for gpa, size, view in host_regions(memory):
+            # A writable, C-contiguous export of at least `size` bytes: host_regions()
+            # checked it on this very view, aligned like gpa modulo 16.
+            PyObject_GetBuffer(view, &self._bufs[self.nregions], PyBUF_WRITABLE)
+            self.regions[self.nregions].gpa = gpa
+            self.regions[self.nregions].size = size
+            self.regions[self.nregions].host = <uint8_t *>self._bufs[self.nregions].buf
             self.nregions += 1
         self.nsegs_cap = max_size * SEGS_PER_ENTRY
         self.chains = <vb_chain *>malloc(max_size * sizeof(vb_chain))
@@ -283,31 +290,27 @@ cdef class Virtqueue:
         self.reset()
 
     def __dealloc__(self):
+        cdef int i
         free(self.chains)
         free(self.segs)
+        for i in range(self.nregions):
+            PyBuffer_Release(&self._bufs[i])
 
     # -- configuration -------------------------------------------------------------
 
     def reset(self):
         """Back to the state after device reset (§2.1.2): inactive, indexes at zero."""
-        self.size = self.max_size
-        self.desc_addr = 0
-        self.avail_addr = 0
-        self.used_addr = 0
-        self.ready = False
-        self.event_idx = False
+        self._deactivate()
         self.malformed = 0
         self.in_flight = 0
-        self._active = False
-        self._qsize = 0
         self._broken_code = 0
         self._last_avail = 0
         self._next_used = 0
         self._signalled_used = 0
         self._notify = True
 
-    cdef bint _translate(self, uint64_t gpa, uint64_t length, uint64_t *offset) noexcept nogil:
-        """Mapping offset of [gpa, gpa+length) if it lies in one region.
+    cdef uint8_t *_translate(self, uint64_t gpa, uint64_t length) noexcept nogil:
+        """Host pointer of [gpa, gpa+length) if it lies in one region, else NULL.
 
         No sum of guest values is formed, so addresses near 2^64 cannot wrap.
         """
@@ -317,38 +320,61 @@ cdef class Virtqueue:
             if gpa >= self.regions[i].gpa:
                 rel = gpa - self.regions[i].gpa
                 if rel <= self.regions[i].size and length <= self.regions[i].size - rel:
-                    offset[0] = self.regions[i].offset + rel
-                    return True
-        return False
+                    return self.regions[i].host + rel
+        return NULL
 
-    def activate(self):
-        """Validate the configuration once (§2.7: sizes and alignment): raises QueueError."""
-        cdef uint64_t off
-        cdef uint32_t size = self.size
+    cdef void _deactivate(self) noexcept:
         self._active = False
-        if size == 0 or size & (size - 1) or size > self.max_size:
+        self._qsize = 0
+        self.size = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.event_idx = False
+
+    def activate(self, size, desc_addr, avail_addr, used_addr, event_idx=False):
+        """Validate the driver's configuration once and start the queue (§2.7: sizes,
+        alignment, placement). Raises QueueError and leaves the queue inactive if it is
+        bad. The ring indexes are kept: reset() sets them to zero.
+        """
+        cdef uint8_t *host
+        self._deactivate()
+        size = operator.index(size)
+        if size <= 0 or size & (size - 1) or size > self.max_size:
             raise QueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
         parts = (
-            ("descriptor table", self.desc_addr, desc_table_size(size), C_DESC_ALIGN),
-            ("available ring", self.avail_addr, avail_ring_size(size), C_AVAIL_ALIGN),
-            ("used ring", self.used_addr, used_ring_size(size), C_USED_ALIGN),
+            ("descriptor table", operator.index(desc_addr), desc_table_size(size),
+             C_DESC_ALIGN),
+            ("available ring", operator.index(avail_addr), avail_ring_size(size),
+             C_AVAIL_ALIGN),
+            ("used ring", operator.index(used_addr), used_ring_size(size), C_USED_ALIGN),
         )
-        offsets = []
+        hosts = []
         for name, addr, length, align in parts:
+            if not 0 <= addr <= U64_MAX:
+                raise QueueError(f"{name} at {addr:#x} is not a guest-physical address")
             if addr % align:
                 raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
-            if not self._translate(addr, length, &off) or off % align:
+            # Each part lies in one region, not necessarily the others'.
+            host = self._translate(addr, length)
+            if host == NULL:
                 raise QueueError(f"{name} {addr:#x}+{length:#x} is outside guest memory")
-            offsets.append(off)
-        # Alignment of the host pointers follows: the mapping is page-aligned.
-        self.desc = self.base + <uint64_t>offsets[0]
-        self.avail = self.base + <uint64_t>offsets[1]
-        self.used = self.base + <uint64_t>offsets[2]
+            hosts.append(<size_t>host)
+        # Alignment of the host pointers follows: host_regions() keeps host and guest
+        # addresses equal modulo 16.
+        self.desc = <uint8_t *><size_t>hosts[0]
+        self.avail = <uint8_t *><size_t>hosts[1]
+        self.used = <uint8_t *><size_t>hosts[2]
         # Later writes to `size` (a register the driver controls) change nothing until
         # the next activate(): the hot paths use the size validated here.
         self._qsize = size
+        self.size = size
+        self.desc_addr, self.avail_addr, self.used_addr = (addr for _, addr, _, _ in parts)
+        self.event_idx = bool(event_idx)
         self._broken_code = 0
         self._active = True
+
+    @property
+    def ready(self):
+        return self._active
 
     cdef int _check_active(self) except -1:
         if not self._active:
@@ -372,7 +398,8 @@ cdef class Virtqueue:
         cdef uint32_t entries = size
         cdef uint32_t steps_left = size
         cdef uint32_t nsegs = 0, nreadable = 0, idx = head
-        cdef uint64_t readable = 0, writable = 0, off
+        cdef uint64_t readable = 0, writable = 0
+        cdef uint8_t *host
         cdef bint indirect = False, seen_writable = False
         cdef vb_desc d
         while True:
@@ -387,10 +414,11 @@ cdef class Virtqueue:
                     return WALK_MALFORMED
                 if d.len == 0 or d.len % C_DESC_SIZE or d.len // C_DESC_SIZE > size:
                     return WALK_MALFORMED
-                if not self._translate(d.addr, d.len, &off):
+                host = self._translate(d.addr, d.len)
+                if host == NULL:
                     return WALK_MALFORMED
                 indirect = True
-                table = self.base + off
+                table = host
                 entries = d.len // C_DESC_SIZE
                 steps_left = entries
                 idx = 0
@@ -403,10 +431,11 @@ cdef class Virtqueue:
                 return WALK_MALFORMED  # §2.7.4.2: device-writable descriptors come last
             if nsegs >= size:
                 return WALK_MALFORMED
-            if not self._translate(d.addr, d.len, &off):
+            host = self._translate(d.addr, d.len)
+            if host == NULL:
                 return WALK_MALFORMED
             out[nsegs].gpa = d.addr
-            out[nsegs].offset = off
+            out[nsegs].host = host
             out[nsegs].len = d.len
             out[nsegs].writable = (d.flags & C_DESC_F_WRITE) != 0
             nsegs += 1
@@ -547,12 +576,12 @@ cdef class Virtqueue:
     cdef uint64_t chain_read(self, const vb_chain *chain, uint64_t offset,
                              uint8_t *dst, uint64_t length) noexcept nogil:
         """Gather up to `length` readable bytes of a pop_batch chain; returns the count."""
-        return _gather(self.base, self.segs + chain.first, chain, offset, dst, length)
+        return _gather(self.segs + chain.first, chain, offset, dst, length)
 
     cdef uint64_t chain_write(self, const vb_chain *chain, uint64_t offset,
                               const uint8_t *src, uint64_t length) noexcept nogil:
         """Scatter up to `length` bytes into a pop_batch chain; returns the count."""
-        return _scatter(self.base, self.segs + chain.first, chain, offset, src, length)
+        return _scatter(self.segs + chain.first, chain, offset, src, length)
 
     # -- used ring ------------------------------------------------------------------------
 

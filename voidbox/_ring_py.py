@@ -3,10 +3,13 @@
 virtio 1.2 §2.7 (split virtqueues). Both implementations expose the same names and
 behave the same way; `voidbox.ring` picks one. The guest is hostile, so:
 
-- activate() validates once: size a power of two in 1..max_size, each ring aligned
-  (§2.7: 16/2/4) and inside one guest memory region at its full size, used_event and
-  avail_event included. Later writes to `size` or the addresses change nothing until
-  the next activate(), so the used slot is always writable before any side effect.
+- activate(size, desc_addr, avail_addr, used_addr, event_idx) takes the driver's whole
+  configuration in one call and validates it once: size a power of two in 1..max_size,
+  each ring aligned (§2.7: 16/2/4) and inside one guest memory region at its full
+  size, used_event and avail_event included. The queue keeps its own copy (the
+  attributes of that name are read-only), so a driver rewriting its registers changes
+  nothing until the next activate(), and the used slot is always writable before any
+  side effect. A configuration that fails leaves the queue inactive.
 - every ring index and descriptor is read once into a local, then validated;
 - a chain walk is bounded by the queue size (§2.7.5.3.1: no chain longer than the
   Queue Size), which catches loops and self-referential `next`; the only legitimate
@@ -14,7 +17,9 @@ behave the same way; `voidbox.ring` picks one. The guest is hostile, so:
   `size` data descriptors in all (the indirect pointer not counted), and an indirect
   table at most `size` entries;
 - malformed: `next` >= the table's entry count; a buffer not wholly inside one memory
-  region (checked without forming addr+len, so addresses near 2^64 cannot wrap); a
+  region (checked without forming addr+len, so addresses near 2^64 cannot wrap; a
+  buffer that crosses from one region into the next is malformed too, even when the
+  regions are adjacent in guest-physical space); a
   device-readable descriptor after a device-writable one (§2.7.4.2); a direction the
   caller excluded with `require`; for indirect tables (§2.7.5.3): INDIRECT inside a
   table, INDIRECT together with NEXT, a length that is zero or not a multiple of 16,
@@ -30,6 +35,11 @@ behave the same way; `voidbox.ring` picks one. The guest is hostile, so:
 - each pop takes at most one queue's worth of entries, every ring offset is taken
   modulo the queue size and indexes are free-running u16.
 
+Guest memory is a list of regions, each with its own host memory (see host_regions()):
+the VMM passes the regions of its one memfd mapping, a vhost-user backend one mmap per
+region of the frontend's memory table. A ring part or a buffer lies in one region; a
+chain's segments may each sit in a different one.
+
 `in_flight` counts chains popped and not yet pushed (a debug count: tests assert it
 returns to zero). A Virtqueue belongs to one device thread; it takes no locks.
 
@@ -42,6 +52,8 @@ Fields are little-endian (§1.4); voidbox runs on x86-64 hosts only.
 
 from __future__ import annotations
 
+import ctypes
+import operator
 import struct
 
 # virtio 1.2 §2.7.5: struct virtq_desc flags
@@ -74,6 +86,10 @@ REQUIRE_WRITABLE = 2  # every descriptor must be device-writable
 
 _U16_MASK = 0xFFFF
 _U32_MAX = 0xFFFFFFFF
+_U64_MAX = (1 << 64) - 1
+
+# Guest memory regions a queue can span (VB_MAX_REGIONS in _ring.pxd)
+MAX_REGIONS = 8
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -107,13 +123,45 @@ class QueueError(Exception):
     """The queue itself is unusable: the device must set DEVICE_NEEDS_RESET (§2.1.2)."""
 
 
-def _region_table(memory) -> tuple[tuple[int, int, int], ...]:
-    length = len(memory.mmap)
+def host_regions(memory) -> tuple[tuple[int, int, memoryview], ...]:
+    """The validated (gpa, size, view) regions a Virtqueue runs over, sorted by gpa.
+
+    `memory` is a sequence of (gpa, size, buffer), or an object with ring_regions()
+    returning one (voidbox.memory.GuestMemory). Each buffer exports that region's host
+    memory: writable, contiguous, at least `size` bytes, and aligned like the guest
+    address modulo 16 (the largest ring alignment, §2.7), so a ring part aligned in the
+    guest is aligned on the host. Regions must not be empty or overlap, and there are at
+    most MAX_REGIONS. Anything else is a ValueError. Shared by both twins.
+    """
+    ring_regions = getattr(memory, "ring_regions", None)
+    regions = tuple(ring_regions() if ring_regions is not None else memory)
+    if len(regions) > MAX_REGIONS:
+        raise ValueError(f"at most {MAX_REGIONS} memory regions, got {len(regions)}")
     table = []
-    for region in memory.regions:
-        if region.gpa < 0 or region.size < 0 or region.offset < 0 or region.offset + region.size > length:
-            raise ValueError(f"memory region {region} lies outside the mapping")
-        table.append((region.gpa, region.size, region.offset))
+    for region in regions:
+        gpa, size, buffer = region
+        gpa, size = operator.index(gpa), operator.index(size)
+        if not 0 <= gpa <= _U64_MAX or not 0 < size <= (1 << 64) - gpa:
+            raise ValueError(f"memory region {gpa:#x}+{size:#x} is not a guest-physical range")
+        try:
+            view = memoryview(buffer).cast("B")
+        except TypeError as error:
+            raise ValueError(f"memory region at {gpa:#x}: host buffer is not contiguous") from error
+        if view.readonly:
+            raise ValueError(f"memory region at {gpa:#x}: host buffer is read-only")
+        if view.nbytes < size:
+            raise ValueError(f"memory region at {gpa:#x}: host buffer holds {view.nbytes} bytes, "
+                             f"fewer than the region's {size:#x}")
+        view = view[:size]
+        host = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        if (host - gpa) % VIRTQ_DESC_ALIGN:
+            raise ValueError(f"memory region at {gpa:#x}: host buffer at {host:#x} is not "
+                             f"aligned like the guest address")
+        table.append((gpa, size, view))
+    table.sort(key=lambda r: r[0])
+    for (gpa, size, _), (next_gpa, _, _) in zip(table, table[1:], strict=False):
+        if next_gpa - gpa < size:
+            raise ValueError(f"memory regions at {gpa:#x} and {next_gpa:#x} overlap")
     return tuple(table)
 
 
@@ -124,23 +172,22 @@ class Chain:
     first readable byte and offsets in write() from the first writable byte.
     """
 
-    __slots__ = ("head", "readable", "writable", "segments", "_view", "_spans")
+    __slots__ = ("head", "readable", "writable", "segments", "_spans")
 
-    def __init__(self, head, view, spans, readable, writable):
+    def __init__(self, head, spans, readable, writable):
         self.head = head
         self.readable = readable
         self.writable = writable
-        self._view = view
-        # (mapping offset, length, writable, gpa) per data descriptor
+        # (region view, offset in it, length, writable, gpa) per data descriptor
         self._spans = spans
-        self.segments = [(gpa, length, bool(w)) for _off, length, w, gpa in spans]
+        self.segments = [(gpa, length, bool(w)) for _view, _off, length, w, gpa in spans]
 
     def __repr__(self) -> str:
         return f"Chain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
     def _pieces(self, writable: bool, offset: int, length: int):
-        """(mapping offset, length) pieces covering [offset, offset+length) of one direction."""
-        for off, seg_len, w, _gpa in self._spans:
+        """(view, offset, length) pieces covering [offset, offset+length) of one direction."""
+        for view, off, seg_len, w, _gpa in self._spans:
             if bool(w) != writable:
                 continue
             if length == 0:
@@ -149,7 +196,7 @@ class Chain:
                 offset -= seg_len
                 continue
             take = min(seg_len - offset, length)
-            yield off + offset, take
+            yield view, off + offset, take
             length -= take
             offset = 0
 
@@ -165,8 +212,7 @@ class Chain:
             length = self.readable - offset
         if length < 0 or length > self.readable - offset:
             raise ValueError(f"cannot read {length} bytes at {offset} of {self.readable}")
-        view = self._view
-        return b"".join(bytes(view[off : off + n]) for off, n in self._pieces(False, offset, length))
+        return b"".join(bytes(view[off : off + n]) for view, off, n in self._pieces(False, offset, length))
 
     def read_into(self, buffer, offset: int = 0) -> int:
         """Gather readable bytes from `offset` into `buffer`; returns the count copied."""
@@ -175,8 +221,7 @@ class Chain:
         dst = memoryview(buffer).cast("B")
         length = min(len(dst), self.readable - offset)
         pos = 0
-        view = self._view
-        for off, n in self._pieces(False, offset, length):
+        for view, off, n in self._pieces(False, offset, length):
             dst[pos : pos + n] = view[off : off + n]
             pos += n
         return pos
@@ -190,8 +235,7 @@ class Chain:
         if offset < 0 or offset > self.writable or len(src) > self.writable - offset:
             raise ValueError(f"cannot write {len(src)} bytes at {offset} of {self.writable}")
         pos = 0
-        view = self._view
-        for off, n in self._pieces(True, offset, len(src)):
+        for view, off, n in self._pieces(True, offset, len(src)):
             view[off : off + n] = src[pos : pos + n]
             pos += n
         return pos
@@ -200,8 +244,11 @@ class Chain:
 class Virtqueue:
     """Device side of one split virtqueue (virtio 1.2 §2.7).
 
-    The transport fills size, desc_addr, avail_addr, used_addr, ready and event_idx
-    from the driver's writes, then calls activate().
+    `memory` is the guest's regions (see host_regions()). The transport calls
+    activate(size, desc_addr, avail_addr, used_addr, event_idx) with what the driver
+    wrote once the driver sets the queue ready; size, desc_addr, avail_addr, used_addr,
+    event_idx and ready then read back the active configuration (zero/False while the
+    queue is inactive).
     """
 
     def __init__(self, memory, max_size: int = 256):
@@ -209,8 +256,7 @@ class Virtqueue:
             raise ValueError(f"max_size must be a power of two in 1..{VIRTQ_MAX_SIZE}, got {max_size}")
         self.memory = memory
         self.max_size = max_size
-        self._view = memoryview(memory.mmap).cast("B")
-        self._regions = _region_table(memory)
+        self._regions = host_regions(memory)
         self.malformed = 0
         self.reset()
 
@@ -218,55 +264,91 @@ class Virtqueue:
 
     def reset(self) -> None:
         """Back to the state after device reset (§2.1.2): inactive, indexes at zero."""
-        self.size = self.max_size
-        self.desc_addr = 0
-        self.avail_addr = 0
-        self.used_addr = 0
-        self.ready = False
-        self.event_idx = False
+        self._deactivate()
         self.malformed = 0
         self.in_flight = 0
-        self._active = False
-        self._qsize = 0
         self._broken = None
         self._last_avail = 0
         self._next_used = 0
         self._signalled_used = 0
         self._notify = True
 
-    def _translate(self, gpa: int, length: int) -> int | None:
-        """Mapping offset of [gpa, gpa+length) if it lies in one region, else None."""
-        for rgpa, rsize, roff in self._regions:
+    def _translate(self, gpa: int, length: int) -> tuple[memoryview, int] | None:
+        """(region view, offset in it) of [gpa, gpa+length) if it lies in one region."""
+        for rgpa, rsize, view in self._regions:
             rel = gpa - rgpa
             if 0 <= rel <= rsize and length <= rsize - rel:
-                return roff + rel
+                return view, rel
         return None
 
-    def activate(self) -> None:
-        """Validate the configuration once (§2.7: sizes and alignment): raises QueueError."""
+    def _deactivate(self) -> None:
         self._active = False
-        size = self.size
-        if size == 0 or size & (size - 1) or size > self.max_size:
+        self._qsize = 0
+        self._desc_addr = self._avail_addr = self._used_addr = 0
+        self._event_idx = False
+
+    def activate(self, size: int, desc_addr: int, avail_addr: int, used_addr: int,
+                 event_idx: bool = False) -> None:
+        """Validate the driver's configuration once and start the queue (§2.7: sizes,
+        alignment, placement). Raises QueueError and leaves the queue inactive if it is
+        bad. The ring indexes are kept: reset() sets them to zero.
+        """
+        self._deactivate()
+        size = operator.index(size)
+        if size <= 0 or size & (size - 1) or size > self.max_size:
             raise QueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
         parts = (
-            ("descriptor table", self.desc_addr, desc_table_size(size), VIRTQ_DESC_ALIGN),
-            ("available ring", self.avail_addr, avail_ring_size(size), VIRTQ_AVAIL_ALIGN),
-            ("used ring", self.used_addr, used_ring_size(size), VIRTQ_USED_ALIGN),
+            ("descriptor table", operator.index(desc_addr), desc_table_size(size),
+             VIRTQ_DESC_ALIGN),
+            ("available ring", operator.index(avail_addr), avail_ring_size(size),
+             VIRTQ_AVAIL_ALIGN),
+            ("used ring", operator.index(used_addr), used_ring_size(size), VIRTQ_USED_ALIGN),
         )
-        offsets = []
+        places = []
         for name, addr, length, align in parts:
+            if not 0 <= addr <= _U64_MAX:
+                raise QueueError(f"{name} at {addr:#x} is not a guest-physical address")
             if addr % align:
                 raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
-            off = self._translate(addr, length)
-            if off is None or off % align:
+            # Each part lies in one region, not necessarily the others' (host_regions()
+            # keeps host and guest alignment equal).
+            place = self._translate(addr, length)
+            if place is None:
                 raise QueueError(f"{name} {addr:#x}+{length:#x} is outside guest memory")
-            offsets.append(off)
-        self._desc_off, self._avail_off, self._used_off = offsets
+            places.append(place)
+        (self._desc_view, self._desc_off), (self._avail_view, self._avail_off), \
+            (self._used_view, self._used_off) = places
         # Later writes to `size` (a register the driver controls) change nothing until
         # the next activate(): everything else uses the size validated here.
         self._qsize = size
+        self._desc_addr, self._avail_addr, self._used_addr = (addr for _, addr, _, _ in parts)
+        self._event_idx = bool(event_idx)
         self._broken = None
         self._active = True
+
+    @property
+    def size(self) -> int:
+        return self._qsize
+
+    @property
+    def desc_addr(self) -> int:
+        return self._desc_addr
+
+    @property
+    def avail_addr(self) -> int:
+        return self._avail_addr
+
+    @property
+    def used_addr(self) -> int:
+        return self._used_addr
+
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
+
+    @property
+    def ready(self) -> bool:
+        return self._active
 
     def _check_active(self) -> None:
         if not self._active:
@@ -274,11 +356,13 @@ class Virtqueue:
 
     # -- guest memory accessors -------------------------------------------------------
 
-    def _u16(self, off: int) -> int:
-        return _U16.unpack_from(self._view, off)[0]
+    @staticmethod
+    def _u16(view: memoryview, off: int) -> int:
+        return _U16.unpack_from(view, off)[0]
 
-    def _set_u16(self, off: int, value: int) -> None:
-        _U16.pack_into(self._view, off, value)
+    @staticmethod
+    def _set_u16(view: memoryview, off: int, value: int) -> None:
+        _U16.pack_into(view, off, value)
 
     # -- available ring -----------------------------------------------------------------
 
@@ -295,7 +379,7 @@ class Virtqueue:
             raise QueueError(self._broken)
         size = self._qsize
         # Read avail->idx once; the entries it covers are read after it (§2.7.13.3).
-        avail_idx = self._u16(self._avail_off + RING_IDX_OFFSET)
+        avail_idx = self._u16(self._avail_view, self._avail_off + RING_IDX_OFFSET)
         pending = (avail_idx - self._last_avail) & _U16_MASK
         if pending > size:
             self._broken = f"available index moved by {pending}, more than the queue size {size}"
@@ -306,7 +390,7 @@ class Virtqueue:
         retired = 0
         ring_off = self._avail_off + VIRTQ_RING_HEADER_SIZE
         for _ in range(pending):
-            head = self._u16(ring_off + VIRTQ_AVAIL_ELEM_SIZE * (self._last_avail & (size - 1)))
+            head = self._u16(self._avail_view, ring_off + VIRTQ_AVAIL_ELEM_SIZE * (self._last_avail & (size - 1)))
             if head >= size:
                 self._broken = f"available ring names head {head}, queue size {size}"
                 break
@@ -320,9 +404,9 @@ class Virtqueue:
         if retired:
             self.malformed += retired
             self._publish_used()
-        if self.event_idx and self._notify:
-            self._set_u16(self._used_off + VIRTQ_RING_HEADER_SIZE + VIRTQ_USED_ELEM_SIZE * size,
-                          self._last_avail)
+        if self._event_idx and self._notify:
+            self._set_u16(self._used_view, self._used_off + VIRTQ_RING_HEADER_SIZE
+                          + VIRTQ_USED_ELEM_SIZE * size, self._last_avail)
         self.in_flight += len(chains)
         if self._broken and not chains:
             raise QueueError(self._broken)
@@ -331,7 +415,7 @@ class Virtqueue:
     def _walk(self, head: int, require: int) -> Chain | None:
         """Validate the chain at `head`; None if it is malformed (§2.7.5, §2.7.5.3)."""
         size = self._qsize
-        view = self._view
+        view = self._desc_view
         table_off = self._desc_off
         entries = size
         steps_left = size  # a table of n entries holds no legitimate chain longer than n
@@ -351,11 +435,11 @@ class Virtqueue:
                     return None
                 if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > size:
                     return None
-                off = self._translate(addr, length)
-                if off is None:
+                place = self._translate(addr, length)
+                if place is None:
                     return None
                 indirect = True
-                table_off = off
+                view, table_off = place
                 entries = steps_left = length // VIRTQ_DESC_SIZE
                 idx = 0
                 continue
@@ -368,16 +452,16 @@ class Virtqueue:
                 return None  # §2.7.4.2: device-writable descriptors come last
             if len(spans) >= size:
                 return None
-            off = self._translate(addr, length)
-            if off is None:
+            place = self._translate(addr, length)
+            if place is None:
                 return None
-            spans.append((off, length, is_writable, addr))
+            spans.append((*place, length, is_writable, addr))
             if is_writable:
                 writable += length
             else:
                 readable += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return Chain(head, view, spans, readable, writable)
+                return Chain(head, spans, readable, writable)
             if nxt >= entries:
                 return None
             idx = nxt
@@ -386,13 +470,13 @@ class Virtqueue:
 
     def _write_used(self, head: int, written: int) -> None:
         slot = self._next_used & (self._qsize - 1)
-        _USED_ELEM.pack_into(self._view, self._used_off + VIRTQ_RING_HEADER_SIZE
+        _USED_ELEM.pack_into(self._used_view, self._used_off + VIRTQ_RING_HEADER_SIZE
                              + VIRTQ_USED_ELEM_SIZE * slot, head, written)
         self._next_used = (self._next_used + 1) & _U16_MASK
 
     def _publish_used(self) -> None:
         # §2.7.8.2: the entries are written before used->idx (program order, TSO).
-        self._set_u16(self._used_off + RING_IDX_OFFSET, self._next_used)
+        self._set_u16(self._used_view, self._used_off + RING_IDX_OFFSET, self._next_used)
 
     def _check_completion(self, head: int, written: int) -> None:
         if not 0 <= head < self._qsize:
@@ -431,13 +515,13 @@ class Virtqueue:
         new = self._next_used
         old = self._signalled_used
         self._signalled_used = new
-        if self.event_idx:
-            used_event = self._u16(self._avail_off + VIRTQ_RING_HEADER_SIZE
+        if self._event_idx:
+            used_event = self._u16(self._avail_view, self._avail_off + VIRTQ_RING_HEADER_SIZE
                                    + VIRTQ_AVAIL_ELEM_SIZE * self._qsize)
             return vring_need_event(used_event, new, old)
         if new == old:
             return False
-        return not self._u16(self._avail_off) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not self._u16(self._avail_view, self._avail_off) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def enable_notifications(self) -> bool:
         """Ask the driver for available buffer notifications again (§2.7.10).
@@ -447,12 +531,12 @@ class Virtqueue:
         """
         self._check_active()
         self._notify = True
-        if self.event_idx:
-            self._set_u16(self._used_off + VIRTQ_RING_HEADER_SIZE + VIRTQ_USED_ELEM_SIZE * self._qsize,
-                          self._last_avail)
+        if self._event_idx:
+            self._set_u16(self._used_view, self._used_off + VIRTQ_RING_HEADER_SIZE
+                          + VIRTQ_USED_ELEM_SIZE * self._qsize, self._last_avail)
         else:
-            self._set_u16(self._used_off, 0)
-        return self._u16(self._avail_off + RING_IDX_OFFSET) != self._last_avail
+            self._set_u16(self._used_view, self._used_off, 0)
+        return self._u16(self._avail_view, self._avail_off + RING_IDX_OFFSET) != self._last_avail
 
     def disable_notifications(self) -> None:
         """Tell the driver not to notify (§2.7.10).
@@ -462,8 +546,8 @@ class Virtqueue:
         """
         self._check_active()
         self._notify = False
-        if not self.event_idx:
-            self._set_u16(self._used_off, VIRTQ_USED_F_NO_NOTIFY)
+        if not self._event_idx:
+            self._set_u16(self._used_view, self._used_off, VIRTQ_USED_F_NO_NOTIFY)
 
     @property
     def last_avail_idx(self) -> int:

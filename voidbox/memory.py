@@ -5,8 +5,9 @@ backend) can map the same pages. Guest-physical addresses translate to offsets i
 the mapping through `regions`; every helper here checks bounds, because addresses
 come from the guest.
 
-Hot paths (Cython) take the mapping through the buffer protocol (`memory.mmap`) and
-`regions`; numpy views are for the Python API and tests and import numpy lazily.
+Virtqueues take one host buffer per region (`ring_regions()`), as a vhost-user backend
+gets one mmap per region; KVM memory slots take the mapping (`memory.mmap`) and
+`regions`. numpy views are for the Python API and tests and import numpy lazily.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import GuestMemoryError, UsageError
 from .layout import MIN_MEM, MMIO_GAP_END, MMIO_GAP_START
@@ -30,6 +32,14 @@ class MemoryRegion:
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+
+class HostRegion(NamedTuple):
+    """A guest-physical range and a writable buffer over its `size` bytes of host memory."""
+
+    gpa: int
+    size: int
+    buffer: memoryview
 
 
 def plan_regions(size: int) -> tuple[MemoryRegion, ...]:
@@ -80,6 +90,15 @@ class GuestMemory:
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
+
+    def ring_regions(self) -> tuple[HostRegion, ...]:
+        """Each region with a view of its own host memory, for voidbox.ring.Virtqueue.
+
+        The views are new on each call; whoever holds one keeps the mapping alive (close()
+        then leaves it to the last holder).
+        """
+        return tuple(HostRegion(r.gpa, r.size, self._view[r.offset : r.offset + r.size])
+                     for r in self.regions)
 
     # -- access --------------------------------------------------------------------
 

@@ -57,3 +57,16 @@ def test_memory_is_a_shareable_memfd():
 def test_bad_sizes_are_usage_errors(size):
     with pytest.raises(UsageError):
         GuestMemory(size)
+
+
+def test_ring_regions_give_each_region_its_own_view():
+    with GuestMemory(MMIO_GAP_START + 16 * MiB) as mem:
+        low, high = mem.ring_regions()
+        assert (low.gpa, low.size, high.gpa, high.size) == (
+            0, MMIO_GAP_START, MMIO_GAP_END, 16 * MiB)
+        assert len(low.buffer) == low.size and len(high.buffer) == high.size
+        assert not low.buffer.readonly
+        mem.write(MMIO_GAP_END + 5, b"high")
+        assert bytes(high.buffer[5:9]) == b"high"
+        high.buffer[:3] = b"abc"
+        assert mem.read(MMIO_GAP_END, 3) == b"abc"

@@ -4,6 +4,7 @@ Every test runs against both twins (compiled `_ring` and pure `_ring_py`). The c
 follow the virtqueue section of NET-LESSONS.md line by line.
 """
 
+import mmap
 import struct
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import voidbox._ring_py as pure
 from tests.twins import load_ring
 from tests.unit.conftest import RING_MEM_SIZE
-from tests.virtio_driver import DATA_ADDR, Driver
+from tests.virtio_driver import DATA_ADDR, Driver, RegionMemory
 from voidbox.layout import MMIO_GAP_END, MMIO_GAP_START, MiB
 from voidbox.memory import GuestMemory
 from voidbox.ring import (
@@ -178,10 +179,9 @@ def test_require_direction(make):
 @pytest.mark.parametrize("size", [0, 3, 24, 512, 1 << 16])
 def test_activate_rejects_bad_sizes(impl, memory, size):
     drv = Driver(memory, size=16)
-    q = drv.configure(impl.Virtqueue(memory, max_size=256), activate=False)
-    q.size = size
+    q = impl.Virtqueue(memory, max_size=256)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, size=size)
     with pytest.raises(QueueError):
         q.pop()
 
@@ -207,10 +207,9 @@ def test_not_activated_queue_is_unusable(impl, memory):
 ])
 def test_activate_rejects_misaligned_rings(impl, memory, field, addr):
     drv = Driver(memory, size=16)
-    q = drv.configure(impl.Virtqueue(memory), activate=False)
-    setattr(q, field, addr)
+    q = impl.Virtqueue(memory)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, **{field: addr})
 
 
 @pytest.mark.parametrize("size", [16, 256])
@@ -222,26 +221,23 @@ def test_activate_rejects_misaligned_rings(impl, memory, field, addr):
 def test_rings_must_fit_at_full_size_including_event_fields(impl, memory, size, field, length,
                                                             align):
     drv = Driver(memory, size=size)
-    q = drv.configure(impl.Virtqueue(memory), activate=False)
+    q = impl.Virtqueue(memory)
     # As close to the end of memory as alignment allows: fits.
     last = (MEM_SIZE - length(size)) & ~(align - 1)
     assert MEM_SIZE - (last + length(size)) < align
-    setattr(q, field, last)
-    q.activate()
+    drv.configure(q, **{field: last})
     # One alignment unit further: the last field (used_event / avail_event) is outside.
-    setattr(q, field, last + align)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, **{field: last + align})
 
 
 @pytest.mark.parametrize("addr", [U64_MAX - 15, (1 << 64) - 4096, MMIO_GAP_START, 1 << 63])
 @pytest.mark.parametrize("field", ["desc_addr", "avail_addr", "used_addr"])
 def test_ring_addresses_near_2_64_or_outside_memory(impl, memory, field, addr):
     drv = Driver(memory, size=16)
-    q = drv.configure(impl.Virtqueue(memory), activate=False)
-    setattr(q, field, addr & ~15)
+    q = impl.Virtqueue(memory)
     with pytest.raises(QueueError):
-        q.activate()
+        drv.configure(q, **{field: addr & ~15})
 
 
 def test_two_regions_around_the_mmio_gap(impl):
@@ -262,9 +258,47 @@ def test_two_regions_around_the_mmio_gap(impl):
         assert chain.head == good and chain.read() == b"lowhigh"
         assert drv.collect() == [(in_gap, 0), (straddle, 0)]
         # A ring inside the gap cannot be activated.
-        q.used_addr = MMIO_GAP_START + 0x1000
         with pytest.raises(QueueError):
-            q.activate()
+            drv.configure(q, used_addr=MMIO_GAP_START + 0x1000)
+
+
+def test_activate_takes_the_whole_configuration_in_one_call(impl, memory):
+    drv = Driver(memory, size=16, event_idx=True)
+    q = impl.Virtqueue(memory)
+    assert not q.ready and q.size == 0
+    q.activate(16, drv.desc_addr, drv.avail_addr, drv.used_addr, True)  # positional
+    assert (q.size, q.desc_addr, q.avail_addr, q.used_addr, q.event_idx, q.ready) == (
+        16, drv.desc_addr, drv.avail_addr, drv.used_addr, True, True)
+    head = drv.add_buffers(readable=[b"a"])
+    assert [c.head for c in q.pop()] == [head]
+    assert drv.avail_event == 1
+    # A bad configuration leaves the queue inactive, the old one forgotten.
+    with pytest.raises(QueueError):
+        q.activate(size=16, desc_addr=drv.desc_addr + 8, avail_addr=drv.avail_addr,
+                   used_addr=drv.used_addr)
+    assert (q.size, q.desc_addr, q.ready, q.event_idx) == (0, 0, False, False)
+    with pytest.raises(QueueError):
+        q.pop()
+    # Activating again keeps the ring indexes (reset() is what zeroes them).
+    q.activate(used_addr=drv.used_addr, avail_addr=drv.avail_addr, desc_addr=drv.desc_addr,
+               size=16)
+    assert not q.event_idx and q.last_avail_idx == 1 and q.in_flight == 1
+    q.push(head, 0)
+    assert drv.collect() == [(head, 0)]
+
+
+@pytest.mark.parametrize("override", [
+    {"size": -16}, {"size": 1 << 40}, {"desc_addr": -16}, {"avail_addr": 1 << 64},
+    {"used_addr": (1 << 64) + 0x30_0000}, {"desc_addr": 1 << 70},
+])
+def test_activate_refuses_values_no_register_holds(impl, memory, override):
+    drv = Driver(memory, size=16)
+    q = impl.Virtqueue(memory)
+    with pytest.raises(QueueError):
+        drv.configure(q, **override)
+    with pytest.raises(TypeError):
+        drv.configure(q, desc_addr=float(drv.desc_addr))
+    assert not q.ready
 
 
 def test_reset_returns_to_the_initial_state(make):
@@ -273,7 +307,8 @@ def test_reset_returns_to_the_initial_state(make):
     q.pop()
     q.reset()
     assert (q.last_avail_idx, q.used_idx, q.malformed, q.in_flight) == (0, 0, 0, 0)
-    assert q.size == q.max_size and not q.ready
+    assert (q.size, q.desc_addr, q.avail_addr, q.used_addr, q.event_idx, q.ready) == (
+        0, 0, 0, 0, False, False)
     with pytest.raises(QueueError):
         q.pop()
 
@@ -732,6 +767,189 @@ def test_a_queue_of_long_chains_is_one_pop(make):
     assert [c.read() for c in chains] == [bytes([n]) * 16 for n in range(16)]
 
 
+# -- regions with their own host memory (vhost-user maps one mmap per region) ----------------
+
+# Three regions, each its own anonymous mmap: LOW holds the driver's default rings and
+# indirect tables, HIGH its data buffers; NEXT follows HIGH with no gap in guest-physical
+# space but is a different mapping. [8 MiB, 16 MiB) and everything above 32 MiB is a hole.
+LOW, HIGH, NEXT_TO_HIGH, REGION = 0, 0x100_0000, 0x180_0000, 0x80_0000
+SPLIT = [(LOW, REGION), (HIGH, REGION), (NEXT_TO_HIGH, REGION)]
+HOLE = REGION
+
+
+def split_queue(impl, mem, size=16, **addrs):
+    drv = Driver(mem, size=size, **addrs)
+    return drv, drv.configure(impl.Virtqueue(mem))
+
+
+def test_a_chain_spans_regions_in_separate_mappings(impl):
+    mem = RegionMemory(SPLIT)
+    drv, q = split_queue(impl, mem)
+    low, low_out = 0x50_0000, 0x60_0000
+    mem.write(low, b"low")
+    high = drv.alloc(4, b"high")
+    nxt, nxt_out = NEXT_TO_HIGH + 0x100, NEXT_TO_HIGH + 0x200
+    mem.write(nxt, b"nx")
+    head = drv.add_chain([(low, 3, False), (high, 4, False), (nxt, 2, False),
+                          (low_out, 5, True), (nxt_out, 6, True)])
+    [chain] = q.pop()
+    assert chain.head == head and (chain.readable, chain.writable) == (9, 11)
+    assert chain.read() == b"lowhighnx"
+    assert chain.read(2, 5) == b"whigh"
+    out = bytearray(8)
+    assert chain.read_into(out, offset=5) == 4 and out[:4] == b"ghnx"
+    assert chain.write(b"0123456789a") == 11
+    assert chain.write(b"XYZ", offset=4) == 3  # crosses from LOW into NEXT_TO_HIGH
+    # Each byte landed in its own region's mapping.
+    (_, _, low_area), _, (_, _, next_area) = mem.regions
+    assert low_area[low_out : low_out + 5] == b"0123X"
+    assert next_area[0x200 : 0x200 + 6] == b"YZ789a"
+    q.push(chain.head, 11)
+    assert drv.collect() == [(head, 11)] and q.in_flight == 0
+
+
+def test_a_buffer_crossing_adjacent_regions_is_malformed(impl):
+    # NEXT_TO_HIGH starts where HIGH ends, but the two are different mappings.
+    mem = RegionMemory(SPLIT)
+    drv, q = split_queue(impl, mem)
+    mem.write(NEXT_TO_HIGH - 4, b"end.")
+    mem.write(NEXT_TO_HIGH, b"next")
+    crossing = drv.add_chain([(NEXT_TO_HIGH - 4, 8, False)])
+    crossing_w = drv.add_chain([(NEXT_TO_HIGH - 1, 2, True)])
+    edges = drv.add_chain([(NEXT_TO_HIGH - 4, 4, False), (NEXT_TO_HIGH, 4, False)])
+    [chain] = q.pop()
+    assert chain.head == edges and chain.read() == b"end.next"
+    assert drv.collect() == [(crossing, 0), (crossing_w, 0)] and q.malformed == 2
+
+
+@pytest.mark.parametrize("addr,length", [
+    (HOLE, 16),                    # between LOW and HIGH
+    (HOLE - 8, 16),                # starts in LOW, ends in the hole
+    (HIGH - 8, 16),                # starts in the hole, ends in HIGH
+    (NEXT_TO_HIGH + REGION, 1),    # past the last region
+    (U64_MAX - 15, 16),            # near 2^64: no wrap into LOW
+    (U64_MAX, 2),
+])
+def test_a_descriptor_in_no_region_is_malformed(impl, addr, length):
+    mem = RegionMemory(SPLIT)
+    drv, q = split_queue(impl, mem)
+    bad = drv.add_chain([(drv.alloc(2, b"ok"), 2, False), (addr, length, False)])
+    table = drv.add_indirect([(0x50_0000, 4, False)])
+    drv.write_desc(table, addr, 16, INDIRECT)  # the indirect table itself outside
+    good = drv.add_buffers(readable=[b"fine"])
+    [chain] = q.pop()
+    assert chain.head == good and chain.read() == b"fine"
+    assert drv.collect() == [(bad, 0), (table, 0)] and q.malformed == 2
+
+
+def test_an_indirect_table_in_one_region_pointing_into_others(impl):
+    mem = RegionMemory(SPLIT)
+    drv, q = split_queue(impl, mem)
+    drv._indirect_next = NEXT_TO_HIGH + 0x1000  # tables in NEXT_TO_HIGH
+    mem.write(0x50_0000, b"ab")
+    head = drv.add_indirect([(0x50_0000, 2, False), (drv.alloc(2, b"cd"), 2, False),
+                             (NEXT_TO_HIGH + 0x10, 3, True)])
+    [chain] = q.pop()
+    assert chain.head == head and chain.read() == b"abcd"
+    assert chain.write(b"xyz") == 3 and mem.read(NEXT_TO_HIGH + 0x10, 3) == b"xyz"
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_ring_parts_in_three_different_regions(impl, event_idx):
+    mem = RegionMemory(SPLIT)
+    # Descriptors in NEXT_TO_HIGH, available ring in LOW, used ring in HIGH.
+    drv, q = split_queue(impl, mem, desc_addr=NEXT_TO_HIGH + 0x1000, avail_addr=0x20_0000,
+                         used_addr=HIGH + 0x70_0000, event_idx=event_idx)
+    heads = [drv.add_buffers(readable=[bytes([n]) * 3], writable=[2]) for n in range(3)]
+    chains = q.pop()
+    assert [c.head for c in chains] == heads
+    assert [c.read() for c in chains] == [bytes([n]) * 3 for n in range(3)]
+    for chain in chains:
+        chain.write(b"ok")
+    drv.set_used_event(1)
+    q.push_many([(c.head, 2) for c in chains])
+    assert drv.collect() == [(h, 2) for h in heads]
+    assert q.needs_notification()
+    if event_idx:
+        assert drv.avail_event == 3  # written into the used ring's region
+    q.disable_notifications()
+    drv.add_buffers(readable=[b"more"])
+    assert q.enable_notifications()
+    assert [c.read() for c in q.pop()] == [b"more"]
+
+
+@pytest.mark.parametrize("part,addr", [
+    ("desc_addr", HOLE - 16 * 8),             # runs off LOW into the hole
+    ("avail_addr", NEXT_TO_HIGH - 8),         # runs from HIGH into the next mapping
+    ("used_addr", NEXT_TO_HIGH - 8),
+    ("used_addr", HOLE),
+    ("desc_addr", (1 << 64) - 256),
+])
+def test_a_ring_part_must_lie_in_one_region(impl, part, addr):
+    mem = RegionMemory(SPLIT)
+    with pytest.raises(QueueError):
+        split_queue(impl, mem, **{part: addr})
+
+
+def test_regions_are_validated_alike_by_both_twins(impl):
+    area = mmap.mmap(-1, 0x4000)
+    view = memoryview(area)
+    bad = [
+        [(0, 0x1000, bytes(0x1000))],                           # read-only
+        [(0, 0x2000, view[:0x1000])],                           # buffer shorter than region
+        [(0, 0x2000, view[:0x2000]), (0x1000, 0x1000, view[0x2000:0x3000])],  # overlap
+        [(0, 0, view[:0])],                                     # empty
+        [(0, 0x1000, view[8:0x1008])],                          # host not aligned like gpa
+        [(0, 0x1000, view[::2])],                               # not contiguous
+        [(-0x1000, 0x1000, view[:0x1000])],
+        [((1 << 64) - 0x1000, 0x2000, view[:0x2000])],          # past 2^64
+        [(i * 0x1000, 0x1000, view[:0x1000]) for i in range(pure.MAX_REGIONS + 1)],
+    ]
+    for regions in bad:
+        with pytest.raises(ValueError):
+            impl.Virtqueue(regions)
+    # Aligned alike modulo 16 is enough; the last byte of a region may be at 2^64 - 1.
+    impl.Virtqueue([(8, 0x1000, view[8:0x1008])])
+    impl.Virtqueue([(i * 0x1000, 0x1000, view[:0x1000]) for i in range(pure.MAX_REGIONS)])
+    top = (1 << 64) - 0x1000
+    drv, q = split_queue(impl, _Top(top, area), desc_addr=top, avail_addr=top + 0x400,
+                         used_addr=top + 0x800)
+    area[0xFF0:0x1000] = b"0123456789abcdef"
+    ok = drv.add_chain([(U64_MAX - 15, 16, False)])
+    wraps = drv.add_chain([(U64_MAX - 15, 17, False)])
+    [chain] = q.pop()
+    assert chain.head == ok and chain.read() == b"0123456789abcdef"
+    assert drv.collect() == [(wraps, 0)]
+
+
+class _Top(RegionMemory):
+    """One region whose last byte is at 2^64 - 1."""
+
+    def __init__(self, gpa, area):
+        self.regions = [(gpa, 0x1000, area)]
+
+
+def test_both_twins_agree_over_separate_mappings():
+    compiled = load_impl("cython")
+    results = []
+    for impl in (compiled, pure):
+        mem = RegionMemory(SPLIT)
+        drv, q = split_queue(impl, mem, size=8, avail_addr=NEXT_TO_HIGH + 0x1000)
+        mem.write(0x50_0000, b"lo")
+        drv.add_chain([(0x50_0000, 2, False), (drv.alloc(2, b"hi"), 2, False),
+                       (NEXT_TO_HIGH + 0x10, 4, True)])
+        drv.add_chain([(NEXT_TO_HIGH - 2, 4, False)])
+        drv.add_chain([(HOLE, 1, True)])
+        drv.add_indirect([(0x50_0000, 1, False), (NEXT_TO_HIGH, 3, True)])
+        chains = q.pop()
+        for c in chains:
+            c.write(b"w" * c.writable)
+        q.push_many([(c.head, c.writable) for c in chains])
+        results.append(([(c.head, c.read(), c.segments) for c in chains], drv.collect(),
+                        q.malformed, mem.read(NEXT_TO_HIGH, 0x14)))
+    assert results[0] == results[1]
+
+
 # -- the C-level batch path (a Cython caller of _ring.pxd) -----------------------------------
 
 
@@ -798,10 +1016,31 @@ def test_batch_loops_move_data(ring_bench, memory):
         ring_bench.pop_batch_summary(q, 8, 0)
 
 
+@pytest.mark.slow
+def test_batch_path_over_separate_mappings(ring_bench):
+    import voidbox._ring as compiled
+
+    mem = RegionMemory(SPLIT)
+    drv, q = split_queue(compiled, mem, size=8, used_addr=NEXT_TO_HIGH + 0x1000)
+    mem.write(0x50_0000, b"ab")
+    tx = drv.add_chain([(0x50_0000, 2, False), (drv.alloc(3, b"cde"), 3, False)])
+    bad = drv.add_chain([(NEXT_TO_HIGH - 1, 2, False)])
+    assert ring_bench.pop_batch_summary(q, 8, 0) == [(tx, 5, 0, 2, b"abcde")]
+    ring_bench.push_batch(q, [(tx, 0)])
+    assert drv.collect() == [(bad, 0), (tx, 0)]
+    for _ in range(2):
+        drv.add_chain([(0x60_0000, 3, True), (NEXT_TO_HIGH + 0x10, 5, True)])
+    assert ring_bench.run_rx(q, 1, 2, bytes(range(8))) == (2, 16)
+    assert mem.read(0x60_0000, 3) + mem.read(NEXT_TO_HIGH + 0x10, 5) == bytes(range(8))
+
+
 def test_size_written_after_activate_changes_nothing(make):
-    # A driver rewriting QueueNum on a live queue must not widen the validated rings.
+    # A driver rewriting QueueNum on a live queue must not widen the validated rings:
+    # the queue's configuration is read-only, and only activate() replaces it.
     drv, q = make(size=16)
-    q.size = 256
+    for field in ("size", "desc_addr", "avail_addr", "used_addr", "event_idx", "ready"):
+        with pytest.raises(AttributeError):
+            setattr(q, field, 256)
     heads = [drv.add_buffers(readable=[b"x"]) for _ in range(16)]
     assert [c.head for c in q.pop()] == heads
     drv.offer(17)  # in range for 256, not for the validated 16

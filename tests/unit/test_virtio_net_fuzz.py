@@ -150,8 +150,8 @@ def spy_ring_factory(impl, log):
     """Rings that record what they hand the device and check what it gives back."""
 
     class SpyQueue(impl.Virtqueue):
-        def activate(self):
-            super().activate()
+        def activate(self, *args, **kwargs):
+            super().activate(*args, **kwargs)
             log["used_rings"].append((self.used_addr, used_ring_size(self.size)))
             self.held = {}
 

@@ -271,11 +271,10 @@ class VirtioMmioTransport:
 
         max_size = self.device.queue_max_sizes[self.queue_sel]
         ring = self._ring_factory(self.memory, max_size)
-        ring.size = queue.size
-        ring.desc_addr, ring.avail_addr, ring.used_addr = queue.desc, queue.avail, queue.used
-        ring.event_idx = bool(self.driver_features & (1 << VIRTIO_F_EVENT_IDX))
         try:
-            ring.activate()
+            ring.activate(size=queue.size, desc_addr=queue.desc, avail_addr=queue.avail,
+                          used_addr=queue.used,
+                          event_idx=bool(self.driver_features & (1 << VIRTIO_F_EVENT_IDX)))
         except QueueError as error:
             self._needs_reset(f"queue {self.queue_sel}: {error}")
             return
