@@ -36,3 +36,13 @@ cdef Py_ssize_t write_ipv4_tcp(uint8_t *out, Py_ssize_t cap,
                                uint8_t flags, uint16_t window,
                                const uint8_t *options, Py_ssize_t nopt,
                                const uint8_t *payload, Py_ssize_t npay) noexcept nogil
+# The TCP pseudo-header (RFC 9293 §3.1: addresses, zero, protocol, TCP length) summed.
+cdef uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
+                         Py_ssize_t length) noexcept nogil
+# An IPv4 header without options, DF, TTL 64, protocol TCP, its checksum filled in.
+cdef void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
+                            const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil
+# A TCP header with checksum and urgent pointer zero (the caller fills the checksum).
+cdef void write_tcp_header(uint8_t *t, uint16_t src_port, uint16_t dst_port,
+                           uint32_t seq, uint32_t ack, Py_ssize_t header_len,
+                           uint8_t flags, uint16_t window) noexcept nogil

@@ -74,8 +74,8 @@ cdef uint16_t csum_finish(uint64_t acc) noexcept nogil:
     return <uint16_t>(~be16toh(<uint16_t>acc)) & 0xFFFF
 
 
-cdef inline uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
-                                Py_ssize_t length) noexcept nogil:
+cdef uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
+                         Py_ssize_t length) noexcept nogil:
     cdef uint8_t ph[12]
     cdef uint16_t be_len = htobe16(<uint16_t>length)
     memcpy(ph, src_ip, 4)
@@ -96,8 +96,8 @@ cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     memcpy(p, &be, 4)
 
 
-cdef inline void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
-                                   const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil:
+cdef void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
+                            const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil:
     # RFC 791 §3.1: no options, DF, TTL 64, protocol TCP, with its header checksum.
     out[0] = IPV4_VERSION_IHL
     out[1] = 0
@@ -113,9 +113,9 @@ cdef inline void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
     put16(out + 10, csum_finish(csum_partial(out, IPV4_HEADER_LEN, 0)))
 
 
-cdef inline void write_tcp_header(uint8_t *t, uint16_t src_port, uint16_t dst_port,
-                                  uint32_t seq, uint32_t ack, Py_ssize_t header_len,
-                                  uint8_t flags, uint16_t window) noexcept nogil:
+cdef void write_tcp_header(uint8_t *t, uint16_t src_port, uint16_t dst_port,
+                           uint32_t seq, uint32_t ack, Py_ssize_t header_len,
+                           uint8_t flags, uint16_t window) noexcept nogil:
     # RFC 9293 §3.1, checksum and urgent pointer zero (the caller fills the checksum).
     put16(t, src_port)
     put16(t + 2, dst_port)

@@ -20,6 +20,7 @@ SELECTORS = [
     ("voidbox.net.fastpath", "voidbox._slirp", "voidbox.net._slirp_py", "FramePort"),
     ("voidbox.net.fastpath", "voidbox._slirp", "voidbox.net._slirp_py", "seq_lt"),
     ("voidbox.net.fastpath", "voidbox._slirp", "voidbox.net._slirp_py", "build_ipv4_tcp"),
+    ("voidbox.virtio.rxstream", "voidbox._netrx", "voidbox.virtio._netrx_py", "RingStream"),
 ]
 
 
@@ -42,3 +43,6 @@ def test_the_selectors_report_what_they_chose():
 
     assert ring.IMPLEMENTATION == ("pure" if pure_only() else "cython")
     assert fastpath.COMPILED is not pure_only()
+    from voidbox.virtio import rxstream
+
+    assert rxstream.COMPILED is not pure_only()

@@ -74,10 +74,11 @@ class RingStream:
             queue = card._queue(0)
             if queue is None or self.paused:
                 return 0, 0, 0, STREAM_BLOCKED
-            want = min(budget, unread_beyond_peek(sockfd))
+            unread = unread_beyond_peek(sockfd)
+            want = min(budget, unread)
             if want <= 0:
                 return 0, 0, 0, self._empty_status(sockfd)
-            chains = self._take(queue, min(MAX_CHAINS, -(-want // mss)))
+            chains = self._take(queue, min(MAX_CHAINS, (want + mss - 1) // mss))
             if not chains:
                 card.counters["rx_starved"] += 1
                 return 0, 0, 0, STREAM_BLOCKED
@@ -120,7 +121,8 @@ class RingStream:
             self._count(len(used), got)
             if queue.needs_notification():
                 card.interrupt(1)
-            return got, got, len(used), STREAM_MORE if got == want else STREAM_DRAINED
+            # Drained once the socket gave all it held: the caller need not ask again.
+            return got, got, len(used), STREAM_DRAINED if got >= unread else STREAM_MORE
 
     def _take(self, queue, n: int) -> list:
         """n RX chains big enough for headers and a byte: the card's held ones first."""

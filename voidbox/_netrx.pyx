@@ -1,0 +1,255 @@
+# cython: language_level=3
+"""Host TCP data straight into a virtio-net card's RX buffers: the compiled twin of
+voidbox/virtio/_netrx_py.py (read its docstring for the contract).
+
+What this twin adds: one recvmsg(MSG_PEEK) per burst over iovecs that point into guest
+memory, at each RX chain's payload (after FRAME_HEADROOM bytes of headers), so host data
+is copied once, by the kernel, from the socket into the guest's buffers. The headers are
+built in a small local buffer and scattered into the chain's first bytes; the TCP checksum
+is summed over the payload where it landed. The system calls and the per-segment loop run
+without the GIL. Chains of the pure ring twin take the pure twin's path.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from voidbox._ring cimport Chain, Virtqueue, vb_segment
+from voidbox._slirp cimport (
+    csum_finish,
+    csum_partial,
+    pseudo_sum,
+    write_ipv4_header,
+    write_tcp_header,
+)
+
+from voidbox.virtio._netrx_py import FRAME_HEADROOM as _FRAME_HEADROOM
+from voidbox.virtio._netrx_py import MAX_CHAINS as _MAX_CHAINS
+from voidbox.virtio._netrx_py import STREAM_BLOCKED, STREAM_DRAINED, STREAM_EOF, STREAM_MORE
+from voidbox.virtio._netrx_py import RingStream as _PureRingStream
+from voidbox.virtio._netrx_py import unread_beyond_peek
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t recvmsg(int fd, msghdr *msg, int flags)
+    enum:
+        MSG_PEEK
+        MSG_DONTWAIT
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EINTR
+        EAGAIN
+
+cdef extern from "<endian.h>" nogil:
+    uint16_t htobe16(uint16_t x)
+    uint16_t htole16(uint16_t x)
+
+cdef enum:
+    VNET_HDR_LEN = 12
+    ETH_HLEN = 14
+    IPV4_HLEN = 20
+    TCP_HLEN = 20
+    HEADROOM = VNET_HDR_LEN + ETH_HLEN + IPV4_HLEN + TCP_HLEN
+    TCP_FLAG_ACK = 0x10
+    TCP_FLAG_PSH = 0x08
+    # Segments one chain may hold; iovecs per burst are bounded by MAX_IOV.
+    MAX_IOV = 1024
+    CHAINS_CAP = 256
+
+cdef uint64_t SEQ_MASK = 0xFFFFFFFF
+
+assert HEADROOM == _FRAME_HEADROOM and CHAINS_CAP == _MAX_CHAINS
+
+
+cdef uint64_t add_piece(uint64_t acc, const uint8_t *p, size_t n, size_t *odd) noexcept nogil:
+    """Add p[0:n] to a native-order one's complement sum (RFC 1071 §2) that already covers
+    odd[0] (mod 2) bytes: a piece starting at an odd offset is summed byte-swapped."""
+    cdef uint64_t s
+    if n == 0:
+        return acc
+    s = csum_partial(p, <Py_ssize_t>n, 0)
+    if odd[0] & 1:
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        s = ((s & 0xFF) << 8) | (s >> 8)  # RFC 1071 §2(B): byte order independence
+    odd[0] += n
+    return acc + s
+
+
+cdef void scatter(const vb_segment *segs, uint32_t nsegs, size_t offset, const uint8_t *src,
+                  size_t n) noexcept nogil:
+    """Copy src[0:n] into the segments' bytes from offset on (the caller checked the room)."""
+    cdef uint32_t i
+    cdef size_t take
+    for i in range(nsegs):
+        if n == 0:
+            return
+        if offset >= segs[i].len:
+            offset -= segs[i].len
+            continue
+        take = min(<size_t>segs[i].len - offset, n)
+        memcpy(segs[i].host + offset, src, take)  # host: validated for len bytes by the ring
+        src += take
+        n -= take
+        offset = 0
+
+
+class RingStream(_PureRingStream):
+    """A virtio-net card's stream port; see voidbox/virtio/_netrx_py.py."""
+
+    def send_tcp_stream(self, int sockfd, const uint8_t[::1] eth_header,
+                        const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,
+                        int src_port, int dst_port, uint64_t seq, uint64_t ack, int window,
+                        int mss, Py_ssize_t budget, int ip_id):
+        card = self.card
+        queue = card._queue(0)
+        if queue is None or not isinstance(queue, Virtqueue):
+            return _PureRingStream.send_tcp_stream(
+                self, sockfd, eth_header, src_ip, dst_ip, src_port, dst_port, seq, ack,
+                window, mss, budget, ip_id)
+        if eth_header.shape[0] != ETH_HLEN or src_ip.shape[0] != 4 or dst_ip.shape[0] != 4:
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
+        if not 0 < mss <= 65535 - IPV4_HLEN - TCP_HLEN:
+            raise ValueError("mss out of range")
+        cdef Py_ssize_t want, unread
+        with card._lock:
+            if self.paused:
+                return 0, 0, 0, STREAM_BLOCKED
+            unread = unread_beyond_peek(sockfd)
+            want = min(budget, unread)
+            if want <= 0:
+                return 0, 0, 0, self._empty_status(sockfd)
+            # Rounded up; written without negative operands: cdivision truncates towards zero.
+            chains = self._take(queue, min(_MAX_CHAINS, (want + mss - 1) // mss))
+            if not chains:
+                card.counters["rx_starved"] += 1
+                return 0, 0, 0, STREAM_BLOCKED
+            return self._fill(card, queue, chains, sockfd, eth_header, src_ip, dst_ip,
+                              src_port, dst_port, seq, ack, window, mss, want, unread, ip_id)
+
+    def _fill(self, card, queue, list chains, int sockfd, const uint8_t[::1] eth,
+              const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip, int src_port,
+              int dst_port, uint64_t seq, uint64_t ack, int window, int mss,
+              Py_ssize_t want, Py_ssize_t unread, int ip_id):
+        """Peek into the chains' payload iovecs, then write each segment's headers."""
+        cdef Py_ssize_t nchains = len(chains)
+        cdef Py_ssize_t i
+        cdef uint32_t s
+        cdef size_t niov = 0, total = 0, cap, skip, take
+        cdef size_t caps[CHAINS_CAP]
+        cdef iovec iov[MAX_IOV]
+        cdef Chain c
+        for i in range(nchains):
+            c = <Chain>chains[i]
+            cap = min(<size_t>mss, <size_t>(c.writable - HEADROOM))
+            cap = min(cap, <size_t>(want - total))
+            caps[i] = cap
+            skip = HEADROOM
+            for s in range(c.info.nsegs):
+                if cap == 0 or niov >= MAX_IOV:
+                    break
+                if skip >= c.segs[s].len:
+                    skip -= c.segs[s].len
+                    continue
+                take = min(<size_t>c.segs[s].len - skip, cap)
+                iov[niov].iov_base = c.segs[s].host + skip  # host: validated by the ring
+                iov[niov].iov_len = take
+                niov += 1
+                total += take
+                cap -= take
+                skip = 0
+            caps[i] -= cap  # what the iovecs cover (less if MAX_IOV cut it short)
+        cdef msghdr msg
+        memset(&msg, 0, sizeof(msg))
+        msg.msg_iov = iov
+        msg.msg_iovlen = niov
+        cdef ssize_t got
+        cdef int err = 0
+        with nogil:
+            while True:
+                got = recvmsg(sockfd, &msg, MSG_PEEK | MSG_DONTWAIT)
+                if not (got < 0 and errno == EINTR):
+                    break
+            if got < 0:
+                err = errno
+        if got <= 0:
+            self._give_back(chains)
+            if got == 0:
+                return 0, 0, 0, STREAM_EOF
+            return 0, 0, 0, (STREAM_DRAINED if err == EAGAIN else -err)
+        used = []
+        cdef size_t done = 0, n, odd
+        cdef uint8_t hdr[HEADROOM]
+        cdef uint8_t *t = hdr + VNET_HDR_LEN + ETH_HLEN + IPV4_HLEN
+        cdef uint8_t flags
+        cdef uint64_t acc
+        cdef uint16_t le
+        cdef Py_ssize_t frames = 0
+        for i in range(nchains):
+            c = <Chain>chains[i]
+            if done >= <size_t>got or caps[i] == 0:
+                self._give_back([c])
+                continue
+            n = min(caps[i], <size_t>got - done)
+            flags = TCP_FLAG_ACK | (TCP_FLAG_PSH if done + n >= <size_t>got else 0)
+            with nogil:
+                # virtio 1.2 §5.1.6: no offloads; num_buffers 1 (one chain per segment).
+                memset(hdr, 0, VNET_HDR_LEN)
+                le = htole16(1)
+                memcpy(hdr + 10, &le, 2)
+                memcpy(hdr + VNET_HDR_LEN, &eth[0], ETH_HLEN)
+                write_ipv4_header(hdr + VNET_HDR_LEN + ETH_HLEN,
+                                  <uint16_t>(IPV4_HLEN + TCP_HLEN + n),
+                                  <uint16_t>((ip_id + frames) & 0xFFFF), &src_ip[0], &dst_ip[0])
+                write_tcp_header(t, <uint16_t>src_port, <uint16_t>dst_port,
+                                 <uint32_t>((seq + done) & SEQ_MASK),
+                                 <uint32_t>(ack & SEQ_MASK), TCP_HLEN, flags,
+                                 <uint16_t>window)
+                # The full checksum (no GUEST_CSUM offered): header, then the payload where
+                # the kernel put it, piece by piece.
+                odd = 0
+                acc = pseudo_sum(&src_ip[0], &dst_ip[0], TCP_HLEN + n)
+                acc = add_piece(acc, t, TCP_HLEN, &odd)
+                acc = self_sum_payload(c.segs, c.info.nsegs, HEADROOM, n, acc, &odd)
+                le = htobe16(csum_finish(acc))
+                memcpy(t + 16, &le, 2)
+                scatter(c.segs, c.info.nsegs, 0, hdr, HEADROOM)
+            used.append((c.head, HEADROOM + n))
+            done += n
+            frames += 1
+        queue.push_many(used)
+        self._count(frames, got)
+        if queue.needs_notification():
+            card.interrupt(1)
+        # Drained once the socket gave all it held: the caller need not ask again.
+        return got, got, frames, (STREAM_DRAINED if got >= unread else STREAM_MORE)
+
+
+cdef uint64_t self_sum_payload(const vb_segment *segs, uint32_t nsegs, size_t offset,
+                               size_t n, uint64_t acc, size_t *odd) noexcept nogil:
+    """Sum n payload bytes that start offset bytes into the chain's segments."""
+    cdef uint32_t i
+    cdef size_t take
+    for i in range(nsegs):
+        if n == 0:
+            break
+        if offset >= segs[i].len:
+            offset -= segs[i].len
+            continue
+        take = min(<size_t>segs[i].len - offset, n)
+        acc = add_piece(acc, segs[i].host + offset, take, odd)
+        n -= take
+        offset = 0
+    return acc
