@@ -9,10 +9,12 @@ built in a small local buffer and scattered into the chain's first bytes; the TC
 is summed over the payload where it landed. The system calls and the per-segment loop run
 without the GIL. Chains of the pure ring twin take the pure twin's path.
 """
+from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from voidbox._ring cimport Chain, Virtqueue, vb_segment
+from voidbox.includes.sockio cimport MSG_DONTWAIT, MSG_PEEK, iovec, msghdr, recvmsg
 from voidbox._slirp cimport (
     csum_finish,
     csum_partial,
@@ -26,31 +28,6 @@ from voidbox.virtio._netrx_py import MAX_CHAINS as _MAX_CHAINS
 from voidbox.virtio._netrx_py import STREAM_BLOCKED, STREAM_DRAINED, STREAM_EOF, STREAM_MORE
 from voidbox.virtio._netrx_py import RingStream as _PureRingStream
 from voidbox.virtio._netrx_py import unread_beyond_peek
-
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-
-cdef extern from "<sys/socket.h>" nogil:
-    struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t recvmsg(int fd, msghdr *msg, int flags)
-    enum:
-        MSG_PEEK
-        MSG_DONTWAIT
-
-cdef extern from "<errno.h>" nogil:
-    int errno
-    enum:
-        EINTR
-        EAGAIN
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)

@@ -243,29 +243,16 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno  # EWOULDBLOCK == EAGAIN on Linux
 from libc.stdlib cimport free, malloc
 
-cdef extern from "<unistd.h>" nogil:
-    ssize_t c_read "read"(int fd, void *buf, size_t count)
-    ssize_t c_write "write"(int fd, const void *buf, size_t count)
-
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    ssize_t writev(int fd, const iovec *iov, int iovcnt)
-
-cdef extern from "<sys/socket.h>" nogil:
-    struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t recvmsg(int sockfd, msghdr *msg, int flags)
-    enum:
-        MSG_PEEK
-        MSG_DONTWAIT
+from voidbox.includes.sockio cimport (
+    MSG_DONTWAIT,
+    MSG_PEEK,
+    c_read,
+    c_write,
+    iovec,
+    msghdr,
+    recvmsg,
+    writev,
+)
 
 cdef extern from "<string.h>" nogil:
     void *memset(void *s, int c, size_t n)
