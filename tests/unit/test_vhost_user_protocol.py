@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from voidbox.vhost_user import protocol as p
@@ -448,7 +448,8 @@ pieces = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.timeout(60)  # never hangs
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.lists(pieces, max_size=12).map(b"".join),
     cuts=st.lists(st.integers(0, 1000), max_size=12),
@@ -470,10 +471,65 @@ def test_fuzz_only_protocol_errors_and_no_fd_leak(data, cuts, fd_counts):
             for message in decoder.messages():
                 assert isinstance(message, p.Message)
                 handed_out.append(message)
+        event("no error")
     except ProtocolError:
         assert decoder.failed
+        event("ProtocolError")
     finally:
+        event(f"messages decoded: {min(len(handed_out), 3)}{'+' if len(handed_out) >= 3 else ''}")
         for message in handed_out:
             message.close()
         decoder.close()
+    assert open_fds() == before
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    picks=st.lists(st.integers(0, len(GOLDEN) - 1), min_size=1, max_size=10),
+    cuts=st.lists(st.integers(0, 2000), max_size=20),
+    flip=st.none() | st.tuples(st.integers(0, 2000), st.integers(1, 255)),
+)
+def test_fuzz_valid_streams_in_random_chunks(picks, cuts, flip):
+    """Valid messages with their fds, cut anywhere: all decoded as sent. One flipped byte:
+    decoded or ProtocolError, and no fd leaks either way."""
+    before = open_fds()
+    data, starts, expect = b"", {}, []
+    for k in picks:
+        message, wire, nfds = GOLDEN[k]
+        fds = []
+        for _ in range(nfds):
+            r, w = os.pipe()
+            os.close(w)
+            fds.append(r)
+        if fds:
+            starts[len(data)] = fds
+        expect.append(with_fds(message, fds))
+        data += wire
+    if flip is not None:
+        at = flip[0] % len(data)
+        data = data[:at] + bytes([data[at] ^ flip[1]]) + data[at + 1:]
+    bounds = sorted({0, len(data), *starts, *(c % (len(data) + 1) for c in cuts)})
+    decoder = Decoder(max_queues=QUEUES)
+    got, fed = [], set()
+    try:
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            fed.add(start)
+            decoder.feed(data[start:end], starts.get(start, []))
+            got += decoder.messages()
+        if flip is None:
+            assert got == expect
+            assert not decoder.failed
+        event("decoded")
+    except ProtocolError:
+        assert flip is not None
+        event("ProtocolError")
+    finally:
+        for message in got:
+            message.close()
+        decoder.close()
+        for start, fds in starts.items():  # fds never fed (after a failure) are still ours
+            if start not in fed:
+                for fd in fds:
+                    os.close(fd)
     assert open_fds() == before
