@@ -533,3 +533,14 @@ def test_fuzz_valid_streams_in_random_chunks(picks, cuts, flip):
                 for fd in fds:
                     os.close(fd)
     assert open_fds() == before
+
+
+def test_fds_belong_to_the_message_holding_the_reads_first_byte(pipes):
+    """A read that brings fds starts with the message they were sent with; two fd-carrying
+    messages in one read would mean a frontend (or a kernel) broke that rule."""
+    fds = pipes(2)
+    decoder = Decoder(max_queues=QUEUES)
+    decoder.feed(msg(12, struct.pack("<Q", 0)) + msg(13, struct.pack("<Q", 0)), fds)
+    with pytest.raises(ProtocolError, match="SET_VRING_KICK: needs exactly one fd, got 2"):
+        list(decoder.messages())
+    assert not any(is_open(fd) for fd in fds)
