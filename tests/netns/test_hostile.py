@@ -4,6 +4,7 @@ the defect it guards. Servers listen on the host's loopback only."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import random
 import resource
@@ -345,3 +346,26 @@ def test_udp_forward_as_another_user_cannot_share_roots_port():
     _, status = os.waitpid(pid, 0)
     service.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ---- the same defects unprivileged: the user namespace owns the PID namespace ------------
+
+def test_unprivileged_command_runs_in_its_own_pid_namespace(tmp_path, workdir):
+    out = workdir / "pids"
+    cmd = f"echo $$ > {out}; ls /proc | grep -c '^[0-9]' >> {out}"
+    assert _drop_to_nobody_and_run(tmp_path, workdir, cmd, NatConfig()) == 0
+    pid, count = out.read_text().split()
+    assert pid == "2" and int(count) <= 4
+
+
+def test_unprivileged_interface_deletion_does_not_spin(tmp_path, workdir):
+    """As uid nobody (root in its user namespace), `ip link del tap0`: the NAT, in the
+    forked child that runs it, must rest while the command sleeps."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert _drop_to_nobody_and_run(tmp_path, workdir, "ip link del tap0 && sleep 3",
+                                   NatConfig()) == 0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    counters = json.loads((workdir / "counters.json").read_text())
+    assert counters["tap_gone"] == 1
+    assert cpu < 2.0, f"the NAT used {cpu:.2f} s of CPU while the command slept 3 s"
