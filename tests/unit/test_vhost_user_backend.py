@@ -385,3 +385,40 @@ def test_a_region_beyond_its_file_is_refused(rig, path):
     assert front.closed_by_server()
     assert "bytes of a" in rig.server.last_error
     front.close()
+
+
+def test_net_serve_cli_serves_until_sigterm(path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "voidbox", "net", "serve", "--vhost-user",
+                             str(path), "--mtu", "1400"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the socket never appeared"
+            time.sleep(0.05)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(p.encode_request(p.GetFeatures())[0])
+        request, _flags, size = p.HEADER.unpack(sock.recv(p.VHOST_USER_HDR_SIZE))
+        (features,) = struct.unpack("<Q", sock.recv(size))
+        assert request == p.VHOST_USER_GET_FEATURES and features & (1 << VIRTIO_F_VERSION_1)
+        sock.sendall(p.encode_request(p.GetConfig(offset=0, flags=0, payload=bytes(12)))[0])
+        reply = sock.recv(p.VHOST_USER_HDR_SIZE + p.CONFIG_HEADER.size + 12)
+        config = reply[p.VHOST_USER_HDR_SIZE + p.CONFIG_HEADER.size:]
+        assert config[:6] == bytes.fromhex("525400123456")  # the NAT's guest MAC
+        assert struct.unpack_from("<H", config, 10)[0] == 1400
+        sock.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
