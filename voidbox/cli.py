@@ -110,6 +110,24 @@ def net() -> None:
     """User-mode networking without a VM."""
 
 
+@net.command("serve", epilog=NAT_EPILOG)
+@click.option("--vhost-user", "socket_path", required=True, metavar="SOCKET",
+              help="Serve the card as a vhost-user backend on this unix socket (mode 0600).")
+@_options(NAT_OPTIONS)
+def net_serve(socket_path, mtu, forward, allow, deny, dns_upstream, max_flows, max_conn_rate,
+              pcap, pcap_max_bytes) -> None:
+    """Serve a virtio-net card on the NAT to one vhost-user frontend at a time (e.g. QEMU).
+
+    Runs until SIGINT or SIGTERM. Example: voidbox net serve --vhost-user /tmp/net.sock
+    """
+    from .net.options import config_from_options, pcap_from_options
+    from .vhost_user.serve import serve_net
+
+    config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
+                                         max_flows, max_conn_rate)
+    sys.exit(serve_net(socket_path, config, policy, pcap_from_options(pcap, pcap_max_bytes)))
+
+
 # Everything from the first word that is not one of voidbox's options on is COMMAND's, as
 # with env, sudo and unshare: `voidbox net run ls -h` lists, and does not print this help.
 # An unknown option before that word (or before --) is a usage error, not a command.

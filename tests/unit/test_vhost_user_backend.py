@@ -1,0 +1,424 @@
+"""The vhost-user backend server against a fake frontend on its real unix socket.
+
+The frontend plays QEMU's part: guest memory is a memfd it maps and passes by SCM_RIGHTS,
+the driver mock (tests/virtio_driver.py) writes the rings into it, kicks and calls are
+eventfds. The server and the NAT run on one EventLoop, pumped by the test.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import stat
+import struct
+
+import pytest
+
+from tests.virtio_driver import Driver
+from voidbox.errors import VoidboxError
+from voidbox.eventloop import EventLoop
+from voidbox.net.backend import SlirpBackend
+from voidbox.net.config import NatConfig
+from voidbox.net.packets import (
+    ARPOP_REPLY,
+    ARPOP_REQUEST,
+    ETH_P_ARP,
+    build_arp,
+    build_ethernet,
+    ip_to_bytes,
+    parse_arp,
+)
+from voidbox.vhost_user import protocol as p
+from voidbox.vhost_user.backend import OFFERED_PROTOCOL_FEATURES, VhostUserServer
+from voidbox.virtio.device import VIRTIO_F_VERSION_1
+from voidbox.virtio.net import VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_LEN, VirtioNet
+
+MEM_SIZE = 32 << 20
+UADDR = 0x7F00_0000_0000  # where the "frontend" says it mapped guest memory
+QSIZE = 64
+MAC = bytes.fromhex("525400123456")
+GUEST_IP = ip_to_bytes("10.0.2.15")
+GATEWAY_IP = ip_to_bytes("10.0.2.2")
+TX_RINGS = {"desc_addr": 0x50_0000, "avail_addr": 0x60_0000, "used_addr": 0x70_0000}
+
+
+class MemfdMemory:
+    """Guest memory as the frontend holds it: one memfd, mapped shared, at gpa 0."""
+
+    def __init__(self, size: int = MEM_SIZE):
+        self.fd = os.memfd_create("vhost-user-test", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.size = size
+        self.area = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self.area[gpa:gpa + length]
+
+    def write(self, gpa: int, data) -> None:
+        self.area[gpa:gpa + len(data)] = bytes(data)
+
+    def close(self) -> None:
+        self.area.close()
+        os.close(self.fd)
+
+
+class Rig:
+    """A VirtioNet on a SlirpBackend served by a VhostUserServer on `path`."""
+
+    def __init__(self, path, ring_factory):
+        self.loop = EventLoop(debug=False)
+        self.backend = SlirpBackend(self.loop, NatConfig())
+        self.device = VirtioNet(self.backend, MAC, schedule=self.loop.call_soon)
+        self.backend.attach(self.device.receive, self.device.rx_room, self.device.stream_port())
+        self.server = VhostUserServer(self.device, str(path), self.loop, ring_factory=ring_factory)
+        self.server.start()
+
+    def pump(self, until=lambda: False, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            self.loop.run_once(0.01)
+            if until():
+                return
+
+    def close(self) -> None:
+        self.server.close()
+        self.device.close()
+        self.loop.close()
+
+
+class Frontend:
+    """The frontend's side: requests over the socket, the rings through the driver mock."""
+
+    def __init__(self, rig: Rig, path):
+        self.rig = rig
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(0)
+        rig.pump(lambda: rig.server.session is not None, rounds=5)
+        self.memory = MemfdMemory()
+        self.rx = Driver(self.memory, size=QSIZE)
+        self.tx = Driver(self.memory, size=QSIZE, **TX_RINGS)
+        self.tx._data_next += 8 << 20
+        self.kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+        self.calls = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+
+    def send_raw(self, data: bytes, fds=()) -> None:
+        socket.send_fds(self.sock, [data], list(fds))
+
+    def send(self, msg: p.Message) -> None:
+        data, fds = p.encode_request(msg)
+        self.send_raw(data, fds)
+
+    def reply(self) -> tuple[int, int, bytes]:
+        """Pump the server until a reply arrives: (request, flags, payload)."""
+        buf = b""
+        for _ in range(100):
+            self.rig.loop.run_once(0.01)
+            try:
+                chunk = self.sock.recv(4096)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            buf += chunk
+            if len(buf) >= p.VHOST_USER_HDR_SIZE:
+                request, flags, size = p.HEADER.unpack_from(buf)
+                if len(buf) >= p.VHOST_USER_HDR_SIZE + size:
+                    return request, flags, buf[p.VHOST_USER_HDR_SIZE:]
+        raise TimeoutError("no reply")
+
+    def call(self, msg: p.Message) -> bytes:
+        self.send(msg)
+        request, flags, payload = self.reply()
+        assert request == msg.request and flags & p.VHOST_USER_REPLY_MASK
+        return payload
+
+    def closed_by_server(self) -> bool:
+        self.rig.pump(rounds=3)
+        try:
+            return self.sock.recv(4096) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def user(self, gpa: int) -> int:
+        return UADDR + gpa
+
+    def negotiate(self) -> int:
+        (features,) = struct.unpack("<Q", self.call(p.GetFeatures()))
+        assert features & (1 << p.VHOST_USER_F_PROTOCOL_FEATURES)
+        (proto,) = struct.unpack("<Q", self.call(p.GetProtocolFeatures()))
+        assert proto & (1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK)
+        self.send(p.SetProtocolFeatures(features=proto & OFFERED_PROTOCOL_FEATURES))
+        self.send(p.SetOwner())
+        acked = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF) \
+            | (1 << p.VHOST_USER_F_PROTOCOL_FEATURES)
+        assert features & acked == acked
+        # need_reply: REPLY_ACK says the server took it.
+        self.send(p.SetFeatures(features=acked, need_reply=True))
+        request, _flags, payload = self.reply()
+        assert request == p.VHOST_USER_SET_FEATURES and payload == struct.pack("<Q", 0)
+        return acked
+
+    def mem_table(self, **overrides) -> p.SetMemTable:
+        region = {"guest_phys_addr": 0, "memory_size": self.memory.size, "userspace_addr": UADDR,
+                  "mmap_offset": 0, **overrides}
+        return p.SetMemTable(regions=(p.MemoryRegion(**region),), fds=(self.memory.fd,))
+
+    def setup_ring(self, index: int, driver: Driver, **addr_overrides) -> None:
+        self.send(p.SetVringNum(index=index, num=driver.size))
+        addrs = {"desc_user_addr": self.user(driver.desc_addr),
+                 "avail_user_addr": self.user(driver.avail_addr),
+                 "used_user_addr": self.user(driver.used_addr), **addr_overrides}
+        self.send(p.SetVringAddr(index=index, flags=0, log_guest_addr=0, **addrs))
+        self.send(p.SetVringBase(index=index, num=0))
+        self.send(p.SetVringCall(index=index, fds=(self.calls[index],)))
+        self.send(p.SetVringKick(index=index, fds=(self.kicks[index],)))
+        self.send(p.SetVringEnable(index=index, enable=True))
+
+    def start(self, rx_buffers: int = 4) -> None:
+        self.negotiate()
+        self.send(self.mem_table())
+        for _ in range(rx_buffers):
+            self.rx.add_buffers(writable=[2048])
+        self.setup_ring(0, self.rx)
+        self.setup_ring(1, self.tx)
+        self.rig.pump(lambda: self.rig.device.queues != (), rounds=20)
+        assert len(self.rig.device.queues) == 2
+
+    def transmit(self, frame: bytes) -> None:
+        self.tx.add_buffers(readable=[bytes(VIRTIO_NET_HDR_LEN) + frame])
+        os.eventfd_write(self.kicks[1], 1)
+
+    def called(self, index: int) -> bool:
+        try:
+            return os.eventfd_read(self.calls[index]) > 0
+        except BlockingIOError:
+            return False
+
+    def received(self) -> list[bytes]:
+        out = []
+        for head, length in self.rx.collect():
+            addr = self.rx.read_desc(head)[0]
+            out.append(self.memory.read(addr, length)[VIRTIO_NET_HDR_LEN:])
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.kicks + self.calls:
+            os.close(fd)
+        self.memory.close()
+
+
+def arp_request() -> bytes:
+    arp = build_arp(ARPOP_REQUEST, MAC, GUEST_IP, bytes(6), GATEWAY_IP)
+    return build_ethernet(b"\xff" * 6, MAC, ETH_P_ARP, arp)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "net.sock"
+
+
+@pytest.fixture
+def rig(path, impl):
+    rig = Rig(path, impl.Virtqueue)
+    yield rig
+    rig.close()
+
+
+def arp_round_trip(front: Frontend) -> None:
+    front.transmit(arp_request())
+    frames: list[bytes] = []
+    front.rig.pump(lambda: frames.extend(front.received()) or frames, rounds=50)
+    assert len(frames) == 1
+    frame = frames[0]
+    assert frame[:6] == MAC and int.from_bytes(frame[12:14], "big") == ETH_P_ARP
+    reply = parse_arp(frame[14:])
+    assert reply.op == ARPOP_REPLY and reply.spa == GATEWAY_IP and reply.tpa == GUEST_IP
+    assert front.called(0)  # the RX call eventfd
+    assert front.called(1)  # the TX chain was used too
+
+
+def test_the_socket_is_private_and_goes_with_the_server(path, impl):
+    rig = Rig(path, impl.Virtqueue)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    rig.close()
+    assert not path.exists()
+
+
+def test_an_existing_file_is_never_replaced(path, impl):
+    path.write_text("precious")
+    loop = EventLoop()
+    server = VhostUserServer(VirtioNet(None, MAC), str(path), loop, ring_factory=impl.Virtqueue)
+    with pytest.raises(VoidboxError, match="not a socket"):
+        server.start()
+    assert path.read_text() == "precious"
+    loop.close()
+
+
+def test_arp_through_the_nat_and_back(rig, path):
+    front = Frontend(rig, path)
+    front.start()
+    arp_round_trip(front)
+    assert rig.device.counters["tx_frames"] == 1 and rig.device.counters["rx_frames"] == 1
+    # GET_CONFIG: the MAC at offset 0.
+    config = front.call(p.GetConfig(offset=0, flags=0, payload=bytes(6)))
+    assert config[p.CONFIG_HEADER.size:] == MAC
+    # GET_VRING_BASE stops the ring and reports how far the device read.
+    assert front.call(p.GetVringBase(index=1, num=0)) == p.VRING_STATE.pack(1, 1)
+    assert rig.device.queues == ()
+    front.close()
+
+
+def test_a_second_frontend_is_refused_while_one_is_served(rig, path):
+    front = Frontend(rig, path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.connect(str(path))
+    rig.pump(lambda: rig.server.refused == 1, rounds=10)
+    assert other.recv(16) == b""
+    other.close()
+    front.start()
+    arp_round_trip(front)
+    front.close()
+
+
+def test_the_next_frontend_is_served_after_a_disconnect(rig, path):
+    before = open_fds()
+    for _ in range(2):
+        front = Frontend(rig, path)
+        front.start()
+        arp_round_trip(front)
+        front.close()
+        rig.pump(lambda: rig.server.session is None, rounds=10)
+        assert rig.server.session is None and rig.device.queues == ()
+    assert rig.server.sessions == 2 and rig.server.activations == 2
+    assert rig.server.lingering_mappings == 0
+    assert open_fds() == before
+    with open("/proc/self/maps") as maps:
+        assert "vhost-user-test" not in maps.read()
+
+
+MALFORMED = {
+    "unknown request": p.HEADER.pack(99, 1, 0),
+    "bad version": p.HEADER.pack(p.VHOST_USER_GET_FEATURES, 2, 0),
+    "short payload": p.HEADER.pack(p.VHOST_USER_SET_FEATURES, 1, 4) + bytes(4),
+    "index out of range": p.HEADER.pack(p.VHOST_USER_SET_VRING_NUM, 1, 8) + p.VRING_STATE.pack(7, 64),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_messages_close_the_connection_not_the_server(rig, path, name, caplog):
+    before = open_fds()
+    front = Frontend(rig, path)
+    front.negotiate()
+    front.send(front.mem_table())
+    with caplog.at_level(logging.WARNING, logger="voidbox.vhost_user.backend"):
+        front.send_raw(MALFORMED[name])
+        assert front.closed_by_server()
+    assert len(caplog.records) == 1
+    assert rig.server.session is None
+    front.close()
+    assert open_fds() == before
+    second = Frontend(rig, path)
+    second.start()
+    arp_round_trip(second)
+    second.close()
+
+
+OUT_OF_ORDER = {  # name: (what the frontend does, what the log line says)
+    "ring address before the table": (lambda f: f.send(p.SetVringAddr(
+        index=0, flags=0, desc_user_addr=UADDR, used_user_addr=UADDR, avail_user_addr=UADDR,
+        log_guest_addr=0)), "before SET_MEM_TABLE"),
+    "a protocol feature not offered": (
+        lambda f: f.send(p.SetProtocolFeatures(features=1 << 5)), "not offered"),
+    "a virtio feature not offered": (
+        lambda f: f.send(p.SetFeatures(features=1 << 60)), "not offered"),
+    "a nonzero ring base": (
+        lambda f: f.send(p.SetVringBase(index=0, num=5)), "base 5 unsupported"),
+    "a ring started before its address": (
+        lambda f: (f.send(p.SetVringNum(index=0, num=QSIZE)),
+                   f.send(p.SetVringKick(index=0, fds=(f.kicks[0],))),
+                   f.send(p.SetVringKick(index=1, fds=(f.kicks[1],)))),
+        "before SET_VRING_NUM and SET_VRING_ADDR"),
+}
+
+
+@pytest.mark.parametrize("name", OUT_OF_ORDER)
+def test_out_of_order_or_unsupported_requests_close_the_connection(rig, path, name):
+    before = open_fds()
+    front = Frontend(rig, path)
+    action, reason = OUT_OF_ORDER[name]
+    action(front)
+    assert front.closed_by_server()
+    assert reason in rig.server.last_error
+    front.close()
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("where", ["desc_user_addr", "avail_user_addr", "used_user_addr"])
+def test_a_ring_outside_the_table_is_refused(rig, path, where):
+    front = Frontend(rig, path)
+    front.negotiate()
+    front.send(front.mem_table())
+    front.send(p.SetVringNum(index=0, num=QSIZE))
+    bad = {where: UADDR + MEM_SIZE - 8}  # straddles the region's end
+    addrs = {"desc_user_addr": UADDR + 0x10_0000, "avail_user_addr": UADDR + 0x20_0000,
+             "used_user_addr": UADDR + 0x30_0000, **bad}
+    front.send(p.SetVringAddr(index=0, flags=0, log_guest_addr=0, **addrs))
+    assert front.closed_by_server()
+    assert "maps into no memory region" in rig.server.last_error
+    front.close()
+
+
+def test_a_region_beyond_its_file_is_refused(rig, path):
+    front = Frontend(rig, path)
+    front.negotiate()
+    front.send(front.mem_table(mmap_offset=4096))  # one page past the memfd's end
+    assert front.closed_by_server()
+    assert "bytes of a" in rig.server.last_error
+    front.close()
+
+
+def test_net_serve_cli_serves_until_sigterm(path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "voidbox", "net", "serve", "--vhost-user",
+                             str(path), "--mtu", "1400"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the socket never appeared"
+            time.sleep(0.05)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(p.encode_request(p.GetFeatures())[0])
+        request, _flags, size = p.HEADER.unpack(sock.recv(p.VHOST_USER_HDR_SIZE))
+        (features,) = struct.unpack("<Q", sock.recv(size))
+        assert request == p.VHOST_USER_GET_FEATURES and features & (1 << VIRTIO_F_VERSION_1)
+        sock.sendall(p.encode_request(p.GetConfig(offset=0, flags=0, payload=bytes(12)))[0])
+        reply = sock.recv(p.VHOST_USER_HDR_SIZE + p.CONFIG_HEADER.size + 12)
+        config = reply[p.VHOST_USER_HDR_SIZE + p.CONFIG_HEADER.size:]
+        assert config[:6] == bytes.fromhex("525400123456")  # the NAT's guest MAC
+        assert struct.unpack_from("<H", config, 10)[0] == 1400
+        sock.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

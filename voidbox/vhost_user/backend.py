@@ -1,0 +1,539 @@
+"""A vhost-user backend server: one device core served to one frontend at a time.
+
+The message flow is QEMU's docs/interop/vhost-user.rst: the frontend negotiates features
+(GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES), sends the guest's memory table
+(SET_MEM_TABLE, one fd per region), then sets each ring up (SET_VRING_NUM, ADDR, BASE,
+CALL, KICK) and enables it (SET_VRING_ENABLE). GET_VRING_BASE stops a ring.
+
+Decisions a reader should know:
+- Everything runs on one EventLoop: the listening socket, the connection, every kick
+  eventfd and the device core (its backend shares the loop).
+- The device core is the one the VMM uses, unchanged: it is activated once every ring it
+  has is started (kick received) and enabled, with Virtqueues over the mapped regions
+  keyed by guest-physical address. Its interrupt signals the call eventfd of each ring
+  whose used index moved (of every ring if none did). GET_VRING_BASE of any ring resets
+  the device (the core has no per-ring stop); the other rings' indexes are kept for
+  their own GET_VRING_BASE.
+- voidbox.ring.Virtqueue cannot start at a given available index, so SET_VRING_BASE takes
+  0 only; any other base is refused (the connection closes).
+- SET_VRING_ADDR carries frontend user addresses: they are translated through the table
+  to guest-physical addresses; one that maps into no region is refused.
+- Anything malformed or out of order raises ProtocolError: that connection closes with one
+  log line and the server waits for the next frontend, with the device reset, rings
+  stopped, mappings unmapped and every fd received closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import select
+import socket
+import stat
+from dataclasses import dataclass, field
+
+from ..errors import VoidboxError
+from ..ring import QueueError, Virtqueue, avail_ring_size, desc_table_size, used_ring_size
+from ..virtio.device import VIRTIO_F_EVENT_IDX
+from . import protocol as p
+from .protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+MESSAGES_PER_WAKEUP = 64  # then other fds get their turn
+SEND_TIMEOUT = 5.0
+OFFERED_PROTOCOL_FEATURES = (1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK) | (1 << p.VHOST_USER_PROTOCOL_F_CONFIG)
+PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+
+
+@dataclass
+class _Region:
+    """One mapped region of the frontend's memory table."""
+
+    gpa: int
+    size: int
+    uaddr: int
+    area: mmap.mmap
+    view: memoryview
+
+    def close(self) -> bool:
+        """Unmap; False if a view is still held elsewhere (the mapping then goes with it)."""
+        self.view.release()
+        try:
+            self.area.close()
+        except BufferError:
+            return False
+        return True
+
+
+@dataclass
+class _Vring:
+    num: int | None = None
+    addrs: tuple[int, int, int] | None = None  # desc, avail, used: guest-physical
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    started: bool = False
+    enabled: bool = False
+    stopped_base: int = 0  # last available index when the device was last stopped
+    signalled_used: int = 0
+    fds: list[int] = field(default_factory=list)
+
+
+# Handlers that take their message's fds (they close them, or hand them to a ring).
+_OWNS_FDS = (p.SetVringKick, p.SetVringCall, p.SetVringErr, p.SetMemTable)
+
+
+class _Session:
+    """One frontend connection: its decoder, memory table and rings."""
+
+    def __init__(self, server: VhostUserServer, conn: socket.socket):
+        self.server = server
+        self.conn = conn
+        self.device = server.device
+        self.nqueues = len(self.device.queue_max_sizes)
+        self.decoder = p.Decoder(max_queues=self.nqueues)
+        self.protocol_features = 0
+        self.protocol_negotiated = False
+        self.regions: list[_Region] = []
+        self.vrings = [_Vring() for _ in range(self.nqueues)]
+        self.queues: list | None = None  # the live Virtqueues while the device is active
+        self.closed = False
+        self._pending = bytearray()  # the message being read
+        self._pending_fds: list[int] = []
+
+    # ---- I/O ---------------------------------------------------------------------------
+
+    def readable(self, _events: int = 0) -> None:
+        try:
+            for _ in range(MESSAGES_PER_WAKEUP):
+                if not self._read_message():
+                    return
+        except ProtocolError as error:
+            self.server._end(self, f"protocol error: {error}")
+        except OSError as error:
+            self.server._end(self, f"connection error: {error}")
+        except Exception as error:  # a bug, or the device refusing: never the process
+            log.exception("vhost-user: unexpected error")
+            self.server._end(self, f"internal error: {error!r}")
+
+    def _read_message(self) -> bool:
+        """Read towards the end of the current message (never past it); feed and handle it
+        once whole. False when the socket has nothing more now (or the session ended).
+
+        Linux glues the bytes of several sends into one stream read and stops at the first
+        send that carried fds, handing those over with the whole read: a read that crossed
+        a message boundary would attach the fds of a later message to an earlier one. Reads
+        that stop at the message's end keep each message's fds with it."""
+        if len(self._pending) < p.VHOST_USER_HDR_SIZE:
+            want = p.VHOST_USER_HDR_SIZE - len(self._pending)
+        else:
+            _request, _flags, size = p.HEADER.unpack_from(self._pending)
+            want = p.VHOST_USER_HDR_SIZE + min(size, p.MAX_PAYLOAD + 1) - len(self._pending)
+            if size > p.MAX_PAYLOAD:
+                want = 0  # the decoder refuses the header at once
+        if want:
+            try:
+                data, fds, flags, _addr = socket.recv_fds(self.conn, want, p.MAX_FDS_PER_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return False
+            self._pending_fds += fds
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("file descriptors truncated (MSG_CTRUNC)")
+            if not data:
+                self.server._end(self, "frontend disconnected", error=False)
+                return False
+            self._pending += data
+            if len(self._pending) < p.VHOST_USER_HDR_SIZE:
+                return True
+            _request, _flags, size = p.HEADER.unpack_from(self._pending)
+            if len(self._pending) < p.VHOST_USER_HDR_SIZE + size and size <= p.MAX_PAYLOAD:
+                return True
+        data, fds = bytes(self._pending), self._pending_fds
+        self._pending, self._pending_fds = bytearray(), []
+        self.decoder.feed(data, fds)
+        for message in self.decoder.messages():
+            self.handle(message)
+        return not self.closed
+
+    def send(self, data: bytes) -> None:
+        """Send a reply; a frontend that stops reading for SEND_TIMEOUT loses its connection."""
+        view = memoryview(data)
+        poller = None
+        while view:
+            try:
+                sent = self.conn.send(view)
+            except BlockingIOError:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self.conn.fileno(), select.POLLOUT)
+                if not poller.poll(SEND_TIMEOUT * 1000):
+                    raise OSError("the frontend does not read its replies") from None
+                continue
+            view = view[sent:]
+
+    # ---- messages ------------------------------------------------------------------------
+
+    def handle(self, msg: p.Message) -> None:
+        handler = getattr(self, "_on_" + type(msg).__name__, None)
+        try:
+            if handler is None:
+                raise ProtocolError(f"{msg.name} is not supported")
+            replied = handler(msg)
+        except BaseException:
+            if not isinstance(msg, _OWNS_FDS):
+                msg.close()
+            raise
+        if msg.need_reply and not replied and self.protocol_features & (1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK):
+            self.send(p.encode_reply_ack(msg.request, 0))
+
+    def _on_GetFeatures(self, msg) -> bool:
+        self.send(p.encode_u64_reply(msg.request, self.device.features | PROTOCOL_FEATURES_BIT))
+        return True
+
+    def _on_SetFeatures(self, msg) -> bool:
+        acked = msg.features & ~PROTOCOL_FEATURES_BIT
+        if acked & ~self.device.features:
+            raise ProtocolError(f"SET_FEATURES: {acked & ~self.device.features:#x} not offered")
+        if msg.features & PROTOCOL_FEATURES_BIT:
+            self.protocol_negotiated = True
+        self.device.acked_features = acked
+        return False
+
+    def _on_GetProtocolFeatures(self, msg) -> bool:
+        self.send(p.encode_u64_reply(msg.request, OFFERED_PROTOCOL_FEATURES))
+        return True
+
+    def _on_SetProtocolFeatures(self, msg) -> bool:
+        if msg.features & ~OFFERED_PROTOCOL_FEATURES:
+            raise ProtocolError(f"SET_PROTOCOL_FEATURES: {msg.features & ~OFFERED_PROTOCOL_FEATURES:#x} "
+                                "not offered")
+        self.protocol_features = msg.features
+        self.protocol_negotiated = True
+        return False
+
+    def _on_SetOwner(self, msg) -> bool:
+        return False
+
+    def _on_ResetOwner(self, msg) -> bool:
+        self.stop_device()
+        for index in range(self.nqueues):
+            self._clear_vring(index)
+        self.device.acked_features = 0
+        return False
+
+    def _on_GetQueueNum(self, msg) -> bool:
+        self.send(p.encode_u64_reply(msg.request, self.nqueues))
+        return True
+
+    def _on_GetConfig(self, msg) -> bool:
+        config = self.device.config_bytes()
+        if msg.offset + msg.size > len(config):
+            self.send(p.encode_config_failure())
+        else:
+            self.send(p.encode_config_reply(msg.offset, msg.flags, config[msg.offset:msg.offset + msg.size]))
+        return True
+
+    def _on_SetConfig(self, msg) -> bool:
+        # The device's config space is read-only for the driver: the write is refused.
+        if msg.need_reply and self.protocol_features & (1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK):
+            self.send(p.encode_reply_ack(msg.request, 1))
+        return True
+
+    def _on_SetMemTable(self, msg) -> bool:
+        if self.queues is not None:
+            raise ProtocolError("SET_MEM_TABLE while the rings are running")
+        regions = []
+        try:
+            for region, fd in zip(msg.regions, msg.fds, strict=True):
+                regions.append(_map_region(region, fd))
+        except ProtocolError:
+            for region in regions:
+                region.close()
+            raise
+        finally:
+            msg.close()
+        self.unmap()
+        self.regions = regions
+        # Ring addresses given against the old table no longer hold.
+        for vring in self.vrings:
+            vring.addrs = None
+        return False
+
+    def _vring(self, msg) -> _Vring:
+        return self.vrings[msg.index]
+
+    def _on_SetVringNum(self, msg) -> bool:
+        limit = self.device.queue_max_sizes[msg.index]
+        if not 0 < msg.num <= limit or msg.num & (msg.num - 1):
+            raise ProtocolError(f"SET_VRING_NUM: {msg.num} is not a power of two in 1..{limit}")
+        self._vring(msg).num = msg.num
+        return False
+
+    def _on_SetVringAddr(self, msg) -> bool:
+        vring = self._vring(msg)
+        if not self.regions:
+            raise ProtocolError("SET_VRING_ADDR before SET_MEM_TABLE")
+        if vring.num is None:
+            raise ProtocolError("SET_VRING_ADDR before SET_VRING_NUM")
+        num = vring.num
+        vring.addrs = (
+            self._translate("descriptor table", msg.desc_user_addr, desc_table_size(num)),
+            self._translate("available ring", msg.avail_user_addr, avail_ring_size(num)),
+            self._translate("used ring", msg.used_user_addr, used_ring_size(num)),
+        )
+        return False
+
+    def _translate(self, what: str, uaddr: int, length: int) -> int:
+        for region in self.regions:
+            rel = uaddr - region.uaddr
+            if 0 <= rel and rel + length <= region.size:
+                return region.gpa + rel
+        raise ProtocolError(f"SET_VRING_ADDR: {what} at user address {uaddr:#x}+{length:#x} "
+                            "maps into no memory region")
+
+    def _on_SetVringBase(self, msg) -> bool:
+        if msg.num != 0:
+            raise ProtocolError(f"SET_VRING_BASE: base {msg.num} unsupported (only 0: the ring "
+                                "cannot resume at another index)")
+        vring = self._vring(msg)
+        if vring.started:
+            raise ProtocolError("SET_VRING_BASE on a started ring")
+        vring.stopped_base = 0
+        return False
+
+    def _on_GetVringBase(self, msg) -> bool:
+        vring = self._vring(msg)
+        self.stop_device()
+        base = vring.stopped_base
+        self._clear_vring(msg.index)
+        self.send(p.encode_vring_state_reply(msg.index, base))
+        return True
+
+    def _on_SetVringKick(self, msg) -> bool:
+        vring = self._vring(msg)
+        self._replace_fd(vring, "kick", msg.fd)
+        if msg.fd is not None:
+            self.server.loop.watch(msg.fd, select.EPOLLIN,
+                                   lambda _ev, fd=msg.fd, i=msg.index: self._kicked(fd, i))
+        vring.started = True
+        if not self.protocol_negotiated:
+            vring.enabled = True
+        self._maybe_activate()
+        return False
+
+    def _on_SetVringCall(self, msg) -> bool:
+        self._replace_fd(self._vring(msg), "call", msg.fd)
+        return False
+
+    def _on_SetVringErr(self, msg) -> bool:
+        self._replace_fd(self._vring(msg), "err", msg.fd)
+        return False
+
+    def _on_SetVringEnable(self, msg) -> bool:
+        vring = self._vring(msg)
+        vring.enabled = msg.enable
+        if msg.enable:
+            self._maybe_activate()
+        else:
+            self.stop_device()
+        return False
+
+    # ---- rings and the device --------------------------------------------------------------
+
+    def _replace_fd(self, vring: _Vring, name: str, fd: int | None) -> None:
+        old = getattr(vring, name)
+        if old is not None:
+            if name == "kick":
+                self.server.loop.unwatch(old)
+            os.close(old)
+        setattr(vring, name, fd)
+
+    def _clear_vring(self, index: int) -> None:
+        vring = self.vrings[index]
+        for name in ("kick", "call", "err"):
+            self._replace_fd(vring, name, None)
+        self.vrings[index] = _Vring(num=vring.num, addrs=vring.addrs)
+
+    def _kicked(self, fd: int, index: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        if self.queues is not None:
+            self.device.queue_notify(index)
+
+    def _interrupt(self, _kind: int) -> None:
+        queues = self.queues
+        if queues is None:
+            return
+        moved = [i for i, q in enumerate(queues) if q.used_idx != self.vrings[i].signalled_used]
+        for i in moved or range(len(queues)):
+            vring = self.vrings[i]
+            vring.signalled_used = queues[i].used_idx
+            if vring.call is not None:
+                os.eventfd_write(vring.call, 1)
+
+    def _maybe_activate(self) -> None:
+        if self.queues is not None:
+            return
+        if not all(v.started and v.enabled for v in self.vrings):
+            return
+        for index, vring in enumerate(self.vrings):
+            if vring.num is None or vring.addrs is None:
+                raise ProtocolError(f"ring {index} started before SET_VRING_NUM and SET_VRING_ADDR")
+        regions = [(r.gpa, r.size, r.view) for r in self.regions]
+        event_idx = bool(self.device.acked_features & (1 << VIRTIO_F_EVENT_IDX))
+        queues = []
+        for index, vring in enumerate(self.vrings):
+            try:
+                ring = self.server.ring_factory(regions, self.device.queue_max_sizes[index])
+                desc, avail, used = vring.addrs
+                ring.activate(vring.num, desc, avail, used, event_idx)
+            except (QueueError, ValueError) as error:
+                raise ProtocolError(f"ring {index}: {error}") from None
+            queues.append(ring)
+        self.queues = queues
+        for vring in self.vrings:
+            vring.signalled_used = 0
+        self.device.activate(regions, tuple(queues), self._interrupt)
+        self.server.activations += 1
+        # Kicks that came before the last ring started.
+        for index in range(self.nqueues):
+            self.device.queue_notify(index)
+
+    def stop_device(self) -> None:
+        """Reset the device core and forget the live rings, keeping each one's index."""
+        if self.queues is None:
+            return
+        acked = self.device.acked_features
+        for vring, queue in zip(self.vrings, self.queues, strict=True):
+            vring.stopped_base = queue.last_avail_idx
+        self.queues = None
+        self.device.reset()
+        self.device.acked_features = acked
+
+    def unmap(self) -> None:
+        for region in self.regions:
+            if not region.close():
+                self.server.lingering_mappings += 1
+        self.regions = []
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.loop.unwatch(self.conn.fileno())
+        self.stop_device()
+        self.device.reset()
+        for index in range(self.nqueues):
+            self._clear_vring(index)
+        self.decoder.close()
+        p._close_all(self._pending_fds)
+        self._pending_fds = []
+        self.unmap()
+        self.conn.close()
+
+
+def _map_region(region: p.MemoryRegion, fd: int) -> _Region:
+    """mmap one region (MAP_SHARED) at its offset in `fd`; the fd stays the caller's."""
+    try:
+        st = os.fstat(fd)
+    except OSError as error:
+        raise ProtocolError(f"SET_MEM_TABLE: region fd: {error}") from None
+    end = region.mmap_offset + region.memory_size
+    # A mapping past the end of a file faults (SIGBUS) when touched: refuse it up front.
+    if stat.S_ISREG(st.st_mode) and st.st_size < end:
+        raise ProtocolError(f"SET_MEM_TABLE: region at {region.guest_phys_addr:#x} needs "
+                            f"{end:#x} bytes of a {st.st_size:#x}-byte file")
+    start = region.mmap_offset - region.mmap_offset % mmap.ALLOCATIONGRANULARITY
+    delta = region.mmap_offset - start
+    try:
+        area = mmap.mmap(fd, delta + region.memory_size, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except (OSError, ValueError, OverflowError) as error:
+        raise ProtocolError(f"SET_MEM_TABLE: cannot map region at "
+                            f"{region.guest_phys_addr:#x}: {error}") from None
+    view = memoryview(area)[delta:delta + region.memory_size]
+    return _Region(region.guest_phys_addr, region.memory_size, region.userspace_addr, area, view)
+
+
+class VhostUserServer:
+    """Serve `device` (a voidbox.virtio device core) on the unix socket `path`, on `loop`.
+
+    start() binds and listens (mode 0600; an existing socket file is replaced, any other
+    file refused); close() stops serving and unlinks the path.
+    """
+
+    def __init__(self, device, path: str, loop, ring_factory=Virtqueue):
+        self.device = device
+        self.path = os.fspath(path)
+        self.loop = loop
+        self.ring_factory = ring_factory
+        self.listener: socket.socket | None = None
+        self.session: _Session | None = None
+        self.sessions = 0
+        self.activations = 0
+        self.refused = 0
+        self.lingering_mappings = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise VoidboxError(f"{self.path} exists and is not a socket: not replacing it")
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            # Nobody can connect before listen(): the mode is set before that.
+            os.chmod(self.path, 0o600)
+            sock.listen(1)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.listener = sock
+        self.loop.watch(sock.fileno(), select.EPOLLIN, self._accept)
+
+    def _accept(self, _events: int = 0) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self.session is not None:
+            self.refused += 1
+            log.info("vhost-user %s: refused a second frontend", self.path)
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.session = _Session(self, conn)
+        self.sessions += 1
+        self.loop.watch(conn.fileno(), select.EPOLLIN, self.session.readable)
+
+    def _end(self, session: _Session, reason: str, error: bool = True) -> None:
+        if error:
+            self.last_error = reason
+            log.warning("vhost-user %s: closing the connection: %s", self.path, reason)
+        else:
+            log.info("vhost-user %s: %s", self.path, reason)
+        session.close()
+        if self.session is session:
+            self.session = None
+
+    def close(self) -> None:
+        if self.session is not None:
+            self._end(self.session, "server closing", error=False)
+        if self.listener is not None:
+            self.loop.unwatch(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
