@@ -11,9 +11,11 @@ The wire format is QEMU's docs/interop/vhost-user.rst:
 - "Protocol features" and "VHOST_USER_PROTOCOL_F_REPLY_ACK": the feature bits and the
   need_reply flag.
 
-`Decoder.feed(data, fds)` takes what one recvmsg returned: the fds belong to the message
-that contains the first byte of `data` (a frontend sends a message and its fds with one
-sendmsg, and a unix stream socket never returns fds in the middle of a read). Each message
+`Decoder.feed(data, fds)` takes what one recvmsg returned and gives its fds to the message
+that contains the first byte of `data`. That is only right when each read holds at most
+one message: a Linux unix stream socket may return a message without fds together with
+the next one and hand over that next message's fds. So a reader takes one message per
+recvmsg (the server reads the header, then exactly the payload it announces). Each message
 a `Decoder.messages()` yields owns its fds (`Message.close()` closes them). Anything
 malformed raises ProtocolError, closes every fd the decoder still holds, and leaves the
 decoder unusable: the server closes that connection.
