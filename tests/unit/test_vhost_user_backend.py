@@ -343,6 +343,11 @@ OUT_OF_ORDER = {  # name: (what the frontend does, what the log line says)
         lambda f: f.send(p.SetFeatures(features=1 << 60)), "not offered"),
     "a nonzero ring base": (
         lambda f: f.send(p.SetVringBase(index=0, num=5)), "base 5 unsupported"),
+    # QEMU's virtio-mmio gives its guest 1024-entry rings; more is refused.
+    "a ring larger than 1024 entries": (
+        lambda f: f.send(p.SetVringNum(index=0, num=2048)), "2048 is not a power of two in 1..1024"),
+    "a ring size not a power of two": (
+        lambda f: f.send(p.SetVringNum(index=0, num=768)), "768 is not a power of two"),
     "a ring started before its address": (
         lambda f: (f.send(p.SetVringNum(index=0, num=QSIZE)),
                    f.send(p.SetVringKick(index=0, fds=(f.kicks[0],))),

@@ -42,6 +42,11 @@ from .protocol import ProtocolError
 log = logging.getLogger(__name__)
 
 MESSAGES_PER_WAKEUP = 64  # then other fds get their turn
+# The largest ring a frontend may set up. vhost-user has no message that tells the
+# frontend a backend's limit, and QEMU's virtio-mmio offers its guest 1024 entries
+# (VIRTQUEUE_MAX_SIZE), so the backend takes what QEMU can give, whatever the core's
+# own MMIO limit (queue_max_sizes) is.
+MAX_RING_SIZE = 1024
 SEND_TIMEOUT = 5.0
 OFFERED_PROTOCOL_FEATURES = (1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK) | (1 << p.VHOST_USER_PROTOCOL_F_CONFIG)
 PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
@@ -265,7 +270,7 @@ class _Session:
         return self.vrings[msg.index]
 
     def _on_SetVringNum(self, msg) -> bool:
-        limit = self.device.queue_max_sizes[msg.index]
+        limit = MAX_RING_SIZE
         if not 0 < msg.num <= limit or msg.num & (msg.num - 1):
             raise ProtocolError(f"SET_VRING_NUM: {msg.num} is not a power of two in 1..{limit}")
         self._vring(msg).num = msg.num
@@ -388,7 +393,7 @@ class _Session:
         queues = []
         for index, vring in enumerate(self.vrings):
             try:
-                ring = self.server.ring_factory(regions, self.device.queue_max_sizes[index])
+                ring = self.server.ring_factory(regions, MAX_RING_SIZE)
                 desc, avail, used = vring.addrs
                 ring.activate(vring.num, desc, avail, used, event_idx)
             except (QueueError, ValueError) as error:
