@@ -427,3 +427,53 @@ def test_net_serve_cli_serves_until_sigterm(path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_a_frontend_that_goes_away_takes_its_flows_with_it(path, impl):
+    """The NAT's flows of a disconnected frontend's guest are closed, host sides reset
+    (serve.py wires on_disconnect to SlirpBackend.drop_flows, as here)."""
+    rig = Rig(path, impl.Virtqueue)
+    rig.server.on_disconnect = rig.backend.drop_flows
+    engine = rig.backend.engine
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        front = Frontend(rig, path)
+        front.start()
+        arp_round_trip(front)
+        # A flow as the guest would open one (its SYN through the engine directly).
+        from tests.unit.test_destinations import syn_frame
+        from voidbox.net.config import GATEWAY_IP
+
+        engine.guest_frame(syn_frame(socket.inet_aton(GATEWAY_IP),
+                                     listener.getsockname()[1]))
+        rig.pump(lambda: engine.flow_count() == 1, rounds=20)
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        assert engine.flow_count() == 1
+        front.close()
+        rig.pump(lambda: rig.server.session is None, rounds=20)
+        assert engine.flow_count() == 0
+        with pytest.raises(ConnectionResetError):
+            conn.recv(10)
+        conn.close()
+    finally:
+        listener.close()
+        rig.close()
+
+
+def test_engine_drop_flows_keeps_the_forward_listeners():
+    from tests.unit.netframes import Harness
+    from voidbox.net.config import Forward
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    h = Harness(NatConfig(forwards=[Forward("tcp", "127.0.0.1", port, 80)]))
+    try:
+        h.engine.drop_flows()
+        assert h.engine.tcp.listener_addresses() == [("127.0.0.1", port)]
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # still listening
+    finally:
+        h.close()

@@ -87,6 +87,11 @@ class SlirpBackend:
             out.update(self.engine.tcp.counters)
         return out
 
+    def drop_flows(self) -> None:
+        """The guest went away (its vhost-user frontend disconnected): close its flows."""
+        if self.engine is not None:
+            self.engine.drop_flows()
+
     def rx_ready(self) -> None:
         """The NIC has room again: resume the TCP flows that stopped at guest_room()."""
         if self.engine is not None and self.engine.tcp is not None:

@@ -228,7 +228,10 @@ class DnsRelay:
         self._count("dns_replies")
         self.send_reply(query.sport, reply)
 
-    def close(self) -> None:
+    def drop_pending(self) -> None:
         for query in list(self.pending.values()):
             self._release(query)
+
+    def close(self) -> None:
+        self.drop_pending()
 

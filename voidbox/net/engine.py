@@ -239,6 +239,17 @@ class Engine:
         self._count("dhcp_replies")
         self.send_frame(build_ethernet(dst_mac, self.gateway_mac, ETH_P_IP, pkt))
 
+    def drop_flows(self) -> None:
+        """The guest behind this engine is gone (a vhost-user frontend disconnected): close
+        every flow, resetting TCP towards the host, but keep the port-forward listeners
+        for the next guest."""
+        if self.tcp is not None:
+            self.tcp.drop_flows()
+        self.udp.drop_flows()
+        self.icmp.drop_flows()
+        self.dns.drop_pending()
+        self.reassembler = Reassembler()
+
     def close(self) -> None:
         """Close every flow (TCP is reset both ways) and listener; safe to call again."""
         if self.closed:

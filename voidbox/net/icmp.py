@@ -342,9 +342,12 @@ class IcmpNat:
                 if flow is not None and flow.host_dst == inner_dst:
                     self._reflect_error(flow, hdr.type, hdr.code, ip.src)
 
-    def close(self) -> None:
+    def drop_flows(self) -> None:
         for flow in list(self.flows.values()):
             self._close_flow(flow)
+
+    def close(self) -> None:
+        self.drop_flows()
         if self.raw is not None:
             self.loop.unwatch(self.raw.fileno())
             self.raw.close()

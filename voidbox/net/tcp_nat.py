@@ -1015,6 +1015,12 @@ class TcpNat:
 
     # ---- shutdown -----------------------------------------------------------------------
 
+    def drop_flows(self) -> None:
+        """Reset every flow's host connection; the guest is gone, so it hears nothing."""
+        for f in list(self.flows.values()):
+            self._close(f, rst=True)
+        self._waiting_port.clear()
+
     def close(self) -> None:
         """Reset every flow (host side and guest side) and close the listeners."""
         for f in list(self.flows.values()):

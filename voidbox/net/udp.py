@@ -479,6 +479,11 @@ class UdpNat:
             flow.last_active = now
             self._reply(visible, peer[1], guest_port, n)
 
+    def drop_flows(self) -> None:
+        """Close every flow; forward listeners stay (their flows just forget the peer)."""
+        for flow in list(self.flows.values()):
+            self._close_flow(flow)
+
     def close(self) -> None:
         self._closed = True
         if self._sweep_timer is not None:

@@ -471,8 +471,11 @@ class VhostUserServer:
     file refused); close() stops serving and unlinks the path.
     """
 
-    def __init__(self, device, path: str, loop, ring_factory=Virtqueue):
+    def __init__(self, device, path: str, loop, ring_factory=Virtqueue, on_disconnect=None):
+        """on_disconnect(), if given, runs after each frontend's connection ends (the
+        NAT then closes that guest's flows)."""
         self.device = device
+        self.on_disconnect = on_disconnect
         self.path = os.fspath(path)
         self.loop = loop
         self.ring_factory = ring_factory
@@ -530,6 +533,8 @@ class VhostUserServer:
         session.close()
         if self.session is session:
             self.session = None
+        if self.on_disconnect is not None:
+            self.on_disconnect()
 
     def close(self) -> None:
         if self.session is not None:

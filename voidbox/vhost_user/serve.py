@@ -28,7 +28,8 @@ def serve_net(path: str, config, policy=None, capture=None) -> int:
     device = VirtioNet(backend, parse_mac(config.guest_mac), config.mtu, schedule=loop.call_soon,
                        pcap=writer)
     backend.attach(device.receive, device.rx_room, device.stream_port() if writer is None else None)
-    server = VhostUserServer(device, path, loop)
+    # A frontend that goes away takes its guest's flows with it (host sides reset).
+    server = VhostUserServer(device, path, loop, on_disconnect=backend.drop_flows)
     previous = {sig: signal.signal(sig, lambda *_: loop.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
