@@ -692,6 +692,16 @@ cdef class Virtqueue:
         if not self.event_idx:
             vb_store_once_u16(self.used, C_USED_F_NO_NOTIFY)
 
+    def resume(self, next_avail):
+        """Continue a ring the driver side already used (vhost-user SET_VRING_BASE): the
+        next available entry to take is next_avail, and completions continue from the
+        used index the ring holds now (every chain taken before was completed)."""
+        self._check_active()
+        self._last_avail = <uint16_t>(int(next_avail) & 0xFFFF)
+        self._next_used = vb_load_acquire_u16(self.used + C_RING_IDX_OFFSET)
+        self._signalled_used = self._next_used
+        self.in_flight = 0
+
     @property
     def last_avail_idx(self):
         return self._last_avail

@@ -326,6 +326,16 @@ class Virtqueue:
         self._broken = None
         self._active = True
 
+    def resume(self, next_avail: int) -> None:
+        """Continue a ring the driver side already used (vhost-user SET_VRING_BASE): the
+        next available entry to take is next_avail, and completions continue from the
+        used index the ring holds now (every chain taken before was completed)."""
+        self._check_active()
+        self._last_avail = operator.index(next_avail) & _U16_MASK
+        self._next_used = self._signalled_used = self._u16(
+            self._used_view, self._used_off + RING_IDX_OFFSET)
+        self.in_flight = 0
+
     @property
     def size(self) -> int:
         return self._qsize

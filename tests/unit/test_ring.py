@@ -1075,3 +1075,23 @@ def test_compiled_chains_come_only_from_pop():
     # A compiled Chain holds raw pointers into guest memory: none without a queue.
     with pytest.raises(TypeError):
         load_impl("cython").Chain()
+
+
+def test_resume_continues_a_ring_another_device_used(make, impl, memory):
+    """vhost-user SET_VRING_BASE: a new queue object over rings a previous backend used
+    (2 chains taken and completed) takes the third chain next and completes it into the
+    next used slot."""
+    drv, first = make()
+    heads = [drv.add_buffers(writable=[8]) for _ in range(3)]
+    for chain in first.pop(2):
+        first.push(chain.head, 1)
+    assert drv.collect() == [(heads[0], 1), (heads[1], 1)]
+    again = drv.configure(impl.Virtqueue(memory, max_size=256))
+    again.resume(first.last_avail_idx)
+    assert (again.last_avail_idx, again.used_idx) == (2, 2)
+    [chain] = again.pop()
+    assert chain.head == heads[2]
+    again.push(chain.head, 5)
+    assert drv.collect() == [(heads[2], 5)] and drv.used_idx == 3
+    with pytest.raises(impl.QueueError):
+        impl.Virtqueue(memory, max_size=256).resume(0)  # not active

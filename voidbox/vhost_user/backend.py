@@ -299,13 +299,12 @@ class _Session:
                             "maps into no memory region")
 
     def _on_SetVringBase(self, msg) -> bool:
-        if msg.num != 0:
-            raise ProtocolError(f"SET_VRING_BASE: base {msg.num} unsupported (only 0: the ring "
-                                "cannot resume at another index)")
+        if not 0 <= msg.num <= 0xFFFF:
+            raise ProtocolError(f"SET_VRING_BASE: base {msg.num} is not a 16-bit ring index")
         vring = self._vring(msg)
         if vring.started:
             raise ProtocolError("SET_VRING_BASE on a started ring")
-        vring.stopped_base = 0
+        vring.stopped_base = msg.num  # the ring resumes there when it starts
         return False
 
     def _on_GetVringBase(self, msg) -> bool:
@@ -396,6 +395,8 @@ class _Session:
                 ring = self.server.ring_factory(regions, MAX_RING_SIZE)
                 desc, avail, used = vring.addrs
                 ring.activate(vring.num, desc, avail, used, event_idx)
+                # Continue where the frontend (or the previous session) left the ring.
+                ring.resume(vring.stopped_base)
             except (QueueError, ValueError) as error:
                 raise ProtocolError(f"ring {index}: {error}") from None
             queues.append(ring)
@@ -413,8 +414,10 @@ class _Session:
         if self.queues is None:
             return
         acked = self.device.acked_features
-        for vring, queue in zip(self.vrings, self.queues, strict=True):
-            vring.stopped_base = queue.last_avail_idx
+        for index, (vring, queue) in enumerate(zip(self.vrings, self.queues, strict=True)):
+            # Buffers the device took but did not use go back to the driver's side.
+            held = getattr(self.device, "held_chains", lambda _index: 0)(index)
+            vring.stopped_base = (queue.last_avail_idx - held) & 0xFFFF
         self.queues = None
         self.device.reset()
         self.device.acked_features = acked

@@ -318,6 +318,12 @@ class VirtioNet(VirtioDevice):
 
         return RingStream(self)
 
+    def held_chains(self, index: int) -> int:
+        """Chains taken from queue `index` and not used yet: the last ones taken (buffers
+        are used in the order they were taken). A transport that stops the ring reports
+        its base without them, so the driver's buffers are not lost across a restart."""
+        return len(self._rx_held) if index == RX_QUEUE else 0
+
     def rx_room(self) -> int:
         """Frames receive() takes now without dropping: the backlog's free room (frames
         beyond it wait for buffers only if there is room to wait in). 0 with no driver."""
