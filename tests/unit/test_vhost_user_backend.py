@@ -16,6 +16,7 @@ import struct
 
 import pytest
 
+from tests.requires import requires
 from tests.virtio_driver import Driver
 from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop
@@ -261,6 +262,37 @@ def test_an_existing_file_is_never_replaced(path, impl):
     with pytest.raises(VoidboxError, match="not a socket"):
         server.start()
     assert path.read_text() == "precious"
+    loop.close()
+
+
+def test_a_live_socket_is_never_taken_over_and_a_stale_one_is(path, impl):
+    """Another server listening on the path keeps it; a dead socket file of ours is
+    replaced."""
+    loop = EventLoop()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen()
+    server = VhostUserServer(VirtioNet(None, MAC), str(path), loop, ring_factory=impl.Virtqueue)
+    with pytest.raises(VoidboxError, match="in use by another server"):
+        server.start()
+    live.close()  # the file stays: now a stale socket
+    assert path.exists()
+    server.start()
+    server.close()
+    loop.close()
+
+
+@requires(os.geteuid() == 0, "needs root to give a socket file to another user")
+def test_another_users_socket_is_never_replaced(path, impl):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    os.chown(path, 65534, 65534)  # uid nobody's, as another user's would be
+    loop = EventLoop()
+    server = VhostUserServer(VirtioNet(None, MAC), str(path), loop, ring_factory=impl.Virtqueue)
+    with pytest.raises(VoidboxError, match="another user's socket"):
+        server.start()
+    assert path.exists()
     loop.close()
 
 

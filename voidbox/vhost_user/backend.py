@@ -444,6 +444,19 @@ class _Session:
         self.conn.close()
 
 
+def _listening(path: str) -> bool:
+    """Whether something accepts connections on the unix socket at path."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False  # ECONNREFUSED: a stale socket file
+    finally:
+        probe.close()
+    return True
+
+
 def _map_region(region: p.MemoryRegion, fd: int) -> _Region:
     """mmap one region (MAP_SHARED) at its offset in `fd`; the fd stays the caller's."""
     try:
@@ -498,6 +511,12 @@ class VhostUserServer:
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise VoidboxError(f"{self.path} exists and is not a socket: not replacing it")
+            # Only a stale socket of our own is replaced: never another user's, and never
+            # one a server (another voidbox, or anything else) still listens on.
+            if st.st_uid != os.geteuid():
+                raise VoidboxError(f"{self.path} is another user's socket: not replacing it")
+            if _listening(self.path):
+                raise VoidboxError(f"{self.path} is in use by another server")
             os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
