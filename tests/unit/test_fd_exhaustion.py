@@ -157,3 +157,18 @@ def test_soft_fd_limit_is_raised_to_the_hard_limit():
 def _restore_socket():
     yield
     socket.socket = _real_socket
+
+
+def test_every_nat_caps_its_flows_by_the_fd_limit():
+    """Not only net run: the engine behind a VM's card or net serve caps too."""
+    code = ("from voidbox.eventloop import EventLoop; from voidbox.net.config import NatConfig;"
+            "from voidbox.net.engine import Engine; c = NatConfig(); loop = EventLoop();"
+            "e = Engine(c, loop, lambda f: None); print(c.max_flows); e.close(); loop.close()")
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         preexec_fn=low_limit, check=True)
+    assert out.stdout.split() == [str(300 - limits.RESERVED_FDS)]
+    assert "open-file limit 300 allows" in out.stderr

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop
+from voidbox.net import limits
 from voidbox.net.arp import ArpResponder
 from voidbox.net.config import NatConfig, parse_mac
 from voidbox.net.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
@@ -65,6 +66,10 @@ class Engine:
         """borrow=True promises that send_frame is done with its argument when it returns
         (it writes or copies it): relays may then hand it a view of a reused buffer."""
         self.config = config
+        # Every flow holds a host fd, whoever runs the NAT (net run, a VM's card, net
+        # serve): raise the fd limit and cap the flows by it, so new flows are refused
+        # before socket(2) could fail with EMFILE.
+        limits.cap_flows(config, NatConfig.max_flows)
         self.loop = loop
         self.send_frame = send_frame
         self.borrow = borrow

@@ -33,7 +33,7 @@ import time
 
 from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop
-from voidbox.net import limits, netns
+from voidbox.net import netns
 from voidbox.net.config import NatConfig
 from voidbox.net.engine import Engine
 
@@ -84,8 +84,6 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
 def _run(argv: list[str], config: NatConfig, dhcp: bool, policy: Policy | None, debug: bool,
          stats: dict | None, offload: bool, pcap: PcapWriter | None) -> int:
     unprivileged = os.geteuid() != 0
-    # Every flow holds an fd: refuse flows rather than run into EMFILE.
-    limits.cap_flows(config, NatConfig.max_flows)
     # Import in the parent: the forked child should not import while other threads of this
     # process might hold the import lock.
     import pyroute2  # noqa: F401
