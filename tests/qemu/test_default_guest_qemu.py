@@ -138,9 +138,9 @@ def test_dhcp_configures_eth0(guest, tmp_path):
     assert status == 0, serial[-6000:]
 
 
-def test_console_shell_runs_commands(guest, tmp_path):
-    """Without voidbox.poweroff the guest gives a shell on the serial console."""
-    argv = qemu_argv(guest.vmlinux, guest.initrd, "", guest.rootfs, False)
+def run_at_the_prompt(argv: list[str], command: bytes, tmp_path: Path) -> tuple[bool, int | None, str]:
+    """Boot QEMU with argv, wait for the shell prompt on the serial console, type command
+    (which should end with `poweroff -f`); -> (prompt seen, exit status, serial log)."""
     qemu = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     serial = bytearray()
@@ -156,8 +156,7 @@ def test_console_shell_runs_commands(guest, tmp_path):
     thread.start()
     try:
         if prompt_seen.wait(BOOT_TIMEOUT):
-            # The sum is computed in the guest, so the echo of the typed line cannot match.
-            qemu.stdin.write(b"echo sum=$((40 + 2)); poweroff -f\n")
+            qemu.stdin.write(command)
             qemu.stdin.flush()
         status = qemu.wait(timeout=BOOT_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -169,7 +168,16 @@ def test_console_shell_runs_commands(guest, tmp_path):
         thread.join(timeout=10)
     log = serial.decode(errors="replace")
     (tmp_path / "serial.log").write_text(log)
-    assert prompt_seen.is_set(), f"no shell prompt:\n{log[-6000:]}"
+    return prompt_seen.is_set(), status, log
+
+
+def test_console_shell_runs_commands(guest, tmp_path):
+    """Without voidbox.poweroff the guest gives a shell on the serial console."""
+    argv = qemu_argv(guest.vmlinux, guest.initrd, "", guest.rootfs, False)
+    # The sum is computed in the guest, so the echo of the typed line cannot match.
+    prompt, status, log = run_at_the_prompt(argv, b"echo sum=$((40 + 2)); poweroff -f\n",
+                                            tmp_path)
+    assert prompt, f"no shell prompt:\n{log[-6000:]}"
     assert "sum=42" in log, log[-6000:]
     assert status == 0, log[-6000:]
 

@@ -21,7 +21,12 @@ import time
 
 import pytest
 
-from tests.qemu.test_default_guest_qemu import BOOT_TIMEOUT, PROMPT, guest, qemu_argv  # noqa: F401
+from tests.qemu.test_default_guest_qemu import (  # noqa: F401 (guest: the fixture)
+    BOOT_TIMEOUT,
+    guest,
+    qemu_argv,
+    run_at_the_prompt,
+)
 from voidbox.image import rootfs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -103,35 +108,10 @@ def test_dhcp_lease_from_voidbox_over_vhost_user(guest, vhost_net, tmp_path):  #
 def test_guest_tcp_fetches_from_the_host_through_the_nat(guest, vhost_net, http_blob,  # noqa: F811
                                                          tmp_path):
     port, digest = http_blob
-    qemu = subprocess.Popen(vhost_argv(guest, vhost_net, ""), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    serial = bytearray()
-    prompt = threading.Event()
-
-    def reader() -> None:
-        while chunk := qemu.stdout.read1(4096):
-            serial.extend(chunk)
-            if PROMPT in serial:
-                prompt.set()
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        if prompt.wait(BOOT_TIMEOUT):
-            qemu.stdin.write(f"busybox wget -q -O - http://10.0.2.2:{port}/blob | "
-                             f"busybox sha256sum; poweroff -f\n".encode())
-            qemu.stdin.flush()
-        status = qemu.wait(timeout=BOOT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        status = None
-    finally:
-        if qemu.poll() is None:
-            qemu.kill()
-            qemu.wait()
-        thread.join(timeout=10)
-    text = serial.decode(errors="replace")
-    (tmp_path / "serial.log").write_text(text)
+    command = (f"busybox wget -q -O - http://10.0.2.2:{port}/blob | busybox sha256sum; "
+               "poweroff -f\n").encode()
+    prompt, status, text = run_at_the_prompt(vhost_argv(guest, vhost_net, ""), command, tmp_path)
     why = text[-6000:] + "\n--- server ---\n" + (tmp_path / "serve.err").read_text()
-    assert prompt.is_set(), why
+    assert prompt, why
     assert f"{digest}  -" in text, why
     assert status == 0, why
