@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from voidbox.errors import UsageError
 from voidbox.net.config import DNS_PORT, MAX_MTU, MIN_MTU, NatConfig
-from voidbox.net.pcap import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, PcapSpec
 
 if TYPE_CHECKING:
+    from voidbox.net.pcap import PcapSpec
     from voidbox.net.policy import Policy
 
 MAX_PORT = 65535
@@ -111,6 +111,10 @@ def pcap_from_options(path: str | None = None,
     Apart from config_from_options because a capture belongs to the guest's interface,
     not to the NAT: a VM's TAP-backed NIC has no NatConfig and can still be captured.
     """
+    if path is None and max_bytes is None:
+        return None  # the common case: the capture module is not even imported
+    from voidbox.net.pcap import DEFAULT_MAX_BYTES, MIN_MAX_BYTES, PcapSpec
+
     if max_bytes is not None:
         limit = parse_int(max_bytes, "--pcap-max-bytes", MIN_MAX_BYTES)
         if path is None:
