@@ -9,12 +9,12 @@ built in a small local buffer and scattered into the chain's first bytes; the TC
 is summed over the payload where it landed. The system calls and the per-segment loop run
 without the GIL. Chains of the pure ring twin take the pure twin's path.
 """
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from voidbox._ring cimport Chain, Virtqueue, vb_segment
-from voidbox.includes.sockio cimport MSG_DONTWAIT, MSG_PEEK, iovec, msghdr, recvmsg
+from voidbox.includes.sockio cimport iovec, peek_iov
 from voidbox._slirp cimport (
     csum_finish,
     csum_partial,
@@ -148,19 +148,10 @@ class RingStream(_PureRingStream):
                 cap -= take
                 skip = 0
             caps[i] -= cap  # what the iovecs cover (less if MAX_IOV cut it short)
-        cdef msghdr msg
-        memset(&msg, 0, sizeof(msg))
-        msg.msg_iov = iov
-        msg.msg_iovlen = niov
         cdef ssize_t got
         cdef int err = 0
         with nogil:
-            while True:
-                got = recvmsg(sockfd, &msg, MSG_PEEK | MSG_DONTWAIT)
-                if not (got < 0 and errno == EINTR):
-                    break
-            if got < 0:
-                err = errno
+            got = peek_iov(sockfd, iov, niov, &err)
         if got <= 0:
             self._give_back(chains)
             if got == 0:

@@ -243,16 +243,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno  # EWOULDBLOCK == EAGAIN on Linux
 from libc.stdlib cimport free, malloc
 
-from voidbox.includes.sockio cimport (
-    MSG_DONTWAIT,
-    MSG_PEEK,
-    c_read,
-    c_write,
-    iovec,
-    msghdr,
-    recvmsg,
-    writev,
-)
+from voidbox.includes.sockio cimport c_read, c_write, iovec, peek_iov, writev
 
 cdef extern from "<string.h>" nogil:
     void *memset(void *s, int c, size_t n)
@@ -495,7 +486,6 @@ cdef class FramePort:
             # As many whole segments as one IPv4 packet holds.
             seg_cap = (MAX_SEG_PAYLOAD // mss) * mss
         cdef iovec iov[STREAM_MAX_FRAMES]
-        cdef msghdr msg
         cdef Py_ssize_t nframes = 0
         cdef Py_ssize_t want = 0
         cdef Py_ssize_t off = SEG_HEADROOM + self.vnet_hdr_len
@@ -506,22 +496,14 @@ cdef class FramePort:
             nframes += 1
         if want == 0:
             return 0, 0, 0, S_MORE
-        memset(&msg, 0, sizeof(msg))
-        msg.msg_iov = iov
-        msg.msg_iovlen = nframes
         cdef ssize_t got
         cdef Py_ssize_t sent = 0
         cdef Py_ssize_t frames = 0  # frames the port took
         cdef int status = S_MORE
         cdef int err = 0
         with nogil:
-            while True:
-                got = recvmsg(sockfd, &msg, MSG_PEEK | MSG_DONTWAIT)
-                if not (got < 0 and errno == EINTR):
-                    break
-            if got < 0:
-                err = errno
-            elif got > 0:
+            got = peek_iov(sockfd, iov, nframes, &err)
+            if got > 0:
                 status = self._write_stream(got, want, &eth_header[0], &src_ip[0], &dst_ip[0],
                                             src_port, dst_port, <uint32_t>(seq & SEQ_MASK),
                                             <uint32_t>(ack & SEQ_MASK), window, mss,

@@ -24,3 +24,22 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         MSG_PEEK
         MSG_DONTWAIT
+
+from libc.errno cimport EINTR, errno
+from libc.string cimport memset
+
+
+cdef inline ssize_t peek_iov(int fd, iovec *iov, size_t niov, int *err) noexcept nogil:
+    """recvmsg(MSG_PEEK | MSG_DONTWAIT) into iov[0:niov], retried on EINTR (socket(7): at
+    the socket's SO_PEEK_OFF). The byte count, 0 at EOF, or -1 with *err the errno."""
+    cdef msghdr msg
+    cdef ssize_t got
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = iov
+    msg.msg_iovlen = niov
+    while True:
+        got = recvmsg(fd, &msg, MSG_PEEK | MSG_DONTWAIT)
+        if not (got < 0 and errno == EINTR):
+            break
+    err[0] = errno if got < 0 else 0
+    return got
