@@ -72,7 +72,7 @@ def main() -> int:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     vb, first_runs = [], []
     for _ in range(args.runs):
-        sample = run([*voidbox, "boot", "--kernel", guest, "--mem", "64M", "--timeout", "30"], env)
+        sample = run([*voidbox, "boot", "--accel", "kvm", "--kernel", guest, "--mem", "64M", "--timeout", "30"], env)
         if sample[3] != 0:
             print("voidbox failed:", sample[4], file=sys.stderr)
             return 1

@@ -18,6 +18,7 @@ MAX_CPUS = 255
 MAX_NICS = 4  # virtio-mmio windows left after the disk (layout.VIRTIO_MMIO_*)  # one xAPIC ID per vCPU, and the IOAPIC takes the next one
 MAX_MEM = 1 << 40
 NET_FALLBACKS = ("slirp", "fail")
+ACCELS = ("auto", "kvm", "qemu")
 
 DEFAULT_CMDLINE = (
     "console=ttyS0 reboot=k panic=-1 pci=off nomodeset "
@@ -94,6 +95,10 @@ class VmConfig:
     nat: object = None  # voidbox.net.config.NatConfig for slirp NICs (default layout)
     policy: object = None  # voidbox.net.policy.Policy for slirp NICs (default rules)
     pcap: object = None  # voidbox.net.pcap.PcapSpec: capture the first NIC's frames
+    # Who runs the guest's CPUs: "kvm" (voidbox's own VMM), "qemu" (QEMU, with voidbox's
+    # devices over vhost-user) or "auto" (kvm where it runs an unmodified guest, else
+    # qemu: voidbox.host.choose_accel). voidbox.new_vm() honours it.
+    accel: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,6 +120,8 @@ class VmConfig:
         _existing_file(self.kernel, "kernel")
         _existing_file(self.initrd, "initrd")
         _existing_file(self.image, "disk image")
+        if self.accel not in ACCELS:
+            raise UsageError(f"bad --accel {self.accel!r}: expected auto, kvm or qemu")
         if self.net_fallback not in NET_FALLBACKS:
             raise UsageError(f"bad --net-fallback {self.net_fallback!r}: expected slirp or fail")
         self.nics = self._parse_nics()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -53,3 +54,44 @@ def can_create_tap() -> bool:
     except OSError:
         pass
     return False
+
+
+QEMU_PACKAGE = "qemu-system-x86"  # Debian and Ubuntu
+
+
+class Accel(NamedTuple):
+    """Who runs the guest's CPUs, and why that one."""
+
+    name: str  # "kvm" or "qemu"
+    reason: str
+    qemu_kvm: bool = False  # QEMU may use KVM itself (hardware-assisted and usable)
+
+
+def choose_accel(requested: str, info: KvmInfo | None = None) -> Accel:
+    """Resolve --accel auto|kvm|qemu for this host.
+
+    auto takes voidbox's own VMM when /dev/kvm runs an unmodified guest (hardware-assisted
+    and usable), and QEMU otherwise. Raises VoidboxError when the choice cannot run: no
+    usable KVM for kvm, no QEMU for qemu (naming the package to install).
+    """
+    from .errors import VoidboxError
+
+    info = kvm_info() if info is None else info
+    hardware = info.usable and not info.software_only
+    if requested == "kvm":
+        if not info.usable:
+            raise VoidboxError(f"KVM is not available: {info.reason}")
+        return Accel("kvm", "asked for with --accel kvm")
+    if requested == "auto" and hardware:
+        return Accel("kvm", f"/dev/kvm is hardware-assisted ({info.module})")
+    if requested == "auto":
+        why = ("KVM here is software-only (kvm_pvm) and cannot run an unmodified guest"
+               if info.software_only else f"KVM is not available ({info.reason})")
+        reason = f"{why}: QEMU runs the guest's CPUs, voidbox its devices"
+    else:
+        reason = "asked for with --accel qemu"
+    if qemu_binary() is None:
+        raise VoidboxError(f"{'--accel auto needs' if requested == 'auto' else '--accel qemu needs'} "
+                           f"qemu-system-x86_64, which is not installed: install the "
+                           f"{QEMU_PACKAGE} package (apt-get install {QEMU_PACKAGE})")
+    return Accel("qemu", reason, qemu_kvm=hardware)

@@ -74,6 +74,10 @@ BOOT_OPTIONS = (
     Option("--cpus", int, 1, "Number of vCPUs."),
     Option("--timeout", float, None, "Stop the VM after this many seconds (exit 3)."),
     Option("--readonly", bool, False, "Attach the disk image read-only."),
+    Option("--accel", str, "auto", "Who runs the guest's CPUs: kvm (voidbox's own VMM), "
+           "qemu (QEMU's TCG, or its KVM where usable, with voidbox's disk and network "
+           "devices over vhost-user) or auto: kvm where /dev/kvm runs an unmodified guest, "
+           "else qemu. `voidbox doctor` shows what auto picks.", metavar="auto|kvm|qemu"),
     Option("--net", str, ("slirp",), "A network card and its backend: slirp (the user-mode "
            "NAT, no root needed), tap:NAME (a TAP the user owns, e.g. made by `ip tuntap add "
            "mode tap user USER`, or a new one with CAP_NET_ADMIN) or none (repeatable: one "
@@ -161,12 +165,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly,
-                 net=("slirp",), net_fallback="slirp", stats=False, mac=None, mtu=None,
+                 accel="auto", net=("slirp",), net_fallback="slirp", stats=False, mac=None, mtu=None,
                  forward=(), allow=(), deny=(), dns_upstream=(), max_flows=None,
                  max_conn_rate=None, pcap=None, pcap_max_bytes=None) -> None:
     """`voidbox boot`: build the VM, run it with the console here, exit with its status."""
-    from . import host
-    from .config import VmConfig
 
     nat = policy = capture = None
     if "slirp" in net:
@@ -179,6 +181,7 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
                                           max_conn_rate, pcap, pcap_max_bytes)):
         raise UsageError("NAT options (--forward, --allow, --pcap, ...) need a --net slirp card")
 
+    scratch = None
     if kernel is None:
         from .image import default_guest
 
@@ -188,25 +191,65 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
         kernel = str(guest.vmlinux)
         if initrd is None:
             initrd = str(guest.initrd)
+        if image is None:
+            # The default guest's root disk, fresh for each boot: nothing the guest writes
+            # outlives it (pass IMAGE to keep a disk), and boots never share a disk.
+            import tempfile
+            from pathlib import Path
+
+            from .image import scratch_copy
+
+            scratch = tempfile.mkdtemp(prefix="voidbox-root-")
+            try:
+                image = str(scratch_copy(guest.rootfs, Path(scratch) / "root.ext4"))
+            except OSError as error:
+                _remove_tree(scratch)
+                raise VoidboxError(f"cannot copy the default guest's root disk: {error}") from None
+    try:
+        _boot(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly, accel, net,
+              net_fallback, stats, mac, nat, policy, capture)
+    finally:
+        if scratch is not None:
+            _remove_tree(scratch)
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _boot(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly, accel, net,
+          net_fallback, stats, mac, nat, policy, capture) -> None:
+    from . import host
+    from .config import VmConfig
+
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     config = VmConfig(
         kernel=kernel, initrd=initrd, image=image, cmdline=cmdline, append=append, mem=mem,
         cpus=cpus, timeout=timeout, readonly=readonly, console_output=sys.stdout,
         interactive=interactive, net=list(net), net_fallback=net_fallback, mac=mac, nat=nat,
-        policy=policy, pcap=capture,
+        policy=policy, pcap=capture, accel=accel,
     )
     info = host.kvm_info()
-    if not info.usable:
-        raise VoidboxError(f"KVM is not available: {info.reason}")
-    if info.software_only:
+    chosen = host.choose_accel(config.accel, info)
+    if config.accel == "auto":
+        sys.stderr.write(f"voidbox: accel {chosen.name}: {chosen.reason}\n")
+    software_only = chosen.name == "kvm" and info.software_only
+    if software_only:
         sys.stderr.write(f"voidbox: note: {host.SOFTWARE_KVM_NOTE}\n")
-    sys.exit(int(run_vm(config, info.software_only, stats)))
+    sys.exit(int(run_vm(config, software_only, stats, chosen)))
 
 
-def run_vm(config, software_only: bool = False, stats: bool = False) -> ExitStatus:
+def run_vm(config, software_only: bool = False, stats: bool = False, accel=None) -> ExitStatus:
     from .vm import StopReason, Vm, stderr_line
 
-    vm = Vm(config)
+    if accel is not None and accel.name == "qemu":
+        from .qemu import QemuVm
+
+        vm = QemuVm(config, use_kvm=accel.qemu_kvm)
+    else:
+        vm = Vm(config)
 
     def on_signal(signum, _frame):
         vm.stop(StopReason.SIGINT if signum == signal.SIGINT else StopReason.SIGTERM)

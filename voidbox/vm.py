@@ -7,7 +7,6 @@ exit, timeout, signal or console quit). Stopping kicks every vCPU out of KVM_RUN
 
 from __future__ import annotations
 
-import copy
 import enum
 import os
 import sys
@@ -28,6 +27,7 @@ class StopReason(enum.Enum):
     RESET = ("guest reset", ExitStatus.RESET)
     TRIPLE_FAULT = ("guest triple-faulted", ExitStatus.GUEST_CRASH)
     INTERNAL_ERROR = ("KVM internal error", ExitStatus.GUEST_CRASH)
+    PANIC = ("guest kernel panicked", ExitStatus.GUEST_CRASH)
     TIMEOUT = ("timeout", ExitStatus.TIMEOUT)
     SIGINT = ("interrupted (SIGINT)", ExitStatus.SIGINT)
     SIGTERM = ("terminated (SIGTERM)", ExitStatus.SIGTERM)
@@ -81,37 +81,21 @@ class SerialLog:
             return True
 
 
-class Vm:
-    """A voidbox VM built from a `VmConfig`.
-
-    `start()` builds and launches it, `wait()` blocks until it stops and returns the
-    `StopReason`, `stop()` asks it to stop, `close()` releases everything. `run()` does all
-    of it and returns the process exit status.
+class VmBase:
+    """What every VMM voidbox runs has in common: the stop protocol, the serial log, the
+    network cards' counters. `Vm` (KVM) and `voidbox.qemu.QemuVm` (QEMU runs the CPUs,
+    voidbox the devices) fill in start(), close() and how a stop reaches the guest.
     """
 
     def __init__(self, config: VmConfig):
         self.config = config
-        self.pio_bus = Bus("pio")
-        self.mmio_bus = Bus("mmio")
-        self.memory = None
-        self.serial = None
         self.stop_reason: StopReason | None = None
         self.stop_detail = ""
-        self.boot_plan = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
-        self._vcpus = []
-        self._threads = []
-        self._kvm = None
-        self._vmfd = None
         self._started_at = None
         self._closables = []
-        self._workers = []
-        self._fds = []
-        self.virtio_transports = []
         self.nics = []  # VirtioNet devices, in --net order
-        self.net_thread = None
-        self.first_run_at = None  # time.time() of the first KVM_RUN (start-up benchmark)
         sink = None
         if config.console_output is not None:
             from .console import ConsoleOutput
@@ -119,6 +103,105 @@ class Vm:
             sink = ConsoleOutput(config.console_output)
             self._closables.append(sink)
         self.serial_log = SerialLog(sink, config.serial_log_limit)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _halt(self) -> None:
+        """Make the guest stop running (after stop() recorded why); from any thread."""
+
+    def _join(self) -> None:
+        """Wait (bounded) for the threads that ran the guest to end."""
+
+    def stop(self, reason: StopReason = StopReason.QUIT, detail: str = "") -> None:
+        """Ask the VM to stop; the first reason given wins. Safe from any thread."""
+        with self._stop_lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+                self.stop_detail = detail
+        self._stopped.set()
+        self._halt()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """Block until the VM stops (or `timeout` seconds pass: then None).
+
+        The configured `--timeout` counts from start() and stops the VM with TIMEOUT.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        vm_deadline = None
+        if self.config.timeout is not None and self._started_at is not None:
+            vm_deadline = self._started_at + self.config.timeout
+        while True:
+            ends = [d for d in (deadline, vm_deadline) if d is not None]
+            # Wake at least twice a second so signal handlers run promptly.
+            wait_for = min([*(e - time.monotonic() for e in ends), 0.5])
+            if self._stopped.wait(max(wait_for, 0)):
+                break
+            now = time.monotonic()
+            if vm_deadline is not None and now >= vm_deadline:
+                self.stop(StopReason.TIMEOUT, f"timeout after {self.config.timeout:g} s")
+                break
+            if deadline is not None and now >= deadline:
+                return None
+        self._join()
+        return self.stop_reason
+
+    def run(self) -> ExitStatus:
+        self.start()
+        try:
+            self.wait()
+        finally:
+            self.close()
+        return self.stop_reason.exit_status
+
+    def network_counters(self) -> list[dict]:
+        """Per network card, in --net order: its name, backend, and the device's counters
+        (frames, bytes, drops by reason, offload use, RX starvation) with the backend's."""
+        from .cards import card_counters
+
+        return card_counters(self.nics)
+
+    def stop_message(self) -> str:
+        """One line saying why the VM stopped."""
+        reason = self.stop_reason
+        if reason is None:
+            return "running"
+        return self.stop_detail or reason.text
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Vm(VmBase):
+    """A voidbox VM built from a `VmConfig`, on this host's KVM.
+
+    `start()` builds and launches it, `wait()` blocks until it stops and returns the
+    `StopReason`, `stop()` asks it to stop, `close()` releases everything. `run()` does all
+    of it and returns the process exit status.
+    """
+
+    def __init__(self, config: VmConfig):
+        super().__init__(config)
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.memory = None
+        self.serial = None
+        self.boot_plan = None
+        self._vcpus = []
+        self._threads = []
+        self._kvm = None
+        self._vmfd = None
+        self._workers = []
+        self._fds = []
+        self.virtio_transports = []
+        self.net_thread = None
+        self.first_run_at = None  # time.time() of the first KVM_RUN (start-up benchmark)
 
     # -- building ------------------------------------------------------------------
 
@@ -203,15 +286,15 @@ class Vm:
         so a slow fsync never stalls the network or a vCPU."""
         import select
 
+        from .cards import open_disk
         from .eventloop import LoopThread
-        from .virtio.blk import BlockBackend, VirtioBlk
 
-        backend = BlockBackend(spec.path, readonly=spec.readonly)
+        device, backend = open_disk(spec)
         self._closables.append(backend)
         # The worker is stopped before the backend closes (fsync on close): see close().
         worker = LoopThread("virtio-blk")
         self._workers.append(worker)
-        transport, base, irq = self._attach_virtio(VirtioBlk(backend), slot, irqs)
+        transport, base, irq = self._attach_virtio(device, slot, irqs)
         for index, kick in enumerate(self._kicks(transport, base)):
             worker.loop.watch(kick, select.EPOLLIN,
                               lambda _ev, k=kick, q=index, t=transport: _kicked(k, t, q))
@@ -223,29 +306,14 @@ class Vm:
         network and the network never waits on the disk."""
         import select
 
+        from .cards import open_nic
         from .eventloop import LoopThread
-        from .net.backend import open_backend
-        from .net.config import NatConfig
-        from .virtio.net import VirtioNet
 
         if self.net_thread is None:
             self.net_thread = LoopThread("net")
         loop = self.net_thread.loop
-        nat = copy.deepcopy(self.config.nat) if self.config.nat is not None else NatConfig()
         # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
-        backend = open_backend(spec.backend, spec.tap, self.config.net_fallback, loop, nat,
-                               self.config.policy)
-        capture = None
-        if spec.index == 0 and self.config.pcap is not None:
-            from .net.pcap import PcapWriter
-
-            capture = PcapWriter(self.config.pcap.path, self.config.pcap.max_bytes)
-        device = VirtioNet(backend, spec.mac, nat.mtu, schedule=loop.call_soon_threadsafe,
-                           pcap=capture)
-        # Before the loop runs (forward listeners join it). Host TCP data goes straight
-        # into RX buffers unless a capture must see every frame.
-        backend.attach(device.receive, device.rx_room,
-                       device.stream_port() if capture is None else None)
+        device = open_nic(spec, self.config, loop, loop.call_soon_threadsafe)
         self.nics.append(device)
         # A QueueNotify that did not go through an ioeventfd (trapped on a vCPU) is served
         # on the network thread too: the backend is never entered from two threads.
@@ -332,40 +400,13 @@ class Vm:
         """Drive an in-kernel irqchip input line (IOAPIC pin / PIC IRQ) to `level`."""
         self._vmfd.irq_line(irq, level)
 
-    def stop(self, reason: StopReason = StopReason.QUIT, detail: str = "") -> None:
-        """Ask the VM to stop; the first reason given wins. Safe from any thread."""
-        with self._stop_lock:
-            if self.stop_reason is None:
-                self.stop_reason = reason
-                self.stop_detail = detail
-        self._stopped.set()
+    def _halt(self) -> None:
         for vcpu in self._vcpus:
             vcpu.kick()
 
-    def wait(self, timeout: float | None = None) -> StopReason | None:
-        """Block until the VM stops (or `timeout` seconds pass: then None).
-
-        The configured `--timeout` counts from start() and stops the VM with TIMEOUT.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        vm_deadline = None
-        if self.config.timeout is not None and self._started_at is not None:
-            vm_deadline = self._started_at + self.config.timeout
-        while True:
-            ends = [d for d in (deadline, vm_deadline) if d is not None]
-            # Wake at least twice a second so signal handlers run promptly.
-            wait_for = min([*(e - time.monotonic() for e in ends), 0.5])
-            if self._stopped.wait(max(wait_for, 0)):
-                break
-            now = time.monotonic()
-            if vm_deadline is not None and now >= vm_deadline:
-                self.stop(StopReason.TIMEOUT, f"timeout after {self.config.timeout:g} s")
-                break
-            if deadline is not None and now >= deadline:
-                return None
+    def _join(self) -> None:
         for thread in self._threads:
             thread.join(5)
-        return self.stop_reason
 
     def close(self) -> None:
         if not self._stopped.is_set() and self._vcpus:
@@ -402,40 +443,6 @@ class Vm:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-
-    def run(self) -> ExitStatus:
-        self.start()
-        try:
-            self.wait()
-        finally:
-            self.close()
-        return self.stop_reason.exit_status
-
-    def network_counters(self) -> list[dict]:
-        """Per network card, in --net order: its name, backend, and the device's counters
-        (frames, bytes, drops by reason, offload use, RX starvation) with the backend's."""
-        out = []
-        for i, nic in enumerate(self.nics):
-            counters = dict(nic.counters)
-            counters.update(getattr(nic.backend, "counters", {}) or {})
-            if nic.pcap is not None:
-                counters.update(nic.pcap.counters)
-            out.append({"card": f"net{i}", "backend": type(nic.backend).__name__, **counters})
-        return out
-
-    def stop_message(self) -> str:
-        """One line saying why the VM stopped."""
-        reason = self.stop_reason
-        if reason is None:
-            return "running"
-        return self.stop_detail or reason.text
-
-    def __enter__(self) -> Vm:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 # Guest-physical pages KVM needs for real-mode emulation on Intel (KVM_SET_TSS_ADDR takes
 # three pages): kept in the MMIO gap, clear of the IOAPIC and LAPIC.

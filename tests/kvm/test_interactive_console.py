@@ -22,7 +22,7 @@ class Terminal:
     def __init__(self, kernel):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "voidbox", "boot", "--kernel", kernel, "--mem", "64M",
+            [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", "--kernel", kernel, "--mem", "64M",
              "--timeout", str(TIMEOUT)],
             stdin=slave, stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
         )

@@ -25,7 +25,7 @@ def guest():
 
 def voidbox_boot(*args):
     return subprocess.Popen(
-        [sys.executable, "-m", "voidbox", "boot", *args],
+        [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
 

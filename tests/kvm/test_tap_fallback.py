@@ -82,7 +82,7 @@ def boot_as_nobody(workdir, kernel: str, fallback: str) -> tuple[int, str, str]:
             from voidbox.launch import main
 
             try:
-                main(["boot", "--kernel", kernel, "--mem", "64M", "--net", f"tap:{TAP}",
+                main(["boot", "--accel", "kvm", "--kernel", kernel, "--mem", "64M", "--net", f"tap:{TAP}",
                       "--net-fallback", fallback, "--timeout", GUEST_TIMEOUT])
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 98

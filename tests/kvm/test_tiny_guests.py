@@ -100,7 +100,7 @@ def test_injected_irq_reaches_the_guest_handler_while_halted(guests):
 
 def boot_cli(kernel, *extra, timeout=GUEST_TIMEOUT + 30):
     return subprocess.run(
-        [sys.executable, "-m", "voidbox", "boot", "--kernel", kernel, "--mem", "64M", *extra],
+        [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", "--kernel", kernel, "--mem", "64M", *extra],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
 
@@ -129,7 +129,7 @@ def test_cli_timeout_stops_a_spinning_guest_with_status_3(guests):
 
 def test_sigterm_stops_the_vm_with_status_143(guests):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "voidbox", "boot", "--kernel", guests("spin"), "--mem", "64M",
+        [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", "--kernel", guests("spin"), "--mem", "64M",
          "--timeout", str(GUEST_TIMEOUT)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
@@ -187,7 +187,7 @@ def test_ram_above_the_mmio_gap(guests):
 
 def test_the_boot_path_imports_neither_numpy_nor_click(guests):
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "voidbox", "boot", "--kernel", guests("hello"),
+        [sys.executable, "-X", "importtime", "-m", "voidbox", "boot", "--accel", "kvm", "--kernel", guests("hello"),
          "--mem", "64M"],
         capture_output=True, text=True, timeout=GUEST_TIMEOUT, stdin=subprocess.DEVNULL,
     )

@@ -138,7 +138,7 @@ def test_the_guest_uses_no_sse(kernel):
 
 def boot_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "voidbox", "boot", "--mem", "64M", "--timeout",
+        [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", "--mem", "64M", "--timeout",
          str(GUEST_TIMEOUT), *args],
         capture_output=True, text=True, timeout=GUEST_TIMEOUT + 30, stdin=subprocess.DEVNULL,
     )
@@ -166,7 +166,7 @@ def test_cli_refuses_an_image_another_writer_holds(kernel, image):
 def test_flushed_writes_survive_sigterm(tmp_path, image):
     spin = str(build_guest("virtio_blk_spin", tmp_path))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "voidbox", "boot", "--kernel", spin, "--mem", "64M", "--timeout", "60",
+        [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", "--kernel", spin, "--mem", "64M", "--timeout", "60",
          str(image)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )

@@ -157,7 +157,7 @@ def test_boot_stats_prints_each_cards_counters(kernel):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "voidbox", "boot", "--kernel", kernel, "--mem", "64M",
+        [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", "--kernel", kernel, "--mem", "64M",
          "--mac", GUEST_MAC, "--timeout", str(GUEST_TIMEOUT), "--stats"],
         capture_output=True, text=True, timeout=GUEST_TIMEOUT + 30, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr

@@ -164,6 +164,21 @@ def _load_bzimage(memory, f, head: bytes, file_size: int, path: str) -> _Loaded:
     )
 
 
+def probe_kernel(kernel_path: str) -> str:
+    """"elf" or "bzimage" for a kernel file another loader will load (QEMU's, with
+    --accel qemu); UsageError, as load_kernel would give, for anything else."""
+    with _open(kernel_path, "kernel") as f:
+        try:
+            head = f.read(bzimage.HEADER_READ_SIZE)
+        except OSError as e:
+            raise UsageError(f"cannot read kernel {kernel_path}: {e.strerror or e}") from None
+    if head.startswith(elf.ELFMAG):
+        return "elf"
+    if bzimage.is_bzimage(head):
+        return "bzimage"
+    raise UsageError(f"{kernel_path} is not a bzImage or x86-64 ELF kernel")
+
+
 def load_kernel(
     memory,
     kernel_path: str,

@@ -115,6 +115,28 @@ def default_guest() -> GuestImage | None:
     return guest
 
 
+def scratch_copy(source: Path, target: Path) -> Path:
+    """Copy a (sparse) disk image to `target`, only its data extents: the default guest's
+    256 MiB root image holds about 10 MiB, so a fresh disk for each boot costs a few ms."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        dst.truncate(size)
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past offset
+                break
+            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), end - start, start, start)
+                if copied == 0:
+                    raise OSError(f"{source} shrank while being copied")
+                start += copied
+            offset = end
+    return target
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """One build at a time per cache directory (parallel test runs share it)."""

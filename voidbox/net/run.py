@@ -132,6 +132,12 @@ def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path:
             )
             if os.path.exists(RESOLV_CONF):
                 netns.bind_file(resolv_path, RESOLV_CONF)
+            # The mount holds the file now: unlinked here, it is not left in /tmp even
+            # when voidbox is SIGKILLed (the parent's unlink never runs then).
+            try:
+                os.unlink(resolv_path)
+            except OSError:
+                pass
         except Exception as e:  # report every set-up failure to the parent as one line
             sock.send(MSG_ERROR + str(e).encode()[:1000])
             os._exit(EXEC_FAILED)
