@@ -33,6 +33,8 @@ def open_nic(spec, config, loop, schedule: Callable[[Callable[[], None]], None])
 
     # Each card's NAT is its own: forwards, flow limits and DHCP leases are per card.
     nat = copy.deepcopy(config.nat) if config.nat is not None else NatConfig()
+    # The NAT addresses the card's MAC from the start (it also learns it from the guest).
+    nat.guest_mac = ":".join(f"{b:02x}" for b in spec.mac)
     backend = open_backend(spec.backend, spec.tap, config.net_fallback, loop, nat, config.policy)
     capture = None
     if spec.index == 0 and config.pcap is not None:

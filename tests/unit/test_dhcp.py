@@ -144,3 +144,20 @@ def test_engine_answers_discover_from_0_0_0_0_with_a_frame():
         assert len(h.out) == 1 and h.engine.counters["ip_spoofed_source"] == 1
     finally:
         h.close()
+
+
+def test_the_engine_learns_the_guest_mac_from_its_dhcp_exchange():
+    """A card whose MAC the NAT was not told (a vhost-user frontend picks its own): frames
+    the NAT starts itself, such as a port forward's SYN, must reach the guest before it
+    sends IPv4 of its own, so the MAC the lease went to is the guest's."""
+    other_hw = bytes.fromhex("02aabbccddee")
+    h = Harness()
+    try:
+        assert h.engine.guest_mac != other_hw
+        bcast = b"\xff" * 4
+        udp = build_udp(ZERO, bcast, 68, 67, message(DHCPDISCOVER, chaddr=other_hw))
+        h.send(build_ethernet(ETH_BROADCAST, other_hw, ETH_P_IP, build_ipv4(ZERO, bcast, IPPROTO_UDP, udp)))
+        assert h.engine.counters["dhcp_replies"] == 1
+        assert h.engine.guest_mac == other_hw
+    finally:
+        h.close()

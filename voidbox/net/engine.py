@@ -241,6 +241,9 @@ class Engine:
         udp = build_udp(self.gateway_ip, reply.dst_ip, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, reply.payload)
         pkt = build_ipv4(self.gateway_ip, reply.dst_ip, IPPROTO_UDP, udp)
         dst_mac = reply.dst_mac if reply.dst_mac == ETH_BROADCAST else eth_src
+        # The client the lease is for is the guest: frames the NAT starts (a port forward's
+        # SYN) go to its MAC even before it sent an IPv4 packet of its own.
+        self.guest_mac = bytes(eth_src)
         self._count("dhcp_replies")
         self.send_frame(build_ethernet(dst_mac, self.gateway_mac, ETH_P_IP, pkt))
 

@@ -1,0 +1,262 @@
+"""The default guest (Debian's kernel, its virtio drivers and TCP stack) on voidbox's own
+devices with `--accel qemu`: QEMU's TCG runs the CPU, voidbox serves the root disk
+(vhost-user-blk) and the network card (vhost-user-net, the user-mode NAT) from the test's
+process, through voidbox.new_vm as a Python user would.
+
+Each test boots a fresh copy of the root image and drives the guest's shell through the
+serial console (GuestShell). Servers the guest talks to listen on 127.0.0.1 only, DNS
+included (--dns-upstream points at a test server). A failure shows the serial log's tail.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import re
+import socket
+import socketserver
+import struct
+import threading
+import time
+
+import pytest
+
+from tests.default_guest import require_default_guest
+from voidbox import new_vm
+from voidbox.config import VmConfig
+from voidbox.image import scratch_copy
+from voidbox.virtio.net import (
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_MRG_RXBUF,
+)
+from voidbox.vm import StopReason
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+BOOT_TIMEOUT = 120
+PROMPT = b"voidbox:~# "
+BULK_MIB = 100
+
+
+@pytest.fixture(scope="module")
+def guest():
+    return require_default_guest(build=True)
+
+
+class GuestShell:
+    """The guest's root shell on its serial console."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.count = 0
+
+    def wait_prompt(self) -> None:
+        assert self.vm.serial_log.wait_for(PROMPT, BOOT_TIMEOUT), self.tail()
+
+    def run(self, command: str, timeout: float = 120) -> tuple[int, str]:
+        """Run one shell command line; -> (its exit status, what it printed)."""
+        self.count += 1
+        # The marker is built by the shell, so the console's echo of the line cannot match.
+        tag = f"vbx{self.count}"
+        start = len(self.vm.serial_log.getvalue())
+        self.vm.serial.enqueue_input(f"{command}; echo @@{tag}' '$?@@\n".encode())
+        pattern = re.compile(rf"@@{tag} (\d+)@@".encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.vm.serial_log.getvalue()[start:]
+            match = pattern.search(log)
+            if match:
+                out = log[:match.start()].decode(errors="replace")
+                # Drop the echoed command line.
+                out = out.split("\n", 1)[1] if "\n" in out else ""
+                return int(match.group(1)), out
+            assert time.monotonic() < deadline, f"`{command}` did not finish:\n{self.tail()}"
+            assert self.vm.stop_reason is None, f"the VM stopped: {self.vm.stop_message()}\n{self.tail()}"
+            self.vm.serial_log.wait_for(b"@@" + tag.encode(), 0.5)
+
+    def tail(self) -> str:
+        return self.vm.serial_log.getvalue()[-6000:].decode(errors="replace")
+
+
+@pytest.fixture
+def boot(guest, tmp_path):
+    """boot(**VmConfig fields) -> (vm, shell) on a fresh copy of the root image, at the prompt."""
+    vms = []
+
+    def start(image=None, **fields):
+        if image is None:
+            image = scratch_copy(guest.rootfs, tmp_path / f"root{len(vms)}.ext4")
+        config = VmConfig(kernel=str(guest.vmlinux), initrd=str(guest.initrd), image=str(image),
+                          accel="qemu", timeout=600, **fields)
+        vm = new_vm(config)
+        vms.append(vm)
+        vm.start()
+        shell = GuestShell(vm)
+        shell.wait_prompt()
+        return vm, shell
+
+    yield start
+    for vm in vms:
+        vm.close()
+
+
+def serve_http(directory) -> http.server.ThreadingHTTPServer:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def acked(vm, bit: int) -> bool:
+    return bool(vm.nics[0].acked_features & (1 << bit))
+
+
+def test_dhcp_lease_ping_and_poweroff(boot):
+    vm, shell = boot()
+    status, out = shell.run("ip -4 addr show eth0")
+    assert status == 0 and "inet 10.0.2.15/24" in out, out
+    status, out = shell.run("ping -c 2 -W 5 10.0.2.2")
+    assert status == 0 and "2 packets received" in out, out
+    assert acked(vm, VIRTIO_NET_F_MRG_RXBUF)
+    vm.serial.enqueue_input(b"poweroff -f\n")
+    assert vm.wait(60) is StopReason.POWEROFF, shell.tail()
+    assert vm.stop_reason.exit_status == 0
+
+
+def test_http_get_from_the_host(boot, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "hello.txt").write_bytes(b"hello from the host\n")
+    server = serve_http(www)
+    try:
+        _vm, shell = boot()
+        port = server.server_address[1]
+        status, out = shell.run(f"wget -q -O - http://10.0.2.2:{port}/hello.txt")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 0 and "hello from the host" in out, out
+
+
+class TinyDns(socketserver.BaseRequestHandler):
+    """Answers every A query with 192.0.2.7 (TEST-NET-1), on 127.0.0.1 only."""
+
+    def handle(self):
+        data, sock = self.request
+        ident, _flags, qdcount = struct.unpack("!HHH", data[:6])
+        end = 12
+        while data[end]:
+            end += data[end] + 1
+        question = data[12:end + 5]
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("192.0.2.7")
+        sock.sendto(struct.pack("!HHHHHH", ident, 0x8180, qdcount, 1, 0, 0) + question + answer,
+                    self.client_address)
+
+
+def test_dns_lookup_through_an_upstream_on_loopback(boot):
+    from voidbox.net.options import config_from_options
+
+    server = socketserver.ThreadingUDPServer(("127.0.0.1", 0), TinyDns)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        nat, policy = config_from_options(None, (), (), (), (f"127.0.0.1:{server.server_address[1]}",),
+                                          None, None)
+        _vm, shell = boot(nat=nat, policy=policy)
+        status, out = shell.run("nslookup sandbox.test 10.0.2.3")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 0 and "192.0.2.7" in out, out
+
+
+def test_bulk_tcp_both_ways_with_offloads(boot, tmp_path):
+    """100 MiB host -> guest (HTTP) and guest -> host (nc), each with a matching SHA-256;
+    the guest negotiated mergeable RX buffers and the checksum/TSO offloads, and used them."""
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(BULK_MIB << 20)
+    (www / "blob").write_bytes(blob)
+    server = serve_http(www)
+    sink = socket.create_server(("127.0.0.1", 0))
+    received = hashlib.sha256()
+    got = {}
+
+    def drain():
+        conn, _ = sink.accept()
+        with conn:
+            total = 0
+            while chunk := conn.recv(1 << 20):
+                received.update(chunk)
+                total += len(chunk)
+        got["bytes"] = total
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    try:
+        vm, shell = boot(mem="768M")
+        status, out = shell.run(f"wget -q -O - http://10.0.2.2:{server.server_address[1]}/blob"
+                                " | sha256sum", timeout=600)
+        assert status == 0 and hashlib.sha256(blob).hexdigest() in out, out
+        status, out = shell.run(f"dd if=/dev/urandom of=/dev/shm/up bs=1M count={BULK_MIB} 2>/dev/null"
+                                " && sha256sum /dev/shm/up", timeout=600)
+        digests = re.findall(r"\b[0-9a-f]{64}\b", out)
+        assert status == 0 and digests, out
+        digest = digests[-1]
+        status, out = shell.run(f"nc 10.0.2.2 {sink.getsockname()[1]} < /dev/shm/up", timeout=600)
+        drainer.join(120)
+        assert got.get("bytes") == BULK_MIB << 20, (got, out)
+        assert received.hexdigest() == digest
+        assert acked(vm, VIRTIO_NET_F_MRG_RXBUF)
+        assert acked(vm, VIRTIO_NET_F_CSUM) and acked(vm, VIRTIO_NET_F_HOST_TSO4)
+        counters = vm.network_counters()[0]
+        assert counters.get("tx_tso_frames", 0) > 0, counters
+        assert counters.get("tx_csum_offloaded", 0) > 0, counters
+    finally:
+        server.shutdown()
+        server.server_close()
+        sink.close()
+
+
+def test_port_forward_to_a_server_in_the_guest(boot):
+    from voidbox.net.options import config_from_options
+
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    nat, policy = config_from_options(None, (f"tcp:127.0.0.1:{port}:8080",), (), (), (), None, None)
+    _vm, shell = boot(nat=nat, policy=policy)
+    shell.vm.serial.enqueue_input(b"echo served-by-the-guest | nc -l -p 8080 &\n")
+    deadline = time.monotonic() + 60
+    reply = b""
+    while time.monotonic() < deadline and b"served-by-the-guest" not in reply:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                reply = b""
+                while chunk := conn.recv(4096):
+                    reply += chunk
+        except OSError:
+            pass
+        if b"served-by-the-guest" not in reply:
+            time.sleep(0.5)
+    assert b"served-by-the-guest" in reply, shell.tail()
+
+
+def test_a_synced_file_survives_a_reboot_of_the_same_image(boot, tmp_path, guest):
+    image = scratch_copy(guest.rootfs, tmp_path / "persistent.ext4")
+    vm, shell = boot(image=image)
+    status, out = shell.run("echo kept-across-reboots > /root/note && sync")
+    assert status == 0, out
+    vm.serial.enqueue_input(b"reboot -f\n")
+    assert vm.wait(60) is StopReason.RESET, shell.tail()
+    assert vm.stop_reason.exit_status == 4
+    vm.close()
+    _vm2, shell2 = boot(image=image)
+    status, out = shell2.run("cat /root/note")
+    assert status == 0 and "kept-across-reboots" in out, out
