@@ -113,10 +113,17 @@ def net() -> None:
 @net.command("serve", epilog=NAT_EPILOG)
 @click.option("--vhost-user", "socket_path", required=True, metavar="SOCKET",
               help="Serve the card as a vhost-user backend on this unix socket (mode 0600).")
+@click.option("--backend", default="slirp", show_default=True, metavar="slirp|tap:NAME",
+              help="What carries the card's frames: the user-mode NAT, or a TAP the user owns "
+              "(or a new one, with CAP_NET_ADMIN).")
+@click.option("--net-fallback", default="slirp", show_default=True,
+              type=click.Choice(["slirp", "fail"]),
+              help="When the TAP cannot be used: serve the card with the NAT (one line says "
+              "why) or exit 1.")
 @_options(NAT_OPTIONS)
-def net_serve(socket_path, mtu, forward, allow, deny, dns_upstream, max_flows, max_conn_rate,
-              pcap, pcap_max_bytes) -> None:
-    """Serve a virtio-net card on the NAT to one vhost-user frontend at a time (e.g. QEMU).
+def net_serve(socket_path, backend, net_fallback, mtu, forward, allow, deny, dns_upstream,
+              max_flows, max_conn_rate, pcap, pcap_max_bytes) -> None:
+    """Serve a virtio-net card to one vhost-user frontend at a time (e.g. QEMU).
 
     Runs until SIGINT or SIGTERM. Example: voidbox net serve --vhost-user /tmp/net.sock
     """
@@ -125,7 +132,29 @@ def net_serve(socket_path, mtu, forward, allow, deny, dns_upstream, max_flows, m
 
     config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
                                          max_flows, max_conn_rate)
-    sys.exit(serve_net(socket_path, config, policy, pcap_from_options(pcap, pcap_max_bytes)))
+    sys.exit(serve_net(socket_path, config, policy, pcap_from_options(pcap, pcap_max_bytes),
+                       backend=backend, fallback=net_fallback))
+
+
+@cli.group()
+def blk() -> None:
+    """Disks without a VM."""
+
+
+@blk.command("serve")
+@click.option("--vhost-user", "socket_path", required=True, metavar="SOCKET",
+              help="Serve the disk as a vhost-user backend on this unix socket (mode 0600).")
+@click.option("--readonly", is_flag=True, help="Open the image read-only and offer VIRTIO_BLK_F_RO.")
+@click.argument("image")
+def blk_serve(socket_path, readonly, image) -> None:
+    """Serve IMAGE (a raw disk image) as a virtio-blk disk to one vhost-user frontend at a
+    time (e.g. QEMU's vhost-user-blk). The image is locked while served and synced at exit.
+
+    Runs until SIGINT or SIGTERM. Example: voidbox blk serve --vhost-user /tmp/blk.sock disk.img
+    """
+    from .vhost_user.serve import serve_blk
+
+    sys.exit(serve_blk(socket_path, image, readonly))
 
 
 # Everything from the first word that is not one of voidbox's options on is COMMAND's, as

@@ -1,8 +1,9 @@
-"""`voidbox net serve --vhost-user SOCKET`: the NAT's virtio-net card, served to a frontend.
+"""`voidbox net serve` and `voidbox blk serve`: one device core served to another VMM.
 
-The card is the VMM's VirtioNet on a SlirpBackend, on one EventLoop in this thread, behind
+The device is the one a voidbox VM uses (voidbox.cards builds it): a VirtioNet on the NAT
+or a TAP, or a VirtioBlk on a raw image. It runs on one EventLoop in this thread, behind
 a VhostUserServer. SIGINT and SIGTERM stop it: the connection closes, the socket is
-unlinked, and the exit status is 0.
+unlinked (a disk is synced and unlocked first), and the exit status is 0.
 """
 
 from __future__ import annotations
@@ -13,31 +14,61 @@ from ..eventloop import EventLoop
 from .backend import VhostUserServer
 
 
-def serve_net(path: str, config, policy=None, capture=None) -> int:
-    from ..net.backend import SlirpBackend
-    from ..net.config import parse_mac
-    from ..virtio.net import VirtioNet
-
+def serve(path: str, make_device) -> int:
+    """Serve the device make_device(loop) -> (device, on_disconnect, close) on `path`."""
     loop = EventLoop()
-    writer = None
-    if capture is not None:
-        from ..net.pcap import PcapWriter
-
-        writer = PcapWriter(capture.path, capture.max_bytes)
-    backend = SlirpBackend(loop, config, policy)
-    device = VirtioNet(backend, parse_mac(config.guest_mac), config.mtu, schedule=loop.call_soon,
-                       pcap=writer)
-    backend.attach(device.receive, device.rx_room, device.stream_port() if writer is None else None)
-    # A frontend that goes away takes its guest's flows with it (host sides reset).
-    server = VhostUserServer(device, path, loop, on_disconnect=backend.drop_flows)
+    device, on_disconnect, close = make_device(loop)
+    server = VhostUserServer(device, path, loop, on_disconnect=on_disconnect)
     previous = {sig: signal.signal(sig, lambda *_: loop.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         loop.run()
     finally:
         server.close()
-        device.close()
+        close()
         loop.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def serve_net(path: str, config, policy=None, capture=None, backend: str = "slirp",
+              fallback: str = "slirp") -> int:
+    """A virtio-net card on `backend` ("slirp" or "tap:NAME"), its NAT from config/policy."""
+    from types import SimpleNamespace
+
+    from ..cards import open_nic
+    from ..config import parse_net_spec
+    from ..errors import UsageError
+    from ..net.config import parse_mac
+
+    try:
+        kind, tap = parse_net_spec(backend)
+    except UsageError:
+        kind = None
+    if kind not in ("slirp", "tap"):
+        raise UsageError(f"bad --backend {backend!r}: expected slirp or tap:NAME")
+    # open_nic's view of a VmConfig: the NAT's layout and rules, one card, its capture.
+    wanted = SimpleNamespace(nat=config, policy=policy, net_fallback=fallback, pcap=capture)
+    spec = SimpleNamespace(backend=kind, tap=tap, mac=parse_mac(config.guest_mac), index=0)
+
+    def make(loop):
+        device = open_nic(spec, wanted, loop, loop.call_soon)
+        # A frontend that goes away takes its guest's flows with it (host sides reset).
+        return device, getattr(device.backend, "drop_flows", None), device.close
+
+    return serve(path, make)
+
+
+def serve_blk(path: str, image: str, readonly: bool = False) -> int:
+    """A virtio-blk disk on the raw image (locked while served, synced at exit)."""
+    from ..cards import open_disk
+    from ..config import DiskSpec, _existing_file
+
+    _existing_file(image, "disk image")
+
+    def make(_loop):
+        device, backend = open_disk(DiskSpec(image, readonly))
+        return device, None, backend.close
+
+    return serve(path, make)
