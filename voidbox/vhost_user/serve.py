@@ -15,7 +15,10 @@ from .backend import VhostUserServer
 
 
 def serve(path: str, make_device) -> int:
-    """Serve the device make_device(loop) -> (device, on_disconnect, close) on `path`."""
+    """Serve the device make_device(loop) -> (device, on_disconnect, close) on `path`.
+
+    Each frontend's end (a disconnect, a protocol error) is one line on stderr."""
+    _log_to_stderr()
     loop = EventLoop()
     device, on_disconnect, close = make_device(loop)
     server = VhostUserServer(device, path, loop, on_disconnect=on_disconnect)
@@ -30,6 +33,18 @@ def serve(path: str, make_device) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _log_to_stderr() -> None:
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("voidbox: %(message)s"))
+    logger = logging.getLogger("voidbox.vhost_user")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def serve_net(path: str, config, policy=None, capture=None, backend: str = "slirp",
