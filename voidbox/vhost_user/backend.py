@@ -247,10 +247,11 @@ class _Session:
         return True
 
     def _on_SetMemTable(self, msg) -> bool:
-        if self.queues is not None:
-            raise ProtocolError("SET_MEM_TABLE while the rings are running")
         regions = []
         try:
+            # Inside the try: the message's fds are closed however it is refused.
+            if self.queues is not None:
+                raise ProtocolError("SET_MEM_TABLE while the rings are running")
             for region, fd in zip(msg.regions, msg.fds, strict=True):
                 regions.append(_map_region(region, fd))
         except ProtocolError:
