@@ -10,9 +10,9 @@ guest to `device.receive(frame)`, from its own I/O thread. `accepts_partial_chec
 and `accepts_tso4` say which offloads it can honour; only those are offered.
 `produces_guest_offloads` says every frame it hands over was built by it (so its
 checksums can be vouched for) and its TCP relay can use the stream port's TSO frames: only
-then are GUEST_CSUM and GUEST_TSO4 offered. A backend
-that stops sending when receive() refuses a frame is told by `backend.rx_ready()` (on the
-RX kick, once the backlog is placed) that it may send again.
+then are GUEST_CSUM and GUEST_TSO4 offered. A backend that stops sending when receive()
+refuses a frame is told by `backend.rx_ready()` (on the RX kick, once the backlog is
+placed) that it may send again.
 
 Decisions a reader should know:
 - The header is always the 12-byte struct virtio_net_hdr (§5.1.6: VERSION_1 includes
