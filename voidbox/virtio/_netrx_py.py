@@ -46,7 +46,7 @@ import termios
 from voidbox.net import _slirp_py as slirp
 from voidbox.net.packets import pseudo_header_sum
 
-from ..ring import REQUIRE_WRITABLE
+from ..ring import REQUIRE_WRITABLE, QueueError
 from .net import (
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -245,10 +245,18 @@ class RingStream:
         out = []
         while len(out) < n:
             if not held:
-                more = queue.pop(n - len(out), REQUIRE_WRITABLE)
-                if not more:
-                    if queue.enable_notifications():
+                try:
+                    more = queue.pop(n - len(out), REQUIRE_WRITABLE)
+                    if not more and queue.enable_notifications():
                         continue  # buffers arrived while we looked
+                except QueueError:
+                    # A corrupt RX ring is not the relay's error (as in VirtioNet.receive):
+                    # the stream goes on with what it has, or blocks, and the driver's next
+                    # RX kick meets the ring and gets DEVICE_NEEDS_RESET.
+                    card.counters["rx_queue_errors"] += 1
+                    card.rx_ring_error = True
+                    break
+                if not more:
                     break
                 held.extend(more)
             chain = held.popleft()

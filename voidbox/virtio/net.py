@@ -216,6 +216,9 @@ class VirtioNet(VirtioDevice):
         self._rx_held: collections.deque = collections.deque()  # popped, unused RX chains
         self._rx_backlog: collections.deque = collections.deque()
         self._tx_rescheduled = False
+        # The stream port met a corrupt RX ring (on the backend's thread): the next RX kick
+        # meets it again, where the transport can answer with DEVICE_NEEDS_RESET.
+        self.rx_ring_error = False
         self.counters: collections.Counter = collections.Counter()
 
     # ---- what the driver sees ----------------------------------------------------------
@@ -280,6 +283,7 @@ class VirtioNet(VirtioDevice):
         with self._lock:
             self._rx_held.clear()
             self._rx_backlog.clear()
+            self.rx_ring_error = False
             super().reset()
             self.counters["resets"] += 1
 
@@ -292,6 +296,11 @@ class VirtioNet(VirtioDevice):
             self._transmit()
         elif index == RX_QUEUE:
             self.counters["rx_kicks"] += 1
+            queue = self._queue(RX_QUEUE)
+            if self.rx_ring_error and queue is not None:
+                self.rx_ring_error = False
+                with self._lock:  # raises QueueError while the ring is still corrupt
+                    self._rx_held.extend(queue.pop(1, REQUIRE_WRITABLE))
             self._refill()
 
     # ---- guest -> backend ----------------------------------------------------------------
