@@ -1,15 +1,17 @@
 """Bulk TCP through the VM's ring path beside `voidbox net run` and a plain copy.
 
     .venv/bin/pytest bench/test_virtio_net_bulk.py --benchmark-only -q -p no:cacheprovider -s
-    .venv/bin/python bench/test_virtio_net_bulk.py --profile down 16     # cProfile, top entries
+    .venv/bin/python bench/test_virtio_net_bulk.py --profile down 16 gso  # cProfile, top entries
 
 All in one run, SIZE bytes each way (64 MiB), the median of ROUNDS transfers:
 - ring: the rig of tests/unit/test_virtio_net_tcp.py. A host server thread on 127.0.0.1,
   SlirpBackend (the NAT) behind VirtioNet on its MMIO transport, the driver mock playing
   the guest's rings and a scripted guest TCP endpoint (voidbox's sans-I/O TcpFlow) as the
-  guest's stack, all on one thread. Down: host socket -> guest, MTU 1500 frames into
-  RX_BUF_LEN-byte mergeable RX buffers (64, as the unit test posts, and 256, a full ring);
-  up: guest -> host socket, 64 KiB TSO frames with NEEDS_CSUM. The guest's own work
+  guest's stack, all on one thread. Down: host socket -> guest into RX_BUF_LEN-byte
+  mergeable RX buffers (64, as the unit test posts, and 256, a full ring), either as MTU
+  1500 frames with whole checksums ("mss": the guest acks no guest offloads) or, with
+  GUEST_CSUM and GUEST_TSO4 acked as a Linux guest does ("gso"), as 64 KiB GSO frames with
+  NEEDS_CSUM over many buffers; up: guest -> host socket, 64 KiB TSO frames with NEEDS_CSUM. The guest's own work
   (parsing frames and both checksums, its TCP, building frames) runs on the same thread;
   it is timed apart, and "VMM MiB/s" is the rate with it taken out (the driver mock's
   ring reads stay in). Both ring twins.
@@ -47,6 +49,8 @@ if __name__ == "__main__":
 
 from tests.twins import load_ring  # noqa: E402
 from tests.unit.test_virtio_net_tcp import (  # noqa: E402
+    FEATURES,
+    GSO_FEATURES,
     BulkRig,
     TcpState,
     payload,
@@ -132,9 +136,9 @@ class TimedRig(BulkRig):
 
     guest_s = 0.0
 
-    def _to_guest(self, frame, now):
+    def _to_guest(self, frame, now, header=(0,) * 7):
         t = time.perf_counter()
-        super()._to_guest(frame, now)
+        super()._to_guest(frame, now, header)
         self.guest_s += time.perf_counter() - t
 
     def _frame_of(self, seg):
@@ -144,10 +148,14 @@ class TimedRig(BulkRig):
         return out
 
 
-def ring_transfer(impl, memory, direction: str, data: bytes, rx_buffers: int = 64):
+OFFLOADS = {"mss": FEATURES, "gso": GSO_FEATURES}
+
+
+def ring_transfer(impl, memory, direction: str, data: bytes, rx_buffers: int = 64,
+                  offload: str = "mss"):
     """One transfer of data through the ring; (seconds, guest seconds)."""
     size = len(data)
-    rig = TimedRig(impl, memory, rx_buffers=rx_buffers)
+    rig = TimedRig(impl, memory, rx_buffers=rx_buffers, features=OFFLOADS[offload])
     try:
         rig.arp()
         if direction == "down":
@@ -211,16 +219,18 @@ def mib_s(seconds: float) -> float:
 
 
 @pytest.mark.parametrize("twin", ["cython", "pure"])
-@pytest.mark.parametrize(("direction", "rx_buffers"), [("down", 64), ("down", 256), ("up", 64)])
-def test_ring(benchmark, record, memory, data, direction, twin, rx_buffers):
+@pytest.mark.parametrize(("direction", "rx_buffers", "offload"),
+                         [("down", 64, "mss"), ("down", 64, "gso"), ("down", 256, "mss"),
+                          ("down", 256, "gso"), ("up", 64, "mss")])
+def test_ring(benchmark, record, memory, data, direction, twin, rx_buffers, offload):
     impl = load_ring(twin)
     runs = []
     benchmark.pedantic(lambda: runs.append(ring_transfer(impl, memory, direction, data,
-                                                         rx_buffers)),
+                                                         rx_buffers, offload)),
                        rounds=ROUNDS, iterations=1)
     seconds = statistics.median(s for s, _g in runs)
     vmm = statistics.median(s - g for s, g in runs)
-    name = f"ring {direction:<4} {twin:<6} rx{rx_buffers:<3}"
+    name = f"ring {direction:<4} {twin:<6} rx{rx_buffers:<3} {offload}"
     record(f"{name} MiB/s", mib_s(seconds), "MiB/s")
     record(f"{name} VMM MiB/s (guest's work out)", mib_s(vmm), "MiB/s")
     benchmark.extra_info.update(mib_s=round(mib_s(seconds), 1), vmm_mib_s=round(mib_s(vmm), 1))
@@ -256,14 +266,14 @@ def test_memcpy(benchmark, record, data, how):
     record(f"memcpy {how}", mib_s(benchmark.stats.stats.median), "MiB/s")
 
 
-def profile(direction: str, mib: int, top: int = 25) -> None:
+def profile(direction: str, mib: int, top: int = 25, offload: str = "mss") -> None:
     """cProfile one transfer of `mib` MiB on the compiled twin; the top entries by own time."""
     blob = payload(mib * MiB)
     with GuestMemory(64 * MiB) as mem:
         impl = load_ring("cython")
         prof = cProfile.Profile()
         prof.enable()
-        seconds, guest = ring_transfer(impl, mem, direction, blob)
+        seconds, guest = ring_transfer(impl, mem, direction, blob, offload=offload)
         prof.disable()
     print(f"{direction} {mib} MiB: {seconds:.2f} s under cProfile (guest's work {guest:.2f} s)")
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
@@ -272,6 +282,7 @@ def profile(direction: str, mib: int, top: int = 25) -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "--profile":
         profile(sys.argv[2] if len(sys.argv) > 2 else "down",
-                int(sys.argv[3]) if len(sys.argv) > 3 else 16)
+                int(sys.argv[3]) if len(sys.argv) > 3 else 16,
+                offload=sys.argv[4] if len(sys.argv) > 4 else "mss")
     else:
-        sys.exit(f"usage: {sys.argv[0]} --profile [down|up] [MiB]")
+        sys.exit(f"usage: {sys.argv[0]} --profile [down|up] [MiB] [mss|gso]")

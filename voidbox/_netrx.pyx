@@ -5,9 +5,10 @@ voidbox/virtio/_netrx_py.py (read its docstring for the contract).
 What this twin adds: one recvmsg(MSG_PEEK) per burst over iovecs that point into guest
 memory, at each RX chain's payload (after FRAME_HEADROOM bytes of headers), so host data
 is copied once, by the kernel, from the socket into the guest's buffers. The headers are
-built in a small local buffer and scattered into the chain's first bytes; the TCP checksum
-is summed over the payload where it landed. The system calls and the per-segment loop run
-without the GIL. Chains of the pure ring twin take the pure twin's path.
+built in a small local buffer and scattered into the frame's first chain; without
+GUEST_CSUM the TCP checksum is summed over the payload where it landed (with it, the
+guest finishes it). The system call and the per-frame loop run without the GIL. Chains of
+the pure ring twin take the pure twin's path.
 """
 from libc.errno cimport EAGAIN
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -23,11 +24,12 @@ from voidbox._slirp cimport (
     write_tcp_header,
 )
 
+from voidbox.virtio._netrx_py import CSUM_START as _CSUM_START
 from voidbox.virtio._netrx_py import FRAME_HEADROOM as _FRAME_HEADROOM
 from voidbox.virtio._netrx_py import MAX_CHAINS as _MAX_CHAINS
 from voidbox.virtio._netrx_py import STREAM_BLOCKED, STREAM_DRAINED, STREAM_EOF, STREAM_MORE
 from voidbox.virtio._netrx_py import RingStream as _PureRingStream
-from voidbox.virtio._netrx_py import unread_beyond_peek
+from voidbox.virtio._netrx_py import frame_payload_cap, unread_beyond_peek
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)
@@ -39,6 +41,11 @@ cdef enum:
     IPV4_HLEN = 20
     TCP_HLEN = 20
     HEADROOM = VNET_HDR_LEN + ETH_HLEN + IPV4_HLEN + TCP_HLEN
+    PACKET_HEADERS = ETH_HLEN + IPV4_HLEN + TCP_HLEN  # a GSO frame's hdr_len
+    CSUM_START = ETH_HLEN + IPV4_HLEN
+    TCP_CSUM_OFFSET = 16
+    VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+    VIRTIO_NET_HDR_GSO_TCPV4 = 1
     TCP_FLAG_ACK = 0x10
     TCP_FLAG_PSH = 0x08
     # Segments one chain may hold; iovecs per burst are bounded by MAX_IOV.
@@ -47,7 +54,7 @@ cdef enum:
 
 cdef uint64_t SEQ_MASK = 0xFFFFFFFF
 
-assert HEADROOM == _FRAME_HEADROOM and CHAINS_CAP == _MAX_CHAINS
+assert HEADROOM == _FRAME_HEADROOM and CHAINS_CAP == _MAX_CHAINS and CSUM_START == _CSUM_START
 
 
 cdef uint64_t add_piece(uint64_t acc, const uint8_t *p, size_t n, size_t *odd) noexcept nogil:
@@ -108,32 +115,39 @@ class RingStream(_PureRingStream):
             want = min(budget, unread)
             if want <= 0:
                 return 0, 0, 0, self._empty_status(sockfd)
-            # Rounded up; written without negative operands: cdivision truncates towards zero.
-            chains = self._take(queue, min(_MAX_CHAINS, (want + mss - 1) // mss))
+            merge, csum, gso = card.rx_offloads()
+            chains, caps, firsts = self._take_planned(queue, want, mss,
+                                                      frame_payload_cap(mss, gso), merge)
             if not chains:
                 card.counters["rx_starved"] += 1
                 return 0, 0, 0, STREAM_BLOCKED
-            return self._fill(card, queue, chains, sockfd, eth_header, src_ip, dst_ip,
-                              src_port, dst_port, seq, ack, window, mss, want, unread, ip_id)
+            return self._fill(card, queue, chains, caps, firsts, csum, gso, sockfd,
+                              eth_header, src_ip, dst_ip, src_port, dst_port, seq, ack,
+                              window, mss, unread, ip_id)
 
-    def _fill(self, card, queue, list chains, int sockfd, const uint8_t[::1] eth,
-              const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip, int src_port,
-              int dst_port, uint64_t seq, uint64_t ack, int window, int mss,
-              Py_ssize_t want, Py_ssize_t unread, int ip_id):
-        """Peek into the chains' payload iovecs, then write each segment's headers."""
+    def _fill(self, card, queue, list chains, list plan_caps, list plan_firsts, bint csum,
+              bint gso, int sockfd, const uint8_t[::1] eth, const uint8_t[::1] src_ip,
+              const uint8_t[::1] dst_ip, int src_port, int dst_port, uint64_t seq,
+              uint64_t ack, int window, int mss, Py_ssize_t unread, int ip_id):
+        """Peek into the chains' payload iovecs, then write each frame's headers."""
         cdef Py_ssize_t nchains = len(chains)
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, j, k, m
         cdef uint32_t s
-        cdef size_t niov = 0, total = 0, cap, skip, take
-        cdef size_t caps[CHAINS_CAP]
+        cdef size_t niov = 0, cap, skip, take
+        cdef size_t caps[CHAINS_CAP]  # payload each chain's iovecs cover, then holds
+        cdef bint first[CHAINS_CAP]  # the chain starts a frame: headers in front
+        cdef vb_segment *segs[CHAINS_CAP]  # each chain's segments, for the nogil loop
+        cdef uint32_t nsegs[CHAINS_CAP]
         cdef iovec iov[MAX_IOV]
         cdef Chain c
         for i in range(nchains):
             c = <Chain>chains[i]
-            cap = min(<size_t>mss, <size_t>(c.writable - HEADROOM))
-            cap = min(cap, <size_t>(want - total))
+            segs[i] = c.segs
+            nsegs[i] = c.info.nsegs
+            first[i] = plan_firsts[i]
+            skip = HEADROOM if first[i] else 0
+            cap = min(<size_t>plan_caps[i], <size_t>c.writable - skip)
             caps[i] = cap
-            skip = HEADROOM
             for s in range(c.info.nsegs):
                 if cap == 0 or niov >= MAX_IOV:
                     break
@@ -144,7 +158,6 @@ class RingStream(_PureRingStream):
                 iov[niov].iov_base = c.segs[s].host + skip  # host: validated by the ring
                 iov[niov].iov_len = take
                 niov += 1
-                total += take
                 cap -= take
                 skip = 0
             caps[i] -= cap  # what the iovecs cover (less if MAX_IOV cut it short)
@@ -158,24 +171,32 @@ class RingStream(_PureRingStream):
                 return 0, 0, 0, STREAM_EOF
             return 0, 0, 0, (STREAM_DRAINED if err == EAGAIN else -err)
         used = []
-        cdef size_t done = 0, n, odd
+        cdef size_t done = 0, n, rest, odd
         cdef uint8_t hdr[HEADROOM]
         cdef uint8_t *t = hdr + VNET_HDR_LEN + ETH_HLEN + IPV4_HLEN
         cdef uint8_t flags
         cdef uint64_t acc
         cdef uint16_t le
-        cdef Py_ssize_t frames = 0
-        for i in range(nchains):
-            c = <Chain>chains[i]
-            if done >= <size_t>got or caps[i] == 0:
-                self._give_back([c])
-                continue
-            n = min(caps[i], <size_t>got - done)
+        cdef Py_ssize_t frames = 0, merged = 0, gso_frames = 0
+        i = 0
+        while i < nchains and done < <size_t>got:
+            j = i + 1
+            while j < nchains and not first[j]:
+                j += 1
+            # The frame is chains i..j-1; the peek may end inside it: chains i..k-1 hold it.
+            rest = <size_t>got - done
+            k = i
+            while k < j and rest > 0 and caps[k] > 0:
+                caps[k] = min(caps[k], rest)
+                rest -= caps[k]
+                k += 1
+            if k == i:
+                break
+            n = <size_t>got - done - rest
             flags = TCP_FLAG_ACK | (TCP_FLAG_PSH if done + n >= <size_t>got else 0)
             with nogil:
-                # virtio 1.2 §5.1.6: no offloads; num_buffers 1 (one chain per segment).
                 memset(hdr, 0, VNET_HDR_LEN)
-                le = htole16(1)
+                le = htole16(<uint16_t>(k - i))  # num_buffers (§5.1.6.4)
                 memcpy(hdr + 10, &le, 2)
                 memcpy(hdr + VNET_HDR_LEN, &eth[0], ETH_HLEN)
                 write_ipv4_header(hdr + VNET_HDR_LEN + ETH_HLEN,
@@ -185,20 +206,47 @@ class RingStream(_PureRingStream):
                                  <uint32_t>((seq + done) & SEQ_MASK),
                                  <uint32_t>(ack & SEQ_MASK), TCP_HLEN, flags,
                                  <uint16_t>window)
-                # The full checksum (no GUEST_CSUM offered): header, then the payload where
-                # the kernel put it, piece by piece.
-                odd = 0
-                acc = pseudo_sum(&src_ip[0], &dst_ip[0], TCP_HLEN + n)
-                acc = add_piece(acc, t, TCP_HLEN, &odd)
-                acc = self_sum_payload(c.segs, c.info.nsegs, HEADROOM, n, acc, &odd)
-                le = htobe16(csum_finish(acc))
+                if csum:
+                    # GUEST_CSUM: the guest's to finish (see the pure twin's docstring);
+                    # the field holds the pseudo-header sum over the whole packet.
+                    hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM
+                    le = htole16(PACKET_HEADERS)
+                    memcpy(hdr + 2, &le, 2)
+                    le = htole16(CSUM_START)
+                    memcpy(hdr + 6, &le, 2)
+                    le = htole16(TCP_CSUM_OFFSET)
+                    memcpy(hdr + 8, &le, 2)
+                    if gso and n > <size_t>mss:
+                        hdr[1] = VIRTIO_NET_HDR_GSO_TCPV4
+                        le = htole16(<uint16_t>mss)
+                        memcpy(hdr + 4, &le, 2)
+                    le = htobe16(<uint16_t>~csum_finish(pseudo_sum(&src_ip[0], &dst_ip[0],
+                                                                   TCP_HLEN + n)))
+                else:
+                    # The full checksum: header, then the payload where the kernel put
+                    # it, piece by piece, chain by chain.
+                    odd = 0
+                    acc = pseudo_sum(&src_ip[0], &dst_ip[0], TCP_HLEN + n)
+                    acc = add_piece(acc, t, TCP_HLEN, &odd)
+                    acc = self_sum_payload(segs[i], nsegs[i], HEADROOM, caps[i], acc, &odd)
+                    for m in range(i + 1, k):
+                        acc = self_sum_payload(segs[m], nsegs[m], 0, caps[m], acc, &odd)
+                    le = htobe16(csum_finish(acc))
                 memcpy(t + 16, &le, 2)
-                scatter(c.segs, c.info.nsegs, 0, hdr, HEADROOM)
-            used.append((c.head, HEADROOM + n))
+                scatter(segs[i], nsegs[i], 0, hdr, HEADROOM)
+            used.append(((<Chain>chains[i]).head, HEADROOM + caps[i]))
+            for m in range(i + 1, k):
+                used.append(((<Chain>chains[m]).head, caps[m]))
+            merged += k - i > 1
+            gso_frames += hdr[1] != 0
             done += n
             frames += 1
+            i = k
+            if k < j:
+                break  # the peek ended inside this frame's chains
+        self._give_back(chains[i:])
         queue.push_many(used)
-        self._count(frames, got)
+        self._count(frames, got, merged, gso_frames, frames if csum else 0)
         if queue.needs_notification():
             card.interrupt(1)
         # Drained once the socket gave all it held: the caller need not ask again.

@@ -11,10 +11,12 @@ import struct
 
 import pytest
 
-from tests.unit.netframes import GATEWAY, guest_udp_frame
+from tests.unit.netframes import GATEWAY, GUEST, guest_udp_frame
 from tests.unit.test_virtio_mmio import Guest, Signals
 from tests.virtio_driver import DATA_ADDR, Driver
-from voidbox.net.fastpath import inet_checksum
+from voidbox.net.fastpath import build_ipv4_tcp, inet_checksum, tcp_checksum
+from voidbox.net.packets import pseudo_header_sum
+from voidbox.net.tcp import parse_segment
 from voidbox.virtio.device import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
@@ -52,6 +54,7 @@ BASE = 1 << VIRTIO_F_VERSION_1
 ALL = (BASE | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MTU
        | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4
        | 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_INDIRECT_DESC)
+GUEST_OFFLOADS = 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4
 
 
 class Recorder:
@@ -59,6 +62,7 @@ class Recorder:
 
     accepts_partial_checksums = True
     accepts_tso4 = True
+    produces_guest_offloads = True  # the test builds every frame it delivers
 
     def __init__(self):
         self.sent: list[tuple[bytes, bool]] = []
@@ -74,6 +78,7 @@ class Recorder:
 class Plain(Recorder):
     accepts_partial_checksums = False
     accepts_tso4 = False
+    produces_guest_offloads = False
 
 
 class Nic:
@@ -153,11 +158,11 @@ def udp_frame(n=100):
 # ---- identity and negotiation -------------------------------------------------------------
 
 def test_offers_what_the_backend_honours(impl, memory):
-    assert Nic(impl, memory).device.features == ALL
+    assert Nic(impl, memory).device.features == ALL | GUEST_OFFLOADS
     plain = Nic(impl, memory, backend=Plain()).device.features
-    assert not plain & (1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4)
-    # Frames to the guest are always complete: no guest offloads are ever offered.
-    assert not ALL & (1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4)
+    assert plain == ALL & ~(1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4)
+    # A backend that does not build its frames (a TAP) gets no guest offloads offered.
+    assert not plain & GUEST_OFFLOADS
 
 
 def test_config_space_has_mac_link_up_one_pair_and_mtu(impl, memory):
@@ -374,3 +379,122 @@ def test_frames_of_bad_length_are_never_placed(impl, memory):
     assert not nic.backend.deliver(b"x" * 13)
     assert not nic.backend.deliver(b"x" * (MAX_FRAME + 1))
     assert nic.counters["rx_drop_bad_length"] == 2 and nic.received() == []
+
+
+# ---- offloads towards the guest: only what the driver acked -------------------------------
+
+TCP_ACK, TCP_PSH, TCP_FIN = 0x10, 0x08, 0x01
+
+
+def tcp_frame(payload: bytes, seq: int = 0xFFFF_F000, flags: int = TCP_ACK | TCP_PSH | TCP_FIN,
+              ip_id: int = 0xFFF0) -> bytes:
+    """A host -> guest TCP frame as the NAT builds it (checksums right), any length."""
+    out = bytearray(20 + 20 + len(payload))
+    n = build_ipv4_tcp(out, GATEWAY, GUEST, ip_id, 80, 40000, seq, 5, flags, 1000, b"",
+                       payload)
+    return b"\x02\x00\x00\xab\xcd\xef" + b"\x52\x55\x0a\x00\x02\x02\x08\x00" + bytes(out[:n])
+
+
+def check_tcp_frame(frame: bytes, header, *, partial: bool = False):
+    """The segment of a received TCP frame, its checksums checked as the guest would:
+    with NEEDS_CSUM the field must hold the pseudo-header sum and the frame's sum from
+    csum_start, stored there, must make it whole."""
+    ip = frame[14:34]
+    assert inet_checksum(ip) == 0 and struct.unpack_from("!H", ip, 2)[0] == len(frame) - 14
+    if partial:
+        assert header[4:6] == (34, 16)
+        field = struct.unpack_from("!H", frame, 50)[0]
+        assert field == pseudo_header_sum(ip[12:16], ip[16:20], 6, len(frame) - 34)
+        whole = bytearray(frame)
+        struct.pack_into("!H", whole, 50, inet_checksum(frame[34:]))
+        frame = bytes(whole)
+    assert tcp_checksum(frame[26:30], frame[30:34], frame[34:]) == 0
+    return parse_segment(memoryview(frame)[34:])
+
+
+ACK_SETS = {
+    "no guest offloads": ALL,
+    "GUEST_CSUM": ALL | 1 << VIRTIO_NET_F_GUEST_CSUM,
+    "GUEST_CSUM and GUEST_TSO4": ALL | GUEST_OFFLOADS,
+    # §5.1.3.1 forbids this: the device then sends as if neither were acked.
+    "GUEST_TSO4 alone": ALL | 1 << VIRTIO_NET_F_GUEST_TSO4,
+}
+
+
+@pytest.mark.parametrize("acked", sorted(ACK_SETS))
+def test_rx_headers_carry_only_what_the_driver_acked(impl, memory, acked):
+    features = ACK_SETS[acked]
+    nic = Nic(impl, memory, features=features, rx_buffers=0)
+    assert nic.device.acked_features == features
+    csum = acked.startswith("GUEST_CSUM")
+    gso = acked == "GUEST_CSUM and GUEST_TSO4"
+    assert nic.device.rx_offloads() == (True, csum, gso)
+    assert nic.counters["negotiated_guest_csum"] == (acked != "no guest offloads"
+                                                     and acked != "GUEST_TSO4 alone")
+    assert nic.counters["negotiated_guest_tso4"] == ("TSO4" in acked)
+    assert nic.counters["negotiated_mrg_rxbuf"] == 1
+    nic.post(QSIZE)
+    udp, arp = udp_frame(300), b"\xff" * 6 + MAC + b"\x08\x06" + bytes(28)
+    data = bytes(range(256)) * 39 + b"end"  # 9987 bytes: 7 segments of 1460 and a tail
+    big = tcp_frame(data)
+    for frame in (udp, arp, big):
+        assert nic.backend.deliver(frame)
+    out = nic.received()
+    (udp_hdr, udp_got), (arp_hdr, arp_got) = out[:2]
+    assert (udp_got, arp_got) == (udp, arp)
+    valid = VIRTIO_NET_HDR_F_DATA_VALID if csum else 0
+    assert udp_hdr[:6] == (valid, 0, 0, 0, 0, 0)  # a checksum the backend built
+    assert arp_hdr[:6] == (0, 0, 0, 0, 0, 0)  # nothing to vouch for
+    if gso:
+        ((hdr, frame),) = out[2:]
+        assert hdr[:6] == (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1460, 34, 16)
+        assert hdr[6] == 7  # 9987 + 54 + 12 bytes over 1526-byte mergeable buffers
+        seg = check_tcp_frame(frame, hdr, partial=True)
+        assert bytes(seg.payload) == data and seg.flags == TCP_ACK | TCP_PSH | TCP_FIN
+        assert nic.counters["rx_gso_frames"] == 1 and nic.counters["rx_csum_offloaded"] == 1
+        assert nic.counters["rx_gso_segmented"] == 0
+    else:
+        # Cut into MTU-sized segments here, each a complete frame in one buffer.
+        segs = [(hdr, check_tcp_frame(frame, hdr)) for hdr, frame in out[2:]]
+        assert [len(s.payload) for _h, s in segs] == [1460] * 6 + [len(data) - 6 * 1460]
+        assert all(h == (valid, 0, 0, 0, 0, 0, 1) for h, _s in segs)
+        assert b"".join(bytes(s.payload) for _h, s in segs) == data
+        assert [s.seq for _h, s in segs] == [(0xFFFF_F000 + i * 1460) & 0xFFFFFFFF
+                                             for i in range(7)]
+        assert [s.flags for _h, s in segs] == [TCP_ACK] * 6 + [TCP_ACK | TCP_PSH | TCP_FIN]
+        assert nic.counters["rx_gso_segmented"] == 1 and nic.counters["rx_gso_frames"] == 0
+        assert nic.counters["rx_csum_offloaded"] == 0
+    assert nic.counters["rx_csum_valid"] == (1 + 7 * (not gso) if csum else 0)
+
+
+def test_segments_cut_for_the_guest_keep_ip_ids_and_fit_the_mtu(impl, memory):
+    nic = Nic(impl, memory, rx_buffers=QSIZE)  # no GUEST_TSO4, no MRG_RXBUF needed
+    nic.backend.deliver(tcp_frame(b"z" * 3000, flags=TCP_ACK | TCP_PSH))
+    out = nic.received()
+    assert [len(frame) for _h, frame in out] == [1514, 1514, 14 + 40 + 80]
+    assert [struct.unpack_from("!H", frame, 18)[0] for _h, frame in out] == [0xFFF0, 0xFFF1,
+                                                                              0xFFF2]
+
+
+def test_a_gso_frame_waiting_in_the_backlog_is_not_placed_after_the_ack_changes(impl, memory):
+    nic = Nic(impl, memory, features=ALL | GUEST_OFFLOADS, rx_buffers=0)
+    assert nic.backend.deliver(tcp_frame(b"g" * 5000))  # backlogged with a GSO header
+    nic.device.acked_features = ALL  # a vhost-user front-end's SET_FEATURES, say
+    nic.post(QSIZE)
+    assert nic.received() == []
+    assert nic.counters["rx_drop_offload_not_negotiated"] == 1
+    frame = udp_frame(100)
+    assert nic.backend.deliver(frame)
+    assert nic.received() == [((0, 0, 0, 0, 0, 0, 1), frame)]
+
+
+def test_a_gso_frame_larger_than_the_posted_buffers_is_dropped_not_stuck(impl, memory):
+    nic = Nic(impl, memory, features=ALL | GUEST_OFFLOADS, rx_buffers=0)
+    nic.post(QSIZE - 1, 64)  # a hostile driver: tiny buffers, the ring not yet full
+    assert nic.backend.deliver(tcp_frame(b"h" * 60000))
+    assert nic.counters["rx_backlogged"] == 1  # it may yet fit: it waits
+    nic.post(1, RX_BUF)  # the ring is full and holds 2.5 KiB: it never will
+    assert nic.counters["rx_drop_larger_than_ring"] == 1 and not nic.device._rx_backlog
+    frame = udp_frame(100)
+    assert nic.backend.deliver(frame)
+    assert frame in [data for _h, data in nic.received()]

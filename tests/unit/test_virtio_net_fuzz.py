@@ -13,14 +13,19 @@ the device did not offer, sometimes without VERSION_1), sets up receiveq1 and tr
 - raw descriptors (loops, NEXT past the queue size, INDIRECT with NEXT...), raw available
   ring slots and indexes, avail flags;
 - QueueNotify writes for either queue (and for queues that do not exist);
-- frames the backend delivers to the guest (any length, the backlog filling up);
+- frames the backend delivers to the guest (any length, the backlog filling up), among
+  them TCP frames longer than the MTU (a GSO frame for a guest that acked GUEST_TSO4, cut
+  into segments for one that did not);
+- bursts of host TCP data through the card's stream port (a loopback socket's bytes, any
+  MSS and budget: GSO frames over whatever RX chains the driver posted);
 - register writes (status bits on and off, features, queue registers, interrupt ack);
 - resets followed by a new, possibly hostile, negotiation and queue setup.
 
 Checked after every step: no exception escapes (a corrupt ring is the transport's
 DEVICE_NEEDS_RESET, never an exception), the backend only ever sees frames of
 ETH_HLEN..MAX_FRAME bytes, every used entry names a chain the device holds and claims at
-most its writable bytes (§2.7.8.2), and the RX backlog stays within RX_BACKLOG_FRAMES.
+most its writable bytes (§2.7.8.2), and the RX backlog stays within RX_BACKLOG_FRAMES, and no RX header carries an offload the
+driver did not ack.
 At the end: every byte of guest memory outside the used rings and the writable buffers
 of chains the device popped keeps the value the driver last wrote there (memory starts
 filled with a canary), and after a reset and a clean setup a well-formed frame goes
@@ -29,16 +34,19 @@ through both ways.
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.netframes import GATEWAY, guest_udp_frame
+from tests.unit.netframes import GATEWAY, GUEST, guest_udp_frame
 from tests.unit.test_virtio_mmio import Guest, Signals
 from tests.virtio_driver import Driver
 from voidbox.layout import MIN_MEM, MMIO_GAP_START, KiB
 from voidbox.memory import GuestMemory
+from voidbox.net.fastpath import build_ipv4_tcp
 from voidbox.ring import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -76,12 +84,15 @@ from voidbox.virtio.net import (
     RX_QUEUE,
     TX_QUEUE,
     VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -107,9 +118,10 @@ U64_MAX = (1 << 64) - 1
 OFFERED = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC)
            | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_STATUS)
            | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_CSUM)
-           | (1 << VIRTIO_NET_F_HOST_TSO4))
+           | (1 << VIRTIO_NET_F_HOST_TSO4) | (1 << VIRTIO_NET_F_GUEST_CSUM)
+           | (1 << VIRTIO_NET_F_GUEST_TSO4))
 OFFERED_BITS = [bit for bit in range(64) if OFFERED >> bit & 1]
-UNOFFERED_BITS = [1, 7, 13, 22, 40]  # GUEST_CSUM, GUEST_TSO4, HOST_ECN, ...: never offered
+UNOFFERED_BITS = [13, 22, 40]  # HOST_ECN, CTRL_MAC_ADDR, RING_PACKED...: never offered
 FUZZ_SETTINGS = settings(
     max_examples=300,
     deadline=None,
@@ -134,6 +146,7 @@ class Backend:
 
     accepts_partial_checksums = True
     accepts_tso4 = True
+    produces_guest_offloads = True
 
     def __init__(self):
         self.sent: list[bytes] = []
@@ -154,12 +167,17 @@ def spy_ring_factory(impl, log):
             super().activate(*args, **kwargs)
             log["used_rings"].append((self.used_addr, used_ring_size(self.size)))
             self.held = {}
+            self.segments = {}  # head -> its writable (gpa, length) as last popped
 
         def pop(self, max_chains=None, require=0):
             chains = super().pop(max_chains, require)
             for chain in chains:
-                # A hostile driver may offer a head the device still holds: both count.
+                # A hostile driver may offer a head the device still holds: both count,
+                # and which buffer a used entry names is then ambiguous.
+                if self.held.get(chain.head):
+                    log["ambiguous"] = True
                 self.held.setdefault(chain.head, []).append(chain.writable)
+                self.segments[chain.head] = [(gpa, n) for gpa, n, w in chain.segments if w]
                 log["writable"] += [(gpa, n) for gpa, n, w in chain.segments if w and n]
             log["popped"] += len(chains)
             return chains
@@ -171,6 +189,12 @@ def spy_ring_factory(impl, log):
                 fits = [w for w in self.held[head] if 0 <= written <= w]
                 assert fits, f"head {head}: {written} bytes claimed of {self.held[head]}"
                 self.held[head].remove(fits[0])
+                if written >= 12:  # the first 12 bytes written: a header if one starts here
+                    first = b"".join(self.memory.read(gpa, min(n, 12))
+                                     for gpa, n in self.segments[head][:12])[:12]
+                else:
+                    first = None
+                log["completions"].append((self, written, first))
             log["used"] += len(completions)
             return super().push_many(completions)
 
@@ -284,6 +308,14 @@ def tx_header(draw):
 
 
 BIGGEST_UDP = guest_udp_frame(GATEWAY, 5555, 7, b"q" * (65535 - 28))  # a 64 KiB IPv4 packet
+STREAM_ETH = MAC + bytes.fromhex("525500000202") + b"\x08\x00"
+
+
+def host_tcp_frame(n: int) -> bytes:
+    """A host -> guest TCP frame with n payload bytes, as the NAT would build it."""
+    out = bytearray(40 + n)
+    build_ipv4_tcp(out, GATEWAY, GUEST, 1, 80, 40000, 1000, 1, 0x18, 500, b"", b"t" * n)
+    return STREAM_ETH + bytes(out)
 tx_frames = st.one_of(
     st.integers(0, 1500).map(lambda n: guest_udp_frame(GATEWAY, 5555, 7, b"p" * n)),
     st.binary(max_size=80),
@@ -323,6 +355,12 @@ STEPS = {
     "deliver": st.tuples(st.just("deliver"), mostly(st.integers(14, 1600), st.sampled_from(
         [0, 13, MAX_FRAME, MAX_FRAME + 1, 9000, 65000])), mostly(st.integers(1, 3),
                                                                  st.integers(1, 300))),
+    "deliver_tcp": st.tuples(st.just("deliver_tcp"), mostly(
+        st.sampled_from([1460, 1461, 4000, 65495]), st.integers(0, 65495)), st.integers(1, 3)),
+    "stream": st.tuples(st.just("stream"), st.integers(0, 300_000),
+                        mostly(st.sampled_from([1460, 536, 1460]),
+                               st.sampled_from([1, 48, 535, 9000, 65495])),
+                        mostly(st.just(1 << 20), st.integers(0, 200_000))),
     "desc": st.tuples(st.just("desc"), st.sampled_from([RX_QUEUE, TX_QUEUE]),
                       st.one_of(st.none(), st.integers(0, 3)), st.integers(0, 17), raw_descriptor),
     "avail_idx": st.tuples(st.just("avail_idx"), st.sampled_from([RX_QUEUE, TX_QUEUE]),
@@ -337,8 +375,9 @@ STEPS = {
     "reset": st.tuples(st.just("reset"), setup()),
 }
 # How often each kind of step comes up: mostly traffic, so that chains get far enough.
-STEP_WEIGHTS = {"rx": 4, "tx": 5, "kick": 6, "deliver": 3, "desc": 1, "avail_idx": 1,
-                "avail_slot": 1, "avail_flags": 1, "reg": 1, "reset": 1}
+STEP_WEIGHTS = {"rx": 4, "tx": 5, "kick": 6, "deliver": 3, "deliver_tcp": 1, "stream": 2,
+                "desc": 1, "avail_idx": 1, "avail_slot": 1, "avail_flags": 1, "reg": 1,
+                "reset": 1}
 step = st.sampled_from([kind for kind, n in STEP_WEIGHTS.items() for _ in range(n)]).flatmap(
     STEPS.__getitem__)
 
@@ -353,7 +392,9 @@ class Play:
         memory.numpy().fill(CANARY)
         self.memory = memory
         self.shadow = ShadowMemory(memory)
-        self.log = {"used_rings": [], "writable": [], "popped": 0, "used": 0}
+        self.log = {"used_rings": [], "writable": [], "popped": 0, "used": 0,
+                    "completions": [], "ambiguous": False, "headers_checked": 0}
+        self.continuations = 0  # RX buffers still to come for the frame being checked
         self.backend = Backend()
         self.device = VirtioNet(self.backend, MAC)
         self.backend.attach(self.device.receive)
@@ -366,6 +407,38 @@ class Play:
         self.data_next = DATA
         self.tables = 0
         self.delivered = 0
+        self.sockets = None  # (near, far): a loopback TCP connection for the stream port
+
+    def stream(self, nbytes, mss, budget):
+        """A burst of host TCP data through the stream port, then what it sent consumed
+        (as the guest's ACK would), so SO_PEEK_OFF is back at 0."""
+        if self.sockets is None:
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            far = socket.create_connection(listener.getsockname())
+            near, _ = listener.accept()
+            listener.close()
+            near.setsockopt(socket.SOL_SOCKET, 42, 0)  # SO_PEEK_OFF
+            near.setblocking(False)
+            far.setblocking(False)
+            self.sockets = (near, far)
+            self.port = self.device.stream_port()
+        near, far = self.sockets
+        try:
+            far.send(b"s" * nbytes)
+        except BlockingIOError:
+            pass
+        sent, peeked, frames, _status = self.port.send_tcp_stream(
+            near.fileno(), STREAM_ETH, GATEWAY, GUEST, 80, 40000, 1, 1, 500, mss, budget, 1)
+        assert 0 <= sent == peeked <= budget and 0 <= frames <= 256
+        if sent:
+            assert len(near.recv(sent)) == sent
+
+    def close(self):
+        if self.sockets is not None:
+            for sock in self.sockets:
+                sock.close()
 
     def alloc(self, length, fill=None):
         length = min(length, 70000)
@@ -448,6 +521,13 @@ class Play:
             for _ in range(count):
                 self.device.receive(frame)
             self.delivered += count
+        elif kind == "deliver_tcp":
+            _, n, count = op
+            for _ in range(count):
+                self.device.receive(host_tcp_frame(n))
+            self.delivered += count
+        elif kind == "stream":
+            self.stream(*op[1:])
         elif kind == "desc":
             _, q, table, index, (addr, length, flags, nxt) = op
             drv = self.drivers.get(q)
@@ -476,6 +556,9 @@ class Play:
         elif kind == "reg":
             self.guest.w(op[1], op[2])
         elif kind == "reset":
+            self.check_step()  # the headers against the acks they were written under
+            self.continuations = 0
+            self.log["ambiguous"] = False  # new rings, nothing held
             self.guest.w(VIRTIO_MMIO_STATUS, 0)
             assert self.device.queues == () and not self.device._rx_backlog
             self.setup(*op[1])
@@ -484,6 +567,27 @@ class Play:
 
     def check_step(self):
         assert len(self.device._rx_backlog) <= RX_BACKLOG_FRAMES
+        # Every RX header says only what the driver acked: walk the used buffers in order
+        # (a frame's header in its first, num_buffers of them; 0 bytes: returned unused).
+        rx = self.device._queue(RX_QUEUE)
+        _merge, csum, gso = self.device.rx_offloads()
+        if self.log["ambiguous"]:
+            self.log["completions"].clear()  # a re-offered held head: not readable back
+            return
+        for queue, written, first in self.log["completions"]:
+            if queue is not rx or written == 0:
+                continue
+            if self.continuations:
+                self.continuations -= 1
+                continue
+            assert first is not None, f"a frame's first buffer with {written} bytes"
+            flags, gso_type, _hl, _gs, _cs, _co, nbuf = VIRTIO_NET_HDR.unpack(first)
+            assert flags == 0 or (csum and flags in (1, 2)), first
+            assert gso_type == 0 or (gso and gso_type == VIRTIO_NET_HDR_GSO_TCPV4), first
+            assert nbuf >= 1
+            self.continuations = nbuf - 1
+            self.log["headers_checked"] += 1
+        self.log["completions"].clear()
 
     def check_memory(self):
         """Only the used rings and writable buffers of popped chains may have changed."""
@@ -519,15 +623,19 @@ class Play:
         assert self.device.receive(reply)
         ((head, length),) = rx.collect()
         raw = self.memory.read(rx.read_desc(head)[0], length)
-        assert raw == VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, 1) + reply
+        # GUEST_CSUM is among OFFERED: a frame the backend built goes as DATA_VALID.
+        assert raw == VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 1) + reply
 
 
 def play(impl, memory, start, steps):
     p = Play(impl, memory)
     p.setup(*start)
-    for op in steps:
-        p.run(op)
-        p.check_step()
+    try:
+        for op in steps:
+            p.run(op)
+            p.check_step()
+    finally:
+        p.close()
     p.check_memory()
     popped = p.log["popped"]
     event(f"chains popped: {'0' if not popped else '1-3' if popped < 4 else '4+'}")
@@ -535,6 +643,11 @@ def play(impl, memory, start, steps):
     event(f"needs reset: {bool(p.transport.status & VIRTIO_CONFIG_S_NEEDS_RESET)}")
     event(f"live at the end: {p.transport._live()}")
     event(f"steps: {len(steps) // 10 * 10}+")
+    checked = p.log["headers_checked"]
+    event(f"RX headers checked: {'0' if not checked else '1-3' if checked < 4 else '4+'}")
+    counters = p.device.counters
+    event(f"stream frames: {min(counters['rx_stream_frames'], 1)}+, "
+          f"GSO frames: {min(counters['rx_gso_frames'], 1)}+")
     p.clean_round_trip()
     return p
 
@@ -595,5 +708,25 @@ def test_a_mergeable_rx_buffer_shorter_than_the_header_is_returned_unused(impl, 
     p.run(short)
     p.run(good)
     assert [n for _head, n in p.drivers[RX_QUEUE].collect()] == [0, VIRTIO_NET_HDR_LEN + len(frame)]
+    p.check_memory()
+    p.clean_round_trip()
+
+
+def test_a_corrupt_rx_ring_never_raises_into_the_stream_relay(impl, memory):
+    """Found by the fuzz once the stream port was in it: avail->idx moved by more than the
+    queue size made send_tcp_stream raise QueueError into the NAT's TCP relay. Now the
+    burst blocks (the flow waits for rx_ready) and the next RX kick meets the ring, so the
+    transport sets DEVICE_NEEDS_RESET."""
+    p = live_nic(impl, memory)
+    rx = p.drivers[RX_QUEUE]
+    rx.set_avail_idx(rx.avail_idx + rx.size + 2)
+    try:
+        p.stream(100, 1460, 1 << 20)  # asserts the burst's results are sane
+        assert p.device.counters["rx_queue_errors"] == 1
+        assert p.device.counters["rx_stream_frames"] == 0
+    finally:
+        p.close()
+    p.guest.kick(RX_QUEUE)
+    assert p.transport.status & VIRTIO_CONFIG_S_NEEDS_RESET
     p.check_memory()
     p.clean_round_trip()

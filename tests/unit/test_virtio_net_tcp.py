@@ -9,7 +9,13 @@ mock (tests/virtio_driver.py) through the rings, as a guest's virtio-net driver 
   data, and a TSO segment (GSO_TCPV4, 44 x 1460 bytes) per frame guest -> host;
 - RX: MRG_RXBUF on, RX_BUFFERS buffers of RX_BUF_LEN bytes kept posted; every used buffer
   is read back out of the used ring, its frame parsed (both checksums checked) and fed to
-  the endpoint, and the buffer reposted at once.
+  the endpoint, and the buffer reposted at once. With GSO_FEATURES the guest also acks
+  GUEST_CSUM and GUEST_TSO4, as a Linux guest does: a frame may then be a 64 KiB GSO_TCPV4
+  one over many buffers (num_buffers), checked as Linux's virtio_net_hdr_to_skb would
+  (gso_size the MSS, hdr_len, csum_start/offset at the TCP checksum holding the
+  pseudo-header sum), its checksum finished and checked, and its payload taken whole (the
+  endpoint ACKs the range, as a guest's GRO would). Without the acks any flag or GSO type
+  in a header fails the test.
 The guest first asks for the gateway's MAC by ARP and frames everything to it.
 
 Everything runs on the test's thread: the rig pumps a real EventLoop with run_once, and
@@ -63,12 +69,15 @@ from voidbox.virtio.net import (
     RX_QUEUE,
     TX_QUEUE,
     VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_LEN,
@@ -81,6 +90,8 @@ GATEWAY_IP = ip_to_bytes("10.0.2.2")  # the host's 127.0.0.1
 FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU)
             | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4))
+# What a Linux guest acks when offered: the host -> guest offloads too.
+GSO_FEATURES = FEATURES | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4)
 MSS = 1460  # MTU 1500, the NAT's default
 TSO_PAYLOAD = 44 * MSS  # what Linux puts in one 64 KiB TSO segment at this MSS
 RX_BUFFERS = 64
@@ -202,9 +213,10 @@ class BulkRig:
     and one GuestEndpoint. Everything is driven by step() on the caller's thread."""
 
     def __init__(self, impl, memory, config: NatConfig | None = None,
-                 rx_buffers: int = RX_BUFFERS):
+                 rx_buffers: int = RX_BUFFERS, features: int = FEATURES):
         self.memory = memory
         self.rx_buffers = rx_buffers
+        self.offloads = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0
         self.loop = EventLoop(debug=True)
         self.backend = SlirpBackend(self.loop, config or NatConfig())
         self.device = VirtioNet(self.backend, NIC_MAC, schedule=self.loop.call_soon)
@@ -214,7 +226,8 @@ class BulkRig:
         self.transport = VirtioMmioTransport(self.device, memory, self.interrupts,
                                              ring_factory=impl.Virtqueue)
         guest = Guest(self.transport)
-        guest.negotiate(FEATURES)
+        guest.negotiate(features)
+        assert self.device.acked_features == features
         self.rx = Driver(memory, size=rx_buffers)
         self.tx = Driver(memory, size=TX_QSIZE, desc_addr=0x50_0000, avail_addr=0x60_0000,
                          used_addr=0x70_0000)
@@ -229,8 +242,9 @@ class BulkRig:
         self._ip = memoryview(self._frame)[14:]
         self._ip_id = 0
         # What the guest saw and sent, for the counters' cross-check.
-        self.stats = dict(rx_frames=0, rx_bytes=0, rx_merged=0, tx_frames=0, tx_bytes=0,
-                          tx_csum=0, tx_tso=0, iterations=0)
+        self.stats = dict(rx_frames=0, rx_bytes=0, rx_merged=0, rx_gso=0, rx_csum_partial=0,
+                          rx_csum_valid=0, tx_frames=0, tx_bytes=0, tx_csum=0, tx_tso=0,
+                          iterations=0)
 
     # ---- the driver's side of the rings --------------------------------------------------
 
@@ -257,9 +271,10 @@ class BulkRig:
             used = tx.collect(recycle=True)
             assert len(used) == len(frames[i:i + TX_QSIZE]), "the device left TX chains"
 
-    def receive(self) -> list[bytes]:
-        """Frames the device put in RX buffers since the last call; the buffers are reposted
-        (one RX kick), so the device's backlog moves in at once."""
+    def receive(self) -> list[tuple[tuple, bytes]]:
+        """(header fields, frame) for each frame the device put in RX buffers since the last
+        call; the buffers are reposted (one RX kick), so the device's backlog moves in at
+        once."""
         used = self.rx.collect()
         frames = []
         read = self.memory.read
@@ -267,15 +282,18 @@ class BulkRig:
         while i < len(used):
             head, length = used[i]
             raw = read(RX_DATA + head * RX_BUF_LEN, length)
-            flags, gso, _hl, _gs, _cs, _co, nbuf = VIRTIO_NET_HDR.unpack_from(raw)
-            assert (flags, gso) == (0, 0) and nbuf >= 1, "an offload the guest did not ack"
+            header = VIRTIO_NET_HDR.unpack_from(raw)
+            flags, gso, nbuf = header[0], header[1], header[6]
+            assert 1 <= nbuf <= len(used) - i, "num_buffers past the used buffers"
+            if not self.offloads:
+                assert (flags, gso) == (0, 0), "an offload the guest did not ack"
             frame = raw[VIRTIO_NET_HDR_LEN:]
             for head2, length2 in used[i + 1:i + nbuf]:
                 frame += read(RX_DATA + head2 * RX_BUF_LEN, length2)
             if nbuf > 1:
                 self.stats["rx_merged"] += 1
             i += nbuf
-            frames.append(frame)
+            frames.append((header, frame))
             self.stats["rx_frames"] += 1
             self.stats["rx_bytes"] += len(frame)
         if used:
@@ -293,7 +311,7 @@ class BulkRig:
         self.transmit([(bytes(VIRTIO_NET_HDR_LEN),
                         _ETH.pack(ETH_BROADCAST, NIC_MAC, ETH_P_ARP) + request)])
         for _ in range(10):
-            for frame in self.receive():
+            for _header, frame in self.receive():
                 dst, src, ethertype = _ETH.unpack_from(frame)
                 assert dst == NIC_MAC and ethertype == ETH_P_ARP
                 arp = parse_arp(memoryview(frame)[14:])
@@ -333,11 +351,30 @@ class BulkRig:
             header = VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16, 0)
         return header, bytes(self._frame[:14 + n])
 
-    def _to_guest(self, frame: bytes, now: float) -> None:
+    def _to_guest(self, frame: bytes, now: float, header: tuple = (0,) * 7) -> None:
         dst, src, ethertype = _ETH.unpack_from(frame)
         assert (dst, src, ethertype) == (NIC_MAC, self.gateway_mac, ETH_P_IP)
         pkt = memoryview(frame)[14:]
         assert fastpath.inet_checksum(pkt[:20]) == 0 and pkt[9] == IPPROTO_TCP
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _nbuf = header
+        if gso_type:
+            # As virtio_net_hdr_to_skb: a TCPv4 GSO frame needs NEEDS_CSUM, gso_size the
+            # MSS and more than one segment's payload; hdr_len covers the headers.
+            assert gso_type == VIRTIO_NET_HDR_GSO_TCPV4 and flags & VIRTIO_NET_HDR_F_NEEDS_CSUM
+            assert gso_size == MSS and hdr_len == 14 + 40 and len(pkt) - 40 > MSS
+            self.stats["rx_gso"] += 1
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            assert (csum_start, csum_offset) == (34, 16)
+            assert struct.unpack_from("!H", pkt, 36)[0] == pseudo_header_sum(
+                bytes(pkt[12:16]), bytes(pkt[16:20]), IPPROTO_TCP, len(pkt) - 20)
+            # Finish it as the guest's stack (or its NIC, forwarding) would.
+            whole = bytearray(pkt)
+            struct.pack_into("!H", whole, 36, fastpath.inet_checksum(pkt[20:]))
+            pkt = memoryview(bytes(whole))
+            self.stats["rx_csum_partial"] += 1
+        elif flags:
+            assert flags == VIRTIO_NET_HDR_F_DATA_VALID and not gso_type
+            self.stats["rx_csum_valid"] += 1  # checked anyway: the test trusts no one
         assert fastpath.tcp_checksum(pkt[12:16], pkt[16:20], pkt[20:]) == 0
         self.endpoint.receive(parse_segment(pkt[20:]), now)
 
@@ -346,8 +383,8 @@ class BulkRig:
         once (blocking up to IDLE_WAIT when nothing is due)."""
         ep = self.endpoint
         now = time.monotonic()
-        for frame in self.receive():
-            self._to_guest(frame, now)
+        for header, frame in self.receive():
+            self._to_guest(frame, now, header)
         if ep.flow.deadline is not None and ep.flow.deadline <= now:
             ep.handle(ep.flow.on_timer(now))
         ep.pump(now)
@@ -386,7 +423,12 @@ class BulkRig:
             "rx_queue_errors", "rx_buffer_too_small", "rx_drop_larger_than_ring")}
         assert drops == {}, drops
         assert dev["rx_frames"] == seen["rx_frames"] and dev["rx_bytes"] == seen["rx_bytes"]
-        assert dev["rx_merged_frames"] == seen["rx_merged"] == 0
+        assert dev["rx_merged_frames"] == seen["rx_merged"]
+        assert dev["rx_gso_frames"] == seen["rx_gso"]
+        assert dev["rx_csum_offloaded"] == seen["rx_csum_partial"]
+        assert dev["rx_csum_valid"] == seen["rx_csum_valid"]
+        if not self.offloads:
+            assert seen["rx_merged"] == 0  # every frame fits one 2 KiB buffer
         assert dev["tx_frames"] == seen["tx_frames"] and dev["tx_bytes"] == seen["tx_bytes"]
         assert dev["tx_csum_offloaded"] == seen["tx_csum"]
         assert dev["tx_tso_frames"] == seen["tx_tso"]
@@ -397,8 +439,9 @@ class BulkRig:
 
 
 @pytest.fixture
-def rig(impl, memory):
-    rig = BulkRig(impl, memory)
+def rig(impl, memory, request):
+    """The rig, its guest acking FEATURES or (indirect parametrization) another set."""
+    rig = BulkRig(impl, memory, features=getattr(request, "param", FEATURES))
     rig.arp()
     yield rig
     rig.close()
@@ -408,6 +451,11 @@ def size_for(impl) -> int:
     return SIZES["pure" if impl.__name__.endswith("_py") else "cython"]
 
 
+OFFLOAD_SETS = pytest.mark.parametrize("rig", [FEATURES, GSO_FEATURES], ids=["mss", "gso"],
+                                       indirect=True)
+
+
+@OFFLOAD_SETS
 def test_host_to_guest_bulk(impl, rig):
     size = size_for(impl)
     data = payload(size)
@@ -423,11 +471,26 @@ def test_host_to_guest_bulk(impl, rig):
     rig.assert_counters_consistent()
     nat = rig.backend.counters
     assert nat["tcp_bytes_to_guest"] == size
-    assert rig.device.counters["rx_bytes"] >= size + (size // MSS) * 54
+    # Every frame carried its 54 header bytes (one MSS segment each, or a GSO frame).
+    assert rig.device.counters["rx_bytes"] >= size + rig.device.counters["rx_stream_frames"] * 54
     # The data took the card's stream port (socket -> RX buffers), not the segment builder.
     assert rig.device.counters["rx_stream_bytes"] == size, dict(rig.device.counters)
     assert nat.get("tcp_stream_frames", 0) == rig.device.counters["rx_stream_frames"]
     assert rig.stats["iterations"] <= MAX_ITERATIONS_PER_MIB * max(1, size // MiB), rig.stats
+    dev = rig.device.counters
+    if rig.offloads:
+        # Negotiated and used: nearly all the data came in GSO frames of many segments,
+        # spread over mergeable buffers, none of them checksummed by the host.
+        assert (dev["negotiated_guest_csum"], dev["negotiated_guest_tso4"],
+                dev["negotiated_mrg_rxbuf"]) == (1, 1, 1)
+        assert dev["rx_gso_frames"] >= size // TSO_PAYLOAD, dict(dev)
+        assert dev["rx_stream_frames"] <= size // (16 * MSS), dict(dev)
+        assert dev["rx_merged_frames"] >= dev["rx_gso_frames"]
+        assert dev["rx_csum_offloaded"] >= dev["rx_stream_frames"]
+    else:
+        assert (dev["negotiated_guest_csum"], dev["negotiated_guest_tso4"]) == (0, 0)
+        assert dev["rx_gso_frames"] == dev["rx_csum_offloaded"] == 0
+        assert dev["rx_stream_frames"] >= size // MSS  # one segment per frame
 
 
 def test_guest_to_host_bulk(impl, rig):
@@ -450,6 +513,7 @@ def test_guest_to_host_bulk(impl, rig):
     assert rig.stats["iterations"] <= MAX_ITERATIONS_PER_MIB * max(1, size // MiB), rig.stats
 
 
+@OFFLOAD_SETS
 def test_host_to_guest_with_a_window_beyond_the_cards_room(impl, rig):
     """A guest window (1 MiB, as a Linux guest advertises) larger than its posted buffers
     plus the device's backlog: the NAT's TCP stops at the card's room (rx_room) and

@@ -6,7 +6,9 @@ A backend never sees virtio. The NIC calls `attach(deliver, room)` once, then
 guest offloaded the TCP/UDP checksum at the packet's own header, so it is not checked).
 The backend calls `deliver(frame)` on its I/O thread for each frame for the guest; deliver
 copies it (or queues a copy) before it returns, so the backend may reuse its buffer.
-`accepts_partial_checksums` and `accepts_tso4` say which guest offloads it takes.
+`accepts_partial_checksums` and `accepts_tso4` say which guest offloads it takes;
+`produces_guest_offloads` that every frame it delivers was built by it (checksums right)
+and its TCP may send the guest TSO frames, so the NIC may offer GUEST_CSUM and GUEST_TSO4.
 
 deliver returns False when the NIC dropped the frame: its guest has posted no room (its
 backlog is full) or no driver is up. A backend that reads from an fd (TAP) then stops
@@ -53,6 +55,9 @@ class SlirpBackend:
     # packet's own header needs no check, and a 64 KiB TSO segment is one host send.
     accepts_partial_checksums = True
     accepts_tso4 = True
+    # Every frame to the guest is one the engine built, and its TCP relay takes the NIC's
+    # stream port: checksums the guest need not check, TSO frames the guest may ack.
+    produces_guest_offloads = True
 
     def __init__(self, loop: EventLoop, config: NatConfig, policy: Policy | None = None):
         self.loop = loop
@@ -107,6 +112,7 @@ class NullBackend:
 
     accepts_partial_checksums = True
     accepts_tso4 = True
+    produces_guest_offloads = True  # it sends nothing; a test's frames are built ones
 
     def __init__(self):
         self.frames = 0
@@ -146,6 +152,10 @@ class TapBackend:
 
     accepts_partial_checksums = True
     accepts_tso4 = False
+    # Frames from the TAP come off a host interface, possibly from another machine: their
+    # checksums are not ours to vouch for, and TUNSETOFFLOAD 0 means no GSO frames come.
+    # Turning the TAP's offloads on (gso_size across to the NIC) is separate work.
+    produces_guest_offloads = False
 
     def __init__(self, loop: EventLoop, name: str):
         self.loop = loop

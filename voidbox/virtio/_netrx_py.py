@@ -3,15 +3,34 @@
 `RingStream(card)` is the card's stream port for the NAT's TCP relay: it has the
 `send_tcp_stream` of voidbox/_slirp.pyx's FramePort, so TcpNat drives a VM's card exactly
 as it drives `net run`'s TAP. One burst peeks the host socket (at its SO_PEEK_OFF) into
-RX chains, one MSS-sized TCP segment per chain, writes the virtio_net_hdr, Ethernet, IPv4
-and TCP headers in front of each, and publishes them with one used-index update. The
-compiled twin peeks straight into guest memory (recvmsg over the chains' iovecs: no copy
-on the way); this twin peeks into a buffer and copies, with the same results.
+RX chains, writes the virtio_net_hdr, Ethernet, IPv4 and TCP headers in front of each
+frame's payload, and publishes them with one used-index update. The compiled twin peeks
+straight into guest memory (recvmsg over the chains' iovecs: no copy on the way); this
+twin peeks into a buffer and copies, with the same results.
+
+Frames, as the driver acked (card.rx_offloads()):
+- Without GUEST_TSO4 a frame carries one segment of at most the guest's MSS; with it (and
+  an MSS of at least GSO_MIN_MSS) up to 64 KiB of whole MSS segments, as one GSO_TCPV4
+  frame (gso_size the MSS, hdr_len the 54 header bytes) whenever it holds more than one,
+  as a TAP's TSO segment from FramePort would be.
+- With MRG_RXBUF a frame spreads over as many chains as it needs (num_buffers says how
+  many: the headers and the first payload bytes in the first chain, payload only in the
+  rest); without it a frame is one chain.
+- With GUEST_CSUM the TCP checksum is left to the guest: NEEDS_CSUM at the TCP header,
+  the field holding the pseudo-header sum (§5.1.6.4.1). That saves the most work: the
+  payload came from a local socket, so nothing can have damaged it, yet a full checksum
+  (or DATA_VALID, which needs a right checksum in case the guest forwards the packet)
+  means summing every payload byte here once more, and a Linux guest takes a NEEDS_CSUM
+  frame (CHECKSUM_PARTIAL) as verified and does not sum it either; one that forwards it
+  finishes the checksum on the way out. Without GUEST_CSUM the checksum is whole and the
+  header's flags 0.
 
 Sizes: the bytes the socket holds beyond the peek offset (SIOCINQ minus SO_PEEK_OFF) decide
-how many chains are taken, so none is taken for nothing. Chains held by the card (popped
-by its copy path, not yet used) go first. A chain too small for the headers and one byte
-goes back to the driver unused, as the copy path does.
+how many chains are taken, so none is taken for nothing (with GSO the first chain's size
+tells how many more a burst needs). Chains held by the card (popped by its copy path, not
+yet used) go first. A chain too small for the headers and one byte goes back to the driver
+unused, as the copy path does; with MRG_RXBUF, continuation buffers are held to the same
+size (a Linux guest posts 1.5 KiB or more).
 
 Blocked (STREAM_BLOCKED) while the card has no live driver, frames waiting in its backlog
 (a stream must not overtake them) or no RX buffer: the card's rx_ready() resumes the flows.
@@ -25,9 +44,16 @@ import struct
 import termios
 
 from voidbox.net import _slirp_py as slirp
+from voidbox.net.packets import pseudo_header_sum
 
-from ..ring import REQUIRE_WRITABLE
-from .net import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEN
+from ..ring import REQUIRE_WRITABLE, QueueError
+from .net import (
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_LEN,
+)
 
 STREAM_MORE = slirp.STREAM_MORE
 STREAM_DRAINED = slirp.STREAM_DRAINED
@@ -36,12 +62,37 @@ STREAM_BLOCKED = slirp.STREAM_BLOCKED
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 ETH_HLEN = 14
 IPV4_TCP_HLEN = 40
-# In front of every segment's payload: virtio_net_hdr, Ethernet, IPv4 and TCP headers.
+# In front of every frame's payload: virtio_net_hdr, Ethernet, IPv4 and TCP headers.
 FRAME_HEADROOM = VIRTIO_NET_HDR_LEN + ETH_HLEN + IPV4_TCP_HLEN
+PACKET_HEADERS = ETH_HLEN + IPV4_TCP_HLEN  # hdr_len of a GSO frame
+CSUM_START = ETH_HLEN + 20  # the TCP header
+TCP_CSUM_OFFSET = 16
 TCP_ACK = 0x10
 TCP_PSH = 0x08
 MAX_CHAINS = 256  # chains one burst fills at most (a queue's worth)
+# The most TCP payload one IPv4 packet (one GSO frame) carries: 16-bit total length.
+MAX_GSO_PAYLOAD = 65535 - IPV4_TCP_HLEN
+# Below this MSS no GSO frames (RFC 9293 §3.7.1 default MSS, as FramePort's TSO_MIN_MSS):
+# a guest announcing a tiny MSS must not make one frame thousands of segments.
+GSO_MIN_MSS = 536
 _INT = struct.Struct("i")
+
+
+def frame_payload_cap(mss: int, gso: bool) -> int:
+    """The most payload one frame carries: whole MSS segments up to 64 KiB with GSO."""
+    if gso and mss >= GSO_MIN_MSS:
+        return (MAX_GSO_PAYLOAD // mss) * mss
+    return mss
+
+
+def stream_header(n: int, mss: int, csum: bool, gso: bool, num_buffers: int) -> bytes:
+    """The virtio_net_hdr of a stream frame with n payload bytes (§5.1.6.4.1)."""
+    if not csum:
+        return VIRTIO_NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, num_buffers)
+    gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if gso and n > mss else VIRTIO_NET_HDR_GSO_NONE
+    return VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, PACKET_HEADERS,
+                               mss if gso_type else 0, CSUM_START, TCP_CSUM_OFFSET,
+                               num_buffers)
 
 
 def unread_beyond_peek(sockfd: int) -> int:
@@ -78,12 +129,13 @@ class RingStream:
             want = min(budget, unread)
             if want <= 0:
                 return 0, 0, 0, self._empty_status(sockfd)
-            chains = self._take(queue, min(MAX_CHAINS, (want + mss - 1) // mss))
+            merge, csum, gso = card.rx_offloads()
+            chains, caps, firsts = self._take_planned(queue, want, mss,
+                                                      frame_payload_cap(mss, gso), merge)
             if not chains:
                 card.counters["rx_starved"] += 1
                 return 0, 0, 0, STREAM_BLOCKED
-            caps = [min(mss, chain.writable - FRAME_HEADROOM) for chain in chains]
-            total = min(want, sum(caps))
+            total = sum(caps)
             buf = bytearray(total)
             sock = socket.socket(fileno=sockfd)
             try:
@@ -98,31 +150,93 @@ class RingStream:
             if got <= 0:
                 self._give_back(chains)
                 return 0, 0, 0, STREAM_EOF if got == 0 else STREAM_DRAINED
-            used, done = [], 0
-            for chain, cap in zip(chains, caps, strict=True):
-                if done >= got:
-                    self._give_back([chain])
-                    continue
-                n = min(cap, got - done)
+            used, done, stats = [], 0, [0, 0, 0]  # frames spread, GSO, NEEDS_CSUM
+            frames = 0
+            i = 0
+            while i < len(chains) and done < got:
+                j = i + 1
+                while j < len(chains) and not firsts[j]:
+                    j += 1
+                amounts, rest = [], got - done  # payload per chain: the peek may end early
+                for cap in caps[i:j]:
+                    if rest == 0:
+                        break
+                    amounts.append(min(cap, rest))
+                    rest -= amounts[-1]
+                n = sum(amounts)
                 flags = TCP_ACK | (TCP_PSH if done + n >= got else 0)
-                frame = bytearray(FRAME_HEADROOM - VIRTIO_NET_HDR_LEN + n)
+                frame = bytearray(PACKET_HEADERS + n)
                 frame[:ETH_HLEN] = eth_header
                 slirp.build_ipv4_tcp(memoryview(frame)[ETH_HLEN:], src_ip, dst_ip,
-                                     (ip_id + len(used)) & 0xFFFF, src_port, dst_port,
+                                     (ip_id + frames) & 0xFFFF, src_port, dst_port,
                                      (seq + done) & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags,
                                      window, b"", buf[done:done + n])
-                chain.write(VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, 1), 0)
-                chain.write(frame, VIRTIO_NET_HDR_LEN)
-                used.append((chain.head, VIRTIO_NET_HDR_LEN + len(frame)))
+                if csum:
+                    struct.pack_into("!H", frame, CSUM_START + TCP_CSUM_OFFSET,
+                                     pseudo_header_sum(bytes(src_ip), bytes(dst_ip), 6, 20 + n))
+                data = stream_header(n, mss, csum, gso, len(amounts)) + frame
+                pos = 0
+                for k, amount in enumerate(amounts):
+                    chain = chains[i + k]
+                    size = amount + (FRAME_HEADROOM if k == 0 else 0)
+                    chain.write(data[pos:pos + size], 0)
+                    used.append((chain.head, size))
+                    pos += size
                 if card.pcap is not None:
                     card.pcap.write(frame)
+                stats[0] += len(amounts) > 1
+                stats[1] += data[1] != VIRTIO_NET_HDR_GSO_NONE
+                stats[2] += csum
                 done += n
+                frames += 1
+                i += len(amounts)
+                if i < j:
+                    break  # the peek ended inside this frame's chains
+            self._give_back(chains[i:])
             queue.push_many(used)
-            self._count(len(used), got)
+            self._count(frames, got, *stats)
             if queue.needs_notification():
                 card.interrupt(1)
             # Drained once the socket gave all it held: the caller need not ask again.
-            return got, got, len(used), STREAM_DRAINED if got >= unread else STREAM_MORE
+            return got, got, frames, STREAM_DRAINED if got >= unread else STREAM_MORE
+
+    def _take_planned(self, queue, want: int, mss: int, frame_cap: int, merge: bool):
+        """RX chains for up to want payload bytes, and their plan: (chains, caps, firsts),
+        caps[i] the payload bytes chain i is to hold, firsts[i] whether it starts a frame
+        (and so holds the headers). A frame holds at most frame_cap bytes; with merge it
+        takes further chains until it does."""
+        chains, caps, firsts = [], [], []
+        left = want
+        room = 0  # payload the current frame may still take in further chains
+        # Every chain holds at most an MSS without GSO, so that many is never too many;
+        # with GSO the first chain's size tells how many the rest needs.
+        count = -(-want // mss) if frame_cap == mss else 1
+        while left > 0 and len(chains) < MAX_CHAINS:
+            more = self._take(queue, max(1, min(count, MAX_CHAINS - len(chains))))
+            if not more:
+                break
+            for index, chain in enumerate(more):
+                if left <= 0:
+                    self._give_back(more[index:])
+                    break
+                if merge and room > 0:
+                    take = min(chain.writable, room)
+                    firsts.append(False)
+                else:
+                    room = min(frame_cap, left)
+                    take = min(chain.writable - FRAME_HEADROOM, room)
+                    firsts.append(True)
+                chains.append(chain)
+                caps.append(take)
+                room -= take
+                left -= take
+            # The rest, in chains the size of the last one.
+            typical = chains[-1].writable
+            if merge:
+                count = -(-(left + -(-left // frame_cap) * FRAME_HEADROOM) // typical)
+            else:
+                count = -(-left // min(typical - FRAME_HEADROOM, frame_cap))
+        return chains, caps, firsts
 
     def _take(self, queue, n: int) -> list:
         """n RX chains big enough for headers and a byte: the card's held ones first."""
@@ -131,10 +245,18 @@ class RingStream:
         out = []
         while len(out) < n:
             if not held:
-                more = queue.pop(n - len(out), REQUIRE_WRITABLE)
-                if not more:
-                    if queue.enable_notifications():
+                try:
+                    more = queue.pop(n - len(out), REQUIRE_WRITABLE)
+                    if not more and queue.enable_notifications():
                         continue  # buffers arrived while we looked
+                except QueueError:
+                    # A corrupt RX ring is not the relay's error (as in VirtioNet.receive):
+                    # the stream goes on with what it has, or blocks, and the driver's next
+                    # RX kick meets the ring and gets DEVICE_NEEDS_RESET.
+                    card.counters["rx_queue_errors"] += 1
+                    card.rx_ring_error = True
+                    break
+                if not more:
                     break
                 held.extend(more)
             chain = held.popleft()
@@ -162,9 +284,15 @@ class RingStream:
         finally:
             sock.detach()
 
-    def _count(self, frames: int, payload: int) -> None:
+    def _count(self, frames: int, payload: int, merged: int, gso: int, csum: int) -> None:
         counters = self.card.counters
         counters["rx_frames"] += frames
-        counters["rx_bytes"] += frames * (FRAME_HEADROOM - VIRTIO_NET_HDR_LEN) + payload
+        counters["rx_bytes"] += frames * PACKET_HEADERS + payload
         counters["rx_stream_frames"] += frames
         counters["rx_stream_bytes"] += payload
+        if merged:
+            counters["rx_merged_frames"] += merged
+        if gso:
+            counters["rx_gso_frames"] += gso
+        if csum:
+            counters["rx_csum_offloaded"] += csum

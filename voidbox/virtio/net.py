@@ -7,9 +7,12 @@ registers or vhost-user, so any transport can host it.
 The backend contract (voidbox.net.backend): the device hands every frame the guest sends
 to `backend.guest_frame(frame, csum_verified)`; the backend hands every frame for the
 guest to `device.receive(frame)`, from its own I/O thread. `accepts_partial_checksums`
-and `accepts_tso4` say which offloads it can honour; only those are offered. A backend
-that stops sending when receive() refuses a frame is told by `backend.rx_ready()` (on the
-RX kick, once the backlog is placed) that it may send again.
+and `accepts_tso4` say which offloads it can honour; only those are offered.
+`produces_guest_offloads` says every frame it hands over was built by it (so its
+checksums can be vouched for) and its TCP relay can use the stream port's TSO frames: only
+then are GUEST_CSUM and GUEST_TSO4 offered. A backend that stops sending when receive()
+refuses a frame is told by `backend.rx_ready()` (on the RX kick, once the backlog is
+placed) that it may send again.
 
 Decisions a reader should know:
 - The header is always the 12-byte struct virtio_net_hdr (§5.1.6: VERSION_1 includes
@@ -27,8 +30,18 @@ Decisions a reader should know:
   a bounded backlog until the driver posts buffers (its RX kick); beyond the bound frames
   are dropped and counted, as a NIC would drop them, so a guest that never posts buffers
   costs bounded memory.
-- Frames to the guest are complete (checksums filled in, no GSO): GUEST_CSUM and
-  GUEST_TSO4 are not offered, so nothing the driver did not ack can reach it.
+- What the driver acked decides every header written towards it (`rx_offloads`): without
+  GUEST_CSUM a frame is complete and its header's flags are 0; without GUEST_TSO4 (or
+  with it but without GUEST_CSUM, which §5.1.3.1 forbids) no frame is a GSO one. With
+  GUEST_CSUM, frames the backend built go with DATA_VALID (their checksum is already
+  there: the guest skips its check and a guest that forwards them sends them intact);
+  the stream port's frames go with NEEDS_CSUM (nobody ever sums the payload: see
+  voidbox/virtio/_netrx_py.py). With GUEST_TSO4 the stream port puts up to 64 KiB of
+  TCP payload in one frame (GSO_TCPV4, gso_size the guest's MSS), and a TCP frame longer
+  than the MTU handed to receive() goes as a GSO frame; to a guest without it such a
+  frame is cut into MTU-sized segments here.
+- The counters say which offloads were negotiated (`negotiated_*`, set on activation)
+  and used (rx_gso_frames, rx_csum_offloaded, rx_csum_valid, rx_gso_segmented; tx_*).
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from ..net.packets import pseudo_header_sum
 from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE, QueueError
 from .device import (
     VIRTIO_F_EVENT_IDX,
@@ -80,6 +94,7 @@ ETH_P_IP = 0x0800
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 TCP_CSUM_OFFSET = 16  # RFC 9293 §3.1
+TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 UDP_CSUM_OFFSET = 6  # RFC 768
 VLAN_HLEN = 4
 # The largest frame either way: a 64 KiB IPv4 packet (a TSO segment) behind an Ethernet
@@ -92,6 +107,15 @@ RX_BACKLOG_FRAMES = 256
 # network thread in one callback for ever by refilling as fast as we drain.
 TX_BUDGET = 2 * QUEUE_SIZE
 TOO_BIG = object()  # _take_buffers: the frame can never fit the posted buffers
+# The header fields of a complete frame (num_buffers aside): no flags, no GSO.
+PLAIN = (0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
+# Negotiated features as the counters show them (negotiated_<name>: 0 or 1).
+NAMED_FEATURES = {
+    "csum": VIRTIO_NET_F_CSUM, "host_tso4": VIRTIO_NET_F_HOST_TSO4,
+    "guest_csum": VIRTIO_NET_F_GUEST_CSUM, "guest_tso4": VIRTIO_NET_F_GUEST_TSO4,
+    "mrg_rxbuf": VIRTIO_NET_F_MRG_RXBUF, "event_idx": VIRTIO_F_EVENT_IDX,
+    "indirect_desc": VIRTIO_F_INDIRECT_DESC,
+}
 
 
 def inet_checksum(data) -> int:
@@ -115,6 +139,56 @@ def l4_checksum_offset(frame) -> int | None:
     if proto == IPPROTO_UDP:
         return l4 + UDP_CSUM_OFFSET
     return None
+
+
+def tcp4_super_frame(frame, mtu: int) -> tuple[int, int, int] | None:
+    """(IPv4 header length, TCP header length, packet length) of an untunnelled, unfragmented
+    IPv4 TCP frame whose packet is longer than mtu (a TSO segment), else None."""
+    if len(frame) < ETH_HLEN + 40 or frame[12] << 8 | frame[13] != ETH_P_IP:
+        return None
+    vihl = frame[ETH_HLEN]
+    ihl = (vihl & 0x0F) * 4
+    if vihl >> 4 != 4 or ihl < 20 or frame[ETH_HLEN + 9] != IPPROTO_TCP:
+        return None
+    total = frame[ETH_HLEN + 2] << 8 | frame[ETH_HLEN + 3]
+    if total <= mtu or ETH_HLEN + total > len(frame) or ETH_HLEN + ihl + 20 > len(frame):
+        return None
+    if (frame[ETH_HLEN + 6] & 0x3F) | frame[ETH_HLEN + 7]:
+        return None  # a fragment (MF or an offset): not a segment of ours to cut
+    thl = (frame[ETH_HLEN + ihl + 12] >> 4) * 4
+    if thl < 20 or ihl + thl >= total or mtu - ihl - thl <= 0:
+        return None
+    return ihl, thl, total
+
+
+def segment_tcp4(frame, ihl: int, thl: int, total: int, mss: int) -> list[bytearray]:
+    """Cut an IPv4 TCP super-frame into frames of mss payload bytes each, as a NIC's TSO
+    would: consecutive sequence numbers and IP ids, FIN and PSH on the last only, CWR on
+    the first only, both checksums computed (RFC 9293 §3.1, RFC 791 §3.1)."""
+    from ..net.fastpath import tcp_checksum
+
+    l4 = ETH_HLEN + ihl
+    start, end = l4 + thl, ETH_HLEN + total
+    src, dst = bytes(frame[ETH_HLEN + 12:ETH_HLEN + 16]), bytes(frame[ETH_HLEN + 16:ETH_HLEN + 20])
+    ident = frame[ETH_HLEN + 4] << 8 | frame[ETH_HLEN + 5]
+    seq = struct.unpack_from("!I", frame, l4 + 4)[0]
+    flags = frame[l4 + 13]
+    headers = bytes(frame[:start])
+    out = []
+    for i, off in enumerate(range(start, end, mss)):
+        chunk = frame[off:min(off + mss, end)]
+        seg = bytearray(headers)
+        seg += chunk
+        struct.pack_into("!HH", seg, ETH_HLEN + 2, ihl + thl + len(chunk), (ident + i) & 0xFFFF)
+        struct.pack_into("!H", seg, ETH_HLEN + 10, 0)
+        struct.pack_into("!H", seg, ETH_HLEN + 10, inet_checksum(seg[ETH_HLEN:l4]))
+        struct.pack_into("!I", seg, l4 + 4, (seq + off - start) & 0xFFFFFFFF)
+        f = flags if off + mss >= end else flags & ~(TCP_FIN | TCP_PSH)
+        seg[l4 + 13] = f if i == 0 else f & ~TCP_CWR
+        struct.pack_into("!H", seg, l4 + TCP_CSUM_OFFSET, 0)
+        struct.pack_into("!H", seg, l4 + TCP_CSUM_OFFSET, tcp_checksum(src, dst, seg[l4:]))
+        out.append(seg)
+    return out
 
 
 class VirtioNet(VirtioDevice):
@@ -142,6 +216,9 @@ class VirtioNet(VirtioDevice):
         self._rx_held: collections.deque = collections.deque()  # popped, unused RX chains
         self._rx_backlog: collections.deque = collections.deque()
         self._tx_rescheduled = False
+        # The stream port met a corrupt RX ring (on the backend's thread): the next RX kick
+        # meets it again, where the transport can answer with DEVICE_NEEDS_RESET.
+        self.rx_ring_error = False
         self.counters: collections.Counter = collections.Counter()
 
     # ---- what the driver sees ----------------------------------------------------------
@@ -157,6 +234,11 @@ class VirtioNet(VirtioDevice):
             bits |= 1 << VIRTIO_NET_F_CSUM
             if getattr(self.backend, "accepts_tso4", False):
                 bits |= 1 << VIRTIO_NET_F_HOST_TSO4
+        # Offloads towards the guest only from a backend that builds every frame it sends
+        # (its checksums are right) and relays TCP through the stream port. GUEST_TSO4
+        # requires GUEST_CSUM (§5.1.3.1): both or neither.
+        if getattr(self.backend, "produces_guest_offloads", False):
+            bits |= (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4)
         return bits
 
     def config_bytes(self) -> bytes:
@@ -166,12 +248,33 @@ class VirtioNet(VirtioDevice):
     def _acked(self, bit: int) -> bool:
         return bool(self.acked_features & (1 << bit))
 
+    def rx_offloads(self) -> tuple[bool, bool, bool]:
+        """(merge, csum, gso) for frames to the guest, from what the driver acked now.
+
+        merge: a frame may spread over several buffers (MRG_RXBUF). csum: a header may
+        carry NEEDS_CSUM or DATA_VALID (GUEST_CSUM). gso: a frame may be a GSO_TCPV4 one
+        (GUEST_TSO4, and GUEST_CSUM with it: a driver that acked it alone broke §5.1.3.1,
+        and a GSO header without NEEDS_CSUM would break §5.1.6.4.1, so it gets none).
+        """
+        acked = self.acked_features
+        csum = bool(acked & (1 << VIRTIO_NET_F_GUEST_CSUM))
+        return (bool(acked & (1 << VIRTIO_NET_F_MRG_RXBUF)), csum,
+                csum and bool(acked & (1 << VIRTIO_NET_F_GUEST_TSO4)))
+
+    @property
+    def negotiated(self) -> dict[str, bool]:
+        """The offload-related features the driver acked, by name (NAMED_FEATURES)."""
+        return {name: self._acked(bit) for name, bit in NAMED_FEATURES.items()}
+
     # ---- lifecycle -----------------------------------------------------------------------
 
     def activate(self, memory, queues, interrupt) -> None:
         with self._lock:
             super().activate(memory, queues, interrupt)
             self.counters["activations"] += 1
+            # What this activation negotiated, beside what it then used (rx_gso_frames...).
+            for name, acked in self.negotiated.items():
+                self.counters[f"negotiated_{name}"] = int(acked)
         # Frames that waited for the driver, and buffers it posted before DRIVER_OK.
         self.schedule(self._refill)
 
@@ -180,6 +283,7 @@ class VirtioNet(VirtioDevice):
         with self._lock:
             self._rx_held.clear()
             self._rx_backlog.clear()
+            self.rx_ring_error = False
             super().reset()
             self.counters["resets"] += 1
 
@@ -192,6 +296,11 @@ class VirtioNet(VirtioDevice):
             self._transmit()
         elif index == RX_QUEUE:
             self.counters["rx_kicks"] += 1
+            queue = self._queue(RX_QUEUE)
+            if self.rx_ring_error and queue is not None:
+                self.rx_ring_error = False
+                with self._lock:  # raises QueueError while the ring is still corrupt
+                    self._rx_held.extend(queue.pop(1, REQUIRE_WRITABLE))
             self._refill()
 
     # ---- guest -> backend ----------------------------------------------------------------
@@ -285,31 +394,65 @@ class VirtioNet(VirtioDevice):
 
     def receive(self, frame) -> bool:
         """A frame for the guest (from the backend's thread). Copied into RX buffers now,
-        or into the backlog; False if it was dropped."""
+        or into the backlog; False if it was dropped (or, cut into segments, any was)."""
         counters = self.counters
         length = len(frame)
         if length < ETH_HLEN or length > MAX_FRAME:
             counters["rx_drop_bad_length"] += 1
             return False
         with self._lock:
-            try:
-                placed = not self._rx_backlog and self._place(frame)
-            except QueueError:
-                # A corrupt RX ring is not the backend's error: the frame waits, and the
-                # driver's next RX kick meets the ring again and gets DEVICE_NEEDS_RESET.
-                counters["rx_queue_errors"] += 1
-                placed = False
-            if not placed:
-                if self.interrupt is None and not self.queues:
-                    counters["rx_drop_no_driver"] += 1
-                    return False
-                if len(self._rx_backlog) >= RX_BACKLOG_FRAMES:
-                    counters["rx_drop_backlog_full"] += 1
-                    return False
-                self._rx_backlog.append(bytes(frame))
-                counters["rx_backlogged"] += 1
-                return True
-            return True
+            _merge, csum, gso = self.rx_offloads()
+            header = PLAIN
+            if length - ETH_HLEN > self.mtu and (sizes := tcp4_super_frame(frame, self.mtu)):
+                ihl, thl, total = sizes
+                mss = self.mtu - ihl - thl  # segments that fill the guest's MTU
+                if not gso:
+                    # A TSO segment the guest did not ask for: cut here, as its NIC would.
+                    counters["rx_gso_segmented"] += 1
+                    results = [self._receive_one(seg, self._rx_header(seg, csum))
+                               for seg in segment_tcp4(frame, ihl, thl, total, mss)]
+                    return all(results)
+                # §5.1.6.4.1: a GSO frame goes with NEEDS_CSUM, and the checksum field
+                # holds the pseudo-header sum over the whole packet (as Linux's TSO does).
+                l4 = ETH_HLEN + ihl
+                frame = bytearray(frame[:ETH_HLEN + total])
+                struct.pack_into("!H", frame, l4 + TCP_CSUM_OFFSET, pseudo_header_sum(
+                    bytes(frame[ETH_HLEN + 12:ETH_HLEN + 16]),
+                    bytes(frame[ETH_HLEN + 16:ETH_HLEN + 20]), IPPROTO_TCP, total - ihl))
+                header = (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, l4 + thl,
+                          mss, l4, TCP_CSUM_OFFSET)
+            elif csum:
+                header = self._rx_header(frame, csum)
+            return self._receive_one(frame, header)
+
+    def _rx_header(self, frame, csum: bool) -> tuple:
+        """The header fields of a complete frame: DATA_VALID with GUEST_CSUM when the
+        backend built it and it carries a TCP/UDP checksum (already right: the guest need
+        not sum the frame again), else none."""
+        if csum and getattr(self.backend, "produces_guest_offloads", False) \
+                and l4_checksum_offset(frame) is not None:
+            return (VIRTIO_NET_HDR_F_DATA_VALID,) + PLAIN[1:]
+        return PLAIN
+
+    def _receive_one(self, frame, header: tuple) -> bool:
+        counters = self.counters
+        try:
+            placed = not self._rx_backlog and self._place(frame, header)
+        except QueueError:
+            # A corrupt RX ring is not the backend's error: the frame waits, and the
+            # driver's next RX kick meets the ring again and gets DEVICE_NEEDS_RESET.
+            counters["rx_queue_errors"] += 1
+            placed = False
+        if not placed:
+            if self.interrupt is None and not self.queues:
+                counters["rx_drop_no_driver"] += 1
+                return False
+            if len(self._rx_backlog) >= RX_BACKLOG_FRAMES:
+                counters["rx_drop_backlog_full"] += 1
+                return False
+            self._rx_backlog.append((bytes(frame), header))
+            counters["rx_backlogged"] += 1
+        return True
 
     def stream_port(self):
         """The card's stream port for the NAT's TCP relay: host data straight into RX
@@ -337,7 +480,7 @@ class VirtioNet(VirtioDevice):
         receive() refuses a frame)."""
         with self._lock:
             backlog = self._rx_backlog
-            while backlog and self._place(backlog[0]):
+            while backlog and self._place(*backlog[0]):
                 backlog.popleft()
             ready = not backlog and self.interrupt is not None
         # Outside the lock: the backend delivers what it held back, through receive().
@@ -381,12 +524,20 @@ class VirtioNet(VirtioDevice):
                 return None
             held.extend(chains)
 
-    def _place(self, frame) -> bool:
-        """Copy frame (behind its header) into RX buffers and publish them; False if the
-        driver has not posted enough."""
+    def _place(self, frame, header: tuple = PLAIN) -> bool:
+        """Copy frame behind its header (fields but num_buffers) into RX buffers and publish
+        them; False if the driver has not posted enough."""
         queue = self._queue(RX_QUEUE)
         if queue is None or self.interrupt is None:
             return False
+        flags, gso_type = header[0], header[1]
+        if flags or gso_type:
+            # Decided at receive(); checked again against what is acked now, so no header
+            # reaches a driver that did not ack it, whatever happened in between.
+            _merge, csum, gso = self.rx_offloads()
+            if not csum or (gso_type and not gso):
+                self.counters["rx_drop_offload_not_negotiated"] += 1
+                return True  # consumed: dropped
         length = len(frame)
         chains = self._take_buffers(queue, VIRTIO_NET_HDR_LEN + length)
         if chains is None:
@@ -394,11 +545,10 @@ class VirtioNet(VirtioDevice):
         if chains is TOO_BIG:
             self.counters["rx_drop_larger_than_ring"] += 1
             return True  # consumed: dropped
-        header = VIRTIO_NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, len(chains))
         view = memoryview(frame)
         first = chains[0]
         take = min(length, first.writable - VIRTIO_NET_HDR_LEN)
-        first.write(header, 0)
+        first.write(VIRTIO_NET_HDR.pack(*header, len(chains)), 0)
         first.write(view[:take], VIRTIO_NET_HDR_LEN)
         used = [(first.head, VIRTIO_NET_HDR_LEN + take)]
         pos = take
@@ -415,6 +565,12 @@ class VirtioNet(VirtioDevice):
         counters["rx_bytes"] += length
         if len(chains) > 1:
             counters["rx_merged_frames"] += 1
+        if gso_type:
+            counters["rx_gso_frames"] += 1
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            counters["rx_csum_offloaded"] += 1
+        elif flags & VIRTIO_NET_HDR_F_DATA_VALID:
+            counters["rx_csum_valid"] += 1
         if queue.needs_notification():
             self.interrupt(VIRTIO_MMIO_INT_VRING)
         return True
