@@ -25,8 +25,8 @@ def _kvm_lines() -> list[str]:
     if info.software_only:
         return [
             f"kvm:     software-only ({info.module}, {api}): every guest instruction is emulated",
-            "         an unmodified Linux guest gets through its early boot only; tiny guests and",
-            "         the KVM plumbing work, full boots need a host with hardware virtualization",
+            "         with --accel kvm an unmodified Linux guest gets through its early boot only",
+            "         (tiny guests and the KVM plumbing work); --accel qemu boots it fully",
         ]
     return [f"kvm:     hardware-assisted ({info.module}, {api})"]
 
@@ -43,7 +43,7 @@ def _tap_lines() -> list[str]:
 def _qemu_lines() -> list[str]:
     qemu = host.qemu_binary()
     if qemu is None:
-        return ["qemu:    not found (only needed for QEMU-backed tests)"]
+        return [f"qemu:    not found (--accel qemu needs it: install {host.QEMU_PACKAGE})"]
     try:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10)
         version = out.stdout.splitlines()[0] if out.stdout else "unknown version"
@@ -61,5 +61,16 @@ def _guest_lines() -> list[str]:
     return [f"guest:   {guest.directory} (kernel {guest.kernel_version})"]
 
 
+def _accel_lines() -> list[str]:
+    """What `voidbox boot --accel auto` would pick here, and why."""
+    from .errors import VoidboxError
+
+    try:
+        accel = host.choose_accel("auto")
+    except VoidboxError as error:
+        return [f"accel:   auto cannot boot an unmodified guest here: {error}"]
+    return [f"accel:   auto picks {accel.name}: {accel.reason}"]
+
+
 def report() -> list[str]:
-    return _kvm_lines() + _tap_lines() + _qemu_lines() + _guest_lines()
+    return _kvm_lines() + _tap_lines() + _qemu_lines() + _accel_lines() + _guest_lines()

@@ -1,0 +1,67 @@
+"""--accel auto|kvm|qemu: what voidbox.host.choose_accel picks for each kind of host, and
+the one line `boot` prints about it."""
+
+from __future__ import annotations
+
+import pytest
+
+from voidbox import host
+from voidbox.config import VmConfig
+from voidbox.errors import UsageError, VoidboxError
+
+HARDWARE = host.KvmInfo(True, True, False, "kvm_intel", "")
+SOFTWARE = host.KvmInfo(True, True, True, "kvm_pvm", "")
+MISSING = host.KvmInfo(False, False, False, "", "/dev/kvm does not exist")
+LOCKED = host.KvmInfo(True, False, False, "kvm_amd", "/dev/kvm is not readable and writable by this user")
+
+
+@pytest.fixture
+def qemu(monkeypatch):
+    """Set whether qemu-system-x86_64 is installed."""
+
+    def installed(present: bool) -> None:
+        monkeypatch.setattr(host, "qemu_binary", lambda: "/usr/bin/qemu-system-x86_64" if present else None)
+
+    return installed
+
+
+@pytest.mark.parametrize("info, want, qemu_kvm", [
+    (HARDWARE, "kvm", False),
+    (SOFTWARE, "qemu", False),
+    (MISSING, "qemu", False),
+    (LOCKED, "qemu", False),
+])
+def test_auto_takes_kvm_only_where_it_runs_an_unmodified_guest(qemu, info, want, qemu_kvm):
+    qemu(True)
+    accel = host.choose_accel("auto", info)
+    assert (accel.name, accel.qemu_kvm) == (want, qemu_kvm)
+    assert accel.reason  # the line boot prints says why
+
+
+def test_qemu_uses_kvm_itself_where_kvm_is_hardware_assisted(qemu):
+    qemu(True)
+    assert host.choose_accel("qemu", HARDWARE).qemu_kvm
+    assert not host.choose_accel("qemu", SOFTWARE).qemu_kvm
+
+
+@pytest.mark.parametrize("requested", ["auto", "qemu"])
+def test_missing_qemu_names_the_package(qemu, requested):
+    qemu(False)
+    with pytest.raises(VoidboxError, match=f"install the {host.QEMU_PACKAGE} package"):
+        host.choose_accel(requested, SOFTWARE)
+
+
+def test_kvm_where_there_is_none_is_an_error_with_the_reason(qemu):
+    qemu(True)
+    with pytest.raises(VoidboxError, match="does not exist"):
+        host.choose_accel("kvm", MISSING)
+    # Software-only KVM is taken when asked for (tiny guests and the KVM plumbing run there).
+    assert host.choose_accel("kvm", SOFTWARE).name == "kvm"
+
+
+def test_accel_is_validated_with_the_rest_of_the_configuration(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"x")
+    with pytest.raises(UsageError, match="bad --accel 'tcg'"):
+        VmConfig(kernel=str(kernel), accel="tcg")
+    assert VmConfig(kernel=str(kernel)).accel == "auto"
