@@ -19,11 +19,13 @@ TIMEOUT = 60
 class Terminal:
     """voidbox boot with a pseudo-terminal as its stdin and stdout."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, args=None):
+        """`voidbox boot` of a tiny guest under kvm, or with `args` instead of the default ones."""
         self.master, slave = pty.openpty()
+        if args is None:
+            args = ["--accel", "kvm", "--kernel", kernel, "--mem", "64M", "--timeout", str(TIMEOUT)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "voidbox", "boot", "--accel", "kvm", "--kernel", kernel, "--mem", "64M",
-             "--timeout", str(TIMEOUT)],
+            [sys.executable, "-m", "voidbox", "boot", *args],
             stdin=slave, stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
         )
         os.close(slave)

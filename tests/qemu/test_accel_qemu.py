@@ -300,3 +300,24 @@ def test_timeout_and_bad_input_statuses_match_kvm(guest, tmp_path):
     result = voidbox_boot("--accel", "qemu", "--kernel", str(not_a_kernel), "--timeout", "30")
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert "is not a bzImage or x86-64 ELF kernel" in result.stderr
+
+
+def test_the_console_on_a_terminal_under_qemu(guest):
+    """Keystrokes reach the guest's shell, Ctrl-C interrupts the guest's command (not
+    voidbox), and Ctrl-A x stops the VM with status 0, as under kvm."""
+    from tests.kvm.test_interactive_console import Terminal
+
+    term = Terminal(None, ["--accel", "qemu", "--timeout", "300"])
+    assert term.expect(PROMPT, BOOT_TIMEOUT), term.seen[-3000:]
+    term.type(b"echo $((6 * 7))z\r")
+    assert term.expect(b"42z"), term.seen[-3000:]
+    term.type(b"sleep 120; echo slept-$((2 + 3))\r")
+    time.sleep(1)
+    term.type(b"\x03")  # Ctrl-C: the guest's terminal driver interrupts sleep
+    term.type(b"echo after-$((1 + 1))\r")
+    assert term.expect(b"after-2", 60), term.seen[-3000:]
+    assert b"slept-5" not in term.seen
+    term.type(b"\x01x")
+    status, stderr = term.finish()
+    assert status == 0, stderr
+    assert stderr.splitlines()[-1] == "voidbox: stopped from the console (Ctrl-A x)", stderr
