@@ -11,11 +11,13 @@ Decisions a reader should know:
 - The device core is the one the VMM uses, unchanged: it is activated once every ring it
   has is started (kick received) and enabled, with Virtqueues over the mapped regions
   keyed by guest-physical address. Its interrupt signals the call eventfd of each ring
-  whose used index moved (of every ring if none did). GET_VRING_BASE of any ring resets
-  the device (the core has no per-ring stop); the other rings' indexes are kept for
-  their own GET_VRING_BASE.
-- voidbox.ring.Virtqueue cannot start at a given available index, so SET_VRING_BASE takes
-  0 only; any other base is refused (the connection closes).
+  whose used index moved (of every ring if none did). GET_VRING_BASE of any ring stops
+  the device until that ring is set up again (the core has no per-ring stop; frontends
+  stop every ring together: QEMU's vhost_dev_stop does); the other rings' indexes are
+  kept for their own GET_VRING_BASE.
+- GET_VRING_BASE answers the next available index the device has not consumed: RX
+  buffers the card took but did not fill are given back. SET_VRING_BASE makes a ring
+  resume there (Virtqueue.resume), so a frontend can stop, migrate or reconnect.
 - SET_VRING_ADDR carries frontend user addresses: they are translated through the table
   to guest-physical addresses; one that maps into no region is refused.
 - Anything malformed or out of order raises ProtocolError: that connection closes with one
