@@ -187,6 +187,35 @@ def test_eof_drained_and_a_card_with_a_backlog(impl, memory, stream_cls, pair):
     assert len(nic.device._rx_held) == 0 and nic.rx.avail_idx - queue.last_avail_idx == 3
 
 
+def peek_offset(sock) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+
+
+def test_a_burst_with_no_budget_never_moves_the_peek_offset(impl, memory, stream_cls, pair):
+    """With SO_PEEK_OFF set, any recv(MSG_PEEK) that finds a byte moves the kernel's offset
+    past it. A status probe that peeked (budget 0, or a byte that arrived after SIOCINQ)
+    lost that byte for the guest: the relay's count never moved, the next segment carried
+    the byte after it, and the stream stalled (found by bench/vhost_user_peers.py)."""
+    near, far = pair
+    nic = Nic(impl, memory, rx_buffers=4, rx_len=2048)
+    stream = stream_cls(nic.device)
+    far.sendall(b"abcdefgh")
+    assert burst(stream, near, budget=0) == (0, 0, 0, _netrx_py.STREAM_MORE)
+    assert peek_offset(near) == 0
+    assert burst(stream, near)[:3] == (8, 8, 1)
+    out = frames(nic)
+    assert parse_segment(memoryview(out[0][1])[34:]).payload == b"abcdefgh"
+    # The host closes with everything peeked: EOF; with bytes left past the offset: more.
+    near.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 8)
+    far.sendall(b"ij")
+    far.close()
+    assert burst(stream, near, budget=0)[3] == _netrx_py.STREAM_MORE
+    assert peek_offset(near) == 8
+    assert burst(stream, near)[:3] == (2, 2, 1)
+    near.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 10)
+    assert burst(stream, near)[3] == _netrx_py.STREAM_EOF
+
+
 # ---- offloads: GSO frames over mergeable buffers, NEEDS_CSUM, only as acked ---------------
 
 GSO_ALL = ALL | GUEST_OFFLOADS

@@ -39,6 +39,7 @@ Blocked (STREAM_BLOCKED) while the card has no live driver, frames waiting in it
 from __future__ import annotations
 
 import fcntl
+import select
 import socket
 import struct
 import termios
@@ -272,17 +273,20 @@ class RingStream:
         self.card._rx_held.extendleft(reversed(chains))
 
     def _empty_status(self, sockfd: int) -> int:
-        """Nothing past the peek offset: EOF if the host closed, else drained."""
-        sock = socket.socket(fileno=sockfd)
-        try:
-            return STREAM_EOF if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"" \
-                else STREAM_MORE
-        except BlockingIOError:
-            return STREAM_DRAINED
-        except OSError as error:
-            return -(error.errno or 5)
-        finally:
-            sock.detach()
+        """No budget or nothing past the peek offset: EOF if the host closed and every byte
+        was peeked, else more to come (or drained).
+
+        No recv(MSG_PEEK) here: with SO_PEEK_OFF set, a peek that finds a byte (one that
+        arrived after SIOCINQ was read, or any when the budget was 0) moves the kernel's
+        offset past it while the relay's count stays: the guest would never get that byte
+        and the stream would stall. POLLRDHUP is set once the host's FIN is queued, after
+        all its data, so the bytes past the offset are counted again after it is seen."""
+        poller = select.poll()
+        poller.register(sockfd, select.POLLRDHUP)
+        hup = bool(poller.poll(0))
+        if unread_beyond_peek(sockfd) > 0:
+            return STREAM_MORE
+        return STREAM_EOF if hup else STREAM_DRAINED
 
     def _count(self, frames: int, payload: int, merged: int, gso: int, csum: int) -> None:
         counters = self.card.counters
