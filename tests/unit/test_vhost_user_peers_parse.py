@@ -86,11 +86,11 @@ def test_cells_and_table(peers):
     assert peers.cell_latency(connect) == (
         "1474 / 4655 (2 failed: read: Resource temporarily unavailable)")
     short = dict(connect, n=100, errors=0)
-    assert peers.cell_latency(short) == "1474 / 4655 (only 100/500 in budget)"
+    assert peers.cell_latency(short) == "1474 / 4655 (stopped after 100/500)"
     up = peers.iperf_summary(IPERF_REPORT)
     assert peers.cell_rate(up) == "1.100 (3 retr)"
     sessions = [
-        {"backend": "voidbox", "backend_pid": 1,
+        {"backend": "voidbox", "backend_pid": 1, "dhcp": {"ok": True, "mtu": 1500},
          "ops": {"up": dict(up, backend_cpu_s=0.598), "connect": connect}},
         {"backend": "slirp", "ops": {"up": dict(up, bits_per_second=2.2e9)}},
         {"backend": "passt-vhost-user", "error": "apt-get update failed: no network"},
@@ -98,7 +98,7 @@ def test_cells_and_table(peers):
     text = peers.table(sessions)
     lines = text.splitlines()
     assert len(lines) == 5
-    assert lines[2].startswith("| voidbox | 1.100 (3 retr) | n/a | 1474 / 4655")
+    assert lines[2].startswith("| voidbox | 1500 | 1.100 (3 retr) | n/a | 1474 / 4655")
     assert "| 2.00 / n/a |" in lines[2]  # 0.598 s over 0.299 GB
     assert "| in QEMU |" in lines[3]
     assert "unavailable: apt-get update failed: no network" in lines[4]
