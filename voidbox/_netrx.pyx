@@ -10,12 +10,12 @@ GUEST_CSUM the TCP checksum is summed over the payload where it landed (with it,
 guest finishes it). The system call and the per-frame loop run without the GIL. Chains of
 the pure ring twin take the pure twin's path.
 """
-from libc.errno cimport EAGAIN
+from libc.errno cimport EAGAIN, EINTR, EMSGSIZE, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from voidbox._ring cimport Chain, Virtqueue, vb_segment
-from voidbox.includes.sockio cimport iovec, peek_iov
+from voidbox.includes.sockio cimport iovec, peek_iov, readv, writev
 from voidbox._slirp cimport (
     csum_finish,
     csum_partial,
@@ -30,6 +30,8 @@ from voidbox.virtio._netrx_py import MAX_CHAINS as _MAX_CHAINS
 from voidbox.virtio._netrx_py import STREAM_BLOCKED, STREAM_DRAINED, STREAM_EOF, STREAM_MORE
 from voidbox.virtio._netrx_py import RingStream as _PureRingStream
 from voidbox.virtio._netrx_py import frame_payload_cap, unread_beyond_peek
+from voidbox.virtio._netrx_py import readv_into_chains as _pure_readv_into_chains
+from voidbox.virtio._netrx_py import writev_from_chain as _pure_writev_from_chain
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)
@@ -269,3 +271,89 @@ cdef uint64_t self_sum_payload(const vb_segment *segs, uint32_t nsegs, size_t of
         n -= take
         offset = 0
     return acc
+
+
+# ---- a TAP's frames straight into RX chains, and TX chains straight to a TAP ---------------
+
+def readv_into_chains(int fd, list chains):
+    """As the pure twin's: one read(2) of a frame, but with iovecs over the chains' writable
+    segments, so the kernel copies the TAP's frame straight into guest memory. The system
+    call runs without the GIL."""
+    cdef iovec iov[MAX_IOV]
+    cdef int niov = 0
+    cdef uint32_t s
+    cdef ssize_t got
+    cdef Chain c
+    cdef uint8_t head[2]
+    cdef int k = 0, i
+    cdef size_t j
+    for chain in chains:
+        if not isinstance(chain, Chain):
+            return _pure_readv_into_chains(fd, chains)
+    for chain in chains:
+        c = <Chain>chain
+        for s in range(c.info.nsegs):
+            if not c.segs[s].writable or c.segs[s].len == 0:
+                continue
+            if niov == MAX_IOV:
+                break
+            iov[niov].iov_base = c.segs[s].host  # validated by the ring
+            iov[niov].iov_len = c.segs[s].len
+            niov += 1
+    # One byte past the chains: a frame that does not fit reaches it, so a truncated read
+    # (the TAP returns what it copied) shows as longer than the chains' room.
+    cdef uint8_t overflow[1]
+    if niov == MAX_IOV:
+        niov -= 1
+    iov[niov].iov_base = overflow
+    iov[niov].iov_len = 1
+    niov += 1
+    with nogil:
+        while True:
+            got = readv(fd, iov, niov)
+            if got >= 0 or errno != EINTR:
+                break
+    if got < 0:
+        return -errno, 0, 0
+    for i in range(niov):  # the header's first two bytes, wherever the segments cut them
+        j = 0
+        while k < 2 and k < got and j < iov[i].iov_len:
+            head[k] = (<uint8_t *>iov[i].iov_base)[j]
+            k += 1
+            j += 1
+        if k >= 2 or k >= got:
+            break
+    return got, (head[0] if k > 0 else 0), (head[1] if k > 1 else 0)
+
+
+def writev_from_chain(int fd, const uint8_t[::1] header, chain, Py_ssize_t offset):
+    """As the pure twin's: one writev(2) of `header` and the chain's readable bytes from
+    `offset`, the iovecs pointing into guest memory (the kernel copies them once)."""
+    if not isinstance(chain, Chain):
+        return _pure_writev_from_chain(fd, header, chain, offset)
+    cdef Chain c = <Chain>chain
+    cdef iovec iov[MAX_IOV]
+    cdef int niov = 1
+    cdef uint32_t s
+    cdef size_t skip = offset
+    cdef ssize_t put
+    iov[0].iov_base = <void *>&header[0] if header.shape[0] else NULL
+    iov[0].iov_len = header.shape[0]
+    for s in range(c.info.nsegs):
+        if c.segs[s].writable:
+            break  # device-readable segments come first (§2.7.4.2)
+        if skip >= c.segs[s].len:
+            skip -= c.segs[s].len
+            continue
+        if niov == MAX_IOV:
+            return -EMSGSIZE
+        iov[niov].iov_base = c.segs[s].host + skip
+        iov[niov].iov_len = c.segs[s].len - skip
+        skip = 0
+        niov += 1
+    with nogil:
+        while True:
+            put = writev(fd, iov, niov)
+            if put >= 0 or errno != EINTR:
+                break
+    return put if put >= 0 else -errno

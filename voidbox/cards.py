@@ -44,8 +44,11 @@ def open_nic(spec, config, loop, schedule: Callable[[Callable[[], None]], None])
     device = VirtioNet(backend, spec.mac, nat.mtu, schedule=schedule, pcap=capture)
     # Before the loop runs (forward listeners join it). Host TCP data goes straight into
     # RX buffers unless a capture must see every frame.
+    # A TAP reads its frames straight into the card's RX buffers, unless the capture
+    # must see them.
+    direct = {"card": device} if capture is None and getattr(backend, "reads_into_card", False) else {}
     backend.attach(device.receive, device.rx_room,
-                   device.stream_port() if capture is None else None)
+                   device.stream_port() if capture is None else None, **direct)
     return device
 
 

@@ -20,17 +20,16 @@ import time
 import pytest
 
 from tests.unit.netframes import guest_udp_frame
-from tests.unit.test_virtio_net import ALL, QSIZE, Recorder, udp_frame
+from tests.unit.test_virtio_net import ALL, GUEST_OFFLOADS, QSIZE, Recorder, udp_frame
 from tests.unit.test_virtio_net import Nic as _Nic
 from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop
 from voidbox.net.backend import SlirpBackend, TapBackend, open_backend
 from voidbox.net.config import GATEWAY_MAC, NatConfig
 from voidbox.net.netns import CLONE_NEWNET
-from voidbox.net.packets import ETH_P_IP, build_ethernet, ip_to_bytes
+from voidbox.net.packets import ETH_P_IP, build_ethernet, checksum, ip_to_bytes
 from voidbox.virtio.net import (
     RX_BACKLOG_FRAMES,
-    VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 )
@@ -47,10 +46,13 @@ MAX_PUMP = 200
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def Nic(impl, memory, **kw):  # noqa: N802 (test_virtio_net's class, as this backend needs)
-    """test_virtio_net's NIC, acking everything a TAP backend offers (no TSO)."""
-    nic = _Nic(impl, memory, features=ALL & ~(1 << VIRTIO_NET_F_HOST_TSO4), **kw)
+def Nic(impl, memory, direct=False, features=ALL, **kw):  # noqa: N802 (test_virtio_net's class)
+    """test_virtio_net's NIC on the TAP backend. direct: the backend reads frames straight
+    into its RX buffers (as a VM's card without a capture), else it hands over copies."""
+    nic = _Nic(impl, memory, features=features, **kw)
     assert nic.device.queues, "the driver mock did not get the NIC live"
+    if direct:
+        nic.backend.attach(nic.device.receive, nic.device.rx_room, None, card=nic.device)
     return nic
 
 
@@ -154,6 +156,20 @@ def test_frames_cross_both_ways(impl, memory, tap):
     got = pump(loop, nic, len(sent))
     assert got == sent
     assert backend.counters["tap_tx_frames"] == 1 and backend.counters["tap_rx_frames"] == 3
+    assert nic.counters["tx_direct_frames"] == 1
+
+
+@pytest.mark.netns
+def test_frames_are_read_straight_into_rx_buffers(impl, memory, tap):
+    """The card's buffers take each frame in one read(2): the kernel's virtio_net_hdr stays
+    in front (num_buffers set), one buffer each, and nothing is held in between."""
+    loop, backend, wire = tap
+    nic = Nic(impl, memory, direct=True, backend=backend, rx_buffers=QSIZE)
+    sent = wire.frames_to(5)
+    got = pump(loop, nic, len(sent))
+    assert got == sent, (dict(nic.counters), backend.counters)
+    assert nic.counters["rx_direct_frames"] == 5 and backend.counters["tap_rx_frames"] == 5
+    assert backend.port.rx_frames == 0  # FramePort's copying batches were not used
 
 
 @pytest.mark.netns
@@ -173,7 +189,96 @@ def test_a_partial_checksum_is_finished_by_the_kernel(impl, memory, tap):
     header = VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, l4, 6, 0)
     nic.send(bytes(frame), header=header)
     assert wire.udp.recvfrom(100) == (b"g" * 100, (GUEST_ADDR, 5555))
-    assert backend.counters["tap_tx_csum_offloaded"] == 1
+    # The chain went to the TAP from guest memory, its header as the guest wrote it.
+    assert nic.counters["tx_csum_offloaded"] == 1 and nic.counters["tx_direct_frames"] == 1
+
+
+def pump_all(loop, nic, want) -> list:
+    """Run the loop until want(received so far) holds; -> [(header fields, frame)]."""
+    got = []
+    for _ in range(MAX_PUMP):
+        got += nic.received()
+        if want(got):
+            break
+        loop.run_once(0.02)
+    return got
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("acked", [False, True], ids=["complete", "guest-csum"])
+def test_the_taps_offloads_follow_what_the_driver_acked(impl, memory, tap, ns, acked):
+    """A datagram the namespace's own stack sends to the guest leaves it with its checksum
+    unfinished (CHECKSUM_PARTIAL): with GUEST_CSUM acked the TAP hands it over as such
+    (NEEDS_CSUM, the guest finishes it); without, the kernel finishes it first."""
+    loop, backend, wire = tap
+    subprocess.run(["ip", "-n", ns, "neigh", "replace", GUEST_ADDR, "lladdr",
+                    GUEST_MAC.hex(":"), "dev", TAP], check=True)
+    features = ALL | (GUEST_OFFLOADS if acked else 0)
+    nic = Nic(impl, memory, direct=True, features=features, backend=backend, rx_buffers=QSIZE)
+    wire.udp.sendto(b"d" * 300, (GUEST_ADDR, 9))
+    got = pump_all(loop, nic, lambda g: any(f[12:14] == b"\x08\x00" for _h, f in g))
+    assert any(f[12:14] == b"\x08\x00" for _h, f in got), (dict(nic.counters), backend.counters)
+    hdr, frame = next((h, f) for h, f in got if f[12:14] == b"\x08\x00")
+    assert frame[14 + 28:] == b"d" * 300
+    assert bool(hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM) == acked, hdr
+    if not acked:
+        src, dst = ip_to_bytes(NS_ADDR), ip_to_bytes(GUEST_ADDR)
+        udp = frame[34:]
+        pseudo = src + dst + struct.pack("!BBH", 0, 17, len(udp))
+        assert checksum(pseudo + udp) == 0  # complete: it checks out as it is
+    assert nic.counters["rx_direct_frames"] >= 1
+    assert nic.counters["rx_csum_offloaded"] == (1 if acked else 0)
+
+
+@pytest.mark.netns
+def test_no_buffers_stops_reading_and_nothing_is_lost_when_they_come(impl, memory, tap):
+    """Read straight into buffers, a guest with none posted leaves the frames in the
+    kernel's queue (no backlog here, nothing dropped), and its RX kick resumes reading."""
+    loop, backend, wire = tap
+    nic = Nic(impl, memory, direct=True, backend=backend, rx_buffers=0)
+    sent = wire.frames_to(40)
+    for _ in range(MAX_PUMP):
+        if not backend.watching:
+            break
+        loop.run_once(0.02)
+    assert not backend.watching and backend.counters["tap_rx_paused"] >= 1
+    wakeups = backend.counters["tap_wakeups"]
+    for _ in range(5):
+        loop.run_once(0.02)
+    assert backend.counters["tap_wakeups"] == wakeups  # no CPU while the guest posts none
+    got = []
+    for _ in range(MAX_PUMP):
+        nic.post(len(nic.rx.free))
+        got += [data for _hdr, data in nic.received()]
+        loop.run_once(0.01)
+        if len(got) >= len(sent):
+            break
+    assert got == sent
+    assert nic.counters["rx_drop_backlog_full"] == 0 and nic.counters["rx_direct_frames"] == 40
+
+
+@pytest.mark.netns
+def test_a_frame_longer_than_the_buffer_is_dropped_and_the_next_one_arrives(impl, memory, tap):
+    """Without MRG_RXBUF a frame must fit one buffer: a hostile (or small) buffer gets a
+    truncated read, which is dropped and counted; the buffer goes back unused."""
+    from tests.unit.test_virtio_net import VIRTIO_NET_F_MRG_RXBUF
+
+    loop, backend, wire = tap
+    nic = Nic(impl, memory, direct=True, features=ALL & ~(1 << VIRTIO_NET_F_MRG_RXBUF),
+              backend=backend, rx_buffers=0)
+    nic.post(1, 40)  # room for the header and 28 bytes of frame
+    big = wire.frames_to(1)
+    for _ in range(MAX_PUMP):
+        if nic.counters["rx_drop_truncated"]:
+            break
+        loop.run_once(0.02)
+    assert nic.counters["rx_drop_truncated"] == 1, (dict(nic.counters), backend.counters)
+    # The small buffer went back to the driver unused, not to the next read.
+    assert [length for _head, length in nic.rx.collect()] == [0]
+    nic.post(4)
+    after = wire.frames_to(1, start=1)
+    got = pump(loop, nic, 1)
+    assert got == after and got != big
 
 
 def pump(loop, nic, count: int) -> list[bytes]:

@@ -485,7 +485,9 @@ def test_host_to_guest_bulk(impl, rig):
                 dev["negotiated_mrg_rxbuf"]) == (1, 1, 1)
         assert dev["rx_gso_frames"] >= size // TSO_PAYLOAD, dict(dev)
         assert dev["rx_stream_frames"] <= size // (16 * MSS), dict(dev)
-        assert dev["rx_merged_frames"] >= dev["rx_gso_frames"]
+        # Nearly all spread over several buffers: a short GSO frame (the tail of a burst
+        # the socket had only part of) may fit one.
+        assert dev["rx_merged_frames"] >= 0.9 * dev["rx_gso_frames"], dict(dev)
         assert dev["rx_csum_offloaded"] >= dev["rx_stream_frames"]
     else:
         assert (dev["negotiated_guest_csum"], dev["negotiated_guest_tso4"]) == (0, 0)

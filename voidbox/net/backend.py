@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import os
 import select
 import sys
@@ -37,7 +38,14 @@ from voidbox.eventloop import EventLoop
 from voidbox.net.config import NatConfig
 from voidbox.net.fastpath import FramePort
 from voidbox.net.policy import Policy
-from voidbox.net.tap import _TRANSIENT_READ_ERRORS, TAP_READ_BATCH, open_tap
+from voidbox.net.tap import (
+    _TRANSIENT_READ_ERRORS,
+    TAP_READ_BATCH,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUNSETOFFLOAD,
+    open_tap,
+)
 from voidbox.virtio.net import (
     ETH_HLEN,
     MAX_FRAME,
@@ -138,24 +146,28 @@ class TapBackend:
     mode tap user USER`, no privilege needed at run time), or a new one (CAP_NET_ADMIN),
     which lives as long as the fd. Frames carry the 12-byte virtio_net_hdr both ways
     (IFF_VNET_HDR, TUNSETVNETHDRSZ 12).
-    - Guest to TAP: one writev each. A partial checksum the guest left at the packet's own
-      TCP/UDP header goes out as NEEDS_CSUM and the kernel finishes it. TSO is not
-      offered: the NIC hands over a frame without its gso_size. A frame the kernel refuses
-      (EAGAIN, EIO while the interface is down) is dropped and counted, as a wire would.
-    - TAP to guest: TUNSETOFFLOAD 0, so the kernel sends complete frames (no partial
-      checksum, no GSO) and nothing the guest did not negotiate reaches it. Frames are read
-      in batches (FramePort, without the GIL) while the fd is readable; when deliver refuses
-      one, the fd is no longer watched until rx_ready(), and the rest of that batch waits
-      here in order.
+    - Guest to TAP: the NIC checks each TX chain's header and hands the chain over
+      (guest_chain): one writev whose iovecs point into guest memory, so the frame is
+      copied once, by the kernel, which checks the header again. Checksum offload and TSO
+      pass through as the guest asked. A frame the kernel refuses (EAGAIN, EIO while the
+      interface is down, a header it rejects) is dropped and counted, as a wire would.
+    - TAP to guest: TUNSETOFFLOAD follows what the driver acked (set_guest_offloads), so
+      the kernel's header (partial checksum, GSO) is one the guest takes. Each frame is
+      read straight into the guest's RX buffers (VirtioNet.rx_from_fd: readv over them,
+      spread over mergeable buffers) while the fd is readable; with no buffers posted the
+      fd is no longer watched until rx_ready(). A card with a capture is handed copies
+      instead (FramePort batches, through deliver), so the capture sees every frame.
     - EBADFD on a read or write means the interface was deleted: the fd leaves the loop.
     """
 
     accepts_partial_checksums = True
-    accepts_tso4 = False
-    # Frames from the TAP come off a host interface, possibly from another machine: their
-    # checksums are not ours to vouch for, and TUNSETOFFLOAD 0 means no GSO frames come.
-    # Turning the TAP's offloads on (gso_size across to the NIC) is separate work.
-    produces_guest_offloads = False
+    # The kernel takes a guest's TSO segment as one GSO skb (virtio_net_hdr_to_skb checks
+    # the header, as it does for QEMU's and vhost-net's writes).
+    accepts_tso4 = True
+    # Frames towards the guest carry the header the kernel writes for exactly the offloads
+    # TUNSETOFFLOAD allows, and that follows what the driver acked (set_guest_offloads).
+    produces_guest_offloads = True
+    reads_into_card = True  # attach(card=...) takes the NIC's RX buffers directly
 
     def __init__(self, loop: EventLoop, name: str):
         self.loop = loop
@@ -164,17 +176,31 @@ class TapBackend:
         # One frame per read, up to the largest the NIC takes: nothing is truncated.
         self.port = FramePort(self.fd, VIRTIO_NET_HDR_LEN, MAX_FRAME, TAP_READ_BATCH)
         self.deliver: Callable[[bytes], object] | None = None
+        self.card = None  # the NIC whose RX buffers frames are read into (rx_from_fd)
         self.stats: collections.Counter = collections.Counter()
         self._pending: collections.deque[bytes] = collections.deque()
         self.watching = False
         self.gone = False
 
     def attach(self, deliver: Callable[[bytes], object],
-               room: Callable[[], int] | None = None, stream=None) -> None:
+               room: Callable[[], int] | None = None, stream=None, card=None) -> None:
         """room and stream are not needed: a refused frame stops reading the TAP until
-        rx_ready(), and TAP frames are no TCP streams of ours."""
+        rx_ready(), and TAP frames are no TCP streams of ours. With `card` (a VirtioNet
+        without a capture), frames are read straight into its RX buffers."""
         self.deliver = deliver
+        self.card = card
         self._watch()
+
+    def set_guest_offloads(self, csum: bool, tso4: bool) -> None:
+        """The driver acked GUEST_CSUM / GUEST_TSO4 (or was reset): the kernel may hand us
+        partial checksums and GSO frames exactly as far as the guest takes them."""
+        offloads = (TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if csum and tso4 else 0)
+        if self.fd < 0 or self.gone:
+            return
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, offloads)
+        except OSError:
+            self.stats["tap_offload_errors"] += 1  # frames stay complete: always safe
 
     # ---- TAP -> guest ----------------------------------------------------------------
 
@@ -190,6 +216,9 @@ class TapBackend:
 
     def _on_readable(self, events: int) -> None:
         self.stats["tap_wakeups"] += 1
+        if self.card is not None:
+            self._read_into_card(events)
+            return
         frames = self.port.read_batch()
         if not frames and events & (select.EPOLLERR | select.EPOLLHUP) \
                 and self.port.read_errno not in _TRANSIENT_READ_ERRORS:
@@ -197,6 +226,21 @@ class TapBackend:
             return
         self._pending.extend(frame for frame, _verified in frames)
         self._deliver_pending()
+
+    def _read_into_card(self, events: int) -> None:
+        from voidbox.virtio.net import RX_FD_BLOCKED
+
+        placed, status = self.card.rx_from_fd(self.fd, TAP_READ_BATCH)
+        self.stats["tap_rx_frames"] += placed
+        if status == RX_FD_BLOCKED:
+            # No buffers in the guest: read no more until it posts some (rx_ready); the
+            # kernel's queue holds or drops what comes meanwhile.
+            self.stats["tap_rx_paused"] += 1
+            self._unwatch()
+        elif status < 0 and -status not in _TRANSIENT_READ_ERRORS:
+            self.stats["tap_rx_errors"] += 1
+            if -status == errno.EBADFD or events & (select.EPOLLERR | select.EPOLLHUP):
+                self._hung_up()
 
     def _deliver_pending(self) -> None:
         pending = self._pending
@@ -218,13 +262,31 @@ class TapBackend:
 
     # ---- guest -> TAP ----------------------------------------------------------------
 
+    def guest_chain(self, header: bytes, chain, offset: int) -> bool:
+        """The NIC's TX chain as one frame: `header` (checked by the NIC) and the chain's
+        bytes from `offset`, written from guest memory in one writev. False if dropped."""
+        from voidbox.virtio.rxstream import writev_from_chain
+
+        if self.gone:
+            self.stats["tap_tx_dropped_gone"] += 1
+            return False
+        put = writev_from_chain(self.fd, header, chain, offset)
+        if put < 0:
+            if -put == errno.EBADFD:
+                self._hung_up()
+            self.stats["tap_tx_dropped"] += 1
+            return False
+        self.stats["tap_tx_frames"] += 1
+        return True
+
     def guest_frame(self, frame, csum_verified: bool = False) -> None:
+        """A frame as bytes (the NIC's copy path): the same writev, with a header of its
+        own (a vouched-for partial checksum at the packet's own header, or none)."""
         if self.gone:
             self.stats["tap_tx_dropped_gone"] += 1
             return
         header = _PLAIN_HEADER
         if csum_verified:
-            # The NIC vouches that the partial checksum sits at the packet's own header.
             field = l4_checksum_offset(frame)
             if field is not None:
                 start = ETH_HLEN + (frame[ETH_HLEN] & 0x0F) * 4
@@ -250,7 +312,9 @@ class TapBackend:
     @property
     def counters(self) -> dict[str, int]:
         out = dict(self.stats)
-        out.update(tap_rx_frames=self.port.rx_frames, tap_rx_dropped=self.port.rx_dropped,
+        # Frames read into the card directly, and frames FramePort read as copies.
+        out.update(tap_rx_frames=self.stats["tap_rx_frames"] + self.port.rx_frames,
+                   tap_rx_dropped=self.port.rx_dropped,
                    tap_gone=int(self.gone))
         return out
 

@@ -38,7 +38,9 @@ Blocked (STREAM_BLOCKED) while the card has no live driver, frames waiting in it
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import os
 import select
 import socket
 import struct
@@ -300,3 +302,40 @@ class RingStream:
             counters["rx_gso_frames"] += gso
         if csum:
             counters["rx_csum_offloaded"] += csum
+
+
+# ---- a TAP's frames straight into RX chains, and TX chains straight to a TAP ---------------
+
+def readv_into_chains(fd: int, chains) -> tuple[int, int, int]:
+    """Read one frame (one read(2) of a TAP) into the chains' writable bytes, in order;
+    -> (the frame's length or -errno (-EAGAIN: nothing queued), and the first two bytes
+    the kernel wrote: the virtio_net_hdr's flags and gso_type). A frame longer than the
+    chains hold comes back longer than their room: the kernel truncated it.
+
+    The compiled twin reads straight into guest memory (readv over the chains' segments);
+    this one goes through a buffer."""
+    # One byte more than the chains hold: a frame that does not fit shows as longer
+    # (the TAP returns what it copied, so a truncated read would look like a full one).
+    buf = bytearray(sum(chain.writable for chain in chains) + 1)
+    try:
+        got = os.readv(fd, [buf])
+    except OSError as error:
+        return -(error.errno or errno.EIO), 0, 0
+    view, pos = memoryview(buf), 0
+    for chain in chains:
+        if pos >= got:
+            break
+        take = min(chain.writable, got - pos)
+        chain.write(view[pos:pos + take], 0)
+        pos += take
+    return got, (buf[0] if got > 0 else 0), (buf[1] if got > 1 else 0)
+
+
+def writev_from_chain(fd: int, header, chain, offset: int) -> int:
+    """Write `header` and the chain's readable bytes from `offset` as one frame (one
+    writev(2) to a TAP); -> bytes written, or -errno. The compiled twin's iovecs point
+    into guest memory; this one reads the chain first."""
+    try:
+        return os.writev(fd, [header, chain.read(offset)])
+    except OSError as error:
+        return -(error.errno or errno.EIO)

@@ -47,6 +47,7 @@ Decisions a reader should know:
 from __future__ import annotations
 
 import collections
+import errno
 import struct
 import threading
 from collections.abc import Callable
@@ -106,6 +107,8 @@ RX_BACKLOG_FRAMES = 256
 # Chains one kick may serve before the rest is rescheduled: a guest cannot keep the
 # network thread in one callback for ever by refilling as fast as we drain.
 TX_BUDGET = 2 * QUEUE_SIZE
+# rx_from_fd's status
+RX_FD_DRAINED, RX_FD_MORE, RX_FD_BLOCKED = range(3)
 TOO_BIG = object()  # _take_buffers: the frame can never fit the posted buffers
 # The header fields of a complete frame (num_buffers aside): no flags, no GSO.
 PLAIN = (0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
@@ -220,6 +223,8 @@ class VirtioNet(VirtioDevice):
         # meets it again, where the transport can answer with DEVICE_NEEDS_RESET.
         self.rx_ring_error = False
         self.counters: collections.Counter = collections.Counter()
+        # A backend that writes TX chains itself (a TAP: backend.guest_chain), or None.
+        self._tx_direct = getattr(backend, "guest_chain", None)
 
     # ---- what the driver sees ----------------------------------------------------------
 
@@ -275,6 +280,8 @@ class VirtioNet(VirtioDevice):
             # What this activation negotiated, beside what it then used (rx_gso_frames...).
             for name, acked in self.negotiated.items():
                 self.counters[f"negotiated_{name}"] = int(acked)
+            _merge, csum, gso = self.rx_offloads()
+            self._backend_offloads(csum, gso)
         # Frames that waited for the driver, and buffers it posted before DRIVER_OK.
         self.schedule(self._refill)
 
@@ -286,6 +293,14 @@ class VirtioNet(VirtioDevice):
             self.rx_ring_error = False
             super().reset()
             self.counters["resets"] += 1
+            self._backend_offloads(False, False)
+
+    def _backend_offloads(self, csum: bool, tso4: bool) -> None:
+        """Tell a backend that makes frames with offloads (a TAP's TUNSETOFFLOAD) which ones
+        the driver acked now."""
+        set_offloads = getattr(self.backend, "set_guest_offloads", None)
+        if set_offloads is not None:
+            set_offloads(csum, tso4)
 
     def _queue(self, index: int):
         queues = self.queues
@@ -346,10 +361,10 @@ class VirtioNet(VirtioDevice):
             # Checked before anything is read: a guest can describe far more than it has.
             counters["tx_drop_oversize"] += 1
             return
-        data = chain.read(0, VIRTIO_NET_HDR_LEN + length)
+        # The header first: a backend that takes chains (a TAP) never needs the frame read.
+        header = chain.read(0, VIRTIO_NET_HDR_LEN)
         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _nb = \
-            VIRTIO_NET_HDR.unpack_from(data)
-        frame = memoryview(data)[VIRTIO_NET_HDR_LEN:]
+            VIRTIO_NET_HDR.unpack(header)
         verified = False
         if flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM:
             counters["tx_drop_bad_flags"] += 1  # §5.1.6.2: DATA_VALID is for RX only
@@ -371,6 +386,22 @@ class VirtioNet(VirtioDevice):
             if csum_start >= length or field + 2 > length:
                 counters["tx_drop_bad_csum"] += 1
                 return
+        if self._tx_direct is not None:
+            # The header is checked and the kernel checks it again as it takes the frame
+            # (virtio_net_hdr_to_skb): it goes to the TAP as the guest wrote it, with the
+            # frame straight from guest memory (num_buffers is RX-only: zero).
+            if self.pcap is not None:
+                self.pcap.write(chain.read(VIRTIO_NET_HDR_LEN, length))
+            if self._tx_direct(header[:10] + b"\0\0", chain, VIRTIO_NET_HDR_LEN):
+                counters["tx_frames"] += 1
+                counters["tx_bytes"] += length
+                counters["tx_direct_frames"] += 1
+                if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                    counters["tx_csum_offloaded"] += 1
+            return
+        frame = memoryview(chain.read(VIRTIO_NET_HDR_LEN, length))
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            field = csum_start + csum_offset
             if field == l4_checksum_offset(frame):
                 verified = True  # the packet's own TCP/UDP checksum: vouched for
             else:
@@ -473,6 +504,115 @@ class VirtioNet(VirtioDevice):
         if self.interrupt is None:
             return 0
         return RX_BACKLOG_FRAMES - len(self._rx_backlog)
+
+    def rx_from_fd(self, fd: int, budget: int) -> tuple[int, int]:
+        """Read up to `budget` frames from a TAP (opened with a 12-byte virtio_net_hdr and
+        the offloads the driver acked) straight into RX buffers: one read(2) per frame
+        into the buffers' memory (rxstream.readv_into_chains), the kernel's header kept
+        and num_buffers set. -> (frames placed, status): RX_FD_DRAINED (the TAP had no
+        more), RX_FD_MORE (budget used), RX_FD_BLOCKED (no buffers, a backlog or no
+        driver: read again after rx_ready) or -errno.
+
+        With MRG_RXBUF a read gets buffers for the largest frame the guest takes (64 KiB
+        with GUEST_TSO4, else its MTU's) and the ones it did not fill stay held for the
+        next; without, one buffer. A frame longer than that comes back truncated and is
+        dropped, as a NIC drops what does not fit. A card
+        with a capture takes frames through receive() instead (the capture sees them)."""
+        from .rxstream import readv_into_chains
+
+        counters = self.counters
+        placed, status = 0, RX_FD_MORE
+        with self._lock:
+            queue = self._queue(RX_QUEUE)
+            if queue is None or self.interrupt is None or self._rx_backlog:
+                return 0, RX_FD_BLOCKED
+            merge, csum, gso = self.rx_offloads()
+            max_frame = MAX_FRAME if gso else ETH_HLEN + 2 * VLAN_HLEN + self.mtu
+            try:
+                while placed < budget:
+                    chains = self._take_for_read(queue, merge, max_frame)
+                    if chains is None:
+                        status = RX_FD_BLOCKED
+                        break
+                    got, flags, gso_type = readv_into_chains(fd, chains)
+                    room = sum(chain.writable for chain in chains)
+                    if got < 0:
+                        self._rx_held.extendleft(reversed(chains))
+                        status = RX_FD_DRAINED if got == -errno.EAGAIN else got
+                        break
+                    if got > room:
+                        # Longer than the buffers: dropped. Without MRG_RXBUF the buffer
+                        # is one too small for this link's frames: it goes back to the
+                        # driver unused (as _take_buffers returns one), not to the next read.
+                        counters["rx_drop_truncated"] += 1
+                        if merge:
+                            self._rx_held.extendleft(reversed(chains))
+                        else:
+                            queue.push_many([(chain.head, 0) for chain in chains])
+                            counters["rx_buffer_too_small"] += len(chains)
+                        continue
+                    used, pos = [], 0
+                    for chain in chains:
+                        if pos >= got:
+                            break
+                        take = min(chain.writable, got - pos)
+                        used.append((chain.head, take))
+                        pos += take
+                    self._rx_held.extendleft(reversed(chains[len(used):]))
+                    first = chains[0]
+                    if got < VIRTIO_NET_HDR_LEN + ETH_HLEN or (flags and not csum) \
+                            or (gso_type and not gso):
+                        # Made before TUNSETOFFLOAD followed a new ack, or a runt: the
+                        # buffers go back unused, nothing the driver did not ack reaches it.
+                        self._rx_held.extendleft(reversed(chains[:len(used)]))
+                        counters["rx_drop_offload_not_negotiated" if got >= VIRTIO_NET_HDR_LEN
+                                 + ETH_HLEN else "rx_drop_bad_length"] += 1
+                        continue
+                    # The kernel writes the first 10 bytes of the 12-byte header.
+                    first.write(struct.pack("<H", len(used)), 10)
+                    queue.push_many(used)
+                    placed += 1
+                    counters["rx_frames"] += 1
+                    counters["rx_bytes"] += got - VIRTIO_NET_HDR_LEN
+                    counters["rx_direct_frames"] += 1
+                    if len(used) > 1:
+                        counters["rx_merged_frames"] += 1
+                    if gso_type:
+                        counters["rx_gso_frames"] += 1
+                    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                        counters["rx_csum_offloaded"] += 1
+            except QueueError:
+                counters["rx_queue_errors"] += 1
+                self.rx_ring_error = True
+                status = RX_FD_BLOCKED
+            if placed and queue.needs_notification():
+                self.interrupt(VIRTIO_MMIO_INT_VRING)
+        return placed, status
+
+    def _take_for_read(self, queue, merge: bool, max_frame: int):
+        """Held RX chains to read a frame into, or None (too few buffers posted)."""
+        if merge:
+            chains = self._take_buffers(queue, VIRTIO_NET_HDR_LEN + max_frame)
+            if chains is TOO_BIG:
+                # The whole ring is smaller than the largest frame: read into all of it
+                # (most frames are small; one that is not comes back truncated).
+                held = self._rx_held
+                chains = [held.popleft() for _ in range(len(held))]
+            return chains
+        held = self._rx_held
+        while True:
+            while held and held[0].writable < VIRTIO_NET_HDR_LEN + ETH_HLEN:
+                queue.push(held.popleft().head, 0)  # cannot hold any frame
+                self.counters["rx_buffer_too_small"] += 1
+            if held:
+                return [held.popleft()]
+            chains = queue.pop(None, REQUIRE_WRITABLE)
+            if not chains:
+                if queue.enable_notifications():
+                    continue
+                self.counters["rx_starved"] += 1
+                return None
+            held.extend(chains)
 
     def _refill(self) -> None:
         """The driver posted RX buffers (or the device just went live): place the backlog,
