@@ -10,6 +10,7 @@ GUEST_CSUM the TCP checksum is summed over the payload where it landed (with it,
 guest finishes it). The system call and the per-frame loop run without the GIL. Chains of
 the pure ring twin take the pure twin's path.
 """
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, EMSGSIZE, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -280,31 +281,35 @@ def readv_into_chains(int fd, list chains):
     segments, so the kernel copies the TAP's frame straight into guest memory. The system
     call runs without the GIL."""
     cdef iovec iov[MAX_IOV]
-    cdef int niov = 0
+    cdef size_t caps[CHAINS_CAP]  # bytes of each chain the iovecs cover
+    cdef int niov = 0, nchains = len(chains), i, k
     cdef uint32_t s
     cdef ssize_t got
+    cdef size_t total = 0, left, take, at
+    cdef uint8_t flags = 0, gso_type = 0
+    cdef uint8_t nb[2]
+    cdef uint8_t overflow[1]
     cdef Chain c
-    cdef uint8_t head[2]
-    cdef int k = 0, i
-    cdef size_t j
-    for chain in chains:
-        if not isinstance(chain, Chain):
+    if nchains > CHAINS_CAP:
+        nchains = CHAINS_CAP
+    for i in range(nchains):
+        if not isinstance(chains[i], Chain):
             return _pure_readv_into_chains(fd, chains)
-    for chain in chains:
-        c = <Chain>chain
+    for i in range(nchains):
+        c = <Chain>chains[i]
+        caps[i] = 0
         for s in range(c.info.nsegs):
             if not c.segs[s].writable or c.segs[s].len == 0:
                 continue
-            if niov == MAX_IOV:
+            if niov == MAX_IOV - 1:  # the last one is the overflow byte's
                 break
             iov[niov].iov_base = c.segs[s].host  # validated by the ring
             iov[niov].iov_len = c.segs[s].len
+            caps[i] += c.segs[s].len
             niov += 1
+        total += caps[i]
     # One byte past the chains: a frame that does not fit reaches it, so a truncated read
     # (the TAP returns what it copied) shows as longer than the chains' room.
-    cdef uint8_t overflow[1]
-    if niov == MAX_IOV:
-        niov -= 1
     iov[niov].iov_base = overflow
     iov[niov].iov_len = 1
     niov += 1
@@ -314,19 +319,39 @@ def readv_into_chains(int fd, list chains):
             if got >= 0 or errno != EINTR:
                 break
     if got < 0:
-        return -errno, 0, 0
-    for i in range(niov):  # the header's first two bytes, wherever the segments cut them
-        j = 0
-        while k < 2 and k < got and j < iov[i].iov_len:
-            head[k] = (<uint8_t *>iov[i].iov_base)[j]
-            k += 1
-            j += 1
-        if k >= 2 or k >= got:
+        return -errno, 0, 0, None
+    if <size_t>got > total:
+        return got, 0, 0, None
+    used = []
+    left = got
+    for i in range(nchains):
+        if left == 0:
             break
-    return got, (head[0] if k > 0 else 0), (head[1] if k > 1 else 0)
+        take = min(caps[i], left)
+        used.append(((<Chain>chains[i]).head, take))
+        left -= take
+    # The header's flags and gso_type (bytes 0 and 1), and num_buffers into bytes 10-11
+    # (the kernel writes 10 of the 12), wherever the segments cut them.
+    nb[0] = len(used) & 0xFF
+    nb[1] = (len(used) >> 8) & 0xFF
+    at = 0
+    for k in range(niov - 1):
+        for i in range(<int>iov[k].iov_len):
+            if at == 0:
+                flags = (<uint8_t *>iov[k].iov_base)[i]
+            elif at == 1:
+                gso_type = (<uint8_t *>iov[k].iov_base)[i]
+            elif at == 10 or at == 11:
+                (<uint8_t *>iov[k].iov_base)[i] = nb[at - 10]
+            elif at > 11:
+                break
+            at += 1
+        if at > 11 or at >= <size_t>got:
+            break
+    return got, flags, gso_type, used
 
 
-def writev_from_chain(int fd, const uint8_t[::1] header, chain, Py_ssize_t offset):
+def writev_from_chain(int fd, bytes header, chain, Py_ssize_t offset):
     """As the pure twin's: one writev(2) of `header` and the chain's readable bytes from
     `offset`, the iovecs pointing into guest memory (the kernel copies them once)."""
     if not isinstance(chain, Chain):
@@ -337,8 +362,8 @@ def writev_from_chain(int fd, const uint8_t[::1] header, chain, Py_ssize_t offse
     cdef uint32_t s
     cdef size_t skip = offset
     cdef ssize_t put
-    iov[0].iov_base = <void *>&header[0] if header.shape[0] else NULL
-    iov[0].iov_len = header.shape[0]
+    iov[0].iov_base = <void *>PyBytes_AS_STRING(header)
+    iov[0].iov_len = PyBytes_GET_SIZE(header)
     for s in range(c.info.nsegs):
         if c.segs[s].writable:
             break  # device-readable segments come first (§2.7.4.2)

@@ -394,3 +394,25 @@ def test_the_nic_signals_rx_ready_once_its_backlog_is_placed(impl, memory):
     nic.post(QSIZE)
     assert nic.backend.ready == ready + 1
     assert got + [data for _hdr, data in nic.received()] == frames
+
+
+@pytest.mark.netns
+def test_hostile_tx_headers_never_reach_the_tap(impl, memory, tap):
+    """A TX chain goes to the TAP from guest memory only after its header passed the NIC's
+    checks: GSO that was not negotiated, a checksum field outside the frame, DATA_VALID
+    (RX-only) are dropped and counted, and the TAP sees nothing of them."""
+    from tests.unit.test_virtio_net import VIRTIO_NET_F_HOST_TSO4
+
+    loop, backend, wire = tap
+    nic = Nic(impl, memory, direct=True, features=ALL & ~(1 << VIRTIO_NET_F_HOST_TSO4),
+              backend=backend)
+    frame = to_namespace(length=1000)
+    nic.send(frame, header=VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 1, 54, 500, 34, 16, 0))
+    nic.send(frame, header=VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 2000, 6, 0))
+    nic.send(frame, header=VIRTIO_NET_HDR.pack(2, 0, 0, 0, 0, 0, 0))
+    c = nic.counters
+    assert (c["tx_drop_gso_not_negotiated"], c["tx_drop_bad_csum"], c["tx_drop_bad_flags"]) == (1, 1, 1)
+    assert backend.counters.get("tap_tx_frames", 0) == 0 and c["tx_direct_frames"] == 0
+    wire.raw.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        wire.raw.recv(65536)

@@ -54,6 +54,7 @@ from voidbox.virtio.net import (
     VIRTIO_NET_HDR_LEN,
     l4_checksum_offset,
 )
+from voidbox.virtio.rxstream import writev_from_chain
 
 
 class SlirpBackend:
@@ -265,8 +266,6 @@ class TapBackend:
     def guest_chain(self, header: bytes, chain, offset: int) -> bool:
         """The NIC's TX chain as one frame: `header` (checked by the NIC) and the chain's
         bytes from `offset`, written from guest memory in one writev. False if dropped."""
-        from voidbox.virtio.rxstream import writev_from_chain
-
         if self.gone:
             self.stats["tap_tx_dropped_gone"] += 1
             return False

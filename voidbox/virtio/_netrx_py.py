@@ -306,29 +306,39 @@ class RingStream:
 
 # ---- a TAP's frames straight into RX chains, and TX chains straight to a TAP ---------------
 
-def readv_into_chains(fd: int, chains) -> tuple[int, int, int]:
+def readv_into_chains(fd: int, chains) -> tuple[int, int, int, list | None]:
     """Read one frame (one read(2) of a TAP) into the chains' writable bytes, in order;
-    -> (the frame's length or -errno (-EAGAIN: nothing queued), and the first two bytes
-    the kernel wrote: the virtio_net_hdr's flags and gso_type). A frame longer than the
-    chains hold comes back longer than their room: the kernel truncated it.
+    -> (the frame's length or -errno (-EAGAIN: nothing queued), the virtio_net_hdr's flags
+    and gso_type as the kernel wrote them, and the used entries [(head, bytes)] of the
+    chains it filled, or None if it did not fit: the kernel truncated it). num_buffers
+    (the header's bytes 10-11, which the kernel leaves) is set to the number of entries.
 
     The compiled twin reads straight into guest memory (readv over the chains' segments);
     this one goes through a buffer."""
     # One byte more than the chains hold: a frame that does not fit shows as longer
     # (the TAP returns what it copied, so a truncated read would look like a full one).
-    buf = bytearray(sum(chain.writable for chain in chains) + 1)
+    total = sum(chain.writable for chain in chains)
+    buf = bytearray(total + 1)
     try:
         got = os.readv(fd, [buf])
     except OSError as error:
-        return -(error.errno or errno.EIO), 0, 0
-    view, pos = memoryview(buf), 0
+        return -(error.errno or errno.EIO), 0, 0, None
+    if got > total:
+        return got, 0, 0, None
+    used, pos = [], 0
     for chain in chains:
         if pos >= got:
             break
         take = min(chain.writable, got - pos)
+        used.append((chain.head, take))
+        pos += take
+    if got >= 12:
+        struct.pack_into("<H", buf, 10, len(used))
+    view, pos = memoryview(buf), 0
+    for chain, (_head, take) in zip(chains, used, strict=False):
         chain.write(view[pos:pos + take], 0)
         pos += take
-    return got, (buf[0] if got > 0 else 0), (buf[1] if got > 1 else 0)
+    return got, (buf[0] if got > 0 else 0), (buf[1] if got > 1 else 0), used
 
 
 def writev_from_chain(fd: int, header, chain, offset: int) -> int:
