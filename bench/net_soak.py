@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,9 @@ def soak(tree: str, python: str) -> list[tuple[int, int]]:
     finally:
         nat.kill()
         server.kill()
+        nat.wait()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
