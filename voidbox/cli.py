@@ -10,8 +10,9 @@ import sys
 
 import click
 
+from .commands import boot_command, fail
 from .errors import ExitStatus, VoidboxError
-from .launch import BOOT_OPTIONS, NAT_EPILOG, NAT_OPTIONS, boot_command, fail
+from .options import BOOT_OPTIONS, NAT_EPILOG, NAT_OPTIONS
 
 
 def main(argv=None) -> None:
@@ -51,7 +52,7 @@ class FiniteFloat(click.types.FloatParamType):
 
 
 def _options(table):
-    """Click options from one of launch.py's tables (the fast path parses the same)."""
+    """Click options from one of options.py's tables (the fast path parses the same)."""
 
     def decorate(command):
         for option in reversed(table):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.unit.test_launch import click_params
-from voidbox.launch import BOOT_OPTIONS, NAT_OPTIONS, parse_boot_fast
+from voidbox.options import BOOT_OPTIONS, NAT_OPTIONS, parse_boot_fast
 
 
 def voidbox(*args):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voidbox.cli import cli
-from voidbox.launch import BOOT_OPTIONS, parse_boot_fast
+from voidbox.options import BOOT_OPTIONS, parse_boot_fast
 
 boot = cli.commands["boot"]
 
