@@ -59,10 +59,11 @@ class DiskSpec(NamedTuple):
 
 
 class NicSpec(NamedTuple):
-    """A virtio-net card: its backend ("slirp" or "tap"), TAP name, MAC, and its index."""
+    """A virtio-net card: its backend ("slirp", "tap" or "vhost-user"), the TAP's name or
+    the vhost-user socket's path, its MAC, and its index."""
 
     backend: str
-    tap: str | None
+    tap: str | None  # tap: the TAP's name; vhost-user: the backend's socket path
     mac: bytes
     index: int
 
@@ -174,11 +175,22 @@ def default_mac(seed: str | None) -> bytes:
 
 
 def parse_net_spec(spec: str) -> tuple[str, str | None]:
-    """'slirp' | 'none' | 'tap:NAME' -> (kind, TAP name or None); UsageError otherwise."""
+    """'slirp' | 'none' | 'tap:NAME' | 'vhost-user:SOCKET' -> (kind, TAP name or socket path
+    or None); UsageError otherwise."""
     kind, sep, name = spec.partition(":")
     if kind in ("slirp", "none") and not sep:
         return kind, None
     # IFNAMSIZ is 16 with the NUL; a name is one path component of /sys/class/net.
     if kind == "tap" and sep and 0 < len(name) < 16 and "/" not in name and name.isprintable():
         return kind, name
-    raise UsageError(f"bad --net {spec!r}: expected slirp, none or tap:NAME")
+    if kind == "vhost-user" and sep and name:
+        import stat
+
+        try:
+            mode = os.stat(name).st_mode
+        except OSError as error:
+            raise UsageError(f"--net {spec}: {error.strerror}") from None
+        if not stat.S_ISSOCK(mode):
+            raise UsageError(f"--net {spec}: not a unix socket")
+        return kind, name
+    raise UsageError(f"bad --net {spec!r}: expected slirp, none, tap:NAME or vhost-user:SOCKET")

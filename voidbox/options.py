@@ -73,8 +73,10 @@ BOOT_OPTIONS = (
            "else qemu. `voidbox doctor` shows what auto picks.", metavar="auto|kvm|qemu"),
     Option("--net", str, ("slirp",), "A network card and its backend: slirp (the user-mode "
            "NAT, no root needed), tap:NAME (a TAP the user owns, e.g. made by `ip tuntap add "
-           "mode tap user USER`, or a new one with CAP_NET_ADMIN) or none (repeatable: one "
-           "card each; default one slirp).", True, "slirp|tap:NAME|none"),
+           "mode tap user USER`, or a new one with CAP_NET_ADMIN), vhost-user:SOCKET (a "
+           "vhost-user-net backend in another process, e.g. `voidbox net serve`; if it goes "
+           "away the guest's link goes down) or none (repeatable: one card each; default "
+           "one slirp).", True, "slirp|tap:NAME|vhost-user:SOCKET|none"),
     Option("--net-fallback", str, "slirp", "When a tap:NAME cannot be used: slirp serves "
            "the card with the NAT (a line on stderr says why), fail exits 1.",
            metavar="slirp|fail"),

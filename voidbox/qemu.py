@@ -89,7 +89,9 @@ def qemu_argv(qemu: str, config, run_dir: Path, cmdline: str, use_kvm: bool) -> 
         argv += ["-initrd", config.initrd]
     nic = 0
     for slot, spec in enumerate(config.devices):
-        sock = run_dir / f"dev{slot}.sock"
+        # A vhost-user card's backend is the user's (--net vhost-user:SOCKET): QEMU connects
+        # to it directly; every other device is ours, on a socket in the runtime directory.
+        sock = spec.tap if getattr(spec, "backend", None) == "vhost-user" else run_dir / f"dev{slot}.sock"
         argv += ["-chardev", f"socket,id=dev{slot},path={sock}"]
         if isinstance(spec, DiskSpec):
             argv += ["-device", f"vhost-user-blk,chardev=dev{slot},num-queues=1"]
@@ -222,6 +224,8 @@ class QemuVm(VmBase):
                 self._disk_thread = LoopThread("virtio-blk")
                 loop, on_disconnect = self._disk_thread.loop, None
                 self.disk = device
+            elif spec.backend == "vhost-user":
+                continue  # QEMU connects to the user's backend itself
             else:
                 if self.net_thread is None:
                     self.net_thread = LoopThread("net")

@@ -312,6 +312,8 @@ class Vm(VmBase):
         if self.net_thread is None:
             self.net_thread = LoopThread("net")
         loop = self.net_thread.loop
+        if spec.backend == "vhost-user":
+            return self._add_vhost_user_nic(spec, slot, irqs, loop)
         # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
         device = open_nic(spec, self.config, loop, loop.call_soon_threadsafe)
         self.nics.append(device)
@@ -327,6 +329,24 @@ class Vm(VmBase):
             loop.watch(kick, select.EPOLLIN,
                        lambda _ev, k=kick, q=index, t=transport: _kicked(k, t, q))
         return base, irq
+
+    def _add_vhost_user_nic(self, spec, slot: int, irqs, loop) -> tuple[int, int]:
+        """A card whose data path a vhost-user backend in another process serves: it gets
+        the guest's memory and the queues' ioeventfds as its kicks (voidbox.vhost_user.frontend)."""
+        from .vhost_user.frontend import VhostUserNic
+        from .virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
+
+        base = layout.VIRTIO_MMIO_BASE + slot * layout.VIRTIO_MMIO_SIZE
+        kicks = []
+        for index in range(2):
+            kick = self._eventfd()
+            self._vmfd.register_ioeventfd(kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
+            kicks.append(kick)
+        mtu = self.config.nat.mtu if self.config.nat is not None else 1500
+        device = VhostUserNic(spec.tap, spec.mac, kicks, loop, name=f"net{spec.index}", mtu=mtu)
+        self.nics.append(device)  # closed with the other cards, after the network loop
+        self._attach_virtio(device, slot, irqs)
+        return base, irqs[slot]
 
     def _attach_virtio(self, device, slot: int, irqs, notify=None):
         """Put `device` on a virtio-mmio window, interrupts through an irqfd on the line the

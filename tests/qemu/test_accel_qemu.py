@@ -395,3 +395,28 @@ def subprocess_run(argv) -> None:
     import subprocess
 
     subprocess.run(argv, check=True)
+
+
+def test_a_card_on_a_backend_the_user_runs(guest, tmp_path):
+    """--net vhost-user:SOCKET under qemu: QEMU connects to the user's `voidbox net serve`
+    itself; the guest gets its lease from that process's NAT."""
+    import subprocess
+    import sys
+
+    sock = tmp_path / "net.sock"
+    err = open(tmp_path / "serve.err", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "voidbox", "net", "serve", "--vhost-user",
+                             str(sock)], stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = voidbox_boot("--accel", "qemu", "--net", f"vhost-user:{sock}",
+                              "--append", "voidbox.poweroff=1", "--timeout", "120")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        err.close()
+    why = result.stderr + result.stdout[-3000:] + (tmp_path / "serve.err").read_text()
+    assert result.returncode == 0, why
+    assert "voidbox-guest: eth0 10.0.2.15/24" in result.stdout, why

@@ -1,0 +1,122 @@
+"""`--net vhost-user:SOCKET`: voidbox's KVM VMM as a vhost-user frontend.
+
+The tiny virtio-net guest (tests/guests/virtio_net.c) runs under /dev/kvm; its card's data
+path is served by `voidbox net serve --vhost-user SOCKET` in a process of its own, which
+gets the guest's memory, the ring addresses and the queues' ioeventfds as kicks. The guest
+gets its DHCP OFFER and ARP reply from that process's NAT. When the backend goes away, the
+card's link goes down with one line and the VM keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.kvm.test_virtio_net_guest import GUEST_MAC, GUEST_TIMEOUT, hex_ip, kernel  # noqa: F401
+from voidbox import Vm, VmConfig
+from voidbox.errors import UsageError, VoidboxError
+from voidbox.net.config import GATEWAY_IP, GATEWAY_MAC, GUEST_IP
+from voidbox.vm import StopReason
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """`voidbox net serve --vhost-user SOCK` in its own process; -> (socket path, process)."""
+    sock = tmp_path / "net.sock"
+    err = open(tmp_path / "serve.err", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "voidbox", "net", "serve", "--vhost-user",
+                             str(sock)], stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None, (tmp_path / "serve.err").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield sock, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    err.close()
+
+
+def test_the_guest_is_served_by_a_backend_in_another_process(kernel, serve, tmp_path):  # noqa: F811
+    sock, _proc = serve
+    vm = Vm(VmConfig(kernel=kernel, mem="64M", net=[f"vhost-user:{sock}"], mac=GUEST_MAC,
+                     timeout=GUEST_TIMEOUT))
+    try:
+        vm.start()
+        reason = vm.wait()
+    finally:
+        vm.close()
+    log = vm.serial_log.getvalue().decode(errors="replace")
+    why = f"{vm.stop_message()}\n{log}\n--- serve ---\n{(tmp_path / 'serve.err').read_text()}"
+    assert reason is StopReason.POWEROFF, why
+    assert "FAIL" not in log and "virtio-net done" in log, why
+    lines = log.splitlines()
+    assert f"mac={GUEST_MAC}" in lines, why
+    assert any(line.startswith(f"dhcp offer yiaddr={hex_ip(GUEST_IP)} ") for line in lines), why
+    assert any(line.startswith(f"arp reply ip={hex_ip(GATEWAY_IP)} mac={GATEWAY_MAC} ")
+               for line in lines), why
+    (card,) = vm.network_counters()
+    assert card["backend"] == "VhostUserNic" and card["activations"] == 1, card
+    # The backend signalled its used buffers through the call eventfds the VMM watches.
+    assert card["interrupts"] >= 2 and card["link_down"] == 0, card
+
+
+def test_a_backend_that_goes_away_takes_the_link_down_not_the_vm(kernel, tmp_path, capfd):  # noqa: F811
+    """A frontend-side stand-in backend: it answers the handshake, then closes. The card
+    reports link down in one line; the VM itself runs on until its timeout."""
+    from tests.unit.test_vhost_user_backend import Rig
+    from voidbox.ring import Virtqueue
+
+    sock = tmp_path / "gone.sock"
+    rig = Rig(sock, Virtqueue)
+    vm = Vm(VmConfig(kernel=kernel, mem="64M", net=[f"vhost-user:{sock}"], mac=GUEST_MAC,
+                     timeout=5))
+    try:
+        import threading
+
+        stop = threading.Event()
+
+        def pump():
+            while not stop.is_set():
+                rig.loop.run_once(0.01)
+
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+        vm.start()  # the handshake (features, owner) is done by now
+        stop.set()
+        pumper.join(5)
+        rig.close()  # the backend goes away
+        reason = vm.wait()
+    finally:
+        vm.close()
+    assert reason is StopReason.TIMEOUT  # the VM ran on
+    (card,) = vm.network_counters()
+    assert card["link_down"] == 1, card
+    lines = [line for line in capfd.readouterr().err.splitlines() if "link is down" in line]
+    assert len(lines) == 1 and str(sock) in lines[0], lines
+
+
+def test_a_socket_that_is_not_there_is_a_usage_error(kernel, tmp_path):  # noqa: F811
+    with pytest.raises(UsageError, match="No such file"):
+        VmConfig(kernel=kernel, net=[f"vhost-user:{tmp_path / 'nope.sock'}"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not a unix socket"):
+        VmConfig(kernel=kernel, net=[f"vhost-user:{tmp_path / 'file'}"])
+    # A socket nobody accepts on: one error, when the VM is built.
+    dead = tmp_path / "dead.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(dead))
+    s.close()
+    vm = Vm(VmConfig(kernel=kernel, mem="64M", net=[f"vhost-user:{dead}"], timeout=5))
+    with pytest.raises(VoidboxError, match="cannot connect"):
+        vm.start()
+    assert not os.path.exists("/proc/self/fd/-1")

@@ -1,0 +1,282 @@
+"""`--net vhost-user:SOCKET`: the VM's network card served by a backend in another process
+(`voidbox net serve`, passt --vhost-user, any vhost-user-net backend).
+
+The VMM keeps what the guest sees of the card (the virtio-mmio registers, the MAC, MTU and
+link status in its config space, which features it offers) and hands the backend the
+data path: the guest's memory (SET_MEM_TABLE: the memfd, region by region), each ring's
+addresses, and each queue's kick eventfd, the KVM ioeventfd itself, so a guest's kick
+wakes the backend without passing through the VMM.
+
+Decisions a reader should know:
+- Interrupts come back through call eventfds the VMM watches on its network loop, not the
+  irqfd directly: virtio-mmio's driver reads InterruptStatus, so the transport must set
+  it before the interrupt is raised (Cloud Hypervisor does the same for MMIO).
+- The control messages run on the thread that drives the transport (a vCPU's MMIO exit at
+  DRIVER_OK and reset), blocking, each reply awaited within REPLY_TIMEOUT.
+- If the backend goes away (its socket hangs up), the card's link goes down (the STATUS
+  field, with a configuration interrupt), one line says so, and the VM keeps running.
+- The backend is another process, maybe another user's program: every reply is checked
+  (its request, its size), and a broken one is an error on this card, never the VMM's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import select
+import socket
+import struct
+import sys
+
+from ..errors import VoidboxError
+from ..virtio.device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_VRING,
+    VirtioDevice,
+)
+from ..virtio.net import (
+    DEFAULT_MTU,
+    QUEUE_SIZE,
+    VIRTIO_ID_NET,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+)
+from . import protocol as p
+
+REPLY_TIMEOUT = 10.0
+PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+# What the backend may offer the guest through us: the data path's features. MAC, MTU and
+# STATUS are the card's config space, which the VMM owns.
+BACKEND_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)
+                    | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_NET_F_MRG_RXBUF)
+                    | (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4)
+                    | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4))
+CONFIG_FEATURES = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_STATUS)
+WANTED_PROTOCOL_FEATURES = 1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK
+
+
+class BackendGone(VoidboxError):
+    """The backend closed its socket, or answered out of turn."""
+
+
+class VhostUserConnection:
+    """The frontend's side of one vhost-user socket: requests out, replies checked."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(REPLY_TIMEOUT)
+        try:
+            self.sock.connect(path)
+        except OSError as error:
+            self.sock.close()
+            raise VoidboxError(f"vhost-user:{path}: cannot connect: {error.strerror or error}") from None
+        self.reply_ack = False
+
+    def send(self, msg: p.Message) -> None:
+        """A request without a reply of its own (acknowledged when REPLY_ACK is on)."""
+        if self.reply_ack:
+            msg = dataclasses.replace(msg, need_reply=True)
+        data, fds = p.encode_request(msg)
+        try:
+            socket.send_fds(self.sock, [data], list(fds))
+        except OSError as error:
+            raise BackendGone(f"{msg.name}: {error}") from None
+        if self.reply_ack:
+            (status,) = struct.unpack("<Q", self._reply(msg.request, 8))
+            if status:
+                raise BackendGone(f"the backend refused {msg.name} ({status})")
+
+    def call(self, msg: p.Message, size: int) -> bytes:
+        """A request whose reply carries `size` bytes of payload."""
+        data, fds = p.encode_request(msg)
+        try:
+            socket.send_fds(self.sock, [data], list(fds))
+        except OSError as error:
+            raise BackendGone(f"{msg.name}: {error}") from None
+        return self._reply(msg.request, size)
+
+    def _reply(self, request: int, size: int) -> bytes:
+        header = self._recv(p.VHOST_USER_HDR_SIZE)
+        got, flags, length = p.HEADER.unpack(header)
+        if got != request or not flags & p.VHOST_USER_REPLY_MASK or length != size:
+            raise BackendGone(f"a malformed reply to {p.REQUEST_NAMES.get(request, request)}")
+        return self._recv(size)
+
+    def _recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = self.sock.recv(n - len(data))
+            except OSError as error:
+                raise BackendGone(f"no reply: {error}") from None
+            if not chunk:
+                raise BackendGone("the backend closed the connection")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class VhostUserNic(VirtioDevice):
+    """A virtio-net card whose data path a vhost-user backend serves (see the module doc).
+
+    kicks: each queue's kick eventfd (the VMM's ioeventfd); loop: the network loop, which
+    watches the call eventfds and the socket's hang-up (built before the loop runs).
+    """
+
+    device_id = VIRTIO_ID_NET
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, path: str, mac: bytes, kicks: list[int], loop, name: str = "net0",
+                 mtu: int = DEFAULT_MTU):
+        super().__init__()
+        self.path = path
+        self.mac = bytes(mac)
+        self.mtu = mtu
+        self.name = name
+        self.kicks = list(kicks)
+        self.loop = loop
+        self.link_up = True
+        self.active = False
+        self.counters = {"activations": 0, "resets": 0, "interrupts": 0, "link_down": 0}
+        self.pcap = None  # captures are the backend's (net serve --pcap)
+        self.backend = self  # network_counters() names the card's backend by its type
+        self.calls: list[int] = []
+        self.conn = VhostUserConnection(path)
+        try:
+            (features,) = struct.unpack("<Q", self.conn.call(p.GetFeatures(), 8))
+            if not features & (1 << VIRTIO_F_VERSION_1):
+                raise VoidboxError(f"vhost-user:{path}: the backend does not offer VIRTIO_F_VERSION_1")
+            self.backend_features = features
+            if features & PROTOCOL_FEATURES_BIT:
+                (offered,) = struct.unpack("<Q", self.conn.call(p.GetProtocolFeatures(), 8))
+                self.conn.send(p.SetProtocolFeatures(features=offered & WANTED_PROTOCOL_FEATURES))
+                self.conn.reply_ack = bool(offered & WANTED_PROTOCOL_FEATURES)
+            self.conn.send(p.SetOwner())
+        except BackendGone as error:
+            self.conn.close()
+            raise VoidboxError(f"vhost-user:{path}: {error}") from None
+        except BaseException:
+            self.conn.close()
+            raise
+        for _queue in self.queue_max_sizes:
+            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.calls.append(call)
+            loop.watch(call, select.EPOLLIN, lambda _ev, fd=call: self._called(fd))
+        self._watching_socket = True
+        loop.watch(self.conn.sock.fileno(), select.EPOLLRDHUP | select.EPOLLHUP, self._hung_up)
+
+    # ---- what the driver sees --------------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        return (self.backend_features & BACKEND_FEATURES) | CONFIG_FEATURES
+
+    def config_bytes(self) -> bytes:
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        return self.mac + struct.pack("<HHH", status, 1, self.mtu)
+
+    # ---- the data path, handed over --------------------------------------------------------
+
+    def activate(self, memory, queues, interrupt) -> None:
+        super().activate(memory, queues, interrupt)
+        self.counters["activations"] += 1
+        if not self.link_up:
+            return  # the backend is gone: the guest sees the link down, nothing moves
+        try:
+            self._hand_over(memory, queues)
+            self.active = True
+        except BackendGone as error:
+            self._link_down(str(error))
+
+    def _hand_over(self, memory, queues) -> None:
+        conn = self.conn
+        acked = self.acked_features & BACKEND_FEATURES
+        if self.backend_features & PROTOCOL_FEATURES_BIT:
+            acked |= PROTOCOL_FEATURES_BIT
+        conn.send(p.SetFeatures(features=acked))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(memory.mmap))
+        regions = tuple(p.MemoryRegion(guest_phys_addr=r.gpa, memory_size=r.size,
+                                       userspace_addr=base + r.offset, mmap_offset=r.offset)
+                        for r in memory.regions)
+        conn.send(p.SetMemTable(regions=regions, fds=(memory.fd,) * len(regions)))
+
+        def user(gpa: int) -> int:
+            return base + memory.translate(gpa)
+
+        for index, ring in enumerate(queues):
+            conn.send(p.SetVringNum(index=index, num=ring.size))
+            conn.send(p.SetVringAddr(index=index, flags=0, desc_user_addr=user(ring.desc_addr),
+                                     used_user_addr=user(ring.used_addr),
+                                     avail_user_addr=user(ring.avail_addr), log_guest_addr=0))
+            conn.send(p.SetVringBase(index=index, num=0))
+            conn.send(p.SetVringCall(index=index, fds=(self.calls[index],)))
+            conn.send(p.SetVringKick(index=index, fds=(self.kicks[index],)))
+            if self.backend_features & PROTOCOL_FEATURES_BIT:
+                conn.send(p.SetVringEnable(index=index, enable=True))
+
+    def queue_notify(self, index: int) -> None:
+        """A kick that was trapped instead of signalled: pass it on to the backend."""
+        if 0 <= index < len(self.kicks):
+            os.eventfd_write(self.kicks[index], 1)
+
+    def _called(self, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        if self.interrupt is not None:
+            self.counters["interrupts"] += 1
+            self.interrupt(VIRTIO_MMIO_INT_VRING)
+
+    def reset(self) -> None:
+        """The driver reset the card: the backend stops its rings (GET_VRING_BASE)."""
+        if self.active:
+            self.active = False
+            try:
+                for index in range(len(self.queue_max_sizes)):
+                    self.conn.call(p.GetVringBase(index=index, num=0), p.VRING_STATE.size)
+            except BackendGone as error:
+                self._link_down(str(error))
+        self.counters["resets"] += 1
+        super().reset()
+
+    # ---- the backend going away ------------------------------------------------------------
+
+    def _hung_up(self, _events: int = 0) -> None:
+        if self._watching_socket:  # level-triggered: once is enough
+            self._watching_socket = False
+            self.loop.unwatch(self.conn.sock.fileno())
+        self._link_down("the backend closed the connection")
+
+    def _link_down(self, why: str) -> None:
+        if not self.link_up:
+            return
+        self.link_up = False
+        self.active = False
+        self.counters["link_down"] += 1
+        sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}: {why}; "
+                         "the guest's link is down\n")
+        sys.stderr.flush()
+        if self.interrupt is not None:
+            self.interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    def close(self) -> None:
+        """After the network loop stopped: nothing watches these fds any more."""
+        self.conn.close()
+        for fd in self.calls:
+            os.close(fd)
+        self.calls = []
