@@ -355,8 +355,14 @@ static const uint8_t *receive(uint32_t *frame_len)
         fail("RX used length out of range");
     const struct virtio_net_hdr *hdr = (const struct virtio_net_hdr *)rx_buf[id];
     /* No GUEST_CSUM, GUEST_TSO or MRG_RXBUF acked: a plain header, one buffer. */
-    if (hdr->flags != 0 || hdr->gso_type != VIRTIO_NET_HDR_GSO_NONE)
+    if (hdr->flags != 0 || hdr->gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+        serial_puts("rx header flags=");
+        serial_puthex(hdr->flags, 2);
+        serial_puts(" gso_type=");
+        serial_puthex(hdr->gso_type, 2);
+        serial_puts("\n");
         fail("RX header uses an offload that was not negotiated");
+    }
     if (hdr->num_buffers > 1)
         fail("RX frame spread over several buffers");
     *frame_len = len - VIRTIO_NET_HDR_LEN;
