@@ -256,7 +256,7 @@ class Session:
 
     def _start_voidbox(self) -> None:
         self.client = self._popen_client(
-            [VOIDBOX, "net", "run", "--mtu", str(self.mtu), "--", *self.client_argv()])
+            [VOIDBOX, "net", "run", "--host-loopback", "--mtu", str(self.mtu), "--", *self.client_argv()])
         self.nat, self.nat_pid = self.client, self.client.pid
 
     def _add_netns(self) -> str:

@@ -107,7 +107,7 @@ def soak(tree: str, python: str) -> list[tuple[int, int]]:
     (work / "client.py").write_text(CLIENT.format(rounds=ROUNDS, conns=CONNS,
                                                   udp=UDP_DATAGRAMS, wait=ROUND_WAIT))
     env = dict(os.environ, PYTHONPATH=tree)
-    nat = subprocess.Popen([python, "-m", "voidbox", "net", "run", "--", python,
+    nat = subprocess.Popen([python, "-m", "voidbox", "net", "run", "--host-loopback", "--", python,
                             str(work / "client.py"), str(work), *ports], env=env, cwd=tree)
     rows = []
     try:

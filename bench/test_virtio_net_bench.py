@@ -33,6 +33,7 @@ from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
 from voidbox.net.backend import NullBackend, SlirpBackend
 from voidbox.net.config import NatConfig
+from voidbox.net.policy import Policy
 from voidbox.virtio.device import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_F_EVENT_IDX,
@@ -146,7 +147,7 @@ def test_tx(benchmark, record, memory, sink, backend_name, twin, size):
         backend = NullBackend()
     else:
         loop = EventLoop()
-        backend = SlirpBackend(loop, NatConfig(mtu=65520))
+        backend = SlirpBackend(loop, NatConfig(mtu=65520), Policy(host_loopback=True))
     rig = Rig(load_ring(twin), memory, backend, size, sink)
     try:
         benchmark.pedantic(rig.transmit, rounds=15, warmup_rounds=2)

@@ -192,7 +192,7 @@ def net_run_transfer(direction: str, data: bytes):
     size = len(data)
     server = ProcessServer("send" if direction == "down" else "recv", size)
     t0 = time.perf_counter()
-    out = subprocess.run([VOIDBOX, "net", "run", "--", sys.executable, "-c", CLIENT,
+    out = subprocess.run([VOIDBOX, "net", "run", "--host-loopback", "--", sys.executable, "-c", CLIENT,
                           "get" if direction == "down" else "put", str(server.port),
                           str(size)], capture_output=True, text=True, timeout=NET_RUN_TIMEOUT)
     wall = time.perf_counter() - t0

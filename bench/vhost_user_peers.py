@@ -460,7 +460,7 @@ class Session:
         if mtu:
             passt_opts += ["-m", str(mtu)]
         if self.backend == "voidbox":
-            serve = ["-m", "voidbox", "net", "serve", "--vhost-user", str(self.sock)]
+            serve = ["-m", "voidbox", "net", "serve", "--vhost-user", str(self.sock), "--host-loopback"]
             if mtu:
                 serve += ["--mtu", str(mtu)]
             serve += self.args.serve_arg or []

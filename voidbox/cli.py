@@ -122,8 +122,8 @@ def net() -> None:
               help="When the TAP cannot be used: serve the card with the NAT (one line says "
               "why) or exit 1.")
 @_options(NAT_OPTIONS)
-def net_serve(socket_path, backend, net_fallback, mtu, forward, allow, deny, dns_upstream,
-              max_flows, max_conn_rate, pcap, pcap_max_bytes) -> None:
+def net_serve(socket_path, backend, net_fallback, mtu, forward, allow, deny, host_loopback,
+              dns_upstream, max_flows, max_conn_rate, pcap, pcap_max_bytes) -> None:
     """Serve a virtio-net card to one vhost-user frontend at a time (e.g. QEMU).
 
     Runs until SIGINT or SIGTERM. Example: voidbox net serve --vhost-user /tmp/net.sock
@@ -132,7 +132,7 @@ def net_serve(socket_path, backend, net_fallback, mtu, forward, allow, deny, dns
     from .vhost_user.serve import serve_net
 
     config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
-                                         max_flows, max_conn_rate)
+                                         max_flows, max_conn_rate, host_loopback)
     sys.exit(serve_net(socket_path, config, policy, pcap_from_options(pcap, pcap_max_bytes),
                        backend=backend, fallback=net_fallback))
 
@@ -168,16 +168,17 @@ def blk_serve(socket_path, readonly, image) -> None:
               help="Checksum and TCP segmentation offload on the namespace's interface.")
 @click.option("--stats", is_flag=True, help="Print the NAT's counters when COMMAND exits.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def net_run(mtu, forward, allow, deny, dns_upstream, dhcp, offload, stats, max_flows,
-            max_conn_rate, pcap, pcap_max_bytes, command) -> None:
+def net_run(mtu, forward, allow, deny, host_loopback, dns_upstream, dhcp, offload, stats,
+            max_flows, max_conn_rate, pcap, pcap_max_bytes, command) -> None:
     """Run COMMAND in a network namespace whose only interface is served by the NAT.
 
-    Example: voidbox net run -- curl http://10.0.2.2:8000/ (10.0.2.2 is the host's loopback).
+    Example: voidbox net run --allow 10.0.2.2:8000 -- curl http://10.0.2.2:8000/ (10.0.2.2
+    is the host's loopback, closed unless allowed or --host-loopback).
     """
     from .net.run import config_from_options, pcap_from_options, run_in_netns
 
     config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
-                                         max_flows, max_conn_rate)
+                                         max_flows, max_conn_rate, host_loopback)
     capture = pcap_from_options(pcap, pcap_max_bytes)
     counters: dict | None = {} if stats else None
     status = run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload,

@@ -19,7 +19,7 @@ def fail(error: VoidboxError) -> None:
 
 def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly,
                  accel="auto", net=("slirp",), net_fallback="slirp", stats=False, mac=None, mtu=None,
-                 forward=(), allow=(), deny=(), dns_upstream=(), max_flows=None,
+                 forward=(), allow=(), deny=(), host_loopback=False, dns_upstream=(), max_flows=None,
                  max_conn_rate=None, pcap=None, pcap_max_bytes=None) -> None:
     """`voidbox boot`: build the VM, run it with the console here, exit with its status."""
 
@@ -28,10 +28,11 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
         from .net.options import config_from_options, pcap_from_options
 
         nat, policy = config_from_options(mtu, forward, allow, deny, dns_upstream, max_flows,
-                                          max_conn_rate)
+                                          max_conn_rate, host_loopback)
         capture = pcap_from_options(pcap, pcap_max_bytes)
-    elif any(v not in (None, ()) for v in (mtu, forward, allow, deny, dns_upstream, max_flows,
-                                          max_conn_rate, pcap, pcap_max_bytes)):
+    elif host_loopback or any(v not in (None, ()) for v in (
+            mtu, forward, allow, deny, dns_upstream, max_flows, max_conn_rate, pcap,
+            pcap_max_bytes)):
         raise UsageError("NAT options (--forward, --allow, --pcap, ...) need a --net slirp card")
 
     scratch = None

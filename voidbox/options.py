@@ -37,6 +37,9 @@ NAT_OPTIONS = (
            "CIDR[:PORTS]"),
     Option("--deny", str, (), "Deny egress (repeatable; see egress rules below).", True,
            "CIDR[:PORTS]"),
+    Option("--host-loopback", bool, False, "Let the guest reach the host's own services: "
+           "its loopback through the gateway 10.0.2.2, and its own addresses. Off by default "
+           "(a narrower --allow, e.g. --allow 10.0.2.2:8080, opens one)."),
     Option("--dns-upstream", str, (), "Relay 10.0.2.3 to this resolver instead of "
            "/etc/resolv.conf's (repeatable).", True, "IP[:PORT]"),
     Option("--max-flows", str, None, "Most flows open at once (default 65536).", metavar="N"),
@@ -55,8 +58,11 @@ NAT_EPILOG = (
     "host destination (10.0.2.2 -> 127.0.0.1); the most specific rule matching either wins "
     "(longest prefix, then a rule with ports, then deny). So --deny 10.0.2.2 keeps the "
     "command off the host's loopback, and --deny 0.0.0.0/0 --allow 127.0.0.1 allows only "
-    "it. 169.254.0.0/16 is denied unless allowed. DNS at 10.0.2.3:53 is the NAT's own "
-    "service and is always served.")
+    "it. By default the host itself is denied: 127.0.0.0/8 (so the gateway 10.0.2.2), the "
+    "host's own addresses, and 169.254.0.0/16 (cloud metadata); --host-loopback opens the "
+    "first two, a narrower --allow opens one address or port. DNS at 10.0.2.3:53 is the "
+    "NAT's own service and is always served. --forward listens on 127.0.0.1 unless given "
+    "another HOSTADDR.")
 
 BOOT_OPTIONS = (
     Option("--kernel", str, None, "Kernel (bzImage or ELF vmlinux)."),

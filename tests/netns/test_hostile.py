@@ -215,7 +215,7 @@ def test_low_fd_limit_refuses_new_flows_promptly(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
 
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "voidbox"),
-                           "net", "run", "--", sys.executable, str(client)],
+                           "net", "run", "--host-loopback", "--", sys.executable, str(client)],
                           capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
     sink.close()
     listener.close()
@@ -261,7 +261,7 @@ def _curl(url: str) -> list[str]:
 @pytest.mark.parametrize("rule", ["10.0.2.2", "10.0.2.0/24"])
 def test_deny_with_the_gateway_address_blocks_the_host(tcp_listener, rule):
     port = tcp_listener.getsockname()[1]
-    rc, counters = run(_curl(f"http://10.0.2.2:{port}/"), policy=Policy(deny=[rule]))
+    rc, counters = run(_curl(f"http://10.0.2.2:{port}/"), policy=Policy(deny=[rule], host_loopback=True))
     assert rc == CURL_REFUSED
     assert counters["tcp_denied"] == 1 and _accepted(tcp_listener) == 0
 
@@ -278,7 +278,7 @@ def test_deny_with_the_gateway_address_blocks_the_host_unprivileged(tmp_path, wo
     second = tmp_path / "second"  # the helper makes its tun node in the directory given
     second.mkdir()
     assert _drop_to_nobody_and_run(second, workdir, cmd, NatConfig(),
-                                   policy=Policy(deny=["10.0.2.2"])) == 0
+                                   policy=Policy(deny=["10.0.2.2"], host_loopback=True)) == 0
     assert _accepted(tcp_listener) == 0
 
 
@@ -335,7 +335,7 @@ def test_udp_forward_as_another_user_cannot_share_roots_port():
             os.setgid(65534)
             os.setuid(65534)
             loop = EventLoop()
-            nat = UdpNat(loop, NatConfig(), Policy(), lambda pkt: None)
+            nat = UdpNat(loop, NatConfig(), Policy(host_loopback=True), lambda pkt: None)
             try:
                 nat.add_forward("127.0.0.1", port, 5300)
                 code = 1  # the hijack: bound next to root's service

@@ -40,7 +40,7 @@ def test_data_written_just_before_exit_is_delivered():
     thread.start()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "voidbox", "net", "run", "--", sys.executable, "-c",
+            [sys.executable, "-m", "voidbox", "net", "run", "--host-loopback", "--", sys.executable, "-c",
              CLIENT.format(size=SIZE, port=port)],
             capture_output=True, text=True, timeout=120,
         )

@@ -47,6 +47,9 @@ def run(argv, config=None, dhcp=False, policy=None, check_fds=True, offload=True
     """run_in_netns plus leak checks: every flow, watch and fd is gone afterwards."""
     stats: dict = {}
     before = _fd_count()
+    if policy is None:
+        # These tests' servers listen on the host's loopback: open it (the default is closed).
+        policy = Policy(host_loopback=True)
     rc = run_in_netns(argv, config or NatConfig(), dhcp=dhcp, policy=policy, debug=True,
                       stats=stats, offload=offload, pcap=pcap)
     assert stats["flows"] == 0
@@ -190,7 +193,7 @@ def test_ping_denied_address_fails():
     if addr is None:
         pytest.skip("the host has no non-loopback IPv4 address to ping")
     rc, counters = run(["busybox", "ping", "-c", "1", "-W", "2", addr], _config_not_covering(addr),
-                       policy=Policy(deny=[addr]))
+                       policy=Policy(deny=[addr], host_loopback=True))
     assert rc != 0
     assert counters["icmp_denied"] == 1
 
@@ -253,7 +256,7 @@ def test_udp_denied_destination_is_refused(tmp_path, echo):
         open({str(out)!r}, "w").write(result)
         """)
     # The policy sees the translated destination: 10.0.2.2 is checked as 127.0.0.1.
-    rc, counters = run([PY, client], policy=Policy(deny=[f"127.0.0.0/8:{echo.port}"]))
+    rc, counters = run([PY, client], policy=Policy(deny=[f"127.0.0.0/8:{echo.port}"], host_loopback=True))
     assert rc == 0
     import errno
 
@@ -382,7 +385,7 @@ def _drop_to_nobody_and_run(tmp_path, workdir, cmd: str, config: NatConfig,
             os.environ["TMPDIR"] = str(workdir)
             stats: dict = {}
             code = run_in_netns(["sh", "-c", cmd], config, debug=True, stats=stats,
-                                policy=policy)
+                                policy=policy if policy is not None else Policy(host_loopback=True))
             if stats["flows"] or stats["watched"] or stats["loop_errors"]:
                 code = 98
             (workdir / "counters.json").write_text(json.dumps(stats["counters"]))
@@ -469,7 +472,7 @@ def test_curl_through_the_gateway(tmp_path, http_server):
 def test_tcp_to_a_denied_destination_is_refused(http_server):
     _www, port = http_server
     rc, _ = run(["curl", "-sf", "--max-time", "20", f"http://10.0.2.2:{port}/"],
-                policy=Policy(deny=[f"127.0.0.1:{port}"]))
+                policy=Policy(deny=[f"127.0.0.1:{port}"], host_loopback=True))
     assert rc == 7  # curl: failed to connect (the NAT answered the SYN with RST)
 
 

@@ -27,6 +27,7 @@ from tests.default_guest import require_default_guest
 from voidbox import new_vm
 from voidbox.config import VmConfig
 from voidbox.image import scratch_copy
+from voidbox.net.policy import Policy
 from voidbox.virtio.net import VIRTIO_NET_F_MRG_RXBUF
 from voidbox.vm import StopReason
 
@@ -85,6 +86,9 @@ def boot(guest, tmp_path):
     def start(image=None, **fields):
         if image is None:
             image = scratch_copy(guest.rootfs, tmp_path / f"root{len(vms)}.ext4")
+        # The tests' servers listen on the host's loopback (10.0.2.2): open it, as
+        # --host-loopback does; the default keeps the host closed.
+        fields.setdefault("policy", Policy(host_loopback=True))
         config = VmConfig(kernel=str(guest.vmlinux), initrd=str(guest.initrd), image=str(image),
                           accel="qemu", timeout=600, **fields)
         vm = new_vm(config)
@@ -163,7 +167,7 @@ def test_dns_lookup_through_an_upstream_on_loopback(boot):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         nat, policy = config_from_options(None, (), (), (), (f"127.0.0.1:{server.server_address[1]}",),
-                                          None, None)
+                                          None, None)  # DNS relays whatever the policy
         _vm, shell = boot(nat=nat, policy=policy)
         status, out = shell.run("nslookup sandbox.test 10.0.2.3")
     finally:

@@ -40,7 +40,8 @@ def vhost_net(tmp_path):
     sock = tmp_path / "net.sock"
     err = open(tmp_path / "serve.err", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "voidbox", "net", "serve",
-                             "--vhost-user", str(sock)], stdin=subprocess.DEVNULL,
+                             "--vhost-user", str(sock), "--host-loopback"],
+                            stdin=subprocess.DEVNULL,
                             stdout=err, stderr=err)
     deadline = time.monotonic() + SERVE_WAIT
     while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:

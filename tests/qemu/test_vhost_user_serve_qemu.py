@@ -150,7 +150,7 @@ def test_qemu_boots_on_voidboxs_disk_and_card_each_in_its_own_process(guest, tmp
 def test_sigkill_of_qemu_mid_transfer_frees_everything_and_serves_the_next(guest, tmp_path):  # noqa: F811
     image = scratch_copy(guest.rootfs, tmp_path / "root.ext4")
     blk = Server(tmp_path, "blk", "blk", "serve", str(image))
-    net = Server(tmp_path, "net", "net", "serve")
+    net = Server(tmp_path, "net", "net", "serve", "--host-loopback")
     idle = {"blk": blk.fds(), "net": net.fds()}
     sink = socket.create_server(("127.0.0.1", 0))
     received = []

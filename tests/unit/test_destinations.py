@@ -172,7 +172,7 @@ def test_udp_to_another_address_of_the_guest_subnet_is_host_unreachable():
 @pytest.mark.parametrize("rule", ["10.0.2.2", "10.0.2.0/24", "10.0.2.2:1-65535", "127.0.0.1"])
 def test_deny_written_with_the_gateway_address_blocks_tcp(listener, rule):
     port = listener.getsockname()[1]
-    h = Harness(policy=Policy(deny=[rule]))
+    h = Harness(policy=Policy(deny=[rule], host_loopback=True))
     try:
         h.send(syn_frame(GATEWAY, port))
         expect_rst(h, GATEWAY)
@@ -187,7 +187,7 @@ def test_deny_written_with_the_gateway_address_blocks_udp_and_icmp():
     sink.bind(("127.0.0.1", 0))
     sink.setblocking(False)
     port = sink.getsockname()[1]
-    h = Harness(policy=Policy(deny=["10.0.2.2"]))
+    h = Harness(policy=Policy(deny=["10.0.2.2"], host_loopback=True))
     try:
         h.send(guest_udp_frame(GATEWAY, 5555, port, b"x"))
         settle(h)
@@ -215,16 +215,16 @@ def test_allow_of_host_loopback_beats_a_broad_deny_for_the_gateway(listener):
 
 
 def test_policy_matches_either_address_most_specific_first():
-    p = Policy(allow=["127.0.0.1"], deny=["10.0.2.0/24"])
+    p = Policy(allow=["127.0.0.1"], deny=["10.0.2.0/24"], host_loopback=True)
     assert p.allows("tcp", "127.0.0.1", 80, guest_dst="10.0.2.2")  # /32 allow beats /24
-    p = Policy(deny=["10.0.2.2"])
+    p = Policy(deny=["10.0.2.2"], host_loopback=True)
     assert not p.allows("tcp", "127.0.0.1", 80, guest_dst="10.0.2.2")
     assert p.allows("tcp", "127.0.0.1", 80)  # a host-side connection not via the gateway
-    p = Policy(deny=["127.0.0.0/8"], allow=["10.0.2.2:8080"])
+    p = Policy(deny=["127.0.0.0/8"], allow=["10.0.2.2:8080"], host_loopback=True)
     assert p.allows("tcp", "127.0.0.1", 8080, guest_dst="10.0.2.2")
     assert not p.allows("tcp", "127.0.0.1", 8081, guest_dst="10.0.2.2")
     # The verdict cache keys on both addresses.
-    p = Policy(deny=["10.0.2.2"])
+    p = Policy(deny=["10.0.2.2"], host_loopback=True)
     assert p.allows("tcp", "127.0.0.1", 80, guest_dst="127.0.0.1")
     assert not p.allows("tcp", "127.0.0.1", 80, guest_dst="10.0.2.2")
 

@@ -4,12 +4,14 @@ import pytest
 
 from voidbox.errors import UsageError
 from voidbox.net.config import Forward
-from voidbox.net.policy import Policy, parse_forward, parse_rule
+from voidbox.net.options import config_from_options
+from voidbox.net.policy import Policy, host_addresses, parse_forward, parse_rule
 
 
-def test_default_allows_everything_but_link_local():
+def test_default_allows_everything_but_link_local_and_the_host():
     p = Policy()
-    assert p.allows("tcp", "127.0.0.1", 80)
+    assert not p.allows("tcp", "127.0.0.1", 80)
+    assert Policy(host_loopback=True).allows("tcp", "127.0.0.1", 80)
     assert p.allows("icmp", "8.8.8.8", None)
     assert not p.allows("tcp", "169.254.169.254", 80)
     assert not p.allows("icmp", "169.254.1.1", None)
@@ -178,3 +180,66 @@ def test_forwards_on_distinct_host_ports_are_fine():
                 "udp:0.0.0.0:5353:53"]
     config, _ = config_from_options(forwards=forwards)
     assert [f.host_port for f in config.forwards] == [8080, 8080, 8080, 8081, 5353]
+
+
+# ---- the host is closed by default -----------------------------------------------------------
+
+FIB_TRIE_SAMPLE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     |-- 192.0.2.5
+        /32 host LOCAL
+     |-- 192.0.2.255
+        /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 192.0.2.5
+        /32 host LOCAL
+"""
+
+
+def test_host_addresses_are_the_local_routes_outside_loopback():
+    assert host_addresses(FIB_TRIE_SAMPLE) == ("192.0.2.5",)
+    assert all(not a.startswith("127.") for a in host_addresses())
+
+
+def test_by_default_the_guest_reaches_neither_the_hosts_loopback_nor_its_addresses():
+    p = Policy(host_addrs=("192.0.2.5",))
+    assert not p.allows("tcp", "127.0.0.1", 5432, guest_dst="10.0.2.2")
+    assert not p.allows("udp", "127.0.0.53", 53, guest_dst="10.0.2.2")
+    assert not p.allows("tcp", "192.0.2.5", 2375)  # a Docker API on the host's own address
+    assert not p.allows("tcp", "169.254.169.254", 80)  # cloud metadata
+    assert p.allows("tcp", "198.51.100.7", 443)  # the rest of the world
+    # A broad allow does not open the host; a narrower one opens exactly what it names.
+    p = Policy(allow=["0.0.0.0/0"], host_addrs=("192.0.2.5",))
+    assert not p.allows("tcp", "127.0.0.1", 80, guest_dst="10.0.2.2")
+    assert not p.allows("tcp", "192.0.2.5", 80)
+    p = Policy(allow=["10.0.2.2:8080", "192.0.2.5:22"], host_addrs=("192.0.2.5",))
+    assert p.allows("tcp", "127.0.0.1", 8080, guest_dst="10.0.2.2")
+    assert not p.allows("tcp", "127.0.0.1", 8081, guest_dst="10.0.2.2")
+    assert p.allows("tcp", "192.0.2.5", 22) and not p.allows("tcp", "192.0.2.5", 23)
+
+
+def test_host_loopback_opens_the_host_and_a_deny_still_narrows_it():
+    p = Policy(host_loopback=True, host_addrs=("192.0.2.5",))
+    assert p.allows("tcp", "127.0.0.1", 80, guest_dst="10.0.2.2")
+    assert p.allows("tcp", "192.0.2.5", 80)
+    assert not p.allows("tcp", "169.254.169.254", 80)  # metadata stays closed
+    p = Policy(host_loopback=True, deny=["10.0.2.2:22"])
+    assert not p.allows("tcp", "127.0.0.1", 22, guest_dst="10.0.2.2")
+
+
+def test_the_cli_options_carry_host_loopback():
+    _config, policy = config_from_options()
+    assert not policy.host_loopback
+    _config, policy = config_from_options(host_loopback=True)
+    assert policy.host_loopback

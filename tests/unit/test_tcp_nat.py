@@ -1062,7 +1062,7 @@ def test_with_the_real_event_loop_and_config():
 
     loop = EventLoop(debug=True)
     out: list[bytes] = []
-    nat = TcpNat(loop, out.append, Policy(), NatConfig())
+    nat = TcpNat(loop, out.append, Policy(host_loopback=True), NatConfig())
     data = random.Random(13).randbytes(1 << 20)
 
     def handler(conn, res):

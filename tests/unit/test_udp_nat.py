@@ -203,7 +203,7 @@ def test_send_ip_buf_gets_the_reply_in_the_nats_buffer(server):
         buf[:ETH_HLEN] = b"E" * ETH_HLEN  # the engine writes its Ethernet header here
         sent.append(bytes(buf[ETH_HLEN : ETH_HLEN + n]))
 
-    nat = UdpNat(loop, NatConfig(), Policy(), send_ip, send_ip_buf=send_ip_buf)
+    nat = UdpNat(loop, NatConfig(), Policy(host_loopback=True), send_ip, send_ip_buf=send_ip_buf)
     port = server.getsockname()[1]
     query = memoryview(build_ipv4(GUEST, GATEWAY, IPPROTO_UDP,
                                   build_udp(GUEST, GATEWAY, 40011, port, b"q")))
@@ -323,7 +323,7 @@ def test_forward_never_shares_a_port_held_with_so_reuseaddr():
     service.bind(("127.0.0.1", 0))
     port = service.getsockname()[1]
     loop = EventLoop(debug=True)
-    nat = UdpNat(loop, NatConfig(), Policy(), lambda pkt: None)
+    nat = UdpNat(loop, NatConfig(), Policy(host_loopback=True), lambda pkt: None)
     try:
         with pytest.raises(VoidboxError, match=f"cannot forward udp 127.0.0.1:{port}: Address already in use"):
             nat.add_forward("127.0.0.1", port, 5300)

@@ -31,6 +31,7 @@ from voidbox.net.packets import (
     ip_to_bytes,
     parse_arp,
 )
+from voidbox.net.policy import Policy
 from voidbox.vhost_user import protocol as p
 from voidbox.vhost_user.backend import OFFERED_PROTOCOL_FEATURES, VhostUserServer
 from voidbox.virtio.device import VIRTIO_F_VERSION_1
@@ -70,7 +71,7 @@ class Rig:
 
     def __init__(self, path, ring_factory):
         self.loop = EventLoop(debug=False)
-        self.backend = SlirpBackend(self.loop, NatConfig())
+        self.backend = SlirpBackend(self.loop, NatConfig(), Policy(host_loopback=True))
         self.device = VirtioNet(self.backend, MAC, schedule=self.loop.call_soon)
         self.backend.attach(self.device.receive, self.device.rx_room, self.device.stream_port())
         self.server = VhostUserServer(self.device, str(path), self.loop, ring_factory=ring_factory)

@@ -61,6 +61,7 @@ from voidbox.net.packets import (
     parse_arp,
     pseudo_header_sum,
 )
+from voidbox.net.policy import Policy
 from voidbox.net.tcp import SYN, Act, TcpFlow, TcpState, parse_segment
 from voidbox.virtio.device import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_VERSION_1
 from voidbox.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
@@ -218,7 +219,7 @@ class BulkRig:
         self.rx_buffers = rx_buffers
         self.offloads = features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0
         self.loop = EventLoop(debug=True)
-        self.backend = SlirpBackend(self.loop, config or NatConfig())
+        self.backend = SlirpBackend(self.loop, config or NatConfig(), Policy(host_loopback=True))
         self.device = VirtioNet(self.backend, NIC_MAC, schedule=self.loop.call_soon)
         self.backend.attach(self.device.receive, self.device.rx_room,
                             self.device.stream_port())  # as vm.py does

@@ -77,7 +77,8 @@ def parse_dns_upstream(spec: str) -> tuple[str, int]:
 
 def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), deny=(),
                         dns_upstreams=(), max_flows: str | int | None = None,
-                        max_conn_rate: str | float | None = None) -> tuple[NatConfig, Policy]:
+                        max_conn_rate: str | float | None = None,
+                        host_loopback: bool = False) -> tuple[NatConfig, Policy]:
     """The NAT configuration and policy for `voidbox net run` options (strings as typed;
     numbers are plain decimal, see voidbox.net.options). None leaves NatConfig's default."""
     from voidbox.net.policy import Policy, parse_forward  # policy imports this module
@@ -101,7 +102,7 @@ def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), den
         taken.setdefault((forward.proto, forward.host_port), []).append((forward.host_addr, spec))
         config.forwards.append(forward)
     config.dns_upstreams = [parse_dns_upstream(d) for d in dns_upstreams]
-    return config, Policy(allow=list(allow), deny=list(deny))
+    return config, Policy(allow=list(allow), deny=list(deny), host_loopback=host_loopback)
 
 
 def pcap_from_options(path: str | None = None,

@@ -10,6 +10,12 @@ rule over a built-in default, then deny over allow (so `--deny 0.0.0.0/0 --allow
 matching rule the destination is allowed. The link-local range
 169.254.0.0/16 (cloud metadata services) is denied by default; an --allow for it or a
 narrower range overrides that.
+
+The host itself is off limits by default, as a sandbox's should be: its loopback
+(127.0.0.0/8, which the gateway 10.0.2.2 leads to) and its own addresses (read once, from
+/proc/net/fib_trie's local routes) are denied by built-in rules unless `host_loopback`
+(`--host-loopback`) is given; a narrower --allow (`--allow 10.0.2.2:8080`,
+`--allow 192.0.2.5`) opens one of them, a broad one (`--allow 0.0.0.0/0`) does not.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from voidbox.net.config import HOST_LOOPBACK, Forward
 from voidbox.net.options import parse_int
 
 DEFAULT_DENY = ("169.254.0.0/16",)
+# Denied unless --host-loopback: the host's loopback, and (host_addresses()) its own
+# addresses, on which its private services listen as well.
+HOST_DENY = ("127.0.0.0/8",)
+FIB_TRIE = "/proc/net/fib_trie"
 # Verdicts remembered per (address, port): every new flow asks, and parsing the address
 # and walking the rules costs more than the socket set-up. Cleared when full.
 VERDICT_CACHE_MAX = 4096
@@ -79,8 +89,16 @@ def parse_rule(spec: str, allow: bool, user: bool = True) -> Rule:
 class Policy:
     """The egress rule set (see the module docstring)."""
 
-    def __init__(self, allow: list[str] | tuple[str, ...] = (), deny: list[str] | tuple[str, ...] = ()):
-        rules = [parse_rule(s, allow=False, user=False) for s in DEFAULT_DENY]
+    def __init__(self, allow: list[str] | tuple[str, ...] = (), deny: list[str] | tuple[str, ...] = (),
+                 host_loopback: bool = False, host_addrs: tuple[str, ...] | None = None):
+        """host_addrs: the host's own addresses to deny with its loopback (default: read
+        from the kernel); ignored with host_loopback."""
+        self.host_loopback = host_loopback
+        defaults = list(DEFAULT_DENY)
+        if not host_loopback:
+            defaults += HOST_DENY
+            defaults += [f"{a}/32" for a in (host_addresses() if host_addrs is None else host_addrs)]
+        rules = [parse_rule(s, allow=False, user=False) for s in defaults]
         rules += [parse_rule(s, allow=True) for s in allow]
         rules += [parse_rule(s, allow=False) for s in deny]
         # Most specific first, so the first match decides.
@@ -111,6 +129,26 @@ class Policy:
             if any(rule.matches(ip, dst_port) for ip in ips):
                 return rule.allow
         return True
+
+
+def host_addresses(trie: str | None = None) -> tuple[str, ...]:
+    """The host's own IPv4 addresses outside 127.0.0.0/8: the /32 local routes of
+    /proc/net/fib_trie, or of `trie` (no netlink socket, no pyroute2 import: this runs at
+    every start)."""
+    if trie is None:
+        try:
+            with open(FIB_TRIE) as file:
+                trie = file.read()
+        except OSError:
+            return ()
+    lines = trie.splitlines()
+    found = set()
+    for prev, line in zip(lines, lines[1:], strict=False):
+        if line.strip() == "/32 host LOCAL":
+            addr = prev.strip().lstrip("|-+ ").strip()
+            if addr and not addr.startswith("127."):
+                found.add(addr)
+    return tuple(sorted(found))
 
 
 def parse_forward(spec: str) -> Forward:
