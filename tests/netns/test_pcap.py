@@ -108,7 +108,8 @@ def test_size_bound_stops_early_and_leaves_a_readable_file(tmp_path, http_server
     (www / "blob").write_bytes(payload)
     got = tmp_path / "got"
     pcap = tmp_path / "small.pcap"
-    done = voidbox_net_run("--pcap", str(pcap), "--pcap-max-bytes", "2000", "--", "curl", "-sf",
+    done = voidbox_net_run("--pcap", str(pcap), "--pcap-max-bytes", "2000", "--host-loopback",
+                           "--", "curl", "-sf",
                            "--max-time", "60", "-o", str(got), f"http://10.0.2.2:{port}/blob")
     assert done.returncode == 0, done.stderr
     assert got.read_bytes() == payload  # the capture stopped, the traffic did not
