@@ -96,18 +96,29 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
+def _check_u32(size: int) -> None:
+    """Refuse what the compiled twin's uint32_t argument refuses."""
+    if size < 0:
+        raise OverflowError("can't convert negative value to uint32_t")
+    if size > 0xFFFF_FFFF:
+        raise OverflowError("value too large to convert to uint32_t")
+
+
 def desc_table_size(size: int) -> int:
     """Bytes of the descriptor table (§2.7)."""
+    _check_u32(size)
     return VIRTQ_DESC_SIZE * size
 
 
 def avail_ring_size(size: int) -> int:
     """Bytes of the available ring including used_event (§2.7)."""
+    _check_u32(size)
     return VIRTQ_RING_HEADER_SIZE + VIRTQ_AVAIL_ELEM_SIZE * size + VIRTQ_EVENT_SIZE
 
 
 def used_ring_size(size: int) -> int:
     """Bytes of the used ring including avail_event (§2.7)."""
+    _check_u32(size)
     return VIRTQ_RING_HEADER_SIZE + VIRTQ_USED_ELEM_SIZE * size + VIRTQ_EVENT_SIZE
 
 
