@@ -19,8 +19,11 @@ import time
 
 import pytest
 
-from tests.qemu.test_default_guest_qemu import BOOT_TIMEOUT, PROMPT
-from tests.qemu.test_default_guest_qemu import guest  # noqa: F401 (the fixture)
+from tests.qemu.test_default_guest_qemu import (
+    BOOT_TIMEOUT,
+    PROMPT,
+    guest,  # noqa: F401 (the fixture)
+)
 from voidbox.image import rootfs, scratch_copy
 from voidbox.qemu import host_tsc_khz
 
