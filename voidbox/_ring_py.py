@@ -52,7 +52,6 @@ Fields are little-endian (§1.4); voidbox runs on x86-64 hosts only.
 
 from __future__ import annotations
 
-import ctypes
 import operator
 import struct
 
@@ -164,6 +163,8 @@ def host_regions(memory) -> tuple[tuple[int, int, memoryview], ...]:
             raise ValueError(f"memory region at {gpa:#x}: host buffer holds {view.nbytes} bytes, "
                              f"fewer than the region's {size:#x}")
         view = view[:size]
+        import ctypes  # here: importing it costs every start-up ~3 ms, and only this needs it
+
         host = ctypes.addressof(ctypes.c_char.from_buffer(view))
         if (host - gpa) % VIRTQ_DESC_ALIGN:
             raise ValueError(f"memory region at {gpa:#x}: host buffer at {host:#x} is not "

@@ -16,9 +16,10 @@ import os
 import stat
 import struct
 import time
-from dataclasses import dataclass
 
 from voidbox.errors import VoidboxError
+
+from .._records import dataclass
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,12 @@ narrower range overrides that.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
 from voidbox.errors import UsageError
 from voidbox.net.config import HOST_LOOPBACK, Forward
 from voidbox.net.options import parse_int
+
+from .._records import dataclass
 
 DEFAULT_DENY = ("169.254.0.0/16",)
 # Verdicts remembered per (address, port): every new flow asks, and parsing the address
@@ -30,6 +31,8 @@ MAX_PORT = 65535
 
 @dataclass(frozen=True)
 class Rule:
+    """One --allow or --deny rule."""
+
     network: ipaddress.IPv4Network
     ports: tuple[tuple[int, int], ...] | None  # inclusive ranges; None means every port
     allow: bool
