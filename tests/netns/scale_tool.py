@@ -173,7 +173,9 @@ def client(host, port, n, out, sync=None):
            "open_seconds": time.monotonic() - t0}
     if sync:
         handshake(sync, "open", "go", res)
+    t1 = time.monotonic()
     res["eof"] = close_all(socks, sel)
+    res["close_seconds"] = time.monotonic() - t1
     res["seconds"] = time.monotonic() - t0
     with open(out, "w") as f:
         json.dump(res, f)
