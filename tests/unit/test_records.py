@@ -192,7 +192,7 @@ def test_bad_declarations_are_refused_alike():
             fld(default=1, default_factory=list)
 
 
-def test_the_boot_path_imports_neither_dataclasses_nor_inspect():
+def test_the_boot_path_imports_neither_dataclasses_nor_inspect_nor_logging():
     # What `voidbox boot` imports before its first KVM_RUN (launch.py's fast path).
     code = (
         "import sys\n"
@@ -200,7 +200,7 @@ def test_the_boot_path_imports_neither_dataclasses_nor_inspect():
         "import voidbox.exits, voidbox.vcpu, voidbox.kvm_types, voidbox.boot.loader\n"
         "import voidbox.boot.acpi, voidbox.memory, voidbox.net.backend, voidbox.net.engine\n"
         "import voidbox.net.pcap, voidbox.net.policy, voidbox.eventloop, voidbox.cpuid\n"
-        "print(sorted(m for m in ('dataclasses', 'inspect') if m in sys.modules))\n"
+        "print(sorted(m for m in ('dataclasses', 'inspect', 'logging') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -11,7 +11,6 @@ TAP reads and writes, and a virtio-net device can hand it those of its queues.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import stat
 import struct
@@ -19,9 +18,10 @@ import time
 
 from voidbox.errors import VoidboxError
 
+from .._lazylog import get_logger
 from .._records import dataclass
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # draft-ietf-opsawg-pcap §4: the magic written in the writer's byte order (little-endian
 # here) tells a reader both the byte order and the timestamp resolution.
