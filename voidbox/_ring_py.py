@@ -126,6 +126,12 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 
     All three are free-running u16 indexes; the comparison is wraparound-safe.
     """
+    if not (0 <= event_idx <= _U16_MASK and 0 <= new_idx <= _U16_MASK
+            and 0 <= old_idx <= _U16_MASK):
+        # As the compiled twin's uint16_t arguments refuse them.
+        worst = min(event_idx, new_idx, old_idx)
+        raise OverflowError("can't convert negative value to uint16_t" if worst < 0
+                            else "value too large to convert to uint16_t")
     return ((new_idx - event_idx - 1) & _U16_MASK) < ((new_idx - old_idx) & _U16_MASK)
 
 

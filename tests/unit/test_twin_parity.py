@@ -507,6 +507,16 @@ def test_vring_need_event_agrees(ring, event, new, old):
 
 
 @settings(max_examples=300, deadline=None)
+@given(event=u16, new=u16, old=u16, which=st.integers(0, 2),
+       bad=st.one_of(st.sampled_from([-1, 0x10000]), st.integers(-(1 << 40), -1),
+                     st.integers(0x10000, 1 << 40)))
+def test_vring_need_event_refuses_what_is_not_16_bits_alike(ring, event, new, old, which, bad):
+    args = [event, new, old]
+    args[which] = bad
+    assert same_kind(ring, "vring_need_event", *args)[0] is OverflowError
+
+
+@settings(max_examples=300, deadline=None)
 @given(size=st.one_of(st.integers(0, 1 << 16), st.sampled_from([0, 1, 1 << 15, 1 << 16,
                                                                (1 << 32) - 1, 1 << 32, -1])))
 def test_ring_sizes_agree(ring, size):
