@@ -4,7 +4,9 @@ firmware to exit, in the same run on the same machine.
     .venv/bin/python bench/startup.py [--runs 20]
 
 For each: wall ms from spawn to exit, CPU ms (user+sys) and peak RSS of the process
-(wait4), and for voidbox the wall ms from spawn to its first KVM_RUN.
+(wait4), and for voidbox the wall ms from spawn to its first KVM_RUN. Both VMs get 64 MiB.
+On a host whose KVM is software-only (kvm_pvm) closing the VM fd alone takes ~19 ms of
+voidbox's wall time (the kernel tearing the VM down; QEMU pays it at exit too).
 """
 
 from __future__ import annotations
@@ -70,31 +72,51 @@ def main() -> int:
                    stdout=subprocess.DEVNULL)
     env = dict(os.environ, VOIDBOX_TRACE_STARTUP="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    vb, first_runs = [], []
-    for _ in range(args.runs):
-        sample = run([*voidbox, "boot", "--accel", "kvm", "--kernel", guest, "--mem", "64M", "--timeout", "30"], env)
-        if sample[3] != 0:
-            print("voidbox failed:", sample[4], file=sys.stderr)
-            return 1
-        vb.append(sample)
-        for line in sample[4].splitlines():
-            if "first-kvm-run" in line:
-                first_runs.append(float(line.split()[-1]) - sample[5])
-    print(f"runs: {args.runs}, python {sys.version.split()[0]}, {os.uname().release}, "
-          f"voidbox {voidbox[0]}, load {os.getloadavg()[0]:.2f}")
-    summarize("voidbox boot (tiny guest)", vb)
-    if first_runs:
-        print(f"{'voidbox: spawn -> first KVM_RUN':<34} wall {statistics.median(first_runs) * 1000:7.1f} ms")
+    boot = ["boot", "--accel", "kvm", "--kernel", guest, "--mem", "64M", "--timeout", "30"]
+    commands = {"voidbox": ([*voidbox, *boot], env)}
+    # Without site: the editable install's import hook (setuptools' finder, which imports
+    # pathlib, re and importlib.util) is a development-tree cost an installed wheel does not
+    # pay; this row shows voidbox without it (and without site's own ~2 ms).
+    if not args.voidbox:
+        commands["bare"] = ([sys.executable, "-S", "-m", "voidbox", *boot], dict(env, PYTHONPATH=ROOT))
     qemu = shutil.which("qemu-system-x86_64")
     if qemu:
         bios = os.path.join(work, "exit.bios")
         firmware(bios)
-        argv = [qemu, "-M", "microvm", "-enable-kvm", "-m", "32M", "-nodefaults", "-no-user-config",
-                "-display", "none", "-bios", bios, "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
-        qs = [run(argv) for _ in range(args.runs)]
-        summarize("qemu microvm (trivial firmware)", qs)
-        ratio = statistics.median(s[0] for s in vb) / statistics.median(s[0] for s in qs)
-        print(f"voidbox / qemu wall: {ratio:.2f}x")
+        commands["qemu"] = ([qemu, "-M", "microvm", "-enable-kvm", "-m", "64M", "-nodefaults",
+                             "-no-user-config", "-display", "none", "-bios", bios, "-device",
+                             "isa-debug-exit,iobase=0xf4,iosize=4"], None)
+    # Interleaved, one of each per round: load from elsewhere on the host falls on all alike.
+    samples = {name: [] for name in commands}
+    first_runs = []
+    for _ in range(args.runs):
+        for name, (argv, run_env) in commands.items():
+            sample = run(argv, run_env)
+            if name != "qemu" and sample[3] != 0:
+                print(f"{name} failed:", sample[4], file=sys.stderr)
+                return 1
+            samples[name].append(sample)
+            if name == "voidbox":
+                for line in sample[4].splitlines():
+                    if "first-kvm-run" in line:
+                        first_runs.append(float(line.split()[-1]) - sample[5])
+    print(f"runs: {args.runs}, python {sys.version.split()[0]}, {os.uname().release}, "
+          f"voidbox {voidbox[0]}, load {os.getloadavg()[0]:.2f}")
+    summarize("voidbox boot (tiny guest)", samples["voidbox"])
+    if first_runs:
+        print(f"{'voidbox: spawn -> first KVM_RUN':<34} wall {statistics.median(first_runs) * 1000:7.1f} ms")
+    if "bare" in samples:
+        summarize("voidbox boot, python -S (no hook)", samples["bare"])
+    if "qemu" in samples:
+        summarize("qemu microvm (trivial firmware)", samples["qemu"])
+
+        def median(name, index):
+            return statistics.median(s[index] for s in samples[name])
+
+        for name, label in (("voidbox", "voidbox"), ("bare", "voidbox (python -S)")):
+            if name in samples:
+                print(f"{label} / qemu: wall {median(name, 0) / median('qemu', 0):.2f}x, "
+                      f"cpu {median(name, 1) / median('qemu', 1):.2f}x")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

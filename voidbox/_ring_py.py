@@ -52,7 +52,6 @@ Fields are little-endian (§1.4); voidbox runs on x86-64 hosts only.
 
 from __future__ import annotations
 
-import ctypes
 import operator
 import struct
 
@@ -96,18 +95,29 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
+def _check_u32(size: int) -> None:
+    """Refuse what the compiled twin's uint32_t argument refuses."""
+    if size < 0:
+        raise OverflowError("can't convert negative value to uint32_t")
+    if size > 0xFFFF_FFFF:
+        raise OverflowError("value too large to convert to uint32_t")
+
+
 def desc_table_size(size: int) -> int:
     """Bytes of the descriptor table (§2.7)."""
+    _check_u32(size)
     return VIRTQ_DESC_SIZE * size
 
 
 def avail_ring_size(size: int) -> int:
     """Bytes of the available ring including used_event (§2.7)."""
+    _check_u32(size)
     return VIRTQ_RING_HEADER_SIZE + VIRTQ_AVAIL_ELEM_SIZE * size + VIRTQ_EVENT_SIZE
 
 
 def used_ring_size(size: int) -> int:
     """Bytes of the used ring including avail_event (§2.7)."""
+    _check_u32(size)
     return VIRTQ_RING_HEADER_SIZE + VIRTQ_USED_ELEM_SIZE * size + VIRTQ_EVENT_SIZE
 
 
@@ -116,6 +126,12 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 
     All three are free-running u16 indexes; the comparison is wraparound-safe.
     """
+    if not (0 <= event_idx <= _U16_MASK and 0 <= new_idx <= _U16_MASK
+            and 0 <= old_idx <= _U16_MASK):
+        # As the compiled twin's uint16_t arguments refuse them.
+        worst = min(event_idx, new_idx, old_idx)
+        raise OverflowError("can't convert negative value to uint16_t" if worst < 0
+                            else "value too large to convert to uint16_t")
     return ((new_idx - event_idx - 1) & _U16_MASK) < ((new_idx - old_idx) & _U16_MASK)
 
 
@@ -153,6 +169,8 @@ def host_regions(memory) -> tuple[tuple[int, int, memoryview], ...]:
             raise ValueError(f"memory region at {gpa:#x}: host buffer holds {view.nbytes} bytes, "
                              f"fewer than the region's {size:#x}")
         view = view[:size]
+        import ctypes  # here: importing it costs every start-up ~3 ms, and only this needs it
+
         host = ctypes.addressof(ctypes.c_char.from_buffer(view))
         if (host - gpa) % VIRTQ_DESC_ALIGN:
             raise ValueError(f"memory region at {gpa:#x}: host buffer at {host:#x} is not "

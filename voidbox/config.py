@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ._records import dataclass, field
 from .errors import UsageError
 from .layout import MIN_MEM, MiB
 
@@ -168,9 +168,12 @@ def default_mac(seed: str | None) -> bytes:
     """A locally administered unicast MAC (IEEE 802: bit 1 of the first octet set, bit 0
     clear), the same for the same image or kernel path, so DHCP leases and neighbour
     caches see one machine across boots."""
-    import hashlib
+    try:  # the interpreter's own SHA-256: hashlib loads OpenSSL, ~3 ms of every boot
+        from _sha256 import sha256  # Python 3.11
+    except ImportError:
+        from hashlib import sha256
 
-    digest = hashlib.sha256(os.path.abspath(seed or "voidbox").encode()).digest()
+    digest = sha256(os.path.abspath(seed or "voidbox").encode()).digest()
     return bytes([0x02, *digest[:4], digest[4] & 0xF0])
 
 

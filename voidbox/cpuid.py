@@ -28,8 +28,7 @@ emulator handle instructions every x86_64 guest needs (`int3` failed too).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+from ._records import replace
 from .errors import UsageError
 from .kvm_types import CpuidEntry
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-import logging
 import os
 import select
 import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from ._lazylog import get_logger
+
+log = get_logger(__name__)
 
 # Cap on one epoll_wait's batch; more ready fds are picked up by the next iteration.
 MAX_EVENTS = 256

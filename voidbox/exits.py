@@ -15,8 +15,8 @@ is not one the x86 I/O instructions produce, decodes to `MalformedExit` (an
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from ._records import dataclass
 from .errors import UsageError
 
 # exit_reason values (linux/kvm.h)

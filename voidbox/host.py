@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import NamedTuple
+
+from ._records import dataclass
 
 KVM_DEVICE = "/dev/kvm"
 
 
 @dataclass(frozen=True)
 class KvmInfo:
+    """What /dev/kvm offers on this host."""
+
     present: bool
     usable: bool
     software_only: bool  # kvm_pvm: every non-PVM guest instruction is emulated

@@ -4,7 +4,7 @@ The control plane builds and inspects vCPU state with these; `_kvm` converts the
 and from the C structures.
 """
 
-from dataclasses import dataclass, field
+from ._records import dataclass, field
 
 GENERAL_REGISTERS = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",

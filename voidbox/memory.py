@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
 from typing import NamedTuple
 
+from ._records import dataclass
 from .errors import GuestMemoryError, UsageError
 from .layout import MIN_MEM, MMIO_GAP_END, MMIO_GAP_START
 

@@ -8,8 +8,8 @@ exits (voidbox.exits) and fake buses, no /dev/kvm needed.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
+from ._records import dataclass
 from .exits import (
     KVM_INTERNAL_ERROR_DELIVERY_EV,
     KVM_INTERNAL_ERROR_EMULATION,
@@ -69,6 +69,8 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """What the run loop does after one exit."""
+
     action: Action
     # For IN and MMIO reads: the bytes to hand back to KVM before the next KVM_RUN.
     reply: bytes | None = None

@@ -54,9 +54,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .. import layout
+from .._records import dataclass
 from ..errors import UsageError
 from . import aml
 

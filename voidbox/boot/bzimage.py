@@ -9,8 +9,8 @@ decompressor, "64-bit BOOT PROTOCOL"). The real-mode code itself is never run.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from .._records import dataclass
 from ..errors import UsageError
 from . import bootparams as bp
 
@@ -27,6 +27,8 @@ MAX_KERNEL_ALIGNMENT = 1 << 30
 
 @dataclass
 class BzImage:
+    """A parsed bzImage: its setup header and protected-mode kernel."""
+
     path: str
     version: int
     setup_header: bytes  # file bytes [0x1f1, 0x202 + byte at 0x201): copied into boot_params

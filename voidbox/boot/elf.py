@@ -12,9 +12,9 @@ straight from the file into guest memory.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .._records import dataclass, field
 from ..errors import UsageError
 
 ELFMAG = b"\x7fELF"
@@ -71,6 +71,8 @@ class LoadSegment:
 
 @dataclass
 class ElfKernel:
+    """A parsed ELF vmlinux: its entry point and loadable segments."""
+
     path: str
     entry: int  # e_entry as written (virtual or physical)
     segments: list[LoadSegment] = field(default_factory=list)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .. import layout
+from .._records import dataclass
 from ..errors import GuestMemoryError, UsageError
 from ..kvm_types import Regs, Sregs
 from . import bootparams, bzimage, elf, pvh

@@ -16,6 +16,7 @@ import sys
 SEQ_MOD = 1 << 32
 SEQ_MASK = SEQ_MOD - 1
 SEQ_HALF = 1 << 31
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1  # the compiled seq_add takes a long long
 
 IPV4_HEADER_LEN = 20
 TCP_HEADER_LEN = 20
@@ -31,35 +32,75 @@ _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 
 
+def _refuse(*numbers: int) -> None:
+    """Raise as the compiled twin's uint32_t arguments do for a number outside 0..2**32-1."""
+    for x in numbers:
+        if x < 0:
+            raise OverflowError("can't convert negative value to uint32_t")
+        if x > SEQ_MASK:
+            raise OverflowError("value too large to convert to uint32_t")
+
+
 def seq_lt(a: int, b: int) -> bool:
     """a < b in sequence space (RFC 9293 §3.4)."""
+    if not (0 <= a <= SEQ_MASK and 0 <= b <= SEQ_MASK):
+        _refuse(a, b)
     return 0 < ((b - a) & SEQ_MASK) < SEQ_HALF
 
 
 def seq_le(a: int, b: int) -> bool:
     """a <= b in sequence space (RFC 9293 §3.4)."""
+    if not (0 <= a <= SEQ_MASK and 0 <= b <= SEQ_MASK):
+        _refuse(a, b)
     return ((b - a) & SEQ_MASK) < SEQ_HALF
 
 
 def seq_gt(a: int, b: int) -> bool:
     """a > b in sequence space (RFC 9293 §3.4)."""
+    if not (0 <= a <= SEQ_MASK and 0 <= b <= SEQ_MASK):
+        _refuse(a, b)
     return 0 < ((a - b) & SEQ_MASK) < SEQ_HALF
 
 
 def seq_ge(a: int, b: int) -> bool:
     """a >= b in sequence space (RFC 9293 §3.4)."""
+    if not (0 <= a <= SEQ_MASK and 0 <= b <= SEQ_MASK):
+        _refuse(a, b)
     return ((a - b) & SEQ_MASK) < SEQ_HALF
 
 
 def seq_add(a: int, n: int) -> int:
-    """a + n modulo 2**32."""
+    """a + n modulo 2**32; n is a signed 64-bit distance."""
+    if not (0 <= a <= SEQ_MASK and _I64_MIN <= n <= _I64_MAX):
+        _refuse(a)
+        raise OverflowError("Python int too large to convert to C long")
     return (a + n) & SEQ_MASK
 
 
 def seq_diff(a: int, b: int) -> int:
     """a - b as a signed 32-bit distance (positive when a is after b)."""
+    if not (0 <= a <= SEQ_MASK and 0 <= b <= SEQ_MASK):
+        _refuse(a, b)
     d = (a - b) & SEQ_MASK
     return d - SEQ_MOD if d >= SEQ_HALF else d
+
+
+_BYTE_FORMATS = ("B", "@B", "c")  # what the compiled twin's uint8_t[::1] arguments take
+
+
+def _bytes_view(obj, writable: bool = False) -> memoryview:
+    """obj as a one-dimensional, contiguous memoryview of bytes, refused with the exception
+    types the compiled twin's typed memoryviews (const uint8_t[::1]) raise."""
+    mv = memoryview(obj)
+    if writable and mv.readonly:
+        raise BufferError("Object is not writable.")
+    if not mv.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    if mv.ndim != 1:
+        raise ValueError(f"Buffer has wrong number of dimensions (expected 1, got {mv.ndim})")
+    if mv.format not in _BYTE_FORMATS:
+        raise ValueError(f"Buffer dtype mismatch, expected 'const uint8_t' but got '{mv.format}'")
+    return mv if mv.format == "B" else mv.cast("B")
 
 
 def _sum16(data, acc: int = 0) -> int:
@@ -84,7 +125,7 @@ def inet_checksum(data) -> int:
 
     Over a header that includes its own checksum field the result is 0 when it is valid.
     """
-    return ~_fold(_sum16(data)) & 0xFFFF
+    return ~_fold(_sum16(_bytes_view(data))) & 0xFFFF
 
 
 def _pseudo_sum(src_ip, dst_ip, length: int) -> int:
@@ -98,7 +139,9 @@ def tcp_checksum(src_ip, dst_ip, segment) -> int:
 
     With the segment's checksum field included the result is 0 when the segment is intact.
     """
-    seg = memoryview(segment).cast("B")
+    src_ip, dst_ip, seg = _bytes_view(src_ip), _bytes_view(dst_ip), _bytes_view(segment)
+    if len(src_ip) != 4 or len(dst_ip) != 4:  # checked first, as the compiled twin does
+        raise ValueError("IPv4 addresses are 4 bytes")
     if len(seg) > IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN:
         raise ValueError("TCP segment longer than an IPv4 packet can carry")
     return ~_fold(_sum16(seg, _pseudo_sum(src_ip, dst_ip, len(seg)))) & 0xFFFF
@@ -112,9 +155,10 @@ def build_ipv4_tcp(out, src_ip, dst_ip, ip_id: int, src_port: int, dst_port: int
     the TCP header carries `options` (already padded to 4 bytes, RFC 9293 §3.1) and a valid
     checksum. Raises ValueError if out is too small or a field is out of range.
     """
-    buf = memoryview(out).cast("B")
-    opts = memoryview(options).cast("B")
-    data = memoryview(payload).cast("B")
+    buf = _bytes_view(out, writable=True)
+    src_ip, dst_ip = _bytes_view(src_ip), _bytes_view(dst_ip)
+    opts = _bytes_view(options)
+    data = _bytes_view(payload)
     nopt = len(opts)
     if nopt > TCP_MAX_OPTIONS_LEN or nopt & 3:
         raise ValueError("TCP options must be a multiple of 4 bytes, at most 40")
@@ -245,6 +289,7 @@ class FramePort:
         return 1
 
     def write(self, frame) -> int:
+        frame = _bytes_view(frame)
         if len(frame) == 0:
             return -1
         parts = [bytes(self.vnet_hdr_len), frame] if self.vnet_hdr_len else [frame]
@@ -256,6 +301,7 @@ class FramePort:
     def send_tcp_stream(self, sockfd: int, eth_header, src_ip, dst_ip, src_port: int,
                         dst_port: int, seq: int, ack: int, window: int, mss: int,
                         budget: int, ip_id: int):
+        eth_header, src_ip, dst_ip = _bytes_view(eth_header), _bytes_view(src_ip), _bytes_view(dst_ip)
         if len(eth_header) != ETH_HLEN or len(src_ip) != 4 or len(dst_ip) != 4:
             raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
         if not (0 < mss <= MAX_SEG_PAYLOAD) or budget < 0:

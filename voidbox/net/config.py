@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, field
+
+from .._records import dataclass, field
 
 GUEST_IP = "10.0.2.15"
 GATEWAY_IP = "10.0.2.2"

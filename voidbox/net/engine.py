@@ -16,7 +16,6 @@ Decisions a reader should know:
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Callable
 
@@ -51,7 +50,9 @@ from voidbox.net.packets import (
 from voidbox.net.policy import Policy
 from voidbox.net.udp import UdpNat
 
-log = logging.getLogger(__name__)
+from .._lazylog import get_logger
+
+log = get_logger(__name__)
 
 DNS_PORT = 53
 INADDR_ANY = b"\x00" * 4

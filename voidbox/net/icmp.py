@@ -10,7 +10,6 @@ through IP_RECVERR (ping sockets) or the raw socket and are reflected to the gue
 from __future__ import annotations
 
 import ipaddress
-import logging
 import select
 import socket
 import struct
@@ -42,7 +41,9 @@ from voidbox.net.packets import (
 from voidbox.net.policy import Policy
 from voidbox.net.udp import IP_RECVERR, is_unicast_destination, parse_recverr
 
-log = logging.getLogger(__name__)
+from .._lazylog import get_logger
+
+log = get_logger(__name__)
 
 ICMP_MAX_MESSAGE = 65535
 ICMP_BATCH = 64

@@ -10,11 +10,12 @@ its flow at once (RST, ICMP unreachable, SERVFAIL) instead of raising into the l
 from __future__ import annotations
 
 import errno
-import logging
 import resource
 import time
 
-log = logging.getLogger(__name__)
+from .._lazylog import INFO, WARNING, get_logger
+
+log = get_logger(__name__)
 
 # socket(2), accept(2): the process or system is out of fds, buffers or memory.
 EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -51,7 +52,7 @@ def cap_flows(config, default_max_flows: int) -> None:
     allowed = flow_limit_for_fds(config.max_flows, fd_limit)
     if allowed < config.max_flows:
         notable = config.max_flows != default_max_flows or allowed < FEW_FLOWS
-        log.log(logging.WARNING if notable else logging.INFO,
+        log.log(WARNING if notable else INFO,
                 "open-file limit %d allows %d flows, not %d: further flows are refused",
                 fd_limit, allowed, config.max_flows)
         config.max_flows = allowed

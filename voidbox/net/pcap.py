@@ -11,16 +11,17 @@ TAP reads and writes, and a virtio-net device can hand it those of its queues.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import stat
 import struct
 import time
-from dataclasses import dataclass
 
 from voidbox.errors import VoidboxError
 
-log = logging.getLogger(__name__)
+from .._lazylog import get_logger
+from .._records import dataclass
+
+log = get_logger(__name__)
 
 # draft-ietf-opsawg-pcap §4: the magic written in the writer's byte order (little-endian
 # here) tells a reader both the byte order and the timestamp resolution.

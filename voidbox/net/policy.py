@@ -21,11 +21,12 @@ The host itself is off limits by default, as a sandbox's should be: its loopback
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
 from voidbox.errors import UsageError
 from voidbox.net.config import HOST_LOOPBACK, Forward
 from voidbox.net.options import parse_int
+
+from .._records import dataclass
 
 DEFAULT_DENY = ("169.254.0.0/16",)
 # Denied unless --host-loopback: the host's loopback, and (host_addresses()) its own
@@ -40,6 +41,8 @@ MAX_PORT = 65535
 
 @dataclass(frozen=True)
 class Rule:
+    """One --allow or --deny rule."""
+
     network: ipaddress.IPv4Network
     ports: tuple[tuple[int, int], ...] | None  # inclusive ranges; None means every port
     allow: bool

@@ -38,7 +38,6 @@ host kernel socket is the buffer:
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import select
 import socket
@@ -75,7 +74,9 @@ from voidbox.net.tcp import (
     reset_for,
 )
 
-log = logging.getLogger(__name__)
+from .._lazylog import get_logger
+
+log = get_logger(__name__)
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # socket(7); TCP support since Linux 6.9
 SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # socket(7): u32 array, sock_diag(7) order

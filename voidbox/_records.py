@@ -1,0 +1,232 @@
+"""`dataclass` and `field` for the modules `voidbox boot` imports, without dataclasses' cost.
+
+Start-up is a feature (voidbox/launch.py). The boot path defines about 30 dataclasses, and
+the standard decorator costs about a fifth of a trivial boot: importing dataclasses pulls
+in inspect (with ast, dis and tokenize), and each class's methods are compiled one exec()
+at a time, plus an inspect.signature() for every class without a docstring.
+
+This decorator makes the same classes for the subset voidbox uses (frozen, slots, eq,
+defaults, default_factory, __post_init__, inheritance), with all of a class's methods
+compiled in one exec() and nothing imported. The classes stay dataclasses to the outside:
+dataclasses.fields(), replace(), asdict() and is_dataclass() work (replace() here does
+the same without importing dataclasses), because
+`__dataclass_fields__` is built of real dataclasses.Field objects the first time anything
+asks for it; assigning to a frozen instance raises dataclasses.FrozenInstanceError.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+
+_MISSING = object()
+_FACTORY = type("_HasDefaultFactory", (), {"__repr__": lambda self: "<factory>"})()
+
+
+class _Field:
+    __slots__ = ("default", "default_factory")
+
+    def __init__(self, default, default_factory):
+        self.default = default
+        self.default_factory = default_factory
+
+
+def field(*, default=_MISSING, default_factory=_MISSING) -> _Field:
+    """dataclasses.field with the two arguments voidbox uses."""
+    if default is not _MISSING and default_factory is not _MISSING:
+        raise ValueError("cannot specify both default and default_factory")
+    return _Field(default, default_factory)
+
+
+def replace(obj, /, **changes):
+    """dataclasses.replace, without importing dataclasses for a class made here."""
+    entries = type(obj).__dict__.get("__record_fields__")
+    if entries is None:
+        import dataclasses
+
+        return dataclasses.replace(obj, **changes)
+    for name in changes:
+        if not any(entry[0] == name for entry in entries):
+            raise TypeError(f"{type(obj).__qualname__}.__init__() got an unexpected keyword "
+                            f"argument {name!r}")
+    values = {entry[0]: getattr(obj, entry[0]) for entry in entries}
+    values.update(changes)
+    return type(obj)(**values)
+
+
+class _LazyDataclassFields:
+    """`cls.__dataclass_fields__` on first access: real dataclasses.Field objects."""
+
+    def __get__(self, obj, owner):
+        import dataclasses
+
+        fields = {}
+        for name, annotation, default, factory in owner.__record_fields__:
+            f = dataclasses.field(
+                default=dataclasses.MISSING if default is _MISSING else default,
+                default_factory=dataclasses.MISSING if factory is _MISSING else factory)
+            f.name, f.type, f._field_type = name, annotation, dataclasses._FIELD
+            fields[name] = f
+        type.__setattr__(owner, "__dataclass_fields__", fields)
+        return fields
+
+
+def _frozen_error(name, verb="assign to"):
+    from dataclasses import FrozenInstanceError
+
+    return FrozenInstanceError(f"cannot {verb} field {name!r}")
+
+
+def dataclass(cls=None, /, *, frozen: bool = False, slots: bool = False, eq: bool = True):
+    """@dataclass, @dataclass(frozen=..., slots=..., eq=...): see the module docstring."""
+    def wrap(c):
+        return _process(c, frozen, slots, eq)
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _values_getter(names: tuple[str, ...]):
+    """self -> the tuple of its field values, in order."""
+    if len(names) > 1:
+        return attrgetter(*names)
+    if names:
+        get = attrgetter(names[0])
+        return lambda self: (get(self),)
+    return lambda self: ()
+
+
+def _repr(self) -> str:
+    values = self.__record_values__(self)
+    inner = ", ".join(f"{entry[0]}={value!r}"
+                      for entry, value in zip(self.__record_fields__, values, strict=True))
+    return f"{self.__class__.__qualname__}({inner})"
+
+
+def _eq(self, other):
+    if other.__class__ is self.__class__:
+        return self.__record_values__(self) == other.__record_values__(other)
+    return NotImplemented
+
+
+def _hash(self) -> int:
+    return hash(self.__record_values__(self))
+
+
+def _is_classvar(annotation) -> bool:
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return text.startswith(("ClassVar", "typing.ClassVar", "t.ClassVar"))
+
+
+def _process(cls, frozen: bool, slots: bool, eq: bool):
+    inherited = {}
+    for base in reversed(cls.__mro__[1:]):
+        for entry in base.__dict__.get("__record_fields__", ()):
+            inherited[entry[0]] = entry
+    own = []
+    for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+        if _is_classvar(annotation):
+            continue
+        value = cls.__dict__.get(name, _MISSING)
+        if isinstance(value, _Field):
+            default, factory = value.default, value.default_factory
+        else:
+            default, factory = value, _MISSING
+        if default is not _MISSING and factory is _MISSING and (
+                isinstance(default, list | dict | set)):
+            raise ValueError(f"mutable default {type(default)} for field {name} is not allowed: "
+                             "use default_factory")
+        inherited.pop(name, None)
+        own.append((name, annotation, default, factory))
+    entries = (*inherited.values(), *own)
+    names = [entry[0] for entry in entries]
+    own_names = {entry[0] for entry in own}
+    # dataclasses' rule: a __hash__ written in the class is kept; Python's own None (set
+    # because the class body wrote __eq__) is not.
+    explicit_hash = "__hash__" in cls.__dict__ and not (
+        cls.__dict__["__hash__"] is None and "__eq__" in cls.__dict__)
+
+    # Only __init__ is compiled (one exec: the call must be as fast as a hand-written one);
+    # the other methods are closures and shared functions, which cost nothing to make.
+    ns = {"_FACTORY": _FACTORY, "_setattr": object.__setattr__}
+    params, body = [], []
+    seen_default = False
+    for name, _annotation, default, factory in entries:
+        if factory is not _MISSING:
+            ns[f"_factory_{name}"] = factory
+            params.append(f"{name}=_FACTORY")
+            value = f"_factory_{name}() if {name} is _FACTORY else {name}"
+            seen_default = True
+        elif default is not _MISSING:
+            ns[f"_default_{name}"] = default
+            params.append(f"{name}=_default_{name}")
+            value = name
+            seen_default = True
+        else:
+            if seen_default:
+                raise TypeError(f"non-default argument {name!r} follows default argument")
+            params.append(name)
+            value = name
+        body.append(f"  _setattr(self, {name!r}, {value})" if frozen else f"  self.{name} = {value}")
+    if any("__post_init__" in c.__dict__ for c in cls.__mro__):
+        body.append("  self.__post_init__()")
+    exec("\n".join([f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"])]), ns)  # noqa: S102
+    methods = {"__init__": ns["__init__"], "__repr__": _repr}
+    values = _values_getter(tuple(names))
+    if eq:
+        methods["__eq__"] = _eq
+    final = []  # the class, once made (slots make a new one)
+    field_names = frozenset(names)
+    if frozen:
+        def __setattr__(self, name, value):
+            if type(self) is final[0] or name in field_names:
+                raise _frozen_error(name)
+            super(final[0], self).__setattr__(name, value)
+
+        def __delattr__(self, name):
+            if type(self) is final[0] or name in field_names:
+                raise _frozen_error(name, "delete")
+            super(final[0], self).__delattr__(name)
+
+        methods["__setattr__"], methods["__delattr__"] = __setattr__, __delattr__
+    if slots and frozen:
+        # As dataclasses does: frozen slotted instances cannot be unpickled by setattr.
+        def __getstate__(self):
+            return list(values(self))
+
+        def __setstate__(self, state):
+            for name, value in zip(names, state, strict=True):
+                object.__setattr__(self, name, value)
+
+        methods["__getstate__"], methods["__setstate__"] = __getstate__, __setstate__
+
+    if slots:
+        cls_dict = {k: v for k, v in cls.__dict__.items()
+                    if k not in own_names and k not in ("__dict__", "__weakref__")}
+        base_slots = {s for c in cls.__mro__[1:] for s in c.__dict__.get("__slots__", ())}
+        cls_dict["__slots__"] = tuple(n for n, *_ in own if n not in base_slots)
+        qualname = cls.__qualname__
+        cls = type(cls)(cls.__name__, cls.__bases__, cls_dict)
+        cls.__qualname__ = qualname
+    else:
+        for name, _annotation, default, _factory in own:
+            if isinstance(cls.__dict__.get(name), _Field):  # the class attribute is the default
+                if default is _MISSING:
+                    delattr(cls, name)
+                else:
+                    setattr(cls, name, default)
+    final.append(cls)
+    for name, fn in methods.items():
+        if name not in cls.__dict__ or name in ("__setattr__", "__delattr__"):
+            if fn not in (_repr, _eq):  # shared by every class: keep their own names
+                fn.__qualname__ = f"{cls.__qualname__}.{name}"
+            type.__setattr__(cls, name, fn)
+    if eq and not explicit_hash:
+        type.__setattr__(cls, "__hash__", _hash if frozen else None)
+    cls.__record_values__ = staticmethod(values)
+    cls.__record_fields__ = entries
+    cls.__dataclass_fields__ = _LazyDataclassFields()
+    if "__match_args__" not in cls.__dict__:
+        cls.__match_args__ = tuple(names)
+    if not cls.__doc__:
+        cls.__doc__ = f"{cls.__name__}({', '.join(names)})"
+    return cls
+
