@@ -79,7 +79,7 @@ def main() -> int:
     out = os.path.join(work, "client.json")
     command = (f"SCALE_TIMEOUT={WAIT} {sys.executable} {TOOL} client {GATEWAY} {port} {n} "
                f"{out} {work} && busybox ping -c1 -W5 {GATEWAY} >/dev/null")
-    nat = subprocess.Popen([sys.executable, "-m", "voidbox", "net", "run", "--stats", "--",
+    nat = subprocess.Popen([sys.executable, "-m", "voidbox", "net", "run", "--host-loopback", "--stats", "--",
                             "sh", "-c", command], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         wait_for(os.path.join(work, "ready"), nat)

@@ -111,7 +111,7 @@ def test_the_connection_past_max_flows_is_reset_at_once_and_counted(tmp_path, se
     srv = server(FLOW_LIMIT)
     out = tmp_path / "limit.json"
     result = subprocess.run(
-        [PY, "-m", "voidbox", "net", "run", "--max-flows", str(FLOW_LIMIT), "--stats", "--",
+        [PY, "-m", "voidbox", "net", "run", "--host-loopback", "--max-flows", str(FLOW_LIMIT), "--stats", "--",
          *client_command("limit", GATEWAY, srv.port, FLOW_LIMIT, out)],
         capture_output=True, text=True, timeout=SCALE_TIMEOUT)
     assert result.returncode == 0, result.stderr
