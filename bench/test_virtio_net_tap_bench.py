@@ -25,7 +25,7 @@ import pytest
 
 from bench.test_virtio_net_bench import QUEUE_SIZE, Rig, memory, report  # noqa: F401
 from tests.twins import load_ring
-from tests.unit.test_tap_backend import inside
+from tests.unit.test_tap_backend import inside, ns  # noqa: F401 (ns: the fixture)
 from voidbox.eventloop import EventLoop
 from voidbox.net.backend import TapBackend
 from voidbox.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
@@ -39,21 +39,8 @@ TX_SIZES = ["64B", "1500B", "64KiB"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 
 
-@pytest.fixture(scope="module")
-def ns():
-    name = f"vbbench{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
-                        "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
-
-
 @pytest.fixture
-def tap(ns):
+def tap(ns):  # noqa: F811 (ns: the imported fixture)
     """(loop, backend, AF_PACKET socket on the TAP's namespace side)."""
     loop = EventLoop()
     with inside(ns):

@@ -18,23 +18,12 @@ import pytest
 from tests.default_guest import require_default_guest
 from voidbox.host import qemu_binary
 from voidbox.image import GuestImage, initramfs, rootfs
+from voidbox.qemu import host_tsc_khz
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 BOOT_TIMEOUT = 120  # seconds; a TCG boot of the cloud kernel takes about 5
-DEFAULT_TSC_KHZ = 2_000_000
 PROMPT = b"voidbox:~# "  # /etc/profile's PS1 for root in /root
-
-
-def host_tsc_khz() -> int:
-    """TCG's guest TSC is the host's, so the host's clock rate is the right figure."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return int(float(line.split(":")[1]) * 1000)
-    except (OSError, ValueError, IndexError):
-        pass
-    return DEFAULT_TSC_KHZ
 
 
 @pytest.fixture(scope="module")

@@ -564,15 +564,8 @@ class VirtioNet(VirtioDevice):
                         continue
                     queue.push_many(used)
                     placed += 1
-                    counters["rx_frames"] += 1
-                    counters["rx_bytes"] += got - VIRTIO_NET_HDR_LEN
                     counters["rx_direct_frames"] += 1
-                    if len(used) > 1:
-                        counters["rx_merged_frames"] += 1
-                    if gso_type:
-                        counters["rx_gso_frames"] += 1
-                    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-                        counters["rx_csum_offloaded"] += 1
+                    self._count_rx(got - VIRTIO_NET_HDR_LEN, len(used), flags, gso_type)
             except QueueError:
                 counters["rx_queue_errors"] += 1
                 self.rx_ring_error = True
@@ -580,6 +573,20 @@ class VirtioNet(VirtioDevice):
             if placed and queue.needs_notification():
                 self.interrupt(VIRTIO_MMIO_INT_VRING)
         return placed, status
+
+    def _count_rx(self, length: int, buffers: int, flags: int, gso_type: int) -> None:
+        """One frame placed in `buffers` RX buffers, with the header's flags and GSO type."""
+        counters = self.counters
+        counters["rx_frames"] += 1
+        counters["rx_bytes"] += length
+        if buffers > 1:
+            counters["rx_merged_frames"] += 1
+        if gso_type:
+            counters["rx_gso_frames"] += 1
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            counters["rx_csum_offloaded"] += 1
+        elif flags & VIRTIO_NET_HDR_F_DATA_VALID:
+            counters["rx_csum_valid"] += 1
 
     def _take_for_read(self, queue, merge: bool, max_frame: int):
         """Held RX chains to read a frame into, or None (too few buffers posted)."""
@@ -692,17 +699,7 @@ class VirtioNet(VirtioDevice):
         queue.push_many(used)
         if self.pcap is not None:
             self.pcap.write(frame)
-        counters = self.counters
-        counters["rx_frames"] += 1
-        counters["rx_bytes"] += length
-        if len(chains) > 1:
-            counters["rx_merged_frames"] += 1
-        if gso_type:
-            counters["rx_gso_frames"] += 1
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            counters["rx_csum_offloaded"] += 1
-        elif flags & VIRTIO_NET_HDR_F_DATA_VALID:
-            counters["rx_csum_valid"] += 1
+        self._count_rx(length, len(chains), flags, gso_type)
         if queue.needs_notification():
             self.interrupt(VIRTIO_MMIO_INT_VRING)
         return True
