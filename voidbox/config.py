@@ -100,6 +100,8 @@ class VmConfig:
     # devices over vhost-user) or "auto" (kvm where it runs an unmodified guest, else
     # qemu: voidbox.host.choose_accel). voidbox.new_vm() honours it.
     accel: str = "auto"
+    # A vhost-user card whose backend went away retries its socket and comes back up.
+    net_reconnect: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -86,6 +86,9 @@ BOOT_OPTIONS = (
     Option("--net-fallback", str, "slirp", "When a tap:NAME cannot be used: slirp serves "
            "the card with the NAT (a line on stderr says why), fail exits 1.",
            metavar="slirp|fail"),
+    Option("--net-reconnect", bool, False, "When a vhost-user:SOCKET card's backend goes "
+           "away, keep trying the socket and bring the guest's link back up with the next "
+           "backend there (without it the link stays down)."),
     Option("--stats", bool, False, "Print each network card's counters when the VM stops."),
     Option("--mac", str, None, "The first card's MAC (default: locally administered, stable "
            "for the image or kernel path).", metavar="MAC"),

@@ -91,8 +91,11 @@ def qemu_argv(qemu: str, config, run_dir: Path, cmdline: str, use_kvm: bool) -> 
     for slot, spec in enumerate(config.devices):
         # A vhost-user card's backend is the user's (--net vhost-user:SOCKET): QEMU connects
         # to it directly; every other device is ours, on a socket in the runtime directory.
-        sock = spec.tap if getattr(spec, "backend", None) == "vhost-user" else run_dir / f"dev{slot}.sock"
-        argv += ["-chardev", f"socket,id=dev{slot},path={sock}"]
+        users = getattr(spec, "backend", None) == "vhost-user"
+        sock = spec.tap if users else run_dir / f"dev{slot}.sock"
+        # --net-reconnect: QEMU itself retries a user's backend that went away.
+        again = ",reconnect=1" if users and config.net_reconnect else ""
+        argv += ["-chardev", f"socket,id=dev{slot},path={sock}{again}"]
         if isinstance(spec, DiskSpec):
             argv += ["-device", f"vhost-user-blk,chardev=dev{slot},num-queues=1"]
         else:

@@ -343,7 +343,8 @@ class Vm(VmBase):
             self._vmfd.register_ioeventfd(kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
             kicks.append(kick)
         mtu = self.config.nat.mtu if self.config.nat is not None else 1500
-        device = VhostUserNic(spec.tap, spec.mac, kicks, loop, name=f"net{spec.index}", mtu=mtu)
+        device = VhostUserNic(spec.tap, spec.mac, kicks, loop, name=f"net{spec.index}", mtu=mtu,
+                              reconnect=self.config.net_reconnect)
         self.nics.append(device)  # closed with the other cards, after the network loop
         self._attach_virtio(device, slot, irqs)
         return base, irqs[slot]

@@ -15,6 +15,8 @@ Decisions a reader should know:
   DRIVER_OK and reset), blocking, each reply awaited within REPLY_TIMEOUT.
 - If the backend goes away (its socket hangs up), the card's link goes down (the STATUS
   field, with a configuration interrupt), one line says so, and the VM keeps running.
+  With reconnect (--net-reconnect) the card retries the socket every RECONNECT_INTERVAL
+  and, once a backend answers, hands it the rings and brings the link back up.
 - The backend is another process, maybe another user's program: every reply is checked
   (its request, its size), and a broken one is an error on this card, never the VMM's.
 """
@@ -28,6 +30,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 
 from ..errors import VoidboxError
 from ..virtio.device import (
@@ -55,6 +58,7 @@ from ..virtio.net import (
 from . import protocol as p
 
 REPLY_TIMEOUT = 10.0
+RECONNECT_INTERVAL = 0.5  # seconds between attempts with --net-reconnect
 PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
 # What the backend may offer the guest through us: the data path's features. MAC, MTU and
 # STATUS are the card's config space, which the VMM owns.
@@ -141,7 +145,7 @@ class VhostUserNic(VirtioDevice):
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, path: str, mac: bytes, kicks: list[int], loop, name: str = "net0",
-                 mtu: int = DEFAULT_MTU):
+                 mtu: int = DEFAULT_MTU, reconnect: bool = False):
         super().__init__()
         self.path = path
         self.mac = bytes(mac)
@@ -149,26 +153,20 @@ class VhostUserNic(VirtioDevice):
         self.name = name
         self.kicks = list(kicks)
         self.loop = loop
+        self.reconnect = reconnect
         self.link_up = True
         self.active = False
-        self.counters = {"activations": 0, "resets": 0, "interrupts": 0, "link_down": 0}
+        self.counters = {"activations": 0, "resets": 0, "interrupts": 0, "link_down": 0,
+                         "reconnects": 0}
         self.pcap = None  # captures are the backend's (net serve --pcap)
         self.backend = self  # network_counters() names the card's backend by its type
         self.calls: list[int] = []
+        # The transport's thread (activate, reset) and the network loop's (hang-up,
+        # reconnect) both talk to the backend: one at a time.
+        self._lock = threading.RLock()
         self.conn = VhostUserConnection(path)
         try:
-            (features,) = struct.unpack("<Q", self.conn.call(p.GetFeatures(), 8))
-            if not features & (1 << VIRTIO_F_VERSION_1):
-                raise VoidboxError(f"vhost-user:{path}: the backend does not offer VIRTIO_F_VERSION_1")
-            self.backend_features = features
-            if features & PROTOCOL_FEATURES_BIT:
-                (offered,) = struct.unpack("<Q", self.conn.call(p.GetProtocolFeatures(), 8))
-                self.conn.send(p.SetProtocolFeatures(features=offered & WANTED_PROTOCOL_FEATURES))
-                self.conn.reply_ack = bool(offered & WANTED_PROTOCOL_FEATURES)
-            self.conn.send(p.SetOwner())
-        except BackendGone as error:
-            self.conn.close()
-            raise VoidboxError(f"vhost-user:{path}: {error}") from None
+            self.backend_features = self._handshake(self.conn)
         except BaseException:
             self.conn.close()
             raise
@@ -176,8 +174,26 @@ class VhostUserNic(VirtioDevice):
             call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self.calls.append(call)
             loop.watch(call, select.EPOLLIN, lambda _ev, fd=call: self._called(fd))
+        self._watch_socket()
+
+    def _handshake(self, conn: VhostUserConnection) -> int:
+        """Features, protocol features and ownership; -> the backend's features."""
+        try:
+            (features,) = struct.unpack("<Q", conn.call(p.GetFeatures(), 8))
+            if not features & (1 << VIRTIO_F_VERSION_1):
+                raise VoidboxError(f"vhost-user:{self.path}: the backend does not offer VIRTIO_F_VERSION_1")
+            if features & PROTOCOL_FEATURES_BIT:
+                (offered,) = struct.unpack("<Q", conn.call(p.GetProtocolFeatures(), 8))
+                conn.send(p.SetProtocolFeatures(features=offered & WANTED_PROTOCOL_FEATURES))
+                conn.reply_ack = bool(offered & WANTED_PROTOCOL_FEATURES)
+            conn.send(p.SetOwner())
+        except BackendGone as error:
+            raise VoidboxError(f"vhost-user:{self.path}: {error}") from None
+        return features
+
+    def _watch_socket(self) -> None:
         self._watching_socket = True
-        loop.watch(self.conn.sock.fileno(), select.EPOLLRDHUP | select.EPOLLHUP, self._hung_up)
+        self.loop.watch(self.conn.sock.fileno(), select.EPOLLRDHUP | select.EPOLLHUP, self._hung_up)
 
     # ---- what the driver sees --------------------------------------------------------------
 
@@ -192,17 +208,19 @@ class VhostUserNic(VirtioDevice):
     # ---- the data path, handed over --------------------------------------------------------
 
     def activate(self, memory, queues, interrupt) -> None:
-        super().activate(memory, queues, interrupt)
-        self.counters["activations"] += 1
-        if not self.link_up:
-            return  # the backend is gone: the guest sees the link down, nothing moves
-        try:
-            self._hand_over(memory, queues)
-            self.active = True
-        except BackendGone as error:
-            self._link_down(str(error))
+        with self._lock:
+            super().activate(memory, queues, interrupt)
+            self.counters["activations"] += 1
+            if not self.link_up:
+                return  # the backend is gone: the guest sees the link down, nothing moves
+            try:
+                self._hand_over(memory, queues, [0] * len(queues))
+                self.active = True
+            except BackendGone as error:
+                self._link_down(str(error))
 
-    def _hand_over(self, memory, queues) -> None:
+    def _hand_over(self, memory, queues, bases) -> None:
+        """The data path to the backend: features, memory table, each ring from `bases`."""
         conn = self.conn
         acked = self.acked_features & BACKEND_FEATURES
         if self.backend_features & PROTOCOL_FEATURES_BIT:
@@ -222,7 +240,7 @@ class VhostUserNic(VirtioDevice):
             conn.send(p.SetVringAddr(index=index, flags=0, desc_user_addr=user(ring.desc_addr),
                                      used_user_addr=user(ring.used_addr),
                                      avail_user_addr=user(ring.avail_addr), log_guest_addr=0))
-            conn.send(p.SetVringBase(index=index, num=0))
+            conn.send(p.SetVringBase(index=index, num=bases[index]))
             conn.send(p.SetVringCall(index=index, fds=(self.calls[index],)))
             conn.send(p.SetVringKick(index=index, fds=(self.kicks[index],)))
             if self.backend_features & PROTOCOL_FEATURES_BIT:
@@ -244,6 +262,10 @@ class VhostUserNic(VirtioDevice):
 
     def reset(self) -> None:
         """The driver reset the card: the backend stops its rings (GET_VRING_BASE)."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
         if self.active:
             self.active = False
             try:
@@ -270,6 +292,51 @@ class VhostUserNic(VirtioDevice):
         self.counters["link_down"] += 1
         sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}: {why}; "
                          "the guest's link is down\n")
+        sys.stderr.flush()
+        if self.interrupt is not None:
+            self.interrupt(VIRTIO_MMIO_INT_CONFIG)
+        if self.reconnect:
+            # From the transport's thread too (a refused activation): via the loop.
+            self.loop.call_soon_threadsafe(
+                lambda: self.loop.call_later(RECONNECT_INTERVAL, self._try_reconnect))
+
+    def _try_reconnect(self) -> None:
+        """--net-reconnect: a backend on the same socket again takes the rings where the
+        guest's used rings stand (what the old one had taken but not used is offered
+        again: RX buffers come back empty, a TX frame may go out twice, as after a NIC
+        reset) and the link comes up."""
+        if self.link_up or self.conn is None:
+            return
+        try:
+            conn = VhostUserConnection(self.path)
+        except VoidboxError:
+            self.loop.call_later(RECONNECT_INTERVAL, self._try_reconnect)
+            return
+        with self._lock:
+            try:
+                features = self._handshake(conn)
+                acked = self.acked_features & BACKEND_FEATURES
+                if acked & ~features:
+                    raise VoidboxError(f"the new backend lacks features the guest uses ({acked & ~features:#x})")
+                old, self.conn = self.conn, conn
+                old.close()
+                self.backend_features = features
+                if self.interrupt is not None and self.memory is not None and self.queues:
+                    bases = [int.from_bytes(self.memory.read(ring.used_addr + 2, 2), "little")
+                             for ring in self.queues]
+                    self._hand_over(self.memory, self.queues, bases)
+                    self.active = True
+            except (VoidboxError, BackendGone) as error:
+                if conn is not self.conn:
+                    conn.close()
+                sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}: {error}\n")
+                self.loop.call_later(RECONNECT_INTERVAL, self._try_reconnect)
+                return
+            self._watch_socket()
+            self.link_up = True
+            self.counters["reconnects"] += 1
+        sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path} is back; "
+                         "the guest's link is up\n")
         sys.stderr.flush()
         if self.interrupt is not None:
             self.interrupt(VIRTIO_MMIO_INT_CONFIG)

@@ -1,0 +1,140 @@
+"""The KVM VMM's vhost-user frontend (voidbox.vhost_user.frontend.VhostUserNic) against an
+in-process backend on a real socket: voidbox's own VhostUserServer over the NAT, pumped on
+a thread of its own, as `voidbox net serve` would run it in another process.
+
+The guest side is the driver mock writing real rings into a memfd GuestMemory; kicks are
+eventfds, as the VMM's ioeventfds are. The backend goes away and comes back: with
+reconnect, the card hands the new one the rings where the used rings stand and the link
+comes back up; without, it stays down.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from tests.unit.test_vhost_user_backend import MAC, Rig, arp_request
+from tests.virtio_driver import Driver
+from voidbox.eventloop import LoopThread
+from voidbox.memory import GuestMemory
+from voidbox.net.packets import ARPOP_REPLY, ETH_P_ARP, parse_arp
+from voidbox.ring import Virtqueue
+from voidbox.vhost_user.frontend import VhostUserNic
+from voidbox.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG
+from voidbox.virtio.net import VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_LEN, VIRTIO_NET_S_LINK_UP
+
+QSIZE = 64
+WAIT = 10.0  # seconds: a bound for a failure, not a measurement
+
+
+class Backend:
+    """An in-process vhost-user server (voidbox's, on the NAT) pumped on its own thread."""
+
+    def __init__(self, path):
+        self.rig = Rig(path, Virtqueue)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self):
+        while not self._stop.is_set():
+            self.rig.loop.run_once(0.01)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.rig.close()
+
+
+class Guest:
+    """The driver's side: rings in guest memory, and what the card's interrupt said."""
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.rx = Driver(memory, size=QSIZE)
+        self.tx = Driver(memory, size=QSIZE, desc_addr=0x50_0000, avail_addr=0x60_0000,
+                         used_addr=0x70_0000)
+        self.tx._data_next += 8 << 20
+        self.interrupts = []
+
+    def queues(self):
+        return tuple(SimpleNamespace(size=d.size, desc_addr=d.desc_addr, avail_addr=d.avail_addr,
+                                     used_addr=d.used_addr) for d in (self.rx, self.tx))
+
+    def interrupt(self, kind):
+        self.interrupts.append(kind)
+
+
+def arp_through(nic, guest, kicks) -> bool:
+    """The guest ARPs for the gateway; True once the NAT's reply is in an RX buffer."""
+    guest.tx.add_buffers(readable=[bytes(VIRTIO_NET_HDR_LEN) + arp_request()])
+    os.eventfd_write(kicks[1], 1)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for head, length in guest.rx.collect():
+            frame = guest.memory.read(guest.rx.read_desc(head)[0], length)[VIRTIO_NET_HDR_LEN:]
+            if int.from_bytes(frame[12:14], "big") == ETH_P_ARP and \
+                    parse_arp(frame[14:]).op == ARPOP_REPLY:
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def wait_until(predicate) -> bool:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("reconnect", [True, False], ids=["reconnect", "no-reconnect"])
+def test_a_backend_that_goes_and_comes_back(tmp_path, capfd, reconnect):
+    path = tmp_path / "net.sock"
+    backend = Backend(path)
+    loop = LoopThread("net")
+    memory = GuestMemory(32 << 20)
+    kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+    nic = VhostUserNic(str(path), MAC, kicks, loop.loop, reconnect=reconnect)
+    loop.start()
+    guest = Guest(memory)
+    try:
+        nic.acked_features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)
+        for _ in range(8):
+            guest.rx.add_buffers(writable=[2048])
+        nic.activate(memory, guest.queues(), guest.interrupt)
+        assert arp_through(nic, guest, kicks)
+
+        backend.close()  # the backend process dies
+        assert wait_until(lambda: not nic.link_up)
+        status = int.from_bytes(nic.config_bytes()[6:8], "little")
+        assert status & VIRTIO_NET_S_LINK_UP == 0
+        assert VIRTIO_MMIO_INT_CONFIG in guest.interrupts
+
+        backend = Backend(path)  # a new one on the same socket
+        if reconnect:
+            assert wait_until(lambda: nic.link_up), capfd.readouterr().err
+            assert nic.counters["reconnects"] == 1
+            assert guest.interrupts.count(VIRTIO_MMIO_INT_CONFIG) == 2
+            for _ in range(8):
+                guest.rx.add_buffers(writable=[2048])
+            assert arp_through(nic, guest, kicks)  # the data path is back
+        else:
+            time.sleep(1.5)  # three reconnect intervals: nothing happens
+            assert not nic.link_up and nic.counters["reconnects"] == 0
+        err = capfd.readouterr().err.splitlines()
+        assert len([line for line in err if "the guest's link is down" in line]) == 1, err
+        assert len([line for line in err if "the guest's link is up" in line]) == int(reconnect), err
+    finally:
+        loop.stop()
+        nic.close()
+        loop.close()
+        backend.close()
+        for fd in kicks:
+            os.close(fd)
+        memory.close()
