@@ -7,6 +7,7 @@ eventfds. The server and the NAT run on one EventLoop, pumped by the test.
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import os
@@ -220,6 +221,8 @@ def arp_request() -> bytes:
 
 
 def open_fds() -> set[str]:
+    # Objects earlier tests left for the garbage collector may close fds mid-test.
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
