@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,7 @@ def main() -> int:
         for proc in (nat, server):
             if proc.poll() is None:
                 proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
     stats = [ln for ln in stderr.splitlines() if ln.startswith("voidbox: net run: ")]
     fields = dict(item.split("=", 1) for item in stats[0].split(": ", 2)[2].split()) if stats else {}
     print(f"connections {n}: opened {opened['open']} (failed {opened['failed']}) in "
