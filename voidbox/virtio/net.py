@@ -591,29 +591,16 @@ class VirtioNet(VirtioDevice):
             counters["rx_csum_valid"] += 1
 
     def _take_for_read(self, queue, merge: bool, max_frame: int):
-        """Held RX chains to read a frame into, or None (too few buffers posted)."""
-        if merge:
-            chains = self._take_buffers(queue, VIRTIO_NET_HDR_LEN + max_frame)
-            if chains is TOO_BIG:
-                # The whole ring is smaller than the largest frame: read into all of it
-                # (most frames are small; one that is not comes back truncated).
-                held = self._rx_held
-                chains = [held.popleft() for _ in range(len(held))]
-            return chains
-        held = self._rx_held
-        while True:
-            while held and held[0].writable < VIRTIO_NET_HDR_LEN + ETH_HLEN:
-                queue.push(held.popleft().head, 0)  # cannot hold any frame
-                self.counters["rx_buffer_too_small"] += 1
-            if held:
-                return [held.popleft()]
-            chains = queue.pop(None, REQUIRE_WRITABLE)
-            if not chains:
-                if queue.enable_notifications():
-                    continue
-                self.counters["rx_starved"] += 1
-                return None
-            held.extend(chains)
+        """Held RX chains to read a frame into, or None (too few buffers posted): with
+        MRG_RXBUF enough for the largest frame, else one buffer that holds any frame at all
+        (a longer frame comes back truncated and is dropped)."""
+        chains = self._take_buffers(queue, VIRTIO_NET_HDR_LEN + (max_frame if merge else ETH_HLEN))
+        if chains is TOO_BIG:
+            # The whole ring is smaller than the largest frame: read into all of it
+            # (most frames are small; one that is not comes back truncated).
+            held = self._rx_held
+            chains = [held.popleft() for _ in range(len(held))]
+        return chains
 
     def _refill(self) -> None:
         """The driver posted RX buffers (or the device just went live): place the backlog,
