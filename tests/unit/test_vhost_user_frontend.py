@@ -139,3 +139,43 @@ def test_a_backend_that_goes_and_comes_back(tmp_path, capfd, reconnect):
         for fd in kicks:
             os.close(fd)
         memory.close()
+
+
+def test_a_backend_that_keeps_refusing_is_retried_quietly(tmp_path, capfd):
+    """--net-reconnect against something on the socket that hangs up on every handshake:
+    the card keeps trying (the link stays down) and says why once, not twice a second."""
+    import socket
+
+    path = tmp_path / "net.sock"
+    backend = Backend(path)
+    loop = LoopThread("net")
+    kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+    nic = VhostUserNic(str(path), MAC, kicks, loop.loop, reconnect=True)
+    loop.start()
+    rude = socket.socket(socket.AF_UNIX)
+    try:
+        backend.close()
+        assert wait_until(lambda: not nic.link_up)
+        rude.bind(str(path))
+        rude.listen(16)
+        rude.settimeout(0.1)
+        attempts = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # accept and hang up, at every attempt
+            try:
+                conn, _ = rude.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+            attempts += 1
+        assert attempts >= 3 and not nic.link_up
+        err = capfd.readouterr().err.splitlines()
+        refusals = [line for line in err if "vhost-user backend" in line and "link is" not in line]
+        assert len(refusals) == 1, err
+    finally:
+        loop.stop()
+        nic.close()
+        loop.close()
+        rude.close()
+        for fd in kicks:
+            os.close(fd)

@@ -161,6 +161,7 @@ class VhostUserNic(VirtioDevice):
         self.pcap = None  # captures are the backend's (net serve --pcap)
         self.backend = self  # network_counters() names the card's backend by its type
         self.calls: list[int] = []
+        self._last_refusal: str | None = None  # what the last reconnect attempt said
         # The transport's thread (activate, reset) and the network loop's (hang-up,
         # reconnect) both talk to the backend: one at a time.
         self._lock = threading.RLock()
@@ -290,9 +291,8 @@ class VhostUserNic(VirtioDevice):
         self.link_up = False
         self.active = False
         self.counters["link_down"] += 1
-        sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}: {why}; "
-                         "the guest's link is down\n")
-        sys.stderr.flush()
+        self._last_refusal = None
+        self._say(f"{why}; the guest's link is down")
         if self.interrupt is not None:
             self.interrupt(VIRTIO_MMIO_INT_CONFIG)
         if self.reconnect:
@@ -329,17 +329,24 @@ class VhostUserNic(VirtioDevice):
             except (VoidboxError, BackendGone) as error:
                 if conn is not self.conn:
                     conn.close()
-                sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}: {error}\n")
+                # Once per outage: a backend that keeps refusing (or one that lacks what
+                # the guest uses) is retried quietly, not logged twice a second.
+                if self._last_refusal is None:
+                    self._last_refusal = str(error)
+                    self._say(str(error))
                 self.loop.call_later(RECONNECT_INTERVAL, self._try_reconnect)
                 return
             self._watch_socket()
             self.link_up = True
             self.counters["reconnects"] += 1
-        sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path} is back; "
-                         "the guest's link is up\n")
-        sys.stderr.flush()
+        self._say("is back; the guest's link is up", sep=" ")
         if self.interrupt is not None:
             self.interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    def _say(self, text: str, sep: str = ": ") -> None:
+        """One line on stderr about this card's backend."""
+        sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}{sep}{text}\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
         """After the network loop stopped: nothing watches these fds any more."""
