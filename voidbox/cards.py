@@ -35,7 +35,8 @@ def open_nic(spec, config, loop, schedule: Callable[[Callable[[], None]], None])
     nat = copy.deepcopy(config.nat) if config.nat is not None else NatConfig()
     # The NAT addresses the card's MAC from the start (it also learns it from the guest).
     nat.guest_mac = ":".join(f"{b:02x}" for b in spec.mac)
-    backend = open_backend(spec.backend, spec.tap, config.net_fallback, loop, nat, config.policy)
+    backend = open_backend(spec.backend, spec.tap, config.net_fallback, loop, nat, config.policy,
+                           tap_fd=getattr(spec, "tap_fd", None))
     capture = None
     if spec.index == 0 and config.pcap is not None:
         from .net.pcap import PcapWriter
@@ -57,6 +58,10 @@ def card_counters(nics) -> list[dict]:
     (frames, bytes, drops by reason, offload use, RX starvation) with the backend's."""
     out = []
     for i, nic in enumerate(nics):
+        if hasattr(nic, "card_counters"):  # a card whose backend is another process
+            backend, counters = nic.card_counters()
+            out.append({"card": f"net{i}", "backend": backend, **counters})
+            continue
         counters = dict(nic.counters)
         counters.update(getattr(nic.backend, "counters", {}) or {})
         if nic.pcap is not None:

@@ -112,8 +112,10 @@ def net() -> None:
 
 
 @net.command("serve", epilog=NAT_EPILOG)
-@click.option("--vhost-user", "socket_path", required=True, metavar="SOCKET",
+@click.option("--vhost-user", "socket_path", metavar="SOCKET",
               help="Serve the card as a vhost-user backend on this unix socket (mode 0600).")
+# voidbox boot's own: the card's backend as a child process (voidbox.vhost_user.child).
+@click.option("--vmm-fd", type=click.IntRange(0), hidden=True)
 @click.option("--backend", default="slirp", show_default=True, metavar="slirp|tap:NAME",
               help="What carries the card's frames: the user-mode NAT, or a TAP the user owns "
               "(or a new one, with CAP_NET_ADMIN).")
@@ -122,12 +124,18 @@ def net() -> None:
               help="When the TAP cannot be used: serve the card with the NAT (one line says "
               "why) or exit 1.")
 @_options(NAT_OPTIONS)
-def net_serve(socket_path, backend, net_fallback, mtu, forward, allow, deny, host_loopback,
+def net_serve(socket_path, vmm_fd, backend, net_fallback, mtu, forward, allow, deny, host_loopback,
               dns_upstream, max_flows, max_conn_rate, pcap, pcap_max_bytes) -> None:
     """Serve a virtio-net card to one vhost-user frontend at a time (e.g. QEMU).
 
     Runs until SIGINT or SIGTERM. Example: voidbox net serve --vhost-user /tmp/net.sock
     """
+    if vmm_fd is not None:
+        from .vhost_user.child import serve_for_vmm
+
+        sys.exit(serve_for_vmm(vmm_fd))
+    if socket_path is None:
+        raise click.UsageError("Missing option '--vhost-user'.")
     from .net.options import config_from_options, pcap_from_options
     from .vhost_user.serve import serve_net
 

@@ -18,6 +18,7 @@ MAX_CPUS = 255
 MAX_NICS = 4  # virtio-mmio windows left after the disk (layout.VIRTIO_MMIO_*)  # one xAPIC ID per vCPU, and the IOAPIC takes the next one
 MAX_MEM = 1 << 40
 NET_FALLBACKS = ("slirp", "fail")
+NET_ISOLATIONS = ("process", "none")
 ACCELS = ("auto", "kvm", "qemu")
 
 DEFAULT_CMDLINE = (
@@ -102,6 +103,9 @@ class VmConfig:
     accel: str = "auto"
     # A vhost-user card whose backend went away retries its socket and comes back up.
     net_reconnect: bool = False
+    # Where a slirp or tap card's backend runs: "process" (a child `voidbox net serve`
+    # over vhost-user, voidbox.vhost_user.child) or "none" (inside the VMM's process).
+    net_isolation: str = "process"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -125,6 +129,8 @@ class VmConfig:
         _existing_file(self.image, "disk image")
         if self.accel not in ACCELS:
             raise UsageError(f"bad --accel {self.accel!r}: expected auto, kvm or qemu")
+        if self.net_isolation not in NET_ISOLATIONS:
+            raise UsageError(f"bad --net-isolation {self.net_isolation!r}: expected process or none")
         if self.net_fallback not in NET_FALLBACKS:
             raise UsageError(f"bad --net-fallback {self.net_fallback!r}: expected slirp or fail")
         self.nics = self._parse_nics()

@@ -89,6 +89,11 @@ BOOT_OPTIONS = (
     Option("--net-reconnect", bool, False, "When a vhost-user:SOCKET card's backend goes "
            "away, keep trying the socket and bring the guest's link back up with the next "
            "backend there (without it the link stays down)."),
+    Option("--net-isolation", str, "process", "Where a slirp or tap card's backend runs: "
+           "process (a child `voidbox net serve` on a socketpair, so the code that parses the "
+           "guest's frames holds neither /dev/kvm nor guest memory beyond the rings' shared "
+           "RAM) or none (inside the VMM, for debugging; says so on stderr).",
+           metavar="process|none"),
     Option("--stats", bool, False, "Print each network card's counters when the VM stops."),
     Option("--mac", str, None, "The first card's MAC (default: locally administered, stable "
            "for the image or kernel path).", metavar="MAC"),

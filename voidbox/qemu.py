@@ -187,6 +187,9 @@ class QemuVm(VmBase):
         if not self.use_kvm:
             cmdline += f" tsc_early_khz={host_tsc_khz()}"
         encode_cmdline(cmdline, COMMAND_LINE_LIMIT)  # NUL bytes, absurd lengths: exit 2
+        for nic in self.nics:  # the cards' backend processes, started above, now serve
+            if hasattr(nic, "wait_ready"):
+                nic.wait_ready()
         argv = qemu_argv(self.qemu, config, self.run_dir, cmdline, self.use_kvm)
         self._stderr_path = self.run_dir / "qemu.err"
         with open(self._stderr_path, "wb") as err:
@@ -207,7 +210,7 @@ class QemuVm(VmBase):
 
     def _listen(self, path: Path) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(str(path))
+        sock.bind(str(path))  # in the private 0700 runtime directory
         sock.listen(1)
         return sock
 
@@ -229,6 +232,14 @@ class QemuVm(VmBase):
                 self.disk = device
             elif spec.backend == "vhost-user":
                 continue  # QEMU connects to the user's backend itself
+            elif self.config.net_isolation == "process":
+                # The card's backend in a process of its own, listening where QEMU connects:
+                # the data path is QEMU <-> that process, voidbox only watches it.
+                from .vhost_user import child
+
+                process = child.spawn(spec, self.config, listener=self._listen(path))
+                self.nics.append(process)
+                continue
             else:
                 if self.net_thread is None:
                     self.net_thread = LoopThread("net")

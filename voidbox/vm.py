@@ -199,6 +199,7 @@ class Vm(VmBase):
         self._vmfd = None
         self._workers = []
         self._fds = []
+        self._children = {}  # card index -> its backend's process (voidbox.vhost_user.child)
         self.virtio_transports = []
         self.net_thread = None
         self.first_run_at = None  # time.time() of the first KVM_RUN (start-up benchmark)
@@ -217,6 +218,8 @@ class Vm(VmBase):
         from .vcpu import configure_vcpu
 
         config = self.config
+        # First: each isolated card's backend process starts up while the VM is built.
+        self._children = self._spawn_backends()
         self.memory = GuestMemory(config.mem)
         self._kvm = kvm = Kvm()
         self._vmfd = vmfd = kvm.create_vm()
@@ -312,7 +315,7 @@ class Vm(VmBase):
         if self.net_thread is None:
             self.net_thread = LoopThread("net")
         loop = self.net_thread.loop
-        if spec.backend == "vhost-user":
+        if spec.backend == "vhost-user" or spec.index in self._children:
             return self._add_vhost_user_nic(spec, slot, irqs, loop)
         # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
         device = open_nic(spec, self.config, loop, loop.call_soon_threadsafe)
@@ -343,11 +346,33 @@ class Vm(VmBase):
             self._vmfd.register_ioeventfd(kick, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, datamatch=index)
             kicks.append(kick)
         mtu = self.config.nat.mtu if self.config.nat is not None else 1500
+        child = self._children.get(spec.index)
+        if child is not None:
+            child.wait_ready()
         device = VhostUserNic(spec.tap, spec.mac, kicks, loop, name=f"net{spec.index}", mtu=mtu,
-                              reconnect=self.config.net_reconnect)
+                              reconnect=self.config.net_reconnect, process=child)
         self.nics.append(device)  # closed with the other cards, after the network loop
         self._attach_virtio(device, slot, irqs)
         return base, irqs[slot]
+
+    def _spawn_backends(self) -> dict:
+        """{card index: BackendProcess} for the slirp and tap cards whose backend runs in
+        a process of its own (--net-isolation process, the default)."""
+        if self.config.net_isolation != "process":
+            return {}
+        from .config import NicSpec
+        from .vhost_user import child
+
+        children = {}
+        try:
+            for spec in self.config.devices:
+                if isinstance(spec, NicSpec) and spec.backend in ("slirp", "tap"):
+                    children[spec.index] = child.spawn(spec, self.config)
+        except BaseException:
+            for process in children.values():
+                process.kill()
+            raise
+        return children
 
     def _attach_virtio(self, device, slot: int, irqs, notify=None):
         """Put `device` on a virtio-mmio window, interrupts through an irqfd on the line the
@@ -449,6 +474,11 @@ class Vm(VmBase):
                 nic.close()
             self.net_thread.close()
             self.net_thread = None
+        for process in self._children.values():  # a card not built yet: nobody finished it
+            if process.process.returncode is None and process.frontend_socket is not None:
+                process.frontend_socket.close()
+                process.finish()
+        self._children = {}
         if self._vmfd is not None:
             self._vmfd.close()
             self._vmfd = None

@@ -82,8 +82,11 @@ def boot_as_nobody(workdir, kernel: str, fallback: str) -> tuple[int, str, str]:
             from voidbox.launch import main
 
             try:
+                # In the VMM: nobody may not run this host's interpreter (under /root),
+                # so a child backend could not start here.
                 main(["boot", "--accel", "kvm", "--kernel", kernel, "--mem", "64M", "--net", f"tap:{TAP}",
-                      "--net-fallback", fallback, "--timeout", GUEST_TIMEOUT])
+                      "--net-fallback", fallback, "--net-isolation", "none",
+                      "--timeout", GUEST_TIMEOUT])
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 98
         except BaseException as e:  # the child must never return into pytest

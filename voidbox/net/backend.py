@@ -170,10 +170,13 @@ class TapBackend:
     produces_guest_offloads = True
     reads_into_card = True  # attach(card=...) takes the NIC's RX buffers directly
 
-    def __init__(self, loop: EventLoop, name: str):
+    def __init__(self, loop: EventLoop, name: str, fd: int | None = None):
+        """fd: the TAP already open (open_tap as below), e.g. by a more privileged parent
+        (voidbox.vhost_user.child); the backend owns it from here."""
         self.loop = loop
-        self.fd, self.name = open_tap(name, vnet_hdr=True, vnet_hdr_len=VIRTIO_NET_HDR_LEN,
-                                      offloads=0)
+        if fd is None:
+            fd, name = open_tap(name, vnet_hdr=True, vnet_hdr_len=VIRTIO_NET_HDR_LEN, offloads=0)
+        self.fd, self.name = fd, name
         # One frame per read, up to the largest the NIC takes: nothing is truncated.
         self.port = FramePort(self.fd, VIRTIO_NET_HDR_LEN, MAX_FRAME, TAP_READ_BATCH)
         self.deliver: Callable[[bytes], object] | None = None
@@ -329,17 +332,17 @@ _PLAIN_HEADER = bytes(VIRTIO_NET_HDR_LEN)  # no offload; num_buffers is RX-only
 
 
 def open_backend(kind: str, name: str | None, fallback: str, loop: EventLoop,
-                 nat: NatConfig, policy: Policy | None = None):
+                 nat: NatConfig, policy: Policy | None = None, tap_fd: int | None = None):
     """The backend for one `--net` entry ("slirp" or "tap"). When the TAP cannot be used
     (no permission, no /dev/net/tun, the name held by another process), one line on
     stderr says why and the NAT serves the card; with fallback "fail" that line is the
-    VoidboxError raised instead."""
+    VoidboxError raised instead. tap_fd: the TAP, already open (by a privileged parent)."""
     if kind == "slirp":
         return SlirpBackend(loop, nat, policy)
     if kind != "tap":
         raise ValueError(f"no backend {kind!r}")
     try:
-        return TapBackend(loop, name)
+        return TapBackend(loop, name, tap_fd)
     except VoidboxError as error:
         reason = f"tap:{name} unusable ({error})"
     if fallback == "fail":

@@ -97,10 +97,16 @@ class Policy:
         """host_addrs: the host's own addresses to deny with its loopback (default: read
         from the kernel); ignored with host_loopback."""
         self.host_loopback = host_loopback
+        # The inputs, as given: a backend in another process rebuilds the same rules from
+        # them (voidbox.vhost_user.child) without reading the host's addresses again.
+        self.allow, self.deny = tuple(allow), tuple(deny)
+        if host_addrs is None and not host_loopback:
+            host_addrs = tuple(host_addresses())
+        self.host_addrs = tuple(host_addrs or ())
         defaults = list(DEFAULT_DENY)
         if not host_loopback:
             defaults += HOST_DENY
-            defaults += [f"{a}/32" for a in (host_addresses() if host_addrs is None else host_addrs)]
+            defaults += [f"{a}/32" for a in self.host_addrs]
         rules = [parse_rule(s, allow=False, user=False) for s in defaults]
         rules += [parse_rule(s, allow=True) for s in allow]
         rules += [parse_rule(s, allow=False) for s in deny]

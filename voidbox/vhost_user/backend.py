@@ -487,7 +487,9 @@ class VhostUserServer:
     """Serve `device` (a voidbox.virtio device core) on the unix socket `path`, on `loop`.
 
     start() binds and listens (mode 0600; an existing socket file is replaced, any other
-    file refused); close() stops serving and unlinks the path.
+    file refused); close() stops serving and unlinks the path. start_on(sock) serves an
+    inherited socket instead (voidbox.vhost_user.child): a listening one, whose path its
+    creator owns, or one already connected to its frontend (one end of a socketpair).
     """
 
     def __init__(self, device, path: str, loop, ring_factory=Virtqueue, on_disconnect=None):
@@ -496,6 +498,7 @@ class VhostUserServer:
         self.device = device
         self.on_disconnect = on_disconnect
         self.path = os.fspath(path)
+        self._owns_path = True
         self.loop = loop
         self.ring_factory = ring_factory
         self.listener: socket.socket | None = None
@@ -534,6 +537,17 @@ class VhostUserServer:
         self.listener = sock
         self.loop.watch(sock.fileno(), select.EPOLLIN, self._accept)
 
+    def start_on(self, sock: socket.socket) -> None:
+        """Serve `sock`: a listening socket (its path is not ours to unlink) or a connected
+        one, whose frontend is the only one this server will have."""
+        sock.setblocking(False)
+        self._owns_path = False
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self.listener = sock
+            self.loop.watch(sock.fileno(), select.EPOLLIN, self._accept)
+        else:
+            self._begin(sock)
+
     def _accept(self, _events: int = 0) -> None:
         try:
             conn, _ = self.listener.accept()
@@ -544,6 +558,9 @@ class VhostUserServer:
             log.info("vhost-user %s: refused a second frontend", self.path)
             conn.close()
             return
+        self._begin(conn)
+
+    def _begin(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         self.session = _Session(self, conn)
         self.sessions += 1
@@ -568,7 +585,8 @@ class VhostUserServer:
             self.loop.unwatch(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            if self._owns_path:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass

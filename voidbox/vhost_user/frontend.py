@@ -77,8 +77,14 @@ class BackendGone(VoidboxError):
 class VhostUserConnection:
     """The frontend's side of one vhost-user socket: requests out, replies checked."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, sock: socket.socket | None = None):
+        """Connect to `path`, or talk over `sock`, already connected (a socketpair's end)."""
         self.path = path
+        self.reply_ack = False
+        if sock is not None:
+            self.sock = sock
+            sock.settimeout(REPLY_TIMEOUT)
+            return
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(REPLY_TIMEOUT)
         try:
@@ -86,7 +92,6 @@ class VhostUserConnection:
         except OSError as error:
             self.sock.close()
             raise VoidboxError(f"vhost-user:{path}: cannot connect: {error.strerror or error}") from None
-        self.reply_ack = False
 
     def send(self, msg: p.Message) -> None:
         """A request without a reply of its own (acknowledged when REPLY_ACK is on)."""
@@ -145,9 +150,12 @@ class VhostUserNic(VirtioDevice):
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, path: str, mac: bytes, kicks: list[int], loop, name: str = "net0",
-                 mtu: int = DEFAULT_MTU, reconnect: bool = False):
+                 mtu: int = DEFAULT_MTU, reconnect: bool = False, process=None):
+        """process: a voidbox.vhost_user.child.BackendProcess, the card's own backend on
+        the other end of a socketpair (path is then only a name); no reconnect."""
         super().__init__()
         self.path = path
+        self.process = process
         self.mac = bytes(mac)
         self.mtu = mtu
         self.name = name
@@ -165,7 +173,11 @@ class VhostUserNic(VirtioDevice):
         # The transport's thread (activate, reset) and the network loop's (hang-up,
         # reconnect) both talk to the backend: one at a time.
         self._lock = threading.RLock()
-        self.conn = VhostUserConnection(path)
+        if process is not None:
+            self.conn = VhostUserConnection(path, process.frontend_socket)
+            self.reconnect = False
+        else:
+            self.conn = VhostUserConnection(path)
         try:
             self.backend_features = self._handshake(self.conn)
         except BaseException:
@@ -283,7 +295,10 @@ class VhostUserNic(VirtioDevice):
         if self._watching_socket:  # level-triggered: once is enough
             self._watching_socket = False
             self.loop.unwatch(self.conn.sock.fileno())
-        self._link_down("the backend closed the connection")
+        if self.process is not None:
+            self._link_down(self.process.describe_end())
+        else:
+            self._link_down("the backend closed the connection")
 
     def _link_down(self, why: str) -> None:
         if not self.link_up:
@@ -345,12 +360,26 @@ class VhostUserNic(VirtioDevice):
 
     def _say(self, text: str, sep: str = ": ") -> None:
         """One line on stderr about this card's backend."""
-        sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}{sep}{text}\n")
+        if self.process is not None:  # the text names the process
+            sys.stderr.write(f"voidbox: {self.name}: {text}\n")
+        else:
+            sys.stderr.write(f"voidbox: {self.name}: vhost-user backend {self.path}{sep}{text}\n")
         sys.stderr.flush()
 
+    def card_counters(self) -> tuple[str, dict]:
+        """--stats: the backend's counters (from its process, once it ended) and the card's."""
+        if self.process is None:
+            return type(self).__name__, dict(self.counters)
+        backend, counters = self.process.card_counters()
+        counters.update({f"frontend_{k}": v for k, v in self.counters.items()})
+        return backend, counters
+
     def close(self) -> None:
-        """After the network loop stopped: nothing watches these fds any more."""
+        """After the network loop stopped: nothing watches these fds any more. A child
+        backend sees its frontend go and ends; its counters are collected here."""
         self.conn.close()
         for fd in self.calls:
             os.close(fd)
         self.calls = []
+        if self.process is not None:
+            self.process.finish()

@@ -18,7 +18,7 @@ def serve(path: str, make_device) -> int:
     """Serve the device make_device(loop) -> (device, on_disconnect, close) on `path`.
 
     Each frontend's end (a disconnect, a protocol error) is one line on stderr."""
-    _log_to_stderr()
+    log_to_stderr()
     loop = EventLoop()
     device, on_disconnect, close = make_device(loop)
     server = VhostUserServer(device, path, loop, on_disconnect=on_disconnect)
@@ -35,7 +35,7 @@ def serve(path: str, make_device) -> int:
     return 0
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
     import logging
     import sys
 
