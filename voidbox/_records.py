@@ -76,10 +76,13 @@ def _frozen_error(name, verb="assign to"):
     return FrozenInstanceError(f"cannot {verb} field {name!r}")
 
 
-def dataclass(cls=None, /, *, frozen: bool = False, slots: bool = False, eq: bool = True):
-    """@dataclass, @dataclass(frozen=..., slots=..., eq=...): see the module docstring."""
+def dataclass(cls=None, /, *, frozen: bool = False, slots: bool = False, eq: bool = True,
+              kw_only: bool = False):
+    """@dataclass, @dataclass(frozen=..., slots=..., eq=..., kw_only=...): see the module
+    docstring. kw_only makes every field of the class, its bases' too, keyword-only (so a
+    field without a default may follow one with)."""
     def wrap(c):
-        return _process(c, frozen, slots, eq)
+        return _process(c, frozen, slots, eq, kw_only)
 
     return wrap if cls is None else wrap(cls)
 
@@ -116,7 +119,7 @@ def _is_classvar(annotation) -> bool:
     return text.startswith(("ClassVar", "typing.ClassVar", "t.ClassVar"))
 
 
-def _process(cls, frozen: bool, slots: bool, eq: bool):
+def _process(cls, frozen: bool, slots: bool, eq: bool, kw_only: bool = False):
     inherited = {}
     for base in reversed(cls.__mro__[1:]):
         for entry in base.__dict__.get("__record_fields__", ()):
@@ -161,13 +164,15 @@ def _process(cls, frozen: bool, slots: bool, eq: bool):
             value = name
             seen_default = True
         else:
-            if seen_default:
+            if seen_default and not kw_only:
                 raise TypeError(f"non-default argument {name!r} follows default argument")
             params.append(name)
             value = name
         body.append(f"  _setattr(self, {name!r}, {value})" if frozen else f"  self.{name} = {value}")
     if any("__post_init__" in c.__dict__ for c in cls.__mro__):
         body.append("  self.__post_init__()")
+    if kw_only and params:
+        params.insert(0, "*")
     exec("\n".join([f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"])]), ns)  # noqa: S102
     methods = {"__init__": ns["__init__"], "__repr__": _repr}
     values = _values_getter(tuple(names))

@@ -131,9 +131,9 @@ def net_serve(socket_path, vmm_fd, backend, net_fallback, mtu, forward, allow, d
     Runs until SIGINT or SIGTERM. Example: voidbox net serve --vhost-user /tmp/net.sock
     """
     if vmm_fd is not None:
-        from .vhost_user.child import serve_for_vmm
+        from .vhost_user.child import main as serve_for_vmm
 
-        sys.exit(serve_for_vmm(vmm_fd))
+        serve_for_vmm(vmm_fd)
     if socket_path is None:
         raise click.UsageError("Missing option '--vhost-user'.")
     from .net.options import config_from_options, pcap_from_options

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:3] == ["net", "serve", "--vmm-fd"] and len(args) == 4 and args[3].isdigit():
         # A VMM's child backend (voidbox.vhost_user.child): its start-up is the VM's.
-        from .vhost_user.child import serve_for_vmm
+        from .vhost_user.child import main as serve_for_vmm
 
-        sys.exit(serve_for_vmm(int(args[3])))
+        serve_for_vmm(int(args[3]))
     if args[:1] == ["boot"]:
         params = parse_boot_fast(args[1:])
         if params is not None:

@@ -347,10 +347,9 @@ class Vm(VmBase):
             kicks.append(kick)
         mtu = self.config.nat.mtu if self.config.nat is not None else 1500
         child = self._children.get(spec.index)
-        if child is not None:
-            child.wait_ready()
         device = VhostUserNic(spec.tap, spec.mac, kicks, loop, name=f"net{spec.index}", mtu=mtu,
-                              reconnect=self.config.net_reconnect, process=child)
+                              reconnect=self.config.net_reconnect, process=child,
+                              on_error=lambda error: self.stop(StopReason.ERROR, f"error: {error}"))
         self.nics.append(device)  # closed with the other cards, after the network loop
         self._attach_virtio(device, slot, irqs)
         return base, irqs[slot]

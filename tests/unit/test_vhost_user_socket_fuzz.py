@@ -29,7 +29,7 @@ from voidbox.ring import Virtqueue
 from voidbox.vhost_user import protocol as p
 
 INDEX = st.integers(0, 2)  # 2 is out of range for a card
-ADDR = st.one_of(st.integers(0, 1 << 64 - 1), st.integers(UADDR - 4096, UADDR + (40 << 20)))
+ADDR = st.one_of(st.integers(0, (1 << 64) - 1), st.integers(UADDR - 4096, UADDR + (40 << 20)))
 
 
 def _memfd(size: int) -> int:
@@ -61,7 +61,7 @@ step = st.one_of(
     .map(lambda m: ("msg", m, [])),
     st.lists(st.tuples(region, st.sampled_from([4096, 1 << 20, 32 << 20])), min_size=1, max_size=3)
     .map(lambda rs: ("table", tuple(r for r, _ in rs), [lambda s=s: _memfd(s) for _, s in rs])),
-    st.builds(p.SetVringNum, index=INDEX, num=st.sampled_from([QSIZE, 0, 3, 1 << 15]) | st.integers(0, 1 << 32))
+    st.builds(p.SetVringNum, index=INDEX, num=st.sampled_from([QSIZE, 0, 3, 1 << 15]) | st.integers(0, (1 << 32) - 1))
     .map(lambda m: ("msg", m, [])),
     st.builds(p.SetVringAddr, index=INDEX, flags=st.integers(0, 1), desc_user_addr=ADDR,
               used_user_addr=ADDR, avail_user_addr=ADDR, log_guest_addr=st.just(0))

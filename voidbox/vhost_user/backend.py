@@ -33,8 +33,8 @@ import os
 import select
 import socket
 import stat
-from dataclasses import dataclass, field
 
+from .._records import dataclass, field
 from ..errors import VoidboxError
 from ..ring import QueueError, Virtqueue, avail_ring_size, desc_table_size, used_ring_size
 from ..virtio.device import VIRTIO_F_EVENT_IDX

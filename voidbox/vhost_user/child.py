@@ -292,6 +292,14 @@ def _recv_some(sock: socket.socket, n: int) -> bytes:
 
 # ---- the child's side -------------------------------------------------------------------
 
+def main(control_fd: int) -> None:
+    """The child's entry point: serve, then exit without the interpreter's teardown
+    (everything was closed explicitly; the VMM waits for this exit)."""
+    status = serve_for_vmm(control_fd)
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def serve_for_vmm(control_fd: int) -> int:
     """`voidbox net serve --vmm-fd N`: serve the card the VMM describes on its control socket."""
     from ..net.netns import set_parent_death_signal
@@ -344,7 +352,9 @@ def _serve(control: socket.socket, document: dict, fds: list[int]) -> int:
         from ..net.pcap import PcapSpec
 
         capture = PcapSpec(document["pcap"]["path"], int(document["pcap"]["max_bytes"]))
-    log_to_stderr()
+    import logging
+
+    log_to_stderr(logging.WARNING)  # its frontend's end is the VM's: nothing to say
     loop = EventLoop()
     wanted = SimpleNamespace(nat=nat, policy=policy, net_fallback="fail", pcap=capture)
     spec = SimpleNamespace(backend=document["backend"], tap=document.get("tap"),

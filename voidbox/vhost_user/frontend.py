@@ -24,7 +24,6 @@ Decisions a reader should know:
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import select
 import socket
@@ -32,6 +31,7 @@ import struct
 import sys
 import threading
 
+from .._records import replace
 from ..errors import VoidboxError
 from ..virtio.device import (
     VIRTIO_F_EVENT_IDX,
@@ -96,7 +96,7 @@ class VhostUserConnection:
     def send(self, msg: p.Message) -> None:
         """A request without a reply of its own (acknowledged when REPLY_ACK is on)."""
         if self.reply_ack:
-            msg = dataclasses.replace(msg, need_reply=True)
+            msg = replace(msg, need_reply=True)
         data, fds = p.encode_request(msg)
         try:
             socket.send_fds(self.sock, [data], list(fds))
@@ -150,12 +150,17 @@ class VhostUserNic(VirtioDevice):
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, path: str, mac: bytes, kicks: list[int], loop, name: str = "net0",
-                 mtu: int = DEFAULT_MTU, reconnect: bool = False, process=None):
+                 mtu: int = DEFAULT_MTU, reconnect: bool = False, process=None, on_error=None):
         """process: a voidbox.vhost_user.child.BackendProcess, the card's own backend on
-        the other end of a socketpair (path is then only a name); no reconnect."""
+        the other end of a socketpair (path is then only a name; no reconnect). It is
+        still starting: the handshake runs on a thread of its own, the driver's first look
+        at the card waits for it, and on_error(VoidboxError) hears if it fails."""
         super().__init__()
         self.path = path
         self.process = process
+        # How errors name the backend.
+        self.label = (f"vhost-user:{path}" if process is None
+                      else f"{name}: the network backend (pid {process.pid})")
         self.mac = bytes(mac)
         self.mtu = mtu
         self.name = name
@@ -173,35 +178,76 @@ class VhostUserNic(VirtioDevice):
         # The transport's thread (activate, reset) and the network loop's (hang-up,
         # reconnect) both talk to the backend: one at a time.
         self._lock = threading.RLock()
+        self._connected: threading.Event | None = None  # set once a child backend answered
+        self._start_error: VoidboxError | None = None
+        self._starter: threading.Thread | None = None
         if process is not None:
-            self.conn = VhostUserConnection(path, process.frontend_socket)
             self.reconnect = False
+            self.conn = VhostUserConnection(path, process.frontend_socket)
+            self.backend_features = 0
         else:
             self.conn = VhostUserConnection(path)
-        try:
-            self.backend_features = self._handshake(self.conn)
-        except BaseException:
-            self.conn.close()
-            raise
+            try:
+                self.backend_features = self._handshake(self.conn)
+            except BaseException:
+                self.conn.close()
+                raise
         for _queue in self.queue_max_sizes:
             call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self.calls.append(call)
             loop.watch(call, select.EPOLLIN, lambda _ev, fd=call: self._called(fd))
-        self._watch_socket()
+        if process is None:
+            self._watch_socket()
+        else:
+            # The VM boots while the backend starts (a Python interpreter and the NAT's
+            # imports): start-up costs the VMM only the spawn.
+            self._connected = threading.Event()
+            self._starter = threading.Thread(target=self._start_child, args=(on_error,),
+                                             name=f"{name}-backend", daemon=True)
+            self._starter.start()
+
+    def _start_child(self, on_error) -> None:
+        try:
+            self.process.wait_ready()
+            features = self._handshake(self.conn)
+        except VoidboxError as error:
+            self._start_error = error
+            self._connected.set()
+            if on_error is not None:
+                on_error(error)
+            return
+        self.backend_features = features
+        self._connected.set()
+        # From here its hang-up means it ended (a start-up failure is on_error's line).
+        self.loop.call_soon_threadsafe(self._watch_socket)
+
+    def wait_backend(self, timeout: float | None = None) -> bool:
+        """Whether the card's backend answered (at once for a socket's backend; a child
+        backend may still be starting): waits up to `timeout` seconds."""
+        if self._connected is not None and not self._connected.wait(timeout):
+            return False
+        return self._start_error is None
+
+    def _wait_started(self) -> bool:
+        """Whether the card has a backend: a child backend is waited for (the driver's
+        first look at the card, on a vCPU thread). False if it failed: the VM is stopping."""
+        if self._connected is not None and not self._connected.wait(REPLY_TIMEOUT + 30):
+            self._start_error = VoidboxError(f"{self.name}: the network backend did not answer")
+        return self._start_error is None
 
     def _handshake(self, conn: VhostUserConnection) -> int:
         """Features, protocol features and ownership; -> the backend's features."""
         try:
             (features,) = struct.unpack("<Q", conn.call(p.GetFeatures(), 8))
             if not features & (1 << VIRTIO_F_VERSION_1):
-                raise VoidboxError(f"vhost-user:{self.path}: the backend does not offer VIRTIO_F_VERSION_1")
+                raise VoidboxError(f"{self.label}: the backend does not offer VIRTIO_F_VERSION_1")
             if features & PROTOCOL_FEATURES_BIT:
                 (offered,) = struct.unpack("<Q", conn.call(p.GetProtocolFeatures(), 8))
                 conn.send(p.SetProtocolFeatures(features=offered & WANTED_PROTOCOL_FEATURES))
                 conn.reply_ack = bool(offered & WANTED_PROTOCOL_FEATURES)
             conn.send(p.SetOwner())
         except BackendGone as error:
-            raise VoidboxError(f"vhost-user:{self.path}: {error}") from None
+            raise VoidboxError(f"{self.label}: {error}") from None
         return features
 
     def _watch_socket(self) -> None:
@@ -212,6 +258,7 @@ class VhostUserNic(VirtioDevice):
 
     @property
     def features(self) -> int:
+        self._wait_started()
         return (self.backend_features & BACKEND_FEATURES) | CONFIG_FEATURES
 
     def config_bytes(self) -> bytes:
@@ -224,7 +271,7 @@ class VhostUserNic(VirtioDevice):
         with self._lock:
             super().activate(memory, queues, interrupt)
             self.counters["activations"] += 1
-            if not self.link_up:
+            if not self.link_up or not self._wait_started():
                 return  # the backend is gone: the guest sees the link down, nothing moves
             try:
                 self._hand_over(memory, queues, [0] * len(queues))
@@ -377,6 +424,9 @@ class VhostUserNic(VirtioDevice):
     def close(self) -> None:
         """After the network loop stopped: nothing watches these fds any more. A child
         backend sees its frontend go and ends; its counters are collected here."""
+        if self._starter is not None and self._starter.is_alive():
+            self.process.kill()  # still starting: nobody will use it
+            self._starter.join()
         self.conn.close()
         for fd in self.calls:
             os.close(fd)

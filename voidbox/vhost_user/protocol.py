@@ -29,9 +29,9 @@ import os
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import ClassVar, NoReturn
 
+from voidbox._records import dataclass
 from voidbox.errors import VoidboxError
 
 # Header ("Message Specification"): request, flags, size.

@@ -35,7 +35,8 @@ def serve(path: str, make_device) -> int:
     return 0
 
 
-def log_to_stderr() -> None:
+def log_to_stderr(level: int | None = None) -> None:
+    """The server's lines on stderr: each frontend's end (INFO), or only errors."""
     import logging
     import sys
 
@@ -43,7 +44,7 @@ def log_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("voidbox: %(message)s"))
     logger = logging.getLogger("voidbox.vhost_user")
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if level is None else level)
     logger.propagate = False
 
 
