@@ -80,7 +80,7 @@ listening, proc_cpu_seconds, stop = _nc.listening, _nc.proc_cpu_seconds, _nc.sto
 
 NETBENCH_C = BENCH / "guest_tools" / "netbench.c"
 ECHO_SERVER = BENCH / "net" / "echo_server.py"
-BACKENDS = ("voidbox", "slirp", "passt", "passt-vhost-user")
+BACKENDS = ("voidbox", "slirp", "passt", "passt-vhost-user", "boot", "boot-inprocess")
 GUEST_IP, PREFIX_LEN, GATEWAY = "10.0.2.15", "24", "10.0.2.2"
 LOOPBACK = "127.0.0.1"
 WARMUP = 20
@@ -431,6 +431,7 @@ class Session:
         self.proc: subprocess.Popen | None = None  # the backend, when it is a process
         self.qemu: subprocess.Popen | None = None
         self.serial = bytearray()
+        self._pending = b""
         self.messages: list[dict] = []
         self.done = threading.Event()
         self.prompt = threading.Event()
@@ -524,20 +525,23 @@ class Session:
             self.out["ops"][op] = msg
 
     def reader(self) -> None:
-        pending = b""
         while chunk := self.qemu.stdout.read1(65536):
-            self.serial.extend(chunk)
-            if not self.prompt.is_set():
-                at = self.serial.find(NO_ROOT_SHELL)
-                if at >= 0 and self.serial.find(SHELL_PROMPT, at) >= 0:
-                    self.prompt.set()
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                msg = parse_console_line(line.decode(errors="replace"))
-                if msg is not None:
-                    self.on_message(msg)
+            self.feed(chunk)
         self.done.set()
+
+    def feed(self, chunk: bytes) -> None:
+        """Console bytes from the guest."""
+        self.serial.extend(chunk)
+        if not self.prompt.is_set():
+            at = self.serial.find(NO_ROOT_SHELL)
+            if at >= 0 and self.serial.find(SHELL_PROMPT, at) >= 0:
+                self.prompt.set()
+        self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        for line in lines:
+            msg = parse_console_line(line.decode(errors="replace"))
+            if msg is not None:
+                self.on_message(msg)
 
     def run(self) -> dict:
         busy0 = time.monotonic()
@@ -583,6 +587,78 @@ class Session:
         stop(self.proc)
         if self.proc is not None:
             self.out["backend_rc"] = self.proc.returncode
+
+
+class BootSession(Session):
+    """`voidbox boot --accel qemu` itself (this process is the VMM, through the Python API):
+    boot has the card's NAT in a child `net serve` (--net-isolation process, the default),
+    boot-inprocess in the VMM's own network thread (--net-isolation none). The backend CPU
+    is that child's, or that thread's; the QEMU figure is QEMU's process."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.vm = None
+
+    def write(self, data: bytes) -> None:  # the VM's console output
+        self.feed(bytes(data))
+
+    def flush(self) -> None:
+        pass
+
+    def cpu(self) -> tuple[float | None, float]:
+        backend = qemu = None
+        vm = self.vm
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            qemu = proc_cpu_seconds(vm.process.pid)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if self.backend == "boot":
+                backend = proc_cpu_seconds(vm.nics[0].pid)
+            else:
+                tid = vm.net_thread.native_id
+                with open(f"/proc/self/task/{tid}/schedstat") as f:
+                    backend = int(f.read().split()[0]) / 1e9
+        return backend, qemu or 0.0
+
+    def run(self) -> dict:
+        from voidbox import VmConfig
+        from voidbox.net.options import config_from_options
+        from voidbox.qemu import QemuVm
+
+        busy0 = time.monotonic()
+        try:
+            nat, policy = config_from_options(mtu=self.args.mtu, host_loopback=True)
+            config = VmConfig(kernel=str(self.guest.vmlinux), initrd=str(self.initrd),
+                              append=GUEST_APPEND, mem="512M", net=["slirp"], nat=nat,
+                              policy=policy, console_output=self, accel="qemu",
+                              net_isolation="process" if self.backend == "boot" else "none")
+            self.vm = vm = QemuVm(config)
+            self.out["backend_argv"] = f"QemuVm(net_isolation={config.net_isolation!r})"
+            vm.start()
+            self.out["qemu_argv"] = " ".join(vm.process.args)
+            if not self.prompt.wait(BOOT_WAIT):
+                raise BenchError(f"no shell prompt within {BOOT_WAIT:.0f} s")
+            self.out["boot_s"] = round(time.monotonic() - busy0, 1)
+            a = self.args
+            vm.serial.enqueue_input(
+                (f"sh /bench/run.sh {GATEWAY} {self.ports['echo']} {self.ports['up']} "
+                 f"{self.ports['down']} {a.conns} {a.rrs} {a.seconds} {WARMUP} "
+                 f"{LATENCY_BUDGET}; poweroff -f\n").encode())
+            budget = 2 * LATENCY_BUDGET + 2 * (a.seconds + IPERF_MARGIN) + 60
+            if not self.done.wait(budget):
+                raise BenchError(f"the guest script did not finish within {budget} s")
+            if self.out.get("dhcp", {}).get("ok") is False:
+                raise BenchError("no DHCP lease on eth0")
+            vm.wait(30)
+        except (BenchError, OSError, subprocess.SubprocessError) as e:
+            self.out["error"] = f"{e}"[:300]
+        except Exception as e:  # noqa: BLE001 - a VoidboxError, reported in the table
+            self.out["error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            if self.vm is not None:
+                self.vm.close()
+            (self.dir / "serial.log").write_bytes(bytes(self.serial))
+        self.out["wall_s"] = round(time.monotonic() - busy0, 1)
+        return self.out
 
 
 @contextlib.contextmanager
@@ -681,7 +757,8 @@ def main() -> int:
             print(f"# {backend} ...", file=sys.stderr, flush=True)
             try:
                 with host_servers() as ports:
-                    session = Session(backend, args, work, guest, initrd, ports).run()
+                    kind = BootSession if backend.startswith("boot") else Session
+                    session = kind(backend, args, work, guest, initrd, ports).run()
             except BenchError as e:
                 session = {"backend": backend, "error": str(e)}
             sessions.append(session)

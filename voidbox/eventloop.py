@@ -254,6 +254,11 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run, name=self.name, daemon=True)
         self._thread.start()
 
+    @property
+    def native_id(self) -> int | None:
+        """The thread's kernel id while it runs (its CPU time: /proc/self/task/ID)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def stop(self) -> None:
         """Let the loop finish its iteration and return; safe to call twice."""
         if self._thread is not None:
