@@ -384,6 +384,9 @@ class Vm(VmBase):
         self._vmfd.register_irqfd(irqfd, irq)
         transport = VirtioMmioTransport(device, self.memory, lambda: os.eventfd_write(irqfd, 1),
                                         notify)
+        if hasattr(device, "use_irqfd"):  # a vhost-user card: its backend interrupts the guest
+            device.use_irqfd(irqfd)
+            transport.direct_vring_interrupts = True
         self.mmio_bus.register(base, layout.VIRTIO_MMIO_SIZE, transport)
         self.virtio_transports.append(transport)
         return transport, base, irq

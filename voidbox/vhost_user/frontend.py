@@ -8,9 +8,13 @@ addresses, and each queue's kick eventfd, the KVM ioeventfd itself, so a guest's
 wakes the backend without passing through the VMM.
 
 Decisions a reader should know:
-- Interrupts come back through call eventfds the VMM watches on its network loop, not the
-  irqfd directly: virtio-mmio's driver reads InterruptStatus, so the transport must set
-  it before the interrupt is raised (Cloud Hypervisor does the same for MMIO).
+- Interrupts: in a KVM VM the backend's call eventfd is the card's irqfd itself
+  (use_irqfd), so used buffers interrupt the guest without waking the VMM either.
+  virtio-mmio's driver reads InterruptStatus before it looks at its rings, and the VMM
+  cannot know when the backend signalled, so the transport reports the used-buffer bit as
+  always pending once the driver is up; Linux's vm_interrupt then runs each queue's
+  handler, which finds no work on a spurious one. (Without an irqfd, e.g. in unit tests,
+  the calls are eventfds the VMM watches and relays through the transport.)
 - The control messages run on the thread that drives the transport (a vCPU's MMIO exit at
   DRIVER_OK and reset), blocking, each reply awaited within REPLY_TIMEOUT.
 - If the backend goes away (its socket hangs up), the card's link goes down (the STATUS
@@ -178,6 +182,7 @@ class VhostUserNic(VirtioDevice):
         # The transport's thread (activate, reset) and the network loop's (hang-up,
         # reconnect) both talk to the backend: one at a time.
         self._lock = threading.RLock()
+        self.irqfd: int | None = None  # the VM's, when the backend signals it directly
         self._connected: threading.Event | None = None  # set once a child backend answered
         self._start_error: VoidboxError | None = None
         self._starter: threading.Thread | None = None
@@ -301,10 +306,23 @@ class VhostUserNic(VirtioDevice):
                                      used_user_addr=user(ring.used_addr),
                                      avail_user_addr=user(ring.avail_addr), log_guest_addr=0))
             conn.send(p.SetVringBase(index=index, num=bases[index]))
-            conn.send(p.SetVringCall(index=index, fds=(self.calls[index],)))
+            conn.send(p.SetVringCall(index=index, fds=(self._call_fd(index),)))
             conn.send(p.SetVringKick(index=index, fds=(self.kicks[index],)))
             if self.backend_features & PROTOCOL_FEATURES_BIT:
                 conn.send(p.SetVringEnable(index=index, enable=True))
+
+    def use_irqfd(self, irqfd: int) -> None:
+        """Hand the backend the VM's irqfd as every queue's call, so a used buffer
+        interrupts the guest without waking the VMM (the transport then reports the
+        used-buffer bit as always pending). Before the driver activates the card."""
+        self.irqfd = irqfd
+        for fd in self.calls:
+            self.loop.unwatch(fd)
+            os.close(fd)
+        self.calls = []
+
+    def _call_fd(self, index: int) -> int:
+        return self.irqfd if self.irqfd is not None else self.calls[index]
 
     def queue_notify(self, index: int) -> None:
         """A kick that was trapped instead of signalled: pass it on to the backend."""

@@ -116,6 +116,9 @@ class VirtioMmioTransport:
         self.notifies = 0
         self.trapped_notifies = 0
         self.interrupts_signalled = 0
+        # Set when the device's backend signals used buffers on the irqfd directly
+        # (vhost-user): InterruptStatus then always shows the used-buffer bit.
+        self.direct_vring_interrupts = False
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -189,6 +192,10 @@ class VirtioMmioTransport:
             if offset == VIRTIO_MMIO_QUEUE_READY:
                 return int(queue is not None and queue.ready)
             if offset == VIRTIO_MMIO_INTERRUPT_STATUS:
+                if self.direct_vring_interrupts and self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+                    # The backend signals the irqfd itself: a used-buffer interrupt may
+                    # be pending at any time, and the driver finds no work if there is none.
+                    return self.interrupt_status | VIRTIO_MMIO_INT_VRING
                 return self.interrupt_status
             if offset == VIRTIO_MMIO_STATUS:
                 return self.status
