@@ -635,6 +635,9 @@ class BootSession(Session):
             self.out["backend_argv"] = f"QemuVm(net_isolation={config.net_isolation!r})"
             vm.start()
             self.out["qemu_argv"] = " ".join(vm.process.args)
+            # The backend's own CPU figure: the child's, or the VMM's network thread's.
+            self.out["backend_pid"] = (vm.nics[0].pid if self.backend == "boot"
+                                       else f"{os.getpid()}/{vm.net_thread.native_id}")
             if not self.prompt.wait(BOOT_WAIT):
                 raise BenchError(f"no shell prompt within {BOOT_WAIT:.0f} s")
             self.out["boot_s"] = round(time.monotonic() - busy0, 1)

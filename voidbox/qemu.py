@@ -73,7 +73,7 @@ def qemu_argv(qemu: str, config, run_dir: Path, cmdline: str, use_kvm: bool) -> 
     argv = [
         qemu, "-M", "microvm,acpi=on,memory-backend=mem",
         "-accel", "kvm" if use_kvm else "tcg",
-        "-cpu", "host" if use_kvm else "max",
+        *(["-cpu", "host"] if use_kvm else []),
         "-smp", str(config.cpus), "-m", f"{mem_mib}M",
         "-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
