@@ -113,6 +113,10 @@ SIGNAL_STATUS_BASE = 128
 # (an import then would open files: SIGSYS). logging and traceback: warnings and a failed
 # callback's traceback (the event loop logs them).
 RUNTIME_PRELOAD = ("logging", "traceback", "linecache", "json")
+# Modules a network backend imports inside functions (the NAT's TCP relay, the virtio-net
+# card's checksums and RX stream, the rings a vhost-user backend makes on activation).
+BACKEND_PRELOAD = ("voidbox.net.tcp_nat", "voidbox.net.fastpath", "voidbox.virtio.net",
+                   "voidbox.virtio.rxstream", "voidbox.ring")
 
 
 class SandboxError(VoidboxError):
@@ -122,15 +126,16 @@ class SandboxError(VoidboxError):
 @dataclass(frozen=True)
 class Plan:
     """What enter() applies. name: the sandboxed process's comm (15 bytes at most);
-    max_fds: RLIMIT_NOFILE (the flow limit plus FD_MARGIN); memory_budget: bytes the
-    process may allocate beyond what it holds at entry (RLIMIT_DATA); preload: modules to
-    import before the filter; seccomp_action: what a call outside the list gets ("kill",
-    or "log" while hunting for a missing entry)."""
+    max_fds: fds the process may open beyond those it holds at entry (a NAT: its flow
+    limit plus FD_MARGIN; RLIMIT_NOFILE becomes the highest open fd + 1 + this);
+    memory_budget: bytes it may allocate beyond what it holds at entry (RLIMIT_DATA);
+    preload: modules to import before the filter; seccomp_action: what a call outside
+    the list gets ("kill", or "log" while hunting for a missing entry)."""
 
     name: str = "voidbox-sandbox"
     max_fds: int = 1024
     memory_budget: int = DEFAULT_MEMORY_BUDGET
-    preload: tuple = ()
+    preload: tuple = BACKEND_PRELOAD
     seccomp_action: str = "kill"
 
 
@@ -390,8 +395,9 @@ def enter(plan: Plan, warn: bool = True) -> Applied:
     if probe and probe not in ("1", "open", "execve"):
         raise SandboxError(f"{PROBE_ENV}={probe!r}: expected open, execve or 1")
 
-    _set_rlimits(plan, applied, data_now)
-    forked = _enter_namespaces(applied, missing, hints, seccomp_filter)
+    open_fds = _open_fds()
+    _set_rlimits(plan, applied, data_now, max(open_fds, default=2))
+    forked = _enter_namespaces(applied, missing, hints, seccomp_filter, open_fds)
     if forked is not None:
         applied.waiter_pid = forked[0]
         applied.pid = forked[1]
@@ -495,8 +501,10 @@ def _setrlimit(applied: Applied, name: str, which: int, value: int) -> None:
     applied.rlimits[name] = (value, value)
 
 
-def _set_rlimits(plan: Plan, applied: Applied, data_now: int) -> None:
-    _setrlimit(applied, "NOFILE", resource.RLIMIT_NOFILE, plan.max_fds)
+def _set_rlimits(plan: Plan, applied: Applied, data_now: int, highest: int) -> None:
+    # fd numbers, not a count: the lowest free number is the next one, so the limit is
+    # what is open now plus what the plan allows on top.
+    _setrlimit(applied, "NOFILE", resource.RLIMIT_NOFILE, highest + 1 + plan.max_fds)
     # RLIMIT_DATA, not RLIMIT_AS: since Linux 4.7 it counts private writable mappings and
     # the heap, which is what the runtime allocates, and not MAP_SHARED mappings, which
     # is what a vhost-user backend maps guest RAM with (gigabytes, the frontend's memory
@@ -506,7 +514,8 @@ def _set_rlimits(plan: Plan, applied: Applied, data_now: int) -> None:
     _setrlimit(applied, "CORE", resource.RLIMIT_CORE, 0)
 
 
-def _enter_namespaces(applied: Applied, missing: list, hints: list, seccomp_filter):
+def _enter_namespaces(applied: Applied, missing: list, hints: list, seccomp_filter,
+                      open_fds: list[int]):
     """unshare, the uid/gid maps, the empty root, then fork: returns (waiter pid, child
     pid) in the child, never returns in the waiter; None if no namespace was entered."""
     unprivileged = os.geteuid() != 0
@@ -539,7 +548,7 @@ def _enter_namespaces(applied: Applied, missing: list, hints: list, seccomp_filt
         applied.empty_root = True
     except OSError as error:
         missing.append(f"an empty root ({error.strerror})")
-    return _fork_waiter(seccomp_filter)
+    return _fork_waiter(seccomp_filter, open_fds)
 
 
 def _write_proc(path: str, text: str) -> None:
@@ -568,7 +577,7 @@ def _empty_root() -> None:
     os.chdir("/")
 
 
-def _fork_waiter(seccomp_filter):
+def _fork_waiter(seccomp_filter, open_fds: list[int]):
     """Fork; the parent becomes the waiter (never returns), the child returns
     (waiter pid, its own pid as the waiter sees it)."""
     r, w = os.pipe()
@@ -577,7 +586,7 @@ def _fork_waiter(seccomp_filter):
     if pid:
         os.close(r)
         os.write(w, pid.to_bytes(8, "little"))
-        _wait_for(pid, w, seccomp_filter)  # never returns
+        _wait_for(pid, w, seccomp_filter, open_fds)  # never returns
     os.close(w)
     child = int.from_bytes(_read_exactly(r, 8), "little")
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(PR_SET_PDEATHSIG)")
@@ -601,15 +610,16 @@ def _read_exactly(fd: int, n: int) -> bytes:
     return data
 
 
-def _wait_for(pid: int, keep: int, seccomp_filter) -> None:
+def _wait_for(pid: int, keep: int, seccomp_filter, open_fds: list[int]) -> None:
     """The waiter: relay signals to pid, exit as it did. Never returns. It keeps no
     capability and runs under the same filter as the child."""
     status = SIGNAL_STATUS_BASE + signal.SIGKILL
     try:
         gc.disable()  # nothing here needs collecting: it would only walk the caller's heap
         # Everything the caller opened is the child's now: the waiter keeps stdio and the
-        # pipe, so a connection or listener closes when the child closes it.
-        for fd in _open_fds():
+        # pipe, so a connection or listener closes when the child closes it. (The fds
+        # were listed before the pivot: no /proc here.)
+        for fd in open_fds:
             if fd > 2 and fd != keep:
                 try:
                     os.close(fd)
@@ -651,7 +661,7 @@ def _open_fds() -> list[int]:
     try:
         return [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
-        # No /proc any more (the root is empty): every fd below the limit.
+        # No /proc (a host that hides it): every fd below the limit.
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         return list(range(min(soft, 1 << 16)))
 

@@ -35,14 +35,9 @@ SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK and SOCK_CLOEXEC
 IPPROTO_ICMP = 1
 # asm-generic/fcntl.h
 F_DUPFD_CLOEXEC = 1030
-F_GETFD = 1
-F_SETFD = 2
-F_GETFL = 3
-F_SETFL = 4
 # asm-generic/ioctls.h, linux/sockios.h, linux/if_tun.h
 FIONBIO = 0x5421
 FIONREAD = 0x541B  # = SIOCINQ
-TIOCOUTQ = 0x5411  # = SIOCOUTQ
 TUNSETOFFLOAD = 0x400454D0
 # asm-generic/mman-common.h
 PROT_EXEC = 0x4
@@ -96,18 +91,18 @@ ALLOW: tuple[Allow, ...] = (
           "vhost-user messages with SCM_RIGHTS (memory table fds, kick and call eventfds)"),
     Allow("sendmsg", "a TAP batch's TCP data in one call (tcp_nat), UDP with ancillary data"),
     Allow("close", "flows' sockets, received fds, eventfds"),
-    Allow("lseek", "the capture file (BufferedWriter asks where it stands)"),
-    Allow("fstat", "fd-based stat: memfds' sizes (vhost-user _map_region), buffered files"),
+    Allow("fstat", "fd-based stat (os.fstat): a memory region's memfd size (vhost-user "
+          "_map_region) with libcs older than glibc 2.33"),
     # glibc 2.33+ implements fstat() as newfstatat(fd, "", buf, AT_EMPTY_PATH): only that
     # form, never a stat by path.
-    Allow("newfstatat", "fstat() of glibc 2.33+ (fd-based only: AT_EMPTY_PATH)",
+    Allow("newfstatat", "os.fstat under glibc 2.33+ (fd-based only: AT_EMPTY_PATH): a "
+          "memory region's memfd size (vhost-user _map_region), mmap.mmap",
           ((masked(3, AT_EMPTY_PATH, AT_EMPTY_PATH),),)),
     # ---- the event loop (voidbox.eventloop)
     Allow("epoll_wait", "EventLoop.run_once (select.epoll.poll)"),
     Allow("epoll_pwait", "EventLoop.run_once on libcs that wrap epoll_wait in epoll_pwait"),
     Allow("epoll_ctl", "EventLoop.watch and unwatch"),
     Allow("poll", "vhost-user replies that wait for the frontend to read (backend.send)"),
-    Allow("eventfd2", "an EventLoop or a ring made after the sandbox is entered"),
     # ---- host sockets of the NAT: one per flow
     Allow("socket", "new flows: TCP and UDP sockets, ICMP ping sockets (SOCK_DGRAM, "
           "IPPROTO_ICMP) and the raw ICMP fallback; IPv4 only, the NAT's only family",
@@ -115,35 +110,34 @@ ALLOW: tuple[Allow, ...] = (
            (eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_DGRAM)),
            (eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_RAW), eq(2, IPPROTO_ICMP)))),
     Allow("connect", "TCP flows (non-blocking connect), connected UDP flows"),
-    Allow("bind", "UDP flows bound before their first datagram"),
     Allow("accept4", "port forwards' listeners; the vhost-user listener's next frontend"),
     Allow("shutdown", "TCP half-close (the guest's FIN)"),
     Allow("getsockname", "flows' local ports"),
     Allow("getpeername", "accepted forward connections"),
     Allow("setsockopt", "TCP_NODELAY, SO_SNDBUF, SO_PEEK_OFF, SO_LINGER, IP_RECVERR on flows"),
     Allow("getsockopt", "SO_ERROR after a non-blocking connect, SO_PEEK_OFF, SO_SNDBUF"),
-    Allow("ioctl", "FIONBIO (socket.setblocking), FIONREAD/SIOCINQ and SIOCOUTQ (bytes "
-          "queued on a flow), TUNSETOFFLOAD (a TAP card follows the driver's offloads)",
-          one_of(1, (FIONBIO, FIONREAD, TIOCOUTQ, TUNSETOFFLOAD))),
-    Allow("fcntl", "O_NONBLOCK (F_GETFL/F_SETFL), FD_CLOEXEC, and F_DUPFD_CLOEXEC for "
-          "mmap.mmap's private copy of a memfd",
-          one_of(1, (F_GETFL, F_SETFL, F_GETFD, F_SETFD, F_DUPFD_CLOEXEC))),
+    Allow("ioctl", "FIONBIO (socket.setblocking of accepted connections), FIONREAD = "
+          "SIOCINQ (the pure _netrx twin sizes a flow's unread bytes), TUNSETOFFLOAD (a "
+          "TAP-backed card follows the offloads its driver acked)",
+          one_of(1, (FIONBIO, FIONREAD, TUNSETOFFLOAD))),
+    Allow("fcntl", "F_DUPFD_CLOEXEC only: mmap.mmap keeps its own copy of a memory "
+          "region's memfd (vhost-user SET_MEM_TABLE)", one_of(1, (F_DUPFD_CLOEXEC,))),
     # ---- memory: the Python runtime's allocator and the vhost-user backend's mappings of
     # guest memory (MAP_SHARED memfds). Never executable memory.
-    Allow("mmap", "the allocator's arenas; guest memory regions (MAP_SHARED); not PROT_EXEC",
+    Allow("mmap", "the allocator's arenas; guest memory regions (vhost-user SET_MEM_TABLE, "
+          "MAP_SHARED); never PROT_EXEC",
           ((masked(2, PROT_EXEC, 0),),)),
-    Allow("mprotect", "malloc growing a heap; not PROT_EXEC", ((masked(2, PROT_EXEC, 0),),)),
     Allow("munmap", "the allocator; a frontend's memory table replaced or gone"),
-    Allow("mremap", "the allocator resizing large blocks (realloc)"),
-    Allow("madvise", "the allocator returning memory (MADV_DONTNEED, MADV_FREE)"),
+    Allow("mremap", "the allocator growing a large block in place (realloc of a buffer past "
+          "glibc's mmap threshold)"),
     Allow("brk", "the allocator's heap"),
     # ---- time, randomness, synchronisation: the runtime
-    Allow("clock_gettime", "time.monotonic and time.time where the vDSO does not answer"),
-    Allow("gettimeofday", "time where the vDSO does not answer"),
-    Allow("clock_nanosleep", "time.sleep (a short back-off)"),
+    Allow("clock_gettime", "time.monotonic and time.time (timers, pcap stamps) on hosts "
+          "whose clock source the vDSO cannot read (it then makes the system call)"),
+    Allow("gettimeofday", "the same fallback for gettimeofday-based time"),
     Allow("getrandom", "random and os.urandom (TCP initial sequence numbers, DNS ids)"),
-    Allow("futex", "the runtime's locks (threading.Lock in the EventLoop, logging)"),
-    Allow("sched_yield", "glibc's lock back-off"),
+    Allow("futex", "the runtime's locks when contended (threading.Lock in the EventLoop, "
+          "logging's lock)"),
     # ---- signals and exit
     Allow("rt_sigaction", "signal.signal: the backend's SIGTERM/SIGINT handlers"),
     Allow("rt_sigprocmask", "the runtime masking signals around handlers; abort()"),
@@ -155,7 +149,5 @@ ALLOW: tuple[Allow, ...] = (
     Allow("tgkill", "raise() and abort(): the runtime signalling itself"),
     Allow("wait4", "the sandbox's waiter waiting for the sandboxed process"),
     Allow("getpid", "the runtime, logging (LogRecord.process)"),
-    Allow("gettid", "the runtime, logging (LogRecord.thread)"),
-    Allow("exit", "a thread's end (the runtime)"),
     Allow("exit_group", "the process's end"),
 )
