@@ -200,12 +200,19 @@ def _status_field(name: str, pid: str = "self") -> str | None:
 
 
 def user_namespaces() -> Piece:
-    """Whether this user may create a user namespace (root needs none)."""
+    """Whether this user may create a user namespace (root needs none: then whether other
+    users could, in the detail)."""
+    if os.geteuid() == 0:
+        others = _unprivileged_user_namespaces()
+        return Piece("user namespaces", True,
+                     f"not needed as root; for other users: {others.detail}")
+    return _unprivileged_user_namespaces()
+
+
+def _unprivileged_user_namespaces() -> Piece:
     limit = _read("/proc/sys/user/max_user_namespaces")
     if limit is not None and limit.isdigit() and int(limit) == 0:
         return Piece("user namespaces", False, "user.max_user_namespaces is 0")
-    if os.geteuid() == 0:
-        return Piece("user namespaces", True, "not needed as root")
     # Debian's and Ubuntu's switches for unprivileged user namespaces.
     if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
         return Piece("user namespaces", False, "kernel.unprivileged_userns_clone is 0")

@@ -171,10 +171,14 @@ def test_support_agrees_with_the_kernel_and_the_library():
     if loadable:
         assert "libseccomp.so.2 2." in pieces["libseccomp"].detail
     limit = _read("/proc/sys/user/max_user_namespaces")
-    if limit == "0":
+    if os.geteuid() == 0:
+        assert pieces["user namespaces"].ok  # root needs none
+        assert pieces["user namespaces"].detail.startswith("not needed as root; for other users: ")
+    elif limit == "0" or _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
         assert not pieces["user namespaces"].ok
-    elif os.geteuid() == 0:
-        assert pieces["user namespaces"].ok
+    if limit not in (None, "0") and _read("/proc/sys/kernel/unprivileged_userns_clone") != "0" \
+            and _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") != "1":
+        assert pieces["user namespaces"].detail.endswith(f"available (user.max_user_namespaces={limit})")
     assert pieces["namespaces"].ok == all(
         os.path.exists(f"/proc/self/ns/{ns}") for ns in ("mnt", "pid", "ipc", "uts"))
 

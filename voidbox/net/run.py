@@ -4,8 +4,11 @@ The way slirp4netns and pasta work: a child process enters new network and mount
 namespaces (and a user namespace when not root), creates a TAP there, passes its fd to
 the parent over a socketpair (SCM_RIGHTS), configures the interface (unless the command
 will use DHCP), bind-mounts a resolv.conf naming the DNS relay over /etc/resolv.conf,
-waits for the parent's go-ahead and execs the command. The parent serves the TAP with
-the NAT engine until the child exits, and returns its exit status.
+waits for the parent's go-ahead and execs the command. The parent (the supervisor) forks
+the NAT process, which serves the TAP with the NAT engine, sandboxed (voidbox.sandbox),
+until the child exits; the supervisor gives the go-ahead once the NAT is ready, relays
+signals, and returns the command's exit status (docs/architecture.md, "net run's
+processes").
 
 With offload (the default) the TAP carries virtio_net_hdr and has checksum and TCPv4
 segmentation offload on (see voidbox.net.tap): the namespace's TCP sends and receives
