@@ -385,3 +385,27 @@ def test_an_unprivileged_process_gets_a_user_namespace():
     finally:
         child.kill()
         child.communicate(timeout=WAIT)
+
+
+def test_a_host_without_libseccomp_gets_the_rest_and_one_warning(tmp_path):
+    """A missing piece is never a silent downgrade: the rest applies, one line says what
+    is missing. A libseccomp.so.2 that is no library stands in for a host without one."""
+    if not all(p.ok for p in sandbox.support() if p.name != "libseccomp"):
+        missing(LACKING)
+    (tmp_path / "libseccomp.so.2").write_bytes(b"not a shared library")
+    child = start("wait(30)", env={"LD_LIBRARY_PATH": str(tmp_path)})
+    try:
+        applied = applied_of(child)
+        assert applied["seccomp"] == "" and applied["empty_root"]
+        [lack] = applied["missing"]
+        assert lack.startswith("libseccomp (cannot be used: cannot load libseccomp.so.2: ")
+        status = status_of(applied["pid"])
+        assert status["Seccomp"] == "0"  # what is missing is missing
+        assert status["NoNewPrivs"] == "1" and status["CapEff"] == "0000000000000000"
+        assert os.listdir(f"/proc/{applied['pid']}/root") == []
+    finally:
+        child.kill()
+        _out, err = child.communicate(timeout=WAIT)
+    [line] = err.splitlines()
+    assert line == (f"voidbox: sandbox: this host lacks {lack}; the rest of the sandbox "
+                    "applies (--no-sandbox turns it off)")

@@ -25,6 +25,7 @@ cdef enum:
     SCMP_FLTATR_CTL_NNP = 3
     SCMP_FLTATR_CTL_TSYNC = 4
     SCMP_FLTATR_CTL_LOG = 6
+    SCMP_FLTATR_CTL_OPTIMIZE = 8  # libseccomp 2.5+: 2 builds a binary tree
 
 cdef struct scmp_arg_cmp:
     unsigned int arg  # argument number, from 0
