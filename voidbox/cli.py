@@ -12,7 +12,7 @@ import click
 
 from .commands import boot_command, fail
 from .errors import ExitStatus, VoidboxError
-from .options import BOOT_OPTIONS, NAT_EPILOG, NAT_OPTIONS
+from .options import BOOT_OPTIONS, NAT_EPILOG, NAT_OPTIONS, SANDBOX_OPTIONS
 
 
 def main(argv=None) -> None:
@@ -99,7 +99,8 @@ def image_build(force: bool) -> None:
 
 @cli.command()
 def doctor() -> None:
-    """Report what this host can do: KVM, TAP, QEMU and the default guest."""
+    """Report what this host can do: KVM, TAP, QEMU, the backend sandbox and the default
+    guest."""
     from .doctor import report
 
     for line in report():
@@ -171,13 +172,14 @@ def blk_serve(socket_path, readonly, image) -> None:
 # An unknown option before that word (or before --) is a usage error, not a command.
 @net.command("run", context_settings={"allow_interspersed_args": False}, epilog=NAT_EPILOG)
 @_options(NAT_OPTIONS)
+@_options(SANDBOX_OPTIONS)
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")
 @click.option("--offload/--no-offload", default=True, show_default=True,
               help="Checksum and TCP segmentation offload on the namespace's interface.")
 @click.option("--stats", is_flag=True, help="Print the NAT's counters when COMMAND exits.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def net_run(mtu, forward, allow, deny, host_loopback, dns_upstream, dhcp, offload, stats,
-            max_flows, max_conn_rate, pcap, pcap_max_bytes, command) -> None:
+            max_flows, max_conn_rate, pcap, pcap_max_bytes, no_sandbox, command) -> None:
     """Run COMMAND in a network namespace whose only interface is served by the NAT.
 
     Example: voidbox net run --allow 10.0.2.2:8000 -- curl http://10.0.2.2:8000/ (10.0.2.2
@@ -190,7 +192,7 @@ def net_run(mtu, forward, allow, deny, host_loopback, dns_upstream, dhcp, offloa
     capture = pcap_from_options(pcap, pcap_max_bytes)
     counters: dict | None = {} if stats else None
     status = run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload,
-                          pcap=capture, stats=counters)
+                          pcap=capture, stats=counters, sandbox=not no_sandbox)
     if counters:
         line = " ".join(f"{k}={v}" for k, v in sorted(counters.get("counters", {}).items()))
         click.echo(f"voidbox: net run: {line}", err=True)

@@ -72,5 +72,34 @@ def _accel_lines() -> list[str]:
     return [f"accel:   auto picks {accel.name}: {accel.reason}"]
 
 
+def _sandbox_lines() -> list[str]:
+    """What the backend sandbox (voidbox.sandbox) gets here: each piece the host offers,
+    then what a throwaway child actually applied when it entered the sandbox."""
+    from . import sandbox
+
+    lines = []
+    for piece in sandbox.support():
+        lines.append(f"         {piece.name}: {'yes' if piece.ok else 'NO'}, {piece.detail}")
+    result = sandbox.trial()
+    if isinstance(result, str):
+        head = f"sandbox: cannot be entered here: {result} (net run needs --no-sandbox)"
+    elif result.missing:
+        head = (f"sandbox: partial, this host lacks {', '.join(result.missing)}; "
+                f"a trial applied: {_trial_summary(result)}")
+    else:
+        head = f"sandbox: complete; a trial applied: {_trial_summary(result)}"
+    return [head, *lines]
+
+
+def _trial_summary(applied) -> str:
+    # The trial's pid and rlimits are its own: what a backend gets is the rest.
+    ns = ",".join(applied.namespaces) or "none"
+    return (f"namespaces {ns}, {'an empty root' if applied.empty_root else 'the host root'}, "
+            f"{'no capabilities' if applied.capabilities_dropped else 'capabilities kept'}, "
+            f"{'no_new_privs' if applied.no_new_privs else 'no no_new_privs'}, "
+            f"seccomp {applied.seccomp or 'none'} ({applied.syscalls} system calls allowed)")
+
+
 def report() -> list[str]:
-    return _kvm_lines() + _tap_lines() + _qemu_lines() + _accel_lines() + _guest_lines()
+    return (_kvm_lines() + _tap_lines() + _qemu_lines() + _accel_lines() + _sandbox_lines()
+            + _guest_lines())

@@ -64,6 +64,17 @@ NAT_EPILOG = (
     "NAT's own service and is always served. --forward listens on 127.0.0.1 unless given "
     "another HOSTADDR.")
 
+# The backend sandbox (voidbox.sandbox) of the processes that parse a guest's frames:
+# `net run`'s NAT (and `net serve`). On by default; a host that lacks a piece says so in
+# one line, and this flag is the only way to run without it.
+SANDBOX_OPTIONS = (
+    Option("--no-sandbox", bool, False, "Run the NAT without its sandbox (by default it "
+           "runs with no capabilities, no_new_privs, an empty read-only root in its own "
+           "mount, PID, IPC, UTS and, unprivileged, user namespaces, and a seccomp "
+           "allow-list that kills it on any other system call; `voidbox doctor` shows "
+           "what this host supports)."),
+)
+
 BOOT_OPTIONS = (
     Option("--kernel", str, None, "Kernel (bzImage or ELF vmlinux)."),
     Option("--initrd", str, None, "Initial ramdisk."),

@@ -103,6 +103,13 @@ class Engine:
         return TcpNat(self.loop, self.send_ip, self.policy, self.config,
                       send_ip_buf=self.send_ip_buf)
 
+    def prepare_sandbox(self) -> None:
+        """Do now what the relays would do at first use and a sandboxed NAT
+        (voidbox.sandbox) can no longer do: read resolv.conf for the DNS upstreams, and
+        open the ICMP echo path (a raw socket needs CAP_NET_RAW)."""
+        self.config.upstreams()
+        self.icmp.prepare()
+
     def add_forward(self, proto: str, host_addr: str, host_port: int, guest_port: int) -> None:
         if proto == "udp":
             self.udp.add_forward(host_addr, host_port, guest_port)

@@ -182,6 +182,13 @@ class IcmpNat:
         self.send_ip(build_ipv4(src, self.guest_ip, IPPROTO_ICMP,
                                 build_icmp(ICMP_DEST_UNREACH, code, 0, quote)))
 
+    def prepare(self) -> None:
+        """Choose the echo path (ping socket, raw socket or none) now rather than at the
+        first echo to an outside host: a sandboxed NAT (voidbox.sandbox) no longer has
+        CAP_NET_RAW by then. As root this opens the raw fallback at start."""
+        if self.mode is None:
+            self._probe()
+
     def _probe(self) -> None:
         try:
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()

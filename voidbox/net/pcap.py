@@ -128,6 +128,11 @@ class PcapWriter:
     def counters(self) -> dict[str, int]:
         return {"pcap_frames": self.frames, "pcap_dropped": self.dropped}
 
+    def flush(self) -> None:
+        """Write the buffered records now: before a fork, after which the child writes
+        (a buffer left here would be written twice)."""
+        self._file.flush()
+
     def close(self) -> None:
         if self._file.closed:
             return

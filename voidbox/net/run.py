@@ -4,8 +4,11 @@ The way slirp4netns and pasta work: a child process enters new network and mount
 namespaces (and a user namespace when not root), creates a TAP there, passes its fd to
 the parent over a socketpair (SCM_RIGHTS), configures the interface (unless the command
 will use DHCP), bind-mounts a resolv.conf naming the DNS relay over /etc/resolv.conf,
-waits for the parent's go-ahead and execs the command. The parent serves the TAP with
-the NAT engine until the child exits, and returns its exit status.
+waits for the parent's go-ahead and execs the command. The parent (the supervisor) forks
+the NAT process, which serves the TAP with the NAT engine, sandboxed (voidbox.sandbox),
+until the child exits; the supervisor gives the go-ahead once the NAT is ready, relays
+signals, and returns the command's exit status (docs/architecture.md, "net run's
+processes").
 
 With offload (the default) the TAP carries virtio_net_hdr and has checksum and TCPv4
 segmentation offload on (see voidbox.net.tap): the namespace's TCP sends and receives
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import json
 import logging
 import os
 import select
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import time
 
+from voidbox import sandbox as sandboxing
 from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop
 from voidbox.net import netns
@@ -46,6 +51,7 @@ from voidbox.net.options import (  # noqa: F401
 from voidbox.net.pcap import PcapSpec, PcapWriter
 from voidbox.net.policy import Policy
 from voidbox.net.tap import TapIO, open_tap
+from voidbox.sandbox import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,13 @@ MAX_PORT = 65535
 def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
                  policy: Policy | None = None, debug: bool = False,
                  stats: dict | None = None, offload: bool = True,
-                 pcap: PcapSpec | None = None) -> int:
+                 pcap: PcapSpec | None = None, sandbox: bool = True) -> int:
     """Run argv in a new network namespace behind the NAT; return its exit status.
 
-    stats, if given, receives the engine's counters and the final flow count. pcap, if
-    given, captures every frame crossing the namespace's interface, both ways.
+    stats, if given, receives the engine's counters and the final flow count, the NAT's
+    PID (nat_pid) and what its sandbox applied (sandbox: a summary, None without one).
+    pcap, if given, captures every frame crossing the namespace's interface, both ways.
+    sandbox=False runs the NAT without voidbox.sandbox (`--no-sandbox`).
     """
     if not argv:
         raise VoidboxError("no command given")
@@ -75,14 +83,14 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
     # the command starts, not after it has sent traffic nobody recorded.
     writer = PcapWriter(pcap.path, pcap.max_bytes) if pcap is not None else None
     try:
-        return _run(argv, config, dhcp, policy, debug, stats, offload, writer)
+        return _run(argv, config, dhcp, policy, debug, stats, offload, writer, sandbox)
     finally:
         if writer is not None:
             writer.close()
 
 
 def _run(argv: list[str], config: NatConfig, dhcp: bool, policy: Policy | None, debug: bool,
-         stats: dict | None, offload: bool, pcap: PcapWriter | None) -> int:
+         stats: dict | None, offload: bool, pcap: PcapWriter | None, sandbox: bool) -> int:
     unprivileged = os.geteuid() != 0
     # Import in the parent: the forked child should not import while other threads of this
     # process might hold the import lock.
@@ -100,7 +108,8 @@ def _run(argv: list[str], config: NatConfig, dhcp: bool, policy: Policy | None, 
                    offload)  # never returns
         child_sock.close()
         with parent_sock:
-            return _parent(pid, parent_sock, config, policy, debug, stats, offload, pcap)
+            return _parent(pid, parent_sock, config, policy, debug, stats, offload, pcap,
+                           sandbox)
     finally:
         try:
             os.unlink(resolv_path)
@@ -235,10 +244,26 @@ def _exec_command(argv) -> None:
         os._exit(status)
 
 
+# The NAT process's reports to the supervisor (SOCK_SEQPACKET, one message each).
+REPORT_READY = b"R"  # + JSON: the NAT serves the TAP (sandboxed as PID n); the command may start
+REPORT_STATS = b"S"  # + JSON: counters and leak checks, after the loop
+REPORT_ERROR = b"E"  # + one line: why the NAT stopped
+REPORT_MAX = 1 << 20
+# After the command exits the NAT drains for at most DRAIN_MAX; this bounds the wait for
+# its report on top of that.
+NAT_EXIT_GRACE = 30.0
+NAT_NAME = "voidbox-nat"  # the sandboxed NAT's comm: `pgrep -x voidbox-nat`
+
+
 def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | None,
-            debug: bool, stats: dict | None, offload: bool, pcap: PcapWriter | None) -> int:
+            debug: bool, stats: dict | None, offload: bool, pcap: PcapWriter | None,
+            sandbox: bool = True) -> int:
+    """The supervisor: receive the TAP, fork the NAT process, start the command when the
+    NAT is ready, relay signals to the command, and return its status. The NAT's death
+    while the command runs ends the command (no network is left for it) and the run."""
     tap_fd = None
-    loop = engine = tap = None
+    nat_pid = 0
+    report = nat_pidfd = None
     pidfd = os.pidfd_open(pid)
     old_handlers = {}
     try:
@@ -250,6 +275,141 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
             raise VoidboxError(msg[1:].decode(errors="replace"))
         if msg != MSG_GO:
             raise VoidboxError("namespace set-up failed")
+        report, nat_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if pcap is not None:
+            pcap.flush()  # the NAT process writes the capture from here on
+        supervisor = os.getpid()
+        nat_pid = os.fork()
+        if nat_pid == 0:
+            sock.close()
+            report.close()
+            _nat_process(supervisor, tap_fd, pidfd, nat_end, config, policy, debug, offload,
+                         pcap, sandbox)  # never returns
+        nat_end.close()
+        os.close(tap_fd)
+        tap_fd = None
+        nat_pidfd = os.pidfd_open(nat_pid)
+        old_handlers = _forward_signals(pid)
+        ready = _next_report(report, nat_pidfd, None)
+        if ready is None or not ready.startswith(REPORT_READY):
+            raise VoidboxError(_nat_failure(nat_pid, ready))
+        info = json.loads(ready[1:])
+        if stats is not None:
+            stats["nat_pid"] = info["pid"]
+            stats["sandbox"] = info.get("sandbox")
+        sock.send(MSG_GO)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(nat_pidfd, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if pidfd in events:
+                break
+            if nat_pidfd in events:
+                # The NAT is gone while the command runs: end the command, then say why.
+                message = _nat_failure(nat_pid, _next_report(report, None, 0))
+                nat_pid = 0
+                raise VoidboxError(message)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        code = os.waitstatus_to_exitcode(status)
+        final = _next_report(report, nat_pidfd, DRAIN_MAX + NAT_EXIT_GRACE)
+        if final is None or not final.startswith(REPORT_STATS):
+            message = _nat_failure(nat_pid, final)
+            nat_pid = 0
+            raise VoidboxError(message)
+        if stats is not None:
+            stats.update(json.loads(final[1:]))
+        _, nat_status = os.waitpid(nat_pid, 0)
+        nat_pid = 0
+        if nat_status != 0:
+            raise VoidboxError(f"net run: the NAT {describe_exit(nat_status)} after its report")
+        return SIGNAL_STATUS_BASE - code if code < 0 else code
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        for child in (pid, nat_pid):
+            if child:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                    os.waitpid(child, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+        for fd in (pidfd, nat_pidfd, tap_fd):
+            if fd is not None:
+                os.close(fd)
+        if report is not None:
+            report.close()
+
+
+def _next_report(report: socket.socket, nat_pidfd: int | None, timeout: float | None) -> bytes | None:
+    """The NAT's next report; None if it ended (or, with a timeout, stayed silent) first."""
+    poller = select.poll()
+    poller.register(report, select.POLLIN)
+    if nat_pidfd is not None:
+        poller.register(nat_pidfd, select.POLLIN)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+        events = dict(poller.poll(wait))
+        if report.fileno() in events:
+            try:
+                return report.recv(REPORT_MAX, socket.MSG_DONTWAIT) or None
+            except BlockingIOError:
+                continue
+        if not events or nat_pidfd in events:
+            # Gone or silent: a report it sent just before it exited is still readable.
+            try:
+                return report.recv(REPORT_MAX, socket.MSG_DONTWAIT) or None
+            except BlockingIOError:
+                return None
+
+
+def _nat_failure(nat_pid: int, message: bytes | None) -> str:
+    """One line: why the NAT stopped (its own words, or how it died). Reaps it."""
+    said = message[1:].decode(errors="replace") if message and message.startswith(REPORT_ERROR) else ""
+    try:
+        os.kill(nat_pid, signal.SIGKILL)  # silent past the deadline: it will not report now
+    except ProcessLookupError:
+        pass
+    _, wstatus = os.waitpid(nat_pid, 0)
+    if said:
+        return said
+    return f"net run: the NAT {describe_exit(wstatus)}"
+
+
+def _nat_process(supervisor: int, tap_fd: int, command_pidfd: int, report: socket.socket,
+                 config: NatConfig, policy: Policy | None, debug: bool, offload: bool,
+                 pcap: PcapWriter | None, sandboxed: bool) -> None:
+    """The NAT: serve the TAP until the command's set-up child exits, drain, report the
+    counters; sandboxed (voidbox.sandbox) once everything is open. Never returns."""
+    status = 1
+    try:
+        netns.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != supervisor:  # the supervisor died before the line above
+            os._exit(status)
+        # The terminal's Ctrl-C and hang-up reach the whole process group: the command
+        # decides what they mean (the supervisor relays SIGHUP to it).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        _serve(tap_fd, command_pidfd, report, config, policy, debug, offload, pcap, sandboxed)
+        status = 0
+    except BaseException as error:  # one line to the supervisor; never back into the caller
+        line = str(error) if isinstance(error, VoidboxError) else f"net run: the NAT failed: {error!r}"
+        try:
+            report.send(REPORT_ERROR + line.encode()[:4000])
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _serve(tap_fd: int, command_pidfd: int, report: socket.socket, config: NatConfig,
+           policy: Policy | None, debug: bool, offload: bool, pcap: PcapWriter | None,
+           sandboxed: bool) -> None:
+    loop = engine = tap = None
+    stats: dict = {}
+    try:
         loop = EventLoop(debug=debug)
         # TapIO.write writes each frame at once or copies it to its backlog: borrow=True.
         engine = Engine(config, loop, lambda frame: tap.write(frame), policy, borrow=True)
@@ -267,51 +427,44 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         if offload and tap.port.tso and engine.tcp is not None and pcap is None:
             engine.attach_stream_port(tap.port, tap.stream_blocked)
             tap.on_writable = engine.tcp.port_writable
-        loop.watch(pidfd, select.EPOLLIN, lambda ev: loop.stop())
-        old_handlers = _forward_signals(pid)
-        sock.send(MSG_GO)
+        loop.watch(command_pidfd, select.EPOLLIN, lambda ev: loop.stop())
+        info = {"pid": os.getpid(), "sandbox": None}
+        if sandboxed:
+            # Everything is open (the TAP, forwards' listeners, the DNS upstreams, the
+            # ICMP echo socket; the host's addresses were read by the Policy): from here
+            # on, frames only.
+            engine.prepare_sandbox()
+            applied = sandboxing.enter(sandboxing.Plan(
+                name=NAT_NAME, max_fds=config.max_flows + sandboxing.FD_MARGIN))
+            info = {"pid": applied.pid, "sandbox": applied.summary()}
+        report.send(REPORT_READY + json.dumps(info).encode())
         with _quiet_gc():
             loop.run()
             _drain(loop, engine, tap)
-        _, status = os.waitpid(pid, 0)
-        pid = 0
-        code = os.waitstatus_to_exitcode(status)
-        return SIGNAL_STATUS_BASE - code if code < 0 else code
     finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
         if engine is not None:
-            if stats is not None:
-                # Flows still carrying data when the command's namespace went away: the
-                # drain above should leave none.
-                stats["active_tcp_flows_at_exit"] = engine.active_tcp_flows()
+            # Flows still carrying data when the command's namespace went away: the
+            # drain above should leave none.
+            stats["active_tcp_flows_at_exit"] = engine.active_tcp_flows()
             engine.close()
-            if stats is not None:
-                stats["counters"] = dict(engine.counters)
-                if engine.tcp is not None:
-                    stats["counters"].update(engine.tcp.counters)
-                stats["flows"] = engine.flow_count()  # after close: everything released
-                if tap is not None:
-                    stats["counters"].update(tap.counters)
-                if pcap is not None:
-                    stats["counters"].update(pcap.counters)
+            stats["counters"] = dict(engine.counters)
+            if engine.tcp is not None:
+                stats["counters"].update(engine.tcp.counters)
+            stats["flows"] = engine.flow_count()  # after close: everything released
+            if tap is not None:
+                stats["counters"].update(tap.counters)
+            if pcap is not None:
+                stats["counters"].update(pcap.counters)
         if tap is not None:
             tap.close()
+        if pcap is not None:
+            pcap.close()
         if loop is not None:
-            loop.unwatch(pidfd)
-            if stats is not None:
-                stats["watched"] = loop.watched_count()
-                stats["loop_errors"] = loop.errors
+            loop.unwatch(command_pidfd)
+            stats["watched"] = loop.watched_count()
+            stats["loop_errors"] = loop.errors
             loop.close()
-        os.close(pidfd)
-        if tap_fd is not None:
-            os.close(tap_fd)
+    report.send(REPORT_STATS + json.dumps(stats).encode())
 
 
 # After the command exits, the kernel in its namespace may still be sending what it wrote
