@@ -699,7 +699,7 @@ class TcpCore:
         """The queued segments as (seq, ack, flags, window, mss option, wscale option), each
         option None when absent; the queue is then empty. No ACK is held back."""
         out, self._out = self._out, []
-        for seq, ack, flags, _w, _m, _s in out:
+        for _seq, ack, flags, _w, _m, _s in out:
             if flags & ACK:
                 self.last_ack = ack
         return out
