@@ -14,6 +14,7 @@ cdef struct OutSeg:
     uint16_t mss      # SYN option; 0: none
     int wscale        # SYN option; -1: none
     uint8_t flags
+    bint hold         # a pure ACK emit() may hold back (see TcpCore.emit)
 
 # A guest segment's header as the state machine needs it (RFC 9293 §3.1, §3.2).
 cdef struct Hdr:
@@ -108,7 +109,7 @@ cdef class TcpCore:
     cdef void take_syn_options(self, int mss, int wscale) noexcept
     cdef int syn(self, uint8_t flags, uint32_t seq) except -1
     cdef uint16_t window_field_c(self) noexcept
-    cdef int ack_c(self) except -1
+    cdef int ack_c(self, bint hold) except -1
     cdef bint in_flight_any(self) noexcept
     cdef int64_t in_flight_c(self) noexcept
     cdef bint probe_needed(self) noexcept

@@ -314,6 +314,7 @@ cdef class TcpCore:
         o.window = window
         o.mss = mss
         o.wscale = wscale
+        o.hold = True
         self.nout += 1
         return 0
 
@@ -341,8 +342,10 @@ cdef class TcpCore:
     def window_field(self):
         return self.window_field_c()
 
-    cdef int ack_c(self) except -1:
-        return self.queue(self.snd_nxt, self.rcv_nxt, ACK, self.window_field_c(), 0, -1)
+    cdef int ack_c(self, bint hold) except -1:
+        self.queue(self.snd_nxt, self.rcv_nxt, ACK, self.window_field_c(), 0, -1)
+        self.out[self.nout - 1].hold = hold  # queue() just stored entry nout - 1
+        return 0
 
     cdef bint in_flight_any(self) noexcept:
         return self.snd_una != self.snd_max
@@ -522,7 +525,7 @@ cdef class TcpCore:
         self.consume_n = 0
         self.guest_blocked = False
         if self.st in (ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2):
-            self.ack_c()
+            self.ack_c(True)
         return self.mask
 
     def flush_ack(self):
@@ -531,7 +534,7 @@ cdef class TcpCore:
         if (not due or self.st == CLOSED
                 or (self.has_last_ack and self.last_ack_v == self.rcv_nxt)):
             return 0
-        self.ack_c()
+        self.ack_c(False)
         return 1
 
     # ---- host-to-guest data -----------------------------------------------------------
@@ -671,7 +674,8 @@ cdef class TcpCore:
         return out
 
     cdef bint holds_back(self, const OutSeg *o) noexcept:
-        return (o.flags == ACK and not (self.has_last_ack and o.ack == self.last_ack_v)
+        return (o.hold and o.flags == ACK
+                and not (self.has_last_ack and o.ack == self.last_ack_v)
                 and o.seq == self.snd_nxt)
 
     def holds_unacked_ack(self):
@@ -852,7 +856,7 @@ cdef class TcpCore:
             if st == SYN_RECEIVED and h.seq == self.irs and not flags & ACK:
                 self.syn(SYN | ACK, self.iss)
                 return self.mask
-            self.ack_c()
+            self.ack_c(True)
             return self.mask
         if not flags & ACK:
             return self.mask
@@ -871,7 +875,7 @@ cdef class TcpCore:
                 return self.mask
         else:
             if seq_gt_c(h.ack, self.snd_max):
-                self.ack_c()
+                self.ack_c(True)
                 return self.mask
             self.process_ack(h, now)
             st = self.st
@@ -881,19 +885,19 @@ cdef class TcpCore:
         fin = flags & FIN != 0
         if h.plen == 0 and not fin:
             if seq_lt_c(h.seq, self.rcv_nxt):
-                self.ack_c()
+                self.ack_c(True)
             return self.mask
         seg_end = seq_add_c(h.seq, h.plen + (1 if fin else 0))
         if seq_le_c(seg_end, self.rcv_nxt):
             if st == TIME_WAIT and fin:
                 self.tw_dl = now + self.time_wait
-            self.ack_c()
+            self.ack_c(True)
             return self.mask
         if seq_gt_c(h.seq, self.rcv_nxt):
-            self.ack_c()
+            self.ack_c(True)
             return self.mask
         if st not in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2):
-            self.ack_c()
+            self.ack_c(True)
             return self.mask
         skip = seq_diff_c(self.rcv_nxt, h.seq)
         if h.plen > skip:
@@ -929,7 +933,7 @@ cdef class TcpCore:
                 self.st = CLOSING
             elif st == FIN_WAIT_2:
                 self.enter_time_wait(now)
-        self.ack_c()
+        self.ack_c(True)
         return self.mask
 
     cdef void enter_time_wait(self, double now) noexcept:
@@ -959,7 +963,7 @@ cdef class TcpCore:
         self.st = ESTABLISHED
         self.retries = 0
         self.arm(now, True)
-        self.ack_c()
+        self.ack_c(True)
         return self.mask
 
     cdef int process_ack(self, const Hdr *h, double now) except -1:

@@ -342,7 +342,8 @@ class TcpCore:
         self.deliver_len = 0
         self.last_ack: int | None = None
         self.ack_due = False
-        self._out: list[tuple] = []  # (seq, ack, flags, window, mss option, wscale option)
+        # (seq, ack, flags, window, mss option, wscale option, hold: emit may hold it back)
+        self._out: list[tuple] = []
         self._data: tuple | None = None  # (seq, ack, window, length, mss, fin) of send_data
         self._mask = 0
         self._pend_fin = False  # guest_segment -> delivered: the segment's FIN
@@ -354,12 +355,12 @@ class TcpCore:
         return len(self._out)
 
     def _queue(self, seq: int, ack: int, flags: int, window: int, mss: int | None = None,
-               wscale: int | None = None) -> None:
+               wscale: int | None = None, hold: bool = True) -> None:
         if len(self._out) >= OUT_MAX:
             raise AssertionError("TcpCore output queue overflow: the caller never drained it")
         if flags & RST:
             self._mask |= A_RST
-        self._out.append((seq, ack, flags, window, mss, wscale))
+        self._out.append((seq, ack, flags, window, mss, wscale, hold))
 
     # ---- construction -------------------------------------------------------------------
 
@@ -421,9 +422,9 @@ class TcpCore:
         """The window field for our next segment (scaled, RFC 7323 §2.3)."""
         return min(max(self.rcv_wnd, 0) >> self.rcv_wscale, TCP_MAX_WINDOW_FIELD)
 
-    def _ack(self) -> None:
+    def _ack(self, hold: bool = True) -> None:
         """A pure ACK for everything received so far, with the current window."""
-        self._queue(self.snd_nxt, self.rcv_nxt, ACK, self.window_field())
+        self._queue(self.snd_nxt, self.rcv_nxt, ACK, self.window_field(), hold=hold)
 
     def _reset(self) -> None:
         self._queue(self.snd_nxt, self.rcv_nxt, RST | ACK, 0)
@@ -604,7 +605,7 @@ class TcpCore:
         due, self.ack_due = self.ack_due, False
         if not due or self.state is TcpState.CLOSED or self.last_ack == self.rcv_nxt:
             return 0
-        self._ack()
+        self._ack(hold=False)
         return 1
 
     # ---- host-to-guest data -------------------------------------------------------------
@@ -699,10 +700,10 @@ class TcpCore:
         """The queued segments as (seq, ack, flags, window, mss option, wscale option), each
         option None when absent; the queue is then empty. No ACK is held back."""
         out, self._out = self._out, []
-        for _seq, ack, flags, _w, _m, _s in out:
+        for _seq, ack, flags, _w, _m, _s, _h in out:
             if flags & ACK:
                 self.last_ack = ack
-        return out
+        return [e[:6] for e in out]
 
     def emit(self, buf, off: int, src_ip, dst_ip, ip_id: int, clamp: bool, send) -> int:
         """Write each queued segment as an IPv4 packet into buf[off:] and call
@@ -715,8 +716,8 @@ class TcpCore:
         out, self._out = self._out, []
         view = memoryview(buf)[off:]
         sent = 0
-        for seq, ack, flags, window, mss, wscale in out:
-            if flags == ACK and ack != self.last_ack and seq == self.snd_nxt:
+        for seq, ack, flags, window, mss, wscale, hold in out:
+            if hold and flags == ACK and ack != self.last_ack and seq == self.snd_nxt:
                 self.ack_due = True
                 continue
             if flags & ACK:
@@ -735,8 +736,8 @@ class TcpCore:
     def holds_unacked_ack(self) -> bool:
         """Would `emit` write a segment now (not only hold back an ACK)? The relay then
         sends its batched guest data first, so that segment may acknowledge it."""
-        for seq, ack, flags, _w, _m, _s in self._out:
-            if not (flags == ACK and ack != self.last_ack and seq == self.snd_nxt):
+        for seq, ack, flags, _w, _m, _s, hold in self._out:
+            if not (hold and flags == ACK and ack != self.last_ack and seq == self.snd_nxt):
                 return True
         return False
 
