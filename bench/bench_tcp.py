@@ -6,8 +6,9 @@
 - checksum and packet building for a full 1460-byte segment, compiled voidbox._slirp beside
   the pure twin voidbox.net._slirp_py;
 - parse_segment of a data segment;
-- one guest data segment through TcpFlow.guest_segment (the sans-I/O core, write to a
-  no-op sink);
+- one guest data segment through TcpCore.guest_segment and delivered (the sans-I/O core:
+  the raw segment in, its ACK held back by emit as the relay does), compiled voidbox._tcp
+  beside the pure twin voidbox.net.tcp, and through TcpFlow (the tests' list interface);
 - one guest data segment through TcpNat.guest_segment into a real host socket on 127.0.0.1
   (checksum, parse, core, send(), ACK built and handed to send_ip): the relay's guest->host
   cost per segment. A thread drains the host side.
@@ -20,17 +21,32 @@ from __future__ import annotations
 import importlib
 import select
 import socket
+import struct
 import threading
 
 import pytest
 
 from voidbox.net import _slirp_py
-from voidbox.net.tcp import ACK, SYN, Segment, TcpFlow, TcpState, parse_segment
+from voidbox.net import tcp as _tcp_py
+from voidbox.net.tcp import (
+    A_DELIVER,
+    ACK,
+    SYN,
+    Segment,
+    TcpFlow,
+    TcpState,
+    parse_segment,
+    segment_bytes,
+)
 
 try:
     _compiled = importlib.import_module("voidbox._slirp")
 except ImportError:  # not built
     _compiled = None
+try:
+    _tcp_compiled = importlib.import_module("voidbox._tcp")
+except ImportError:  # not built
+    _tcp_compiled = None
 
 GUEST = bytes([10, 0, 2, 15])
 REMOTE = bytes([127, 0, 0, 1])
@@ -40,6 +56,9 @@ PAYLOAD = bytes(range(256)) * 6  # 1536 bytes, cut to MSS below
 IMPLS = [pytest.param(_slirp_py, id="pure"),
          pytest.param(_compiled, id="cython",
                       marks=pytest.mark.skipif(_compiled is None, reason="_slirp not built"))]
+CORES = [pytest.param(_tcp_py, id="pure"),
+         pytest.param(_tcp_compiled, id="cython",
+                      marks=pytest.mark.skipif(_tcp_compiled is None, reason="_tcp not built"))]
 
 
 def _segment_bytes(impl, seq: int, ack: int, flags: int, payload: bytes,
@@ -70,7 +89,31 @@ def test_parse_segment_1460(benchmark):
     assert len(benchmark(parse_segment, seg).payload) == MSS
 
 
-def test_core_guest_data_segment(benchmark):
+@pytest.mark.parametrize("impl", CORES)
+def test_core_guest_data_segment(benchmark, impl):
+    core = impl.TcpCore(80, 40000, 5000, mss=MSS)
+    core.open_passive(segment_bytes(Segment(40000, 80, 1000, 0, SYN, 65535, b"", MSS, 7)), 0.0)
+    core.host_connected(0.0)
+    core.guest_segment(segment_bytes(Segment(40000, 80, 1001, 5001, ACK, 65535)), 0.0)
+    core.out_segments()
+    assert core.state is TcpState.ESTABLISHED
+    core.rcv_wnd = 1 << 30
+    raw = bytearray(segment_bytes(Segment(40000, 80, 1001, 5001, ACK, 65535, PAYLOAD[:MSS])))
+    pkt = bytearray(2048)
+    state = {"seq": 1001}
+
+    def one():
+        struct.pack_into("!I", raw, 4, state["seq"])
+        if core.guest_segment(raw, 0.0) & A_DELIVER:
+            core.delivered(core.deliver_len, 0.0)
+        core.emit(pkt, 14, REMOTE, GUEST, 1, False, None)  # the ACK is held back
+        state["seq"] = (state["seq"] + MSS) & 0xFFFFFFFF
+
+    benchmark(one)
+    assert core.rcv_nxt == state["seq"] and core.ack_due
+
+
+def test_flow_wrapper_guest_data_segment(benchmark):
     syn = Segment(40000, 80, 1000, 0, SYN, 65535, b"", MSS, 7)
     flow = TcpFlow.accept(syn, 5000, 0.0, mss=MSS)
     flow.host_connected(0.0)
@@ -127,6 +170,7 @@ class _Loop:
 class _Config:
     guest_ip = "10.0.2.15"
     gateway_ip = "10.0.2.2"
+    dns_ip = "10.0.2.3"
     mtu = 1500
     max_flows = 16
     max_conn_rate = None
@@ -135,8 +179,12 @@ class _Config:
         return ip
 
 
+    def host_endpoint(self, ip, port):
+        return ip, port
+
+
 class _Allow:
-    def allows(self, proto, ip, port):
+    def allows(self, proto, ip, port, guest_dst=None):
         return True
 
 

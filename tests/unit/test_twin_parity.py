@@ -13,7 +13,8 @@ cannot make them drift apart. The pairs:
 - voidbox._ring / voidbox._ring_py: the event-index arithmetic and ring sizes (hostile rings
   through both twins are in test_ring_fuzz.py).
 
-The TCP state machine has no compiled twin yet (issue 11), so no segment sequences here.
+The TCP state machine's twins (voidbox._tcp / voidbox.net.tcp TcpCore) are compared over
+random segment sequences in test_tcp_parity.py.
 Under VOIDBOX_PURE=1 there is no compiled side to compare, and every test skips saying so.
 """
 

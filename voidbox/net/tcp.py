@@ -1,16 +1,31 @@
 """Sans-I/O TCP for the user-mode NAT: segment parsing and building, and the per-flow
 state machine the NAT plays towards the guest (RFC 9293).
 
-Nothing here touches a socket or reads a clock. A `TcpFlow` takes parsed guest segments, host
-events and a `now`, and returns a list of actions `(Act, value)` for the relay
-(voidbox.net.tcp_nat) to carry out: segments to send to the guest, bytes to drop from the
-host socket once the guest acknowledged them, shutdowns, resets. Host-to-guest data is never
-stored here: the host kernel socket is the buffer, and the flow only tracks which sequence
-numbers it covers (`snd_una` is the first unconsumed byte of the host socket).
-Guest-to-host data is handed to a `write` callable the caller passes in, and is acknowledged
-only as far as `write` accepted it.
+Nothing here touches a socket or reads a clock. `TcpCore` is the state machine of one flow,
+the readable specification and the pure-Python twin of the compiled voidbox._tcp.TcpCore
+(voidbox.net.tcpcore picks one; both have the interface below and are tested alike):
 
-All sequence arithmetic goes through the wraparound-safe helpers of voidbox.net.fastpath.
+- Entry points take the guest's raw TCP segment (header and payload, checksum already
+  checked) or a host event, and a `now`. Each returns an int of action bits (`A_*`): bytes
+  the guest acknowledged to drop from the host socket (`consume_n`), a rewind for
+  retransmission, shutdown(SHUT_WR), abort or close. Nothing is allocated per segment in
+  the compiled twin.
+- Segments for the guest are queued in the flow as plain fields (sequence numbers, flags,
+  window, SYN options) and written out by `emit` straight into the caller's packet buffer,
+  one send(buf, n) per segment; the tests read them with `out_segments`. Host data to send
+  is one run (`send_data`), written by `emit_data` from the caller's peek buffer.
+- Guest data is handed over in two steps: `guest_segment` says A_DELIVER and where the new
+  bytes are in the segment (`deliver_off`, `deliver_len`); the caller writes them to the
+  host and reports how many were taken with `delivered`, which finishes the segment
+  (acknowledgement, FIN). The guest is acknowledged only as far as the host accepted.
+
+Host-to-guest data is never stored here: the host kernel socket is the buffer, and the flow
+only tracks which sequence numbers it covers (`snd_una` is the first unconsumed byte of the
+host socket).
+
+`TcpFlow` wraps either twin with the older, list-returning interface ((Act, value) tuples,
+Segment objects): the tests play guests and NATs with it. All sequence arithmetic goes
+through the wraparound-safe helpers of voidbox.net.fastpath.
 """
 
 from __future__ import annotations
@@ -19,7 +34,15 @@ import enum
 import struct
 from collections.abc import Callable
 
-from voidbox.net.fastpath import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
+from voidbox.net.fastpath import (
+    build_ipv4_tcp,
+    seq_add,
+    seq_diff,
+    seq_ge,
+    seq_gt,
+    seq_le,
+    seq_lt,
+)
 
 # RFC 9293 §3.1 control bits.
 FIN = 0x01
@@ -191,6 +214,18 @@ def reset_for(seg: Segment) -> Segment | None:
     return Segment(seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len), RST | ACK, 0)
 
 
+# Action bits an entry point of TcpCore returns (both twins; voidbox/_tcp.pxd repeats them).
+A_DELIVER = 0x01  # new guest data at deliver_off, deliver_len: write it, then delivered()
+A_CONSUME = 0x02  # consume_n bytes the guest acknowledged: drop them from the host socket
+A_REWIND = 0x04  # retransmit from snd_una: the next peek starts at the acknowledged point
+A_SHUT_WR = 0x08  # the guest sent FIN: shutdown(SHUT_WR) on the host socket
+A_ABORT = 0x10  # reset the host connection (SO_LINGER 0) and forget the flow
+A_CLOSE = 0x20  # the flow ended cleanly: close the host socket and forget the flow
+A_RST = 0x40  # a RST is among the queued segments (counted by the relay)
+A_MALFORMED = 0x80  # the segment could not be parsed: nothing changed
+
+OUT_MAX = 8  # queued segments per flow; no sequence of entry points queues more undrained
+
 # Tuples, not sets: `in` on a tuple matches members by identity, while a set would call
 # Enum.__hash__, a Python-level function, on every segment.
 # States in which we may still send data to the guest (before our FIN).
@@ -202,12 +237,14 @@ _RECV_STATES = (TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.FIN_WAIT_1
 # Lifetime limits: states kept alive by probes, and those where our FIN is unacknowledged.
 _KEEPALIVE_STATES = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT_2)
 _FIN_SENT_STATES = (TcpState.FIN_WAIT_1, TcpState.CLOSING, TcpState.LAST_ACK)
+# The compiled twin keeps the state as an index into this tuple.
+STATES = tuple(TcpState)
 
 Actions = list[tuple[Act, object]]
 Writer = Callable[[memoryview], int]
 
 
-class TcpFlow:
+class TcpCore:
     """The NAT's end of one guest TCP connection (RFC 9293 §3.10 event processing).
 
     Names follow RFC 9293 §3.3.1: snd_una, snd_nxt, snd_wnd, snd_wl1, snd_wl2, iss, rcv_nxt,
@@ -232,6 +269,13 @@ class TcpFlow:
       nothing heard for this long: both sides are reset. FIN-WAIT-2 (the host half-closed,
       the guest may still send) is probed as ESTABLISHED is, after fin_timeout.
     `expired` is set when a limit ended the flow. TIME-WAIT keeps `time_wait`.
+
+    Output (see the module docstring): the action bits each entry point returns, the
+    segment queue (`n_out`, drained by `emit` or `out_segments`), the data run of
+    `send_data` (`emit_data`, `data_segments`) and `consume_n`. `last_ack` is the ack field
+    of the last segment written for the guest; a pure ACK for new data whose ack differs
+    from it is not written by `emit` but left due (`ack_due`), and `flush_ack` sends one
+    for the whole batch of guest segments (the relay calls it at the end of a loop turn).
     """
 
     def __init__(self, port: int, guest_port: int, iss: int, *, mss: int,
@@ -292,71 +336,98 @@ class TcpFlow:
         self.ka_sent = 0  # keepalive probes since then
         self.ka_next = 0.0  # when the next one is due (while ka_sent)
         self.expired = False
+        # Output.
+        self.consume_n = 0
+        self.deliver_off = 0
+        self.deliver_len = 0
+        self.last_ack: int | None = None
+        self.ack_due = False
+        # (seq, ack, flags, window, mss option, wscale option, hold: emit may hold it back)
+        self._out: list[tuple] = []
+        self._data: tuple | None = None  # (seq, ack, window, length, mss, fin) of send_data
+        self._mask = 0
+        self._pend_fin = False  # guest_segment -> delivered: the segment's FIN
+        self._pend_state = TcpState.CLOSED
+
+    @property
+    def n_out(self) -> int:
+        """Segments queued for the guest."""
+        return len(self._out)
+
+    def _queue(self, seq: int, ack: int, flags: int, window: int, mss: int | None = None,
+               wscale: int | None = None, hold: bool = True) -> None:
+        if len(self._out) >= OUT_MAX:
+            raise AssertionError("TcpCore output queue overflow: the caller never drained it")
+        if flags & RST:
+            self._mask |= A_RST
+        self._out.append((seq, ack, flags, window, mss, wscale, hold))
 
     # ---- construction -------------------------------------------------------------------
 
-    @classmethod
-    def accept(cls, syn: Segment, iss: int, now: float, **kw) -> TcpFlow:
-        """A flow for a guest SYN (RFC 9293 §3.10.7.2, LISTEN state, SYN bit).
+    def open_passive(self, tcp, now: float) -> int:
+        """Become the flow for the guest's SYN `tcp` (RFC 9293 §3.10.7.2, LISTEN state,
+        SYN bit), with `port` and `guest_port` its ports. A_MALFORMED if it does not parse.
 
         The SYN-ACK waits for `host_connected`: the guest sees the connection only once the
         host connect succeeded.
         """
-        flow = cls(syn.dst_port, syn.src_port, iss, **kw)
-        flow.born = flow.last_heard = now
-        flow.state = TcpState.SYN_RECEIVED
-        flow.irs = syn.seq
-        flow.rcv_nxt = seq_add(syn.seq, 1)
-        flow._take_syn_options(syn)
-        flow.snd_wnd = syn.window  # RFC 7323 §2.2: the window of a SYN is never scaled
-        flow.snd_wl1 = syn.seq
-        return flow
+        try:
+            syn = parse_segment(tcp)
+        except SegmentError:
+            return A_MALFORMED
+        self.born = self.last_heard = now
+        self.state = TcpState.SYN_RECEIVED
+        self.irs = syn.seq
+        self.rcv_nxt = seq_add(syn.seq, 1)
+        self._take_syn_options(syn.mss, syn.wscale)
+        self.snd_wnd = syn.window  # RFC 7323 §2.2: the window of a SYN is never scaled
+        self.snd_wl1 = syn.seq
+        return 0
 
-    @classmethod
-    def connect(cls, port: int, guest_port: int, iss: int, now: float,
-                **kw) -> tuple[TcpFlow, Actions]:
-        """A flow we open towards the guest (port forwards): SYN-SENT and the SYN to send."""
-        flow = cls(port, guest_port, iss, **kw)
-        flow.born = flow.last_heard = now
-        flow.state = TcpState.SYN_SENT
-        flow.snd_nxt = flow.snd_max = seq_add(iss, 1)
-        flow._arm(now, restart=True)
-        return flow, [(Act.SEND, flow._syn(SYN, iss))]
+    def open_active(self, now: float) -> int:
+        """Open the connection towards the guest (port forwards): SYN-SENT, our SYN queued."""
+        self._mask = 0
+        self.born = self.last_heard = now
+        self.state = TcpState.SYN_SENT
+        self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
+        self._arm(now, restart=True)
+        self._syn(SYN, self.iss)
+        return self._mask
 
-    def _take_syn_options(self, syn: Segment) -> None:
-        mss = syn.mss if syn.mss else TCP_DEFAULT_MSS
+    def _take_syn_options(self, mss: int | None, wscale: int | None) -> None:
+        mss = mss if mss else TCP_DEFAULT_MSS
         # A floor as Linux's tcp_min_snd_mss: a peer announcing a tiny MSS must not make
         # us cut the stream into thousands of segments per window (CVE-2019-11479).
         self.snd_mss = max(TCP_MIN_SND_MSS, min(mss, self.our_mss))
         # RFC 7323 §2.2: scaling is in effect only if both SYNs carried the option.
-        self.wscale_ok = self.our_wscale is not None and syn.wscale is not None
+        self.wscale_ok = self.our_wscale is not None and wscale is not None
         if self.wscale_ok:
-            self.snd_wscale = min(syn.wscale, TCP_MAX_WSCALE)
+            self.snd_wscale = min(wscale, TCP_MAX_WSCALE)
             self.rcv_wscale = self.our_wscale
         else:
             self.snd_wscale = self.rcv_wscale = 0
 
-    def _syn(self, flags: int, seq: int) -> Segment:
+    def _syn(self, flags: int, seq: int) -> None:
         # The SYN carries our MSS and, when the guest offered scaling (or we open the
         # connection), our shift; its window field is never scaled (RFC 7323 §2.2).
         wscale = None
         if self.state is TcpState.SYN_SENT or self.wscale_ok:
             wscale = self.our_wscale
-        return Segment(self.port, self.guest_port, seq, self.rcv_nxt if flags & ACK else 0,
-                       flags, min(self.rcv_wnd, TCP_MAX_WINDOW_FIELD), b"", self.our_mss, wscale)
+        self._queue(seq, self.rcv_nxt if flags & ACK else 0, flags,
+                    min(self.rcv_wnd, TCP_MAX_WINDOW_FIELD), self.our_mss, wscale)
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def _window_field(self) -> int:
+    def window_field(self) -> int:
+        """The window field for our next segment (scaled, RFC 7323 §2.3)."""
         return min(max(self.rcv_wnd, 0) >> self.rcv_wscale, TCP_MAX_WINDOW_FIELD)
 
-    def ack_segment(self) -> Segment:
+    def _ack(self, hold: bool = True) -> None:
         """A pure ACK for everything received so far, with the current window."""
-        return Segment(self.port, self.guest_port, self.snd_nxt, self.rcv_nxt, ACK,
-                       self._window_field())
+        self._queue(self.snd_nxt, self.rcv_nxt, ACK, self.window_field(), hold=hold)
 
-    def _reset_segment(self) -> Segment:
-        return Segment(self.port, self.guest_port, self.snd_nxt, self.rcv_nxt, RST | ACK, 0)
+    def _reset(self) -> None:
+        self._queue(self.snd_nxt, self.rcv_nxt, RST | ACK, 0)
 
     def _in_flight_any(self) -> bool:
         return self.snd_una != self.snd_max
@@ -396,13 +467,19 @@ class TcpFlow:
         rto = self.srtt + max(RTO_CLOCK_GRANULARITY, 4 * self.rttvar)
         self.rto = self.rto_base = min(max(rto, self.rto_min), self.rto_max)
 
-    def _abort(self, out: Actions, rst: bool = True) -> Actions:
+    def _abort(self, rst: bool = True) -> int:
         if rst:
-            out.append((Act.SEND, self._reset_segment()))
+            self._reset()
         self.state = TcpState.CLOSED
         self.rto_deadline = self.tw_deadline = None
-        out.append((Act.ABORT, None))
-        return out
+        self._mask |= A_ABORT
+        return self._mask
+
+    def _close(self) -> int:
+        self.state = TcpState.CLOSED
+        self.rto_deadline = self.tw_deadline = None
+        self._mask |= A_CLOSE
+        return self._mask
 
     @property
     def deadline(self) -> float | None:
@@ -437,18 +514,19 @@ class TcpFlow:
             return self.ka_next
         return self.last_heard + idle
 
-    def _limit_reached(self, now: float, out: Actions) -> Actions:
+    def _limit_reached(self, now: float) -> None:
         """on_timer past _limit_deadline: probe, or reset both sides."""
         st = self.state
         if (st in _KEEPALIVE_STATES and self.ka_sent < self.keepalive_probes):
             self.ka_sent += 1
             self.ka_next = now + self.keepalive_interval
-            out.append((Act.SEND, self._probe()))
-            return out
+            self._probe()
+            return
         self.expired = True
         if st is TcpState.SYN_RECEIVED and not self.synack_sent:
-            return self.host_refused()
-        return self._abort(out)
+            self._refuse()
+        else:
+            self._abort()
 
     @property
     def closed(self) -> bool:
@@ -456,57 +534,79 @@ class TcpFlow:
 
     # ---- host events --------------------------------------------------------------------
 
-    def host_connected(self, now: float) -> Actions:
+    def host_connected(self, now: float) -> int:
         """The host connect completed: answer the guest's SYN (RFC 9293 §3.10.7.2)."""
+        self._mask = 0
+        self.consume_n = 0
         if self.state is not TcpState.SYN_RECEIVED or self.synack_sent:
-            return []
+            return 0
         self.synack_sent = True
         self.snd_nxt = self.snd_max = seq_add(self.iss, 1)
         self._arm(now, restart=True)
-        return [(Act.SEND, self._syn(SYN | ACK, self.iss))]
+        self._syn(SYN | ACK, self.iss)
+        return self._mask
 
-    def host_refused(self) -> Actions:
+    def host_refused(self) -> int:
         """The host connect failed: refuse the guest's SYN the way a closed port does."""
-        seg = Segment(self.port, self.guest_port, 0, self.rcv_nxt, RST | ACK, 0)
-        return self._abort([(Act.SEND, seg)], rst=False)
+        self._mask = 0
+        self.consume_n = 0
+        return self._refuse()
 
-    def host_eof(self, now: float) -> Actions:
+    def _refuse(self) -> int:
+        self._queue(0, self.rcv_nxt, RST | ACK, 0)
+        return self._abort(rst=False)
+
+    def host_eof(self, now: float) -> int:
         """The host sent FIN and every byte before it was sent to the guest: send our FIN."""
+        self._mask = 0
+        self.consume_n = 0
         if self.fin_seq is not None or self.state not in _SEND_STATES:
-            return []
+            return 0
         self.fin_seq = self.snd_nxt
-        self._fin_state()
-        return self._send_fin(now)
-
-    def _fin_state(self) -> None:
         if self.state is TcpState.ESTABLISHED:
             self.state = TcpState.FIN_WAIT_1
         elif self.state is TcpState.CLOSE_WAIT:
             self.state = TcpState.LAST_ACK
+        self._send_fin(now)
+        return self._mask
 
-    def _send_fin(self, now: float) -> Actions:
-        seg = Segment(self.port, self.guest_port, self.fin_seq, self.rcv_nxt, FIN | ACK,
-                      self._window_field())
+    def _send_fin(self, now: float) -> None:
+        self._queue(self.fin_seq, self.rcv_nxt, FIN | ACK, self.window_field())
         self.snd_nxt = seq_add(self.fin_seq, 1)
         if seq_gt(self.snd_nxt, self.snd_max):
             self.snd_max = self.snd_nxt
         self._arm(now)
-        return [(Act.SEND, seg)]
 
-    def host_reset(self) -> Actions:
+    def host_reset(self) -> int:
         """The host connection was reset or failed: reset the guest's side too."""
-        if self.state is TcpState.CLOSED:
-            return []
-        if self.state is TcpState.SYN_RECEIVED and not self.synack_sent:
-            return self.host_refused()
-        return self._abort([])
+        self._mask = 0
+        self.consume_n = 0
+        return self._host_reset()
 
-    def window_update(self, now: float) -> Actions:
+    def _host_reset(self) -> int:
+        if self.state is TcpState.CLOSED:
+            return self._mask
+        if self.state is TcpState.SYN_RECEIVED and not self.synack_sent:
+            return self._refuse()
+        return self._abort()
+
+    def window_update(self, now: float) -> int:
         """rcv_wnd grew (the host socket drained): tell the guest (RFC 9293 §3.8.6.2.2)."""
+        self._mask = 0
+        self.consume_n = 0
         self.guest_blocked = False
         if self.state in _RECV_STATES and self.state is not TcpState.SYN_RECEIVED:
-            return [(Act.SEND, self.ack_segment())]
-        return []
+            self._ack()
+        return self._mask
+
+    def flush_ack(self) -> int:
+        """End of a batch: queue the ACK `emit` left due, unless a later segment already
+        carried its ack field. Returns the number of segments queued (0 or 1)."""
+        due, self.ack_due = self.ack_due, False
+        if not due or self.state is TcpState.CLOSED or self.last_ack == self.rcv_nxt:
+            return 0
+        self._ack(hold=False)
+        return 1
 
     # ---- host-to-guest data -------------------------------------------------------------
 
@@ -519,37 +619,60 @@ class TcpFlow:
             budget = min(budget, seq_diff(self.fin_seq, self.snd_nxt))
         return max(0, budget)
 
-    def send_data(self, payload, now: float) -> Actions:
-        """Segments carrying payload (peeked at the host socket offset snd_nxt - snd_una).
+    def send_data(self, n: int, now: float) -> int:
+        """Queue n bytes of host data (peeked at offset snd_nxt - snd_una) as one run of
+        segments of at most snd_mss, the last with PSH; `emit_data` writes them.
 
-        The caller keeps len(payload) within send_budget(). After a rewind, the last
-        retransmitted segment also carries our FIN if it was sent before.
+        The caller keeps n within send_budget(). After a rewind, the last retransmitted
+        segment also carries our FIN if it was sent before.
         """
-        mv = memoryview(payload)
-        out: Actions = []
-        n = len(mv)
-        if n == 0:
-            return out
+        self._mask = 0
+        self.consume_n = 0
+        self._data = None
+        if n <= 0:
+            return 0
         new = self.snd_nxt == self.snd_max
-        window = self._window_field()
-        mss = self.snd_mss
+        seq = self.snd_nxt
+        self.snd_nxt = seq_add(seq, n)
+        fin = self.fin_seq is not None and self.snd_nxt == self.fin_seq
+        if fin:
+            self.snd_nxt = seq_add(self.snd_nxt, 1)
+        self._data = (seq, self.rcv_nxt, self.window_field(), n, self.snd_mss, fin)
+        self._after_send(new, now)
+        return 0
+
+    def data_segments(self) -> list[tuple[int, int, int, int, int, int]]:
+        """The run `send_data` queued, as (seq, ack, flags, window, offset, length) per
+        segment (offset into the caller's payload); the run is then gone."""
+        run, self._data = self._data, None
+        if run is None:
+            return []
+        seq, ack, window, n, mss, fin = run
+        out = []
         off = 0
         while off < n:
-            chunk = mv[off:off + mss]
-            off += len(chunk)
+            length = min(mss, n - off)
             flags = ACK
-            last = off >= n
-            if last:
-                flags |= PSH
-            seq = self.snd_nxt
-            self.snd_nxt = seq_add(seq, len(chunk))
-            if last and self.fin_seq is not None and self.snd_nxt == self.fin_seq:
-                flags |= FIN
-                self.snd_nxt = seq_add(self.snd_nxt, 1)
-            out.append((Act.SEND, Segment(self.port, self.guest_port, seq, self.rcv_nxt, flags,
-                                          window, chunk)))
-        self._after_send(new, now)
+            if off + length >= n:
+                flags |= PSH | (FIN if fin else 0)
+            out.append((seq_add(seq, off), ack, flags, window, off, length))
+            off += length
         return out
+
+    def emit_data(self, buf, off: int, src_ip, dst_ip, ip_id: int, payload, send) -> int:
+        """Write each segment of the queued run (see send_data) as an IPv4 packet into
+        buf[off:] and call send(buf, length); returns the segments written (IP ids used
+        from ip_id on)."""
+        segs = self.data_segments()
+        pay = memoryview(payload)
+        view = memoryview(buf)[off:]
+        for i, (seq, ack, flags, window, start, length) in enumerate(segs):
+            n = build_ipv4_tcp(view, src_ip, dst_ip, (ip_id + i) & 0xFFFF, self.port,
+                               self.guest_port, seq, ack, flags, window, b"",
+                               pay[start:start + length])
+            self.last_ack = ack
+            send(buf, n)
+        return len(segs)
 
     def _after_send(self, new: bool, now: float) -> None:
         """snd_nxt has moved over data just sent: extend snd_max, time a new segment for
@@ -571,75 +694,134 @@ class TcpFlow:
         self.snd_nxt = seq_add(self.snd_nxt, n)
         self._after_send(new, now)
 
-    def window_field(self) -> int:
-        """The window field for our next segment (scaled, RFC 7323 §2.3)."""
-        return self._window_field()
+    # ---- output -------------------------------------------------------------------------
+
+    def out_segments(self) -> list[tuple]:
+        """The queued segments as (seq, ack, flags, window, mss option, wscale option), each
+        option None when absent; the queue is then empty. No ACK is held back."""
+        out, self._out = self._out, []
+        for _seq, ack, flags, _w, _m, _s, _h in out:
+            if flags & ACK:
+                self.last_ack = ack
+        return [e[:6] for e in out]
+
+    def emit(self, buf, off: int, src_ip, dst_ip, ip_id: int, clamp: bool, send) -> int:
+        """Write each queued segment as an IPv4 packet into buf[off:] and call
+        send(buf, length); returns the segments written (IP ids used from ip_id on).
+
+        A pure ACK for new guest data (its ack differs from `last_ack`, its seq is snd_nxt)
+        is held back and `ack_due` set: one ACK per batch is enough (see flush_ack).
+        clamp: the host refused batched data, so no ack field may exceed rcv_nxt.
+        """
+        out, self._out = self._out, []
+        view = memoryview(buf)[off:]
+        sent = 0
+        for seq, ack, flags, window, mss, wscale, hold in out:
+            if hold and flags == ACK and ack != self.last_ack and seq == self.snd_nxt:
+                self.ack_due = True
+                continue
+            if flags & ACK:
+                if clamp and seq_gt(ack, self.rcv_nxt):
+                    ack = self.rcv_nxt
+                self.last_ack = ack
+            opts = b""
+            if flags & SYN:
+                opts = Segment(0, 0, 0, 0, flags, 0, b"", mss, wscale).options()
+            n = build_ipv4_tcp(view, src_ip, dst_ip, (ip_id + sent) & 0xFFFF, self.port,
+                               self.guest_port, seq, ack, flags, window, opts, b"")
+            sent += 1
+            send(buf, n)
+        return sent
+
+    def holds_unacked_ack(self) -> bool:
+        """Would `emit` write a segment now (not only hold back an ACK)? The relay then
+        sends its batched guest data first, so that segment may acknowledge it."""
+        for seq, ack, flags, _w, _m, _s, hold in self._out:
+            if not (hold and flags == ACK and ack != self.last_ack and seq == self.snd_nxt):
+                return True
+        return False
 
     # ---- timers -------------------------------------------------------------------------
 
-    def on_timer(self, now: float) -> Actions:
+    def on_timer(self, now: float) -> int:
         """Retransmission (RFC 6298 §5.4-5.6), zero-window probes (RFC 9293 §3.8.6.1),
         TIME-WAIT expiry and the lifetime limits (keepalive probes, timeouts). Harmless to
         call early."""
-        out: Actions = []
+        self._mask = 0
+        self.consume_n = 0
         if self.tw_deadline is not None and now >= self.tw_deadline:
-            self.state = TcpState.CLOSED
-            self.tw_deadline = self.rto_deadline = None
-            out.append((Act.CLOSE, None))
-            return out
+            return self._close()
         limit = self._limit_deadline()
         if limit is not None and now >= limit:
-            out = self._limit_reached(now, out)
+            self._limit_reached(now)
             if self.state is TcpState.CLOSED:
-                return out
+                return self._mask
         if self.rto_deadline is None or now < self.rto_deadline:
-            return out
+            return self._mask
         self.retries += 1
         if self.retries > self.max_retries:
             self.snd_nxt = self.snd_una
-            return self._abort(out)
+            return self._abort()
         self.rto = min(self.rto * 2, self.rto_max)  # RFC 6298 §5.5
         self.rtt_seq = None  # Karn's algorithm: no sample from a retransmitted segment
         self.rto_deadline = now + self.rto
         if self.state is TcpState.SYN_SENT:
-            out.append((Act.SEND, self._syn(SYN, self.iss)))
+            self._syn(SYN, self.iss)
         elif self.state is TcpState.SYN_RECEIVED:
-            out.append((Act.SEND, self._syn(SYN | ACK, self.iss)))
+            self._syn(SYN | ACK, self.iss)
         elif self._in_flight_any():
             self.retransmits += 1
             self.snd_nxt = self.snd_una
             self.dupacks = 0
             if self.fin_seq is not None and self.snd_una == self.fin_seq:
-                out.extend(self._send_fin(now))
+                self._send_fin(now)
             elif self.snd_wnd == 0:
                 # The guest closed its window with our data outstanding: what it dropped
                 # goes again from snd_una once it reopens; until then, probe.
-                out.append((Act.REWIND, None))
-                out.append((Act.SEND, self._probe()))
+                self._mask |= A_REWIND
+                self._probe()
             else:
-                out.append((Act.REWIND, None))
+                self._mask |= A_REWIND
         elif self._probe_needed():
-            out.append((Act.SEND, self._probe()))
+            self._probe()
         else:
             self.rto_deadline = None
-        return out
+        return self._mask
 
-    def _probe(self) -> Segment:
+    def _probe(self) -> None:
         # Zero-window probe (RFC 9293 §3.8.6.1) the way Linux sends it: an ACK one below
         # snd_una is outside the guest's window, so it answers with its current window
         # (RFC 9293 §3.10.7.4 first check).
-        return Segment(self.port, self.guest_port, seq_add(self.snd_una, -1), self.rcv_nxt,
-                       ACK, self._window_field())
+        self._queue(seq_add(self.snd_una, -1), self.rcv_nxt, ACK, self.window_field())
 
     # ---- guest segments -----------------------------------------------------------------
 
-    def guest_segment(self, seg: Segment, now: float, write: Writer) -> Actions:
-        """Process one segment from the guest (RFC 9293 §3.10.7.3, §3.10.7.4).
+    def in_order(self, tcp) -> bool:
+        """Is `tcp` plain in-order data or ACK for ESTABLISHED (no SYN, RST or FIN, its seq
+        rcv_nxt)? Its only answer is then an ACK, so the relay may batch its data."""
+        if len(tcp) < TCP_HEADER_LEN:
+            return False
+        _sp, _dp, seq, _ack, _off, flags = struct.unpack_from("!HHIIBB", tcp)
+        return (not flags & (SYN | RST | FIN) and self.state is TcpState.ESTABLISHED
+                and seq == self.rcv_nxt)
 
-        write(data) hands in-order guest data to the host and returns how many bytes the
-        host accepted (0 if none, -1 if the host connection is broken).
+    def guest_segment(self, tcp, now: float) -> int:
+        """Process one segment from the guest (RFC 9293 §3.10.7.3, §3.10.7.4), its TCP
+        header and payload `tcp` (the checksum is the caller's to check).
+
+        With A_DELIVER in the result, the new data is tcp[deliver_off:deliver_off +
+        deliver_len]: the caller writes it to the host and calls delivered() with how many
+        bytes the host took; the segment is finished there.
         """
-        out: Actions = []
+        try:
+            seg = parse_segment(tcp)
+        except SegmentError:
+            return A_MALFORMED
+        self._mask = 0
+        self.consume_n = 0
+        return self._segment(seg, len(tcp) - len(seg.payload), now)
+
+    def _segment(self, seg: Segment, hlen: int, now: float) -> int:
         st = self.state
         flags = seg.flags
         self.last_heard = now  # the guest is there (lifetime limits)
@@ -647,40 +829,37 @@ class TcpFlow:
         if st is TcpState.CLOSED:
             rst = reset_for(seg)
             if rst is not None:
-                out.append((Act.SEND, rst))
-            return out
+                self._queue(rst.seq, rst.ack, rst.flags, 0)
+            return self._mask
         if st is TcpState.SYN_SENT:
-            return self._syn_sent(seg, now, out)
+            return self._syn_sent(seg, now)
         if st is TcpState.SYN_RECEIVED and not self.synack_sent:
             # Still connecting to the host: a retransmitted SYN must not disturb the flow.
             if flags & RST and seg.seq == self.rcv_nxt:
-                return self._abort(out, rst=False)
-            return out
+                return self._abort(rst=False)
+            return self._mask
 
         # First check: sequence number. Only the RST case and the trimming need it here.
         if flags & RST:
             # RFC 9293 §3.10.7.4: RST valid if its seq is in the receive window. The guest
             # is our own link's peer; accept the window (and the exact match) rather than
             # challenge, since a blocked host socket can leave the guest's snd_nxt ahead.
-            span = max(self._window_field() << self.rcv_wscale, TCP_MAX_WINDOW_FIELD)
+            span = max(self.window_field() << self.rcv_wscale, TCP_MAX_WINDOW_FIELD)
             if seq_ge(seg.seq, self.rcv_nxt) and seq_lt(seg.seq, seq_add(self.rcv_nxt, span)):
                 if st is TcpState.TIME_WAIT:
-                    self.state = TcpState.CLOSED
-                    self.tw_deadline = self.rto_deadline = None
-                    out.append((Act.CLOSE, None))
-                    return out
-                return self._abort(out, rst=False)
-            return out
+                    return self._close()
+                return self._abort(rst=False)
+            return self._mask
         if flags & SYN:
             if st is TcpState.SYN_RECEIVED and seg.seq == self.irs and not flags & ACK:
                 # Duplicate SYN: our SYN-ACK was lost; send it again.
-                out.append((Act.SEND, self._syn(SYN | ACK, self.iss)))
-                return out
+                self._syn(SYN | ACK, self.iss)
+                return self._mask
             # RFC 9293 §3.10.7.4 fourth check (RFC 5961 §4): challenge ACK.
-            out.append((Act.SEND, self.ack_segment()))
-            return out
+            self._ack()
+            return self._mask
         if not flags & ACK:
-            return out  # fifth check: a segment without ACK is dropped
+            return self._mask  # fifth check: a segment without ACK is dropped
 
         # Fifth check: the ACK field.
         if st is TcpState.SYN_RECEIVED:
@@ -693,17 +872,17 @@ class TcpFlow:
                 self.retries = 0
                 self._arm(now, restart=True)
             else:
-                out.append((Act.SEND, Segment(self.port, self.guest_port, seg.ack, 0, RST, 0)))
-                return out
+                self._queue(seg.ack, 0, RST, 0)
+                return self._mask
         else:
             if seq_gt(seg.ack, self.snd_max):
                 # RFC 9293 §3.10.7.4: ACK for data not yet sent: ACK and drop.
-                out.append((Act.SEND, self.ack_segment()))
-                return out
-            self._process_ack(seg, now, out)
+                self._ack()
+                return self._mask
+            self._process_ack(seg, now)
             st = self.state
             if st is TcpState.CLOSED:
-                return out
+                return self._mask
 
         # Sixth/seventh: segment text and FIN.
         plen = len(seg.payload)
@@ -712,70 +891,84 @@ class TcpFlow:
             if seq_lt(seg.seq, self.rcv_nxt):
                 # RFC 9293 §3.10.7.4 first check: an unacceptable segment (here a
                 # zero-window probe or keepalive below rcv_nxt) is answered with an ACK.
-                out.append((Act.SEND, self.ack_segment()))
-            return out
+                self._ack()
+            return self._mask
         seg_end = seq_add(seg.seq, plen + (1 if fin else 0))
         if seq_le(seg_end, self.rcv_nxt):
             # Entirely old: a retransmission of data (or a FIN) already acknowledged.
             if st is TcpState.TIME_WAIT and fin:
                 self.tw_deadline = now + self.time_wait  # RFC 9293 §3.10.7.4 TIME-WAIT
-            out.append((Act.SEND, self.ack_segment()))
-            return out
+            self._ack()
+            return self._mask
         if seq_gt(seg.seq, self.rcv_nxt):
             # Out of order: never written ahead of the gap; a duplicate ACK asks for it.
-            out.append((Act.SEND, self.ack_segment()))
-            return out
+            self._ack()
+            return self._mask
         if st not in _RECV_STATES:
             # New data after the guest's FIN: nothing to deliver it to.
-            out.append((Act.SEND, self.ack_segment()))
-            return out
+            self._ack()
+            return self._mask
         # In order, possibly starting before rcv_nxt: trim what the host already has.
         skip = seq_diff(self.rcv_nxt, seg.seq)
-        accepted_all = True
         if plen > skip:
-            data = seg.payload[skip:]
-            n = write(data)
-            if n < 0:
-                return self.host_reset()
-            if n:
-                self.rcv_nxt = seq_add(self.rcv_nxt, n)
-            if n < len(data):
-                accepted_all = False
-                self.guest_blocked = True
+            self.deliver_off = hlen + skip
+            self.deliver_len = plen - skip
+            self._pend_fin = fin
+            self._pend_state = st
+            self._mask |= A_DELIVER
+            return self._mask
+        return self._finish(fin, True, st, now)
+
+    def delivered(self, n: int, now: float) -> int:
+        """After A_DELIVER: the host took n of the deliver_len bytes (-1: the host
+        connection is broken). Finishes the segment; returns the action bits of this step."""
+        self._mask = 0
+        if n < 0:
+            self._out = []
+            return self._host_reset()
+        accepted_all = True
+        if n:
+            self.rcv_nxt = seq_add(self.rcv_nxt, n)
+        if n < self.deliver_len:
+            accepted_all = False
+            self.guest_blocked = True
+        return self._finish(self._pend_fin, accepted_all, self._pend_state, now)
+
+    def _finish(self, fin: bool, accepted_all: bool, st: TcpState, now: float) -> int:
         if fin and accepted_all:
             self.rcv_nxt = seq_add(self.rcv_nxt, 1)
             self.fin_received = True
-            out.append((Act.SHUT_WR, None))
+            self._mask |= A_SHUT_WR
             if st in (TcpState.SYN_RECEIVED, TcpState.ESTABLISHED):
                 self.state = TcpState.CLOSE_WAIT
             elif st is TcpState.FIN_WAIT_1:
                 self.state = TcpState.CLOSING
             elif st is TcpState.FIN_WAIT_2:
                 self._enter_time_wait(now)
-        out.append((Act.SEND, self.ack_segment()))
-        return out
+        self._ack()
+        return self._mask
 
     def _enter_time_wait(self, now: float) -> None:
         self.state = TcpState.TIME_WAIT
         self.rto_deadline = None
         self.tw_deadline = now + self.time_wait
 
-    def _syn_sent(self, seg: Segment, now: float, out: Actions) -> Actions:
+    def _syn_sent(self, seg: Segment, now: float) -> int:
         # RFC 9293 §3.10.7.3.
         flags = seg.flags
         if flags & ACK and seg.ack != self.snd_max:
             if not flags & RST:
-                out.append((Act.SEND, Segment(self.port, self.guest_port, seg.ack, 0, RST, 0)))
-            return out
+                self._queue(seg.ack, 0, RST, 0)
+            return self._mask
         if flags & RST:
             if flags & ACK:
-                return self._abort(out, rst=False)  # the guest port is closed
-            return out
+                return self._abort(rst=False)  # the guest port is closed
+            return self._mask
         if not flags & SYN or not flags & ACK:
-            return out  # simultaneous open is not supported: the guest never initiates here
+            return self._mask  # simultaneous open is not supported
         self.irs = seg.seq
         self.rcv_nxt = seq_add(seg.seq, 1)
-        self._take_syn_options(seg)
+        self._take_syn_options(seg.mss, seg.wscale)
         self.snd_una = seg.ack
         self.snd_wnd = seg.window  # never scaled in a SYN (RFC 7323 §2.2)
         self.snd_wl1 = seg.seq
@@ -783,10 +976,10 @@ class TcpFlow:
         self.state = TcpState.ESTABLISHED
         self.retries = 0
         self._arm(now, restart=True)
-        out.append((Act.SEND, self.ack_segment()))
-        return out
+        self._ack()
+        return self._mask
 
-    def _process_ack(self, seg: Segment, now: float, out: Actions) -> None:
+    def _process_ack(self, seg: Segment, now: float) -> None:
         ack = seg.ack
         advanced = seq_gt(ack, self.snd_una)
         if advanced:
@@ -795,7 +988,8 @@ class TcpFlow:
             if self.fin_seq is not None and seq_gt(ack, self.fin_seq):
                 data -= 1  # the FIN occupies a sequence number but no host byte
             if data > 0:
-                out.append((Act.CONSUME, data))
+                self.consume_n += data
+                self._mask |= A_CONSUME
             if self.rtt_seq is not None and seq_ge(ack, self.rtt_seq):
                 self._rtt_sample(now - self.rtt_time)
                 self.rtt_seq = None
@@ -831,9 +1025,9 @@ class TcpFlow:
                     self.rtt_seq = None
                     self.snd_nxt = self.snd_una
                     if self.fin_seq is not None and self.snd_una == self.fin_seq:
-                        out.extend(self._send_fin(now))
+                        self._send_fin(now)
                     else:
-                        out.append((Act.REWIND, None))
+                        self._mask |= A_REWIND
         if advanced or self.rto_deadline is None:
             self._arm(now, restart=advanced)
         # Our FIN acknowledged?
@@ -844,6 +1038,124 @@ class TcpFlow:
             elif st is TcpState.CLOSING:
                 self._enter_time_wait(now)
             elif st is TcpState.LAST_ACK:
-                self.state = TcpState.CLOSED
-                self.rto_deadline = None
-                out.append((Act.CLOSE, None))
+                self._close()
+
+
+def segment_bytes(seg: Segment) -> bytes:
+    """A Segment as TCP header, options and payload (checksum left 0), as parsed again."""
+    opts = seg.options()
+    off = (TCP_HEADER_LEN + len(opts)) // 4 << 4
+    return (_HDR.pack(seg.src_port, seg.dst_port, seg.seq, seg.ack, off, seg.flags, seg.window,
+                      0, 0) + opts + bytes(seg.payload))
+
+
+def _default_core():
+    from voidbox.net.tcpcore import TcpCore as impl  # noqa: PLC0415  (tcpcore imports us)
+    return impl
+
+
+class TcpFlow:
+    """A TcpCore (either twin) behind the list-returning interface: each call returns the
+    actions `(Act, value)` to carry out, segments as Segment objects; guest data is handed
+    to a `write` callable, acknowledged as far as it accepted. The tests play guests and
+    NATs with it; the relay drives TcpCore directly.
+
+    Attributes not defined here are the core's (state, snd_nxt, rcv_wnd, deadline, ...).
+    """
+
+    __slots__ = ("core",)
+
+    def __init__(self, core):
+        object.__setattr__(self, "core", core)
+
+    def __getattr__(self, name):
+        return getattr(self.core, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.core, name, value)
+
+    @classmethod
+    def accept(cls, syn: Segment, iss: int, now: float, *, impl=None, **kw) -> TcpFlow:
+        """A flow for a guest SYN (see TcpCore.open_passive)."""
+        core = (impl or _default_core())(syn.dst_port, syn.src_port, iss, **kw)
+        if core.open_passive(segment_bytes(syn), now) & A_MALFORMED:
+            raise SegmentError("the SYN does not parse")
+        return cls(core)
+
+    @classmethod
+    def connect(cls, port: int, guest_port: int, iss: int, now: float, *, impl=None,
+                **kw) -> tuple[TcpFlow, Actions]:
+        """A flow we open towards the guest: SYN-SENT and the SYN to send."""
+        flow = cls((impl or _default_core())(port, guest_port, iss, **kw))
+        return flow, flow._actions(flow.core.open_active(now))
+
+    def _actions(self, mask: int, payload=None) -> Actions:
+        core = self.core
+        out: Actions = []
+        if mask & A_CONSUME:
+            out.append((Act.CONSUME, core.consume_n))
+        for seq, ack, flags, window, mss, wscale in core.out_segments():
+            out.append((Act.SEND, Segment(core.port, core.guest_port, seq, ack, flags, window,
+                                          b"", mss, wscale)))
+        if payload is not None:
+            pay = memoryview(payload)
+            for seq, ack, flags, window, start, length in core.data_segments():
+                out.append((Act.SEND, Segment(core.port, core.guest_port, seq, ack, flags,
+                                              window, pay[start:start + length])))
+        if mask & A_REWIND:
+            out.append((Act.REWIND, None))
+        if mask & A_SHUT_WR:
+            out.append((Act.SHUT_WR, None))
+        if mask & A_ABORT:
+            out.append((Act.ABORT, None))
+        elif mask & A_CLOSE:
+            out.append((Act.CLOSE, None))
+        return out
+
+    def guest_segment(self, seg: Segment, now: float, write: Writer | None) -> Actions:
+        core = self.core
+        raw = segment_bytes(seg)
+        mask = core.guest_segment(raw, now)
+        if mask & A_DELIVER:
+            off = core.deliver_off
+            n = write(memoryview(raw)[off:off + core.deliver_len])
+            mask = (mask & ~A_DELIVER) | core.delivered(n, now)
+        return self._actions(mask)
+
+    def send_data(self, payload, now: float) -> Actions:
+        n = len(payload)
+        return self._actions(self.core.send_data(n, now), payload)
+
+    def on_timer(self, now: float) -> Actions:
+        return self._actions(self.core.on_timer(now))
+
+    def host_connected(self, now: float) -> Actions:
+        return self._actions(self.core.host_connected(now))
+
+    def host_refused(self) -> Actions:
+        return self._actions(self.core.host_refused())
+
+    def host_eof(self, now: float) -> Actions:
+        return self._actions(self.core.host_eof(now))
+
+    def host_reset(self) -> Actions:
+        return self._actions(self.core.host_reset())
+
+    def window_update(self, now: float) -> Actions:
+        return self._actions(self.core.window_update(now))
+
+    def ack_segment(self) -> Segment:
+        """A pure ACK for everything received so far, with the current window."""
+        core = self.core
+        return Segment(core.port, core.guest_port, core.snd_nxt, core.rcv_nxt, ACK,
+                       core.window_field())
+
+    def _reset_segment(self) -> Segment:
+        core = self.core
+        return Segment(core.port, core.guest_port, core.snd_nxt, core.rcv_nxt, RST | ACK, 0)
+
+
+def flow_key(src_ip, dst_ip, tcp) -> int:
+    """The flow table's key for a guest segment: its addresses (4 or 16 bytes each, opaque)
+    and ports as one int. The segment must hold at least its two ports."""
+    return int.from_bytes(bytes(src_ip) + bytes(dst_ip) + bytes(tcp[:4]), "big")

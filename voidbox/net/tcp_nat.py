@@ -1,7 +1,11 @@
 """The user-mode NAT's TCP relay: guest TCP flows <-> non-blocking host sockets.
 
-Each guest connection is a voidbox.net.tcp.TcpFlow (the sans-I/O state machine facing the
-guest) plus one host socket, driven by the network thread's EventLoop. As in passt, the
+Each guest connection is a TcpCore (the sans-I/O state machine facing the guest: the
+compiled voidbox._tcp or its pure twin in voidbox.net.tcp, as voidbox.net.tcpcore picks)
+plus one host socket, driven by the network thread's EventLoop. Flows are found by
+tcpcore.flow_key (the addresses, opaque 4 or 16 bytes, and the ports as one int); the
+core's action bits say what to do and its emit() writes the segments it queued straight
+into the packet buffer, so no Segment or list is made per guest segment. As in passt, the
 host kernel socket is the buffer:
 
 - Host-to-guest data is peeked at an offset (SO_PEEK_OFF, socket(7)) and consumed only when
@@ -29,7 +33,7 @@ host kernel socket is the buffer:
   are in), EPOLLOUT only while guest data is blocked on a full socket. The loop never
   spins on a flow.
 - Flows do not live forever when the guest side is gone (its RST lost): the lifetime
-  limits of TcpFlow (keepalive probes after NatConfig.tcp_idle_timeout, 7200 s, without a
+  limits of TcpCore (keepalive probes after NatConfig.tcp_idle_timeout, 7200 s, without a
   guest segment, 9 probes 75 s apart; half-open and unacknowledged-FIN flows after 60 s)
   reset the host connection (SO_LINGER 0) and send the guest a RST.
 - A flow is freed by reference counting as soon as it ends (see _Flow).
@@ -59,20 +63,28 @@ from voidbox.net.fastpath import (
 from voidbox.net.limits import EXHAUSTION_ERRNOS, Exhaustion
 from voidbox.net.packets import ETH_HLEN
 from voidbox.net.tcp import (
+    A_ABORT,
+    A_CLOSE,
+    A_CONSUME,
+    A_DELIVER,
+    A_MALFORMED,
+    A_REWIND,
+    A_RST,
+    A_SHUT_WR,
     ACK,
     FIN,
     IPV4_TCP_OVERHEAD,
     PSH,
     RST,
     SYN,
-    Act,
+    TCP_HEADER_LEN,
     Segment,
     SegmentError,
-    TcpFlow,
     TcpState,
     parse_segment,
     reset_for,
 )
+from voidbox.net.tcpcore import TcpCore, flow_key
 
 from .._lazylog import get_logger
 
@@ -105,27 +117,27 @@ PACKET_BUF = 65536
 # Guest segments gathered into one sendmsg(2): a TAP read batch is 64 frames, and the
 # iovec stays far below IOV_MAX (1024).
 TX_BATCH_MAX = 64
+TCP_FLAGS_OFFSET = 13  # RFC 9293 §3.1: the control bits' byte in the TCP header
+_PORTS = struct.Struct("!HH")
 
 
 class _Flow:
-    """One relayed connection: the guest-facing TcpFlow and its host socket.
+    """One relayed connection: the guest-facing TcpCore and its host socket.
 
     A flow must be freed by reference counting the moment it ends: the network loop runs
     the cyclic garbage collector rarely (run.GC_THRESHOLDS), so anything in a cycle with a
-    flow stays in memory until a full collection. The writer closure (cb) refers to its
-    flow and is dropped by TcpNat._close; timer callbacks hold the flow only weakly (a
-    cancelled timer stays in the loop's heap until the heap is rebuilt); the epoll watcher
-    is removed with the socket. Nothing else outside TcpNat.flows refers to a flow beyond
-    the current loop turn.
+    flow stays in memory until a full collection. Timer callbacks hold the flow only weakly
+    (a cancelled timer stays in the loop's heap until the heap is rebuilt); the epoll
+    watcher is removed with the socket. Nothing else outside TcpNat.flows refers to a flow
+    beyond the current loop turn.
     """
 
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
-                 "forwarded", "cb", "last_ack", "ack_pending", "batching", "tx_bufs",
-                 "tx_len", "queued", "unconsumed", "__weakref__")
+                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "__weakref__")
 
-    def __init__(self, key, core: TcpFlow, sock: socket.socket, guest_ip: bytes,
+    def __init__(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
         self.key = key
         self.core = core
@@ -147,10 +159,6 @@ class _Flow:
         self.bytes_up = 0  # guest -> host
         self.bytes_down = 0  # host -> guest
         self.forwarded = False
-        self.cb = None
-        self.last_ack: int | None = None  # ack field of the last segment sent to the guest
-        self.ack_pending = False  # a coalesced ACK waits for the end of this loop turn
-        self.batching = False  # the segment being processed may have its data batched
         self.tx_bufs: list = []  # in-order guest data accepted, sent at the end of the turn
         self.tx_len = 0
         self.queued = False  # in TcpNat._turn_queue
@@ -163,7 +171,7 @@ _LIMITS = (("idle_timeout", "tcp_idle_timeout"), ("keepalive_interval", "tcp_kee
 
 
 def flow_limits(config) -> dict:
-    """TcpFlow's lifetime-limit keywords from NatConfig's tcp_* fields (those it has)."""
+    """TcpCore's lifetime-limit keywords from NatConfig's tcp_* fields (those it has)."""
     return {kw: getattr(config, name) for kw, name in _LIMITS if hasattr(config, name)}
 
 
@@ -181,13 +189,17 @@ class TcpNat:
         self.loop = loop
         self.send_ip = send_ip
         self.send_ip_buf = send_ip_buf
+        if send_ip_buf is not None:
+            self._send_pkt = send_ip_buf
+        else:
+            self._send_pkt = lambda buf, n: send_ip(bytes(buf[ETH_HLEN:ETH_HLEN + n]))
         self.policy = policy
         self.config = config
         self.mss = config.mtu - IPV4_TCP_OVERHEAD  # RFC 9293 §3.7.1: MSS excludes both headers
         self.guest_ip = socket.inet_aton(config.guest_ip)
         self.gateway_ip = socket.inet_aton(config.gateway_ip)
         self.dns_ip = socket.inet_aton(config.dns_ip)
-        self.flows: dict[tuple, _Flow] = {}
+        self.flows: dict[int, _Flow] = {}  # by flow_key
         self.listeners: dict[int, tuple[socket.socket, int]] = {}
         self.counters: dict[str, int] = {}
         self.exhaustion = Exhaustion(self.counters)
@@ -202,7 +214,7 @@ class TcpNat:
         rate = config.max_conn_rate
         self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
         self._token_time = loop.time()
-        # TcpFlow keywords: the lifetime limits from the config (a config without them,
+        # TcpCore keywords: the lifetime limits from the config (a config without them,
         # as tests' stand-ins, means no limits); tests also shorten timers here.
         self.flow_kw = flow_limits(config)
         self._turn_queue: list[_Flow] = []  # flows with a coalesced ACK or batched data
@@ -210,7 +222,7 @@ class TcpNat:
         self.stream_port = None
         self._eth_header: Callable[[], bytes] | None = None
         self._port_blocked: Callable[[], None] | None = None
-        self._waiting_port: dict[tuple, _Flow] = {}  # flows stopped by a full port
+        self._waiting_port: dict[int, _Flow] = {}  # flows stopped by a full port
         # guest_room() -> frames the guest side takes now without dropping (a NIC's RX
         # backlog room); None: unbounded. At 0 flows wait for port_writable().
         self.guest_room: Callable[[], int] | None = None
@@ -251,8 +263,8 @@ class TcpNat:
     def flow_stats(self) -> list[dict]:
         """Per-flow counters: addresses, state, bytes each way, retransmissions."""
         return [{
-            "guest": (socket.inet_ntoa(f.key[0]), f.key[1]),
-            "remote": (socket.inet_ntoa(f.key[2]), f.key[3]),
+            "guest": (socket.inet_ntoa(f.guest_ip), f.core.guest_port),
+            "remote": (socket.inet_ntoa(f.remote_ip), f.core.port),
             "state": f.core.state.value,
             "bytes_up": f.bytes_up,
             "bytes_down": f.bytes_down,
@@ -271,24 +283,33 @@ class TcpNat:
         if not csum_verified and tcp_checksum(src_ip, dst_ip, tcp) != 0:
             self._count("tcp_bad_checksum")
             return
-        try:
-            seg = parse_segment(tcp)
-        except SegmentError:
+        if len(tcp) < TCP_HEADER_LEN:
             self._count("tcp_malformed")
             return
-        src_ip = bytes(src_ip)
-        dst_ip = bytes(dst_ip)
-        key = (src_ip, seg.src_port, dst_ip, seg.dst_port)
+        key = flow_key(src_ip, dst_ip, tcp)
         f = self.flows.get(key)
         now = self.loop.time()
-        if f is not None and f.core.state is TcpState.TIME_WAIT and \
-                seg.flags & (SYN | ACK | RST) == SYN and seq_gt(seg.seq, f.core.rcv_nxt):
-            # RFC 9293 §3.10.7.4 TIME-WAIT: a new SYN above the old sequence space reopens.
-            self._close(f, rst=False)
-            f = None
+        if f is not None and f.core.state is TcpState.TIME_WAIT:
+            try:
+                seg = parse_segment(tcp)
+            except SegmentError:
+                self._count("tcp_malformed")
+                return
+            if seg.flags & (SYN | ACK | RST) == SYN and seq_gt(seg.seq, f.core.rcv_nxt):
+                # RFC 9293 §3.10.7.4 TIME-WAIT: a new SYN above the old sequence space
+                # reopens.
+                self._close(f, rst=False)
+                f = None
         if f is None:
+            try:
+                seg = parse_segment(tcp)
+            except SegmentError:
+                self._count("tcp_malformed")
+                return
+            src_ip = bytes(src_ip)
+            dst_ip = bytes(dst_ip)
             if seg.flags & (SYN | ACK | RST | FIN) == SYN:
-                self._open(key, seg, now)
+                self._open(key, seg, tcp, src_ip, dst_ip, now)
             else:
                 self._reset_unknown(seg, src_ip, dst_ip)
             return
@@ -296,25 +317,27 @@ class TcpNat:
         core = f.core
         # Only plain in-order data in ESTABLISHED may be batched: then the core's only
         # answer is a (coalesced) ACK, so nothing acknowledges the data before it is sent.
-        batch = (not seg.flags & (SYN | RST | FIN) and core.state is TcpState.ESTABLISHED
-                 and seg.seq == core.rcv_nxt and not f.want_out and f.sock is not None)
+        batch = core.in_order(tcp) and not f.want_out and f.sock is not None
         if f.tx_bufs and not batch:
             self._flush_tx(f)
-        f.batching = batch
-        try:
-            acts = core.guest_segment(seg, now, f.cb)
-        finally:
-            f.batching = False
-        if f.tx_bufs and seg.flags & PSH:
+        mask = core.guest_segment(tcp, now)
+        if mask & A_DELIVER:
+            off = core.deliver_off
+            n = self._deliver(f, tcp[off:off + core.deliver_len], batch)
+            mask = (mask & ~A_DELIVER) | core.delivered(n, now)
+        elif mask & A_MALFORMED:
+            self._count("tcp_malformed")
+            return
+        if f.tx_bufs and tcp[TCP_FLAGS_OFFSET] & PSH:
             # PSH ends one write of the guest's application (RFC 9293 §3.9.1): a request
             # waits for its answer, so it goes now; bulk data waits for the turn's end.
             self._flush_tx(f)
-        if f.core.rcv_wnd < 2 * self.mss and f.sock is not None and not f.core.fin_received:
+        if core.rcv_wnd < 2 * self.mss and f.sock is not None and not core.fin_received:
             # We are (nearly) closing the guest's window: have EPOLLOUT tell us once the
             # host socket drains, for a window update (one-shot, re-armed by guest traffic).
             f.want_out = True
-        self._apply(f, acts, now)
-        if self.flows.get(f.key) is f and not f.events & EPOLLIN and not f.pump_scheduled:
+        self._apply(f, mask, now)
+        if self.flows.get(key) is f and not f.events & EPOLLIN and not f.pump_scheduled:
             # An ACK or window update may let more host data go out; the socket is not
             # being polled while data is in flight, so pump from here: once, after the
             # rest of the TAP batch (a wakeup brings dozens of ACKs), with one peek.
@@ -345,8 +368,9 @@ class TcpNat:
         self._tokens -= 1.0
         return True
 
-    def _open(self, key, seg: Segment, now: float) -> None:
-        guest_ip, _gport, remote_ip, dport = key
+    def _open(self, key: int, seg: Segment, tcp, guest_ip: bytes, remote_ip: bytes,
+              now: float) -> None:
+        dport = seg.dst_port
         if len(self.flows) >= self.config.max_flows:
             self._refuse(seg, guest_ip, remote_ip, "tcp_flow_limit")
             return
@@ -386,8 +410,9 @@ class TcpNat:
             # instead of after an epoll register, a wait and a modify.
             err = 0
             self._count("tcp_connect_immediate")
-        core = TcpFlow.accept(seg, self._iss(), now, mss=self.mss, wscale=WSCALE,
-                              **self.flow_kw)
+        core = TcpCore(seg.dst_port, seg.src_port, self._iss(), mss=self.mss, wscale=WSCALE,
+                       **self.flow_kw)
+        core.open_passive(tcp, now)
         f = self._register(key, core, sock, guest_ip, remote_ip)
         self._count("tcp_flows_opened")
         if err == 0:
@@ -425,10 +450,9 @@ class TcpNat:
         # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers.
         return int.from_bytes(os.urandom(4), "little")
 
-    def _register(self, key, core: TcpFlow, sock: socket.socket, guest_ip: bytes,
+    def _register(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                   remote_ip: bytes) -> _Flow:
         f = _Flow(key, core, sock, guest_ip, remote_ip)
-        f.cb = self._writer(f)
         self.flows[key] = f
         return f
 
@@ -473,42 +497,43 @@ class TcpNat:
         self._refresh_window(f, now, force=True)
         self._apply(f, f.core.host_connected(now), now)
 
-    def _writer(self, f: _Flow) -> Callable[[memoryview], int]:
-        def write(data: memoryview) -> int:
-            sock = f.sock
-            if sock is None:
-                return -1
-            n = len(data)
-            if f.batching and n <= f.core.rcv_wnd and len(f.tx_bufs) < TX_BATCH_MAX:
-                # Accepted now, sent by _flush_tx before anything acknowledges it.
-                if not f.tx_bufs and not f.queued:
-                    self._queue_turn(f)
-                f.tx_bufs.append(data)
-                f.tx_len += n
-                f.written += n
-                f.bytes_up += n
-                f.core.rcv_wnd -= n
-                return n
-            if f.tx_bufs and not self._flush_tx(f):
-                return 0  # the batch was cut short: this data lies beyond the gap
-            try:
-                n = sock.send(data)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self._count("tcp_host_reset")
-                return -1
-            if n < len(data):
-                # Full host socket: ACK only what went in, advertise a closed window and
-                # wait for EPOLLOUT to reopen it.
-                self._count("tcp_host_eagain")
-                f.want_out = True
-                f.core.rcv_wnd = 0
+    def _deliver(self, f: _Flow, data: memoryview, batch: bool) -> int:
+        """Hand in-order guest data to the host; returns the bytes taken (-1: the host
+        connection is broken). batch: the segment may have its data batched."""
+        sock = f.sock
+        if sock is None:
+            return -1
+        n = len(data)
+        core = f.core
+        if batch and n <= core.rcv_wnd and len(f.tx_bufs) < TX_BATCH_MAX:
+            # Accepted now, sent by _flush_tx before anything acknowledges it.
+            if not f.tx_bufs and not f.queued:
+                self._queue_turn(f)
+            f.tx_bufs.append(data)
+            f.tx_len += n
             f.written += n
             f.bytes_up += n
-            self._count("tcp_bytes_to_host", n)
+            core.rcv_wnd -= n
             return n
-        return write
+        if f.tx_bufs and not self._flush_tx(f):
+            return 0  # the batch was cut short: this data lies beyond the gap
+        try:
+            n = sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._count("tcp_host_reset")
+            return -1
+        if n < len(data):
+            # Full host socket: ACK only what went in, advertise a closed window and
+            # wait for EPOLLOUT to reopen it.
+            self._count("tcp_host_eagain")
+            f.want_out = True
+            core.rcv_wnd = 0
+        f.written += n
+        f.bytes_up += n
+        self._count("tcp_bytes_to_host", n)
+        return n
 
     def _refresh_window(self, f: _Flow, now: float, force: bool = False) -> None:
         sock = f.sock
@@ -604,7 +629,10 @@ class TcpNat:
                 self._flush_tx(f)  # these segments carry rcv_nxt: it must be final
             f.bytes_down += n
             self._count("tcp_bytes_to_guest", n)
-            self._apply(f, core.send_data(data, now), now)
+            core.send_data(n, now)
+            k = core.emit_data(self._pkt, ETH_HLEN, f.remote_ip, f.guest_ip, self._ip_id + 1,
+                               data, self._send_pkt)
+            self._ip_id = (self._ip_id + k) & 0xFFFF
             sent += n
             if budget == 0:
                 return
@@ -635,7 +663,7 @@ class TcpNat:
         if sent:
             core.stream_sent(sent, now)
             if frames:
-                f.last_ack = ack  # else the turn's coalesced ACK must still go out
+                core.last_ack = ack  # else the turn's coalesced ACK must still go out
             f.bytes_down += sent
             self._count("tcp_bytes_to_guest", sent)
             self._count("tcp_stream_frames", frames)
@@ -687,53 +715,54 @@ class TcpNat:
 
     # ---- actions, timers, interest ------------------------------------------------------
 
-    def _apply(self, f: _Flow, acts, now: float) -> None:
-        for kind, value in acts:
-            if kind is Act.SEND:
-                if (value.flags == ACK and not value.payload and value.ack != f.last_ack
-                        and value.seq == f.core.snd_nxt):
-                    # An ACK for new guest data: one per flow per loop turn is enough (the
-                    # TAP hands over a batch of frames per wakeup). Duplicate ACKs, probes
-                    # and everything else go out at once.
-                    if not f.ack_pending:
-                        f.ack_pending = True
-                        if not f.queued:
-                            self._queue_turn(f)
-                    continue
-                self._send_flow(f, value)
-            elif kind is Act.CONSUME:
-                if self.peek_off_supported:
-                    # One recv(MSG_TRUNC) per flow per turn, not one per guest ACK.
-                    f.unconsumed += value
-                    if not f.queued:
-                        self._queue_turn(f)
-                else:
-                    self._consume(f, value)  # peeks start at 0: drop the bytes at once
-            elif kind is Act.REWIND:
-                self._count("tcp_retransmits")
-                if not f.pump_scheduled:
-                    f.pump_scheduled = True
-                    self.loop.call_soon(lambda: self._deferred_pump(f))
-            elif kind is Act.SHUT_WR:
-                if f.sock is not None:
-                    try:
-                        f.sock.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-            elif kind is Act.ABORT:
-                self._close(f, rst=True)
-                return
-            elif kind is Act.CLOSE:
-                self._close(f, rst=False)
-                return
+    def _apply(self, f: _Flow, mask: int, now: float) -> None:
+        """Carry out the action bits a TcpCore entry point returned, and send the segments
+        it queued."""
+        core = f.core
+        if mask & A_CONSUME:
+            if self.peek_off_supported:
+                # One recv(MSG_TRUNC) per flow per turn, not one per guest ACK.
+                f.unconsumed += core.consume_n
+                if not f.queued:
+                    self._queue_turn(f)
+            else:
+                self._consume(f, core.consume_n)  # peeks start at 0: drop the bytes at once
+        if mask & A_RST:
+            self._count("tcp_rst_sent")
+        if core.n_out:
+            self._emit(f)
+        if mask & A_REWIND:
+            self._count("tcp_retransmits")
+            if not f.pump_scheduled:
+                f.pump_scheduled = True
+                self.loop.call_soon(lambda: self._deferred_pump(f))
+        if mask & A_SHUT_WR:
+            if f.sock is not None:
+                try:
+                    f.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        if mask & A_ABORT:
+            self._close(f, rst=True)
+        elif mask & A_CLOSE:
+            self._close(f, rst=False)
 
-    def _send_flow(self, f: _Flow, seg: Segment) -> None:
-        if f.tx_bufs and not self._flush_tx(f) and seg.flags & ACK \
-                and seq_gt(seg.ack, f.core.rcv_nxt):
-            seg.ack = f.core.rcv_nxt  # never acknowledge what the host refused
-        if seg.flags & ACK:
-            f.last_ack = seg.ack
-        self._send(f.remote_ip, f.guest_ip, seg)
+    def _emit(self, f: _Flow) -> None:
+        """Send the segments the flow's core queued. A pure ACK for new guest data is held
+        back by the core (ack_due): one per flow per loop turn is enough (the TAP hands
+        over a batch of frames per wakeup); duplicate ACKs, probes and everything else go
+        out at once."""
+        core = f.core
+        clamp = False
+        if f.tx_bufs and core.holds_unacked_ack():
+            # The segment may acknowledge the batched data: send that first, and never
+            # acknowledge what the host refused.
+            clamp = not self._flush_tx(f)
+        k = core.emit(self._pkt, ETH_HLEN, f.remote_ip, f.guest_ip, self._ip_id + 1, clamp,
+                      self._send_pkt)
+        self._ip_id = (self._ip_id + k) & 0xFFFF
+        if core.ack_due and not f.queued:
+            self._queue_turn(f)
 
     def _queue_turn(self, f: _Flow) -> None:
         f.queued = True
@@ -752,13 +781,14 @@ class TcpNat:
             if f.unconsumed:
                 n, f.unconsumed = f.unconsumed, 0
                 self._consume(f, n)
-            if not f.ack_pending:
+            core = f.core
+            if not core.ack_due:
                 continue
-            f.ack_pending = False
-            if self.flows.get(f.key) is not f or f.core.closed:
+            if self.flows.get(f.key) is not f:
+                core.ack_due = False
                 continue
-            if f.last_ack != f.core.rcv_nxt:  # not already carried by a later segment
-                self._send_flow(f, f.core.ack_segment())
+            if core.flush_ack():  # not when a later segment already carried the ack
+                self._emit(f)
 
     def _flush_tx(self, f: _Flow) -> bool:
         """Send the flow's batched guest data in one sendmsg(2).
@@ -860,15 +890,14 @@ class TcpNat:
         now = self.loop.time()
         core = f.core
         probes = core.ka_sent
-        acts = core.on_timer(now)
-        for kind, _ in acts:
-            if kind is Act.SEND:
-                self._count("tcp_timer_sends")
+        mask = core.on_timer(now)
+        if core.n_out:
+            self._count("tcp_timer_sends", core.n_out)
         if core.ka_sent > probes:
             self._count("tcp_keepalive_probes")
         if core.expired:
             self._count("tcp_flows_expired")
-        self._apply(f, acts, now)
+        self._apply(f, mask, now)
         self._settle(f, now)
 
     def _interest(self, f: _Flow) -> None:
@@ -920,7 +949,6 @@ class TcpNat:
         if f.timer is not None:
             f.timer.cancel()
             f.timer = None
-        f.cb = None  # the writer closure refers to the flow: break the cycle
         if self._waiting_port.get(f.key) is f:
             del self._waiting_port[f.key]
         if self.flows.get(f.key) is f:
@@ -950,12 +978,17 @@ class TcpNat:
     def listener_addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname() for s, _ in self.listeners.values()]
 
+    def _forward_key(self, guest_port: int, port: int) -> int:
+        """The flow key of a forwarded connection: the guest's segments come from its
+        guest_port to our ephemeral port on the gateway address."""
+        return flow_key(self.guest_ip, self.gateway_ip, _PORTS.pack(guest_port, port))
+
     def _ephemeral_port(self, guest_port: int) -> int | None:
         span = EPHEMERAL_HI - EPHEMERAL_LO + 1
         for _ in range(span):
             port = self._next_port
             self._next_port = EPHEMERAL_LO + (port - EPHEMERAL_LO + 1) % span
-            if (self.guest_ip, guest_port, self.gateway_ip, port) not in self.flows:
+            if self._forward_key(guest_port, port) not in self.flows:
                 return port
         return None
 
@@ -991,15 +1024,16 @@ class TcpNat:
                 self._abort_socket(conn)
                 continue
             self._prepare(conn)
-            key = (self.guest_ip, guest_port, self.gateway_ip, port)
-            core, acts = TcpFlow.connect(port, guest_port, self._iss(), now, mss=self.mss,
-                                         wscale=WSCALE, **self.flow_kw)
+            key = self._forward_key(guest_port, port)
+            core = TcpCore(port, guest_port, self._iss(), mss=self.mss, wscale=WSCALE,
+                           **self.flow_kw)
+            mask = core.open_active(now)
             f = self._register(key, core, conn, self.guest_ip, self.gateway_ip)
             f.forwarded = True
             self._count("tcp_flows_opened")
             self._count("tcp_forward_accepted")
             self._refresh_window(f, now, force=True)
-            self._apply(f, acts, now)
+            self._apply(f, mask, now)
             self._settle(f, now)
 
     def _rewatch(self, fd: int) -> None:
