@@ -19,7 +19,7 @@ def fail(error: VoidboxError) -> None:
 
 def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly,
                  accel="auto", net=("slirp",), net_fallback="slirp", net_reconnect=False,
-                 net_isolation="process", stats=False, mac=None, mtu=None,
+                 net_isolation="process", no_sandbox=False, stats=False, mac=None, mtu=None,
                  forward=(), allow=(), deny=(), host_loopback=False, dns_upstream=(), max_flows=None,
                  max_conn_rate=None, pcap=None, pcap_max_bytes=None) -> None:
     """`voidbox boot`: build the VM, run it with the console here, exit with its status."""
@@ -62,7 +62,8 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
                 raise VoidboxError(f"cannot copy the default guest's root disk: {error}") from None
     try:
         _boot(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly, accel, net,
-              net_fallback, net_reconnect, net_isolation, stats, mac, nat, policy, capture)
+              net_fallback, net_reconnect, net_isolation, not no_sandbox, stats, mac, nat, policy,
+              capture)
     finally:
         if scratch is not None:
             _remove_tree(scratch)
@@ -75,7 +76,8 @@ def _remove_tree(path: str) -> None:
 
 
 def _boot(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly, accel, net,
-          net_fallback, net_reconnect, net_isolation, stats, mac, nat, policy, capture) -> None:
+          net_fallback, net_reconnect, net_isolation, net_sandbox, stats, mac, nat, policy,
+          capture) -> None:
     from . import host
     from .config import VmConfig
 
@@ -84,7 +86,8 @@ def _boot(image, kernel, initrd, cmdline, append, mem, cpus, timeout, readonly, 
         kernel=kernel, initrd=initrd, image=image, cmdline=cmdline, append=append, mem=mem,
         cpus=cpus, timeout=timeout, readonly=readonly, console_output=sys.stdout,
         interactive=interactive, net=list(net), net_fallback=net_fallback,
-        net_reconnect=net_reconnect, net_isolation=net_isolation, mac=mac, nat=nat,
+        net_reconnect=net_reconnect, net_isolation=net_isolation, net_sandbox=net_sandbox,
+        mac=mac, nat=nat,
         policy=policy, pcap=capture, accel=accel,
     )
     if net_isolation == "none" and any(n[0] in ("slirp", "tap") for n in config.nics):

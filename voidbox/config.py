@@ -106,6 +106,8 @@ class VmConfig:
     # Where a slirp or tap card's backend runs: "process" (a child `voidbox net serve`
     # over vhost-user, voidbox.vhost_user.child) or "none" (inside the VMM's process).
     net_isolation: str = "process"
+    # That process enters voidbox.sandbox before it reads a frame (--no-sandbox: not).
+    net_sandbox: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

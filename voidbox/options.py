@@ -68,7 +68,8 @@ NAT_EPILOG = (
 # `net run`'s NAT (and `net serve`). On by default; a host that lacks a piece says so in
 # one line, and this flag is the only way to run without it.
 SANDBOX_OPTIONS = (
-    Option("--no-sandbox", bool, False, "Run the NAT without its sandbox (by default it "
+    Option("--no-sandbox", bool, False, "Run the network backend (the NAT; a VM's card "
+           "backend process) without its sandbox (by default it "
            "runs with no capabilities, no_new_privs, an empty read-only root in its own "
            "mount, PID, IPC, UTS and, unprivileged, user namespaces, and a seccomp "
            "allow-list that kills it on any other system call; `voidbox doctor` shows "
@@ -105,6 +106,7 @@ BOOT_OPTIONS = (
            "guest's frames holds neither /dev/kvm nor guest memory beyond the rings' shared "
            "RAM) or none (inside the VMM, for debugging; says so on stderr).",
            metavar="process|none"),
+    *SANDBOX_OPTIONS,
     Option("--stats", bool, False, "Print each network card's counters when the VM stops."),
     Option("--mac", str, None, "The first card's MAC (default: locally administered, stable "
            "for the image or kernel path).", metavar="MAC"),

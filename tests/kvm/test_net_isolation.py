@@ -189,3 +189,69 @@ def test_the_backend_dies_with_a_sigkilled_vmm(spin):
         if vmm.poll() is None:
             vmm.kill()
             vmm.wait()
+
+
+def status_fields(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_the_cards_backend_is_sandboxed_seen_from_outside(spin):
+    """voidbox.sandbox, entered by the card's backend before it reads a frame: checked
+    in /proc, not taken from its own report."""
+    vm = Vm(VmConfig(kernel=spin, mem="64M", net=["slirp"], timeout=30))
+    try:
+        vm.start()
+        (card,) = vm.nics
+        assert card.wait_backend(30)
+        pid = card.process.serving_pid
+        assert pid != card.process.pid  # the sandboxed one is the waiter's child
+        fields = status_fields(pid)
+        assert fields["NoNewPrivs"].strip() == "1", fields
+        assert fields["Seccomp"].strip() == "2", fields
+        for cap in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+            assert int(fields[cap], 16) == 0, (cap, fields[cap])
+        assert os.listdir(f"/proc/{pid}/root") == []  # an empty root
+        for ns in ("mnt", "pid", "ipc", "uts"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+        assert "seccomp kill" in card.process.sandbox, card.process.sandbox
+        vm.stop(StopReason.QUIT)
+        vm.wait()
+    finally:
+        vm.close()
+
+
+def test_a_backend_killed_by_seccomp_takes_the_link_down_not_the_vm(spin, capfd, monkeypatch):
+    """The test-only probe (VOIDBOX_SANDBOX_PROBE): SIGUSR2 makes the sandboxed backend
+    open /etc/passwd and execve; seccomp kills it, and the VMM says so in one line."""
+    monkeypatch.setenv("VOIDBOX_SANDBOX_PROBE", "1")
+    vm = Vm(VmConfig(kernel=spin, mem="64M", net=["slirp"], timeout=5))
+    try:
+        vm.start()
+        (card,) = vm.nics
+        assert card.wait_backend(30)
+        os.kill(card.process.serving_pid, signal.SIGUSR2)
+        reason = vm.wait()
+    finally:
+        vm.close()
+    assert reason is StopReason.TIMEOUT  # the guest ran on
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "link is down" in line]
+    assert lines == [f"voidbox: net0: the network backend (pid {card.process.pid}) was killed "
+                     "by SIGSYS; the guest's link is down"], err
+    assert "open failed" not in err and "execve failed" not in err, err  # killed, not refused
+
+
+def test_no_sandbox_leaves_the_backend_as_it_was_started(spin):
+    vm = Vm(VmConfig(kernel=spin, mem="64M", net=["slirp"], timeout=30, net_sandbox=False))
+    try:
+        vm.start()
+        (card,) = vm.nics
+        assert card.wait_backend(30)
+        assert card.process.serving_pid == card.process.pid and card.process.sandbox is None
+        assert status_fields(card.process.pid)["Seccomp"].strip() == "0"
+        vm.stop(StopReason.QUIT)
+        vm.wait()
+    finally:
+        vm.close()

@@ -55,6 +55,8 @@ class BackendProcess:
         self.backend_name = "SlirpBackend"
         self.counters: dict = {}
         self.frontend_socket: socket.socket | None = None  # the VMM's end, if a socketpair
+        self.serving_pid: int | None = None  # once ready: the (sandboxed) serving process
+        self.sandbox: str | None = None
         self._ready = False
         self._lock = threading.Lock()  # one request on the control socket at a time
 
@@ -78,6 +80,9 @@ class BackendProcess:
             error.exit_status = ExitStatus(int(reply.get("status", ExitStatus.ERROR)))
             raise error
         self.backend_name = str(reply.get("backend", self.backend_name))
+        # The process that serves the card: this child, or its sandboxed child.
+        self.serving_pid = int(reply.get("pid") or self.pid)
+        self.sandbox = reply.get("sandbox")  # what voidbox.sandbox applied, or None
         self._ready = True
 
     def ended(self, within: float = 0.0) -> str | None:
@@ -187,6 +192,7 @@ def spawn(spec, config, listener: socket.socket | None = None) -> BackendProcess
             "allow": list(policy.allow), "deny": list(policy.deny),
             "host_loopback": policy.host_loopback, "host_addrs": list(policy.host_addrs)},
         "pcap": None if capture is None else {"path": capture.path, "max_bytes": capture.max_bytes},
+        "sandbox": bool(getattr(config, "net_sandbox", True)),
     }
     front = None
     if listener is None:
@@ -393,7 +399,20 @@ def _serve(control: socket.socket, document: dict, fds: list[int]) -> int:
     loop.watch(control.fileno(), select.EPOLLIN | select.EPOLLRDHUP, asked)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: loop.stop())
-    _tell(control, {"ready": True, "backend": type(backend).__name__})
+    ready = {"ready": True, "backend": type(backend).__name__, "pid": os.getpid(), "sandbox": None}
+    if document.get("sandbox", True):
+        # Everything is open and read: from here on the process that parses the guest's
+        # frames has no files, no capabilities and a seccomp allow-list. This process
+        # stays behind as its waiter (the VMM's child), the sandboxed one is its child.
+        from .. import sandbox as sandboxing
+
+        engine = getattr(backend, "engine", None)
+        if engine is not None:
+            engine.prepare_sandbox()
+        applied = sandboxing.enter(sandboxing.Plan(
+            name=f"voidbox-{card}", max_fds=nat.max_flows + sandboxing.FD_MARGIN))
+        ready.update(pid=applied.pid, sandbox=applied.summary())
+    _tell(control, ready)
     try:
         loop.run()
     finally:
