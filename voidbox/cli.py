@@ -125,8 +125,9 @@ def net() -> None:
               help="When the TAP cannot be used: serve the card with the NAT (one line says "
               "why) or exit 1.")
 @_options(NAT_OPTIONS)
+@_options(SANDBOX_OPTIONS)
 def net_serve(socket_path, vmm_fd, backend, net_fallback, mtu, forward, allow, deny, host_loopback,
-              dns_upstream, max_flows, max_conn_rate, pcap, pcap_max_bytes) -> None:
+              dns_upstream, max_flows, max_conn_rate, pcap, pcap_max_bytes, no_sandbox) -> None:
     """Serve a virtio-net card to one vhost-user frontend at a time (e.g. QEMU).
 
     Runs until SIGINT or SIGTERM. Example: voidbox net serve --vhost-user /tmp/net.sock
@@ -143,7 +144,7 @@ def net_serve(socket_path, vmm_fd, backend, net_fallback, mtu, forward, allow, d
     config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
                                          max_flows, max_conn_rate, host_loopback)
     sys.exit(serve_net(socket_path, config, policy, pcap_from_options(pcap, pcap_max_bytes),
-                       backend=backend, fallback=net_fallback))
+                       backend=backend, fallback=net_fallback, sandbox=not no_sandbox))
 
 
 @cli.group()

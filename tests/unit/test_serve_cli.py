@@ -170,3 +170,51 @@ def test_net_serve_tap_fallback_as_an_unprivileged_user(fallback):
     else:
         assert err.splitlines() == [f"voidbox: error: {reason}: --net-fallback is fail"], err
         assert status == 1, err
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_net_serve_serves_from_its_sandbox_and_removes_its_socket(tmp_path):
+    """`net serve` (sandboxed by default): the process that reads the frontend's frames
+    is voidbox.sandbox's, seen in /proc; the first process stays outside and removes the
+    socket (which the sandbox could not) when SIGTERM ends them all."""
+    sock = tmp_path / "net.sock"
+    proc = start("net", "serve", "--vhost-user", str(sock))
+    try:
+        wait_for_socket(proc, sock)
+        deadline = time.monotonic() + SOCKET_WAIT
+        while True:  # supervisor -> waiter -> the sandboxed server
+            waiters = children_of(proc.pid)
+            served = children_of(waiters[0]) if waiters else []
+            if served:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        (server,) = served
+        with open(f"/proc/{server}/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        assert fields["Seccomp"].strip() == "2" and fields["NoNewPrivs"].strip() == "1", fields
+        assert int(fields["CapEff"], 16) == 0 and os.listdir(f"/proc/{server}/root") == []
+        # It serves: a frontend's question is answered from inside.
+        (features,) = struct.unpack("<Q", ask(sock, p.GetFeatures()))
+        assert features & (1 << VIRTIO_F_VERSION_1)
+    finally:
+        status = stop(proc)
+    assert status == 0
+    assert not sock.exists()
+
+
+def test_net_serve_no_sandbox_serves_from_its_own_process(tmp_path):
+    sock = tmp_path / "net.sock"
+    proc = start("net", "serve", "--vhost-user", str(sock), "--no-sandbox")
+    try:
+        wait_for_socket(proc, sock)
+        (features,) = struct.unpack("<Q", ask(sock, p.GetFeatures()))
+        assert features & (1 << VIRTIO_F_VERSION_1)
+        assert children_of(proc.pid) == []
+    finally:
+        assert stop(proc) == 0
+    assert not sock.exists()

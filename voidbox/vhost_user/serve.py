@@ -14,10 +14,12 @@ from ..eventloop import EventLoop
 from .backend import VhostUserServer
 
 
-def serve(path: str, make_device) -> int:
+def serve(path: str, make_device, sandbox=None) -> int:
     """Serve the device make_device(loop) -> (device, on_disconnect, close) on `path`.
 
-    Each frontend's end (a disconnect, a protocol error) is one line on stderr."""
+    Each frontend's end (a disconnect, a protocol error) is one line on stderr. With
+    `sandbox` (a voidbox.sandbox.Plan), the server runs sandboxed in a child once its
+    socket listens; this process stays outside, to remove the socket when it ends."""
     log_to_stderr()
     loop = EventLoop()
     device, on_disconnect, close = make_device(loop)
@@ -25,6 +27,8 @@ def serve(path: str, make_device) -> int:
     previous = {sig: signal.signal(sig, lambda *_: loop.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
+        if sandbox is not None:
+            _enter_sandbox(server, device, sandbox)
         loop.run()
     finally:
         server.close()
@@ -33,6 +37,51 @@ def serve(path: str, make_device) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _enter_sandbox(server, device, plan) -> None:
+    """Fork: the parent waits outside the sandbox and removes the socket at the end (a
+    sandboxed process cannot unlink); the child enters voidbox.sandbox and serves."""
+    import os
+
+    from .. import sandbox as sandboxing
+
+    pid = os.fork()
+    if pid:
+        def relay(sig, _frame):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, relay)
+        while True:
+            try:
+                _, wstatus = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        try:
+            os.unlink(server.path)
+        except OSError:
+            pass
+        code = os.waitstatus_to_exitcode(wstatus)
+        if code < 0:
+            import sys
+
+            sys.stderr.write(f"voidbox: net serve: the sandboxed server "
+                             f"{sandboxing.describe_exit(wstatus)}\n")
+            sys.stderr.flush()
+        os._exit(code if code >= 0 else 128 - code)
+    from ..net.netns import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL)
+    server._owns_path = False  # the parent removes it
+    engine = getattr(getattr(device, "backend", None), "engine", None)
+    if engine is not None:
+        engine.prepare_sandbox()
+    sandboxing.enter(plan)
 
 
 def log_to_stderr(level: int | None = None) -> None:
@@ -49,7 +98,7 @@ def log_to_stderr(level: int | None = None) -> None:
 
 
 def serve_net(path: str, config, policy=None, capture=None, backend: str = "slirp",
-              fallback: str = "slirp") -> int:
+              fallback: str = "slirp", sandbox: bool = True) -> int:
     """A virtio-net card on `backend` ("slirp" or "tap:NAME"), its NAT from config/policy."""
     from types import SimpleNamespace
 
@@ -73,7 +122,13 @@ def serve_net(path: str, config, policy=None, capture=None, backend: str = "slir
         # A frontend that goes away takes its guest's flows with it (host sides reset).
         return device, getattr(device.backend, "drop_flows", None), device.close
 
-    return serve(path, make)
+    plan = None
+    if sandbox:
+        from .. import sandbox as sandboxing
+
+        plan = sandboxing.Plan(name="voidbox-serve",
+                               max_fds=config.max_flows + sandboxing.FD_MARGIN)
+    return serve(path, make, plan)
 
 
 def serve_blk(path: str, image: str, readonly: bool = False) -> int:
