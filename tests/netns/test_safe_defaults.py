@@ -63,6 +63,7 @@ class Services:
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("0.0.0.0", 0))
         self.accepted = 0
+        self.datagrams = 0
         self.stopping = False
         for target in (self._accept, self._echo):
             threading.Thread(target=target, daemon=True).start()
@@ -80,6 +81,7 @@ class Services:
         while not self.stopping:
             try:
                 data, peer = self.udp.recvfrom(64)
+                self.datagrams += 1
                 self.udp.sendto(data, peer)
             except OSError:
                 return

@@ -421,3 +421,35 @@ def test_a_card_on_a_backend_the_user_runs(guest, tmp_path):
     why = result.stderr + result.stdout[-3000:] + (tmp_path / "serve.err").read_text()
     assert result.returncode == 0, why
     assert "voidbox-guest: eth0 10.0.2.15/24" in result.stdout, why
+
+
+def test_the_host_and_link_local_are_closed_to_the_guest_by_default(boot):
+    """Issue 12's defaults through a real guest: the host's loopback (10.0.2.2) and own
+    addresses, and link-local, refused for TCP, UDP and ICMP without --host-loopback.
+    The link-local target is an address put on the host's lo for the test, so nothing
+    could leave the machine even if a default regressed."""
+    import subprocess
+
+    from tests.netns.test_safe_defaults import LINK_LOCAL, Services, host_address
+
+    services = Services()
+    subprocess.run(["ip", "addr", "add", f"{LINK_LOCAL}/32", "dev", "lo"], check=True)
+    try:
+        vm, shell = boot(policy=Policy())
+        tcp, udp = services.tcp.getsockname()[1], services.udp.getsockname()[1]
+        for target in ("10.0.2.2", host_address(), LINK_LOCAL):
+            status, out = shell.run(f"nc -w 3 {target} {tcp} </dev/null")
+            assert status != 0 and "refused" in out, (target, out)
+            # busybox's UDP client with a port of our choosing: a TFTP read request.
+            status, out = shell.run(f"timeout 3 tftp -g -r x -l /tmp/x {target} {udp}")
+            assert status != 0, (target, out)
+            if target != "10.0.2.2":  # the gateway answers pings itself
+                status, out = shell.run(f"ping -c 1 -W 2 {target}")
+                assert status != 0, (target, out)
+        assert services.accepted == 0 and services.datagrams == 0
+        counters = vm.network_counters()[0]  # asked of the card's backend process
+        assert counters.get("tcp_denied", 0) >= 3 and counters.get("udp_denied", 0) >= 3, counters
+        assert counters.get("icmp_denied", 0) >= 2, counters
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{LINK_LOCAL}/32", "dev", "lo"], check=False)
+        services.close()
