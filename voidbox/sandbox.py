@@ -397,6 +397,7 @@ def enter(plan: Plan, warn: bool = True) -> Applied:
     # Everything that reads a file happens first, while there are files.
     seccomp_filter, action = _prepare_seccomp(plan, missing)
     _preload(plan)
+    _keep_malloc_off_files()
     data_now = _vm_kib("VmData") * 1024
     probe = os.environ.get(PROBE_ENV)
     if probe and probe not in ("1", "open", "execve"):
@@ -442,6 +443,18 @@ def warn_missing(applied: Applied, hints=()) -> None:
         hint = f" ({'; '.join(hints)})" if hints else ""
         sys.stderr.write(f"voidbox: sandbox: this host lacks {', '.join(applied.missing)}{hint}; "
                          "the rest of the sandbox applies (--no-sandbox turns it off)\n")
+
+
+M_TRIM_THRESHOLD = -1  # malloc.h
+
+
+def _keep_malloc_off_files() -> None:
+    """glibc shrinks a per-thread arena's heap (shrink_heap) only after reading
+    /proc/sys/vm/overcommit_memory once, an openat the filter kills. A process forked from
+    a thread other than its main one (run_in_netns called on a thread) allocates in such
+    an arena for the rest of its life, so arenas are never trimmed here: a trim threshold
+    of 1 GiB keeps heap_trim from shrinking. Freed memory stays for reuse."""
+    _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def _vm_kib(name: str) -> int:

@@ -127,6 +127,10 @@ ALLOW: tuple[Allow, ...] = (
     Allow("mmap", "the allocator's arenas; guest memory regions (vhost-user SET_MEM_TABLE, "
           "MAP_SHARED); never PROT_EXEC",
           ((masked(2, PROT_EXEC, 0),),)),
+    Allow("mprotect", "glibc growing a per-thread malloc arena (a process forked from a "
+          "thread other than the main one, e.g. run_in_netns called on a thread, keeps "
+          "allocating there: grow_heap makes reserved pages read-write); never PROT_EXEC",
+          ((masked(2, PROT_EXEC, 0),),)),
     Allow("munmap", "the allocator; a frontend's memory table replaced or gone"),
     Allow("mremap", "the allocator growing a large block in place (realloc of a buffer past "
           "glibc's mmap threshold)"),

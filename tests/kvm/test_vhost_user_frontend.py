@@ -75,7 +75,7 @@ def test_the_guest_is_served_by_a_backend_in_another_process(kernel, serve, tmp_
     # The backend signalled its used buffers on the card's irqfd itself: the VMM relayed
     # none, the guest took them (its own count) and found them in its rings.
     assert card["interrupts"] == 0 and card["link_down"] == 0, card
-    assert guest_interrupts(log) >= 2, why
+    assert guest_interrupts(log) >= 1, why  # two irqfd signals may reach the guest as one
 
 
 def test_a_backend_that_goes_away_takes_the_link_down_not_the_vm(kernel, tmp_path, capfd):  # noqa: F811

@@ -120,7 +120,9 @@ def test_kicks_come_through_the_ioeventfd_and_interrupts_through_the_irqfd(boote
         assert transport.device.counters["interrupts"] == 0, why  # none relayed
         assert transport.interrupts_signalled == 0, why
         assert vm.network_counters()[0]["tx_frames"] == FRAMES_SENT, why
-        assert guest_interrupts(log) >= 2, why  # the OFFER and the ARP reply, at least
+        # The OFFER and the ARP reply came by interrupt: two signals of the irqfd may reach
+        # the guest as one.
+        assert guest_interrupts(log) >= 1, why
     assert transport.queue_errors == 0, why
 
 

@@ -384,6 +384,10 @@ def _nat_process(supervisor: int, tap_fd: int, command_pidfd: int, report: socke
     """The NAT: serve the TAP until the command's set-up child exits, drain, report the
     counters; sandboxed (voidbox.sandbox) once everything is open. Never returns."""
     status = 1
+    # Whatever the caller's process had (a library caller's garbage, a test run's
+    # temporary directories) is never collected here: its finalizers would act on the
+    # caller's files from this fork, and once sandboxed any file call kills the NAT.
+    gc.freeze()
     try:
         netns.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != supervisor:  # the supervisor died before the line above
@@ -495,7 +499,9 @@ GC_THRESHOLDS = (20000, 50, 1000)
 @contextlib.contextmanager
 def _quiet_gc():
     """Collect less often while the loop runs: set-up objects are frozen out of the
-    collector's walks (gc.freeze) and young collections are rarer. Restored afterwards."""
+    collector's walks (gc.freeze) and young collections are rarer. The threshold is
+    restored afterwards; nothing is unfrozen (the NAT process only exits after this, and
+    the caller's objects it inherited must stay frozen: see _nat_process)."""
     old = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -503,7 +509,6 @@ def _quiet_gc():
         yield
     finally:
         gc.set_threshold(*old)
-        gc.unfreeze()
 
 
 def _forward_signals(pid: int) -> dict:
