@@ -259,6 +259,12 @@ class EventLoop:
         self.errors += 1
         log.exception("event loop callback %r failed", cb)
 
+    def __del__(self) -> None:
+        # A loop dropped without close(): the epoll object closes itself, the eventfd not.
+        fd = getattr(self, "_wake_fd", None)
+        if fd is not None and not self._closed:
+            os.close(fd)
+
     def close(self) -> None:
         if self._closed:
             return
