@@ -12,6 +12,8 @@ turn), and raise. Under VOIDBOX_PURE=1 there is no compiled side, and every test
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +24,7 @@ from tests.twins import load_compiled
 BASE = 1000.0  # a monotonic-looking reading
 TICK = 0.001
 LEVEL_SPANS = [TICK * 64 ** level for level in range(1, 6)]  # 64 ms .. ~34 years
-EXAMPLES = 300
+EXAMPLES = int(os.environ.get("VOIDBOX_LOOP_EXAMPLES", "300"))  # more for a long soak
 
 
 @pytest.fixture(scope="module")
