@@ -49,6 +49,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (proc(5) 14, 15)
 
 
+VOIDBOX_NAT_COMM = "voidbox-nat"  # voidbox.net.run.NAT_NAME: the sandboxed NAT's comm
+
+
+def voidbox_nat_pid(supervisor: int) -> int:
+    """The process that runs voidbox's NAT: `voidbox net run` (the supervisor) forks it,
+    and the sandbox forks it once more (its comm is voidbox-nat); the supervisor itself
+    relays and waits. The supervisor's pid where no such descendant is found."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        comms[int(entry)] = comm
+        children.setdefault(ppid, []).append(int(entry))
+    todo = [supervisor]
+    while todo:
+        pid = todo.pop()
+        if comms.get(pid) == VOIDBOX_NAT_COMM:
+            return pid
+        todo.extend(children.get(pid, ()))
+    return supervisor
+
+
 def wait_for(path: str, proc: subprocess.Popen) -> dict:
     deadline = time.monotonic() + WAIT
     while not os.path.exists(path):
@@ -85,17 +115,18 @@ def main() -> int:
     try:
         wait_for(os.path.join(work, "ready"), nat)
         time.sleep(0.5)  # the NAT settles after the namespace's own start-up traffic
-        base_rss = status_kib(nat.pid, "VmRSS")
-        base_fds = len(os.listdir(f"/proc/{nat.pid}/fd"))
-        cpu_begin = cpu_seconds(nat.pid)
+        nat_pid = voidbox_nat_pid(nat.pid)
+        base_rss = status_kib(nat_pid, "VmRSS")
+        base_fds = len(os.listdir(f"/proc/{nat_pid}/fd"))
+        cpu_begin = cpu_seconds(nat_pid)
         open(os.path.join(work, "begin"), "w").close()
         opened = wait_for(os.path.join(work, "open"), nat)
         time.sleep(1.0)  # the last ACKs, and the loop goes quiet
-        rss, hwm = status_kib(nat.pid, "VmRSS"), status_kib(nat.pid, "VmHWM")
-        fds = len(os.listdir(f"/proc/{nat.pid}/fd"))
-        cpu0, t0 = cpu_seconds(nat.pid), time.monotonic()
+        rss, hwm = status_kib(nat_pid, "VmRSS"), status_kib(nat_pid, "VmHWM")
+        fds = len(os.listdir(f"/proc/{nat_pid}/fd"))
+        cpu0, t0 = cpu_seconds(nat_pid), time.monotonic()
         time.sleep(args.idle)
-        cpu1 = cpu_seconds(nat.pid)
+        cpu1 = cpu_seconds(nat_pid)
         idle_cpu = (cpu1 - cpu0) / (time.monotonic() - t0)
         open(os.path.join(work, "go"), "w").close()
         stderr = nat.stderr.read()

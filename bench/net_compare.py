@@ -19,7 +19,8 @@ stdin/stdout, so the peers measure the same thing:
    iperf3 run divided by the GB (10^9 bytes) received, and per connection in (2).
 
 How each NAT is run (from their man pages; Debian 12 versions):
-- voidbox: `voidbox net run --mtu N -- CLIENT`; the NAT is the `voidbox net run` process.
+- voidbox: `voidbox net run --mtu N -- CLIENT`; the NAT is the `voidbox net run` process's
+  sandboxed child (comm `voidbox-nat`), whose CPU is measured.
 - slirp4netns: `ip netns add NS`, then `slirp4netns --configure --mtu=N --ready-fd=FD
   --netns-type=path /run/netns/NS tap0` (no --disable-host-loopback: 10.0.2.2 must reach
   the host's 127.0.0.1); the client runs under `nsenter --net=/run/netns/NS`.
@@ -139,6 +140,36 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(after_comm[14 - 3]) + int(after_comm[15 - 3])) / os.sysconf("SC_CLK_TCK")
 
 
+VOIDBOX_NAT_COMM = "voidbox-nat"  # voidbox.net.run.NAT_NAME: the sandboxed NAT's comm
+
+
+def voidbox_nat_pid(supervisor: int) -> int:
+    """The process that runs voidbox's NAT: `voidbox net run` (the supervisor) forks it,
+    and the sandbox forks it once more (its comm is voidbox-nat); the supervisor itself
+    relays and waits. The supervisor's pid where no such descendant is found."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        comms[int(entry)] = comm
+        children.setdefault(ppid, []).append(int(entry))
+    todo = [supervisor]
+    while todo:
+        pid = todo.pop()
+        if comms.get(pid) == VOIDBOX_NAT_COMM:
+            return pid
+        todo.extend(children.get(pid, ()))
+    return supervisor
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
@@ -249,6 +280,9 @@ class Session:
         if not msg.get("ready"):
             raise SessionError(msg.get("error", "client not ready"))
         self.ready = msg
+        if self.peer == "voidbox":
+            # The client runs: the NAT is serving, in a process of its own.
+            self.nat_pid = voidbox_nat_pid(self.client.pid)
 
     def _popen_client(self, argv: list[str]) -> subprocess.Popen:
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -1,245 +1,29 @@
-"""The one event loop every I/O thread runs (the network thread, the disk's, `net run`):
-epoll over fds, a timer heap and a ready queue.
+"""The one event loop every I/O thread runs (the network thread, the disk's, `net run`,
+a vhost-user backend): the compiled `_loop` unless VOIDBOX_PURE=1 or it is missing, in
+which case `_loop_py`, its readable twin.
 
-Level-triggered epoll (epoll(7)); callers drop interest in a socket that cannot make
-progress so the loop never spins. Another thread wakes the loop through an eventfd
-(eventfd(2)), so work queued from a vCPU thread runs at once instead of at the next poll
-timeout.
+Both twins export the same EventLoop and Timer (`IMPLEMENTATION` says which one loaded);
+read `_loop_py` for the semantics and `_loop` for the timer wheel. LoopThread runs either
+on a thread of its own.
 """
 
 from __future__ import annotations
 
-import collections
-import heapq
-import itertools
 import os
-import select
 import threading
-import time
-from collections.abc import Callable
 
-from ._lazylog import get_logger
+if os.environ.get("VOIDBOX_PURE") == "1":
+    from ._loop_py import MAX_EVENTS, EventLoop, Timer
+    IMPLEMENTATION = "pure"
+else:
+    try:
+        from ._loop import MAX_EVENTS, EventLoop, Timer
+        IMPLEMENTATION = "cython"
+    except ImportError:
+        from ._loop_py import MAX_EVENTS, EventLoop, Timer
+        IMPLEMENTATION = "pure"
 
-log = get_logger(__name__)
-
-# Cap on one epoll_wait's batch; more ready fds are picked up by the next iteration.
-MAX_EVENTS = 256
-# Rebuild the heap once cancelled timers outnumber live ones by this factor, so a flow
-# that re-arms its idle timer on every packet does not grow the heap without bound.
-CANCELLED_REBUILD_FACTOR = 2
-_monotonic = time.monotonic
-
-
-class Timer:
-    """A pending call_at callback; cancel() makes it a no-op."""
-
-    __slots__ = ("when", "callback", "cancelled", "_loop")
-
-    def __init__(self, when: float, callback: Callable[[], None], loop: EventLoop):
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-        self._loop = loop
-
-    def cancel(self) -> None:
-        if not self.cancelled:
-            self.cancelled = True
-            self._loop._cancelled += 1
-
-
-class EventLoop:
-    """A single-threaded epoll loop.
-
-    With debug=True an exception from a callback propagates out of run(); otherwise it is
-    logged, counted in .errors, and the loop goes on (one bad flow must not take the
-    network down).
-    """
-
-    def __init__(self, debug: bool = False):
-        self.debug = debug
-        self.errors = 0
-        self._epoll = select.epoll()
-        self._watchers: dict[int, Callable[[int], None]] = {}
-        self._events: dict[int, int] = {}
-        self._timers: list[tuple[float, int, Timer]] = []
-        self._cancelled = 0
-        self._seq = itertools.count()
-        self._ready: collections.deque[Callable[[], None]] = collections.deque()
-        self._stopping = False
-        self._closed = False
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._wake_pending = False
-        self._lock = threading.Lock()
-        # The wakeup eventfd is an ordinary watcher: no per-event test for it in run_once.
-        self.watch(self._wake_fd, select.EPOLLIN, self._drain_wakeup)
-
-    # ------------------------------------------------------------ fds
-
-    def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        """Call callback(events) while fd is ready for events; calling again modifies."""
-        if fd in self._watchers:
-            if self._events[fd] != events:
-                self._epoll.modify(fd, events)
-        else:
-            self._epoll.register(fd, events)
-        self._watchers[fd] = callback
-        self._events[fd] = events
-
-    def unwatch(self, fd: int) -> None:
-        if self._watchers.pop(fd, None) is not None:
-            del self._events[fd]
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                # Already closed: the kernel dropped it from the interest list.
-                pass
-
-    def watched_count(self) -> int:
-        """Fds watched for callers (the loop's own wakeup eventfd is not counted)."""
-        return len(self._watchers) - (not self._closed)
-
-    # ------------------------------------------------------------ time and callbacks
-
-    def time(self) -> float:
-        return _monotonic()
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(when, callback, self)
-        heapq.heappush(self._timers, (when, next(self._seq), timer))
-        return timer
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        return self.call_at(self.time() + delay, callback)
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        self._ready.append(callback)
-
-    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
-        # deque.append is atomic; the lock only keeps the wakeup writes from piling up.
-        self._ready.append(callback)
-        with self._lock:
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except BlockingIOError:
-            pass
-
-    def timer_count(self) -> int:
-        return len(self._timers) - self._cancelled
-
-    # ------------------------------------------------------------ running
-
-    def stop(self) -> None:
-        """Make run() return after the current iteration (safe from any thread)."""
-        self._stopping = True
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except (BlockingIOError, OSError):
-            pass
-
-    def run(self) -> None:
-        self._stopping = False
-        while not self._stopping:
-            self.run_once()
-
-    def run_once(self, timeout: float | None = None) -> None:
-        """One iteration: wait for fds or the next timer, then run what is due."""
-        timers = self._timers
-        if self._ready:
-            wait = 0.0
-        elif timers:
-            wait = timers[0][0] - _monotonic()
-            if wait < 0.0:
-                wait = 0.0
-        else:
-            wait = -1.0
-        if timeout is not None:
-            wait = timeout if wait < 0 else min(wait, timeout)
-        try:
-            events = self._epoll.poll(wait, MAX_EVENTS)
-        except InterruptedError:
-            events = ()
-        watchers = self._watchers
-        if self.debug:
-            for fd, ev in events:
-                cb = watchers.get(fd)
-                if cb is not None:
-                    cb(ev)
-        else:
-            # One try per callback, inlined: _invoke's extra call is per-event overhead.
-            for fd, ev in events:
-                cb = watchers.get(fd)
-                if cb is not None:
-                    try:
-                        cb(ev)
-                    except Exception:
-                        self._failed(cb)
-        # The timer heap is looked at only when its head is due (or it needs a clean-up).
-        if timers:
-            if timers[0][0] <= _monotonic():
-                self._run_timers()
-            elif self._cancelled > CANCELLED_REBUILD_FACTOR * max(1, len(timers) - self._cancelled):
-                self._rebuild_timers()
-        # Only what was ready before this point runs now: callbacks queued by callbacks
-        # wait for the next iteration, so fd events are never starved.
-        if self._ready:
-            for _ in range(len(self._ready)):
-                self._invoke(self._ready.popleft())
-
-    def _drain_wakeup(self, _events: int = 0) -> None:
-        with self._lock:
-            self._wake_pending = False
-        try:
-            os.eventfd_read(self._wake_fd)
-        except BlockingIOError:
-            pass
-
-    def _run_timers(self) -> None:
-        now = _monotonic()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, timer = heapq.heappop(timers)
-            if timer.cancelled:
-                self._cancelled -= 1
-                continue
-            timer.cancelled = True  # fired and off the heap: a later cancel() is a no-op
-            self._invoke(timer.callback)
-        if self._cancelled > CANCELLED_REBUILD_FACTOR * max(1, len(timers) - self._cancelled):
-            self._rebuild_timers()
-
-    def _rebuild_timers(self) -> None:
-        """Drop cancelled timers from the heap (in place: run_once holds a reference)."""
-        self._timers[:] = [t for t in self._timers if not t[2].cancelled]
-        heapq.heapify(self._timers)
-        self._cancelled = 0
-
-    def _invoke(self, cb: Callable, *args) -> None:
-        if self.debug:
-            cb(*args)
-            return
-        try:
-            cb(*args)
-        except Exception:
-            self._failed(cb)
-
-    def _failed(self, cb: Callable) -> None:
-        """Count and log the exception being handled (production loops go on)."""
-        self.errors += 1
-        log.exception("event loop callback %r failed", cb)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._epoll.close()
-        os.close(self._wake_fd)
-        self._watchers.clear()
-        self._events.clear()
-        self._timers.clear()
-        self._cancelled = 0
-        self._ready.clear()
+__all__ = ["IMPLEMENTATION", "MAX_EVENTS", "EventLoop", "LoopThread", "Timer"]
 
 
 class LoopThread:

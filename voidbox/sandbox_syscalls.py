@@ -99,7 +99,8 @@ ALLOW: tuple[Allow, ...] = (
           "memory region's memfd size (vhost-user _map_region), mmap.mmap",
           ((masked(3, AT_EMPTY_PATH, AT_EMPTY_PATH),),)),
     # ---- the event loop (voidbox.eventloop)
-    Allow("epoll_wait", "EventLoop.run_once (select.epoll.poll)"),
+    Allow("epoll_wait", "EventLoop.run_once (_loop.pyx's epoll_wait; select.epoll.poll in "
+          "the pure twin)"),
     Allow("epoll_pwait", "EventLoop.run_once on libcs that wrap epoll_wait in epoll_pwait"),
     Allow("epoll_ctl", "EventLoop.watch and unwatch"),
     Allow("poll", "vhost-user replies that wait for the frontend to read (backend.send)"),
