@@ -80,6 +80,7 @@ class NatConfig:
     # (stateless), ICMPv6, UDP and TCP over IPv6. Off: every IPv6 frame is dropped.
     ipv6: bool = True
     prefix6: str = PREFIX6
+    guest_ip6: str = GUEST_IP6  # `net run`'s static address (a VM's comes from SLAAC)
     gateway_ip6: str = GATEWAY_IP6
     dns_ip6: str = DNS_IP6
     router_ll6: str = ROUTER_LL6

@@ -126,6 +126,7 @@ class Engine:
             self.dns_ip6 = ip6_to_bytes(config.dns_ip6)
             self.router_ll6 = ip6_to_bytes(config.router_ll6)
             self.subnet_anycast6 = ip6_to_bytes(config.prefix6)
+            self.prefix6_64 = self.subnet_anycast6[:8]  # the guest's /64, compared per frame
             self.local6 = self.ndp.own
         self.tcp = self._make_tcp()
         for fwd in config.forwards:
@@ -326,7 +327,7 @@ class Engine:
                 return
         src, dst = ip.src, ip.dst
         # The guest's own addresses: its /64 but the NAT's own and the anycast address.
-        guest_src = (self.config.in_subnet6(src) and src not in self.local6
+        guest_src = (src[:8] == self.prefix6_64 and src not in self.local6
                      and src != self.subnet_anycast6)
         if not guest_src and not (src == UNSPECIFIED or is_link_local(src)):
             self._count("ip6_spoofed_source")

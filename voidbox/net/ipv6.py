@@ -50,6 +50,7 @@ IPPROTO_SHIM6 = 140
 # Headers whose length octet counts 8-octet units beyond the first 8 (RFC 8200 §4.3-4.6).
 _EXT_8 = frozenset({IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS, IPPROTO_MH,
                     IPPROTO_HIP, IPPROTO_SHIM6})
+_UPPER_LAYERS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6})
 # Bound on the walk: Linux's own stack accepts long chains, but a real guest sends at most
 # a Hop-by-Hop, a Destination options, a Routing and a Fragment header.
 MAX_EXT_HEADERS = 8
@@ -183,6 +184,10 @@ def parse_ipv6(packet: bytes | memoryview) -> tuple[IPv6Header, memoryview]:
         # jumbogram, whose real length is in an option. Refused, not looked for.
         raise PacketError("ip6_jumbogram")
     end = IPV6_HLEN + plen
+    if nh in _UPPER_LAYERS:
+        # No extension headers, as nearly every packet: no walk (this runs per frame).
+        return IPv6Header(vtf >> 20 & 0xFF, vtf & 0xFFFFF, plen, hlim, src, dst, nh, 0, 0,
+                          False, 0, False, nh), mv[IPV6_HLEN:end]
     off = IPV6_HLEN
     walked = 0
     frag = None
@@ -223,10 +228,10 @@ def parse_ipv6(packet: bytes | memoryview) -> tuple[IPv6Header, memoryview]:
             break
     if frag is not None:
         offset, more, ident, nxt = frag
-        return IPv6Header(vtf >> 20 & 0xFF, vtf & 0xFFFFF, plen, hlim, bytes(src), bytes(dst),
+        return IPv6Header(vtf >> 20 & 0xFF, vtf & 0xFFFFF, plen, hlim, src, dst,
                           IPPROTO_FRAGMENT, off - IPV6_HLEN, offset, more, ident, True,
                           nxt), mv[off:end]
-    return IPv6Header(vtf >> 20 & 0xFF, vtf & 0xFFFFF, plen, hlim, bytes(src), bytes(dst), nh,
+    return IPv6Header(vtf >> 20 & 0xFF, vtf & 0xFFFFF, plen, hlim, src, dst, nh,
                       off - IPV6_HLEN, 0, False, 0, False, nh), mv[off:end]
 
 
