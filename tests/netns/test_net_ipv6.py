@@ -19,7 +19,13 @@ import threading
 import pytest
 
 from tests.netns.dnsserver import DnsServer
-from tests.netns.test_net_run import WAIT, run, script
+from tests.netns.test_net_run import (  # noqa: F401  (workdir: a fixture)
+    WAIT,
+    _drop_to_nobody_and_run,
+    run,
+    script,
+    workdir,
+)
 from tests.netns.test_net_tcp import (  # noqa: F401  (fixtures)
     GIB,
     MIB,
@@ -276,6 +282,46 @@ def test_tcp_forward_on_the_hosts_ipv6_loopback(tmp_path):
         thread.join(30)
     assert reply == b"V" * 100000 + b"\n from 10.0.2.2"
     assert result["rc"] == 0
+
+
+def test_unprivileged_run_over_ipv6(tmp_path, workdir):  # noqa: F811
+    """As uid nobody (a user namespace): the namespace still gets its IPv6 address and
+    route, echo to fd00::2 is answered, UDP reaches the host's ::1, and echo to the host's
+    own address fails at once (no raw socket and no ping socket for nobody here)."""
+    system_py = "/usr/bin/python3"
+    if not os.access(system_py, os.X_OK):
+        pytest.skip("needs /usr/bin/python3 for the unprivileged UDP client")
+    # Imported here, as root: uid nobody cannot read this venv's interpreter's library.
+    import pyroute2  # noqa: F401
+    echo = UdpEcho6()
+    out = workdir / "out"
+    client = script(workdir, "client.py", f"""\
+        import os, socket
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.settimeout({WAIT})
+        s.connect(("{GATEWAY6}", {echo.port}))
+        s.send(b"hello6")
+        open({str(out)!r}, "w").write("%s uid=%d" % (s.recv(100).decode(), os.getuid()))
+        """)
+    addr = _host_address6()
+    config = _config_beside(addr) if addr else NatConfig()
+    gw = config.gateway_ip6
+    cmd = f"busybox ping -6 -c1 -W5 {gw} && {system_py} {client}"
+    if addr:
+        cmd += f" && ! busybox ping -6 -c1 -W5 {addr}"
+    try:
+        if gw != GATEWAY6:
+            client_text = (workdir / "client.py").read_text().replace(GATEWAY6, gw)
+            (workdir / "client.py").write_text(client_text)
+        assert _drop_to_nobody_and_run(tmp_path, workdir, cmd, config) == 0
+    finally:
+        echo.close()
+    assert out.read_text() == "hello6 uid=0"  # root inside its own user namespace
+    assert echo.received == 1
+    counters = json.loads((workdir / "counters.json").read_text())
+    assert counters["icmp6_echo_local"] == 1 and counters["udp6_flows_opened"] == 1
+    if addr:
+        assert counters["icmp6_unreachable_sent"] == 1
 
 
 # ---------------------------------------------------------------------- TCP, real stacks

@@ -88,9 +88,6 @@ class SlirpBackend:
             # Host data then goes socket -> RX buffers in one call per burst; a blocked
             # stream resumes on rx_ready() (port_writable), so blocked() has nothing to do.
             self.engine.attach_stream_port(stream, lambda: None)
-        # The card's link is up: the first IPv6 router advertisement (the guest's own
-        # solicitation, when its driver is up, gets one as well).
-        self.engine.link_up()
 
     def guest_frame(self, frame, csum_verified: bool = False) -> None:
         self.engine.guest_frame(frame, csum_verified)

@@ -51,7 +51,7 @@ from voidbox.net.ipv6 import (
     parse_udp6,
     rebuild_reassembled,
 )
-from voidbox.net.ndp import NDP_TYPES, RA_INTERVAL, NdpResponder
+from voidbox.net.ndp import ND_ROUTER_SOLICIT, NDP_TYPES, RA_INTERVAL, NdpResponder
 from voidbox.net.packets import (
     ETH_BROADCAST,
     ETH_HLEN,
@@ -207,15 +207,22 @@ class Engine:
         self.send_ip(build_ipv4(self.dns_ip, self.guest_ip, IPPROTO_UDP, udp))
 
     def link_up(self) -> None:
-        """The guest's link is up (the TAP opened, the card's backend attached): send an
-        unsolicited router advertisement now and every RA_INTERVAL (RFC 4861 §6.2.4), so
-        a guest that configured itself keeps its default route and its DNS server."""
+        """The guest's link is up (net run: the TAP is open): send an unsolicited router
+        advertisement now and every RA_INTERVAL (RFC 4861 §6.2.4), so a guest that
+        configured itself keeps its default route and its DNS server.
+
+        A VM's card does not call this (a frame before the driver is up is dropped, and a
+        guest that never speaks IPv6 wants no multicast): there the guest's first router
+        solicitation, answered at once, starts the periodic advertisements."""
         if self.ndp is None or self.closed:
             return
-        if self._ra_timer is not None:
-            self._ra_timer.cancel()
         self._count("frames_to_guest")
         self.send_frame(self.ndp.advertisement())
+        self._arm_ra()
+
+    def _arm_ra(self) -> None:
+        if self._ra_timer is not None:
+            self._ra_timer.cancel()
         self._ra_timer = self.loop.call_at(self.loop.time() + RA_INTERVAL, self.link_up)
 
     # ------------------------------------------------------------ from the guest
@@ -342,6 +349,8 @@ class Engine:
                 for frame in frames:
                     self._count("frames_to_guest")
                     self.send_frame(frame)
+                if hdr.type == ND_ROUTER_SOLICIT and frames and self._ra_timer is None:
+                    self._arm_ra()  # this guest speaks IPv6: keep its router alive
                 return
             if dst in self.local6 and src != UNSPECIFIED:
                 self.guest_mac = eth_src
