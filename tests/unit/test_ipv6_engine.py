@@ -9,6 +9,8 @@ VOIDBOX_PURE=1 for the pure twin.
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.unit.netframes import (
     DNS6,
@@ -66,6 +68,7 @@ from voidbox.net.ndp import (
     nd_options,
 )
 from voidbox.net.packets import ETH_P_IPV6, Reassembler, build_ethernet
+from voidbox.net.policy import Policy
 
 OTHER_HW = bytes.fromhex("020000000099")
 
@@ -400,3 +403,42 @@ def test_a_router_solicitation_starts_the_periodic_advertisements(h):
     h.engine.link_up()  # what the timer runs, RA_INTERVAL later
     _eth, ip, *_ = _ra_contents(h)
     assert ip.dst == ALL_NODES and h.engine._ra_timer is not None
+
+
+# ---------------------------------------------------------------- fuzz
+
+_NEXT_HEADERS = st.sampled_from([0, 6, 17, 43, 44, 50, 51, 58, 59, 60, 135, 139, 140, 255])
+
+
+@st.composite
+def hostile_ipv6(draw):
+    """An IPv6 packet from the guest: a plausible fixed header (or a lying one) and a body
+    of extension-header-shaped and random bytes."""
+    body = b""
+    for _ in range(draw(st.integers(0, 12))):
+        nh = draw(_NEXT_HEADERS)
+        hlen = draw(st.integers(0, 3))
+        body += bytes([nh, hlen]) + draw(st.binary(min_size=6 + 8 * hlen, max_size=6 + 8 * hlen))
+    body += draw(st.binary(max_size=80))
+    plen = draw(st.one_of(st.just(len(body)), st.integers(0, 0xFFFF)))
+    src = draw(st.sampled_from([GUEST6, GUEST_LL6, UNSPECIFIED, GATEWAY6]))
+    dst = draw(st.sampled_from([GATEWAY6, DNS6, ROUTER_LL6, ALL_NODES, ALL_ROUTERS,
+                                solicited_node(GATEWAY6), ip6_to_bytes("fd00::99")]))
+    hdr = struct.pack("!IHBB16s16s", draw(st.sampled_from([6 << 28, 4 << 28, (6 << 28) | 5])),
+                      plen, draw(_NEXT_HEADERS), draw(st.sampled_from([255, 64, 1])), src, dst)
+    return build_ethernet(GATEWAY_HW, GUEST_HW, ETH_P_IPV6, hdr + body)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(hostile_ipv6(), max_size=6))
+def test_hostile_ipv6_frames_are_counted_never_raised(frames):
+    """Whatever the guest sends, the engine parses within bounds, counts and drops or
+    answers; no exception reaches the backend, and no flow outlives close()."""
+    h = Harness(policy=Policy(deny=["::/0"], host_addrs=()))
+    try:
+        for frame in frames:
+            h.send(frame)
+        for frame in h.out:
+            assert len(frame) <= 14 + 1500  # nothing sent beyond the link's MTU
+    finally:
+        h.close()

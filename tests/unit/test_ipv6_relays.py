@@ -196,3 +196,16 @@ def test_echo_denied_and_echo_without_a_socket(caplog):
     assert [(r[2].type, r[2].code) for r in replies] == [(ICMPV6_DEST_UNREACH, ICMPV6_ADDR_UNREACH)] * 2
     assert sum("ICMPv6 echo" in r.message for r in caplog.records) == 1
     h.close()
+
+
+def test_the_unspecified_address_reaches_nothing():
+    """:: is no destination (RFC 4291 §2.5.2), though a host socket's connect() would take
+    it for its own loopback."""
+    h = Harness()
+    h.send(guest_udp6_frame(bytes(16), 4010, 9, b"x"))
+    assert h.out == [] and h.engine.counters["udp_dropped_local"] == 1
+    h.send(guest_echo6_frame(bytes(16), 1, 1))
+    [(_eth, _ip, hdr, _body)] = icmp6_messages(h.out)
+    assert (hdr.type, hdr.code) == (ICMPV6_DEST_UNREACH, ICMPV6_ADDR_UNREACH)
+    assert NatConfig().host_endpoint("::", 80) is None
+    h.close()

@@ -127,6 +127,8 @@ class NatConfig:
         raw = socket.inet_pton(socket.AF_INET6, dst_ip)
         if self.in_subnet6(raw) or (raw[0] == 0xFE and raw[1] & 0xC0 == 0x80):
             return None
+        if raw == bytes(16):
+            return None  # :: names no host (RFC 4291 §2.5.2); a connect() to it is loopback
         return dst_ip, dst_port
 
     def in_subnet6(self, raw: bytes) -> bool:

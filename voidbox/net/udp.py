@@ -91,6 +91,7 @@ _IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # IPv4 header (no options) + UDP
 _UDP = struct.Struct("!HHHH")
 _CSUM = struct.Struct("!H")
 IPV4_CSUM_OFF = 10  # RFC 791 §3.1: header checksum
+UNSPECIFIED6 = bytes(16)
 UDP_CSUM_NONE = 0xFFFF  # RFC 768: a computed zero is sent as all ones
 IPV4_VIHL = (IPV4_VERSION << 4) | IPV4_MIN_IHL
 LOOPBACK_NET = 127  # first octet of 127.0.0.0/8, loopback (RFC 1122 §3.2.1.3 (g))
@@ -315,7 +316,9 @@ class UdpNat:
     def _open_flow6(self, key, guest_src: bytes, ip_packet: memoryview) -> _Flow | None:
         """_open_flow for an IPv6 destination (RFC 8200): the same verdicts, in ICMPv6."""
         sport, dst_ip, dport = key
-        if is_multicast(dst_ip):
+        if is_multicast(dst_ip) or dst_ip == UNSPECIFIED6:
+            # Nowhere to go, silently, as IPv4 broadcasts; :: would be the host's loopback
+            # to a connect() (RFC 4291 §2.5.2: it names no host).
             self._count("udp_dropped_local")
             return None
         text = ip6_to_str(dst_ip)
