@@ -209,3 +209,22 @@ def test_the_unspecified_address_reaches_nothing():
     assert (hdr.type, hdr.code) == (ICMPV6_DEST_UNREACH, ICMPV6_ADDR_UNREACH)
     assert NatConfig().host_endpoint("::", 80) is None
     h.close()
+
+
+def test_a_reply_built_in_place_is_what_the_packet_builders_make(server6):
+    from voidbox.net.ipv6 import build_ipv6, build_udp6
+
+    h = Harness()
+    port = server6.getsockname()[1]
+    h.send(guest_udp6_frame(GATEWAY6, 4011, port, b"q"))
+    _data, peer = server6.recvfrom(100)
+    for payload in (b"", b"odd", bytes(range(256)) * 5):
+        server6.sendto(payload, peer)
+        h.pump(lambda: h.out)
+        [frame] = h.out
+        h.out.clear()
+        expected = build_ipv6(GATEWAY6, GUEST6, IPPROTO_UDP,
+                              build_udp6(GATEWAY6, GUEST6, port, 4011, payload))
+        assert bytes(frame[14:]) == expected
+    assert h.engine.udp._spare6  # IPv6 flows keep ready sockets of their own now
+    h.close()

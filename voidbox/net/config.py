@@ -132,8 +132,13 @@ class NatConfig:
         return dst_ip, dst_port
 
     def in_subnet6(self, raw: bytes) -> bool:
-        """Whether the 16-byte address is in the guest's /64."""
-        return raw[:8] == socket.inet_pton(socket.AF_INET6, self.prefix6)[:8]
+        """Whether the 16-byte address is in the guest's /64 (asked per new flow: the
+        prefix's bytes are parsed once)."""
+        prefix = self.__dict__.get("_prefix6_64")
+        if prefix is None or self.__dict__.get("_prefix6_text") != self.prefix6:
+            prefix = self._prefix6_64 = socket.inet_pton(socket.AF_INET6, self.prefix6)[:8]
+            self._prefix6_text = self.prefix6
+        return raw[:8] == prefix
 
     def in_subnet(self, ip: str | bytes) -> bool:
         """Whether ip (dotted or 4 bytes) is in the guest's subnet: integer arithmetic, as

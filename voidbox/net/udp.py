@@ -92,6 +92,12 @@ _UDP = struct.Struct("!HHHH")
 _CSUM = struct.Struct("!H")
 IPV4_CSUM_OFF = 10  # RFC 791 §3.1: header checksum
 UNSPECIFIED6 = bytes(16)
+IPV6_HLEN = 40  # RFC 8200 §3
+IPV6_UDP_HLEN = IPV6_HLEN + UDP_HLEN
+IPV6_VTF = 6 << 28  # version 6, traffic class and flow label zero
+UDP_CSUM_FIELD = 6  # RFC 768: the checksum's offset in the UDP header
+_PSEUDO6 = struct.Struct("!16s16sI3xB")  # RFC 8200 §8.1
+_IPV6_HDR = struct.Struct("!IHBB16s16s")
 UDP_CSUM_NONE = 0xFFFF  # RFC 768: a computed zero is sent as all ones
 IPV4_VIHL = (IPV4_VERSION << 4) | IPV4_MIN_IHL
 LOOPBACK_NET = 127  # first octet of 127.0.0.0/8, loopback (RFC 1122 §3.2.1.3 (g))
@@ -202,6 +208,8 @@ class UdpNat:
         # new flow's first datagram pays only connect(2): socket(2) + setsockopt(2) for
         # the next flows run after the current loop turn, while the host answers.
         self._spare: list[socket.socket] = []
+        self._spare6: list[socket.socket] = []  # the same for IPv6, once it is in use
+        self._v6_used = False
         self._refill_pending = False
         # Idle expiry: one heap of (deadline, flow key) and one loop timer for its head,
         # instead of a loop timer (and a closure) per flow. Entries whose flow is gone
@@ -217,6 +225,10 @@ class UdpNat:
         self._rx_packet = self._rx_view[ETH_HLEN:]
         self._pseudo_view = self._rx_view[ETH_HLEN + PSEUDO_OFF:]
         self._ip_hdr_view = self._rx_view[ETH_HLEN:ETH_HLEN + IPV4_HLEN]
+        # An IPv6 reply's buffer, made at the first IPv6 flow: its headers are 48 bytes,
+        # and the 40-byte pseudo-header (RFC 8200 §8.1) is written where the IPv6 header
+        # goes, then overwritten by it, so one pass sums pseudo-header and datagram.
+        self._rx6: bytearray | None = None
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -337,15 +349,19 @@ class UdpNat:
             self.unreachable6(guest_src, dst_ip, ip_packet, ICMPV6_ADM_PROHIBITED)
             return None
         try:
-            sock = socket.socket(socket.AF_INET6,
-                                 socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            sock = self._spare6.pop() if self._spare6 else self._new_socket6()
         except OSError as e:
             self._count("udp_socket_error")
             self.exhaustion.refused("UDP flow", e)
             self.unreachable6(guest_src, dst_ip, ip_packet, ICMPV6_ADDR_UNREACH)
             return None
+        if not self._v6_used:
+            self._v6_used = True
+            self._rx6 = bytearray(ETH_HLEN + IPV6_UDP_HLEN + UDP_MAX_DATAGRAM)
+        if len(self._spare6) < UDP_SPARE_SOCKETS and not self._refill_pending:
+            self._refill_pending = True
+            self.loop.call_soon(self._refill)
         try:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
             sock.connect((host_ip, dport))
         except OSError:
             sock.close()
@@ -374,6 +390,18 @@ class UdpNat:
             self.send_ip(pkt)
 
     @staticmethod
+    def _new_socket6() -> socket.socket:
+        """_new_socket for IPv6 flows, with IPV6_RECVERR (ipv6(7))."""
+        sock = socket.socket(socket.AF_INET6,
+                             socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
     def _new_socket() -> socket.socket:
         """An unconnected flow socket: non-blocking and close-on-exec from socket(2) itself
         (no fcntl calls), with IP_RECVERR for ICMP errors."""
@@ -394,6 +422,8 @@ class UdpNat:
         try:
             while len(self._spare) < UDP_SPARE_SOCKETS:
                 self._spare.append(self._new_socket())
+            while self._v6_used and len(self._spare6) < UDP_SPARE_SOCKETS:
+                self._spare6.append(self._new_socket6())
         except OSError:
             self._count("udp_spare_socket_error")  # EMFILE and the like: flows make their own
 
@@ -477,21 +507,20 @@ class UdpNat:
         if events & select.EPOLLIN:
             batch = flow.batch
             got = 0
+            v6 = flow.guest_src is not None
+            target = memoryview(self._rx6)[ETH_HLEN + IPV6_UDP_HLEN:] if v6 else self._rx_payload
             for _ in range(batch):
                 try:
                     # Straight into the reply buffer, behind the space for its headers.
-                    n = sock.recv_into(self._rx_payload)
+                    n = sock.recv_into(target)
                 except BlockingIOError:
                     break
                 except OSError:
                     # The pending error was already reported through the error queue.
                     continue
                 got += 1
-                if flow.guest_src is not None:
-                    self._send6(flow.guest_dst, flow.guest_src, IPPROTO_UDP,
-                                build_udp6(flow.guest_dst, flow.guest_src, flow.key[2],
-                                           flow.key[0], self._rx_payload[:n]))
-                    self._count("udp_rx")
+                if v6:
+                    self._reply6(flow, n)
                     continue
                 self._reply(flow.guest_dst, flow.key[2], flow.key[0], n)
             else:
@@ -522,6 +551,29 @@ class UdpNat:
             self.send_ip_buf(buf, total)
         else:
             self.send_ip(bytes(self._rx_packet[:total]))
+        self._count("udp_rx")
+
+    def _reply6(self, flow: _Flow, n: int) -> None:
+        """The n payload bytes in self._rx6 to the guest as one IPv6 + UDP packet (RFC 8200
+        §3, §8.1), built in place, or as fragments past the MTU."""
+        src, dst, sport, dport = flow.guest_dst, flow.guest_src, flow.key[2], flow.key[0]
+        buf = self._rx6
+        if IPV6_UDP_HLEN + n > self.config.mtu:
+            payload = memoryview(buf)[ETH_HLEN + IPV6_UDP_HLEN:ETH_HLEN + IPV6_UDP_HLEN + n]
+            self._send6(src, dst, IPPROTO_UDP, build_udp6(src, dst, sport, dport, payload))
+            self._count("udp_rx")
+            return
+        ulen = UDP_HLEN + n
+        _PSEUDO6.pack_into(buf, ETH_HLEN, src, dst, ulen, IPPROTO_UDP)
+        _UDP.pack_into(buf, ETH_HLEN + IPV6_HLEN, sport, dport, ulen, 0)
+        csum = inet_checksum(memoryview(buf)[ETH_HLEN:ETH_HLEN + IPV6_HLEN + ulen])
+        _CSUM.pack_into(buf, ETH_HLEN + IPV6_HLEN + UDP_CSUM_FIELD, csum or UDP_CSUM_NONE)
+        _IPV6_HDR.pack_into(buf, ETH_HLEN, IPV6_VTF, ulen, IPPROTO_UDP, DEFAULT_TTL, src, dst)
+        total = IPV6_HLEN + ulen
+        if self.send_ip_buf is not None:
+            self.send_ip_buf(buf, total)
+        else:
+            self.send_ip(bytes(buf[ETH_HLEN:ETH_HLEN + total]))
         self._count("udp_rx")
 
     def _to_guest(self, src_ip: bytes, sport: int, dport: int, data: bytes) -> None:
@@ -629,9 +681,10 @@ class UdpNat:
             self._sweep_timer.cancel()
             self._sweep_timer = None
         self._expiry.clear()
-        for sock in self._spare:
+        for sock in self._spare + self._spare6:
             sock.close()
         self._spare.clear()
+        self._spare6.clear()
         for flow in list(self.flows.values()):
             self._close_flow(flow)
         for fd, sock in list(self.listeners.items()):
