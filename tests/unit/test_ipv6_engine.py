@@ -346,9 +346,14 @@ def test_spoofed_sources_are_dropped(h, src):
 
 
 def test_link_local_sources_reach_nothing_off_the_link(h):
+    """RFC 4007 §9: never beyond the link; RFC 4443 §3.1 code 2 says so at once."""
     h.send(guest_udp6_frame(ip6_to_bytes("2001:db8::9"), 1000, 53, b"q", src=GUEST_LL6))
     h.send(guest_echo6_frame(ip6_to_bytes("2001:db8::9"), 1, 1, src=GUEST_LL6))
-    assert h.out == [] and h.engine.counters["ip6_spoofed_source"] == 2
+    answers = icmp6_messages(h.out)
+    assert [(a[2].type, a[2].code, a[1].src, a[1].dst) for a in answers] == \
+        [(1, 2, ROUTER_LL6, GUEST_LL6)] * 2
+    assert h.engine.counters["ip6_link_local_beyond_scope"] == 2
+    assert h.engine.flow_count() == 0
 
 
 def test_bad_icmpv6_checksums_and_multicast_are_counted(h):

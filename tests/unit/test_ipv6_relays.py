@@ -228,3 +228,20 @@ def test_a_reply_built_in_place_is_what_the_packet_builders_make(server6):
         assert bytes(frame[14:]) == expected
     assert h.engine.udp._spare6  # IPv6 flows keep ready sockets of their own now
     h.close()
+
+
+def test_a_link_local_source_reaches_the_gateway(server6):
+    """During DAD a guest's global address is tentative and Linux sends from its link-local
+    address even to fd00::2 (RFC 6724 rule 2): that is on the link, so it is relayed, and
+    the replies go back to the link-local address."""
+    from tests.unit.netframes import GUEST_LL6
+
+    h = Harness()
+    port = server6.getsockname()[1]
+    h.send(guest_udp6_frame(GATEWAY6, 4012, port, b"ll", src=GUEST_LL6))
+    data, peer = server6.recvfrom(100)
+    server6.sendto(b"back", peer)
+    h.pump(lambda: h.out)
+    [(ip, sport, dport, payload)] = udp6_replies(h)
+    assert (ip.src, ip.dst, sport, dport, payload) == (GATEWAY6, GUEST_LL6, port, 4012, b"back")
+    h.close()

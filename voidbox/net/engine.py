@@ -14,10 +14,11 @@ Decisions a reader should know:
 - IPv6 (config.ipv6; voidbox.net.ipv6 parses, voidbox.net.ndp answers Neighbour and
   Router Discovery, voidbox.net.dhcpv6 stateless DHCPv6): the guest configures itself by
   SLAAC, so its address is any of the /64 but the NAT's own (fd00::2, fd00::3) and the
-  subnet-router anycast fd00:: (RFC 4291 §2.6.1). A link-local or unspecified source is
-  taken for NDP, DHCPv6 and echo to the NAT's own addresses only: nothing from it is
-  relayed off the link. Multicast the NAT has no part in (MLD reports, mDNS) is counted
-  and dropped.
+  subnet-router anycast fd00:: (RFC 4291 §2.6.1). A link-local source is the guest's
+  too, for the NAT's own addresses only (they are on the link: flows to fd00::2 and
+  fd00::3 are relayed for it; anything beyond gets ICMPv6 "beyond scope"); the
+  unspecified source only for NDP. Multicast the NAT has no part in (MLD reports, mDNS)
+  is counted and dropped.
 - If voidbox.net.tcp_nat is missing, TCP segments are dropped and counted.
 """
 
@@ -365,11 +366,21 @@ class Engine:
         if is_multicast(dst):
             self._count("ip6_multicast_ignored")  # MLD reports, mDNS, ...: not for a NAT
             return
-        if not guest_src:
-            self._count("ip6_spoofed_source")  # link-local: NDP, DHCPv6, local echo only
-            return
-        self.guest_mac = eth_src
         packet = packet[:40 + ip.payload_length]
+        if not guest_src:
+            if src == UNSPECIFIED:
+                self._count("ip6_spoofed_source")
+                return
+            # A link-local source (RFC 6724 rule 2: a guest whose global address is still
+            # tentative, during DAD, picks it even for fd00::2) reaches the NAT's own
+            # addresses, which are on the link; nothing beyond it (RFC 4007 §9: such a
+            # packet is never forwarded). Beyond: ICMPv6 "beyond scope of source address"
+            # (RFC 4443 §3.1), so the guest's connect fails now instead of timing out.
+            if dst not in self.local6:
+                self._count("ip6_link_local_beyond_scope")
+                self.icmp.beyond_scope6(src, dst, packet)
+                return
+        self.guest_mac = eth_src
         if ip.proto == IPPROTO_TCP:
             if self.tcp is None:
                 self._count("tcp_dropped_no_stack")

@@ -25,6 +25,7 @@ from voidbox.net.config import NatConfig
 from voidbox.net.ipv6 import (
     ICMPV6_ADDR_UNREACH,
     ICMPV6_ADM_PROHIBITED,
+    ICMPV6_BEYOND_SCOPE,
     ICMPV6_DEST_UNREACH,
     ICMPV6_ECHO_REPLY,
     ICMPV6_ECHO_REQUEST,
@@ -411,6 +412,16 @@ class IcmpNat:
     def _unreachable6(self, src: bytes, guest: bytes, code: int, packet: bytes | memoryview) -> None:
         self._count("icmp6_unreachable_sent")
         self.send_ip6(src, guest, build_icmpv6(src, guest, ICMPV6_DEST_UNREACH, code, 0,
+                                               icmpv6_error_quote(packet)))
+
+    def beyond_scope6(self, guest: bytes, dst: bytes, packet: bytes | memoryview) -> None:
+        """A guest packet from its link-local address to dst, off the link: destination
+        unreachable, beyond scope of source address (RFC 4443 §3.1 code 2), from the
+        router's link-local address (the source of what the guest sent is link-local)."""
+        self._count("icmp6_unreachable_sent")
+        src = ip6_to_bytes(self.config.router_ll6)
+        self.send_ip6(src, guest, build_icmpv6(src, guest, ICMPV6_DEST_UNREACH,
+                                               ICMPV6_BEYOND_SCOPE, 0,
                                                icmpv6_error_quote(packet)))
 
     def _destination6(self, dst: bytes) -> str | None:

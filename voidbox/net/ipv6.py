@@ -74,6 +74,7 @@ ICMPV6_ECHO_REPLY = 129
 # Destination unreachable codes (RFC 4443 §3.1)
 ICMPV6_NOROUTE = 0
 ICMPV6_ADM_PROHIBITED = 1
+ICMPV6_BEYOND_SCOPE = 2  # beyond scope of source address
 ICMPV6_ADDR_UNREACH = 3
 ICMPV6_PORT_UNREACH = 4
 # RFC 4443 §2.4 (c): an error quotes as much of the offending packet as fits the minimum MTU.
