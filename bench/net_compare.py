@@ -3,6 +3,7 @@
     sudo .venv/bin/python bench/net_compare.py [--seconds 5] [--mtu 1500 --mtu 65520]
         [--peer voidbox --peer slirp4netns --peer pasta] [--conns 1000] [--rrs 2000]
         [--udps 2000] [--ops throughput,connect,rr,udp] [--json out.json] [--max-minutes 10]
+        [--family 4 | --family 6]
 
 Needs root (network namespaces), iperf3, slirp4netns and pasta (passt). Everything stays on
 this machine: the servers listen on the host's 127.0.0.1, the client runs inside each
@@ -31,6 +32,12 @@ How each NAT is run (from their man pages; Debian 12 versions):
   would scan and forward our ports; --runas 0 because as root pasta otherwise switches to
   nobody and then cannot enter the root-owned namespace.
 
+--family 6 measures the same over IPv6: the servers listen on the host's ::1 and the client
+reaches them through fd00::2, which every NAT maps to ::1 (voidbox: its default; slirp4netns
+with --enable-ipv6, which also configures the namespace by router advertisement; pasta with
+-a fd00::100 -n 64 -g fd00::2 beside the IPv4 ones, its gateway mapped to the host's
+loopback as for IPv4).
+
 Every loop is bounded in count and time; a peer that fails or stalls in one mode gets
 that written into its cell and the run goes on.
 """
@@ -51,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -59,10 +67,20 @@ ECHO_SERVER = os.path.join(BENCH, "net", "echo_server.py")
 VOIDBOX = os.path.join(ROOT, ".venv", "bin", "voidbox")
 PREFIX = "@@"
 PEERS = ("voidbox", "slirp4netns", "pasta")
-GUEST_IP = "10.0.2.15"
-GATEWAY_IP = "10.0.2.2"
-PREFIX_LEN = "24"
-LOOPBACK = "127.0.0.1"
+class Layout(typing.NamedTuple):
+    """One address family's view: the namespace's address, the gateway the client dials,
+    and the host loopback address the servers listen on."""
+
+    family: int
+    guest: str
+    gateway: str
+    prefix_len: str
+    loopback: str
+
+
+LAYOUTS = {4: Layout(4, "10.0.2.15", "10.0.2.2", "24", "127.0.0.1"),
+           6: Layout(6, "fd00::100", "fd00::2", "64", "::1")}
+NET = LAYOUTS[4]  # main() sets the family's
 SLIRP_TAP = "tap0"
 GB = 1e9
 READY_TIMEOUT = 15.0  # NAT set-up and the client's wait for its route
@@ -171,13 +189,13 @@ def voidbox_nat_pid(supervisor: int) -> int:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
+    with socket.socket(socket.AF_INET6 if NET.family == 6 else socket.AF_INET) as s:
+        s.bind((NET.loopback, 0))
         return s.getsockname()[1]
 
 
 def listening(port: int) -> bool:
-    with open("/proc/net/tcp") as f:
+    with open("/proc/net/tcp6" if NET.family == 6 else "/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
             if fields[3] == TCP_LISTEN and int(fields[1].split(":")[1], 16) == port:
@@ -200,10 +218,10 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
 
 @contextlib.contextmanager
 def iperf_server():
-    """A one-off `iperf3 -s -1` on 127.0.0.1 and a fresh port, so a stalled test cannot
-    leave a busy server behind for the next one."""
+    """A one-off `iperf3 -s -1` on the host's loopback and a fresh port, so a stalled test
+    cannot leave a busy server behind for the next one."""
     port = free_port()
-    proc = subprocess.Popen(["iperf3", "-s", "-1", "-B", LOOPBACK, "-p", str(port)],
+    proc = subprocess.Popen(["iperf3", "-s", "-1", "-B", NET.loopback, "-p", str(port)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -285,8 +303,9 @@ class Session:
             self.nat_pid = voidbox_nat_pid(self.client.pid)
 
     def _popen_client(self, argv: list[str]) -> subprocess.Popen:
+        # The client reads the gateway to dial from its environment (bench/net/client.py).
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=self.log)
+                                stderr=self.log, env=dict(os.environ, VBBENCH_GATEWAY=NET.gateway))
 
     def _start_voidbox(self) -> None:
         self.client = self._popen_client(
@@ -309,6 +328,7 @@ class Session:
         try:
             self.nat = subprocess.Popen(
                 ["slirp4netns", "--configure", f"--mtu={self.mtu}", f"--ready-fd={ready_w}",
+                 *(["--enable-ipv6"] if NET.family == 6 else []),
                  "--netns-type=path", f"/run/netns/{name}", SLIRP_TAP],
                 pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
             os.close(ready_w)
@@ -328,7 +348,9 @@ class Session:
         pidfile = os.path.join(self.workdir, f"pasta-{self.mtu}.pid")
         self.nat = subprocess.Popen(
             ["pasta", "-f", "--runas", "0", "--config-net", "-m", str(self.mtu),
-             "-a", GUEST_IP, "-n", PREFIX_LEN, "-g", GATEWAY_IP,
+             "-a", LAYOUTS[4].guest, "-n", LAYOUTS[4].prefix_len, "-g", LAYOUTS[4].gateway,
+             # pasta's -n is IPv4's netmask; an IPv6 address takes the /64 of its -a.
+             *(["-a", NET.guest, "-g", NET.gateway] if NET.family == 6 else []),
              "-t", "none", "-u", "none", "-T", "none", "-U", "none",
              "-P", pidfile, "--netns", name],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
@@ -494,7 +516,11 @@ def main() -> int:
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--max-minutes", type=float, default=10.0,
                         help="skip the sessions that would start after this")
+    parser.add_argument("--family", type=int, choices=(4, 6), default=4,
+                        help="IPv4 (10.0.2.2 -> 127.0.0.1) or IPv6 (fd00::2 -> ::1)")
     args = parser.parse_args()
+    global NET
+    NET = LAYOUTS[args.family]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
     if unknown or not ops:
@@ -514,7 +540,7 @@ def main() -> int:
             "load_before": os.getloadavg()}
     sessions = []
     with tempfile.TemporaryDirectory(prefix="voidbox-netbench-") as workdir:
-        echo = subprocess.Popen([sys.executable, ECHO_SERVER, "--bind", LOOPBACK],
+        echo = subprocess.Popen([sys.executable, ECHO_SERVER, "--bind", NET.loopback],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             line = LineReader(echo.stdout.fileno()).readline(READY_TIMEOUT)
@@ -535,15 +561,16 @@ def main() -> int:
     info["load_after"] = os.getloadavg()
     info["wall_s"] = round(time.monotonic() - started, 1)
     v = info["versions"]
-    print(f"## User-mode NAT: voidbox vs slirp4netns vs pasta ({info['date']})\n")
+    print(f"## User-mode NAT over IPv{NET.family}: voidbox vs slirp4netns vs pasta "
+          f"({info['date']})\n")
     print(f"- command: `{info['argv']}`")
     print(f"- voidbox {v['voidbox']} (Python {v['python']}); {v['slirp4netns']}; "
           f"pasta --version: {v['pasta']}; {v['iperf3']}; kernel {v['kernel']}")
     print(f"- CPUs: {info['cpus']} (affinity {info['affinity']}); load average (1/5/15 min) "
           f"before {'/'.join(f'{x:.2f}' for x in info['load_before'])}, after "
           f"{'/'.join(f'{x:.2f}' for x in info['load_after'])}; other work shares this machine")
-    print(f"- ops: {','.join(ops)}; iperf3 -t {args.seconds}, one stream, server on {LOOPBACK}, client in the namespace "
-          f"to {GATEWAY_IP}; latency N: connect {args.conns}, RR {args.rrs}, UDP {args.udps} "
+    print(f"- ops: {','.join(ops)}; iperf3 -t {args.seconds}, one stream, server on {NET.loopback}, client in the namespace "
+          f"to {NET.gateway}; latency N: connect {args.conns}, RR {args.rrs}, UDP {args.udps} "
           f"(after {WARMUP} warm-up samples each); GB = 10^9 bytes received; "
           f"NAT CPU = user+system time of the NAT process, all threads (\"% core\": its "
           f"CPU time over the iperf3 run's length); retr = iperf3 sender's TCP retransmits; "

@@ -36,6 +36,27 @@ cdef Py_ssize_t write_ipv4_tcp(uint8_t *out, Py_ssize_t cap,
                                uint8_t flags, uint16_t window,
                                const uint8_t *options, Py_ssize_t nopt,
                                const uint8_t *payload, Py_ssize_t npay) noexcept nogil
+# Write IPv6 + TCP (RFC 8200 §3) into out[0:cap]; -1 (no exception) if it does not fit.
+cdef Py_ssize_t write_ipv6_tcp(uint8_t *out, Py_ssize_t cap,
+                               const uint8_t *src_ip, const uint8_t *dst_ip,
+                               uint16_t src_port, uint16_t dst_port, uint32_t seq, uint32_t ack,
+                               uint8_t flags, uint16_t window,
+                               const uint8_t *options, Py_ssize_t nopt,
+                               const uint8_t *payload, Py_ssize_t npay) noexcept nogil
+# write_ipv4_tcp or write_ipv6_tcp as alen (4 or 16) says; -1 for another length. ip_id is
+# IPv4's only (IPv6 has no identification outside a Fragment header).
+cdef Py_ssize_t write_ip_tcp(uint8_t *out, Py_ssize_t cap, const uint8_t *src_ip,
+                             const uint8_t *dst_ip, Py_ssize_t alen, uint16_t ip_id,
+                             uint16_t src_port, uint16_t dst_port, uint32_t seq, uint32_t ack,
+                             uint8_t flags, uint16_t window,
+                             const uint8_t *options, Py_ssize_t nopt,
+                             const uint8_t *payload, Py_ssize_t npay) noexcept nogil
+# The IPv6 pseudo-header (RFC 8200 §8.1) for TCP summed.
+cdef uint64_t pseudo_sum6(const uint8_t *src_ip, const uint8_t *dst_ip,
+                          Py_ssize_t length) noexcept nogil
+# An IPv6 header without extension headers, next header TCP, hop limit 64.
+cdef void write_ipv6_header(uint8_t *out, uint16_t payload_len,
+                            const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil
 # The TCP pseudo-header (RFC 9293 §3.1: addresses, zero, protocol, TCP length) summed.
 cdef uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
                          Py_ssize_t length) noexcept nogil

@@ -3,8 +3,9 @@
 
 - Sequence-number comparisons on uint32 with wraparound (RFC 9293 §3.4).
 - The Internet checksum (RFC 1071) and the TCP checksum over the IPv4 pseudo-header
-  (RFC 9293 §3.1).
-- Building a whole IPv4 + TCP packet (RFC 791 §3.1, RFC 9293 §3.1) into a caller's buffer.
+  (RFC 9293 §3.1) or the IPv6 one (RFC 8200 §8.1), chosen by the addresses' length.
+- Building a whole IPv4 + TCP packet (RFC 791 §3.1, RFC 9293 §3.1), or IPv6 + TCP
+  (RFC 8200 §3), into a caller's buffer.
 
 The Python-level functions have the same names, results and errors as the pure twin.
 """
@@ -25,6 +26,12 @@ cdef enum:
     IPV4_FLAG_DF = 0x4000        # RFC 791 §3.1: don't fragment
     IPV4_DEFAULT_TTL = 64
     IPV4_MAX_TOTAL_LEN = 0xFFFF
+    IPV6_HEADER_LEN = 40
+    IPV6_VERSION_BYTE = 0x60     # version 6, traffic class and flow label zero
+    IPV6_DEFAULT_HOP_LIMIT = 64
+    IPV6_MAX_PAYLOAD_LEN = 0xFFFF  # the 16-bit Payload Length (jumbograms are not used)
+    IPV4_ALEN = 4
+    IPV6_ALEN = 16
 
 cdef uint64_t SEQ_MASK = 0xFFFFFFFF
 
@@ -86,6 +93,22 @@ cdef uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
     return csum_partial(ph, 12, 0)
 
 
+cdef uint64_t pseudo_sum6(const uint8_t *src_ip, const uint8_t *dst_ip,
+                          Py_ssize_t length) noexcept nogil:
+    # RFC 8200 §8.1: source, destination, the 32-bit upper-layer length, three zero
+    # octets and the next header.
+    cdef uint8_t ph[40]
+    cdef uint32_t be_len = htobe32(<uint32_t>length)
+    memcpy(ph, src_ip, IPV6_ALEN)
+    memcpy(ph + 16, dst_ip, IPV6_ALEN)
+    memcpy(ph + 32, &be_len, 4)
+    ph[36] = 0
+    ph[37] = 0
+    ph[38] = 0
+    ph[39] = IPPROTO_TCP
+    return csum_partial(ph, 40, 0)
+
+
 cdef inline void put16(uint8_t *p, uint16_t v) noexcept nogil:
     cdef uint16_t be = htobe16(v)
     memcpy(p, &be, 2)
@@ -111,6 +134,21 @@ cdef void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
     memcpy(out + 16, dst_ip, 4)
     # csum_finish returns the checksum as a number; put16 stores it big-endian.
     put16(out + 10, csum_finish(csum_partial(out, IPV4_HEADER_LEN, 0)))
+
+
+cdef void write_ipv6_header(uint8_t *out, uint16_t payload_len,
+                            const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil:
+    # RFC 8200 §3: traffic class and flow label zero, no extension headers, next header
+    # TCP, hop limit 64. IPv6 has no header checksum.
+    out[0] = IPV6_VERSION_BYTE
+    out[1] = 0
+    out[2] = 0
+    out[3] = 0
+    put16(out + 4, payload_len)
+    out[6] = IPPROTO_TCP
+    out[7] = IPV6_DEFAULT_HOP_LIMIT
+    memcpy(out + 8, src_ip, IPV6_ALEN)
+    memcpy(out + 24, dst_ip, IPV6_ALEN)
 
 
 cdef void write_tcp_header(uint8_t *t, uint16_t src_port, uint16_t dst_port,
@@ -154,6 +192,47 @@ cdef Py_ssize_t write_ipv4_tcp(uint8_t *out, Py_ssize_t cap,
     return total
 
 
+cdef Py_ssize_t write_ipv6_tcp(uint8_t *out, Py_ssize_t cap,
+                               const uint8_t *src_ip, const uint8_t *dst_ip,
+                               uint16_t src_port, uint16_t dst_port, uint32_t seq, uint32_t ack,
+                               uint8_t flags, uint16_t window,
+                               const uint8_t *options, Py_ssize_t nopt,
+                               const uint8_t *payload, Py_ssize_t npay) noexcept nogil:
+    cdef Py_ssize_t tcp_len = TCP_HEADER_LEN + nopt + npay
+    cdef Py_ssize_t total = IPV6_HEADER_LEN + tcp_len
+    cdef uint8_t *t = out + IPV6_HEADER_LEN
+    if nopt < 0 or npay < 0 or nopt > TCP_MAX_OPTIONS_LEN or nopt & 3:
+        return -1
+    if tcp_len > IPV6_MAX_PAYLOAD_LEN or total > cap:
+        return -1
+    # Every store below is inside out[0:total], checked just above.
+    write_ipv6_header(out, <uint16_t>tcp_len, src_ip, dst_ip)
+    write_tcp_header(t, src_port, dst_port, seq, ack, TCP_HEADER_LEN + nopt, flags, window)
+    cdef uint16_t c
+    if nopt:
+        memcpy(t + TCP_HEADER_LEN, options, nopt)
+    if npay:
+        memcpy(t + TCP_HEADER_LEN + nopt, payload, npay)
+    c = csum_finish(csum_partial(t, tcp_len, pseudo_sum6(src_ip, dst_ip, tcp_len)))
+    put16(t + 16, c)
+    return total
+
+
+cdef Py_ssize_t write_ip_tcp(uint8_t *out, Py_ssize_t cap, const uint8_t *src_ip,
+                             const uint8_t *dst_ip, Py_ssize_t alen, uint16_t ip_id,
+                             uint16_t src_port, uint16_t dst_port, uint32_t seq, uint32_t ack,
+                             uint8_t flags, uint16_t window,
+                             const uint8_t *options, Py_ssize_t nopt,
+                             const uint8_t *payload, Py_ssize_t npay) noexcept nogil:
+    if alen == IPV6_ALEN:
+        return write_ipv6_tcp(out, cap, src_ip, dst_ip, src_port, dst_port, seq, ack, flags,
+                              window, options, nopt, payload, npay)
+    if alen != IPV4_ALEN:
+        return -1
+    return write_ipv4_tcp(out, cap, src_ip, dst_ip, ip_id, src_port, dst_port, seq, ack,
+                          flags, window, options, nopt, payload, npay)
+
+
 def seq_lt(uint32_t a, uint32_t b):
     """a < b in sequence space (RFC 9293 §3.4)."""
     return seq_lt_c(a, b)
@@ -193,13 +272,22 @@ def inet_checksum(const uint8_t[::1] data):
 
 def tcp_checksum(const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,
                  const uint8_t[::1] segment):
-    """TCP checksum over the IPv4 pseudo-header and segment (RFC 9293 §3.1); 0 if intact."""
+    """TCP checksum over the pseudo-header and segment (RFC 9293 §3.1; RFC 8200 §8.1 for
+    16-byte addresses); 0 if intact."""
     cdef Py_ssize_t n = segment.shape[0]
+    cdef uint64_t acc
+    if src_ip.shape[0] == IPV6_ALEN and dst_ip.shape[0] == IPV6_ALEN:
+        if n > IPV6_MAX_PAYLOAD_LEN:
+            raise ValueError("TCP segment longer than an IPv6 packet can carry")
+        acc = pseudo_sum6(&src_ip[0], &dst_ip[0], n)
+        if n:
+            acc = csum_partial(&segment[0], n, acc)
+        return csum_finish(acc)
     if src_ip.shape[0] != 4 or dst_ip.shape[0] != 4:
-        raise ValueError("IPv4 addresses are 4 bytes")
+        raise ValueError("IPv4 addresses are 4 bytes, IPv6 ones 16")
     if n > IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN:
         raise ValueError("TCP segment longer than an IPv4 packet can carry")
-    cdef uint64_t acc = pseudo_sum(&src_ip[0], &dst_ip[0], n)
+    acc = pseudo_sum(&src_ip[0], &dst_ip[0], n)
     if n:
         acc = csum_partial(&segment[0], n, acc)
     return csum_finish(acc)
@@ -235,6 +323,35 @@ def build_ipv4_tcp(uint8_t[::1] out, const uint8_t[::1] src_ip, const uint8_t[::
     return n
 
 
+def build_ipv6_tcp(uint8_t[::1] out, const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,
+                   ip_id, src_port, dst_port, seq, ack, flags, window,
+                   const uint8_t[::1] options, const uint8_t[::1] payload):
+    """Write an IPv6 packet carrying one TCP segment into out; return its length.
+
+    See voidbox.net._slirp_py.build_ipv6_tcp for the exact contract.
+    """
+    cdef Py_ssize_t nopt = options.shape[0]
+    cdef Py_ssize_t npay = payload.shape[0]
+    cdef Py_ssize_t n
+    if nopt > TCP_MAX_OPTIONS_LEN or nopt & 3:
+        raise ValueError("TCP options must be a multiple of 4 bytes, at most 40")
+    if src_ip.shape[0] != IPV6_ALEN or dst_ip.shape[0] != IPV6_ALEN:
+        raise ValueError("IPv6 addresses are 16 bytes")
+    if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
+        raise ValueError("port or window out of range")
+    if TCP_HEADER_LEN + nopt + npay > IPV6_MAX_PAYLOAD_LEN:
+        raise ValueError("packet longer than IPv6 allows")
+    if IPV6_HEADER_LEN + TCP_HEADER_LEN + nopt + npay > out.shape[0]:
+        raise ValueError("output buffer too small for the packet")
+    n = write_ipv6_tcp(&out[0], out.shape[0], &src_ip[0], &dst_ip[0],
+                       src_port, dst_port, seq & SEQ_MASK, ack & SEQ_MASK, flags & 0xFF, window,
+                       &options[0] if nopt else NULL, nopt,
+                       &payload[0] if npay else NULL, npay)
+    if n < 0:
+        raise ValueError("packet does not fit")
+    return n
+
+
 # ---------------------------------------------------------------------------------------
 # Frame port: a TAP fd (or any fd that keeps frame boundaries) with virtio_net_hdr framing.
 # ---------------------------------------------------------------------------------------
@@ -255,16 +372,23 @@ cdef enum:
     VIRTIO_NET_HDR_F_DATA_VALID = 2
     VIRTIO_NET_HDR_GSO_NONE = 0
     VIRTIO_NET_HDR_GSO_TCPV4 = 1
+    VIRTIO_NET_HDR_GSO_TCPV6 = 4
     ETH_HLEN_C = 14
     ETH_P_IP_C = 0x0800
+    ETH_P_IPV6_C = 0x86DD
+    IPPROTO_UDP_C = 17
     TCP_CSUM_OFFSET = 16           # RFC 9293 §3.1: the checksum field's offset in the header
     TCP_FLAG_PSH = 0x08
     TCP_FLAG_ACK = 0x10
     SEG_HEADROOM = ETH_HLEN_C + IPV4_HEADER_LEN + TCP_HEADER_LEN
+    SEG_HEADROOM6 = ETH_HLEN_C + IPV6_HEADER_LEN + TCP_HEADER_LEN
     # Frames per send_tcp_stream call; the caller loops for more.
     STREAM_MAX_FRAMES = 64
     # Largest TCP payload one IPv4 packet carries (RFC 791 total length is 16 bits).
     MAX_SEG_PAYLOAD = IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN - TCP_HEADER_LEN
+    # Over IPv6 a frame holds as much as an IPv4 one does (same slot size): 20 bytes less
+    # payload behind the longer header, well inside the 16-bit Payload Length.
+    MAX_SEG_PAYLOAD6 = MAX_SEG_PAYLOAD - (IPV6_HEADER_LEN - IPV4_HEADER_LEN)
     # Below this MSS no GSO: a peer announcing a tiny MSS must not make the kernel cut
     # a super-frame into thousands of segments (RFC 9293 §3.7.1 default MSS).
     TSO_MIN_MSS = 536
@@ -315,6 +439,12 @@ cdef int rx_checksum_state(uint8_t *slot, Py_ssize_t length, int hl) noexcept no
         if (flen >= ETH_HLEN_C + IPV4_HEADER_LEN and frame[12] == (ETH_P_IP_C >> 8)
                 and frame[13] == (ETH_P_IP_C & 0xFF)
                 and start == ETH_HLEN_C + (frame[ETH_HLEN_C] & 0x0F) * 4):
+            return 1
+        if (flen >= ETH_HLEN_C + IPV6_HEADER_LEN and frame[12] == (ETH_P_IPV6_C >> 8)
+                and frame[13] == (ETH_P_IPV6_C & 0xFF) and start == ETH_HLEN_C + IPV6_HEADER_LEN
+                and (frame[ETH_HLEN_C + 6] == IPPROTO_TCP
+                     or frame[ETH_HLEN_C + 6] == IPPROTO_UDP_C)):
+            # The IPv6 packet's own TCP/UDP header, right behind the fixed header.
             return 1
         c = csum_finish(csum_partial(frame + start, flen - start, 0))
         put16(frame + field, c if c else 0xFFFF)  # RFC 768: a computed zero is sent as ~0
@@ -459,7 +589,8 @@ cdef class FramePort:
                         int src_port, int dst_port, uint64_t seq, uint64_t ack, int window,
                         int mss, Py_ssize_t budget, int ip_id):
         """Peek up to budget bytes from the TCP socket sockfd (at its SO_PEEK_OFF) straight
-        into frames, put Ethernet/IPv4/TCP headers in front and write them to the port.
+        into frames, put Ethernet/IPv4/TCP headers (IPv6 for 16-byte addresses) in front and
+        write them to the port.
 
         One recvmsg(MSG_PEEK) fills up to STREAM_MAX_FRAMES frames; segments carry at most
         mss bytes, or with tso a GSO super-frame of mss-sized segments. Every segment has
@@ -469,9 +600,12 @@ cdef class FramePort:
         peeked - sent. Status is STREAM_MORE, STREAM_DRAINED, STREAM_EOF, STREAM_BLOCKED, or
         a negative errno from recvmsg.
         """
-        if eth_header.shape[0] != ETH_HLEN_C or src_ip.shape[0] != 4 or dst_ip.shape[0] != 4:
-            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
-        if not (0 < mss <= MAX_SEG_PAYLOAD) or budget < 0:
+        cdef bint v6 = src_ip.shape[0] == IPV6_ALEN and dst_ip.shape[0] == IPV6_ALEN
+        if eth_header.shape[0] != ETH_HLEN_C or not (
+                v6 or (src_ip.shape[0] == 4 and dst_ip.shape[0] == 4)):
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4, IPv6 ones 16")
+        cdef Py_ssize_t max_seg = MAX_SEG_PAYLOAD6 if v6 else MAX_SEG_PAYLOAD
+        if not (0 < mss <= max_seg) or budget < 0:
             raise ValueError("mss or budget out of range")
         if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
             raise ValueError("port or window out of range")
@@ -483,12 +617,12 @@ cdef class FramePort:
                 raise MemoryError()
         cdef Py_ssize_t seg_cap = mss
         if self.tso and mss >= TSO_MIN_MSS:
-            # As many whole segments as one IPv4 packet holds.
-            seg_cap = (MAX_SEG_PAYLOAD // mss) * mss
+            # As many whole segments as one packet holds.
+            seg_cap = (max_seg // mss) * mss
         cdef iovec iov[STREAM_MAX_FRAMES]
         cdef Py_ssize_t nframes = 0
         cdef Py_ssize_t want = 0
-        cdef Py_ssize_t off = SEG_HEADROOM + self.vnet_hdr_len
+        cdef Py_ssize_t off = (SEG_HEADROOM6 if v6 else SEG_HEADROOM) + self.vnet_hdr_len
         while nframes < STREAM_MAX_FRAMES and want < budget:
             iov[nframes].iov_base = self.tx + nframes * self.tx_slot + off
             iov[nframes].iov_len = min(seg_cap, budget - want)
@@ -507,7 +641,7 @@ cdef class FramePort:
                 status = self._write_stream(got, want, &eth_header[0], &src_ip[0], &dst_ip[0],
                                             src_port, dst_port, <uint32_t>(seq & SEQ_MASK),
                                             <uint32_t>(ack & SEQ_MASK), window, mss,
-                                            seg_cap, ip_id, &sent, &frames)
+                                            seg_cap, ip_id, v6, &sent, &frames)
         if got < 0:
             if err == EAGAIN:
                 return 0, 0, 0, S_DRAINED
@@ -522,7 +656,7 @@ cdef class FramePort:
     cdef int _write_stream(self, Py_ssize_t got, Py_ssize_t want, const uint8_t *eth,
                            const uint8_t *src_ip, const uint8_t *dst_ip, int src_port,
                            int dst_port, uint32_t seq, uint32_t ack, int window, int mss,
-                           Py_ssize_t seg_cap, int ip_id, Py_ssize_t *sent_out,
+                           Py_ssize_t seg_cap, int ip_id, bint v6, Py_ssize_t *sent_out,
                            Py_ssize_t *frames_out) noexcept nogil:
         # Headers go in front of each peeked payload; the last segment gets PSH.
         cdef Py_ssize_t done = 0
@@ -539,18 +673,26 @@ cdef class FramePort:
         cdef Py_ssize_t i = 0
         cdef Py_ssize_t written = 0
         cdef int status = S_MORE if got == want else S_DRAINED
+        cdef Py_ssize_t iphl = IPV6_HEADER_LEN if v6 else IPV4_HEADER_LEN
+        cdef Py_ssize_t headroom = ETH_HLEN_C + iphl + TCP_HEADER_LEN
+        cdef uint64_t ph
         while done < got:
             n = min(seg_cap, got - done)
             slot = self.tx + i * self.tx_slot
             frame = slot + hl
             ip = frame + ETH_HLEN_C
-            t = ip + IPV4_HEADER_LEN
+            t = ip + iphl
             memcpy(frame, eth, ETH_HLEN_C)
             flags = TCP_FLAG_ACK
             if done + n >= got:
                 flags |= TCP_FLAG_PSH
-            write_ipv4_header(ip, <uint16_t>(IPV4_HEADER_LEN + TCP_HEADER_LEN + n),
-                              <uint16_t>((ip_id + i) & 0xFFFF), src_ip, dst_ip)
+            if v6:
+                write_ipv6_header(ip, <uint16_t>(TCP_HEADER_LEN + n), src_ip, dst_ip)
+                ph = pseudo_sum6(src_ip, dst_ip, TCP_HEADER_LEN + n)
+            else:
+                write_ipv4_header(ip, <uint16_t>(IPV4_HEADER_LEN + TCP_HEADER_LEN + n),
+                                  <uint16_t>((ip_id + i) & 0xFFFF), src_ip, dst_ip)
+                ph = pseudo_sum(src_ip, dst_ip, TCP_HEADER_LEN + n)
             write_tcp_header(t, <uint16_t>src_port, <uint16_t>dst_port, <uint32_t>(seq + done),
                              ack, TCP_HEADER_LEN, flags, <uint16_t>window)
             if hl:
@@ -558,19 +700,18 @@ cdef class FramePort:
                 # virtio 1.2 §5.1.6.2: the receiver completes the checksum from csum_start;
                 # the field holds the pseudo-header sum (not complemented) meanwhile.
                 slot[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM
-                put16le(slot + 6, ETH_HLEN_C + IPV4_HEADER_LEN)
+                put16le(slot + 6, <uint16_t>(ETH_HLEN_C + iphl))
                 put16le(slot + 8, TCP_CSUM_OFFSET)
-                c = <uint16_t>(~csum_finish(pseudo_sum(src_ip, dst_ip, TCP_HEADER_LEN + n)))
+                c = <uint16_t>(~csum_finish(ph))
                 put16(t + 16, c)
                 if n > mss:
-                    slot[1] = VIRTIO_NET_HDR_GSO_TCPV4
-                    put16le(slot + 2, SEG_HEADROOM)
+                    slot[1] = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
+                    put16le(slot + 2, <uint16_t>headroom)
                     put16le(slot + 4, <uint16_t>mss)
             else:
-                c = csum_finish(csum_partial(t, TCP_HEADER_LEN + n,
-                                             pseudo_sum(src_ip, dst_ip, TCP_HEADER_LEN + n)))
+                c = csum_finish(csum_partial(t, TCP_HEADER_LEN + n, ph))
                 put16(t + 16, c)
-            frame_len = hl + SEG_HEADROOM + n
+            frame_len = hl + headroom + n
             while True:
                 r = c_write(self.fd, slot, frame_len)
                 if not (r < 0 and errno == EINTR):

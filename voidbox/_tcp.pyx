@@ -12,7 +12,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from libc.math cimport INFINITY, fabs
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from voidbox._slirp cimport seq_ge_c, seq_gt_c, seq_le_c, seq_lt_c, write_ipv4_tcp
+from voidbox._slirp cimport seq_ge_c, seq_gt_c, seq_le_c, seq_lt_c, write_ip_tcp
 
 from voidbox.net.tcp import STATES, TcpState
 
@@ -606,8 +606,8 @@ cdef class TcpCore:
                 try:
                     PyObject_GetBuffer(payload, &p, PyBUF_SIMPLE)
                     try:
-                        if s.len != 4 or d.len != 4:
-                            raise ValueError("IPv4 addresses are 4 bytes")
+                        if s.len != d.len or (s.len != 4 and s.len != 16):
+                            raise ValueError("IPv4 addresses are 4 bytes, IPv6 ones 16")
                         if p.len < self.data_len or off < 0 or off > b.len:
                             raise ValueError("payload or buffer shorter than the run")
                         while start < self.data_len:
@@ -616,13 +616,13 @@ cdef class TcpCore:
                             if start + length >= self.data_len:
                                 flags |= PSH | (FIN if self.data_fin else 0)
                             # start + length <= data_len <= p.len, checked above.
-                            n = write_ipv4_tcp(<uint8_t *>b.buf + off, b.len - off,
-                                               <const uint8_t *>s.buf, <const uint8_t *>d.buf,
-                                               <uint16_t>(ip_id + count), self.port,
-                                               self.guest_port,
-                                               seq_add_c(self.data_seq, start), self.data_ack,
-                                               flags, self.data_window, NULL, 0,
-                                               <const uint8_t *>p.buf + start, length)
+                            n = write_ip_tcp(<uint8_t *>b.buf + off, b.len - off,
+                                             <const uint8_t *>s.buf, <const uint8_t *>d.buf,
+                                             s.len, <uint16_t>(ip_id + count), self.port,
+                                             self.guest_port,
+                                             seq_add_c(self.data_seq, start), self.data_ack,
+                                             flags, self.data_window, NULL, 0,
+                                             <const uint8_t *>p.buf + start, length)
                             if n < 0:
                                 raise ValueError("output buffer too small for the packet")
                             self.has_last_ack = True
@@ -700,8 +700,8 @@ cdef class TcpCore:
             try:
                 PyObject_GetBuffer(dst_ip, &d, PyBUF_SIMPLE)
                 try:
-                    if s.len != 4 or d.len != 4:
-                        raise ValueError("IPv4 addresses are 4 bytes")
+                    if s.len != d.len or (s.len != 4 and s.len != 16):
+                        raise ValueError("IPv4 addresses are 4 bytes, IPv6 ones 16")
                     if off < 0 or off > b.len:
                         raise ValueError("offset outside the buffer")
                     for i in range(k):  # k <= OUT_MAX
@@ -730,11 +730,11 @@ cdef class TcpCore:
                                 opts[nopt + 2] = TCPOLEN_WINDOW
                                 opts[nopt + 3] = o.wscale
                                 nopt += 4
-                        n = write_ipv4_tcp(<uint8_t *>b.buf + off, b.len - off,
-                                           <const uint8_t *>s.buf, <const uint8_t *>d.buf,
-                                           <uint16_t>(ip_id + sent), self.port,
-                                           self.guest_port, o.seq, o.ack, o.flags, o.window,
-                                           opts, nopt, NULL, 0)
+                        n = write_ip_tcp(<uint8_t *>b.buf + off, b.len - off,
+                                         <const uint8_t *>s.buf, <const uint8_t *>d.buf,
+                                         s.len, <uint16_t>(ip_id + sent), self.port,
+                                         self.guest_port, o.seq, o.ack, o.flags, o.window,
+                                         opts, nopt, NULL, 0)
                         if n < 0:
                             raise ValueError("output buffer too small for the packet")
                         sent += 1

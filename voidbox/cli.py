@@ -12,7 +12,7 @@ import click
 
 from .commands import boot_command, fail
 from .errors import ExitStatus, VoidboxError
-from .options import BOOT_OPTIONS, NAT_EPILOG, NAT_OPTIONS, SANDBOX_OPTIONS
+from .options import BOOT_OPTIONS, IPV6_OPTIONS, NAT_EPILOG, NAT_OPTIONS, SANDBOX_OPTIONS
 
 
 def main(argv=None) -> None:
@@ -56,6 +56,10 @@ def _options(table):
 
     def decorate(command):
         for option in reversed(table):
+            if option.switch is not None:
+                command = click.option(option.flag, default=option.default,
+                                       help=option.help)(command)
+                continue
             if option.kind is bool:
                 command = click.option(option.flag, is_flag=True, help=option.help)(command)
                 continue
@@ -125,9 +129,11 @@ def net() -> None:
               help="When the TAP cannot be used: serve the card with the NAT (one line says "
               "why) or exit 1.")
 @_options(NAT_OPTIONS)
+@_options(IPV6_OPTIONS)
 @_options(SANDBOX_OPTIONS)
 def net_serve(socket_path, vmm_fd, backend, net_fallback, mtu, forward, allow, deny, host_loopback,
-              dns_upstream, max_flows, max_conn_rate, pcap, pcap_max_bytes, no_sandbox) -> None:
+              dns_upstream, max_flows, max_conn_rate, pcap, pcap_max_bytes, ipv6,
+              no_sandbox) -> None:
     """Serve a virtio-net card to one vhost-user frontend at a time (e.g. QEMU).
 
     Runs until SIGINT or SIGTERM. Example: voidbox net serve --vhost-user /tmp/net.sock
@@ -142,7 +148,7 @@ def net_serve(socket_path, vmm_fd, backend, net_fallback, mtu, forward, allow, d
     from .vhost_user.serve import serve_net
 
     config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
-                                         max_flows, max_conn_rate, host_loopback)
+                                         max_flows, max_conn_rate, host_loopback, ipv6)
     sys.exit(serve_net(socket_path, config, policy, pcap_from_options(pcap, pcap_max_bytes),
                        backend=backend, fallback=net_fallback, sandbox=not no_sandbox))
 
@@ -173,6 +179,7 @@ def blk_serve(socket_path, readonly, image) -> None:
 # An unknown option before that word (or before --) is a usage error, not a command.
 @net.command("run", context_settings={"allow_interspersed_args": False}, epilog=NAT_EPILOG)
 @_options(NAT_OPTIONS)
+@_options(IPV6_OPTIONS)
 @_options(SANDBOX_OPTIONS)
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")
 @click.option("--offload/--no-offload", default=True, show_default=True,
@@ -180,7 +187,7 @@ def blk_serve(socket_path, readonly, image) -> None:
 @click.option("--stats", is_flag=True, help="Print the NAT's counters when COMMAND exits.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def net_run(mtu, forward, allow, deny, host_loopback, dns_upstream, dhcp, offload, stats,
-            max_flows, max_conn_rate, pcap, pcap_max_bytes, no_sandbox, command) -> None:
+            max_flows, max_conn_rate, pcap, pcap_max_bytes, ipv6, no_sandbox, command) -> None:
     """Run COMMAND in a network namespace whose only interface is served by the NAT.
 
     Example: voidbox net run --allow 10.0.2.2:8000 -- curl http://10.0.2.2:8000/ (10.0.2.2
@@ -189,7 +196,7 @@ def net_run(mtu, forward, allow, deny, host_loopback, dns_upstream, dhcp, offloa
     from .net.run import config_from_options, pcap_from_options, run_in_netns
 
     config, policy = config_from_options(mtu, forward, allow, deny, dns_upstream,
-                                         max_flows, max_conn_rate, host_loopback)
+                                         max_flows, max_conn_rate, host_loopback, ipv6)
     capture = pcap_from_options(pcap, pcap_max_bytes)
     counters: dict | None = {} if stats else None
     status = run_in_netns(list(command), config, dhcp=dhcp, policy=policy, offload=offload,

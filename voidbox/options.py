@@ -22,7 +22,13 @@ class Option(NamedTuple):
 
     @property
     def dest(self) -> str:
-        return self.flag[2:].replace("-", "_")
+        return self.flag.split("/")[0][2:].replace("-", "_")
+
+    @property
+    def switch(self) -> tuple[str, str] | None:
+        """('--x', '--no-x') for an on/off switch written '--x/--no-x', else None."""
+        on, slash, off = self.flag.partition("/")
+        return (on, off) if slash else None
 
 
 # The user-mode NAT's options, shared by `boot` and `net run` so the two never drift.
@@ -63,6 +69,16 @@ NAT_EPILOG = (
     "first two, a narrower --allow opens one address or port. DNS at 10.0.2.3:53 is the "
     "NAT's own service and is always served. --forward listens on 127.0.0.1 unless given "
     "another HOSTADDR.")
+
+# IPv6 in the NAT (NDP, router advertisements, DHCPv6, ICMPv6, UDP and TCP over IPv6): on
+# by default. Kept apart from NAT_OPTIONS until `boot`'s body (commands.boot_command)
+# passes it to config_from_options; `net run` and `net serve` take it now.
+IPV6_OPTIONS = (
+    Option("--ipv6/--no-ipv6", bool, True, "IPv6 on the guest's link: the prefix fd00::/64 "
+           "by router advertisement (SLAAC), the gateway fd00::2 (the host's ::1, as "
+           "10.0.2.2 is its 127.0.0.1), DNS at fd00::3, ICMPv6, UDP and TCP over IPv6. "
+           "On by default; --no-ipv6 drops every IPv6 frame."),
+)
 
 # The backend sandbox (voidbox.sandbox) of the processes that parse a guest's frames:
 # `net run`'s NAT (and `net serve`). On by default; a host that lacks a piece says so in
@@ -112,7 +128,11 @@ BOOT_OPTIONS = (
            "for the image or kernel path).", metavar="MAC"),
     *NAT_OPTIONS,
 )
-_BY_FLAG = {option.flag: option for option in BOOT_OPTIONS}
+_BY_FLAG = {option.flag: option for option in BOOT_OPTIONS if option.switch is None}
+# On/off switches ('--x/--no-x'): each spelling -> (option, the value it sets).
+_SWITCHES = {spelling: (option, spelling == option.switch[0])
+             for option in BOOT_OPTIONS if option.switch is not None
+             for spelling in option.switch}
 
 
 def parse_boot_fast(args: list[str]) -> dict | None:
@@ -135,6 +155,13 @@ def parse_boot_fast(args: list[str]) -> dict | None:
             params["image"] = arg
             continue
         flag, eq, value = arg.partition("=")
+        if flag in _SWITCHES:
+            option, on = _SWITCHES[flag]
+            if eq or option.dest in seen:
+                return None
+            params[option.dest] = on
+            seen.add(option.dest)
+            continue
         option = _BY_FLAG.get(flag)
         if option is None or (flag in seen and not option.multiple):
             return None

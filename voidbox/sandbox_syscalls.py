@@ -28,11 +28,13 @@ CMP_MASKED_EQ = 7
 
 # linux/socket.h, linux/net.h, linux/in.h
 AF_INET = 2
+AF_INET6 = 10
 SOCK_STREAM = 1
 SOCK_DGRAM = 2
 SOCK_RAW = 3
 SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK and SOCK_CLOEXEC
 IPPROTO_ICMP = 1
+IPPROTO_ICMPV6 = 58
 # asm-generic/fcntl.h
 F_DUPFD_CLOEXEC = 1030
 # asm-generic/ioctls.h, linux/sockios.h, linux/if_tun.h
@@ -106,16 +108,30 @@ ALLOW: tuple[Allow, ...] = (
     Allow("poll", "vhost-user replies that wait for the frontend to read (backend.send)"),
     # ---- host sockets of the NAT: one per flow
     Allow("socket", "new flows: TCP and UDP sockets, ICMP ping sockets (SOCK_DGRAM, "
-          "IPPROTO_ICMP) and the raw ICMP fallback; IPv4 only, the NAT's only family",
-          ((eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_STREAM)),
-           (eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_DGRAM)),
-           (eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_RAW), eq(2, IPPROTO_ICMP)))),
+          "IPPROTO_ICMP / IPPROTO_ICMPV6) and the raw ICMP fallbacks, in the NAT's two "
+          "families, IPv4 and IPv6",
+          (
+              # TCP flows to IPv4 hosts
+              (eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_STREAM)),
+              # UDP flows, DNS queries and ICMP ping sockets to IPv4 hosts
+              (eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_DGRAM)),
+              # the raw ICMP echo fallback (opened before the sandbox; kept for a re-probe)
+              (eq(0, AF_INET), masked(1, SOCK_TYPE_MASK, SOCK_RAW), eq(2, IPPROTO_ICMP)),
+              # TCP flows to IPv6 hosts (fd00::2 -> ::1 and outside addresses)
+              (eq(0, AF_INET6), masked(1, SOCK_TYPE_MASK, SOCK_STREAM)),
+              # UDP flows, DNS queries to IPv6 upstreams and ICMPv6 ping sockets
+              # (SOCK_DGRAM, IPPROTO_ICMPV6)
+              (eq(0, AF_INET6), masked(1, SOCK_TYPE_MASK, SOCK_DGRAM)),
+              # the raw ICMPv6 echo fallback, as for IPv4
+              (eq(0, AF_INET6), masked(1, SOCK_TYPE_MASK, SOCK_RAW), eq(2, IPPROTO_ICMPV6)),
+          )),
     Allow("connect", "TCP flows (non-blocking connect), connected UDP flows"),
     Allow("accept4", "port forwards' listeners; the vhost-user listener's next frontend"),
     Allow("shutdown", "TCP half-close (the guest's FIN)"),
     Allow("getsockname", "flows' local ports"),
     Allow("getpeername", "accepted forward connections"),
-    Allow("setsockopt", "TCP_NODELAY, SO_SNDBUF, SO_PEEK_OFF, SO_LINGER, IP_RECVERR on flows"),
+    Allow("setsockopt", "TCP_NODELAY, SO_SNDBUF, SO_PEEK_OFF, SO_LINGER, IP_RECVERR and "
+          "IPV6_RECVERR on flows"),
     Allow("getsockopt", "SO_ERROR after a non-blocking connect, SO_PEEK_OFF, SO_SNDBUF"),
     Allow("ioctl", "FIONBIO (socket.setblocking of accepted connections), FIONREAD = "
           "SIOCINQ (the pure _netrx twin sizes a flow's unread bytes), TUNSETOFFLOAD (a "

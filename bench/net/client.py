@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -26,7 +27,10 @@ import sys
 import time
 
 PREFIX = "@@"
-GATEWAY = "10.0.2.2"  # every NAT under test maps it to the host's 127.0.0.1
+# Every NAT under test maps 10.0.2.2 to the host's 127.0.0.1, and fd00::2 to its ::1
+# (net_compare.py --family 6 sets VBBENCH_GATEWAY).
+GATEWAY = os.environ.get("VBBENCH_GATEWAY", "10.0.2.2")
+FAMILY = socket.AF_INET6 if ":" in GATEWAY else socket.AF_INET
 DISCARD_PORT = 9  # RFC 863; only used to ask the routing table, nothing is sent
 READY_TIMEOUT = 15.0
 READY_POLL = 0.01
@@ -47,7 +51,16 @@ def emit(obj: dict) -> None:
 
 
 def default_iface() -> str | None:
-    """The default route's interface from /proc/net/route (per network namespace)."""
+    """The default route's interface from /proc/net/route, or /proc/net/ipv6_route over
+    IPv6 (per network namespace)."""
+    if FAMILY == socket.AF_INET6:
+        with open("/proc/net/ipv6_route") as f:
+            for line in f:
+                fields = line.split()
+                # ::/0: destination all zeros, prefix length 00; the device is last.
+                if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00":
+                    return fields[9]
+        return None
     with open("/proc/net/route") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
@@ -67,7 +80,7 @@ def wait_ready() -> dict:
     """Poll until a route to GATEWAY exists (the NAT configured the interface)."""
     start = time.monotonic()
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(FAMILY, socket.SOCK_DGRAM) as s:
             try:
                 s.connect((GATEWAY, DISCARD_PORT))
                 break
@@ -167,7 +180,7 @@ def op_udp(op: dict) -> dict:
 
     def sample() -> int:
         t0 = time.perf_counter_ns()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(FAMILY, socket.SOCK_DGRAM) as s:
             s.settimeout(IO_TIMEOUT)
             s.sendto(UDP_PAYLOAD, addr)
             data = s.recv(len(UDP_PAYLOAD) + 1)

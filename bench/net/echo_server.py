@@ -1,6 +1,6 @@
 """Host-side TCP and UDP echo server for bench/net_compare.py (stdlib only).
 
-    python3 bench/net/echo_server.py [--bind 127.0.0.1] [--max-seconds 1800]
+    python3 bench/net/echo_server.py [--bind 127.0.0.1 | --bind ::1] [--max-seconds 1800]
 
 Binds a TCP listener and a UDP socket on ephemeral ports of --bind, prints one JSON line
 {"tcp": PORT, "udp": PORT} on stdout, then echoes every byte and datagram back from one
@@ -27,12 +27,13 @@ POLL_SECONDS = 1.0
 
 
 def serve(bind: str, max_seconds: float) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((bind, 0))
     listener.listen(BACKLOG)
     listener.setblocking(False)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
     udp.bind((bind, 0))
     udp.setblocking(False)
     sel = selectors.DefaultSelector()

@@ -61,6 +61,7 @@ TOOL = textwrap.dedent('''\
     IO_TIMEOUT = 60
     MAX_LINE = 256
     DONE_POLLS, DONE_POLL_S = 600, 0.1  # waiting for the server's done file: 60 s at most
+    BIND = os.environ.get("TCP_TEST_BIND", "127.0.0.1")  # ::1 for the IPv6 tests
 
     signal.alarm(TIMEOUT)  # whatever happens, this process ends
 
@@ -112,8 +113,8 @@ TOOL = textwrap.dedent('''\
 
 
     def serve(nconn):
-        ls = socket.socket()
-        ls.bind(("127.0.0.1", 0))
+        ls = socket.socket(socket.AF_INET6 if ":" in BIND else socket.AF_INET)
+        ls.bind((BIND, 0))
         ls.listen(128)
         ls.settimeout(IO_TIMEOUT)
         print(ls.getsockname()[1], flush=True)
@@ -248,10 +249,10 @@ def tcp_counters(monkeypatch):
 
 
 class HostServer:
-    """The tool's server on the host's 127.0.0.1, in its own process."""
+    """The tool's server on the host's 127.0.0.1 (or bind, e.g. ::1), in its own process."""
 
-    def __init__(self, tool: str, nconn: int):
-        env = dict(os.environ, TCP_TEST_TIMEOUT=str(TIMEOUT))
+    def __init__(self, tool: str, nconn: int, bind: str = "127.0.0.1"):
+        env = dict(os.environ, TCP_TEST_TIMEOUT=str(TIMEOUT), TCP_TEST_BIND=bind)
         self.proc = subprocess.Popen([PY, tool, "serve", str(nconn)], stdout=subprocess.PIPE,
                                      text=True, env=env)
         ready, _, _ = select.select([self.proc.stdout], [], [], SERVER_EXIT_WAIT)
@@ -282,11 +283,12 @@ def tool(tmp_path):
 
 @pytest.fixture
 def server(tool):
-    """A factory: server(nconn) starts a host server for nconn sequential connections."""
+    """A factory: server(nconn) starts a host server for nconn sequential connections (on
+    bind, 127.0.0.1 unless given)."""
     started = []
 
-    def start(nconn: int) -> HostServer:
-        s = HostServer(tool, nconn)
+    def start(nconn: int, bind: str = "127.0.0.1") -> HostServer:
+        s = HostServer(tool, nconn, bind)
         started.append(s)
         return s
 

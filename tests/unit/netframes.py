@@ -9,8 +9,19 @@ from __future__ import annotations
 from voidbox.eventloop import EventLoop
 from voidbox.net.config import GATEWAY_MAC, GUEST_MAC, NatConfig, parse_mac
 from voidbox.net.engine import Engine
+from voidbox.net.ipv6 import (
+    ICMPV6_ECHO_REQUEST,
+    IPPROTO_ICMPV6,
+    build_icmpv6,
+    build_ipv6,
+    build_udp6,
+    ip6_to_bytes,
+    parse_icmpv6,
+    parse_ipv6,
+)
 from voidbox.net.packets import (
     ETH_P_IP,
+    ETH_P_IPV6,
     IPPROTO_ICMP,
     IPPROTO_UDP,
     build_ethernet,
@@ -106,3 +117,56 @@ class Harness:
         assert self.engine.flow_count() == 0
         assert self.loop.watched_count() == 0
         self.loop.close()
+
+
+# ---------------------------------------------------------------- IPv6 (RFC 8200)
+
+GUEST6 = ip6_to_bytes("fd00::100")
+GUEST_LL6 = ip6_to_bytes("fe80::5054:ff:fe12:3456")
+GATEWAY6 = ip6_to_bytes("fd00::2")
+DNS6 = ip6_to_bytes("fd00::3")
+ROUTER_LL6 = ip6_to_bytes("fe80::2")
+
+
+def guest_ip6_frame(dst: bytes, proto: int, payload: bytes, src: bytes = GUEST6,
+                    hop_limit: int = 64, dst_mac: bytes = GATEWAY_HW) -> bytes:
+    return build_ethernet(dst_mac, GUEST_HW, ETH_P_IPV6,
+                          build_ipv6(src, dst, proto, payload, hop_limit=hop_limit))
+
+
+def guest_icmp6_frame(dst: bytes, typ: int, code: int, rest: int, body: bytes,
+                      src: bytes = GUEST6, hop_limit: int = 64,
+                      dst_mac: bytes = GATEWAY_HW) -> bytes:
+    return guest_ip6_frame(dst, IPPROTO_ICMPV6, build_icmpv6(src, dst, typ, code, rest, body),
+                           src=src, hop_limit=hop_limit, dst_mac=dst_mac)
+
+
+def guest_echo6_frame(dst: bytes, ident: int, seq: int, data: bytes = b"ping",
+                      src: bytes = GUEST6) -> bytes:
+    return guest_icmp6_frame(dst, ICMPV6_ECHO_REQUEST, 0, (ident << 16) | seq, data, src=src)
+
+
+def guest_udp6_frame(dst: bytes, sport: int, dport: int, data: bytes, src: bytes = GUEST6) -> bytes:
+    return guest_ip6_frame(dst, IPPROTO_UDP, build_udp6(src, dst, sport, dport, data), src=src)
+
+
+def ip6_packets(frames: list[bytes]):
+    """(Ethernet header, IPv6 header, payload) of each frame, all of which must be IPv6."""
+    out = []
+    for frame in frames:
+        eth, payload = parse_ethernet(frame)
+        assert eth.ethertype == ETH_P_IPV6
+        assert eth.src == GATEWAY_HW
+        ip, data = parse_ipv6(payload)
+        out.append((eth, ip, data))
+    return out
+
+
+def icmp6_messages(frames: list[bytes]):
+    """(Ethernet header, IPv6 header, ICMPv6 header, body) of each frame."""
+    out = []
+    for eth, ip, data in ip6_packets(frames):
+        assert ip.proto == IPPROTO_ICMPV6
+        hdr, body = parse_icmpv6(ip.src, ip.dst, data)
+        out.append((eth, ip, hdr, bytes(body)))
+    return out

@@ -131,8 +131,9 @@ def test_other_ports_on_the_dns_address_are_unreachable_and_garbage_is_dropped()
 
 def test_resolv_conf_parsing(tmp_path):
     path = tmp_path / "resolv.conf"
-    path.write_text("# comment\nnameserver 127.0.0.53\nnameserver ::1\nsearch x\nnameserver 10.1.1.1\n")
-    assert read_resolv_conf(str(path)) == [("127.0.0.53", 53), ("10.1.1.1", 53)]
+    path.write_text("# comment\nnameserver 127.0.0.53\nnameserver ::1\nsearch x\n"
+                    "nameserver fe80::1%eth0\nnameserver 10.1.1.1\n")
+    assert read_resolv_conf(str(path)) == [("127.0.0.53", 53), ("::1", 53), ("10.1.1.1", 53)]
     assert read_resolv_conf(str(tmp_path / "missing")) == []
 
 

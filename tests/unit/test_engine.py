@@ -14,7 +14,9 @@ from tests.unit.netframes import (
     guest_ip_frame,
     guest_udp_frame,
 )
-from voidbox.net.packets import ETH_P_IPV6, build_ethernet, checksum
+from voidbox.net.packets import build_ethernet, checksum
+
+ETH_P_LOCAL_EXPERIMENTAL = 0x88B5  # IEEE 802 local experimental EtherType: no one's
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def test_bad_ip_checksum_and_unknown_protocols_are_counted(h):
     frame[14 + 8] ^= 0x10  # TTL changes, the header checksum no longer holds
     h.send(bytes(frame))
     h.send(guest_ip_frame(GATEWAY, 47, b"gre"))
-    h.send(build_ethernet(GATEWAY_HW, GUEST_HW, ETH_P_IPV6, b"\x60" + b"\x00" * 39))
+    h.send(build_ethernet(GATEWAY_HW, GUEST_HW, ETH_P_LOCAL_EXPERIMENTAL, b"\x00" * 40))
     h.send(b"\x00" * 10)
     c = h.engine.counters
     assert (c["ip_checksum"], c["ip_unsupported_proto"], c["eth_unsupported_type"], c["eth_short"]) == (1, 1, 1, 1)

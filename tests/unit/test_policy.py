@@ -53,8 +53,9 @@ def test_port_lists_and_ranges():
     assert p.allows("udp", "1.2.3.4", 8003)
 
 
-@pytest.mark.parametrize("spec", ["nonsense", "10.0.0.0/33", "::1", "1.2.3.4:0", "1.2.3.4:70000",
-                                  "1.2.3.4:9-8", "1.2.3.4:x"])
+@pytest.mark.parametrize("spec", ["nonsense", "10.0.0.0/33", "[::1", ":::1", "fd00::/129",
+                                  "[::1]x", "1.2.3.4:0", "1.2.3.4:70000", "1.2.3.4:9-8",
+                                  "1.2.3.4:x"])
 def test_bad_rules_are_usage_errors(spec):
     with pytest.raises(UsageError):
         Policy(deny=[spec])

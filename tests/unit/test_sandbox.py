@@ -250,7 +250,8 @@ FORBIDDEN_CALLS = {
     "stat by path": "os.stat('/')",
     "run a program": "os.execv('/bin/true', ['true'])",
     "start a process": "os.fork()",
-    "an IPv6 socket": "socket.socket(socket.AF_INET6, socket.SOCK_STREAM)",
+    "a raw IPv6 TCP socket": "socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)",
+    "an IPv6 SCTP socket": "socket.socket(socket.AF_INET6, socket.SOCK_SEQPACKET)",
     "a unix socket": "socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)",
     "a raw TCP socket": "socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)",
     "a netlink socket": "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)",
@@ -287,6 +288,11 @@ def test_what_a_backend_does_survives():
         tcp.setblocking(False)
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tcp.close()
+        udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        udp6.setsockopt(socket.IPPROTO_IPV6, 25, 1)  # IPV6_RECVERR
+        udp6.connect(("::1", 9))  # an IPv6 flow: fd00::2 -> ::1
+        udp6.send(b"x")
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
         try:
             raise ValueError("logged, not fatal")
         except ValueError:

@@ -6,7 +6,8 @@ directly, over random inputs (hypothesis), so a case nobody thought to write dow
 cannot make them drift apart. The pairs:
 
 - voidbox._slirp / voidbox.net._slirp_py: sequence arithmetic (RFC 9293 §3.4), the Internet
-  and TCP checksums, building IPv4 + TCP packets, and the FramePort (the RX checksum state
+  and TCP checksums (IPv4 and IPv6 pseudo-headers), building IPv4 + TCP and IPv6 + TCP
+  packets, and the FramePort (the RX checksum state
   of offloaded frames, the TCP stream sender's frames and pseudo-header sums);
 - voidbox._netrx / voidbox.virtio._netrx_py: the stream port, whose full checksums are summed
   piece by piece over descriptors of odd sizes;
@@ -44,6 +45,7 @@ SEQ_MOD = 1 << 32
 SEQ_HALF = 1 << 31
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 ETH = bytes.fromhex("525400123456" "525400000002" "0800")
+ETH6 = bytes.fromhex("525400123456" "525400000002" "86dd")
 VNET = struct.Struct("<BBHHHH")
 
 
@@ -294,6 +296,46 @@ def test_build_ipv4_tcp_agrees_byte_for_byte(slirp, p):
         assert outs[0][n:] == p["out"][n:]
 
 
+addresses6 = st.one_of(st.binary(min_size=16, max_size=16),
+                       st.binary(max_size=20))  # sometimes the wrong length
+long_segments6 = st.sampled_from([65535, 65536]).map(lambda n: b"\xfe" * n)
+
+
+@settings(max_examples=400, deadline=None)
+@given(src=addresses6, dst=addresses6, segment=st.one_of(payloads, long_segments6),
+       kind=kinds, offset=st.integers(0, 7))
+def test_tcp_checksum_over_ipv6_agrees(slirp, src, dst, segment, kind, offset):
+    """RFC 8200 §8.1's pseudo-header for 16-byte addresses, in both twins."""
+    got = same(slirp, "tcp_checksum", as_kind(src, kind, offset), dst,
+               as_kind(segment, kind, offset))
+    if got[0] == "ok" and len(segment) >= 18:
+        blank = segment[:16] + b"\0\0" + segment[18:]
+        _, c = same(slirp, "tcp_checksum", src, dst, blank)
+        fixed = segment[:16] + struct.pack("!H", c) + segment[18:]
+        assert same(slirp, "tcp_checksum", src, dst, fixed) == ("ok", 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(p=packets(), src=addresses6, dst=addresses6)
+def test_build_ipv6_tcp_agrees_byte_for_byte(slirp, p, src, dst):
+    outs, results = [], []
+    for m in slirp:
+        out = bytearray(p["out"])
+        results.append(outcome(m.build_ipv6_tcp, out, as_kind(src, p["kind"], p["offset"]),
+                               dst, p["ip_id"], p["src_port"], p["dst_port"], p["seq"],
+                               p["ack"], p["flags"], p["window"],
+                               as_kind(p["options"], p["kind"], p["offset"]),
+                               as_kind(p["payload"], p["kind"], p["offset"])))
+        outs.append(bytes(out))
+    assert results[0] == results[1]
+    assert outs[0] == outs[1]
+    if results[0][0] == "ok":
+        n = results[0][1]
+        assert outs[0][0] >> 4 == 6 and struct.unpack_from("!H", outs[0], 4)[0] == n - 40
+        assert slirp[0].tcp_checksum(src, dst, outs[0][40:n]) == 0
+        assert outs[0][n:] == p["out"][n:]
+
+
 # ---------------------------------------------------------------------------------------
 # The FramePort: what read_batch reports and what send_tcp_stream writes
 # ---------------------------------------------------------------------------------------
@@ -322,18 +364,28 @@ def ipv4_frame(draw, proto: int) -> bytes:
     return ETH + ip + body
 
 
+def ipv6_frame(draw, proto: int) -> bytes:
+    body = draw(st.binary(max_size=300))
+    ip = b"\x60" + draw(st.binary(min_size=5, max_size=5)) + bytes([proto]) + \
+        draw(st.binary(min_size=33, max_size=33))
+    return ETH6 + ip + body
+
+
 @st.composite
 def rx_frames(draw):
     """A datagram as a TAP with a virtio_net_hdr delivers it, often with offload flags."""
     hl = draw(st.sampled_from([0, 10, 12]))
-    if draw(st.booleans()):
+    kind = draw(st.sampled_from(["ipv4", "ipv6", "junk"]))
+    if kind == "ipv4":
         frame = ipv4_frame(draw, draw(st.sampled_from([6, 17, 1])))
+    elif kind == "ipv6":
+        frame = ipv6_frame(draw, draw(st.sampled_from([6, 17, 58, 0])))
     else:
         frame = draw(st.binary(max_size=120))
     if not hl:
         return hl, frame
     flags = draw(st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(0, 0xFF)))
-    start = draw(st.one_of(st.sampled_from([14 + 20, 14 + 24, 14 + 60, 14]),
+    start = draw(st.one_of(st.sampled_from([14 + 20, 14 + 24, 14 + 40, 14 + 60, 14]),
                            st.integers(0, len(frame) + 4), st.integers(0, 0xFFFF)))
     off = draw(st.one_of(st.sampled_from([6, 16]), st.integers(0, 0xFFFF)))
     header = VNET.pack(flags, draw(st.integers(0, 4)), 0, 0, start, off)
@@ -432,6 +484,40 @@ def test_send_tcp_stream_writes_the_same_frames(slirp, hl, tso, size, mss, budge
                 at = (at + r[1][0]) % SEQ_MOD
             seen.append((calls, port.tx_frames, port.tx_eagain, port.tx_dropped,
                          port.stream_frames, port.stream_bytes))
+        finally:
+            for s in (a, b, ours, peer):
+                s.close()
+    assert seen[0] == seen[1]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hl=st.sampled_from([0, 10, 12]), tso=st.booleans(),
+       size=st.one_of(st.integers(1, 5000), st.integers(60_000, 300_000)),
+       mss=st.one_of(st.sampled_from([1, 536, 1440, 65475, 65476, 0]), st.integers(1, 9000)),
+       budget=st.one_of(st.sampled_from([0, 1 << 30]), st.integers(0, 400_000)),
+       seq=seq_numbers)
+def test_send_tcp_stream_over_ipv6_writes_the_same_frames(slirp, hl, tso, size, mss, budget,
+                                                          seq):
+    tso = tso and hl > 0
+    data = bytes((i * 29 + 3) & 0xFF for i in range(size))
+    src = bytes.fromhex("fd000000000000000000000000000002")
+    dst = bytes.fromhex("fd000000000000000000000000000100")
+    seen = []
+    for m in slirp:
+        a, b = dgram_pair()
+        ours, peer = tcp_with_queued(data)
+        try:
+            port = m.FramePort(a.fileno(), vnet_hdr_len=hl, tso=tso)
+            calls, at = [], seq
+            for _ in range(2):
+                r = outcome(port.send_tcp_stream, ours.fileno(), ETH6, src, dst, 80, 40000,
+                            at, 777, 500, mss, budget, 0)
+                calls.append((r, drain(b)))
+                if r[0] != "ok":
+                    break
+                ours.recv(r[1][0])
+                at = (at + r[1][0]) % SEQ_MOD
+            seen.append((calls, port.tx_frames, port.stream_frames, port.stream_bytes))
         finally:
             for s in (a, b, ours, peer):
                 s.close()

@@ -6,8 +6,9 @@ voidbox.net.fastpath picks one of the two.
 - Sequence-number comparisons on uint32 with wraparound (RFC 9293 §3.4: "arithmetic
   modulo 2**32"), valid while the two numbers are less than 2**31 apart.
 - The Internet checksum (RFC 1071) and the TCP checksum over the IPv4 pseudo-header
-  (RFC 9293 §3.1, "Checksum").
-- Building a whole IPv4 + TCP packet (RFC 791 §3.1, RFC 9293 §3.1) into a caller's buffer.
+  (RFC 9293 §3.1, "Checksum") or, for 16-byte addresses, the IPv6 one (RFC 8200 §8.1).
+- Building a whole IPv4 + TCP packet (RFC 791 §3.1, RFC 9293 §3.1), or IPv6 + TCP
+  (RFC 8200 §3), into a caller's buffer.
 """
 
 import struct
@@ -26,6 +27,11 @@ IPV4_VERSION_IHL = 0x45  # version 4, header length 5 words (no IP options)
 IPV4_FLAG_DF = 0x4000  # RFC 791 §3.1: don't fragment
 IPV4_DEFAULT_TTL = 64
 IPV4_MAX_TOTAL_LEN = 0xFFFF
+IPV6_HEADER_LEN = 40
+IPV6_VERSION_BYTE = 0x60  # version 6, traffic class and flow label zero
+IPV6_DEFAULT_HOP_LIMIT = 64
+IPV6_MAX_PAYLOAD_LEN = 0xFFFF
+_IPV6_HDR = struct.Struct("!BBHHBB16s16s")
 
 _LITTLE = sys.byteorder == "little"
 _IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
@@ -129,19 +135,27 @@ def inet_checksum(data) -> int:
 
 
 def _pseudo_sum(src_ip, dst_ip, length: int) -> int:
+    if len(src_ip) == 16 and len(dst_ip) == 16:
+        # RFC 8200 §8.1: 32-bit length, three zero octets, next header.
+        return _sum16(bytes(src_ip) + bytes(dst_ip) + struct.pack("!IxxxB", length, IPPROTO_TCP))
     if len(src_ip) != 4 or len(dst_ip) != 4:
         raise ValueError("IPv4 addresses are 4 bytes")
     return _sum16(bytes(src_ip) + bytes(dst_ip) + struct.pack("!BBH", 0, IPPROTO_TCP, length))
 
 
 def tcp_checksum(src_ip, dst_ip, segment) -> int:
-    """TCP checksum over the IPv4 pseudo-header and segment (RFC 9293 §3.1).
+    """TCP checksum over the pseudo-header and segment (RFC 9293 §3.1; RFC 8200 §8.1 for
+    16-byte addresses).
 
     With the segment's checksum field included the result is 0 when the segment is intact.
     """
     src_ip, dst_ip, seg = _bytes_view(src_ip), _bytes_view(dst_ip), _bytes_view(segment)
+    if len(src_ip) == 16 and len(dst_ip) == 16:
+        if len(seg) > IPV6_MAX_PAYLOAD_LEN:
+            raise ValueError("TCP segment longer than an IPv6 packet can carry")
+        return ~_fold(_sum16(seg, _pseudo_sum(src_ip, dst_ip, len(seg)))) & 0xFFFF
     if len(src_ip) != 4 or len(dst_ip) != 4:  # checked first, as the compiled twin does
-        raise ValueError("IPv4 addresses are 4 bytes")
+        raise ValueError("IPv4 addresses are 4 bytes, IPv6 ones 16")
     if len(seg) > IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN:
         raise ValueError("TCP segment longer than an IPv4 packet can carry")
     return ~_fold(_sum16(seg, _pseudo_sum(src_ip, dst_ip, len(seg)))) & 0xFFFF
@@ -185,6 +199,43 @@ def build_ipv4_tcp(out, src_ip, dst_ip, ip_id: int, src_port: int, dst_port: int
     return total
 
 
+def build_ipv6_tcp(out, src_ip, dst_ip, ip_id: int, src_port: int, dst_port: int, seq: int,
+                   ack: int, flags: int, window: int, options, payload) -> int:
+    """Write an IPv6 packet carrying one TCP segment into out; return its length.
+
+    The IPv6 header has no extension headers, traffic class and flow label zero and hop
+    limit 64 (RFC 8200 §3); ip_id is ignored (IPv6 identifies only fragments). The TCP
+    header is as build_ipv4_tcp writes it, its checksum over the IPv6 pseudo-header.
+    """
+    buf = _bytes_view(out, writable=True)
+    src_ip, dst_ip = _bytes_view(src_ip), _bytes_view(dst_ip)
+    opts = _bytes_view(options)
+    data = _bytes_view(payload)
+    nopt = len(opts)
+    if nopt > TCP_MAX_OPTIONS_LEN or nopt & 3:
+        raise ValueError("TCP options must be a multiple of 4 bytes, at most 40")
+    if len(src_ip) != 16 or len(dst_ip) != 16:
+        raise ValueError("IPv6 addresses are 16 bytes")
+    if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
+        raise ValueError("port or window out of range")
+    tcp_len = TCP_HEADER_LEN + nopt + len(data)
+    total = IPV6_HEADER_LEN + tcp_len
+    if tcp_len > IPV6_MAX_PAYLOAD_LEN:
+        raise ValueError("packet longer than IPv6 allows")
+    if total > len(buf):
+        raise ValueError("output buffer too small for the packet")
+    _IPV6_HDR.pack_into(buf, 0, IPV6_VERSION_BYTE, 0, 0, tcp_len, IPPROTO_TCP,
+                        IPV6_DEFAULT_HOP_LIMIT, bytes(src_ip), bytes(dst_ip))
+    t = IPV6_HEADER_LEN
+    data_offset = (TCP_HEADER_LEN + nopt) >> 2
+    _TCP_HDR.pack_into(buf, t, src_port, dst_port, seq & SEQ_MASK, ack & SEQ_MASK,
+                       data_offset << 4, flags & 0xFF, window, 0, 0)
+    buf[t + TCP_HEADER_LEN:t + TCP_HEADER_LEN + nopt] = opts
+    buf[t + TCP_HEADER_LEN + nopt:total] = data
+    struct.pack_into("!H", buf, t + 16, tcp_checksum(src_ip, dst_ip, buf[t:total]))
+    return total
+
+
 # ---------------------------------------------------------------------------------------
 # Frame port (twin of _slirp.FramePort): see its docstrings for the contract.
 # ---------------------------------------------------------------------------------------
@@ -196,6 +247,7 @@ import socket as _socket  # noqa: E402
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
 ETH_HLEN = 14
 TCP_CSUM_OFFSET = 16
 TCP_FLAG_PSH = 0x08
@@ -203,8 +255,11 @@ TCP_FLAG_ACK = 0x10
 SEG_HEADROOM = ETH_HLEN + IPV4_HEADER_LEN + TCP_HEADER_LEN
 STREAM_MAX_FRAMES = 64
 MAX_SEG_PAYLOAD = IPV4_MAX_TOTAL_LEN - IPV4_HEADER_LEN - TCP_HEADER_LEN
+MAX_SEG_PAYLOAD6 = MAX_SEG_PAYLOAD - (IPV6_HEADER_LEN - IPV4_HEADER_LEN)  # same frame size
 TSO_MIN_MSS = 536  # no GSO below the RFC 9293 §3.7.1 default MSS
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IPPROTO_UDP = 17
 STREAM_MORE, STREAM_DRAINED, STREAM_EOF, STREAM_BLOCKED = range(4)
 _VNET_HDR = struct.Struct("<BBHHHH")  # virtio 1.2 §5.1.6 struct virtio_net_hdr
 
@@ -223,6 +278,11 @@ def _rx_checksum_state(data: bytearray, hl: int) -> int:
         if (len(frame) >= ETH_HLEN + IPV4_HEADER_LEN
                 and struct.unpack_from("!H", frame, 12)[0] == ETH_P_IP
                 and start == ETH_HLEN + (frame[ETH_HLEN] & 0x0F) * 4):
+            return 1
+        if (len(frame) >= ETH_HLEN + IPV6_HEADER_LEN
+                and struct.unpack_from("!H", frame, 12)[0] == ETH_P_IPV6
+                and start == ETH_HLEN + IPV6_HEADER_LEN
+                and frame[ETH_HLEN + 6] in (IPPROTO_TCP, IPPROTO_UDP)):
             return 1
         c = inet_checksum(frame[start:])
         struct.pack_into("!H", frame, field, c or 0xFFFF)
@@ -302,15 +362,17 @@ class FramePort:
                         dst_port: int, seq: int, ack: int, window: int, mss: int,
                         budget: int, ip_id: int):
         eth_header, src_ip, dst_ip = _bytes_view(eth_header), _bytes_view(src_ip), _bytes_view(dst_ip)
-        if len(eth_header) != ETH_HLEN or len(src_ip) != 4 or len(dst_ip) != 4:
-            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
-        if not (0 < mss <= MAX_SEG_PAYLOAD) or budget < 0:
+        v6 = len(src_ip) == 16 and len(dst_ip) == 16
+        if len(eth_header) != ETH_HLEN or not (v6 or (len(src_ip) == 4 and len(dst_ip) == 4)):
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4, IPv6 ones 16")
+        max_seg = MAX_SEG_PAYLOAD6 if v6 else MAX_SEG_PAYLOAD
+        if not (0 < mss <= max_seg) or budget < 0:
             raise ValueError("mss or budget out of range")
         if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= window <= 0xFFFF):
             raise ValueError("port or window out of range")
         if self.paused:
             return 0, 0, 0, STREAM_BLOCKED
-        seg_cap = (MAX_SEG_PAYLOAD // mss) * mss if self.tso and mss >= TSO_MIN_MSS else mss
+        seg_cap = (max_seg // mss) * mss if self.tso and mss >= TSO_MIN_MSS else mss
         want = min(budget, seg_cap * STREAM_MAX_FRAMES)
         if want == 0:
             return 0, 0, 0, STREAM_MORE
@@ -330,22 +392,24 @@ class FramePort:
         hl = self.vnet_hdr_len
         done = frames = built = 0
         pkt = bytearray(IPV4_MAX_TOTAL_LEN)
+        iphl = IPV6_HEADER_LEN if v6 else IPV4_HEADER_LEN
+        build = build_ipv6_tcp if v6 else build_ipv4_tcp
         while done < got:
             n = min(seg_cap, got - done)
             flags = TCP_FLAG_ACK | (TCP_FLAG_PSH if done + n >= got else 0)
-            length = build_ipv4_tcp(pkt, src_ip, dst_ip, (ip_id + built) & 0xFFFF, src_port,
+            length = build(pkt, src_ip, dst_ip, (ip_id + built) & 0xFFFF, src_port,
                                     dst_port, (seq + done) & SEQ_MASK, ack, flags, window, b"",
                                     data[done:done + n])
             parts = []
             if hl:
                 # NEEDS_CSUM: the field holds the (uncomplemented) pseudo-header sum.
                 gso = n > mss
-                vnet = _VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM,
-                                      VIRTIO_NET_HDR_GSO_TCPV4 if gso else 0,
-                                      SEG_HEADROOM if gso else 0, mss if gso else 0,
-                                      ETH_HLEN + IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+                gso_type = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
+                vnet = _VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type if gso else 0,
+                                      ETH_HLEN + iphl + TCP_HEADER_LEN if gso else 0,
+                                      mss if gso else 0, ETH_HLEN + iphl, TCP_CSUM_OFFSET)
                 parts.append(vnet.ljust(hl, b"\0"))
-                struct.pack_into("!H", pkt, IPV4_HEADER_LEN + TCP_CSUM_OFFSET,
+                struct.pack_into("!H", pkt, iphl + TCP_CSUM_OFFSET,
                                  _fold(_pseudo_sum(src_ip, dst_ip, TCP_HEADER_LEN + n)))
             parts += [bytes(eth_header), pkt[:length]]
             r = self._writev(parts)

@@ -37,6 +37,7 @@ DNS_LABEL_MAX = 63
 QTYPE_QCLASS_LEN = 4
 # Bound on queries in flight (each holds one socket).
 MAX_PENDING_QUERIES = 256
+IPV6_EXTRA = 20  # an IPv6 header (40 bytes) less an IPv4 one (20)
 _HEADER = struct.Struct("!HHHHHH")
 
 
@@ -97,9 +98,10 @@ def query_id(msg: bytes | memoryview) -> int:
 
 
 class _Query:
-    __slots__ = ("sport", "ident", "payload", "upstream_index", "sock", "timer")
+    __slots__ = ("sport", "ident", "payload", "upstream_index", "sock", "timer", "guest_ip")
 
-    def __init__(self, sport: int, ident: int, payload: bytes):
+    def __init__(self, sport: int, ident: int, payload: bytes, guest_ip: bytes | None = None):
+        self.guest_ip = guest_ip  # the guest's IPv6 address that asked fd00::3; None: IPv4
         self.sport = sport
         self.ident = ident
         self.payload = payload
@@ -125,8 +127,10 @@ class DnsRelay:
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
-    def guest_query(self, sport: int, payload: bytes | memoryview) -> None:
-        """A UDP datagram from guest port sport to the DNS address, port 53."""
+    def guest_query(self, sport: int, payload: bytes | memoryview,
+                    guest_ip: bytes | None = None) -> None:
+        """A UDP datagram from guest port sport to the DNS address, port 53 (from the
+        guest's IPv6 address guest_ip to fd00::3, if given)."""
         try:
             ident = query_id(payload)
         except PacketError:
@@ -138,7 +142,7 @@ class DnsRelay:
         if len(self.pending) >= MAX_PENDING_QUERIES:
             self._count("dns_dropped_busy")
             return
-        query = _Query(sport, ident, bytes(payload))
+        query = _Query(sport, ident, bytes(payload), guest_ip)
         self._count("dns_queries")
         self._send(query)
 
@@ -147,8 +151,8 @@ class DnsRelay:
         while query.upstream_index < len(upstreams):
             addr = upstreams[query.upstream_index]
             try:
-                sock = socket.socket(socket.AF_INET,
-                                     socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             except OSError as e:
                 # Out of fds: every upstream would fail alike. Answer SERVFAIL now, so the
                 # guest's resolver moves on instead of waiting out its timeout.
@@ -179,7 +183,7 @@ class DnsRelay:
         except PacketError:
             return
         self._count("dns_servfail")
-        self.send_reply(query.sport, reply)
+        self._answer(query, reply)
 
     def _release(self, query: _Query) -> None:
         if query.timer is not None:
@@ -218,7 +222,9 @@ class DnsRelay:
             if query_id(reply) != query.ident or not _HEADER.unpack_from(reply)[1] & DNS_FLAG_QR:
                 self._count("dns_mismatched_reply")
                 return
-            if len(reply) > self.max_reply:
+            # IPv6's header is 20 bytes longer than IPv4's (RFC 8200 §3).
+            limit = self.max_reply - (IPV6_EXTRA if query.guest_ip is not None else 0)
+            if len(reply) > limit:
                 reply = truncate_response(reply)
                 self._count("dns_truncated")
         except PacketError:
@@ -226,7 +232,13 @@ class DnsRelay:
             return
         self._release(query)
         self._count("dns_replies")
-        self.send_reply(query.sport, reply)
+        self._answer(query, reply)
+
+    def _answer(self, query: _Query, reply: bytes) -> None:
+        if query.guest_ip is None:
+            self.send_reply(query.sport, reply)
+        else:
+            self.send_reply(query.sport, reply, query.guest_ip)
 
     def drop_pending(self) -> None:
         for query in list(self.pending.values()):

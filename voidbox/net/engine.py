@@ -11,6 +11,14 @@ Decisions a reader should know:
   datagram; see packets.Reassembler): a UDP datagram larger than the MTU is legitimate.
 - Frames whose IPv4 source is not the guest's address are dropped (anti-spoofing),
   except DHCP from 0.0.0.0.
+- IPv6 (config.ipv6; voidbox.net.ipv6 parses, voidbox.net.ndp answers Neighbour and
+  Router Discovery, voidbox.net.dhcpv6 stateless DHCPv6): the guest configures itself by
+  SLAAC, so its address is any of the /64 but the NAT's own (fd00::2, fd00::3) and the
+  subnet-router anycast fd00:: (RFC 4291 §2.6.1). A link-local source is the guest's
+  too, for the NAT's own addresses only (they are on the link: flows to fd00::2 and
+  fd00::3 are relayed for it; anything beyond gets ICMPv6 "beyond scope"); the
+  unspecified source only for NDP. Multicast the NAT has no part in (MLD reports, mDNS)
+  is counted and dropped.
 - If voidbox.net.tcp_nat is missing, TCP segments are dropped and counted.
 """
 
@@ -25,13 +33,32 @@ from voidbox.net import limits
 from voidbox.net.arp import ArpResponder
 from voidbox.net.config import NatConfig, parse_mac
 from voidbox.net.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
+from voidbox.net.dhcpv6 import DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, Dhcp6Server
 from voidbox.net.dns import DnsRelay
 from voidbox.net.icmp import IcmpNat
+from voidbox.net.ipv6 import (
+    ALL_DHCP_SERVERS,
+    IPPROTO_ICMPV6,
+    IPV6_MAX_PAYLOAD,
+    UNSPECIFIED,
+    build_ipv6_fragments,
+    build_udp6,
+    fragment_key,
+    ip6_to_bytes,
+    is_link_local,
+    is_multicast,
+    parse_icmpv6,
+    parse_ipv6,
+    parse_udp6,
+    rebuild_reassembled,
+)
+from voidbox.net.ndp import ND_ROUTER_SOLICIT, NDP_TYPES, RA_INTERVAL, NdpResponder
 from voidbox.net.packets import (
     ETH_BROADCAST,
     ETH_HLEN,
     ETH_P_ARP,
     ETH_P_IP,
+    ETH_P_IPV6,
     ICMP_PORT_UNREACH,
     IPPROTO_ICMP,
     IPPROTO_TCP,
@@ -55,6 +82,7 @@ from .._lazylog import get_logger
 log = get_logger(__name__)
 
 DNS_PORT = 53
+IPV6_VERSION_NIBBLE = 6  # the version field, the high 4 bits of an IP packet's first byte
 INADDR_ANY = b"\x00" * 4
 # Ethernet multicast: the group bit is the low bit of the first octet (IEEE 802.3 §3.2.3).
 ETH_GROUP_BIT = 0x01
@@ -88,6 +116,19 @@ class Engine:
         self.icmp = IcmpNat(loop, config, self.policy, self.send_ip, self.counters)
         self.reassembler = Reassembler()
         self.closed = False
+        self._ra_timer = None
+        self._frag6_ident = 0
+        self.ndp = self.dhcp6 = None
+        if config.ipv6:
+            self.ndp = NdpResponder(config, self.counters)
+            self.dhcp6 = Dhcp6Server(config, self.counters)
+            self.reassembler6 = Reassembler()
+            self.gateway_ip6 = ip6_to_bytes(config.gateway_ip6)
+            self.dns_ip6 = ip6_to_bytes(config.dns_ip6)
+            self.router_ll6 = ip6_to_bytes(config.router_ll6)
+            self.subnet_anycast6 = ip6_to_bytes(config.prefix6)
+            self.prefix6_64 = self.subnet_anycast6[:8]  # the guest's /64, compared per frame
+            self.local6 = self.ndp.own
         self.tcp = self._make_tcp()
         for fwd in config.forwards:
             self.add_forward(fwd.proto, fwd.host_addr, fwd.host_port, fwd.guest_port)
@@ -133,21 +174,57 @@ class Engine:
     # ------------------------------------------------------------ to the guest
 
     def send_ip(self, packet: bytes) -> None:
-        """Send an IPv4 packet to the guest, framed to its learned MAC."""
+        """Send an IPv4 or IPv6 packet (its version nibble says which) to the guest, framed
+        to its learned MAC."""
         self._count("frames_to_guest")
-        self.send_frame(build_ethernet(self.guest_mac, self.gateway_mac, ETH_P_IP, packet))
+        ethertype = ETH_P_IPV6 if packet[0] >> 4 == IPV6_VERSION_NIBBLE else ETH_P_IP
+        self.send_frame(build_ethernet(self.guest_mac, self.gateway_mac, ethertype, packet))
 
     def send_ip_buf(self, buf: bytearray, n: int) -> None:
-        """Send the IPv4 packet buf[ETH_HLEN:ETH_HLEN + n] to the guest; the Ethernet header
-        is written into buf[:ETH_HLEN], so the frame is never copied to be framed."""
+        """Send the IPv4 or IPv6 packet buf[ETH_HLEN:ETH_HLEN + n] to the guest; the
+        Ethernet header is written into buf[:ETH_HLEN], so the frame is never copied to be
+        framed."""
         self._count("frames_to_guest")
-        buf[:ETH_HLEN] = self._guest_eth_header()
+        buf[:ETH_HLEN] = self._guest_eth_header(buf[ETH_HLEN] >> 4 == IPV6_VERSION_NIBBLE)
         frame = memoryview(buf)[:ETH_HLEN + n]
         self.send_frame(frame if self.borrow else bytes(frame))
 
-    def _dns_reply(self, guest_port: int, payload: bytes) -> None:
+    def send_ip6(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
+        """Send an IPv6 packet to the guest, in fragments if it exceeds the MTU (RFC 8200
+        §4.5: the NAT is the source of what it builds, so it may fragment)."""
+        self._frag6_ident = (self._frag6_ident + 1) & 0xFFFFFFFF
+        for pkt in build_ipv6_fragments(src, dst, proto, payload, self.config.mtu,
+                                        self._frag6_ident):
+            self.send_ip(pkt)
+
+    def _dns_reply(self, guest_port: int, payload: bytes, guest_ip: bytes | None = None) -> None:
+        """A DNS answer to the guest; guest_ip is the IPv6 address that asked fd00::3 (None:
+        the query came over IPv4)."""
+        if guest_ip is not None:
+            udp = build_udp6(self.dns_ip6, guest_ip, DNS_PORT, guest_port, payload)
+            self.send_ip6(self.dns_ip6, guest_ip, IPPROTO_UDP, udp)
+            return
         udp = build_udp(self.dns_ip, self.guest_ip, DNS_PORT, guest_port, payload)
         self.send_ip(build_ipv4(self.dns_ip, self.guest_ip, IPPROTO_UDP, udp))
+
+    def link_up(self) -> None:
+        """The guest's link is up (net run: the TAP is open): send an unsolicited router
+        advertisement now and every RA_INTERVAL (RFC 4861 §6.2.4), so a guest that
+        configured itself keeps its default route and its DNS server.
+
+        A VM's card does not call this (a frame before the driver is up is dropped, and a
+        guest that never speaks IPv6 wants no multicast): there the guest's first router
+        solicitation, answered at once, starts the periodic advertisements."""
+        if self.ndp is None or self.closed:
+            return
+        self._count("frames_to_guest")
+        self.send_frame(self.ndp.advertisement())
+        self._arm_ra()
+
+    def _arm_ra(self) -> None:
+        if self._ra_timer is not None:
+            self._ra_timer.cancel()
+        self._ra_timer = self.loop.call_at(self.loop.time() + RA_INTERVAL, self.link_up)
 
     # ------------------------------------------------------------ from the guest
 
@@ -157,8 +234,8 @@ class Engine:
         if self.tcp is not None:
             self.tcp.set_stream_port(port, self._guest_eth_header, blocked)
 
-    def _guest_eth_header(self) -> bytes:
-        return _ETH_HDR.pack(self.guest_mac, self.gateway_mac, ETH_P_IP)
+    def _guest_eth_header(self, ipv6: bool = False) -> bytes:
+        return _ETH_HDR.pack(self.guest_mac, self.gateway_mac, ETH_P_IPV6 if ipv6 else ETH_P_IP)
 
     def guest_frame(self, frame: bytes | memoryview, csum_verified: bool = False) -> None:
         """One Ethernet frame from the guest. Malformed frames are counted and dropped.
@@ -176,6 +253,8 @@ class Engine:
                 self._arp(payload)
             elif eth.ethertype == ETH_P_IP:
                 self._ipv4(eth.src, payload, csum_verified)
+            elif eth.ethertype == ETH_P_IPV6 and self.ndp is not None:
+                self._ipv6(eth.src, payload, csum_verified)
             else:
                 self._count("eth_unsupported_type")
         except PacketError as e:
@@ -237,6 +316,103 @@ class Engine:
         else:
             self._count("ip_unsupported_proto")
 
+    def _ipv6(self, eth_src: bytes, packet: memoryview, csum_verified: bool) -> None:
+        ip, payload = parse_ipv6(packet)
+        self._count("ip6_in")
+        if ip.is_fragment:
+            self._count("ip6_fragments_in")
+            whole = self.reassembler6.push_piece(fragment_key(ip), ip.frag_offset, ip.frag_more,
+                                                 payload, self.loop.time(), IPV6_MAX_PAYLOAD)
+            self.counters["ip6_reassembly_dropped"] = self.reassembler6.dropped
+            if whole is None:
+                return
+            self._count("ip6_reassembled")
+            csum_verified = False  # the whole datagram's checksum was never vouched for
+            packet = memoryview(rebuild_reassembled(ip, whole))
+            ip, payload = parse_ipv6(packet)
+            if ip.is_fragment:
+                self._count("ip6_nested_fragment")
+                return
+        src, dst = ip.src, ip.dst
+        # The guest's own addresses: its /64 but the NAT's own and the anycast address.
+        guest_src = (src[:8] == self.prefix6_64 and src not in self.local6
+                     and src != self.subnet_anycast6)
+        if not guest_src and not (src == UNSPECIFIED or is_link_local(src)):
+            self._count("ip6_spoofed_source")
+            return
+        if ip.proto == IPPROTO_ICMPV6:
+            hdr, body = parse_icmpv6(src, dst, payload)
+            self._count("icmp6_in")
+            if hdr.type in NDP_TYPES:
+                frames, learned = self.ndp.handle(eth_src, ip, hdr, body)
+                if learned is not None:
+                    self.guest_mac = learned
+                for frame in frames:
+                    self._count("frames_to_guest")
+                    self.send_frame(frame)
+                if hdr.type == ND_ROUTER_SOLICIT and frames and self._ra_timer is None:
+                    self._arm_ra()  # this guest speaks IPv6: keep its router alive
+                return
+            if dst in self.local6 and src != UNSPECIFIED:
+                self.guest_mac = eth_src
+                self.icmp.local_echo6(src, dst, hdr, body)
+                return
+        elif (ip.proto == IPPROTO_UDP and dst in (ALL_DHCP_SERVERS, self.router_ll6)
+              and src != UNSPECIFIED):
+            hdr, data = parse_udp6(src, dst, payload, verify=not csum_verified)
+            if hdr[1] == DHCPV6_SERVER_PORT and hdr[0] == DHCPV6_CLIENT_PORT:
+                self._dhcp6(eth_src, src, data)
+                return
+        if is_multicast(dst):
+            self._count("ip6_multicast_ignored")  # MLD reports, mDNS, ...: not for a NAT
+            return
+        packet = packet[:40 + ip.payload_length]
+        if not guest_src:
+            if src == UNSPECIFIED:
+                self._count("ip6_spoofed_source")
+                return
+            # A link-local source (RFC 6724 rule 2: a guest whose global address is still
+            # tentative, during DAD, picks it even for fd00::2) reaches the NAT's own
+            # addresses, which are on the link; nothing beyond it (RFC 4007 §9: such a
+            # packet is never forwarded). Beyond: ICMPv6 "beyond scope of source address"
+            # (RFC 4443 §3.1), so the guest's connect fails now instead of timing out.
+            if dst not in self.local6:
+                self._count("ip6_link_local_beyond_scope")
+                self.icmp.beyond_scope6(src, dst, packet)
+                return
+        self.guest_mac = eth_src
+        if ip.proto == IPPROTO_TCP:
+            if self.tcp is None:
+                self._count("tcp_dropped_no_stack")
+                return
+            self._count("tcp6_in")
+            self.tcp.guest_segment(src, dst, payload, csum_verified)
+        elif ip.proto == IPPROTO_UDP:
+            hdr, data = parse_udp6(src, dst, payload, verify=not csum_verified)
+            self._count("udp6_in")
+            if dst == self.dns_ip6:
+                if hdr[1] == DNS_PORT:
+                    self.dns.guest_query(hdr[0], data, guest_ip=src)
+                else:
+                    self._count("udp_dns_address_other_port")
+                    self.udp.unreachable6(src, dst, packet)
+            else:
+                self.udp.guest_datagram(dst, hdr[0], hdr[1], data, packet, guest_src=src)
+        elif ip.proto == IPPROTO_ICMPV6:
+            self.icmp.guest_icmp6(src, dst, hdr, body, packet)
+        else:
+            self._count("ip6_unsupported_proto")
+
+    def _dhcp6(self, eth_src: bytes, src: bytes, data: memoryview) -> None:
+        self._count("dhcp6_in")
+        reply = self.dhcp6.handle(data)
+        if reply is None:
+            return
+        self.guest_mac = bytes(eth_src)
+        # RFC 8415 §18.3.10: the Reply goes to the client's link-local address, port 546.
+        udp = build_udp6(self.router_ll6, src, DHCPV6_SERVER_PORT, DHCPV6_CLIENT_PORT, reply)
+        self.send_ip6(self.router_ll6, src, IPPROTO_UDP, udp)
+
     def _dhcp(self, eth_src: bytes, ip, segment: memoryview) -> None:
         hdr, data = parse_udp(ip.src, ip.dst, segment)
         if hdr.dport != DHCP_SERVER_PORT:
@@ -265,12 +441,17 @@ class Engine:
         self.icmp.drop_flows()
         self.dns.drop_pending()
         self.reassembler = Reassembler()
+        if self.ndp is not None:
+            self.reassembler6 = Reassembler()
 
     def close(self) -> None:
         """Close every flow (TCP is reset both ways) and listener; safe to call again."""
         if self.closed:
             return
         self.closed = True
+        if self._ra_timer is not None:
+            self._ra_timer.cancel()
+            self._ra_timer = None
         if self.tcp is not None:
             self.tcp.close()
         self.udp.close()

@@ -25,14 +25,24 @@ seq_diff = impl.seq_diff
 inet_checksum = impl.inet_checksum
 tcp_checksum = impl.tcp_checksum
 build_ipv4_tcp = impl.build_ipv4_tcp
+build_ipv6_tcp = impl.build_ipv6_tcp
 FramePort = impl.FramePort
 STREAM_MORE = impl.STREAM_MORE
 STREAM_DRAINED = impl.STREAM_DRAINED
 STREAM_EOF = impl.STREAM_EOF
 STREAM_BLOCKED = impl.STREAM_BLOCKED
 
+
+
+def build_ip_tcp(out, src_ip, dst_ip, *args) -> int:
+    """build_ipv4_tcp, or build_ipv6_tcp for 16-byte addresses (same arguments; IPv6 has
+    no IP identification to use)."""
+    build = build_ipv6_tcp if len(src_ip) == 16 else build_ipv4_tcp
+    return build(out, src_ip, dst_ip, *args)
+
+
 __all__ = [
     "COMPILED", "FramePort", "STREAM_BLOCKED", "STREAM_DRAINED", "STREAM_EOF", "STREAM_MORE",
-    "build_ipv4_tcp", "impl", "inet_checksum", "seq_add", "seq_diff", "seq_ge",
+    "build_ip_tcp", "build_ipv4_tcp", "build_ipv6_tcp", "impl", "inet_checksum", "seq_add", "seq_diff", "seq_ge",
     "seq_gt", "seq_le", "seq_lt", "tcp_checksum",
 ]

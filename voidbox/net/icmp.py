@@ -1,10 +1,15 @@
-"""ICMP echo for the guest (RFC 792).
+"""ICMP echo for the guest (RFC 792), and ICMPv6 echo (RFC 4443 §4) the same way.
 
 Echo requests to the gateway and DNS addresses are answered here. Others, when the
 policy allows them, go out through an unprivileged ping socket (SOCK_DGRAM/IPPROTO_ICMP,
 allowed by net.ipv4.ping_group_range), else a raw socket (CAP_NET_RAW), else the guest
 gets ICMP host unreachable and the user one warning. Errors from the host come back
 through IP_RECVERR (ping sockets) or the raw socket and are reflected to the guest.
+
+ICMPv6 takes the same path with the IPv6 sockets (SOCK_DGRAM/IPPROTO_ICMPV6 ping sockets,
+which the same ping_group_range allows, then SOCK_RAW/IPPROTO_ICMPV6; the two families
+are probed apart). An IPv6 flow also remembers which of the guest's addresses asked: a
+SLAAC guest has several.
 """
 
 from __future__ import annotations
@@ -17,6 +22,25 @@ from collections.abc import Callable
 
 from voidbox.eventloop import EventLoop, Timer
 from voidbox.net.config import NatConfig
+from voidbox.net.ipv6 import (
+    ICMPV6_ADDR_UNREACH,
+    ICMPV6_ADM_PROHIBITED,
+    ICMPV6_BEYOND_SCOPE,
+    ICMPV6_DEST_UNREACH,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    ICMPV6_HLEN,
+    ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_TIME_EXCEEDED,
+    IPPROTO_ICMPV6,
+    IPV6_HLEN,
+    build_icmpv6,
+    build_ipv6_fragments,
+    icmpv6_error_quote,
+    ip6_to_bytes,
+    ip6_to_str,
+    is_multicast,
+)
 from voidbox.net.limits import Exhaustion
 from voidbox.net.packets import (
     ICMP_DEST_UNREACH,
@@ -39,7 +63,13 @@ from voidbox.net.packets import (
     parse_ipv4,
 )
 from voidbox.net.policy import Policy
-from voidbox.net.udp import IP_RECVERR, is_unicast_destination, parse_recverr
+from voidbox.net.udp import (
+    IP_RECVERR,
+    IPV6_RECVERR,
+    is_unicast_destination,
+    parse_recverr,
+    parse_recverr6,
+)
 
 from .._lazylog import get_logger
 
@@ -49,6 +79,7 @@ ICMP_MAX_MESSAGE = 65535
 ICMP_BATCH = 64
 ID_SPACE = 0x10000
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(16 + 16)
+ERRQUEUE_CMSG_SPACE6 = socket.CMSG_SPACE(16 + 28)  # sock_extended_err + sockaddr_in6
 # Destinations whose reachability and host address are remembered; cleared when full.
 DEST_MEMO_MAX = 4096
 
@@ -60,11 +91,16 @@ def echo_reply(guest_ip: bytes, responder_ip: bytes, ident: int, seq: int,
                       build_icmp(ICMP_ECHOREPLY, 0, (ident << 16) | seq, data))
 
 
+_ECHO6 = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence (RFC 4443 §4.1)
+
+
 class _Flow:
     __slots__ = ("key", "sock", "guest_dst", "host_dst", "guest_id", "host_id", "last_active",
-                 "timer", "quote")
+                 "timer", "quote", "guest_src")
 
-    def __init__(self, key, guest_dst: bytes, host_dst: bytes, guest_id: int):
+    def __init__(self, key, guest_dst: bytes, host_dst: bytes, guest_id: int,
+                 guest_src: bytes = b""):
+        self.guest_src = guest_src  # IPv6: the guest address that sent the echo
         self.key = key
         self.sock: socket.socket | None = None
         self.guest_dst = guest_dst
@@ -94,8 +130,12 @@ class IcmpNat:
         self.raw_ids: dict[int, _Flow] = {}
         self.mode: str | None = None  # "ping", "raw" or "none", probed on first use
         self.raw: socket.socket | None = None
+        self.mode6: str | None = None  # the same, for ICMPv6
+        self.raw6: socket.socket | None = None
+        self._frag_ident6 = 0
         self._next_id = 1
         self._warned = False
+        self._warned6 = False
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -188,6 +228,8 @@ class IcmpNat:
         CAP_NET_RAW by then. As root this opens the raw fallback at start."""
         if self.mode is None:
             self._probe()
+        if self.mode6 is None and self.config.ipv6:
+            self._probe6()
 
     def _probe(self) -> None:
         try:
@@ -350,6 +392,229 @@ class IcmpNat:
                 if flow is not None and flow.host_dst == inner_dst:
                     self._reflect_error(flow, hdr.type, hdr.code, ip.src)
 
+    # ------------------------------------------------------------ ICMPv6 (RFC 4443)
+
+    def send_ip6(self, src: bytes, dst: bytes, message: bytes) -> None:
+        """An ICMPv6 message to the guest, in fragments past the MTU (RFC 8200 §4.5)."""
+        self._frag_ident6 = (self._frag_ident6 + 1) & 0xFFFFFFFF
+        for pkt in build_ipv6_fragments(src, dst, IPPROTO_ICMPV6, message, self.config.mtu,
+                                        self._frag_ident6):
+            self.send_ip(pkt)
+
+    def local_echo6(self, guest: bytes, local: bytes, hdr, data: memoryview) -> None:
+        """An ICMPv6 message to one of the NAT's own addresses: echo is answered."""
+        if hdr.type != ICMPV6_ECHO_REQUEST or hdr.code != 0:
+            self._count("icmp6_ignored_type")
+            return
+        self._count("icmp6_echo_local")
+        self.send_ip6(local, guest, build_icmpv6(local, guest, ICMPV6_ECHO_REPLY, 0, hdr.rest, data))
+
+    def _unreachable6(self, src: bytes, guest: bytes, code: int, packet: bytes | memoryview) -> None:
+        self._count("icmp6_unreachable_sent")
+        self.send_ip6(src, guest, build_icmpv6(src, guest, ICMPV6_DEST_UNREACH, code, 0,
+                                               icmpv6_error_quote(packet)))
+
+    def beyond_scope6(self, guest: bytes, dst: bytes, packet: bytes | memoryview) -> None:
+        """A guest packet from its link-local address to dst, off the link: destination
+        unreachable, beyond scope of source address (RFC 4443 §3.1 code 2), from the
+        router's link-local address (the source of what the guest sent is link-local)."""
+        self._count("icmp6_unreachable_sent")
+        src = ip6_to_bytes(self.config.router_ll6)
+        self.send_ip6(src, guest, build_icmpv6(src, guest, ICMPV6_DEST_UNREACH,
+                                               ICMPV6_BEYOND_SCOPE, 0,
+                                               icmpv6_error_quote(packet)))
+
+    def _destination6(self, dst: bytes) -> str | None:
+        """The host address an ICMPv6 echo to dst goes to: None for the guest's own /64
+        (but the gateway), link-local and multicast destinations."""
+        try:
+            return self._dest_memo[dst]
+        except KeyError:
+            pass
+        host_ip = None
+        if not is_multicast(dst):
+            text = ip6_to_str(dst)
+            if self.config.host_endpoint(text, 0) is not None or text == self.config.gateway_ip6:
+                host_ip = self.config.translate(text)
+        if len(self._dest_memo) >= DEST_MEMO_MAX:
+            self._dest_memo.clear()
+        self._dest_memo[dst] = host_ip
+        return host_ip
+
+    def guest_icmp6(self, src: bytes, dst: bytes, hdr, data: memoryview,
+                    ip_packet: memoryview) -> None:
+        """A validated ICMPv6 message from the guest address src to an outside dst."""
+        if hdr.type != ICMPV6_ECHO_REQUEST or hdr.code != 0:
+            self._count("icmp6_ignored_type")
+            return
+        ident, seq = hdr.rest >> 16, hdr.rest & 0xFFFF
+        host_ip = self._destination6(dst)
+        if host_ip is None:
+            self._unreachable6(dst, src, ICMPV6_ADDR_UNREACH, ip_packet)
+            return
+        if not self.policy.allows("icmp", host_ip, None, guest_dst=ip6_to_str(dst)):
+            self._count("icmp_denied")
+            self._unreachable6(dst, src, ICMPV6_ADM_PROHIBITED, ip_packet)
+            return
+        key = (dst, ident)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._open6(key, dst, ip6_to_bytes(host_ip), ident, src, ip_packet)
+            if flow is None:
+                return
+        flow.last_active = self.loop.time()
+        flow.guest_src = src
+        flow.quote = icmpv6_error_quote(ip_packet)
+        # Both kinds of socket compute the ICMPv6 checksum themselves (RFC 3542 §3.1 for
+        # raw ones); a ping socket also puts in its own identifier.
+        msg = _ECHO6.pack(ICMPV6_ECHO_REQUEST, 0, 0, flow.host_id, seq) + bytes(data)
+        try:
+            if flow.sock is not None:
+                flow.sock.send(msg)
+            else:
+                self.raw6.sendto(msg, (ip6_to_str(flow.host_dst), 0))
+        except BlockingIOError:
+            self._count("icmp_tx_dropped")
+            return
+        except OSError:
+            self._count("icmp_tx_error")
+            return
+        self._count("icmp6_echo_tx")
+
+    def _probe6(self) -> None:
+        try:
+            socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6).close()
+            self.mode6 = "ping"
+            return
+        except OSError:
+            pass
+        try:
+            self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                      | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMPV6)
+        except OSError:
+            self.mode6 = "none"
+            return
+        self.mode6 = "raw"
+        self.loop.watch(self.raw6.fileno(), select.EPOLLIN, self._raw_event6)
+
+    def _open6(self, key, guest_dst: bytes, host_dst: bytes, ident: int, guest_src: bytes,
+               packet: memoryview) -> _Flow | None:
+        if self.mode6 is None:
+            self._probe6()
+        if self.mode6 == "none":
+            if not self._warned6:
+                self._warned6 = True
+                log.warning("ICMPv6 echo to outside hosts is unavailable: no ping socket "
+                            "(net.ipv4.ping_group_range) and no CAP_NET_RAW; guests get "
+                            "address unreachable")
+            self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet)
+            return None
+        if len(self.flows) >= self.config.max_flows:
+            self._count("icmp_dropped_flow_limit")
+            return None
+        flow = _Flow(key, guest_dst, host_dst, ident, guest_src)
+        if self.mode6 == "ping":
+            try:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMPV6)
+            except OSError as e:
+                self.exhaustion.refused("ICMPv6 echo flow", e)
+                self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet)
+                return None
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+                sock.connect((ip6_to_str(host_dst), 0))
+            except OSError:
+                sock.close()
+                self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet)
+                return None
+            flow.sock = sock
+            self.loop.watch(sock.fileno(), select.EPOLLIN, lambda ev, f=flow: self._ping_event6(f, ev))
+        else:
+            host_id = self._alloc_id()
+            if host_id is None:
+                self._count("icmp_dropped_flow_limit")
+                return None
+            flow.host_id = host_id
+            self.raw_ids[host_id] = flow
+        self.flows[key] = flow
+        flow.last_active = self.loop.time()
+        self._arm(flow)
+        self._count("icmp6_flows_opened")
+        return flow
+
+    def _reply_to_guest6(self, flow: _Flow, seq: int, data: bytes | memoryview) -> None:
+        flow.last_active = self.loop.time()
+        self._count("icmp6_echo_rx")
+        src = flow.guest_dst
+        self.send_ip6(src, flow.guest_src, build_icmpv6(src, flow.guest_src, ICMPV6_ECHO_REPLY, 0,
+                                                        (flow.guest_id << 16) | seq, data))
+
+    def _reflect_error6(self, flow: _Flow, etype: int, code: int, info: int,
+                        offender: bytes | None) -> None:
+        if not flow.quote:
+            return
+        src = flow.guest_dst if offender in (None, flow.host_dst) else offender
+        rest = info if etype == ICMPV6_PACKET_TOO_BIG else 0
+        self._count("icmp6_error_reflected")
+        self.send_ip6(src, flow.guest_src, build_icmpv6(src, flow.guest_src, etype, code, rest,
+                                                        flow.quote))
+
+    def _ping_event6(self, flow: _Flow, events: int) -> None:
+        if flow.sock is None:
+            return
+        if events & select.EPOLLERR:
+            for _ in range(ICMP_BATCH):
+                try:
+                    _d, anc, _f, _a = flow.sock.recvmsg(ICMP_MAX_MESSAGE, ERRQUEUE_CMSG_SPACE6,
+                                                        socket.MSG_ERRQUEUE)
+                except OSError:
+                    break
+                err = parse_recverr6(anc)
+                if err is not None:
+                    self._reflect_error6(flow, *err)
+        for _ in range(ICMP_BATCH):
+            try:
+                msg = flow.sock.recv(ICMP_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            if len(msg) < ICMPV6_HLEN or msg[0] != ICMPV6_ECHO_REPLY:
+                continue
+            self._reply_to_guest6(flow, struct.unpack_from("!H", msg, 6)[0],
+                                  memoryview(msg)[ICMPV6_HLEN:])
+
+    def _raw_event6(self, events: int) -> None:
+        # An ICMPv6 raw socket delivers the message without the IPv6 header (RFC 3542 §3),
+        # its checksum already verified by the kernel; the peer is the address.
+        for _ in range(ICMP_BATCH):
+            try:
+                msg, addr = self.raw6.recvfrom(ICMP_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            if len(msg) < ICMPV6_HLEN:
+                continue
+            peer = ip6_to_bytes(addr[0].partition("%")[0])
+            typ, code, _c, hi, lo = _ECHO6.unpack_from(msg)
+            if typ == ICMPV6_ECHO_REPLY:
+                flow = self.raw_ids.get(hi)
+                if flow is not None and flow.guest_src and flow.host_dst == peer:
+                    self._reply_to_guest6(flow, lo, memoryview(msg)[ICMPV6_HLEN:])
+            elif typ in (ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED):
+                # The quote is our echo request: IPv6 header, then the ICMPv6 echo header.
+                inner = ICMPV6_HLEN
+                if len(msg) < inner + IPV6_HLEN + ICMPV6_HLEN or msg[inner + 6] != IPPROTO_ICMPV6:
+                    continue
+                inner_dst = bytes(msg[inner + 24:inner + 40])
+                inner_id = struct.unpack_from("!H", msg, inner + IPV6_HLEN + 4)[0]
+                flow = self.raw_ids.get(inner_id)
+                if flow is not None and flow.guest_src and flow.host_dst == inner_dst:
+                    info = (hi << 16) | lo
+                    self._reflect_error6(flow, typ, code, info, peer)
+
     def drop_flows(self) -> None:
         for flow in list(self.flows.values()):
             self._close_flow(flow)
@@ -360,3 +625,7 @@ class IcmpNat:
             self.loop.unwatch(self.raw.fileno())
             self.raw.close()
             self.raw = None
+        if self.raw6 is not None:
+            self.loop.unwatch(self.raw6.fileno())
+            self.raw6.close()
+            self.raw6 = None

@@ -131,9 +131,15 @@ def bind_file(source: str, target: str) -> None:
     mount(source, target, None, MS_BIND)
 
 
+IFA_F_NODAD = 0x02  # linux/if_addr.h: the address is usable at once, no DAD probes
+
+
 def configure_interface(ifname: str, mac: str, mtu: int, address: str | None, prefixlen: int,
-                        gateway: str | None) -> None:
-    """Bring lo and ifname up with mac and mtu; add an address and default route if asked."""
+                        gateway: str | None, address6: str | None = None,
+                        prefixlen6: int = 64, gateway6: str | None = None) -> None:
+    """Bring lo and ifname up with mac and mtu; add an address and default route if asked,
+    and an IPv6 address (without duplicate address detection: nothing else can be on the
+    link, and DAD would hold the address back for a second) and IPv6 default route."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -143,9 +149,14 @@ def configure_interface(ifname: str, mac: str, mtu: int, address: str | None, pr
         ipr.link("set", index=idx, mtu=mtu, address=mac)
         if address is not None:
             ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+        if address6 is not None:
+            ipr.addr("add", index=idx, address=address6, prefixlen=prefixlen6,
+                     family=socket.AF_INET6, flags=IFA_F_NODAD)
         ipr.link("set", index=idx, state="up")
         if gateway is not None:
             ipr.route("add", dst="default", gateway=gateway, oif=idx)
+        if gateway6 is not None:
+            ipr.route("add", dst="::/0", gateway=gateway6, oif=idx, family=socket.AF_INET6)
 
 
 def send_fd(sock: socket.socket, fd: int, message: bytes = b"T") -> None:

@@ -65,12 +65,22 @@ def parse_rate(value: str | float, what: str) -> float:
 
 
 def parse_dns_upstream(spec: str) -> tuple[str, int]:
-    """'IP' or 'IP:PORT' -> (ip, port)."""
-    host, sep, port = spec.partition(":")
+    """'IP', 'IP:PORT', 'IPV6' or '[IPV6]:PORT' -> (ip, port)."""
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"bad DNS upstream {spec!r}: expected IP[:PORT] or [IPV6]:PORT")
+        sep, port = rest[:1], rest[1:]
+    elif spec.count(":") > 1:
+        host, sep, port = spec, "", ""
+    else:
+        host, sep, port = spec.partition(":")
     try:
-        ipaddress.IPv4Address(host)
+        host = str(ipaddress.ip_address(host))
     except ValueError:
-        raise UsageError(f"bad DNS upstream {spec!r}: expected IPV4[:PORT]") from None
+        raise UsageError(f"bad DNS upstream {spec!r}: expected IP[:PORT] or [IPV6]:PORT") from None
+    if "%" in host:
+        raise UsageError(f"bad DNS upstream {spec!r}: a zone index is not supported")
     num = parse_int(port, "port", 1, MAX_PORT, where=f" in DNS upstream {spec!r}") if sep else DNS_PORT
     return host, num
 
@@ -78,12 +88,13 @@ def parse_dns_upstream(spec: str) -> tuple[str, int]:
 def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), deny=(),
                         dns_upstreams=(), max_flows: str | int | None = None,
                         max_conn_rate: str | float | None = None,
-                        host_loopback: bool = False) -> tuple[NatConfig, Policy]:
+                        host_loopback: bool = False,
+                        ipv6: bool = True) -> tuple[NatConfig, Policy]:
     """The NAT configuration and policy for `voidbox net run` options (strings as typed;
     numbers are plain decimal, see voidbox.net.options). None leaves NatConfig's default."""
     from voidbox.net.policy import Policy, parse_forward  # policy imports this module
 
-    config = NatConfig()
+    config = NatConfig(ipv6=bool(ipv6))
     if mtu is not None:
         config.mtu = parse_int(mtu, "--mtu", MIN_MTU, MAX_MTU)
     if max_flows is not None:
@@ -96,7 +107,8 @@ def config_from_options(mtu: str | int | None = None, forwards=(), allow=(), den
         # A second bind of one protocol's host port would fail, or with SO_REUSEADDR steal
         # the first's traffic; 0.0.0.0 binds every address, so it collides with any.
         for addr, other in taken.get((forward.proto, forward.host_port), ()):
-            if "0.0.0.0" in (addr, forward.host_addr) or addr == forward.host_addr:
+            # "::" binds every IPv6 address and, unless IPV6_V6ONLY, every IPv4 one too.
+            if {"0.0.0.0", "::"} & {addr, forward.host_addr} or addr == forward.host_addr:
                 raise UsageError(f"--forward {other!r} and {spec!r} both take "
                                  f"{forward.proto} port {forward.host_port}")
         taken.setdefault((forward.proto, forward.host_port), []).append((forward.host_addr, spec))

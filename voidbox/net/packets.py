@@ -359,19 +359,25 @@ class Reassembler:
         self.dropped = 0
 
     def push(self, ip: IPv4Header, payload: bytes | memoryview, now: float) -> bytes | None:
+        return self.push_piece((ip.src, ip.dst, ip.proto, ip.ident),
+                               (ip.flags_frag & IP_OFFMASK) * 8, bool(ip.flags_frag & IP_MF),
+                               payload, now, IPV4_MAX_PAYLOAD)
+
+    def push_piece(self, key: tuple, offset: int, more: bool, payload: bytes | memoryview,
+                   now: float, max_payload: int) -> bytes | None:
+        """One fragment of the datagram `key` at byte offset `offset` (more: not the last):
+        the family-independent part, shared with IPv6 (voidbox.net.ipv6, RFC 8200 §4.5,
+        whose fragments follow the same 8-byte rule and whose overlap rule RFC 5722 is)."""
         self.expire(now)
-        key = (ip.src, ip.dst, ip.proto, ip.ident)
         if key in self.discarded:
             self.dropped += 1
             return None
-        offset = (ip.flags_frag & IP_OFFMASK) * 8
-        more = bool(ip.flags_frag & IP_MF)
         if more and (len(payload) % 8 or not payload):
             # Every fragment but the last carries a multiple of 8 bytes (RFC 791 §3.2), and
             # an empty one carries nothing but a way to slip past an overlap check.
             self._discard(key, now)
             return None
-        if offset + len(payload) > IPV4_MAX_PAYLOAD:
+        if offset + len(payload) > max_payload:
             self._discard(key, now)
             return None
         entry = self.pending.get(key)

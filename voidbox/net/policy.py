@@ -16,6 +16,13 @@ The host itself is off limits by default, as a sandbox's should be: its loopback
 /proc/net/fib_trie's local routes) are denied by built-in rules unless `host_loopback`
 (`--host-loopback`) is given; a narrower --allow (`--allow 10.0.2.2:8080`,
 `--allow 192.0.2.5`) opens one of them, a broad one (`--allow 0.0.0.0/0`) does not.
+
+IPv6 is the same with its own addresses: rules take IPv6 CIDRs (`2001:db8::/32`, with
+ports in brackets: `[2001:db8::/32]:80,443`); the gateway fd00::2 leads to the host's ::1,
+denied with 127.0.0.0/8 unless --host-loopback; link-local fe80::/10 is denied as
+169.254.0.0/16 is; the host's own IPv6 addresses are read from /proc/net/if_inet6. An
+IPv4-mapped destination (::ffff:127.0.0.1, which an AF_INET6 socket reaches over IPv4) is
+matched as the IPv4 address it maps too, so no IPv4 rule can be walked around that way.
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ from voidbox.net.options import parse_int
 
 from .._records import dataclass
 
-DEFAULT_DENY = ("169.254.0.0/16",)
+# Link-local: cloud metadata (169.254.169.254) and the host's own links (RFC 4291 §2.5.6).
+DEFAULT_DENY = ("169.254.0.0/16", "fe80::/10")
 # Denied unless --host-loopback: the host's loopback, and (host_addresses()) its own
 # addresses, on which its private services listen as well.
-HOST_DENY = ("127.0.0.0/8",)
+HOST_DENY = ("127.0.0.0/8", "::1/128")
 FIB_TRIE = "/proc/net/fib_trie"
+IF_INET6 = "/proc/net/if_inet6"
 # Verdicts remembered per (address, port): every new flow asks, and parsing the address
 # and walking the rules costs more than the socket set-up. Cleared when full.
 VERDICT_CACHE_MAX = 4096
@@ -43,13 +52,13 @@ MAX_PORT = 65535
 class Rule:
     """One --allow or --deny rule."""
 
-    network: ipaddress.IPv4Network
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
     ports: tuple[tuple[int, int], ...] | None  # inclusive ranges; None means every port
     allow: bool
     user: bool = True
 
-    def matches(self, ip: ipaddress.IPv4Address, port: int | None) -> bool:
-        if ip not in self.network:
+    def matches(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int | None) -> bool:
+        if ip not in self.network:  # False across families
             return False
         if self.ports is None:
             return True
@@ -80,13 +89,34 @@ def _parse_ports(text: str, spec: str) -> tuple[tuple[int, int], ...]:
 
 
 def parse_rule(spec: str, allow: bool, user: bool = True) -> Rule:
-    """'10.0.0.0/8', '1.2.3.4:53', '0.0.0.0/0:80,443,8000-8100' -> Rule."""
-    addr, sep, ports = spec.partition(":")
+    """'10.0.0.0/8', '1.2.3.4:53', '0.0.0.0/0:80,443,8000-8100', '2001:db8::/32',
+    '[::1]:8080' -> Rule. An IPv6 CIDR with ports is bracketed (its colons are its own)."""
+    if spec.startswith("["):
+        addr, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"bad rule {spec!r}: expected [IPV6CIDR]:PORTS")
+        sep, ports = rest[:1], rest[1:]
+        family = ipaddress.IPv6Network
+    elif spec.count(":") > 1:
+        addr, sep, ports = spec, "", ""
+        family = ipaddress.IPv6Network
+    else:
+        addr, sep, ports = spec.partition(":")
+        family = ipaddress.IPv4Network
     try:
-        network = ipaddress.IPv4Network(addr.strip(), strict=False)
+        network = family(addr.strip(), strict=False)
     except ValueError:
-        raise UsageError(f"bad IPv4 CIDR {addr!r} in rule {spec!r}") from None
+        kind = "IPv6" if family is ipaddress.IPv6Network else "IPv4"
+        raise UsageError(f"bad {kind} CIDR {addr!r} in rule {spec!r}") from None
     return Rule(network, _parse_ports(ports, spec) if sep else None, allow, user)
+
+
+def _addresses(text: str) -> list:
+    """The address a rule is matched against, and for an IPv4-mapped IPv6 one
+    (::ffff:a.b.c.d, RFC 4291 §2.5.5.2) the IPv4 address it reaches as well."""
+    addr = ipaddress.ip_address(text)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return [addr, mapped] if mapped is not None else [addr]
 
 
 class Policy:
@@ -106,7 +136,7 @@ class Policy:
         defaults = list(DEFAULT_DENY)
         if not host_loopback:
             defaults += HOST_DENY
-            defaults += [f"{a}/32" for a in self.host_addrs]
+            defaults += [f"{a}/128" if ":" in a else f"{a}/32" for a in self.host_addrs]
         rules = [parse_rule(s, allow=False, user=False) for s in defaults]
         rules += [parse_rule(s, allow=True) for s in allow]
         rules += [parse_rule(s, allow=False) for s in deny]
@@ -124,34 +154,37 @@ class Policy:
         key = (dst_ip, guest_dst, dst_port)  # no rule looks at proto
         verdict = self._verdicts.get(key)
         if verdict is None:
-            ips = [ipaddress.IPv4Address(dst_ip)]
+            ips = _addresses(dst_ip)
             if guest_dst is not None:
-                ips.append(ipaddress.IPv4Address(guest_dst))
+                ips += _addresses(guest_dst)
             verdict = self._decide(ips, dst_port)
             if len(self._verdicts) >= VERDICT_CACHE_MAX:
                 self._verdicts.clear()
             self._verdicts[key] = verdict
         return verdict
 
-    def _decide(self, ips: list[ipaddress.IPv4Address], dst_port: int | None) -> bool:
+    def _decide(self, ips: list, dst_port: int | None) -> bool:
         for rule in self.rules:
             if any(rule.matches(ip, dst_port) for ip in ips):
                 return rule.allow
         return True
 
 
-def host_addresses(trie: str | None = None) -> tuple[str, ...]:
-    """The host's own IPv4 addresses outside 127.0.0.0/8: the /32 local routes of
-    /proc/net/fib_trie, or of `trie` (no netlink socket, no pyroute2 import: this runs at
-    every start)."""
+def host_addresses(trie: str | None = None, if_inet6: str | None = None) -> tuple[str, ...]:
+    """The host's own addresses outside the loopback and link-local ranges (those have
+    rules of their own): IPv4 from the /32 local routes of /proc/net/fib_trie (or `trie`),
+    IPv6 from /proc/net/if_inet6 (or `if_inet6`). No netlink socket, no pyroute2 import:
+    this runs at every start."""
+    if if_inet6 is None and trie is not None:
+        if_inet6 = ""  # a caller who gives the IPv4 table gives the IPv6 one too, or none
+    found = set(_host_addresses6(if_inet6))
     if trie is None:
         try:
             with open(FIB_TRIE) as file:
                 trie = file.read()
         except OSError:
-            return ()
+            return tuple(sorted(found))
     lines = trie.splitlines()
-    found = set()
     for prev, line in zip(lines, lines[1:], strict=False):
         if line.strip() == "/32 host LOCAL":
             addr = prev.strip().lstrip("|-+ ").strip()
@@ -160,9 +193,45 @@ def host_addresses(trie: str | None = None) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def _host_addresses6(if_inet6: str | None) -> list[str]:
+    """IPv6 addresses of /proc/net/if_inet6 (32 hex digits first on each line), but ::1
+    and fe80::/10."""
+    if if_inet6 is None:
+        try:
+            with open(IF_INET6) as file:
+                if_inet6 = file.read()
+        except OSError:
+            return []
+    out = []
+    for line in if_inet6.splitlines():
+        fields = line.split()
+        if not fields or len(fields[0]) != 32:
+            continue
+        try:
+            addr = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+        except ValueError:
+            continue
+        if not (addr.is_loopback or addr.is_link_local):
+            out.append(str(addr))
+    return out
+
+
+def split_host_port(text: str, spec: str) -> list[str]:
+    """'[::1]:8080:80' -> ['::1', '8080', '80']: an IPv6 address in brackets is one field."""
+    if "[" not in text:
+        return text.split(":")
+    head, _, rest = text.partition("[")
+    addr, bracket, tail = rest.partition("]")
+    if not bracket or (head and not head.endswith(":")) or (tail and not tail.startswith(":")):
+        raise UsageError(f"bad {spec!r}: an IPv6 address goes in brackets, [::1]")
+    fields = head.split(":")[:-1] if head else []
+    return [*fields, addr, *(tail[1:].split(":") if tail else [])]
+
+
 def parse_forward(spec: str) -> Forward:
-    """PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, e.g. 'tcp:8080:80', 'udp:127.0.0.1:5353:53'."""
-    parts = spec.split(":")
+    """PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT, e.g. 'tcp:8080:80', 'udp:127.0.0.1:5353:53',
+    'tcp:[::1]:8080:80' (an IPv6 host address in brackets)."""
+    parts = split_host_port(spec, f"forward {spec}")
     if len(parts) not in (3, 4):
         raise UsageError(f"bad forward {spec!r}: expected PROTO:[HOSTADDR:]HOSTPORT:GUESTPORT")
     proto = parts[0].lower()
@@ -170,7 +239,10 @@ def parse_forward(spec: str) -> Forward:
         raise UsageError(f"bad forward {spec!r}: protocol must be tcp or udp")
     host_addr = parts[1] if len(parts) == 4 else HOST_LOOPBACK
     try:
-        ipaddress.IPv4Address(host_addr)
+        addr = ipaddress.ip_address(host_addr)
     except ValueError:
-        raise UsageError(f"bad forward {spec!r}: {host_addr!r} is not an IPv4 address") from None
+        raise UsageError(f"bad forward {spec!r}: {host_addr!r} is not an IP address") from None
+    if addr.version == 6 and "[" not in spec:
+        raise UsageError(f"bad forward {spec!r}: an IPv6 address goes in brackets, [::1]")
+    host_addr = str(addr)
     return Forward(proto, host_addr, _parse_port(parts[-2], spec), _parse_port(parts[-1], spec))

@@ -4,14 +4,16 @@ The way slirp4netns and pasta work: a child process enters new network and mount
 namespaces (and a user namespace when not root), creates a TAP there, passes its fd to
 the parent over a socketpair (SCM_RIGHTS), configures the interface (unless the command
 will use DHCP), bind-mounts a resolv.conf naming the DNS relay over /etc/resolv.conf,
-waits for the parent's go-ahead and execs the command. The parent (the supervisor) forks
+waits for the parent's go-ahead and execs the command. Over IPv6 (unless --no-ipv6) the
+interface also gets fd00::100/64 and a default route via fd00::2, and resolv.conf names
+fd00::3 after 10.0.2.3. The parent (the supervisor) forks
 the NAT process, which serves the TAP with the NAT engine, sandboxed (voidbox.sandbox),
 until the child exits; the supervisor gives the go-ahead once the NAT is ready, relays
 signals, and returns the command's exit status (docs/architecture.md, "net run's
 processes").
 
 With offload (the default) the TAP carries virtio_net_hdr and has checksum and TCPv4
-segmentation offload on (see voidbox.net.tap): the namespace's TCP sends and receives
+(and TCPv6) segmentation offload on (see voidbox.net.tap): the namespace's TCP sends and receives
 64 KiB segments whatever its MTU, and host data goes from socket to TAP in one Cython
 call per burst (FramePort.send_tcp_stream).
 
@@ -39,7 +41,7 @@ from voidbox import sandbox as sandboxing
 from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop
 from voidbox.net import netns
-from voidbox.net.config import NatConfig
+from voidbox.net.config import PREFIX6_LEN, NatConfig
 from voidbox.net.engine import Engine
 
 # The option parsers live in the configuration layer; re-exported for callers of old.
@@ -50,7 +52,7 @@ from voidbox.net.options import (  # noqa: F401
 )
 from voidbox.net.pcap import PcapSpec, PcapWriter
 from voidbox.net.policy import Policy
-from voidbox.net.tap import TapIO, open_tap
+from voidbox.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TapIO, open_tap
 from voidbox.sandbox import describe_exit
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,9 @@ def _run(argv: list[str], config: NatConfig, dhcp: bool, policy: Policy | None, 
     import pyroute2  # noqa: F401
     fd_resolv, resolv_path = tempfile.mkstemp(prefix="voidbox-resolv-", suffix=".conf")
     try:
-        os.write(fd_resolv, f"nameserver {config.dns_ip}\n".encode())
+        # The IPv6 relay second: resolvers ask the first and fall back to the next.
+        servers = [config.dns_ip] + ([config.dns_ip6] if config.ipv6 else [])
+        os.write(fd_resolv, "".join(f"nameserver {ip}\n" for ip in servers).encode())
         os.fchmod(fd_resolv, 0o644)
         os.close(fd_resolv)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -131,13 +135,21 @@ def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path:
             if os.getppid() == 1:  # the parent died before the line above
                 os._exit(EXEC_FAILED)
             netns.enter_namespaces(unprivileged)
-            tap_fd, ifname = open_tap(TAP_NAME, vnet_hdr=offload)
+            # TSO6 as well as TSO4 when the NAT takes IPv6: the namespace's IPv6 TCP then
+            # hands over 64 KiB segments too.
+            offloads = TUN_F_CSUM | TUN_F_TSO4 | (TUN_F_TSO6 if config.ipv6 else 0)
+            tap_fd, ifname = open_tap(TAP_NAME, vnet_hdr=offload, offloads=offloads)
             netns.send_fd(sock, tap_fd, MSG_TAP)
             os.close(tap_fd)
+            # IPv6: a static address too (as for IPv4, unless --dhcp), beside whatever
+            # SLAAC configures from the NAT's router advertisements.
+            static6 = config.ipv6 and not dhcp
             netns.configure_interface(
                 ifname, config.guest_mac, config.mtu,
                 None if dhcp else config.guest_ip, config.netmask_bits,
                 None if dhcp else config.gateway_ip,
+                config.guest_ip6 if static6 else None, PREFIX6_LEN,
+                config.gateway_ip6 if static6 else None,
             )
             if os.path.exists(RESOLV_CONF):
                 netns.bind_file(resolv_path, RESOLV_CONF)
@@ -419,6 +431,7 @@ def _serve(tap_fd: int, command_pidfd: int, report: socket.socket, config: NatCo
         engine = Engine(config, loop, lambda frame: tap.write(frame), policy, borrow=True)
         tap = TapIO(loop, tap_fd, config.mtu, engine.guest_frame, vnet_hdr=offload, pcap=pcap)
         engine.send_frame = tap.write  # from now on without the lambda's extra call
+        engine.link_up()  # the first router advertisement (IPv6), then every RA_INTERVAL
 
         def interface_gone() -> None:
             # `ip link del tap0` in the namespace: no frame can reach the command any more.

@@ -41,9 +41,11 @@ IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
 VIRTIO_NET_HDR_LEN = 10  # the TUN default (TUNSETVNETHDRSZ not needed)
 IP_MAX_PACKET = 0xFFFF  # a GSO super-frame carries one IPv4 packet of at most this
+IPV6_HLEN = 40  # ... or an IPv6 one, whose Payload Length leaves out its header (RFC 8200 §3)
 IFNAMSIZ = 16
 IFREQ_SIZE = 40  # struct ifreq on x86_64
 VLAN_HLEN = 4
@@ -109,7 +111,7 @@ class TapIO:
         self.pcap = pcap
         # One frame per read: the TAP truncates anything longer, and the IPv4 length check
         # then drops it. With TSO on, a frame is one IPv4 packet of up to 64 KiB.
-        payload = IP_MAX_PACKET if vnet_hdr else mtu
+        payload = IP_MAX_PACKET + IPV6_HLEN if vnet_hdr else mtu
         self.port = FramePort(fd, VIRTIO_NET_HDR_LEN if vnet_hdr else 0,
                               payload + ETH_HLEN + 2 * VLAN_HLEN, TAP_READ_BATCH, vnet_hdr)
         self.backlog: collections.deque[bytes] = collections.deque()

@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable
 
 from voidbox.net.fastpath import (
-    build_ipv4_tcp,
+    build_ip_tcp,
     seq_add,
     seq_diff,
     seq_ge,
@@ -71,6 +71,7 @@ TCP_MIN_SND_MSS = 48  # Linux's net.ipv4.tcp_min_snd_mss default
 TCP_MAX_WSCALE = 14  # RFC 7323 §2.3: larger shift counts are treated as 14
 TCP_MAX_WINDOW_FIELD = 0xFFFF
 IPV4_TCP_OVERHEAD = 40  # IPv4 header + TCP header, both without options
+IPV6_TCP_OVERHEAD = 60  # IPv6 header (RFC 8200 §3) + TCP header, without options
 
 # RFC 6298 §2: initial RTO 1 s; §2.4 a minimum of 1 s "SHOULD", 200 ms is what Linux uses
 # and what a relay on a local link can afford; §2.5 a maximum of at least 60 s.
@@ -660,16 +661,16 @@ class TcpCore:
         return out
 
     def emit_data(self, buf, off: int, src_ip, dst_ip, ip_id: int, payload, send) -> int:
-        """Write each segment of the queued run (see send_data) as an IPv4 packet into
-        buf[off:] and call send(buf, length); returns the segments written (IP ids used
-        from ip_id on)."""
+        """Write each segment of the queued run (see send_data) as an IPv4 (or, for 16-byte
+        addresses, IPv6) packet into buf[off:] and call send(buf, length); returns the
+        segments written (IP ids used from ip_id on)."""
         segs = self.data_segments()
         pay = memoryview(payload)
         view = memoryview(buf)[off:]
         for i, (seq, ack, flags, window, start, length) in enumerate(segs):
-            n = build_ipv4_tcp(view, src_ip, dst_ip, (ip_id + i) & 0xFFFF, self.port,
-                               self.guest_port, seq, ack, flags, window, b"",
-                               pay[start:start + length])
+            n = build_ip_tcp(view, src_ip, dst_ip, (ip_id + i) & 0xFFFF, self.port,
+                             self.guest_port, seq, ack, flags, window, b"",
+                             pay[start:start + length])
             self.last_ack = ack
             send(buf, n)
         return len(segs)
@@ -706,7 +707,7 @@ class TcpCore:
         return [e[:6] for e in out]
 
     def emit(self, buf, off: int, src_ip, dst_ip, ip_id: int, clamp: bool, send) -> int:
-        """Write each queued segment as an IPv4 packet into buf[off:] and call
+        """Write each queued segment as an IPv4 (or IPv6) packet into buf[off:] and call
         send(buf, length); returns the segments written (IP ids used from ip_id on).
 
         A pure ACK for new guest data (its ack differs from `last_ack`, its seq is snd_nxt)
@@ -727,8 +728,8 @@ class TcpCore:
             opts = b""
             if flags & SYN:
                 opts = Segment(0, 0, 0, 0, flags, 0, b"", mss, wscale).options()
-            n = build_ipv4_tcp(view, src_ip, dst_ip, (ip_id + sent) & 0xFFFF, self.port,
-                               self.guest_port, seq, ack, flags, window, opts, b"")
+            n = build_ip_tcp(view, src_ip, dst_ip, (ip_id + sent) & 0xFFFF, self.port,
+                             self.guest_port, seq, ack, flags, window, opts, b"")
             sent += 1
             send(buf, n)
         return sent

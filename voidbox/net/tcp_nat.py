@@ -37,6 +37,11 @@ host kernel socket is the buffer:
   guest segment, 9 probes 75 s apart; half-open and unacknowledged-FIN flows after 60 s)
   reset the host connection (SO_LINGER 0) and send the guest a RST.
 - A flow is freed by reference counting as soon as it ends (see _Flow).
+- IPv6 flows are the same flows with 16-byte addresses (flow_key, TcpCore and emit take
+  either): an AF_INET6 host socket, fd00::2 translated to the host's ::1, an MSS 20
+  bytes smaller for the longer header, IPv6 headers and pseudo-header checksums in the
+  segments (the TAP's stream sender writes them too; a port without IPv6 support, a VM
+  card's ring stream, leaves IPv6 flows on the Python path).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from voidbox.net.fastpath import (
     STREAM_BLOCKED,
     STREAM_DRAINED,
     STREAM_EOF,
-    build_ipv4_tcp,
+    FramePort,
+    build_ip_tcp,
     seq_add,
     seq_gt,
     tcp_checksum,
@@ -74,6 +80,7 @@ from voidbox.net.tcp import (
     ACK,
     FIN,
     IPV4_TCP_OVERHEAD,
+    IPV6_TCP_OVERHEAD,
     PSH,
     RST,
     SYN,
@@ -196,9 +203,11 @@ class TcpNat:
         self.policy = policy
         self.config = config
         self.mss = config.mtu - IPV4_TCP_OVERHEAD  # RFC 9293 §3.7.1: MSS excludes both headers
+        self.mss6 = config.mtu - IPV6_TCP_OVERHEAD  # RFC 8200 §3: a 40-byte header
         self.guest_ip = socket.inet_aton(config.guest_ip)
         self.gateway_ip = socket.inet_aton(config.gateway_ip)
         self.dns_ip = socket.inet_aton(config.dns_ip)
+        self.dns_ip6 = socket.inet_pton(socket.AF_INET6, config.dns_ip6)
         self.flows: dict[int, _Flow] = {}  # by flow_key
         self.listeners: dict[int, tuple[socket.socket, int]] = {}
         self.counters: dict[str, int] = {}
@@ -220,22 +229,25 @@ class TcpNat:
         self._turn_queue: list[_Flow] = []  # flows with a coalesced ACK or batched data
         # set_stream_port: host data then goes socket -> frames -> TAP in one Cython call.
         self.stream_port = None
-        self._eth_header: Callable[[], bytes] | None = None
+        self.stream_v6 = False  # whether the stream port writes IPv6 headers too
+        self._eth_header: Callable[[bool], bytes] | None = None
         self._port_blocked: Callable[[], None] | None = None
         self._waiting_port: dict[int, _Flow] = {}  # flows stopped by a full port
         # guest_room() -> frames the guest side takes now without dropping (a NIC's RX
         # backlog room); None: unbounded. At 0 flows wait for port_writable().
         self.guest_room: Callable[[], int] | None = None
 
-    def set_stream_port(self, port, eth_header: Callable[[], bytes],
+    def set_stream_port(self, port, eth_header: Callable[[bool], bytes],
                         blocked: Callable[[], None]) -> None:
         """Send host data straight to `port` (a FramePort) with port.send_tcp_stream.
 
-        eth_header() gives the Ethernet header of a frame to the guest (its MAC may change);
+        eth_header(ipv6) gives the Ethernet header of a frame to the guest (its MAC may
+        change; the EtherType follows the family);
         blocked() asks to be told, through port_writable(), when the port takes frames again.
         Without SO_PEEK_OFF (old kernels) the Python path stays in use.
         """
         self.stream_port = port
+        self.stream_v6 = isinstance(port, FramePort)
         self._eth_header = eth_header
         self._port_blocked = blocked
 
@@ -263,8 +275,8 @@ class TcpNat:
     def flow_stats(self) -> list[dict]:
         """Per-flow counters: addresses, state, bytes each way, retransmissions."""
         return [{
-            "guest": (socket.inet_ntoa(f.guest_ip), f.core.guest_port),
-            "remote": (socket.inet_ntoa(f.remote_ip), f.core.port),
+            "guest": (_ntop(f.guest_ip), f.core.guest_port),
+            "remote": (_ntop(f.remote_ip), f.core.port),
             "state": f.core.state.value,
             "bytes_up": f.bytes_up,
             "bytes_down": f.bytes_down,
@@ -377,7 +389,8 @@ class TcpNat:
         if not self._rate_ok(now):
             self._refuse(seg, guest_ip, remote_ip, "tcp_rate_limited")
             return
-        visible = socket.inet_ntoa(remote_ip)
+        v6 = len(remote_ip) == 16
+        visible = _ntop(remote_ip)
         endpoint = self.config.host_endpoint(visible, dport)
         if endpoint is None:
             # Another address of the guest's subnet, or the DNS address off port 53.
@@ -385,12 +398,15 @@ class TcpNat:
             return
         host_ip, host_port = endpoint
         # DNS over TCP is the NAT's own service, as over UDP: the policy does not apply.
-        if remote_ip != self.dns_ip and not self.policy.allows("tcp", host_ip, host_port,
-                                                               guest_dst=visible):
+        if remote_ip not in (self.dns_ip, self.dns_ip6) and not self.policy.allows(
+                "tcp", host_ip, host_port, guest_dst=visible):
             self._refuse(seg, guest_ip, remote_ip, "tcp_denied")
             return
+        # The host socket's family is the host endpoint's: fd00::3:53 may be relayed to an
+        # IPv4 upstream, and the guest's family stays what it sent.
+        family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC)
         except OSError as e:  # EMFILE and the like: refuse now, the guest is not left hanging
             self.exhaustion.refused("TCP connection", e)
@@ -410,9 +426,11 @@ class TcpNat:
             # instead of after an epoll register, a wait and a modify.
             err = 0
             self._count("tcp_connect_immediate")
-        core = TcpCore(seg.dst_port, seg.src_port, self._iss(), mss=self.mss, wscale=WSCALE,
-                       **self.flow_kw)
+        core = TcpCore(seg.dst_port, seg.src_port, self._iss(),
+                       mss=self.mss6 if v6 else self.mss, wscale=WSCALE, **self.flow_kw)
         core.open_passive(tcp, now)
+        if v6:
+            self._count("tcp6_flows_opened")
         f = self._register(key, core, sock, guest_ip, remote_ip)
         self._count("tcp_flows_opened")
         if err == 0:
@@ -591,7 +609,8 @@ class TcpNat:
                     if f.peek_off != off:
                         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off)
                         f.peek_off = off
-                    if self.stream_port is not None and core.fin_seq is None:
+                    if (self.stream_port is not None and core.fin_seq is None
+                            and (self.stream_v6 or len(f.remote_ip) == 4)):
                         n = self._stream(f, min(budget, PUMP_CAP - sent), now)
                         if n <= 0:
                             return
@@ -651,7 +670,8 @@ class TcpNat:
         core = f.core
         ack = core.rcv_nxt
         sent, peeked, frames, status = self.stream_port.send_tcp_stream(
-            f.fd, self._eth_header(), f.remote_ip, f.guest_ip, core.port, core.guest_port,
+            f.fd, self._eth_header(True) if len(f.remote_ip) == 16 else self._eth_header(),
+            f.remote_ip, f.guest_ip, core.port, core.guest_port,
             core.snd_nxt, ack, core.window_field(), core.snd_mss, budget,
             (self._ip_id + 1) & 0xFFFF)
         self._ip_id = (self._ip_id + frames) & 0xFFFF
@@ -842,7 +862,7 @@ class TcpNat:
     def _send(self, src_ip: bytes, dst_ip: bytes, seg: Segment) -> None:
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         opts = seg.options() if seg.flags & SYN else b""
-        n = build_ipv4_tcp(self._pkt_ip, src_ip, dst_ip, self._ip_id, seg.src_port,
+        n = build_ip_tcp(self._pkt_ip, src_ip, dst_ip, self._ip_id, seg.src_port,
                            seg.dst_port, seg.seq, seg.ack, seg.flags, seg.window, opts,
                            seg.payload)
         if seg.flags & RST:
@@ -961,7 +981,8 @@ class TcpNat:
     def add_forward(self, host_addr: str, host_port: int, guest_port: int) -> None:
         """Listen on host_addr:host_port; each accepted connection opens a flow to the guest's
         guest_port (we send the SYN from the gateway address)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+        family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -976,7 +997,7 @@ class TcpNat:
         self.loop.watch(fd, EPOLLIN, lambda _ev: self._accept(fd))
 
     def listener_addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname() for s, _ in self.listeners.values()]
+        return [s.getsockname()[:2] for s, _ in self.listeners.values()]
 
     def _forward_key(self, guest_port: int, port: int) -> int:
         """The flow key of a forwarded connection: the guest's segments come from its
@@ -1066,6 +1087,11 @@ class TcpNat:
             self.loop.unwatch(fd)
             sock.close()
         self.listeners.clear()
+
+
+def _ntop(ip: bytes) -> str:
+    """An address of 4 or 16 bytes as text (the form NatConfig and the policy use)."""
+    return socket.inet_ntop(socket.AF_INET6 if len(ip) == 16 else socket.AF_INET, ip)
 
 
 __all__ = ["TcpNat"]

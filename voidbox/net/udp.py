@@ -6,6 +6,11 @@ IP_RECVERR (ip(7)) brings ICMP errors from the host, which are reflected to the 
 as ICMP errors quoting the guest's own datagram. Idle flows are closed after
 config.udp_idle_timeout. Port forwards bind a host socket and present each remote peer
 to the guest as a flow from the gateway (loopback peers) or the peer's own address.
+
+IPv6 flows are the same flows with 16-byte addresses: an AF_INET6 host socket with
+IPV6_RECVERR, fd00::2 translated to the host's ::1, ICMPv6 errors reflected, and the
+guest's source address kept per flow (a SLAAC guest has several). A forward listening on
+an IPv6 host address reaches the guest over IPv4, from the gateway, as any forward does.
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop, Timer
 from voidbox.net.config import NatConfig
 from voidbox.net.fastpath import inet_checksum
+from voidbox.net.ipv6 import (
+    ICMPV6_ADDR_UNREACH,
+    ICMPV6_ADM_PROHIBITED,
+    ICMPV6_DEST_UNREACH,
+    ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_PORT_UNREACH,
+    IPPROTO_ICMPV6,
+    build_icmpv6,
+    build_ipv6_fragments,
+    build_udp6,
+    icmpv6_error_quote,
+    ip6_to_bytes,
+    ip6_to_str,
+    is_link_local,
+    is_multicast,
+)
 from voidbox.net.limits import Exhaustion
 from voidbox.net.packets import (
     DEFAULT_TTL,
@@ -70,17 +91,47 @@ _IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # IPv4 header (no options) + UDP
 _UDP = struct.Struct("!HHHH")
 _CSUM = struct.Struct("!H")
 IPV4_CSUM_OFF = 10  # RFC 791 §3.1: header checksum
+UNSPECIFIED6 = bytes(16)
+IPV6_HLEN = 40  # RFC 8200 §3
+IPV6_UDP_HLEN = IPV6_HLEN + UDP_HLEN
+IPV6_VTF = 6 << 28  # version 6, traffic class and flow label zero
+UDP_CSUM_FIELD = 6  # RFC 768: the checksum's offset in the UDP header
+_PSEUDO6 = struct.Struct("!16s16sI3xB")  # RFC 8200 §8.1
+_IPV6_HDR = struct.Struct("!IHBB16s16s")
 UDP_CSUM_NONE = 0xFFFF  # RFC 768: a computed zero is sent as all ones
 IPV4_VIHL = (IPV4_VERSION << 4) | IPV4_MIN_IHL
 LOOPBACK_NET = 127  # first octet of 127.0.0.0/8, loopback (RFC 1122 §3.2.1.3 (g))
 ROUTABLE_MEMO_MAX = 4096  # destinations whose routability is remembered; cleared when full
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(_SOCK_EXTENDED_ERR.size + 16)
+ERRQUEUE_CMSG_SPACE6 = socket.CMSG_SPACE(_SOCK_EXTENDED_ERR.size + 28)  # + sockaddr_in6
 _UNREACHABLE = ("unreachable", b"")  # _destination's verdict for the subnet's other hosts
 
 
 def is_unicast_destination(ip: bytes) -> bool:
     addr = ipaddress.IPv4Address(ip)
     return not (addr.is_multicast or addr.is_unspecified or ip == b"\xff\xff\xff\xff")
+
+
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # ipv6(7)
+SO_EE_ORIGIN_ICMP6 = 3
+
+
+def parse_recverr6(ancdata) -> tuple[int, int, int, bytes | None] | None:
+    """(ICMPv6 type, code, info, offender address) from an IPV6_RECVERR control message,
+    if it came from ICMPv6; info is the MTU of a Packet Too Big (RFC 4443 §3.2)."""
+    for level, ctype, data in ancdata:
+        if level == socket.IPPROTO_IPV6 and ctype == IPV6_RECVERR \
+                and len(data) >= _SOCK_EXTENDED_ERR.size:
+            _errno, origin, etype, code, _pad, info, _data = _SOCK_EXTENDED_ERR.unpack_from(data)
+            if origin != SO_EE_ORIGIN_ICMP6:
+                return None
+            offender = None
+            off = _SOCK_EXTENDED_ERR.size
+            # SO_EE_OFFENDER: a sockaddr_in6 (family, port, flowinfo, address, scope).
+            if len(data) >= off + 24 and struct.unpack_from("=H", data, off)[0] == socket.AF_INET6:
+                offender = bytes(data[off + 8:off + 24])
+            return etype, code, info, offender
+    return None
 
 
 def parse_recverr(ancdata) -> tuple[int, int, bytes | None] | None:
@@ -108,7 +159,7 @@ class _Flow:
     """
 
     __slots__ = ("nat", "key", "sock", "guest_dst", "host_dst", "last_active", "quote", "peer",
-                 "listener", "batch")
+                 "listener", "batch", "guest_src")
 
     def __init__(self, nat: UdpNat, key, sock, guest_dst: bytes, host_dst: bytes, now: float):
         self.nat = nat
@@ -121,6 +172,7 @@ class _Flow:
         self.peer: tuple[str, int] | None = None  # forwarded flows: the remote peer
         self.listener: socket.socket | None = None
         self.batch = UDP_FIRST_BATCH  # datagrams to read on the next wakeup
+        self.guest_src: bytes | None = None  # IPv6 flows: the guest address that sent
 
     def __call__(self, events: int) -> None:
         self.nat._flow_event(self, events)
@@ -156,6 +208,8 @@ class UdpNat:
         # new flow's first datagram pays only connect(2): socket(2) + setsockopt(2) for
         # the next flows run after the current loop turn, while the host answers.
         self._spare: list[socket.socket] = []
+        self._spare6: list[socket.socket] = []  # the same for IPv6, once it is in use
+        self._v6_used = False
         self._refill_pending = False
         # Idle expiry: one heap of (deadline, flow key) and one loop timer for its head,
         # instead of a loop timer (and a closure) per flow. Entries whose flow is gone
@@ -171,6 +225,10 @@ class UdpNat:
         self._rx_packet = self._rx_view[ETH_HLEN:]
         self._pseudo_view = self._rx_view[ETH_HLEN + PSEUDO_OFF:]
         self._ip_hdr_view = self._rx_view[ETH_HLEN:ETH_HLEN + IPV4_HLEN]
+        # An IPv6 reply's buffer, made at the first IPv6 flow: its headers are 48 bytes,
+        # and the 40-byte pseudo-header (RFC 8200 §8.1) is written where the IPv6 header
+        # goes, then overwritten by it, so one pass sums pseudo-header and datagram.
+        self._rx6: bytearray | None = None
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -181,18 +239,27 @@ class UdpNat:
     # ------------------------------------------------------------ guest -> host
 
     def guest_datagram(self, dst_ip: bytes, sport: int, dport: int, payload: memoryview,
-                       ip_packet: memoryview) -> None:
-        """A validated UDP datagram from the guest (not DHCP, not DNS to the relay)."""
+                       ip_packet: memoryview, guest_src: bytes | None = None) -> None:
+        """A validated UDP datagram from the guest (not DHCP, not DNS to the relay);
+        guest_src is its IPv6 source (None: IPv4, from the guest's one address)."""
         key = (sport, dst_ip, dport)
         flow = self.flows.get(key)
         if flow is None:
-            flow = self._open_flow(key, ip_packet)
+            if guest_src is not None:
+                flow = self._open_flow6(key, guest_src, ip_packet)
+            else:
+                flow = self._open_flow(key, ip_packet)
             if flow is None:
                 return
         else:
             flow.last_active = self.loop.time()
-        # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine) + 8 bytes.
-        flow.quote = bytes(ip_packet[:(ip_packet[0] & 0x0F) * 4 + UDP_HLEN])
+        if guest_src is not None:
+            flow.guest_src = guest_src
+            flow.quote = icmpv6_error_quote(ip_packet)
+        else:
+            # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine) + 8
+            # bytes.
+            flow.quote = bytes(ip_packet[:(ip_packet[0] & 0x0F) * 4 + UDP_HLEN])
         counters = self.counters
         try:
             if flow.listener is not None:
@@ -258,6 +325,82 @@ class UdpNat:
         counters["udp_flows_opened"] = counters.get("udp_flows_opened", 0) + 1
         return flow
 
+    def _open_flow6(self, key, guest_src: bytes, ip_packet: memoryview) -> _Flow | None:
+        """_open_flow for an IPv6 destination (RFC 8200): the same verdicts, in ICMPv6."""
+        sport, dst_ip, dport = key
+        if is_multicast(dst_ip) or dst_ip == UNSPECIFIED6:
+            # Nowhere to go, silently, as IPv4 broadcasts; :: would be the host's loopback
+            # to a connect() (RFC 4291 §2.5.2: it names no host).
+            self._count("udp_dropped_local")
+            return None
+        text = ip6_to_str(dst_ip)
+        if text != self.config.gateway_ip6 and (self.config.in_subnet6(dst_ip)
+                                                 or is_link_local(dst_ip)):
+            # The guest's own link: only the gateway and the DNS relay live there.
+            self._count("udp_unreachable")
+            self.unreachable6(guest_src, dst_ip, ip_packet, ICMPV6_ADDR_UNREACH)
+            return None
+        if len(self.flows) >= self.config.max_flows:
+            self._count("udp_dropped_flow_limit")
+            return None
+        host_ip = self.config.translate(text)
+        if not self.policy.allows("udp", host_ip, dport, guest_dst=text):
+            self._count("udp_denied")
+            self.unreachable6(guest_src, dst_ip, ip_packet, ICMPV6_ADM_PROHIBITED)
+            return None
+        try:
+            sock = self._spare6.pop() if self._spare6 else self._new_socket6()
+        except OSError as e:
+            self._count("udp_socket_error")
+            self.exhaustion.refused("UDP flow", e)
+            self.unreachable6(guest_src, dst_ip, ip_packet, ICMPV6_ADDR_UNREACH)
+            return None
+        if not self._v6_used:
+            self._v6_used = True
+            self._rx6 = bytearray(ETH_HLEN + IPV6_UDP_HLEN + UDP_MAX_DATAGRAM)
+        if len(self._spare6) < UDP_SPARE_SOCKETS and not self._refill_pending:
+            self._refill_pending = True
+            self.loop.call_soon(self._refill)
+        try:
+            sock.connect((host_ip, dport))
+        except OSError:
+            sock.close()
+            self._count("udp_connect_error")
+            self.unreachable6(guest_src, dst_ip, ip_packet, ICMPV6_ADDR_UNREACH)
+            return None
+        flow = _Flow(self, key, sock, dst_ip, ip6_to_bytes(host_ip), self.loop.time())
+        flow.guest_src = guest_src
+        self._install(flow)
+        self._count("udp6_flows_opened")
+        return flow
+
+    def unreachable6(self, guest_src: bytes, dst_ip: bytes, ip_packet: memoryview,
+                     code: int = ICMPV6_PORT_UNREACH) -> None:
+        """Answer a guest IPv6 datagram with ICMPv6 destination unreachable (RFC 4443 §3.1)
+        from dst_ip."""
+        self._count("udp_icmp6_sent")
+        self._send6(dst_ip, guest_src, IPPROTO_ICMPV6,
+                    build_icmpv6(dst_ip, guest_src, ICMPV6_DEST_UNREACH, code, 0,
+                                 icmpv6_error_quote(ip_packet)))
+
+    def _send6(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
+        self._ident = (self._ident + 1) & 0xFFFF
+        for pkt in build_ipv6_fragments(src, dst, proto, payload, self.config.mtu,
+                                        self._ident):
+            self.send_ip(pkt)
+
+    @staticmethod
+    def _new_socket6() -> socket.socket:
+        """_new_socket for IPv6 flows, with IPV6_RECVERR (ipv6(7))."""
+        sock = socket.socket(socket.AF_INET6,
+                             socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     @staticmethod
     def _new_socket() -> socket.socket:
         """An unconnected flow socket: non-blocking and close-on-exec from socket(2) itself
@@ -279,6 +422,8 @@ class UdpNat:
         try:
             while len(self._spare) < UDP_SPARE_SOCKETS:
                 self._spare.append(self._new_socket())
+            while self._v6_used and len(self._spare6) < UDP_SPARE_SOCKETS:
+                self._spare6.append(self._new_socket6())
         except OSError:
             self._count("udp_spare_socket_error")  # EMFILE and the like: flows make their own
 
@@ -362,16 +507,21 @@ class UdpNat:
         if events & select.EPOLLIN:
             batch = flow.batch
             got = 0
+            v6 = flow.guest_src is not None
+            target = memoryview(self._rx6)[ETH_HLEN + IPV6_UDP_HLEN:] if v6 else self._rx_payload
             for _ in range(batch):
                 try:
                     # Straight into the reply buffer, behind the space for its headers.
-                    n = sock.recv_into(self._rx_payload)
+                    n = sock.recv_into(target)
                 except BlockingIOError:
                     break
                 except OSError:
                     # The pending error was already reported through the error queue.
                     continue
                 got += 1
+                if v6:
+                    self._reply6(flow, n)
+                    continue
                 self._reply(flow.guest_dst, flow.key[2], flow.key[0], n)
             else:
                 if batch < UDP_BATCH:
@@ -403,6 +553,29 @@ class UdpNat:
             self.send_ip(bytes(self._rx_packet[:total]))
         self._count("udp_rx")
 
+    def _reply6(self, flow: _Flow, n: int) -> None:
+        """The n payload bytes in self._rx6 to the guest as one IPv6 + UDP packet (RFC 8200
+        §3, §8.1), built in place, or as fragments past the MTU."""
+        src, dst, sport, dport = flow.guest_dst, flow.guest_src, flow.key[2], flow.key[0]
+        buf = self._rx6
+        if IPV6_UDP_HLEN + n > self.config.mtu:
+            payload = memoryview(buf)[ETH_HLEN + IPV6_UDP_HLEN:ETH_HLEN + IPV6_UDP_HLEN + n]
+            self._send6(src, dst, IPPROTO_UDP, build_udp6(src, dst, sport, dport, payload))
+            self._count("udp_rx")
+            return
+        ulen = UDP_HLEN + n
+        _PSEUDO6.pack_into(buf, ETH_HLEN, src, dst, ulen, IPPROTO_UDP)
+        _UDP.pack_into(buf, ETH_HLEN + IPV6_HLEN, sport, dport, ulen, 0)
+        csum = inet_checksum(memoryview(buf)[ETH_HLEN:ETH_HLEN + IPV6_HLEN + ulen])
+        _CSUM.pack_into(buf, ETH_HLEN + IPV6_HLEN + UDP_CSUM_FIELD, csum or UDP_CSUM_NONE)
+        _IPV6_HDR.pack_into(buf, ETH_HLEN, IPV6_VTF, ulen, IPPROTO_UDP, DEFAULT_TTL, src, dst)
+        total = IPV6_HLEN + ulen
+        if self.send_ip_buf is not None:
+            self.send_ip_buf(buf, total)
+        else:
+            self.send_ip(bytes(buf[ETH_HLEN:ETH_HLEN + total]))
+        self._count("udp_rx")
+
     def _to_guest(self, src_ip: bytes, sport: int, dport: int, data: bytes) -> None:
         udp = build_udp(src_ip, self.guest_ip, sport, dport, data)
         self._ident = (self._ident + 1) & 0xFFFF
@@ -414,12 +587,23 @@ class UdpNat:
     def _drain_errors(self, flow: _Flow) -> None:
         for _ in range(UDP_BATCH):
             try:
-                _data, anc, _flags, _addr = flow.sock.recvmsg(UDP_MAX_DATAGRAM, ERRQUEUE_CMSG_SPACE,
+                _data, anc, _flags, _addr = flow.sock.recvmsg(UDP_MAX_DATAGRAM, ERRQUEUE_CMSG_SPACE6,
                                                               socket.MSG_ERRQUEUE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            if flow.guest_src is not None:
+                err6 = parse_recverr6(anc)
+                if err6 is None or not flow.quote:
+                    continue
+                etype, code, info, offender = err6
+                src = flow.guest_dst if offender in (None, flow.host_dst) else offender
+                rest = info if etype == ICMPV6_PACKET_TOO_BIG else 0
+                self._send6(src, flow.guest_src, IPPROTO_ICMPV6,
+                            build_icmpv6(src, flow.guest_src, etype, code, rest, flow.quote))
+                self._count("udp_icmp6_reflected")
+                continue
             err = parse_recverr(anc)
             if err is None or not flow.quote:
                 continue
@@ -441,7 +625,8 @@ class UdpNat:
 
     def add_forward(self, host_addr: str, host_port: int, guest_port: int) -> None:
         """Datagrams to host_addr:host_port reach guest_port."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             # No SO_REUSEADDR (nor SO_REUSEPORT): on UDP it lets this bind share a port
             # that another user's service holds with SO_REUSEADDR, and take its datagrams.
@@ -461,9 +646,15 @@ class UdpNat:
                 return
             except OSError:
                 continue
-            peer_ip = ip_to_bytes(peer[0])
-            # 127.0.0.0/8 is loopback (RFC 1122 §3.2.1.3 (g)).
-            visible = self.gateway_ip if peer_ip[0] == LOOPBACK_NET else peer_ip
+            if ":" in peer[0]:
+                # An IPv6 peer of a forward on an IPv6 host address: the guest side of a
+                # forward is IPv4, so it is presented as the gateway.
+                peer_ip = ip6_to_bytes(peer[0].partition("%")[0])
+                visible = self.gateway_ip
+            else:
+                peer_ip = ip_to_bytes(peer[0])
+                # 127.0.0.0/8 is loopback (RFC 1122 §3.2.1.3 (g)).
+                visible = self.gateway_ip if peer_ip[0] == LOOPBACK_NET else peer_ip
             key = (guest_port, visible, peer[1])
             flow = self.flows.get(key)
             now = self.loop.time()
@@ -490,9 +681,10 @@ class UdpNat:
             self._sweep_timer.cancel()
             self._sweep_timer = None
         self._expiry.clear()
-        for sock in self._spare:
+        for sock in self._spare + self._spare6:
             sock.close()
         self._spare.clear()
+        self._spare6.clear()
         for flow in list(self.flows.values()):
             self._close_flow(flow)
         for fd, sock in list(self.listeners.items()):

@@ -92,6 +92,9 @@ VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 ETH_HLEN = 14
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IPV6_HLEN = 40
+IPV6_NEXT_HEADER = 6  # RFC 8200 §3: the Next Header field's offset
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 TCP_CSUM_OFFSET = 16  # RFC 9293 §3.1
@@ -129,7 +132,17 @@ def inet_checksum(data) -> int:
 
 
 def l4_checksum_offset(frame) -> int | None:
-    """Offset of the checksum field of an untunnelled IPv4 TCP or UDP frame, else None."""
+    """Offset of the checksum field of an untunnelled IPv4 TCP or UDP frame (or an IPv6
+    one whose TCP/UDP header follows the fixed header, RFC 8200 §3), else None."""
+    if len(frame) >= ETH_HLEN + IPV6_HLEN and frame[12] << 8 | frame[13] == ETH_P_IPV6:
+        if frame[ETH_HLEN] >> 4 != 6:
+            return None
+        nh = frame[ETH_HLEN + IPV6_NEXT_HEADER]
+        if nh == IPPROTO_TCP:
+            return ETH_HLEN + IPV6_HLEN + TCP_CSUM_OFFSET
+        if nh == IPPROTO_UDP:
+            return ETH_HLEN + IPV6_HLEN + UDP_CSUM_OFFSET
+        return None
     if len(frame) < ETH_HLEN + 20 or frame[12] << 8 | frame[13] != ETH_P_IP:
         return None
     vihl = frame[ETH_HLEN]
