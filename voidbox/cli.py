@@ -12,7 +12,7 @@ import click
 
 from .commands import boot_command, fail
 from .errors import ExitStatus, VoidboxError
-from .options import BOOT_OPTIONS, IPV6_OPTIONS, NAT_EPILOG, NAT_OPTIONS, SANDBOX_OPTIONS
+from .options import BOOT_OPTIONS, NAT_EPILOG, NAT_OPTIONS, SANDBOX_OPTIONS
 
 
 def main(argv=None) -> None:
@@ -129,7 +129,6 @@ def net() -> None:
               help="When the TAP cannot be used: serve the card with the NAT (one line says "
               "why) or exit 1.")
 @_options(NAT_OPTIONS)
-@_options(IPV6_OPTIONS)
 @_options(SANDBOX_OPTIONS)
 def net_serve(socket_path, vmm_fd, backend, net_fallback, mtu, forward, allow, deny, host_loopback,
               dns_upstream, max_flows, max_conn_rate, pcap, pcap_max_bytes, ipv6,
@@ -179,7 +178,6 @@ def blk_serve(socket_path, readonly, image) -> None:
 # An unknown option before that word (or before --) is a usage error, not a command.
 @net.command("run", context_settings={"allow_interspersed_args": False}, epilog=NAT_EPILOG)
 @_options(NAT_OPTIONS)
-@_options(IPV6_OPTIONS)
 @_options(SANDBOX_OPTIONS)
 @click.option("--dhcp", is_flag=True, help="Leave addressing to a DHCP client in the namespace.")
 @click.option("--offload/--no-offload", default=True, show_default=True,

@@ -21,7 +21,7 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
                  accel="auto", net=("slirp",), net_fallback="slirp", net_reconnect=False,
                  net_isolation="process", no_sandbox=False, stats=False, mac=None, mtu=None,
                  forward=(), allow=(), deny=(), host_loopback=False, dns_upstream=(), max_flows=None,
-                 max_conn_rate=None, pcap=None, pcap_max_bytes=None) -> None:
+                 max_conn_rate=None, pcap=None, pcap_max_bytes=None, ipv6=True) -> None:
     """`voidbox boot`: build the VM, run it with the console here, exit with its status."""
 
     nat = policy = capture = None
@@ -29,11 +29,11 @@ def boot_command(image, kernel, initrd, cmdline, append, mem, cpus, timeout, rea
         from .net.options import config_from_options, pcap_from_options
 
         nat, policy = config_from_options(mtu, forward, allow, deny, dns_upstream, max_flows,
-                                          max_conn_rate, host_loopback)
+                                          max_conn_rate, host_loopback, ipv6)
         capture = pcap_from_options(pcap, pcap_max_bytes)
     elif host_loopback or any(v not in (None, ()) for v in (
             mtu, forward, allow, deny, dns_upstream, max_flows, max_conn_rate, pcap,
-            pcap_max_bytes)):
+            pcap_max_bytes)) or not ipv6:
         raise UsageError("NAT options (--forward, --allow, --pcap, ...) need a --net slirp card")
 
     scratch = None

@@ -56,6 +56,10 @@ NAT_OPTIONS = (
            "host data then takes the Python path.", metavar="FILE"),
     Option("--pcap-max-bytes", str, None, "Stop capturing, with a note, before FILE grows "
            "past N bytes (default 67108864, 64 MiB).", metavar="N"),
+    Option("--ipv6/--no-ipv6", bool, True, "IPv6 on the guest's link: the prefix fd00::/64 "
+           "by router advertisement (SLAAC), the gateway fd00::2 (the host's ::1, as "
+           "10.0.2.2 is its 127.0.0.1), DNS at fd00::3, ICMPv6, UDP and TCP over IPv6. "
+           "On by default; --no-ipv6 drops every IPv6 frame."),
 )
 NAT_EPILOG = (
     "Egress rules (--allow, --deny): CIDR[:PORTS], PORTS a list of ports and ranges, e.g. "
@@ -73,12 +77,6 @@ NAT_EPILOG = (
 # IPv6 in the NAT (NDP, router advertisements, DHCPv6, ICMPv6, UDP and TCP over IPv6): on
 # by default. Kept apart from NAT_OPTIONS until `boot`'s body (commands.boot_command)
 # passes it to config_from_options; `net run` and `net serve` take it now.
-IPV6_OPTIONS = (
-    Option("--ipv6/--no-ipv6", bool, True, "IPv6 on the guest's link: the prefix fd00::/64 "
-           "by router advertisement (SLAAC), the gateway fd00::2 (the host's ::1, as "
-           "10.0.2.2 is its 127.0.0.1), DNS at fd00::3, ICMPv6, UDP and TCP over IPv6. "
-           "On by default; --no-ipv6 drops every IPv6 frame."),
-)
 
 # The backend sandbox (voidbox.sandbox) of the processes that parse a guest's frames:
 # `net run`'s NAT (and `net serve`). On by default; a host that lacks a piece says so in

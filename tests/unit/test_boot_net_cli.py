@@ -48,8 +48,10 @@ def test_boot_and_net_run_share_the_nat_option_table():
     from voidbox.cli import cli
 
     run = cli.commands["net"].commands["run"]
-    run_flags = {opt for p in run.params for opt in p.opts}
-    assert {o.flag for o in NAT_OPTIONS} <= run_flags
+    run_flags = {opt for p in run.params for opt in (*p.opts, *p.secondary_opts)}
+    # An on/off switch ('--x/--no-x') is two spellings of one click option.
+    nat_flags = {spelling for o in NAT_OPTIONS for spelling in (o.switch or (o.flag,))}
+    assert nat_flags <= run_flags
 
 
 @pytest.mark.parametrize("argv", [
@@ -57,6 +59,7 @@ def test_boot_and_net_run_share_the_nat_option_table():
     ["--kernel", "k", "--forward", "tcp:8080:80", "--forward=udp:5353:53", "--deny", "10.0.0.0/8"],
     ["--kernel", "k", "--net", "none"],
     ["--kernel", "k", "--net", "tap:tap0", "--net", "slirp", "--net-fallback", "fail"],
+    ["--kernel", "k", "--no-ipv6", "--no-sandbox", "--net-isolation", "none"],
 ])
 def test_repeated_options_take_the_fast_path_and_agree_with_click(argv):
     fast = parse_boot_fast(argv)
