@@ -137,6 +137,25 @@ say '{"op":"end"}'
 """.replace("@MARGIN@", str(IPERF_MARGIN))
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of a process and its descendants: a sandboxed backend (`net serve`, a
+    boot card's backend) serves from a grandchild of the process started."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            total += proc_cpu_seconds(pid)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
 class BenchError(Exception):
     """A backend cannot be run or measured; the reason goes into its row."""
 
@@ -503,7 +522,7 @@ class Session:
         backend = None
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(OSError, ValueError):
-                backend = proc_cpu_seconds(self.proc.pid)
+                backend = tree_cpu_seconds(self.proc.pid)
         qemu = 0.0
         with contextlib.suppress(OSError, ValueError):
             qemu = proc_cpu_seconds(self.qemu.pid)
@@ -612,7 +631,7 @@ class BootSession(Session):
             qemu = proc_cpu_seconds(vm.process.pid)
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if self.backend == "boot":
-                backend = proc_cpu_seconds(vm.nics[0].pid)
+                backend = tree_cpu_seconds(vm.nics[0].pid)
             else:
                 tid = vm.net_thread.native_id
                 with open(f"/proc/self/task/{tid}/schedstat") as f:
