@@ -29,6 +29,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from proctree import descendant_named  # noqa: E402
+
 TOOL = os.path.join(ROOT, "tests", "netns", "scale_tool.py")
 GATEWAY = "10.0.2.2"
 WAIT = 600  # seconds any step may take: a bound on failure
@@ -56,27 +59,7 @@ def voidbox_nat_pid(supervisor: int) -> int:
     """The process that runs voidbox's NAT: `voidbox net run` (the supervisor) forks it,
     and the sandbox forks it once more (its comm is voidbox-nat); the supervisor itself
     relays and waits. The supervisor's pid where no such descendant is found."""
-    children: dict[int, list[int]] = {}
-    comms: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        comms[int(entry)] = comm
-        children.setdefault(ppid, []).append(int(entry))
-    todo = [supervisor]
-    while todo:
-        pid = todo.pop()
-        if comms.get(pid) == VOIDBOX_NAT_COMM:
-            return pid
-        todo.extend(children.get(pid, ()))
-    return supervisor
+    return descendant_named(supervisor, VOIDBOX_NAT_COMM)
 
 
 def wait_for(path: str, proc: subprocess.Popen) -> dict:

@@ -140,19 +140,12 @@ say '{"op":"end"}'
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds of a process and its descendants: a sandboxed backend (`net serve`, a
     boot card's backend) serves from a grandchild of the process started."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
+    from proctree import descendants
+
+    total = 0.0
+    for pid in descendants(root):
         with contextlib.suppress(OSError, ValueError):
             total += proc_cpu_seconds(pid)
-        todo.extend(children.get(pid, ()))
     return total
 
 
