@@ -57,7 +57,7 @@ print(json.dumps({"pid": applied.pid, "waiter": applied.waiter_pid,
 def start(body: str, python: str = sys.executable, env=None, user: int | None = None,
           **kwargs) -> subprocess.Popen:
     code = PRELUDE + textwrap.dedent(body)
-    environ = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    environ = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
 
     def drop():
         if user is not None:
@@ -370,15 +370,36 @@ def test_a_threaded_process_is_refused_and_left_as_it_was():
         "the sandbox must be entered before any thread starts (2 threads run)", "1"]
 
 
+@pytest.fixture
+def importable_by_nobody():
+    """A copy of the package (its compiled modules too) that uid nobody can import: the
+    checkout may sit where nobody cannot read (a `mktemp -d` clone is 0700, and so is
+    pytest's own temporary directory)."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    root = pathlib.Path(tempfile.mkdtemp(prefix="voidbox-importable-"))
+    try:
+        shutil.copytree(os.path.join(ROOT, "voidbox"), root / "voidbox",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.c"))
+        for path in (root, *root.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield str(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @needs_sandbox
-def test_an_unprivileged_process_gets_a_user_namespace():
+def test_an_unprivileged_process_gets_a_user_namespace(importable_by_nobody):
     if os.geteuid() != 0:
         missing("needs root to start a child as uid nobody")
     if not os.access(SYSTEM_PY, os.X_OK):
         missing(f"needs {SYSTEM_PY} (this venv's interpreter may be unreadable for nobody)")
     if not sandbox.user_namespaces().ok:
         missing("this host gives unprivileged users no user namespaces")
-    child = start("wait(30)", python=SYSTEM_PY, user=NOBODY)
+    child = start("wait(30)", python=SYSTEM_PY, user=NOBODY,
+                  env={"PYTHONPATH": importable_by_nobody})
     try:
         applied = applied_of(child)
         assert applied["namespaces"] == ["user", "mount", "pid", "ipc", "uts"]
