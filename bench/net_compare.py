@@ -14,6 +14,7 @@ stdin/stdout, so the peers measure the same thing:
 1. iperf3 throughput namespace->host and host->namespace (-R), -t --seconds, JSON parsed
    (receiver's byte count and rate);
 2. new TCP connection + a few bytes echoed + close, sequential: p50/p99 and connections/s;
+   then the same from 4 client threads at once: connections/s;
 3. 1-byte request/response on one persistent TCP connection: p50/p99;
 4. a new UDP socket per query to a UDP echo server (DNS-style): p50/p99;
 5. the NAT process's CPU seconds (utime+stime of /proc/PID/stat, all its threads) over each
@@ -94,7 +95,9 @@ WARMUP = 20
 STOP_TIMEOUT = 5.0
 TCP_LISTEN = "0A"  # include/net/tcp_states.h TCP_LISTEN, as /proc/net/tcp prints it
 # --ops names -> the plan entries (table keys) each one runs; "throughput" is both iperf3 ways.
-OPS = {"throughput": ("up", "down"), "connect": ("connect",), "rr": ("rr",), "udp": ("udp",)}
+OPS = {"throughput": ("up", "down"), "connect": ("connect", "connect4"), "rr": ("rr",),
+       "udp": ("udp",)}
+PARALLEL_CLIENTS = 4
 
 
 class SessionError(Exception):
@@ -396,6 +399,8 @@ def run_session(peer: str, mtu: int, args, echo_ports: dict, workdir: str) -> di
         latency = {"warmup": WARMUP, "budget": LATENCY_BUDGET}
         plan = [
             ("connect", {**latency, "op": "connect", "port": echo_ports["tcp"], "n": args.conns}),
+            ("connect4", {**latency, "op": "connect_parallel", "port": echo_ports["tcp"],
+                          "n": args.conns, "parallel": PARALLEL_CLIENTS}),
             ("rr", {**latency, "op": "rr", "port": echo_ports["tcp"], "n": args.rrs}),
             ("udp", {**latency, "op": "udp", "port": echo_ports["udp"], "n": args.udps}),
             ("up", {"op": "iperf", "reverse": False}),
@@ -469,6 +474,8 @@ ROWS = [
     ("host->ns NAT CPU s/GB", lambda s: cell_iperf(s.get("down"), s, "cpu")),
     ("connect+echo+close p50 / p99 µs", lambda s: cell_latency(s.get("connect"), s, "pct")),
     ("connections/s (sequential)", lambda s: cell_latency(s.get("connect"), s, "rate")),
+    (f"connections/s ({PARALLEL_CLIENTS} parallel clients)",
+     lambda s: cell_latency(s.get("connect4"), s, "rate")),
     ("NAT CPU µs per connection", lambda s: cell_latency(s.get("connect"), s, "cpu")),
     ("1-byte RR, one conn, p50 / p99 µs", lambda s: cell_latency(s.get("rr"), s, "pct")),
     ("UDP new socket/query p50 / p99 µs", lambda s: cell_latency(s.get("udp"), s, "pct")),

@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 PREFIX = "@@"
@@ -160,6 +161,57 @@ def op_connect(op: dict) -> dict:
     return latency_op(op, sample)
 
 
+def op_connect_parallel(op: dict) -> dict:
+    """op['parallel'] clients at once, each a thread doing op_connect's samples, op['n'] in
+    all after op['warmup'] sequential ones: connections per second with concurrency."""
+    addr, clients = (GATEWAY, int(op["port"])), int(op["parallel"])
+    n, budget = int(op["n"]), float(op["budget"])
+
+    def sample() -> int:
+        t0 = time.perf_counter_ns()
+        with socket.create_connection(addr, timeout=IO_TIMEOUT) as s:
+            s.sendall(CONNECT_PAYLOAD)
+            recv_echo(s, CONNECT_PAYLOAD)
+        return time.perf_counter_ns() - t0
+
+    latency_op({**op, "n": 0}, sample)  # the warm-up, sequential
+    samples: list[int] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + budget
+    start_line = threading.Barrier(clients + 1)
+
+    def client(count: int) -> None:
+        mine = []
+        start_line.wait()
+        for _ in range(count):
+            if time.monotonic() > deadline or len(errors) >= MAX_ERRORS:
+                break
+            try:
+                mine.append(sample())
+            except OSError as e:
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+        with lock:
+            samples.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(n // clients + (i < n % clients),))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    start_line.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    out = {"ok": len(samples) > 0 and not errors, "n": len(samples), "asked": n,
+           "errors": len(errors), "first_error": errors[0] if errors else None,
+           "elapsed_s": round(elapsed, 3),
+           "per_s": round(len(samples) / elapsed, 1) if elapsed > 0 else None}
+    out.update(percentiles(samples))
+    return out
+
+
 def op_rr(op: dict) -> dict:
     """1-byte request, 1-byte echo, on one persistent connection with TCP_NODELAY."""
     with socket.create_connection((GATEWAY, int(op["port"])), timeout=IO_TIMEOUT) as s:
@@ -226,7 +278,8 @@ def stalled_seconds(intervals: list) -> float:
                      if s.get("bytes", 0) <= STALL_FRACTION * mean), 2)
 
 
-OPS = {"iperf": op_iperf, "connect": op_connect, "rr": op_rr, "udp": op_udp}
+OPS = {"iperf": op_iperf, "connect": op_connect, "connect_parallel": op_connect_parallel,
+       "rr": op_rr, "udp": op_udp}
 
 
 def main() -> int:
