@@ -91,3 +91,58 @@ def test_net_serve_vmm_fd_without_a_vmm_is_one_line_and_exit_2():
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("voidbox: net serve --vmm-fd: no configuration from the VMM: ")
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+class FakeProcess:
+    """Popen's face for BackendProcess: a child that runs until told otherwise."""
+
+    pid = 4242
+    returncode = None
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self.returncode = 0
+        return 0
+
+    kill = terminate = lambda self: None
+
+
+def test_a_hostile_childs_documents_reach_the_vmm_only_checked():
+    """Once it has served a guest the child may be the guest's: its ready message and
+    counters are checked, and descriptors it sends are closed, never kept."""
+    ours, theirs = socket.socketpair()
+    r, w = os.pipe()
+    backend = child.BackendProcess(FakeProcess(), ours, "net0")
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        child._send(theirs, {"ready": True, "backend": "Slirp\x1b[2J\nBackend", "pid": "1; rm",
+                             "sandbox": "ok\x1b]0;title\x07\nsecond line"}, [r])
+        backend.wait_ready()
+        assert len(os.listdir("/proc/self/fd")) == before  # the fd it sent is closed
+        assert backend.backend_name == "SlirpBackend"  # the default: the name was refused
+        assert backend.serving_pid == FakeProcess.pid
+        assert "\n" not in backend.sandbox and "\x1b" not in backend.sandbox
+        counters = {f"k{i}": i for i in range(5000)}
+        counters.update({"bad key\n": 1, "x=1 y": 2, "rx_frames": 3, "list": [1], "s": "text"})
+        child._send(theirs, {"counters": counters})
+        theirs.close()
+        backend.finish()
+        assert len(backend.counters) == child.MAX_COUNTERS
+        assert all(child._NAME.fullmatch(k) and type(v) is int for k, v in backend.counters.items())
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+
+
+def test_a_childs_start_up_error_is_one_printable_line():
+    ours, theirs = socket.socketpair()
+    backend = child.BackendProcess(FakeProcess(), ours, "net0")
+    child._send(theirs, {"error": "bad\nthing\x1b[31m", "status": 99})
+    with pytest.raises(child.VoidboxError) as caught:
+        backend.wait_ready()
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+    assert int(caught.value.exit_status) == 1  # an unknown status is an error's
+    theirs.close()
+    ours.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -69,20 +70,26 @@ class BackendProcess:
         if self._ready:
             return
         try:
-            reply, _ = _receive(self.control, READY_TIMEOUT)
+            reply = _from_child(self.control, READY_TIMEOUT)
         except (OSError, ValueError, EOFError) as error:
             self.kill()
             raise VoidboxError(f"{self.card}: the network backend did not start "
                                f"({self.ended(1.0) or error})") from None
         if "error" in reply:
             self.process.wait(EXIT_TIMEOUT)
-            error = VoidboxError(str(reply["error"]))
-            error.exit_status = ExitStatus(int(reply.get("status", ExitStatus.ERROR)))
+            error = VoidboxError(_line(reply["error"]))
+            status = reply.get("status")
+            if type(status) is int and status in ExitStatus._value2member_map_:
+                error.exit_status = ExitStatus(status)
             raise error
-        self.backend_name = str(reply.get("backend", self.backend_name))
+        backend = reply.get("backend")
+        if isinstance(backend, str) and _NAME.fullmatch(backend):
+            self.backend_name = backend
         # The process that serves the card: this child, or its sandboxed child.
-        self.serving_pid = int(reply.get("pid") or self.pid)
-        self.sandbox = reply.get("sandbox")  # what voidbox.sandbox applied, or None
+        pid = reply.get("pid")
+        self.serving_pid = pid if type(pid) is int and pid > 0 else self.pid
+        sandbox = reply.get("sandbox")  # what voidbox.sandbox applied, or None
+        self.sandbox = _line(sandbox) if sandbox is not None else None
         self._ready = True
 
     def ended(self, within: float = 0.0) -> str | None:
@@ -111,9 +118,9 @@ class BackendProcess:
         """After the frontend's side closed: collect the counters and reap the child."""
         with self._lock:
             try:
-                doc, _ = _receive(self.control, EXIT_TIMEOUT)
-                if isinstance(doc.get("counters"), dict):
-                    self.counters = doc["counters"]
+                doc = _from_child(self.control, EXIT_TIMEOUT)
+                if "counters" in doc:
+                    self.counters = _counters(doc["counters"])
             except (OSError, ValueError, EOFError):
                 pass  # it died first, or said nothing: the last counters it sent stand
             self.control.close()
@@ -141,9 +148,9 @@ class BackendProcess:
             if self._ready and self.control.fileno() >= 0 and self.process.poll() is None:
                 try:
                     _send(self.control, {"get": "counters"})
-                    doc, _ = _receive(self.control, EXIT_TIMEOUT)
-                    if isinstance(doc.get("counters"), dict):
-                        self.counters = doc["counters"]
+                    doc = _from_child(self.control, EXIT_TIMEOUT)
+                    if "counters" in doc:
+                        self.counters = _counters(doc["counters"])
                 except (OSError, ValueError, EOFError):
                     pass  # ending: the last counters it sent stand
             return self.backend_name, dict(self.counters)
@@ -254,6 +261,39 @@ def _field_names(cls) -> list[str]:
 
 
 # ---- the wire between them: a length, JSON, and file descriptors --------------------------
+
+# What the child says is checked as another program's would be: once it has served a guest
+# it may be that guest's (the sandbox is what holds it), so nothing it sends may reach the
+# VMM's terminal or state unchecked.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+MAX_COUNTERS = 1024
+
+
+def _from_child(sock: socket.socket, timeout: float) -> dict:
+    """One document from the child; descriptors it should not have sent are closed."""
+    document, fds = _receive(sock, timeout)
+    for fd in fds:
+        os.close(fd)
+    return document
+
+
+def _line(text) -> str:
+    """One printable line of at most 300 characters."""
+    text = str(text)
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]
+
+
+def _counters(raw) -> dict:
+    """The child's counters: names as identifiers, numbers as numbers, a bounded many."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for key, value in raw.items():
+        if len(out) >= MAX_COUNTERS:
+            break
+        if _NAME.fullmatch(key) and type(value) in (int, float):
+            out[key] = value
+    return out
 
 def _send(sock: socket.socket, document: dict, fds=()) -> None:
     data = json.dumps(document).encode()
