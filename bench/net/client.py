@@ -138,8 +138,12 @@ def latency_op(op: dict, sample) -> dict:
             continue
         if i >= warmup:
             samples.append(ns)
-    elapsed = time.perf_counter() - start if start is not None else 0.0
-    out = {"ok": len(samples) > 0 and not errors, "n": len(samples), "asked": n,
+    return latency_result(samples, errors, n,
+                          time.perf_counter() - start if start is not None else 0.0)
+
+
+def latency_result(samples: list[int], errors: list[str], asked: int, elapsed: float) -> dict:
+    out = {"ok": len(samples) > 0 and not errors, "n": len(samples), "asked": asked,
            "errors": len(errors), "first_error": errors[0] if errors else None,
            "elapsed_s": round(elapsed, 3),
            "per_s": round(len(samples) / elapsed, 1) if elapsed > 0 else None}
@@ -147,9 +151,9 @@ def latency_op(op: dict, sample) -> dict:
     return out
 
 
-def op_connect(op: dict) -> dict:
-    """New TCP connection per sample: connect, send a few bytes, wait for the echo, close."""
-    addr = (GATEWAY, int(op["port"]))
+def connect_sample(port: int):
+    """-> sample(): one new TCP connection, a few bytes echoed, closed; its ns."""
+    addr = (GATEWAY, port)
 
     def sample() -> int:
         t0 = time.perf_counter_ns()
@@ -158,22 +162,19 @@ def op_connect(op: dict) -> dict:
             recv_echo(s, CONNECT_PAYLOAD)
         return time.perf_counter_ns() - t0
 
-    return latency_op(op, sample)
+    return sample
+
+
+def op_connect(op: dict) -> dict:
+    """New TCP connection per sample: connect, send a few bytes, wait for the echo, close."""
+    return latency_op(op, connect_sample(int(op["port"])))
 
 
 def op_connect_parallel(op: dict) -> dict:
     """op['parallel'] clients at once, each a thread doing op_connect's samples, op['n'] in
     all after op['warmup'] sequential ones: connections per second with concurrency."""
-    addr, clients = (GATEWAY, int(op["port"])), int(op["parallel"])
-    n, budget = int(op["n"]), float(op["budget"])
-
-    def sample() -> int:
-        t0 = time.perf_counter_ns()
-        with socket.create_connection(addr, timeout=IO_TIMEOUT) as s:
-            s.sendall(CONNECT_PAYLOAD)
-            recv_echo(s, CONNECT_PAYLOAD)
-        return time.perf_counter_ns() - t0
-
+    clients, n, budget = int(op["parallel"]), int(op["n"]), float(op["budget"])
+    sample = connect_sample(int(op["port"]))
     latency_op({**op, "n": 0}, sample)  # the warm-up, sequential
     samples: list[int] = []
     errors: list[str] = []
@@ -203,13 +204,7 @@ def op_connect_parallel(op: dict) -> dict:
     start = time.perf_counter()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
-    out = {"ok": len(samples) > 0 and not errors, "n": len(samples), "asked": n,
-           "errors": len(errors), "first_error": errors[0] if errors else None,
-           "elapsed_s": round(elapsed, 3),
-           "per_s": round(len(samples) / elapsed, 1) if elapsed > 0 else None}
-    out.update(percentiles(samples))
-    return out
+    return latency_result(samples, errors, n, time.perf_counter() - start)
 
 
 def op_rr(op: dict) -> dict:
