@@ -639,9 +639,13 @@ cdef class EventLoop:
         c_read(self._wake_fd, &count, sizeof(count))
 
     def run(self) -> None:
-        self._stopping = False
-        while not self._stopping:
-            self._turn(-1.0, False)
+        """Run until stop(). A stop() made before run() is kept: a signal handler that
+        stops the loop while its owner is still starting must not be lost."""
+        try:
+            while not self._stopping:
+                self._turn(-1.0, False)
+        finally:
+            self._stopping = False
 
     def run_once(self, timeout=None) -> None:
         """One iteration: wait for fds or the next timer, then run what is due."""

@@ -159,9 +159,13 @@ class EventLoop:
             pass
 
     def run(self) -> None:
-        self._stopping = False
-        while not self._stopping:
-            self.run_once()
+        """Run until stop(). A stop() made before run() is kept: a signal handler that
+        stops the loop while its owner is still starting must not be lost."""
+        try:
+            while not self._stopping:
+                self.run_once()
+        finally:
+            self._stopping = False
 
     def run_once(self, timeout: float | None = None) -> None:
         """One iteration: wait for fds or the next timer, then run what is due."""

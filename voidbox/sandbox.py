@@ -608,11 +608,16 @@ def _fork_waiter(seccomp_filter, open_fds: list[int]):
     (waiter pid, its own pid as the waiter sees it)."""
     r, w = os.pipe()
     waiter = os.getpid()
+    # The relayed signals wait, blocked, until the waiter's relay is in place: one that
+    # came between the fork and the handlers would run the caller's handler in the waiter
+    # and never reach the child.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS)
     pid = os.fork()
     if pid:
         os.close(r)
         os.write(w, pid.to_bytes(8, "little"))
-        _wait_for(pid, w, seccomp_filter, open_fds)  # never returns
+        _wait_for(pid, w, seccomp_filter, open_fds, previous_mask)  # never returns
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     os.close(w)
     child = int.from_bytes(_read_exactly(r, 8), "little")
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(PR_SET_PDEATHSIG)")
@@ -636,7 +641,8 @@ def _read_exactly(fd: int, n: int) -> bytes:
     return data
 
 
-def _wait_for(pid: int, keep: int, seccomp_filter, open_fds: list[int]) -> None:
+def _wait_for(pid: int, keep: int, seccomp_filter, open_fds: list[int],
+              mask: set = frozenset()) -> None:
     """The waiter: relay signals to pid, exit as it did. Never returns. It keeps no
     capability and runs under the same filter as the child."""
     status = SIGNAL_STATUS_BASE + signal.SIGKILL
@@ -660,6 +666,7 @@ def _wait_for(pid: int, keep: int, seccomp_filter, open_fds: list[int]) -> None:
 
         for sig in RELAYED_SIGNALS:
             signal.signal(sig, relay)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is relayed now
         _drop_privileges(Applied())
         if seccomp_filter is not None:
             seccomp_filter.load()

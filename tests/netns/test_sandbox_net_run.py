@@ -211,3 +211,38 @@ def test_an_unprivileged_nat_is_sandboxed_in_a_user_namespace(tmp_path, workdir)
     stats = json.loads((workdir / "stats.json").read_text())
     assert stats["flows"] == 0 and stats["watched"] == 0 and stats["loop_errors"] == 0
     assert stats["sandbox"].startswith(f"pid {stats['nat_pid']}; namespaces user,mount,pid,ipc,uts")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.6, 1.0])
+def test_sigterm_at_any_moment_of_the_start_up_ends_the_command(delay):
+    """SIGTERM while net run is still starting (namespaces, the init's fork, the NAT's
+    sandbox) ends voidbox and the command: no signal is lost between a fork and the
+    handler that relays it, so nothing is left running."""
+    marker = f"{60 + delay + os.getpid() % 1000 / 1000:.4f}"  # the command, found by its argv
+    proc = net_run("--", "sleep", marker)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+    # Before voidbox relays SIGTERM it dies of it (the default), after it the command does.
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), err
+    deadline = time.monotonic() + WAIT
+    while _cmdline_running(["sleep", marker]):
+        assert time.monotonic() < deadline, f"sleep {marker} outlived voidbox net run"
+        time.sleep(0.05)
+
+
+def _cmdline_running(argv: list[str]) -> bool:
+    wanted = "\0".join(argv).encode() + b"\0"
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read() == wanted:
+                        return True
+            except OSError:
+                pass
+    return False

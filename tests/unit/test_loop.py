@@ -145,6 +145,20 @@ def test_stop_from_a_callback_ends_run_after_that_iteration(loop):
     assert ran == ["stop", "same iteration", "next iteration"]
 
 
+@pytest.mark.timeout(HANG_BOUND)
+def test_a_stop_before_run_is_kept_and_then_spent(loop):
+    """A signal handler may stop the loop while its owner is still starting (voidbox net
+    serve's SIGTERM during the sandbox's set-up): run() then returns at once, not never."""
+    ran = []
+    loop.call_soon(lambda: ran.append("queued"))
+    loop.stop()
+    loop.run()
+    assert ran == []
+    loop.call_soon(loop.stop)
+    loop.run()  # the stop was spent: this run runs
+    assert ran == ["queued"]
+
+
 def test_debug_loop_propagates_errors(EventLoop):
     lp = EventLoop(debug=True)
     lp.call_soon(lambda: 1 / 0)

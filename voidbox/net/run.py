@@ -168,10 +168,13 @@ def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path:
         sock.close()
         # Ctrl-C reaches the whole foreground process group: the command decides.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Blocked until each process of the chain relays them: a SIGTERM between a fork
+        # and the handlers would be lost (PID 1 ignores what it has no handler for).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS)
         init_pid = os.fork()
         if init_pid == 0:
             _init(argv)  # never returns
-        status = _wait_relaying_signals(init_pid)
+        status = _wait_relaying_signals(init_pid, mask)
     finally:
         os._exit(status)
 
@@ -181,8 +184,9 @@ RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1
                    signal.SIGUSR2)
 
 
-def _wait_relaying_signals(pid: int) -> int:
-    """Wait for child pid, passing RELAYED_SIGNALS on to it; its status as a shell's."""
+def _wait_relaying_signals(pid: int, mask=frozenset()) -> int:
+    """Wait for child pid, passing RELAYED_SIGNALS on to it (those that came while they
+    were blocked too: mask is the signal mask to restore); its status as a shell's."""
 
     def relay(sig, _frame):
         try:
@@ -192,6 +196,7 @@ def _wait_relaying_signals(pid: int) -> int:
 
     for sig in RELAYED_SIGNALS:
         signal.signal(sig, relay)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     while True:
         try:
             _, wstatus = os.waitpid(pid, 0)
@@ -220,6 +225,7 @@ def _init(argv) -> None:
             _exec_command(argv)  # never returns
         for sig in RELAYED_SIGNALS:
             signal.signal(sig, lambda sig, _f: _kill_quietly(cmd_pid, sig))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED_SIGNALS)  # blocked since the fork
         while True:
             try:
                 pid, wstatus = os.waitpid(-1, 0)  # reaps orphans as well

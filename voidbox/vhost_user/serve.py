@@ -46,6 +46,10 @@ def _enter_sandbox(server, device, plan) -> None:
 
     from .. import sandbox as sandboxing
 
+    relayed = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # Blocked across the fork until the parent relays them: one that came between the fork
+    # and the handlers would stop this process's copy of the loop and never reach the child.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
     pid = os.fork()
     if pid:
         def relay(sig, _frame):
@@ -54,8 +58,9 @@ def _enter_sandbox(server, device, plan) -> None:
             except ProcessLookupError:
                 pass
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in relayed:
             signal.signal(sig, relay)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         while True:
             try:
                 _, wstatus = os.waitpid(pid, 0)
@@ -74,6 +79,7 @@ def _enter_sandbox(server, device, plan) -> None:
                              f"{sandboxing.describe_exit(wstatus)}\n")
             sys.stderr.flush()
         os._exit(code if code >= 0 else 128 - code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # the loop's stop() handles them
     from ..net.netns import set_parent_death_signal
 
     set_parent_death_signal(signal.SIGKILL)
