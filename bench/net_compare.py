@@ -388,6 +388,21 @@ class Session:
         self.log.close()
 
 
+@contextlib.contextmanager
+def perf_record(pid: int, path: str):
+    """`perf record -g` of process pid while the block runs (--perf: where the NAT's CPU
+    goes); read it with `perf report -i PATH --no-children`."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    perf = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "2000", "-p", str(pid), "-o", path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # perf attaches
+    try:
+        yield
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(30)
+
+
 def run_session(peer: str, mtu: int, args, echo_ports: dict, workdir: str) -> dict:
     out: dict = {"peer": peer, "mtu": mtu}
     session = Session(peer, mtu, workdir)
@@ -415,6 +430,9 @@ def run_session(peer: str, mtu: int, args, echo_ports: dict, workdir: str) -> di
                 with iperf_server() as port:
                     op["port"] = port
                     out[key] = session.run_op(op, budget)
+            elif args.perf and peer == "voidbox":
+                with perf_record(session.nat_pid, os.path.join(args.perf, f"{key}-{mtu}.data")):
+                    out[key] = session.run_op(op, LATENCY_BUDGET)
             else:
                 out[key] = session.run_op(op, LATENCY_BUDGET)
     except (SessionError, OSError, subprocess.SubprocessError, ValueError) as e:
@@ -505,6 +523,8 @@ def main() -> int:
                         help=f"comma list of the measurements to run, of {','.join(OPS)} "
                              "(default: all)")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--perf", metavar="DIR",
+                        help="perf record voidbox's NAT during each latency op, into DIR/OP-MTU.data")
     parser.add_argument("--max-minutes", type=float, default=10.0,
                         help="skip the sessions that would start after this")
     parser.add_argument("--family", type=int, choices=(4, 6), default=4,
