@@ -10,7 +10,7 @@
 The Python-level functions have the same names, results and errors as the pure twin.
 """
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)
@@ -291,6 +291,45 @@ def tcp_checksum(const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,
     if n:
         acc = csum_partial(&segment[0], n, acc)
     return csum_finish(acc)
+
+
+cdef enum:
+    ETH_HEADER_LEN = 14
+    ETH_ALEN = 6
+    ETHERTYPE_IPV4 = 0x0800
+    IPV4_FRAGMENT_BITS = 0x3FFF  # MF and the fragment offset (RFC 791 §3.1)
+
+
+def guest_ipv4_split(const uint8_t[::1] frame, bytes gateway_mac, bytes guest_mac,
+                     bytes guest_ip):
+    """The engine's fast path (voidbox.net.engine.Engine.guest_frame): for an Ethernet
+    frame from guest_mac to gateway_mac carrying one whole IPv4 packet from guest_ip (a
+    valid header and header checksum, lengths within the frame, not a fragment), return
+    (protocol, destination address, payload start, payload end) as offsets in the frame;
+    None for anything else, which the engine's full path then parses and counts."""
+    cdef Py_ssize_t n = frame.shape[0]
+    cdef const uint8_t *f
+    cdef Py_ssize_t ihl, total
+    if (n < ETH_HEADER_LEN + IPV4_HEADER_LEN or len(gateway_mac) != ETH_ALEN
+            or len(guest_mac) != ETH_ALEN or len(guest_ip) != IPV4_ALEN):
+        return None
+    f = &frame[0]
+    if (memcmp(f, <const char *>gateway_mac, ETH_ALEN) != 0
+            or memcmp(f + ETH_ALEN, <const char *>guest_mac, ETH_ALEN) != 0
+            or f[12] != ETHERTYPE_IPV4 >> 8 or f[13] != (ETHERTYPE_IPV4 & 0xFF)):
+        return None
+    f += ETH_HEADER_LEN
+    if f[0] >> 4 != 4:
+        return None
+    ihl = (f[0] & 0x0F) * 4
+    total = (<Py_ssize_t>f[2] << 8) | f[3]
+    if (ihl < IPV4_HEADER_LEN or total < ihl or total > n - ETH_HEADER_LEN
+            or ((f[6] << 8) | f[7]) & IPV4_FRAGMENT_BITS
+            or memcmp(f + 12, <const char *>guest_ip, IPV4_ALEN) != 0
+            or csum_finish(csum_partial(f, ihl, 0)) != 0):
+        return None
+    return (f[9], (<const char *>f + 16)[:IPV4_ALEN], ETH_HEADER_LEN + ihl,
+            ETH_HEADER_LEN + total)
 
 
 def build_ipv4_tcp(uint8_t[::1] out, const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,

@@ -162,3 +162,121 @@ def test_reassembled_datagrams_are_verified_even_if_the_last_fragment_was_vouche
         assert h.engine.counters.get("udp_checksum") == 1
     finally:
         h.close()
+
+
+# ---------------------------------------------------------------- the fast path
+
+class RecordingTcp:
+    """A TCP NAT that records what the engine hands it."""
+
+    def __init__(self):
+        self.segments: list[tuple[bytes, bytes, bytes, bool]] = []
+
+    def guest_segment(self, src_ip, dst_ip, tcp, csum_verified=False):
+        self.segments.append((bytes(src_ip), bytes(dst_ip), bytes(tcp), csum_verified))
+
+    def close(self):
+        pass
+
+    def flow_count(self):
+        return 0
+
+    active_flow_count = flow_count
+
+
+def _tcp_frame(ihl_words: int = 5, **kw) -> bytes:
+    from voidbox.net.packets import IPPROTO_TCP
+    options = b"\x01" * (4 * (ihl_words - 5))  # NOPs: a header with IP options
+    return guest_ip_frame(GATEWAY, IPPROTO_TCP, b"\x00" * 20 + b"data", **kw) \
+        if not options else _with_ip_options(options)
+
+
+def _with_ip_options(options: bytes) -> bytes:
+    from voidbox.net.packets import IPPROTO_TCP
+    ihl = 20 + len(options)
+    payload = b"\x00" * 20 + b"data"
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, 0, ihl + len(payload), 1, 0,
+                                   64, IPPROTO_TCP, 0, bytes([10, 0, 2, 15]), GATEWAY) + options)
+    struct.pack_into("!H", header, 10, checksum(bytes(header)))
+    return build_ethernet(GATEWAY_HW, GUEST_HW, 0x0800, bytes(header) + payload)
+
+
+def _dispatch(frame: bytes, fast: bool, verified: bool, monkeypatch) -> tuple[list, dict]:
+    """What one frame does to an engine whose TCP NAT records: (segments, counters)."""
+    from voidbox.net import engine as engine_module
+    with monkeypatch.context() as patch:
+        if not fast:
+            patch.setattr(engine_module, "guest_ipv4_split", lambda *_args: None)
+        h = Harness()
+        try:
+            h.engine.tcp.close()
+            h.engine.tcp = RecordingTcp()
+            h.engine.guest_frame(frame, verified)
+            return h.engine.tcp.segments, dict(h.engine.counters)
+        finally:
+            h.close()
+
+
+@pytest.mark.parametrize("ihl_words", [5, 6, 15])
+def test_the_fast_path_hands_tcp_the_segment_the_full_path_would(ihl_words, monkeypatch):
+    frame = _tcp_frame(ihl_words)
+    fast = _dispatch(frame, True, True, monkeypatch)
+    assert fast == _dispatch(frame, False, True, monkeypatch)
+    (segment,) = fast[0]
+    assert segment == (bytes([10, 0, 2, 15]), GATEWAY, b"\x00" * 20 + b"data", True)
+
+
+def test_the_fast_path_is_taken_for_the_guests_tcp(monkeypatch):
+    """No Python-level parse of the Ethernet or IPv4 header for a plain TCP frame."""
+    from voidbox.net import engine as engine_module
+
+    def never(*_args):
+        raise AssertionError("the full path parsed a frame the fast path takes")
+
+    monkeypatch.setattr(engine_module, "parse_ethernet", never)
+    segments, counters = _dispatch(_tcp_frame(), True, False, monkeypatch)
+    assert len(segments) == 1 and counters["tcp_in"] == 1 and counters["frames_from_guest"] == 1
+
+
+HEADERS_END = 14 + 28 + 20  # Ethernet, IPv4 with the longest options used here, TCP
+IP_FLAGS_AT = 14 + 6  # the IPv4 flags and the fragment offset's high bits
+
+
+def _mutated(base: bytes, edits: list[tuple[int, int]], cut: int, fix_checksum: bool) -> bytes:
+    """base with bytes replaced and its end cut; fix_checksum: the IPv4 header checksum
+    made right again, so the edits reach the checks behind it."""
+    frame = bytearray(base)
+    for index, value in edits:
+        frame[index % len(frame)] = value
+    ihl = (frame[14] & 0x0F) * 4
+    if fix_checksum and 20 <= ihl <= len(frame) - 14:
+        frame[24:26] = b"\0\0"
+        struct.pack_into("!H", frame, 24, checksum(bytes(frame[14:14 + ihl])))
+    return bytes(frame[:max(0, len(frame) - cut)])
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+if given is not None:
+    @settings(max_examples=600, deadline=None)
+    @given(base=st.sampled_from(["plain", "options"]),
+           edits=st.lists(st.tuples(st.sampled_from(range(HEADERS_END)), st.integers(0, 255)),
+                          max_size=3),
+           flags=st.sampled_from([None, 0x20, 0x40, 0x60, 0x00, 0x01, 0x80]),
+           cut=st.one_of(st.just(0), st.integers(0, 30)), fix=st.booleans(),
+           verified=st.booleans())
+    def test_the_fast_path_and_the_full_path_agree_on_hostile_frames(base, edits, flags, cut,
+                                                                     fix, verified):
+        """Bytes changed anywhere in the headers, frames cut short: the engine with its fast
+        path hands TCP exactly what the full path alone would, and counts the same."""
+        import pytest as _pytest
+        if flags is not None:  # MF, DF, the reserved bit, an offset: few values tell them apart
+            edits = [*edits, (IP_FLAGS_AT, flags)]
+        frame = _mutated(_tcp_frame(5 if base == "plain" else 7), edits, cut, fix)
+        with _pytest.MonkeyPatch.context() as monkeypatch:
+            assert _dispatch(frame, True, verified, monkeypatch) == \
+                _dispatch(frame, False, verified, monkeypatch)

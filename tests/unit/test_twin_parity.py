@@ -336,6 +336,48 @@ def test_build_ipv6_tcp_agrees_byte_for_byte(slirp, p, src, dst):
         assert outs[0][n:] == p["out"][n:]
 
 
+GATEWAY_MAC = bytes.fromhex("525400000002")
+GUEST_MAC = bytes.fromhex("525400123456")
+GUEST_IP = bytes([10, 0, 2, 15])
+
+
+def guest_frame(ihl: int, flags: int, src: bytes, total_delta: int, proto: int) -> bytearray:
+    """An Ethernet frame from the guest to the gateway, its IPv4 header's checksum right."""
+    payload = b"\x00" * 24
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, 0,
+                                   max(0, ihl + len(payload) + total_delta) & 0xFFFF, 7, flags,
+                                   64, proto, 0, src, bytes([10, 0, 2, 2])))
+    header += b"\x01" * max(0, ihl - 20)
+    struct.pack_into("!H", header, 10, _slirp_py.inet_checksum(bytes(header[:max(ihl, 20)])))
+    return bytearray(GATEWAY_MAC + GUEST_MAC + b"\x08\x00") + header + payload
+
+
+@settings(max_examples=800, deadline=None)
+@given(ihl=st.sampled_from([20, 24, 60, 16]), flags=st.sampled_from([0, 0x4000, 0x2000, 0x0001, 0x8000]),
+       src=st.sampled_from([GUEST_IP, bytes([10, 0, 2, 16])]), total_delta=st.integers(-30, 3),
+       proto=st.sampled_from([6, 17, 1]),
+       edits=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=2),
+       cut=st.integers(0, 70), kind=kinds, offset=st.integers(0, 15))
+def test_guest_ipv4_split_agrees(slirp, ihl, flags, src, total_delta, proto, edits, cut, kind,
+                                 offset):
+    """The engine's fast-path classifier: the same verdict, offsets and address from both."""
+    frame = guest_frame(ihl, flags, src, total_delta, proto)
+    for index, value in edits:
+        frame[index % len(frame)] = value
+    frame = bytes(frame[:max(0, len(frame) - cut)])
+    results = [outcome(m.guest_ipv4_split, as_kind(frame, kind, offset), GATEWAY_MAC, GUEST_MAC,
+                       GUEST_IP) for m in slirp]
+    assert results[0] == results[1]
+
+
+def test_guest_ipv4_split_takes_the_guests_plain_segment(slirp):
+    for m in slirp:
+        assert m.guest_ipv4_split(bytes(guest_frame(20, 0x4000, GUEST_IP, 0, 6)), GATEWAY_MAC,
+                                  GUEST_MAC, GUEST_IP) == (6, bytes([10, 0, 2, 2]), 34, 58)
+        assert m.guest_ipv4_split(bytes(guest_frame(20, 0x2000, GUEST_IP, 0, 6)), GATEWAY_MAC,
+                                  GUEST_MAC, GUEST_IP) is None  # a fragment: the full path
+
+
 # ---------------------------------------------------------------------------------------
 # The FramePort: what read_batch reports and what send_tcp_stream writes
 # ---------------------------------------------------------------------------------------

@@ -161,6 +161,35 @@ def tcp_checksum(src_ip, dst_ip, segment) -> int:
     return ~_fold(_sum16(seg, _pseudo_sum(src_ip, dst_ip, len(seg)))) & 0xFFFF
 
 
+ETH_HEADER_LEN = 14
+ETHERTYPE_IPV4 = b"\x08\x00"
+IPV4_FRAGMENT_BITS = 0x3FFF  # MF and the fragment offset (RFC 791 §3.1)
+
+
+def guest_ipv4_split(frame, gateway_mac: bytes, guest_mac: bytes, guest_ip: bytes):
+    """The engine's fast path (voidbox.net.engine.Engine.guest_frame): for an Ethernet
+    frame from guest_mac to gateway_mac carrying one whole IPv4 packet from guest_ip (a
+    valid header and header checksum, lengths within the frame, not a fragment), return
+    (protocol, destination address, payload start, payload end) as offsets in the frame;
+    None for anything else, which the engine's full path then parses and counts."""
+    f = _bytes_view(frame)
+    if (len(f) < ETH_HEADER_LEN + IPV4_HEADER_LEN or len(gateway_mac) != 6
+            or len(guest_mac) != 6 or len(guest_ip) != 4):
+        return None
+    if f[0:6] != gateway_mac or f[6:12] != guest_mac or f[12:14] != ETHERTYPE_IPV4:
+        return None
+    ip = f[ETH_HEADER_LEN:]
+    if ip[0] >> 4 != 4:
+        return None
+    ihl = (ip[0] & 0x0F) * 4
+    total = int.from_bytes(ip[2:4], "big")
+    if (ihl < IPV4_HEADER_LEN or total < ihl or total > len(ip)
+            or int.from_bytes(ip[6:8], "big") & IPV4_FRAGMENT_BITS
+            or ip[12:16] != guest_ip or inet_checksum(ip[:ihl]) != 0):
+        return None
+    return ip[9], bytes(ip[16:20]), ETH_HEADER_LEN + ihl, ETH_HEADER_LEN + total
+
+
 def build_ipv4_tcp(out, src_ip, dst_ip, ip_id: int, src_port: int, dst_port: int, seq: int,
                    ack: int, flags: int, window: int, options, payload) -> int:
     """Write an IPv4 packet carrying one TCP segment into out; return its length.
