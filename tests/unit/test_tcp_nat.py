@@ -739,7 +739,11 @@ def test_time_wait_is_reaped_and_fds_return(rig):
         recv_all(conn)
 
     srv = Server(handler)
-    g = rig.connect(srv.port, b"y")
+    # The guest closes only once the NAT's FIN is in: the NAT closes first, so it is the
+    # side that waits in TIME-WAIT (RFC 9293 §3.6).
+    g = rig.connect(srv.port, b"y", eof=False)
+    rig.run(lambda: g.flow.state is TcpState.CLOSE_WAIT)
+    g.eof = True
     rig.run(lambda: rig.nat.flow_count() == 1 and
             next(iter(rig.nat.flows.values())).core.state is TcpState.TIME_WAIT)
     (flow,) = rig.nat.flows.values()
