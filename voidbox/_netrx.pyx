@@ -3,7 +3,8 @@
 voidbox/virtio/_netrx_py.py (read its docstring for the contract).
 
 What this twin adds: one recvmsg(MSG_PEEK) per burst over iovecs that point into guest
-memory, at each RX chain's payload (after FRAME_HEADROOM bytes of headers), so host data
+memory, at each RX chain's payload (after FRAME_HEADROOM, or FRAME_HEADROOM6 for an IPv6
+flow, bytes of headers), so host data
 is copied once, by the kernel, from the socket into the guest's buffers. The headers are
 built in a small local buffer and scattered into the frame's first chain; without
 GUEST_CSUM the TCP checksum is summed over the payload where it landed (with it, the
@@ -21,13 +22,18 @@ from voidbox._slirp cimport (
     csum_finish,
     csum_partial,
     pseudo_sum,
+    pseudo_sum6,
     write_ipv4_header,
+    write_ipv6_header,
     write_tcp_header,
 )
 
 from voidbox.virtio._netrx_py import CSUM_START as _CSUM_START
+from voidbox.virtio._netrx_py import CSUM_START6 as _CSUM_START6
 from voidbox.virtio._netrx_py import FRAME_HEADROOM as _FRAME_HEADROOM
+from voidbox.virtio._netrx_py import FRAME_HEADROOM6 as _FRAME_HEADROOM6
 from voidbox.virtio._netrx_py import MAX_CHAINS as _MAX_CHAINS
+from voidbox.virtio._netrx_py import MAX_GSO_PAYLOAD6 as _MAX_GSO_PAYLOAD6
 from voidbox.virtio._netrx_py import STREAM_BLOCKED, STREAM_DRAINED, STREAM_EOF, STREAM_MORE
 from voidbox.virtio._netrx_py import RingStream as _PureRingStream
 from voidbox.virtio._netrx_py import frame_payload_cap, unread_beyond_peek
@@ -42,13 +48,17 @@ cdef enum:
     VNET_HDR_LEN = 12
     ETH_HLEN = 14
     IPV4_HLEN = 20
+    IPV6_HLEN = 40
     TCP_HLEN = 20
     HEADROOM = VNET_HDR_LEN + ETH_HLEN + IPV4_HLEN + TCP_HLEN
-    PACKET_HEADERS = ETH_HLEN + IPV4_HLEN + TCP_HLEN  # a GSO frame's hdr_len
+    HEADROOM6 = VNET_HDR_LEN + ETH_HLEN + IPV6_HLEN + TCP_HLEN  # the most headers take
     CSUM_START = ETH_HLEN + IPV4_HLEN
+    CSUM_START6 = ETH_HLEN + IPV6_HLEN
+    MAX_MSS6 = 65535 - IPV6_HLEN - TCP_HLEN  # packets no longer than IPv4's largest
     TCP_CSUM_OFFSET = 16
     VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
     VIRTIO_NET_HDR_GSO_TCPV4 = 1
+    VIRTIO_NET_HDR_GSO_TCPV6 = 4
     TCP_FLAG_ACK = 0x10
     TCP_FLAG_PSH = 0x08
     # Segments one chain may hold; iovecs per burst are bounded by MAX_IOV.
@@ -58,6 +68,8 @@ cdef enum:
 cdef uint64_t SEQ_MASK = 0xFFFFFFFF
 
 assert HEADROOM == _FRAME_HEADROOM and CHAINS_CAP == _MAX_CHAINS and CSUM_START == _CSUM_START
+assert HEADROOM6 == _FRAME_HEADROOM6 and CSUM_START6 == _CSUM_START6
+assert MAX_MSS6 == _MAX_GSO_PAYLOAD6
 
 
 cdef uint64_t add_piece(uint64_t acc, const uint8_t *p, size_t n, size_t *odd) noexcept nogil:
@@ -106,11 +118,14 @@ class RingStream(_PureRingStream):
             return _PureRingStream.send_tcp_stream(
                 self, sockfd, eth_header, src_ip, dst_ip, src_port, dst_port, seq, ack,
                 window, mss, budget, ip_id)
-        if eth_header.shape[0] != ETH_HLEN or src_ip.shape[0] != 4 or dst_ip.shape[0] != 4:
-            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
-        if not 0 < mss <= 65535 - IPV4_HLEN - TCP_HLEN:
+        cdef bint v6 = src_ip.shape[0] == 16 and dst_ip.shape[0] == 16
+        if eth_header.shape[0] != ETH_HLEN or not (
+                v6 or (src_ip.shape[0] == 4 and dst_ip.shape[0] == 4)):
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4, IPv6 ones 16")
+        if not 0 < mss <= (MAX_MSS6 if v6 else 65535 - IPV4_HLEN - TCP_HLEN):
             raise ValueError("mss out of range")
         cdef Py_ssize_t want, unread
+        cdef Py_ssize_t headroom = HEADROOM6 if v6 else HEADROOM
         with card._lock:
             if self.paused:
                 return 0, 0, 0, STREAM_BLOCKED
@@ -118,21 +133,25 @@ class RingStream(_PureRingStream):
             want = min(budget, unread)
             if want <= 0:
                 return 0, 0, 0, self._empty_status(sockfd)
-            merge, csum, gso = card.rx_offloads()
+            offloads = card.rx_offloads()
+            gso = offloads.tso6 if v6 else offloads.tso4
             chains, caps, firsts = self._take_planned(queue, want, mss,
-                                                      frame_payload_cap(mss, gso), merge)
+                                                      frame_payload_cap(mss, gso, v6),
+                                                      offloads.merge, headroom)
             if not chains:
                 card.counters["rx_starved"] += 1
                 return 0, 0, 0, STREAM_BLOCKED
-            return self._fill(card, queue, chains, caps, firsts, csum, gso, sockfd,
-                              eth_header, src_ip, dst_ip, src_port, dst_port, seq, ack,
-                              window, mss, unread, ip_id)
+            return self._fill(card, queue, chains, caps, firsts, offloads.csum, gso, v6,
+                              sockfd, eth_header, src_ip, dst_ip, src_port, dst_port, seq,
+                              ack, window, mss, unread, ip_id)
 
     def _fill(self, card, queue, list chains, list plan_caps, list plan_firsts, bint csum,
-              bint gso, int sockfd, const uint8_t[::1] eth, const uint8_t[::1] src_ip,
-              const uint8_t[::1] dst_ip, int src_port, int dst_port, uint64_t seq,
-              uint64_t ack, int window, int mss, Py_ssize_t unread, int ip_id):
-        """Peek into the chains' payload iovecs, then write each frame's headers."""
+              bint gso, bint v6, int sockfd, const uint8_t[::1] eth,
+              const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip, int src_port,
+              int dst_port, uint64_t seq, uint64_t ack, int window, int mss,
+              Py_ssize_t unread, int ip_id):
+        """Peek into the chains' payload iovecs, then write each frame's headers (IPv4 or,
+        with v6, IPv6 ones: only their lengths and the pseudo-header differ)."""
         cdef Py_ssize_t nchains = len(chains)
         cdef Py_ssize_t i, j, k, m
         cdef uint32_t s
@@ -143,12 +162,18 @@ class RingStream(_PureRingStream):
         cdef uint32_t nsegs[CHAINS_CAP]
         cdef iovec iov[MAX_IOV]
         cdef Chain c
+        # Headers in front of each frame's payload, where the TCP header and its checksum
+        # start, and the frame's hdr_len for a GSO header.
+        cdef size_t iphl = IPV6_HLEN if v6 else IPV4_HLEN
+        cdef size_t headroom = VNET_HDR_LEN + ETH_HLEN + iphl + TCP_HLEN
+        cdef uint16_t csum_start = <uint16_t>(ETH_HLEN + iphl)
+        cdef uint16_t packet_headers = <uint16_t>(ETH_HLEN + iphl + TCP_HLEN)
         for i in range(nchains):
             c = <Chain>chains[i]
             segs[i] = c.segs
             nsegs[i] = c.info.nsegs
             first[i] = plan_firsts[i]
-            skip = HEADROOM if first[i] else 0
+            skip = headroom if first[i] else 0
             cap = min(<size_t>plan_caps[i], <size_t>c.writable - skip)
             caps[i] = cap
             for s in range(c.info.nsegs):
@@ -175,8 +200,8 @@ class RingStream(_PureRingStream):
             return 0, 0, 0, (STREAM_DRAINED if err == EAGAIN else -err)
         used = []
         cdef size_t done = 0, n, rest, odd
-        cdef uint8_t hdr[HEADROOM]
-        cdef uint8_t *t = hdr + VNET_HDR_LEN + ETH_HLEN + IPV4_HLEN
+        cdef uint8_t hdr[HEADROOM6]  # room for either family's headers
+        cdef uint8_t *t = hdr + VNET_HDR_LEN + ETH_HLEN + iphl
         cdef uint8_t flags
         cdef uint64_t acc
         cdef uint16_t le
@@ -202,9 +227,14 @@ class RingStream(_PureRingStream):
                 le = htole16(<uint16_t>(k - i))  # num_buffers (§5.1.6.4)
                 memcpy(hdr + 10, &le, 2)
                 memcpy(hdr + VNET_HDR_LEN, &eth[0], ETH_HLEN)
-                write_ipv4_header(hdr + VNET_HDR_LEN + ETH_HLEN,
-                                  <uint16_t>(IPV4_HLEN + TCP_HLEN + n),
-                                  <uint16_t>((ip_id + frames) & 0xFFFF), &src_ip[0], &dst_ip[0])
+                if v6:
+                    write_ipv6_header(hdr + VNET_HDR_LEN + ETH_HLEN, <uint16_t>(TCP_HLEN + n),
+                                      &src_ip[0], &dst_ip[0])
+                else:
+                    write_ipv4_header(hdr + VNET_HDR_LEN + ETH_HLEN,
+                                      <uint16_t>(IPV4_HLEN + TCP_HLEN + n),
+                                      <uint16_t>((ip_id + frames) & 0xFFFF), &src_ip[0],
+                                      &dst_ip[0])
                 write_tcp_header(t, <uint16_t>src_port, <uint16_t>dst_port,
                                  <uint32_t>((seq + done) & SEQ_MASK),
                                  <uint32_t>(ack & SEQ_MASK), TCP_HLEN, flags,
@@ -213,31 +243,34 @@ class RingStream(_PureRingStream):
                     # GUEST_CSUM: the guest's to finish (see the pure twin's docstring);
                     # the field holds the pseudo-header sum over the whole packet.
                     hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM
-                    le = htole16(PACKET_HEADERS)
+                    le = htole16(packet_headers)
                     memcpy(hdr + 2, &le, 2)
-                    le = htole16(CSUM_START)
+                    le = htole16(csum_start)
                     memcpy(hdr + 6, &le, 2)
                     le = htole16(TCP_CSUM_OFFSET)
                     memcpy(hdr + 8, &le, 2)
                     if gso and n > <size_t>mss:
-                        hdr[1] = VIRTIO_NET_HDR_GSO_TCPV4
+                        hdr[1] = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
                         le = htole16(<uint16_t>mss)
                         memcpy(hdr + 4, &le, 2)
-                    le = htobe16(<uint16_t>~csum_finish(pseudo_sum(&src_ip[0], &dst_ip[0],
-                                                                   TCP_HLEN + n)))
+                if v6:
+                    acc = pseudo_sum6(&src_ip[0], &dst_ip[0], TCP_HLEN + n)
+                else:
+                    acc = pseudo_sum(&src_ip[0], &dst_ip[0], TCP_HLEN + n)
+                if csum:
+                    le = htobe16(<uint16_t>~csum_finish(acc))
                 else:
                     # The full checksum: header, then the payload where the kernel put
                     # it, piece by piece, chain by chain.
                     odd = 0
-                    acc = pseudo_sum(&src_ip[0], &dst_ip[0], TCP_HLEN + n)
                     acc = add_piece(acc, t, TCP_HLEN, &odd)
-                    acc = self_sum_payload(segs[i], nsegs[i], HEADROOM, caps[i], acc, &odd)
+                    acc = self_sum_payload(segs[i], nsegs[i], headroom, caps[i], acc, &odd)
                     for m in range(i + 1, k):
                         acc = self_sum_payload(segs[m], nsegs[m], 0, caps[m], acc, &odd)
                     le = htobe16(csum_finish(acc))
                 memcpy(t + 16, &le, 2)
-                scatter(segs[i], nsegs[i], 0, hdr, HEADROOM)
-            used.append(((<Chain>chains[i]).head, HEADROOM + caps[i]))
+                scatter(segs[i], nsegs[i], 0, hdr, headroom)
+            used.append(((<Chain>chains[i]).head, headroom + caps[i]))
             for m in range(i + 1, k):
                 used.append(((<Chain>chains[m]).head, caps[m]))
             merged += k - i > 1
@@ -249,7 +282,7 @@ class RingStream(_PureRingStream):
                 break  # the peek ended inside this frame's chains
         self._give_back(chains[i:])
         queue.push_many(used)
-        self._count(frames, got, merged, gso_frames, frames if csum else 0)
+        self._count(frames, got, merged, gso_frames, frames if csum else 0, v6)
         if queue.needs_notification():
             card.interrupt(1)
         # Drained once the socket gave all it held: the caller need not ask again.

@@ -33,7 +33,9 @@ from voidbox.virtio.net import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
@@ -62,6 +64,7 @@ class Recorder:
 
     accepts_partial_checksums = True
     accepts_tso4 = True
+    accepts_tso6 = True
     produces_guest_offloads = True  # the test builds every frame it delivers
 
     def __init__(self):
@@ -78,6 +81,7 @@ class Recorder:
 class Plain(Recorder):
     accepts_partial_checksums = False
     accepts_tso4 = False
+    accepts_tso6 = False
     produces_guest_offloads = False
 
 
@@ -158,11 +162,12 @@ def udp_frame(n=100):
 # ---- identity and negotiation -------------------------------------------------------------
 
 def test_offers_what_the_backend_honours(impl, memory):
-    assert Nic(impl, memory).device.features == ALL | GUEST_OFFLOADS
+    tso6 = 1 << VIRTIO_NET_F_HOST_TSO6 | 1 << VIRTIO_NET_F_GUEST_TSO6
+    assert Nic(impl, memory).device.features == ALL | GUEST_OFFLOADS | tso6
     plain = Nic(impl, memory, backend=Plain()).device.features
     assert plain == ALL & ~(1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4)
-    # A backend that does not build its frames (a TAP) gets no guest offloads offered.
-    assert not plain & GUEST_OFFLOADS
+    # A backend that does not build its frames gets no guest offloads offered.
+    assert not plain & (GUEST_OFFLOADS | tso6)
 
 
 def test_config_space_has_mac_link_up_one_pair_and_mtu(impl, memory):
@@ -233,9 +238,9 @@ def test_offloads_are_honoured_only_as_negotiated(impl, memory):
 
 def test_a_tso_segment_is_one_frame(impl, memory):
     nic = Nic(impl, memory)
-    big = guest_udp_frame(GATEWAY, 5555, 7, b"t" * 60000)
+    big = tcp_frame(b"t" * 60000)
     header = VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
-                                 54, 1448, 34, 6, 0)
+                                 54, 1448, 34, 16, 0)
     nic.send(big, header, chain=[4096] * 14 + [VIRTIO_NET_HDR_LEN + len(big) - 4096 * 14])
     assert nic.backend.sent == [(big, True)] and nic.counters["tx_tso_frames"] == 1
 
@@ -428,7 +433,7 @@ def test_rx_headers_carry_only_what_the_driver_acked(impl, memory, acked):
     assert nic.device.acked_features == features
     csum = acked.startswith("GUEST_CSUM")
     gso = acked == "GUEST_CSUM and GUEST_TSO4"
-    assert nic.device.rx_offloads() == (True, csum, gso)
+    assert nic.device.rx_offloads() == (True, csum, gso, False)  # no GUEST_TSO6 acked
     assert nic.counters["negotiated_guest_csum"] == (acked != "no guest offloads"
                                                      and acked != "GUEST_TSO4 alone")
     assert nic.counters["negotiated_guest_tso4"] == ("TSO4" in acked)

@@ -14,10 +14,10 @@ the device did not offer, sometimes without VERSION_1), sets up receiveq1 and tr
   ring slots and indexes, avail flags;
 - QueueNotify writes for either queue (and for queues that do not exist);
 - frames the backend delivers to the guest (any length, the backlog filling up), among
-  them TCP frames longer than the MTU (a GSO frame for a guest that acked GUEST_TSO4, cut
-  into segments for one that did not);
-- bursts of host TCP data through the card's stream port (a loopback socket's bytes, any
-  MSS and budget: GSO frames over whatever RX chains the driver posted);
+  them IPv4 and IPv6 TCP frames longer than the MTU (a GSO frame for a guest that acked
+  GUEST_TSO4 / GUEST_TSO6, cut into segments for one that did not);
+- bursts of host TCP data through the card's stream port, IPv4 and IPv6 flows (a loopback
+  socket's bytes, any MSS and budget: GSO frames over whatever RX chains the driver posted);
 - register writes (status bits on and off, features, queue registers, interrupt ack);
 - resets followed by a new, possibly hostile, negotiation and queue setup.
 
@@ -46,7 +46,8 @@ from tests.unit.test_virtio_mmio import Guest, Signals
 from tests.virtio_driver import Driver
 from voidbox.layout import MIN_MEM, MMIO_GAP_START, KiB
 from voidbox.memory import GuestMemory
-from voidbox.net.fastpath import build_ipv4_tcp
+from voidbox.net.fastpath import build_ipv4_tcp, build_ipv6_tcp
+from voidbox.net.ipv6 import ip6_to_bytes
 from voidbox.ring import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -86,7 +87,9 @@ from voidbox.virtio.net import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
@@ -96,6 +99,7 @@ from voidbox.virtio.net import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_LEN,
     VirtioNet,
 )
@@ -119,7 +123,8 @@ OFFERED = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_
            | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_STATUS)
            | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_CSUM)
            | (1 << VIRTIO_NET_F_HOST_TSO4) | (1 << VIRTIO_NET_F_GUEST_CSUM)
-           | (1 << VIRTIO_NET_F_GUEST_TSO4))
+           | (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_HOST_TSO6)
+           | (1 << VIRTIO_NET_F_GUEST_TSO6))
 OFFERED_BITS = [bit for bit in range(64) if OFFERED >> bit & 1]
 UNOFFERED_BITS = [13, 22, 40]  # HOST_ECN, CTRL_MAC_ADDR, RING_PACKED...: never offered
 FUZZ_SETTINGS = settings(
@@ -146,6 +151,7 @@ class Backend:
 
     accepts_partial_checksums = True
     accepts_tso4 = True
+    accepts_tso6 = True
     produces_guest_offloads = True
 
     def __init__(self):
@@ -298,10 +304,13 @@ def tx_header(draw):
         return VIRTIO_NET_HDR.pack(
             draw(st.sampled_from([VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 3])),
             draw(st.sampled_from([VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV4
-                                  | VIRTIO_NET_HDR_GSO_ECN, 3, 4, 5, 0xFF])),
+                                  | VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV6,
+                                  VIRTIO_NET_HDR_GSO_TCPV6 | VIRTIO_NET_HDR_GSO_ECN, 3, 5,
+                                  0xFF])),
             draw(st.one_of(st.integers(0, 100), header_fields)),
-            draw(st.one_of(st.sampled_from([0, 1, 1448]), header_fields)),
-            34, draw(st.sampled_from([16, 6, 0xFFFF])), draw(header_fields))
+            draw(st.one_of(st.sampled_from([0, 1, 1428, 1448]), header_fields)),
+            draw(st.sampled_from([34, 54, 0, 0xFFFF])), draw(st.sampled_from([16, 6, 0xFFFF])),
+            draw(header_fields))
     if kind == "random":
         return draw(st.binary(min_size=VIRTIO_NET_HDR_LEN, max_size=VIRTIO_NET_HDR_LEN))
     return draw(st.binary(max_size=VIRTIO_NET_HDR_LEN - 1))
@@ -309,18 +318,33 @@ def tx_header(draw):
 
 BIGGEST_UDP = guest_udp_frame(GATEWAY, 5555, 7, b"q" * (65535 - 28))  # a 64 KiB IPv4 packet
 STREAM_ETH = MAC + bytes.fromhex("525500000202") + b"\x08\x00"
+STREAM_ETH6 = MAC + bytes.fromhex("525500000202") + b"\x86\xdd"
+GUEST6, GATEWAY6 = ip6_to_bytes("fd00::100"), ip6_to_bytes("fd00::2")
 
 
-def host_tcp_frame(n: int) -> bytes:
+def host_tcp_frame(n: int, v6: bool = False) -> bytes:
     """A host -> guest TCP frame with n payload bytes, as the NAT would build it."""
+    if v6:
+        out = bytearray(60 + n)
+        build_ipv6_tcp(out, GATEWAY6, GUEST6, 0, 80, 40000, 1000, 1, 0x18, 500, b"", b"t" * n)
+        return STREAM_ETH6 + bytes(out)
     out = bytearray(40 + n)
     build_ipv4_tcp(out, GATEWAY, GUEST, 1, 80, 40000, 1000, 1, 0x18, 500, b"", b"t" * n)
     return STREAM_ETH + bytes(out)
+
+
+def guest_tcp6_frame(n: int) -> bytes:
+    """A guest -> host IPv6 TCP frame with n payload bytes (a TSO segment when n is big)."""
+    out = bytearray(60 + n)
+    build_ipv6_tcp(out, GUEST6, GATEWAY6, 0, 40000, 80, 1, 1000, 0x18, 500, b"", b"g" * n)
+    return MAC[::-1] + MAC + b"\x86\xdd" + bytes(out)
 tx_frames = st.one_of(
     st.integers(0, 1500).map(lambda n: guest_udp_frame(GATEWAY, 5555, 7, b"p" * n)),
     st.binary(max_size=80),
     st.sampled_from([BIGGEST_UDP[:13], BIGGEST_UDP[:14], BIGGEST_UDP[:15], BIGGEST_UDP,
                      BIGGEST_UDP.ljust(MAX_FRAME, b"v"), BIGGEST_UDP.ljust(MAX_FRAME + 1, b"v")]),
+    st.sampled_from([0, 1, 1440, 60000, 65475]).map(guest_tcp6_frame),
+    st.sampled_from([54, 60, 74, 80]).map(lambda n: guest_tcp6_frame(3000)[:n]),
 )
 
 
@@ -356,11 +380,12 @@ STEPS = {
         [0, 13, MAX_FRAME, MAX_FRAME + 1, 9000, 65000])), mostly(st.integers(1, 3),
                                                                  st.integers(1, 300))),
     "deliver_tcp": st.tuples(st.just("deliver_tcp"), mostly(
-        st.sampled_from([1460, 1461, 4000, 65495]), st.integers(0, 65495)), st.integers(1, 3)),
+        st.sampled_from([1440, 1441, 1460, 1461, 4000, 65475]), st.integers(0, 65475)),
+        st.integers(1, 3), st.booleans()),
     "stream": st.tuples(st.just("stream"), st.integers(0, 300_000),
-                        mostly(st.sampled_from([1460, 536, 1460]),
-                               st.sampled_from([1, 48, 535, 9000, 65495])),
-                        mostly(st.just(1 << 20), st.integers(0, 200_000))),
+                        mostly(st.sampled_from([1460, 536, 1440]),
+                               st.sampled_from([1, 48, 535, 9000, 65475])),
+                        mostly(st.just(1 << 20), st.integers(0, 200_000)), st.booleans()),
     "desc": st.tuples(st.just("desc"), st.sampled_from([RX_QUEUE, TX_QUEUE]),
                       st.one_of(st.none(), st.integers(0, 3)), st.integers(0, 17), raw_descriptor),
     "avail_idx": st.tuples(st.just("avail_idx"), st.sampled_from([RX_QUEUE, TX_QUEUE]),
@@ -409,7 +434,7 @@ class Play:
         self.delivered = 0
         self.sockets = None  # (near, far): a loopback TCP connection for the stream port
 
-    def stream(self, nbytes, mss, budget):
+    def stream(self, nbytes, mss, budget, v6=False):
         """A burst of host TCP data through the stream port, then what it sent consumed
         (as the guest's ACK would), so SO_PEEK_OFF is back at 0."""
         if self.sockets is None:
@@ -429,8 +454,9 @@ class Play:
             far.send(b"s" * nbytes)
         except BlockingIOError:
             pass
+        eth, src, dst = (STREAM_ETH6, GATEWAY6, GUEST6) if v6 else (STREAM_ETH, GATEWAY, GUEST)
         sent, peeked, frames, _status = self.port.send_tcp_stream(
-            near.fileno(), STREAM_ETH, GATEWAY, GUEST, 80, 40000, 1, 1, 500, mss, budget, 1)
+            near.fileno(), eth, src, dst, 80, 40000, 1, 1, 500, mss, budget, 1)
         assert 0 <= sent == peeked <= budget and 0 <= frames <= 256
         if sent:
             assert len(near.recv(sent)) == sent
@@ -522,9 +548,9 @@ class Play:
                 self.device.receive(frame)
             self.delivered += count
         elif kind == "deliver_tcp":
-            _, n, count = op
+            _, n, count, v6 = op
             for _ in range(count):
-                self.device.receive(host_tcp_frame(n))
+                self.device.receive(host_tcp_frame(n, v6))
             self.delivered += count
         elif kind == "stream":
             self.stream(*op[1:])
@@ -570,7 +596,8 @@ class Play:
         # Every RX header says only what the driver acked: walk the used buffers in order
         # (a frame's header in its first, num_buffers of them; 0 bytes: returned unused).
         rx = self.device._queue(RX_QUEUE)
-        _merge, csum, gso = self.device.rx_offloads()
+        offloads = self.device.rx_offloads()
+        csum = offloads.csum
         if self.log["ambiguous"]:
             self.log["completions"].clear()  # a re-offered held head: not readable back
             return
@@ -583,7 +610,8 @@ class Play:
             assert first is not None, f"a frame's first buffer with {written} bytes"
             flags, gso_type, _hl, _gs, _cs, _co, nbuf = VIRTIO_NET_HDR.unpack(first)
             assert flags == 0 or (csum and flags in (1, 2)), first
-            assert gso_type == 0 or (gso and gso_type == VIRTIO_NET_HDR_GSO_TCPV4), first
+            assert gso_type == 0 or (offloads.tso4 and gso_type == VIRTIO_NET_HDR_GSO_TCPV4) \
+                or (offloads.tso6 and gso_type == VIRTIO_NET_HDR_GSO_TCPV6), first
             assert nbuf >= 1
             self.continuations = nbuf - 1
             self.log["headers_checked"] += 1

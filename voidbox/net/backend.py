@@ -6,9 +6,10 @@ A backend never sees virtio. The NIC calls `attach(deliver, room)` once, then
 guest offloaded the TCP/UDP checksum at the packet's own header, so it is not checked).
 The backend calls `deliver(frame)` on its I/O thread for each frame for the guest; deliver
 copies it (or queues a copy) before it returns, so the backend may reuse its buffer.
-`accepts_partial_checksums` and `accepts_tso4` say which guest offloads it takes;
-`produces_guest_offloads` that every frame it delivers was built by it (checksums right)
-and its TCP may send the guest TSO frames, so the NIC may offer GUEST_CSUM and GUEST_TSO4.
+`accepts_partial_checksums`, `accepts_tso4` and `accepts_tso6` say which guest offloads it
+takes; `produces_guest_offloads` that every frame it delivers was built by it (checksums
+right) and its TCP may send the guest TSO frames, IPv4 and IPv6, so the NIC may offer
+GUEST_CSUM, GUEST_TSO4 and GUEST_TSO6.
 
 deliver returns False when the NIC dropped the frame: its guest has posted no room (its
 backlog is full) or no driver is up. A backend that reads from an fd (TAP) then stops
@@ -43,6 +44,7 @@ from voidbox.net.tap import (
     TAP_READ_BATCH,
     TUN_F_CSUM,
     TUN_F_TSO4,
+    TUN_F_TSO6,
     TUNSETOFFLOAD,
     open_tap,
 )
@@ -61,9 +63,11 @@ class SlirpBackend:
     """The user-mode NAT (voidbox.net.engine) as a NIC's backend, on `loop`'s thread."""
 
     # The engine relays payloads and never forwards packets: a partial checksum at the
-    # packet's own header needs no check, and a 64 KiB TSO segment is one host send.
+    # packet's own header needs no check, and a 64 KiB TSO segment is one host send
+    # (IPv4 or IPv6: the engine takes an IPv6 TCP segment of any payload length).
     accepts_partial_checksums = True
     accepts_tso4 = True
+    accepts_tso6 = True
     # Every frame to the guest is one the engine built, and its TCP relay takes the NIC's
     # stream port: checksums the guest need not check, TSO frames the guest may ack.
     produces_guest_offloads = True
@@ -121,6 +125,7 @@ class NullBackend:
 
     accepts_partial_checksums = True
     accepts_tso4 = True
+    accepts_tso6 = True
     produces_guest_offloads = True  # it sends nothing; a test's frames are built ones
 
     def __init__(self):
@@ -162,9 +167,10 @@ class TapBackend:
     """
 
     accepts_partial_checksums = True
-    # The kernel takes a guest's TSO segment as one GSO skb (virtio_net_hdr_to_skb checks
-    # the header, as it does for QEMU's and vhost-net's writes).
+    # The kernel takes a guest's TSO segment, IPv4 or IPv6, as one GSO skb
+    # (virtio_net_hdr_to_skb checks the header, as it does for QEMU's and vhost-net's writes).
     accepts_tso4 = True
+    accepts_tso6 = True
     # Frames towards the guest carry the header the kernel writes for exactly the offloads
     # TUNSETOFFLOAD allows, and that follows what the driver acked (set_guest_offloads).
     produces_guest_offloads = True
@@ -195,10 +201,12 @@ class TapBackend:
         self.card = card
         self._watch()
 
-    def set_guest_offloads(self, csum: bool, tso4: bool) -> None:
-        """The driver acked GUEST_CSUM / GUEST_TSO4 (or was reset): the kernel may hand us
-        partial checksums and GSO frames exactly as far as the guest takes them."""
-        offloads = (TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if csum and tso4 else 0)
+    def set_guest_offloads(self, csum: bool, tso4: bool, tso6: bool = False) -> None:
+        """The driver acked GUEST_CSUM / GUEST_TSO4 / GUEST_TSO6 (or was reset): the kernel
+        may hand us partial checksums and GSO frames exactly as far as the guest takes
+        them (each TSO only with the checksum offload, as §5.1.3.1 has it)."""
+        offloads = ((TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if csum and tso4 else 0)
+                    | (TUN_F_TSO6 if csum and tso6 else 0))
         if self.fd < 0 or self.gone:
             return
         try:

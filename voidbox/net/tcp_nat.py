@@ -40,8 +40,8 @@ host kernel socket is the buffer:
 - IPv6 flows are the same flows with 16-byte addresses (flow_key, TcpCore and emit take
   either): an AF_INET6 host socket, fd00::2 translated to the host's ::1, an MSS 20
   bytes smaller for the longer header, IPv6 headers and pseudo-header checksums in the
-  segments (the TAP's stream sender writes them too; a port without IPv6 support, a VM
-  card's ring stream, leaves IPv6 flows on the Python path).
+  segments (the TAP's stream sender and a VM card's ring stream write them too; a port
+  without IPv6 support leaves IPv6 flows on the Python path).
 """
 
 from __future__ import annotations
@@ -247,7 +247,8 @@ class TcpNat:
         Without SO_PEEK_OFF (old kernels) the Python path stays in use.
         """
         self.stream_port = port
-        self.stream_v6 = isinstance(port, FramePort)
+        # FramePort, and a card's RingStream (streams_ipv6), write IPv6 frames too.
+        self.stream_v6 = isinstance(port, FramePort) or getattr(port, "streams_ipv6", False)
         self._eth_header = eth_header
         self._port_blocked = blocked
 

@@ -2,17 +2,20 @@
 
 `RingStream(card)` is the card's stream port for the NAT's TCP relay: it has the
 `send_tcp_stream` of voidbox/_slirp.pyx's FramePort, so TcpNat drives a VM's card exactly
-as it drives `net run`'s TAP. One burst peeks the host socket (at its SO_PEEK_OFF) into
-RX chains, writes the virtio_net_hdr, Ethernet, IPv4 and TCP headers in front of each
-frame's payload, and publishes them with one used-index update. The compiled twin peeks
+as it drives `net run`'s TAP, IPv4 and IPv6 flows alike (the addresses' length says
+which). One burst peeks the host socket (at its SO_PEEK_OFF) into RX chains, writes the
+virtio_net_hdr, Ethernet, IP (IPv4, or IPv6 without extension headers) and TCP headers in
+front of each frame's payload, and publishes them with one used-index update. The compiled twin peeks
 straight into guest memory (recvmsg over the chains' iovecs: no copy on the way); this
 twin peeks into a buffer and copies, with the same results.
 
 Frames, as the driver acked (card.rx_offloads()):
-- Without GUEST_TSO4 a frame carries one segment of at most the guest's MSS; with it (and
-  an MSS of at least GSO_MIN_MSS) up to 64 KiB of whole MSS segments, as one GSO_TCPV4
-  frame (gso_size the MSS, hdr_len the 54 header bytes) whenever it holds more than one,
-  as a TAP's TSO segment from FramePort would be.
+- Without GUEST_TSO4 (GUEST_TSO6 for an IPv6 flow) a frame carries one segment of at most
+  the guest's MSS; with it (and an MSS of at least GSO_MIN_MSS) up to 64 KiB of whole MSS
+  segments, as one GSO_TCPV4 (GSO_TCPV6) frame (gso_size the MSS, hdr_len the 54 (74)
+  header bytes) whenever it holds more than one, as a TAP's TSO segment from FramePort
+  would be. An IPv6 frame carries at most as many bytes as an IPv4 one (its payload 20
+  bytes less), so every frame stays within MAX_FRAME.
 - With MRG_RXBUF a frame spreads over as many chains as it needs (num_buffers says how
   many: the headers and the first payload bytes in the first chain, payload only in the
   rest); without it a frame is one chain.
@@ -55,6 +58,7 @@ from .net import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_LEN,
 )
 
@@ -65,36 +69,54 @@ STREAM_BLOCKED = slirp.STREAM_BLOCKED
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 ETH_HLEN = 14
 IPV4_TCP_HLEN = 40
+IPV6_TCP_HLEN = 60
 # In front of every frame's payload: virtio_net_hdr, Ethernet, IPv4 and TCP headers.
 FRAME_HEADROOM = VIRTIO_NET_HDR_LEN + ETH_HLEN + IPV4_TCP_HLEN
 PACKET_HEADERS = ETH_HLEN + IPV4_TCP_HLEN  # hdr_len of a GSO frame
 CSUM_START = ETH_HLEN + 20  # the TCP header
+# The same for an IPv6 flow: a 40-byte IP header.
+FRAME_HEADROOM6 = VIRTIO_NET_HDR_LEN + ETH_HLEN + IPV6_TCP_HLEN
+PACKET_HEADERS6 = ETH_HLEN + IPV6_TCP_HLEN
+CSUM_START6 = ETH_HLEN + 40
 TCP_CSUM_OFFSET = 16
 TCP_ACK = 0x10
 TCP_PSH = 0x08
 MAX_CHAINS = 256  # chains one burst fills at most (a queue's worth)
 # The most TCP payload one IPv4 packet (one GSO frame) carries: 16-bit total length.
 MAX_GSO_PAYLOAD = 65535 - IPV4_TCP_HLEN
+# An IPv6 GSO frame no longer than the largest IPv4 one (as FramePort's MAX_SEG_PAYLOAD6).
+MAX_GSO_PAYLOAD6 = MAX_GSO_PAYLOAD - (IPV6_TCP_HLEN - IPV4_TCP_HLEN)
 # Below this MSS no GSO frames (RFC 9293 §3.7.1 default MSS, as FramePort's TSO_MIN_MSS):
 # a guest announcing a tiny MSS must not make one frame thousands of segments.
 GSO_MIN_MSS = 536
 _INT = struct.Struct("i")
 
 
-def frame_payload_cap(mss: int, gso: bool) -> int:
+def frame_payload_cap(mss: int, gso: bool, v6: bool = False) -> int:
     """The most payload one frame carries: whole MSS segments up to 64 KiB with GSO."""
     if gso and mss >= GSO_MIN_MSS:
-        return (MAX_GSO_PAYLOAD // mss) * mss
+        return ((MAX_GSO_PAYLOAD6 if v6 else MAX_GSO_PAYLOAD) // mss) * mss
     return mss
 
 
-def stream_header(n: int, mss: int, csum: bool, gso: bool, num_buffers: int) -> bytes:
+def frame_layout(v6: bool) -> tuple[int, int, int]:
+    """(headroom in a frame's first chain, hdr_len, csum_start) of an IPv4 or IPv6 flow."""
+    if v6:
+        return FRAME_HEADROOM6, PACKET_HEADERS6, CSUM_START6
+    return FRAME_HEADROOM, PACKET_HEADERS, CSUM_START
+
+
+def stream_header(n: int, mss: int, csum: bool, gso: bool, num_buffers: int,
+                  v6: bool = False) -> bytes:
     """The virtio_net_hdr of a stream frame with n payload bytes (§5.1.6.4.1)."""
     if not csum:
         return VIRTIO_NET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0, num_buffers)
-    gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if gso and n > mss else VIRTIO_NET_HDR_GSO_NONE
-    return VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, PACKET_HEADERS,
-                               mss if gso_type else 0, CSUM_START, TCP_CSUM_OFFSET,
+    gso_type = VIRTIO_NET_HDR_GSO_NONE
+    if gso and n > mss:
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
+    _headroom, hdr_len, csum_start = frame_layout(v6)
+    return VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len,
+                               mss if gso_type else 0, csum_start, TCP_CSUM_OFFSET,
                                num_buffers)
 
 
@@ -112,6 +134,8 @@ def unread_beyond_peek(sockfd: int) -> int:
 class RingStream:
     """A virtio-net card's stream port (see the module docstring)."""
 
+    streams_ipv6 = True  # TcpNat sends IPv6 flows through it too
+
     def __init__(self, card):
         self.card = card
 
@@ -123,6 +147,12 @@ class RingStream:
     def send_tcp_stream(self, sockfd, eth_header, src_ip, dst_ip, src_port, dst_port, seq,
                         ack, window, mss, budget, ip_id):
         """-> (bytes sent, bytes peeked, frames, status), as FramePort.send_tcp_stream."""
+        v6 = len(src_ip) == 16 and len(dst_ip) == 16
+        if len(eth_header) != ETH_HLEN or not (v6 or (len(src_ip) == 4 and len(dst_ip) == 4)):
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4, IPv6 ones 16")
+        if not 0 < mss <= (MAX_GSO_PAYLOAD6 if v6 else MAX_GSO_PAYLOAD):
+            raise ValueError("mss out of range")
+        headroom, packet_headers, csum_start = frame_layout(v6)
         card = self.card
         with card._lock:
             queue = card._queue(0)
@@ -132,9 +162,12 @@ class RingStream:
             want = min(budget, unread)
             if want <= 0:
                 return 0, 0, 0, self._empty_status(sockfd)
-            merge, csum, gso = card.rx_offloads()
+            offloads = card.rx_offloads()
+            merge, csum = offloads.merge, offloads.csum
+            gso = offloads.tso6 if v6 else offloads.tso4
             chains, caps, firsts = self._take_planned(queue, want, mss,
-                                                      frame_payload_cap(mss, gso), merge)
+                                                      frame_payload_cap(mss, gso, v6), merge,
+                                                      headroom)
             if not chains:
                 card.counters["rx_starved"] += 1
                 return 0, 0, 0, STREAM_BLOCKED
@@ -168,20 +201,21 @@ class RingStream:
                     rest -= amounts[-1]
                 n = sum(amounts)
                 flags = TCP_ACK | (TCP_PSH if done + n >= got else 0)
-                frame = bytearray(PACKET_HEADERS + n)
+                frame = bytearray(packet_headers + n)
                 frame[:ETH_HLEN] = eth_header
-                slirp.build_ipv4_tcp(memoryview(frame)[ETH_HLEN:], src_ip, dst_ip,
-                                     (ip_id + frames) & 0xFFFF, src_port, dst_port,
-                                     (seq + done) & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags,
-                                     window, b"", buf[done:done + n])
+                build = slirp.build_ipv6_tcp if v6 else slirp.build_ipv4_tcp
+                build(memoryview(frame)[ETH_HLEN:], src_ip, dst_ip, (ip_id + frames) & 0xFFFF,
+                      src_port, dst_port, (seq + done) & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags,
+                      window, b"", buf[done:done + n])
                 if csum:
-                    struct.pack_into("!H", frame, CSUM_START + TCP_CSUM_OFFSET,
+                    # The IPv6 pseudo-header (RFC 8200 §8.1) sums as IPv4's below 64 KiB.
+                    struct.pack_into("!H", frame, csum_start + TCP_CSUM_OFFSET,
                                      pseudo_header_sum(bytes(src_ip), bytes(dst_ip), 6, 20 + n))
-                data = stream_header(n, mss, csum, gso, len(amounts)) + frame
+                data = stream_header(n, mss, csum, gso, len(amounts), v6) + frame
                 pos = 0
                 for k, amount in enumerate(amounts):
                     chain = chains[i + k]
-                    size = amount + (FRAME_HEADROOM if k == 0 else 0)
+                    size = amount + (headroom if k == 0 else 0)
                     chain.write(data[pos:pos + size], 0)
                     used.append((chain.head, size))
                     pos += size
@@ -197,17 +231,18 @@ class RingStream:
                     break  # the peek ended inside this frame's chains
             self._give_back(chains[i:])
             queue.push_many(used)
-            self._count(frames, got, *stats)
+            self._count(frames, got, *stats, v6=v6)
             if queue.needs_notification():
                 card.interrupt(1)
             # Drained once the socket gave all it held: the caller need not ask again.
             return got, got, frames, STREAM_DRAINED if got >= unread else STREAM_MORE
 
-    def _take_planned(self, queue, want: int, mss: int, frame_cap: int, merge: bool):
+    def _take_planned(self, queue, want: int, mss: int, frame_cap: int, merge: bool,
+                      headroom: int = FRAME_HEADROOM):
         """RX chains for up to want payload bytes, and their plan: (chains, caps, firsts),
         caps[i] the payload bytes chain i is to hold, firsts[i] whether it starts a frame
-        (and so holds the headers). A frame holds at most frame_cap bytes; with merge it
-        takes further chains until it does."""
+        (and so holds the headroom bytes of headers). A frame holds at most frame_cap
+        bytes; with merge it takes further chains until it does."""
         chains, caps, firsts = [], [], []
         left = want
         room = 0  # payload the current frame may still take in further chains
@@ -215,7 +250,7 @@ class RingStream:
         # with GSO the first chain's size tells how many the rest needs.
         count = -(-want // mss) if frame_cap == mss else 1
         while left > 0 and len(chains) < MAX_CHAINS:
-            more = self._take(queue, max(1, min(count, MAX_CHAINS - len(chains))))
+            more = self._take(queue, max(1, min(count, MAX_CHAINS - len(chains))), headroom)
             if not more:
                 break
             for index, chain in enumerate(more):
@@ -227,7 +262,7 @@ class RingStream:
                     firsts.append(False)
                 else:
                     room = min(frame_cap, left)
-                    take = min(chain.writable - FRAME_HEADROOM, room)
+                    take = min(chain.writable - headroom, room)
                     firsts.append(True)
                 chains.append(chain)
                 caps.append(take)
@@ -236,12 +271,12 @@ class RingStream:
             # The rest, in chains the size of the last one.
             typical = chains[-1].writable
             if merge:
-                count = -(-(left + -(-left // frame_cap) * FRAME_HEADROOM) // typical)
+                count = -(-(left + -(-left // frame_cap) * headroom) // typical)
             else:
-                count = -(-left // min(typical - FRAME_HEADROOM, frame_cap))
+                count = -(-left // min(typical - headroom, frame_cap))
         return chains, caps, firsts
 
-    def _take(self, queue, n: int) -> list:
+    def _take(self, queue, n: int, headroom: int = FRAME_HEADROOM) -> list:
         """n RX chains big enough for headers and a byte: the card's held ones first."""
         card = self.card
         held = card._rx_held
@@ -263,7 +298,7 @@ class RingStream:
                     break
                 held.extend(more)
             chain = held.popleft()
-            if chain.writable <= FRAME_HEADROOM:
+            if chain.writable <= headroom:
                 queue.push(chain.head, 0)  # too small for a segment: back, unused
                 card.counters["rx_buffer_too_small"] += 1
                 continue
@@ -290,16 +325,19 @@ class RingStream:
             return STREAM_MORE
         return STREAM_EOF if hup else STREAM_DRAINED
 
-    def _count(self, frames: int, payload: int, merged: int, gso: int, csum: int) -> None:
+    def _count(self, frames: int, payload: int, merged: int, gso: int, csum: int,
+               v6: bool = False) -> None:
         counters = self.card.counters
         counters["rx_frames"] += frames
-        counters["rx_bytes"] += frames * PACKET_HEADERS + payload
+        counters["rx_bytes"] += frames * (PACKET_HEADERS6 if v6 else PACKET_HEADERS) + payload
         counters["rx_stream_frames"] += frames
         counters["rx_stream_bytes"] += payload
         if merged:
             counters["rx_merged_frames"] += merged
         if gso:
             counters["rx_gso_frames"] += gso
+            if v6:
+                counters["rx_gso6_frames"] += gso
         if csum:
             counters["rx_csum_offloaded"] += csum
 

@@ -6,11 +6,11 @@ registers or vhost-user, so any transport can host it.
 
 The backend contract (voidbox.net.backend): the device hands every frame the guest sends
 to `backend.guest_frame(frame, csum_verified)`; the backend hands every frame for the
-guest to `device.receive(frame)`, from its own I/O thread. `accepts_partial_checksums`
-and `accepts_tso4` say which offloads it can honour; only those are offered.
-`produces_guest_offloads` says every frame it hands over was built by it (so its
+guest to `device.receive(frame)`, from its own I/O thread. `accepts_partial_checksums`,
+`accepts_tso4` and `accepts_tso6` say which offloads it can honour; only those are
+offered. `produces_guest_offloads` says every frame it hands over was built by it (so its
 checksums can be vouched for) and its TCP relay can use the stream port's TSO frames: only
-then are GUEST_CSUM and GUEST_TSO4 offered. A backend that stops sending when receive()
+then are GUEST_CSUM, GUEST_TSO4 and GUEST_TSO6 offered. A backend that stops sending when receive()
 refuses a frame is told by `backend.rx_ready()` (on the RX kick, once the backlog is
 placed) that it may send again.
 
@@ -18,9 +18,13 @@ Decisions a reader should know:
 - The header is always the 12-byte struct virtio_net_hdr (§5.1.6: VERSION_1 includes
   num_buffers). Every header a hostile driver writes is checked: a header shorter than 12
   bytes, a checksum request (NEEDS_CSUM) pointing outside the frame, a GSO type or flag
-  that was not negotiated, a gso_size of 0 or not below the frame's length, a frame
-  shorter than an Ethernet header or longer than MAX_FRAME: each is dropped and counted,
-  its chain retired, and the queue keeps serving.
+  that was not negotiated (GSO_TCPV4 needs HOST_TSO4, GSO_TCPV6 HOST_TSO6, ECN and UDP
+  never), a gso_size of 0 or not below the frame's length, a frame shorter than an
+  Ethernet header or longer than MAX_FRAME: each is dropped and counted, its chain
+  retired, and the queue keeps serving. A GSO frame the backend takes as one TCP segment
+  (not a TAP's: the kernel checks those) must also be what its type says, an IPv4 or
+  IPv6 TCP packet whose headers and lengths fit the frame, with the checksum request at
+  its TCP checksum (gso_layers_match).
 - A partial checksum (NEEDS_CSUM) at the packet's own TCP/UDP header is taken as vouched
   for (the NAT relays payloads, it never forwards packets); one anywhere else is finished
   here, as the host stack's skb_checksum_help would.
@@ -32,16 +36,19 @@ Decisions a reader should know:
   costs bounded memory.
 - What the driver acked decides every header written towards it (`rx_offloads`): without
   GUEST_CSUM a frame is complete and its header's flags are 0; without GUEST_TSO4 (or
-  with it but without GUEST_CSUM, which §5.1.3.1 forbids) no frame is a GSO one. With
+  with it but without GUEST_CSUM, which §5.1.3.1 forbids) no IPv4 frame is a GSO one,
+  and without GUEST_TSO6 no IPv6 frame (a driver may ack one and not the other). With
   GUEST_CSUM, frames the backend built go with DATA_VALID (their checksum is already
   there: the guest skips its check and a guest that forwards them sends them intact);
   the stream port's frames go with NEEDS_CSUM (nobody ever sums the payload: see
-  voidbox/virtio/_netrx_py.py). With GUEST_TSO4 the stream port puts up to 64 KiB of
-  TCP payload in one frame (GSO_TCPV4, gso_size the guest's MSS), and a TCP frame longer
-  than the MTU handed to receive() goes as a GSO frame; to a guest without it such a
-  frame is cut into MTU-sized segments here.
+  voidbox/virtio/_netrx_py.py). With GUEST_TSO4 (GUEST_TSO6) the stream port puts up to
+  64 KiB of an IPv4 (IPv6) flow's TCP payload in one frame (GSO_TCPV4 / GSO_TCPV6,
+  gso_size the guest's MSS), and a TCP frame of that family longer than the MTU handed
+  to receive() goes as a GSO frame; to a guest without it such a frame is cut into
+  MTU-sized segments here (segment_tcp).
 - The counters say which offloads were negotiated (`negotiated_*`, set on activation)
-  and used (rx_gso_frames, rx_csum_offloaded, rx_csum_valid, rx_gso_segmented; tx_*).
+  and used (rx_gso_frames, of them rx_gso6_frames IPv6 ones, rx_csum_offloaded,
+  rx_csum_valid, rx_gso_segmented; tx_*, tx_tso6_frames among them).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import errno
 import struct
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..net.packets import pseudo_header_sum
 from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE, QueueError
@@ -73,7 +81,9 @@ VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
 VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
 VIRTIO_NET_F_HOST_ECN = 13
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
@@ -88,6 +98,7 @@ VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
 VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 ETH_HLEN = 14
@@ -102,7 +113,8 @@ TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 UDP_CSUM_OFFSET = 6  # RFC 768
 VLAN_HLEN = 4
 # The largest frame either way: a 64 KiB IPv4 packet (a TSO segment) behind an Ethernet
-# header and two VLAN tags. Anything longer is dropped, never truncated.
+# header and two VLAN tags (IPv6 TSO frames, ours and Linux's, stay within it too).
+# Anything longer is dropped, never truncated.
 MAX_FRAME = ETH_HLEN + 2 * VLAN_HLEN + 65535
 DEFAULT_MTU = 1500
 # Frames waiting for RX buffers: a NIC's worth of queue. Past it, frames are dropped.
@@ -118,7 +130,9 @@ PLAIN = (0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)
 # Negotiated features as the counters show them (negotiated_<name>: 0 or 1).
 NAMED_FEATURES = {
     "csum": VIRTIO_NET_F_CSUM, "host_tso4": VIRTIO_NET_F_HOST_TSO4,
+    "host_tso6": VIRTIO_NET_F_HOST_TSO6,
     "guest_csum": VIRTIO_NET_F_GUEST_CSUM, "guest_tso4": VIRTIO_NET_F_GUEST_TSO4,
+    "guest_tso6": VIRTIO_NET_F_GUEST_TSO6,
     "mrg_rxbuf": VIRTIO_NET_F_MRG_RXBUF, "event_idx": VIRTIO_F_EVENT_IDX,
     "indirect_desc": VIRTIO_F_INDIRECT_DESC,
 }
@@ -157,36 +171,63 @@ def l4_checksum_offset(frame) -> int | None:
     return None
 
 
-def tcp4_super_frame(frame, mtu: int) -> tuple[int, int, int] | None:
-    """(IPv4 header length, TCP header length, packet length) of an untunnelled, unfragmented
-    IPv4 TCP frame whose packet is longer than mtu (a TSO segment), else None."""
-    if len(frame) < ETH_HLEN + 40 or frame[12] << 8 | frame[13] != ETH_P_IP:
-        return None
-    vihl = frame[ETH_HLEN]
-    ihl = (vihl & 0x0F) * 4
-    if vihl >> 4 != 4 or ihl < 20 or frame[ETH_HLEN + 9] != IPPROTO_TCP:
-        return None
-    total = frame[ETH_HLEN + 2] << 8 | frame[ETH_HLEN + 3]
-    if total <= mtu or ETH_HLEN + total > len(frame) or ETH_HLEN + ihl + 20 > len(frame):
-        return None
-    if (frame[ETH_HLEN + 6] & 0x3F) | frame[ETH_HLEN + 7]:
-        return None  # a fragment (MF or an offset): not a segment of ours to cut
-    thl = (frame[ETH_HLEN + ihl + 12] >> 4) * 4
-    if thl < 20 or ihl + thl >= total or mtu - ihl - thl <= 0:
-        return None
-    return ihl, thl, total
+class SuperFrame(NamedTuple):
+    """The layout of a TCP frame longer than the MTU (a TSO segment), as cut by segment_tcp."""
+
+    v6: bool
+    iphl: int  # the IP header's length: IPv4's IHL, or IPv6's fixed 40 bytes
+    thl: int  # the TCP header's length
+    total: int  # the IP packet's length, its header included
 
 
-def segment_tcp4(frame, ihl: int, thl: int, total: int, mss: int) -> list[bytearray]:
-    """Cut an IPv4 TCP super-frame into frames of mss payload bytes each, as a NIC's TSO
-    would: consecutive sequence numbers and IP ids, FIN and PSH on the last only, CWR on
-    the first only, both checksums computed (RFC 9293 §3.1, RFC 791 §3.1)."""
+def tcp_super_frame(frame, mtu: int) -> SuperFrame | None:
+    """The layout of an untunnelled TCP frame whose IP packet is longer than mtu (a TSO
+    segment): IPv4 unfragmented, or IPv6 with TCP right after the fixed header (RFC 8200
+    §3). Else None (not TCP, a fragment, an extension header, lengths that disagree)."""
+    if len(frame) < ETH_HLEN + 40:
+        return None
+    ethertype = frame[12] << 8 | frame[13]
+    if ethertype == ETH_P_IPV6:
+        if len(frame) < ETH_HLEN + IPV6_HLEN + 20 or frame[ETH_HLEN] >> 4 != 6 \
+                or frame[ETH_HLEN + IPV6_NEXT_HEADER] != IPPROTO_TCP:
+            return None
+        v6, iphl = True, IPV6_HLEN
+        # Payload length 0 is a jumbogram's (RFC 2675): never longer than mtu here.
+        total = IPV6_HLEN + (frame[ETH_HLEN + 4] << 8 | frame[ETH_HLEN + 5])
+    elif ethertype == ETH_P_IP:
+        vihl = frame[ETH_HLEN]
+        v6, iphl = False, (vihl & 0x0F) * 4
+        if vihl >> 4 != 4 or iphl < 20 or frame[ETH_HLEN + 9] != IPPROTO_TCP:
+            return None
+        if (frame[ETH_HLEN + 6] & 0x3F) | frame[ETH_HLEN + 7]:
+            return None  # a fragment (MF or an offset): not a segment of ours to cut
+        total = frame[ETH_HLEN + 2] << 8 | frame[ETH_HLEN + 3]
+    else:
+        return None
+    if total <= mtu or ETH_HLEN + total > len(frame) or ETH_HLEN + iphl + 20 > len(frame):
+        return None
+    thl = (frame[ETH_HLEN + iphl + 12] >> 4) * 4
+    if thl < 20 or iphl + thl >= total or mtu - iphl - thl <= 0:
+        return None
+    return SuperFrame(v6, iphl, thl, total)
+
+
+def segment_tcp(frame, layout: SuperFrame, mss: int) -> list[bytearray]:
+    """Cut a TCP super-frame into frames of mss payload bytes each, as a NIC's TSO would:
+    consecutive sequence numbers, FIN and PSH on the last only, CWR on the first only, the
+    TCP checksum computed over each segment's pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1).
+    IPv4 segments get consecutive IP ids and their header checksum (RFC 791 §3.1); IPv6
+    ones only their payload length (no id outside a Fragment header, no header checksum)."""
     from ..net.fastpath import tcp_checksum
 
-    l4 = ETH_HLEN + ihl
+    v6, iphl, thl, total = layout
+    l4 = ETH_HLEN + iphl
     start, end = l4 + thl, ETH_HLEN + total
-    src, dst = bytes(frame[ETH_HLEN + 12:ETH_HLEN + 16]), bytes(frame[ETH_HLEN + 16:ETH_HLEN + 20])
-    ident = frame[ETH_HLEN + 4] << 8 | frame[ETH_HLEN + 5]
+    if v6:
+        src, dst = bytes(frame[ETH_HLEN + 8:ETH_HLEN + 24]), bytes(frame[ETH_HLEN + 24:ETH_HLEN + 40])
+    else:
+        src, dst = bytes(frame[ETH_HLEN + 12:ETH_HLEN + 16]), bytes(frame[ETH_HLEN + 16:ETH_HLEN + 20])
+        ident = frame[ETH_HLEN + 4] << 8 | frame[ETH_HLEN + 5]
     seq = struct.unpack_from("!I", frame, l4 + 4)[0]
     flags = frame[l4 + 13]
     headers = bytes(frame[:start])
@@ -195,9 +236,12 @@ def segment_tcp4(frame, ihl: int, thl: int, total: int, mss: int) -> list[bytear
         chunk = frame[off:min(off + mss, end)]
         seg = bytearray(headers)
         seg += chunk
-        struct.pack_into("!HH", seg, ETH_HLEN + 2, ihl + thl + len(chunk), (ident + i) & 0xFFFF)
-        struct.pack_into("!H", seg, ETH_HLEN + 10, 0)
-        struct.pack_into("!H", seg, ETH_HLEN + 10, inet_checksum(seg[ETH_HLEN:l4]))
+        if v6:
+            struct.pack_into("!H", seg, ETH_HLEN + 4, thl + len(chunk))
+        else:
+            struct.pack_into("!HH", seg, ETH_HLEN + 2, iphl + thl + len(chunk), (ident + i) & 0xFFFF)
+            struct.pack_into("!H", seg, ETH_HLEN + 10, 0)
+            struct.pack_into("!H", seg, ETH_HLEN + 10, inet_checksum(seg[ETH_HLEN:l4]))
         struct.pack_into("!I", seg, l4 + 4, (seq + off - start) & 0xFFFFFFFF)
         f = flags if off + mss >= end else flags & ~(TCP_FIN | TCP_PSH)
         seg[l4 + 13] = f if i == 0 else f & ~TCP_CWR
@@ -205,6 +249,59 @@ def segment_tcp4(frame, ihl: int, thl: int, total: int, mss: int) -> list[bytear
         struct.pack_into("!H", seg, l4 + TCP_CSUM_OFFSET, tcp_checksum(src, dst, seg[l4:]))
         out.append(seg)
     return out
+
+
+def gso_layers_match(frame, gso_type: int, csum_start: int, csum_offset: int) -> bool:
+    """Whether a guest's GSO frame is what its header says: an IPv4 (GSO_TCPV4) or IPv6
+    (GSO_TCPV6, TCP right after the fixed header) TCP packet whose whole TCP header is in
+    the frame, the IP lengths within it, and the checksum request at its TCP checksum.
+    The backend then takes it as one TCP segment; anything else is a lie to drop."""
+    length = len(frame)
+    if length < ETH_HLEN + 20:
+        return False
+    ethertype = frame[12] << 8 | frame[13]
+    if gso_type == VIRTIO_NET_HDR_GSO_TCPV6:
+        if ethertype != ETH_P_IPV6 or length < ETH_HLEN + IPV6_HLEN \
+                or frame[ETH_HLEN] >> 4 != 6 or frame[ETH_HLEN + IPV6_NEXT_HEADER] != IPPROTO_TCP:
+            return False
+        l4 = ETH_HLEN + IPV6_HLEN
+        end = l4 + (frame[ETH_HLEN + 4] << 8 | frame[ETH_HLEN + 5])
+    elif gso_type == VIRTIO_NET_HDR_GSO_TCPV4:
+        vihl = frame[ETH_HLEN]
+        if ethertype != ETH_P_IP or vihl >> 4 != 4 or vihl & 0x0F < 5 \
+                or frame[ETH_HLEN + 9] != IPPROTO_TCP:
+            return False
+        l4 = ETH_HLEN + (vihl & 0x0F) * 4
+        end = ETH_HLEN + (frame[ETH_HLEN + 2] << 8 | frame[ETH_HLEN + 3])
+    else:
+        return False
+    if l4 + 20 > length or end > length:
+        return False
+    thl = (frame[l4 + 12] >> 4) * 4
+    return thl >= 20 and l4 + thl <= end and (csum_start, csum_offset) == (l4, TCP_CSUM_OFFSET)
+
+
+class RxOffloads(NamedTuple):
+    """What a header towards the guest may say, from what the driver acked (rx_offloads)."""
+
+    merge: bool  # a frame may spread over several buffers (MRG_RXBUF)
+    csum: bool  # NEEDS_CSUM or DATA_VALID (GUEST_CSUM)
+    tso4: bool  # a GSO_TCPV4 frame (GUEST_TSO4 with GUEST_CSUM)
+    tso6: bool  # a GSO_TCPV6 frame (GUEST_TSO6 with GUEST_CSUM)
+
+    def allows_gso(self, gso_type: int) -> bool:
+        """Whether a header with this gso_type may go to the driver (GSO_NONE always)."""
+        if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+            return True
+        if gso_type == VIRTIO_NET_HDR_GSO_TCPV4:
+            return self.tso4
+        if gso_type == VIRTIO_NET_HDR_GSO_TCPV6:
+            return self.tso6
+        return False  # ECN, UDP: never negotiated
+
+    @property
+    def any_gso(self) -> bool:
+        return self.tso4 or self.tso6
 
 
 class VirtioNet(VirtioDevice):
@@ -247,16 +344,21 @@ class VirtioNet(VirtioDevice):
                 | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_NET_F_MAC)
                 | (1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_STATUS)
                 | (1 << VIRTIO_NET_F_MRG_RXBUF))
-        # Only what the backend can take is offered; HOST_TSO4 requires CSUM (§5.1.3.1).
+        # Only what the backend can take is offered; HOST_TSO4 and HOST_TSO6 require CSUM
+        # (§5.1.3.1).
         if getattr(self.backend, "accepts_partial_checksums", False):
             bits |= 1 << VIRTIO_NET_F_CSUM
             if getattr(self.backend, "accepts_tso4", False):
                 bits |= 1 << VIRTIO_NET_F_HOST_TSO4
+            if getattr(self.backend, "accepts_tso6", False):
+                bits |= 1 << VIRTIO_NET_F_HOST_TSO6
         # Offloads towards the guest only from a backend that builds every frame it sends
-        # (its checksums are right) and relays TCP through the stream port. GUEST_TSO4
-        # requires GUEST_CSUM (§5.1.3.1): both or neither.
+        # (its checksums are right) and relays TCP through the stream port (which writes
+        # IPv4 and IPv6 GSO frames alike). GUEST_TSO4 and GUEST_TSO6 require GUEST_CSUM
+        # (§5.1.3.1): all three or none.
         if getattr(self.backend, "produces_guest_offloads", False):
-            bits |= (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            bits |= ((1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4)
+                     | (1 << VIRTIO_NET_F_GUEST_TSO6))
         return bits
 
     def config_bytes(self) -> bytes:
@@ -266,18 +368,20 @@ class VirtioNet(VirtioDevice):
     def _acked(self, bit: int) -> bool:
         return bool(self.acked_features & (1 << bit))
 
-    def rx_offloads(self) -> tuple[bool, bool, bool]:
-        """(merge, csum, gso) for frames to the guest, from what the driver acked now.
+    def rx_offloads(self) -> RxOffloads:
+        """What a header towards the guest may say, from what the driver acked now.
 
         merge: a frame may spread over several buffers (MRG_RXBUF). csum: a header may
-        carry NEEDS_CSUM or DATA_VALID (GUEST_CSUM). gso: a frame may be a GSO_TCPV4 one
-        (GUEST_TSO4, and GUEST_CSUM with it: a driver that acked it alone broke §5.1.3.1,
-        and a GSO header without NEEDS_CSUM would break §5.1.6.4.1, so it gets none).
+        carry NEEDS_CSUM or DATA_VALID (GUEST_CSUM). tso4 / tso6: a frame may be a
+        GSO_TCPV4 / GSO_TCPV6 one (GUEST_TSO4 / GUEST_TSO6, each decided alone, and
+        GUEST_CSUM with it: a driver that acked one without it broke §5.1.3.1, and a GSO
+        header without NEEDS_CSUM would break §5.1.6.4.1, so it gets none).
         """
         acked = self.acked_features
         csum = bool(acked & (1 << VIRTIO_NET_F_GUEST_CSUM))
-        return (bool(acked & (1 << VIRTIO_NET_F_MRG_RXBUF)), csum,
-                csum and bool(acked & (1 << VIRTIO_NET_F_GUEST_TSO4)))
+        return RxOffloads(bool(acked & (1 << VIRTIO_NET_F_MRG_RXBUF)), csum,
+                          csum and bool(acked & (1 << VIRTIO_NET_F_GUEST_TSO4)),
+                          csum and bool(acked & (1 << VIRTIO_NET_F_GUEST_TSO6)))
 
     @property
     def negotiated(self) -> dict[str, bool]:
@@ -293,8 +397,8 @@ class VirtioNet(VirtioDevice):
             # What this activation negotiated, beside what it then used (rx_gso_frames...).
             for name, acked in self.negotiated.items():
                 self.counters[f"negotiated_{name}"] = int(acked)
-            _merge, csum, gso = self.rx_offloads()
-            self._backend_offloads(csum, gso)
+            offloads = self.rx_offloads()
+            self._backend_offloads(offloads.csum, offloads.tso4, offloads.tso6)
         # Frames that waited for the driver, and buffers it posted before DRIVER_OK.
         self.schedule(self._refill)
 
@@ -306,14 +410,14 @@ class VirtioNet(VirtioDevice):
             self.rx_ring_error = False
             super().reset()
             self.counters["resets"] += 1
-            self._backend_offloads(False, False)
+            self._backend_offloads(False, False, False)
 
-    def _backend_offloads(self, csum: bool, tso4: bool) -> None:
+    def _backend_offloads(self, csum: bool, tso4: bool, tso6: bool) -> None:
         """Tell a backend that makes frames with offloads (a TAP's TUNSETOFFLOAD) which ones
         the driver acked now."""
         set_offloads = getattr(self.backend, "set_guest_offloads", None)
         if set_offloads is not None:
-            set_offloads(csum, tso4)
+            set_offloads(csum, tso4, tso6)
 
     def _queue(self, index: int):
         queues = self.queues
@@ -385,14 +489,15 @@ class VirtioNet(VirtioDevice):
             counters["tx_drop_bad_flags"] += 1  # §5.1.6.2: DATA_VALID is for RX only
             return
         if gso_type != VIRTIO_NET_HDR_GSO_NONE:
-            if gso_type != VIRTIO_NET_HDR_GSO_TCPV4 or not self._acked(VIRTIO_NET_F_HOST_TSO4):
+            if not (gso_type == VIRTIO_NET_HDR_GSO_TCPV4 and self._acked(VIRTIO_NET_F_HOST_TSO4)
+                    or gso_type == VIRTIO_NET_HDR_GSO_TCPV6
+                    and self._acked(VIRTIO_NET_F_HOST_TSO6)):
                 counters["tx_drop_gso_not_negotiated"] += 1
                 return
             if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or not 0 < gso_size < length \
                     or hdr_len > length:
                 counters["tx_drop_bad_gso"] += 1
                 return
-            counters["tx_tso_frames"] += 1
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             if not self._acked(VIRTIO_NET_F_CSUM):
                 counters["tx_drop_csum_not_negotiated"] += 1
@@ -408,6 +513,8 @@ class VirtioNet(VirtioDevice):
             if self.pcap is not None:
                 self.pcap.write(chain.read(VIRTIO_NET_HDR_LEN, length))
             if direct(data, chain, VIRTIO_NET_HDR_LEN):
+                if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+                    self._count_tso(gso_type)
                 counters["tx_frames"] += 1
                 counters["tx_bytes"] += length
                 counters["tx_direct_frames"] += 1
@@ -415,6 +522,12 @@ class VirtioNet(VirtioDevice):
                     counters["tx_csum_offloaded"] += 1
             return
         frame = memoryview(data)[VIRTIO_NET_HDR_LEN:]
+        if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            # The backend takes it as one TCP segment: it must be the one its header says.
+            if not gso_layers_match(frame, gso_type, csum_start, csum_offset):
+                counters["tx_drop_bad_gso"] += 1
+                return
+            self._count_tso(gso_type)
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             field = csum_start + csum_offset
             if field == l4_checksum_offset(frame):
@@ -436,6 +549,11 @@ class VirtioNet(VirtioDevice):
             self.pcap.write(frame)
         self.backend.guest_frame(frame, verified)
 
+    def _count_tso(self, gso_type: int) -> None:
+        self.counters["tx_tso_frames"] += 1
+        if gso_type == VIRTIO_NET_HDR_GSO_TCPV6:
+            self.counters["tx_tso6_frames"] += 1
+
     # ---- backend -> guest ----------------------------------------------------------------
 
     def receive(self, frame) -> bool:
@@ -447,26 +565,31 @@ class VirtioNet(VirtioDevice):
             counters["rx_drop_bad_length"] += 1
             return False
         with self._lock:
-            _merge, csum, gso = self.rx_offloads()
+            offloads = self.rx_offloads()
+            csum = offloads.csum
             header = PLAIN
-            if length - ETH_HLEN > self.mtu and (sizes := tcp4_super_frame(frame, self.mtu)):
-                ihl, thl, total = sizes
-                mss = self.mtu - ihl - thl  # segments that fill the guest's MTU
-                if not gso:
+            if length - ETH_HLEN > self.mtu and (layout := tcp_super_frame(frame, self.mtu)):
+                v6, iphl, thl, total = layout
+                mss = self.mtu - iphl - thl  # segments that fill the guest's MTU
+                if not (offloads.tso6 if v6 else offloads.tso4):
                     # A TSO segment the guest did not ask for: cut here, as its NIC would.
                     counters["rx_gso_segmented"] += 1
                     results = [self._receive_one(seg, self._rx_header(seg, csum))
-                               for seg in segment_tcp4(frame, ihl, thl, total, mss)]
+                               for seg in segment_tcp(frame, layout, mss)]
                     return all(results)
                 # §5.1.6.4.1: a GSO frame goes with NEEDS_CSUM, and the checksum field
                 # holds the pseudo-header sum over the whole packet (as Linux's TSO does).
-                l4 = ETH_HLEN + ihl
+                # The IPv6 pseudo-header (RFC 8200 §8.1) sums as IPv4's for a length
+                # below 64 KiB: the same words, in another order.
+                l4 = ETH_HLEN + iphl
                 frame = bytearray(frame[:ETH_HLEN + total])
+                src, dst = (slice(ETH_HLEN + 8, ETH_HLEN + 24), slice(ETH_HLEN + 24, l4)) if v6 \
+                    else (slice(ETH_HLEN + 12, ETH_HLEN + 16), slice(ETH_HLEN + 16, ETH_HLEN + 20))
                 struct.pack_into("!H", frame, l4 + TCP_CSUM_OFFSET, pseudo_header_sum(
-                    bytes(frame[ETH_HLEN + 12:ETH_HLEN + 16]),
-                    bytes(frame[ETH_HLEN + 16:ETH_HLEN + 20]), IPPROTO_TCP, total - ihl))
-                header = (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, l4 + thl,
-                          mss, l4, TCP_CSUM_OFFSET)
+                    bytes(frame[src]), bytes(frame[dst]), IPPROTO_TCP, total - iphl))
+                gso_type = VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4
+                header = (VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, l4 + thl, mss, l4,
+                          TCP_CSUM_OFFSET)
             elif csum:
                 header = self._rx_header(frame, csum)
             return self._receive_one(frame, header)
@@ -529,7 +652,7 @@ class VirtioNet(VirtioDevice):
         driver: read again after rx_ready) or -errno.
 
         With MRG_RXBUF a read gets buffers for the largest frame the guest takes (64 KiB
-        with GUEST_TSO4, else its MTU's) and the ones it did not fill stay held for the
+        with GUEST_TSO4 or GUEST_TSO6, else its MTU's) and the ones it did not fill stay held for the
         next; without, one buffer. A frame longer than that comes back truncated and is
         dropped, as a NIC drops what does not fit. A card
         with a capture takes frames through receive() instead (the capture sees them)."""
@@ -541,10 +664,11 @@ class VirtioNet(VirtioDevice):
             queue = self._queue(RX_QUEUE)
             if queue is None or self.interrupt is None or self._rx_backlog:
                 return 0, RX_FD_BLOCKED
-            merge, csum, gso = self.rx_offloads()
+            offloads = self.rx_offloads()
+            merge, csum = offloads.merge, offloads.csum
             # The largest frame the guest takes: 64 KiB with GSO, else its MTU's with one
             # VLAN tag (what Linux sizes its mergeable buffers for: 12 + 14 + 4 + MTU).
-            max_frame = MAX_FRAME if gso else ETH_HLEN + VLAN_HLEN + self.mtu
+            max_frame = MAX_FRAME if offloads.any_gso else ETH_HLEN + VLAN_HLEN + self.mtu
             try:
                 while placed < budget:
                     chains = self._take_for_read(queue, merge, max_frame)
@@ -570,7 +694,7 @@ class VirtioNet(VirtioDevice):
                     if len(used) < len(chains):
                         self._rx_held.extendleft(reversed(chains[len(used):]))
                     if got < VIRTIO_NET_HDR_LEN + ETH_HLEN or (flags and not csum) \
-                            or (gso_type and not gso):
+                            or not offloads.allows_gso(gso_type):
                         # Made before TUNSETOFFLOAD followed a new ack, or a runt: the
                         # buffers go back unused, nothing the driver did not ack reaches it.
                         self._rx_held.extendleft(reversed(chains[:len(used)]))
@@ -598,6 +722,8 @@ class VirtioNet(VirtioDevice):
             counters["rx_merged_frames"] += 1
         if gso_type:
             counters["rx_gso_frames"] += 1
+            if gso_type == VIRTIO_NET_HDR_GSO_TCPV6:
+                counters["rx_gso6_frames"] += 1
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             counters["rx_csum_offloaded"] += 1
         elif flags & VIRTIO_NET_HDR_F_DATA_VALID:
@@ -675,8 +801,8 @@ class VirtioNet(VirtioDevice):
         if flags or gso_type:
             # Decided at receive(); checked again against what is acked now, so no header
             # reaches a driver that did not ack it, whatever happened in between.
-            _merge, csum, gso = self.rx_offloads()
-            if not csum or (gso_type and not gso):
+            offloads = self.rx_offloads()
+            if not offloads.csum or not offloads.allows_gso(gso_type):
                 self.counters["rx_drop_offload_not_negotiated"] += 1
                 return True  # consumed: dropped
         length = len(frame)
