@@ -3,6 +3,8 @@
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.unit.netframes import (
     GATEWAY,
@@ -14,7 +16,7 @@ from tests.unit.netframes import (
     guest_ip_frame,
     guest_udp_frame,
 )
-from voidbox.net.packets import build_ethernet, checksum
+from voidbox.net.packets import IPPROTO_TCP, IPPROTO_UDP, build_ethernet, checksum
 
 ETH_P_LOCAL_EXPERIMENTAL = 0x88B5  # IEEE 802 local experimental EtherType: no one's
 
@@ -166,14 +168,31 @@ def test_reassembled_datagrams_are_verified_even_if_the_last_fragment_was_vouche
 
 # ---------------------------------------------------------------- the fast path
 
+def _relay_calls(engine) -> list:
+    """Make the engine's relays record what it hands them instead of acting on it."""
+    calls: list = []
+
+    def recorder(name):
+        def record(*args):
+            calls.append((name, *(bytes(a) if isinstance(a, (memoryview, bytearray)) else a
+                                  for a in args)))
+        return record
+
+    engine.tcp.close()
+    engine.tcp = RecordingTcp(recorder("tcp"))
+    engine.udp.guest_datagram = recorder("udp")
+    engine.udp.unreachable = recorder("udp_unreachable")
+    engine.dns.guest_query = recorder("dns")
+    engine.icmp.guest_icmp = recorder("icmp")
+    engine._dhcp = lambda eth_src, ip, payload: calls.append(("dhcp", eth_src, ip, bytes(payload)))
+    return calls
+
+
 class RecordingTcp:
     """A TCP NAT that records what the engine hands it."""
 
-    def __init__(self):
-        self.segments: list[tuple[bytes, bytes, bytes, bool]] = []
-
-    def guest_segment(self, src_ip, dst_ip, tcp, csum_verified=False):
-        self.segments.append((bytes(src_ip), bytes(dst_ip), bytes(tcp), csum_verified))
+    def __init__(self, record):
+        self.guest_segment = record
 
     def close(self):
         pass
@@ -184,58 +203,73 @@ class RecordingTcp:
     active_flow_count = flow_count
 
 
-def _tcp_frame(ihl_words: int = 5, **kw) -> bytes:
-    from voidbox.net.packets import IPPROTO_TCP
-    options = b"\x01" * (4 * (ihl_words - 5))  # NOPs: a header with IP options
-    return guest_ip_frame(GATEWAY, IPPROTO_TCP, b"\x00" * 20 + b"data", **kw) \
-        if not options else _with_ip_options(options)
+def _tcp_frame(ihl_words: int = 5) -> bytes:
+    return _ipv4_frame(IPPROTO_TCP, b"\x00" * 20 + b"data", ihl_words)
 
 
-def _with_ip_options(options: bytes) -> bytes:
-    from voidbox.net.packets import IPPROTO_TCP
-    ihl = 20 + len(options)
-    payload = b"\x00" * 20 + b"data"
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, 0, ihl + len(payload), 1, 0,
-                                   64, IPPROTO_TCP, 0, bytes([10, 0, 2, 15]), GATEWAY) + options)
+def _udp_frame(dst: bytes, sport: int, dport: int) -> bytes:
+    from voidbox.net.packets import build_udp
+    return _ipv4_frame(IPPROTO_UDP, build_udp(bytes([10, 0, 2, 15]), dst, sport, dport, b"query"),
+                       dst=dst)
+
+
+def _ipv4_frame(proto: int, payload: bytes, ihl_words: int = 5, dst: bytes = GATEWAY) -> bytes:
+    """A guest frame to the gateway's MAC, with ihl_words - 5 words of IP options (NOPs)."""
+    ihl = 4 * ihl_words
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl_words, 0, ihl + len(payload), 1,
+                                   0, 64, proto, 0, bytes([10, 0, 2, 15]), dst))
+    header += b"\x01" * (ihl - 20)
     struct.pack_into("!H", header, 10, checksum(bytes(header)))
     return build_ethernet(GATEWAY_HW, GUEST_HW, 0x0800, bytes(header) + payload)
 
 
-def _dispatch(frame: bytes, fast: bool, verified: bool, monkeypatch) -> tuple[list, dict]:
-    """What one frame does to an engine whose TCP NAT records: (segments, counters)."""
+FRAMES = {
+    "tcp": lambda: _tcp_frame(),
+    "tcp_ip_options": lambda: _tcp_frame(7),
+    "udp": lambda: _udp_frame(GATEWAY, 40000, 7),
+    "udp_dns": lambda: _udp_frame(bytes([10, 0, 2, 3]), 40000, 53),
+    "udp_dhcp_ports": lambda: _udp_frame(GATEWAY, 68, 67),
+    "icmp": lambda: guest_echo_frame(GATEWAY, 1, 1),
+}
+
+
+def _dispatch(frame: bytes, fast: bool, verified: bool) -> tuple[list, dict]:
+    """What one frame does to an engine whose relays record: (their calls, the counters)."""
     from voidbox.net import engine as engine_module
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         if not fast:
             patch.setattr(engine_module, "guest_ipv4_split", lambda *_args: None)
         h = Harness()
         try:
-            h.engine.tcp.close()
-            h.engine.tcp = RecordingTcp()
+            calls = _relay_calls(h.engine)
             h.engine.guest_frame(frame, verified)
-            return h.engine.tcp.segments, dict(h.engine.counters)
+            return calls, dict(h.engine.counters)
         finally:
             h.close()
 
 
-@pytest.mark.parametrize("ihl_words", [5, 6, 15])
-def test_the_fast_path_hands_tcp_the_segment_the_full_path_would(ihl_words, monkeypatch):
-    frame = _tcp_frame(ihl_words)
-    fast = _dispatch(frame, True, True, monkeypatch)
-    assert fast == _dispatch(frame, False, True, monkeypatch)
-    (segment,) = fast[0]
-    assert segment == (bytes([10, 0, 2, 15]), GATEWAY, b"\x00" * 20 + b"data", True)
+@pytest.mark.parametrize("kind", sorted(FRAMES))
+@pytest.mark.parametrize("verified", [False, True])
+def test_the_fast_path_hands_the_relays_what_the_full_path_would(kind, verified):
+    frame = FRAMES[kind]()
+    fast = _dispatch(frame, True, verified)
+    assert fast == _dispatch(frame, False, verified)
+    assert len(fast[0]) == 1  # each reached its relay
 
 
-def test_the_fast_path_is_taken_for_the_guests_tcp(monkeypatch):
-    """No Python-level parse of the Ethernet or IPv4 header for a plain TCP frame."""
+def test_the_fast_path_takes_the_guests_tcp_and_udp(monkeypatch):
+    """No Python-level parse of the Ethernet or IPv4 header for plain TCP and UDP."""
     from voidbox.net import engine as engine_module
 
     def never(*_args):
         raise AssertionError("the full path parsed a frame the fast path takes")
 
     monkeypatch.setattr(engine_module, "parse_ethernet", never)
-    segments, counters = _dispatch(_tcp_frame(), True, False, monkeypatch)
-    assert len(segments) == 1 and counters["tcp_in"] == 1 and counters["frames_from_guest"] == 1
+    calls, counters = _dispatch(_tcp_frame(), True, False)
+    assert [c[0] for c in calls] == ["tcp"] and counters["tcp_in"] == 1
+    calls, counters = _dispatch(FRAMES["udp"](), True, False)
+    assert calls == [("udp", GATEWAY, 40000, 7, b"query", bytes(FRAMES["udp"]()[14:]))]
+    assert counters == {"frames_from_guest": 1, "udp_in": 1}
 
 
 HEADERS_END = 14 + 28 + 20  # Ethernet, IPv4 with the longest options used here, TCP
@@ -255,28 +289,17 @@ def _mutated(base: bytes, edits: list[tuple[int, int]], cut: int, fix_checksum: 
     return bytes(frame[:max(0, len(frame) - cut)])
 
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a test dependency
-    given = None
-
-if given is not None:
-    @settings(max_examples=600, deadline=None)
-    @given(base=st.sampled_from(["plain", "options"]),
-           edits=st.lists(st.tuples(st.sampled_from(range(HEADERS_END)), st.integers(0, 255)),
-                          max_size=3),
-           flags=st.sampled_from([None, 0x20, 0x40, 0x60, 0x00, 0x01, 0x80]),
-           cut=st.one_of(st.just(0), st.integers(0, 30)), fix=st.booleans(),
-           verified=st.booleans())
-    def test_the_fast_path_and_the_full_path_agree_on_hostile_frames(base, edits, flags, cut,
-                                                                     fix, verified):
-        """Bytes changed anywhere in the headers, frames cut short: the engine with its fast
-        path hands TCP exactly what the full path alone would, and counts the same."""
-        import pytest as _pytest
-        if flags is not None:  # MF, DF, the reserved bit, an offset: few values tell them apart
-            edits = [*edits, (IP_FLAGS_AT, flags)]
-        frame = _mutated(_tcp_frame(5 if base == "plain" else 7), edits, cut, fix)
-        with _pytest.MonkeyPatch.context() as monkeypatch:
-            assert _dispatch(frame, True, verified, monkeypatch) == \
-                _dispatch(frame, False, verified, monkeypatch)
+@settings(max_examples=1000, deadline=None)
+@given(kind=st.sampled_from(sorted(FRAMES)),
+       edits=st.lists(st.tuples(st.sampled_from(range(HEADERS_END)), st.integers(0, 255)),
+                      max_size=3),
+       flags=st.sampled_from([None, 0x20, 0x40, 0x60, 0x00, 0x01, 0x80]),
+       cut=st.one_of(st.just(0), st.integers(0, 30)), fix=st.booleans(), verified=st.booleans())
+def test_the_fast_path_and_the_full_path_agree_on_hostile_frames(kind, edits, flags, cut, fix,
+                                                                 verified):
+    """Bytes changed anywhere in the headers, frames cut short: the engine with its fast
+    path hands its relays exactly what the full path alone would, and counts the same."""
+    if flags is not None:  # MF, DF, the reserved bit, an offset: few values tell them apart
+        edits = [*edits, (IP_FLAGS_AT, flags)]
+    frame = _mutated(FRAMES[kind](), edits, cut, fix)
+    assert _dispatch(frame, True, verified) == _dispatch(frame, False, verified)

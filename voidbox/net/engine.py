@@ -90,6 +90,14 @@ ETH_GROUP_BIT = 0x01
 _ETH_HDR = struct.Struct("!6s6sH")  # IEEE 802.3 §3.1.1: destination, source, EtherType
 
 
+def _dhcp_ports(frame, udp_start: int) -> bool:
+    """Whether the UDP header at udp_start says client to server port (DHCP, RFC 2131 §4.1):
+    those go to the full path, whatever their addresses."""
+    return (len(frame) >= udp_start + 4
+            and frame[udp_start] << 8 | frame[udp_start + 1] == DHCP_CLIENT_PORT
+            and frame[udp_start + 2] << 8 | frame[udp_start + 3] == DHCP_SERVER_PORT)
+
+
 class Engine:
     def __init__(self, config: NatConfig, loop: EventLoop, send_frame: Callable[[bytes], None],
                  policy: Policy | None = None, borrow: bool = False):
@@ -244,21 +252,35 @@ class Engine:
         csum_verified: the frontend says the TCP/UDP checksum is valid or was offloaded
         (virtio_net_hdr NEEDS_CSUM or DATA_VALID), so it is not checked here.
         """
-        # Most frames are the guest's TCP segments: one compiled check (guest_ipv4_split)
-        # vouches for the Ethernet and IPv4 headers the full path below would parse, and
-        # the segment goes straight to the TCP NAT. The full path is the specification:
-        # it takes everything else, and counts what is wrong.
+        # Most frames are the guest's TCP segments and UDP datagrams: one compiled check
+        # (guest_ipv4_split) vouches for the Ethernet and IPv4 headers the full path below
+        # would parse, and the payload goes straight to the relay. The full path is the
+        # specification: it takes everything else (DNS, DHCP, ICMP, fragments, IPv6, ARP),
+        # and counts what is wrong.
         split = guest_ipv4_split(frame, self.gateway_mac, self.guest_mac, self.guest_ip)
-        if split is not None and split[0] == IPPROTO_TCP and self.tcp is not None:
-            counters = self.counters
-            counters["frames_from_guest"] = counters.get("frames_from_guest", 0) + 1
-            counters["tcp_in"] = counters.get("tcp_in", 0) + 1
-            try:
-                self.tcp.guest_segment(self.guest_ip, split[1],
-                                       memoryview(frame)[split[2]:split[3]], csum_verified)
-            except PacketError as e:
-                self._count(str(e))
-            return
+        if split is not None:
+            proto, dst, start, end = split
+            if proto == IPPROTO_TCP and self.tcp is not None:
+                counters = self.counters
+                counters["frames_from_guest"] = counters.get("frames_from_guest", 0) + 1
+                counters["tcp_in"] = counters.get("tcp_in", 0) + 1
+                try:
+                    self.tcp.guest_segment(self.guest_ip, dst, memoryview(frame)[start:end],
+                                           csum_verified)
+                except PacketError as e:
+                    self._count(str(e))
+                return
+            if proto == IPPROTO_UDP and dst != self.dns_ip and not _dhcp_ports(frame, start):
+                self._count("frames_from_guest")
+                try:
+                    packet = memoryview(frame)[ETH_HLEN:end]
+                    hdr, data = parse_udp(self.guest_ip, dst, packet[start - ETH_HLEN:],
+                                          verify=not csum_verified)
+                    self._count("udp_in")
+                    self.udp.guest_datagram(dst, hdr.sport, hdr.dport, data, packet)
+                except PacketError as e:
+                    self._count(str(e))
+                return
         self._count("frames_from_guest")
         try:
             eth, payload = parse_ethernet(frame)
