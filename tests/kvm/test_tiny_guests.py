@@ -195,3 +195,20 @@ def test_the_boot_path_imports_neither_numpy_nor_click(guests):
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time" in line]
     assert "voidbox._kvm" in imported
     assert not [name for name in imported if name.split(".")[0] in ("numpy", "click")]
+
+
+def test_a_boot_collects_again_once_the_vm_runs(guests):
+    # launch.py stops the collector for the start-up; run_vm freezes what it made and
+    # turns collection back on before the guest's run.
+    code = ("import gc, sys\nimport voidbox.commands as c\nfrom voidbox.launch import main\n"
+            "run = c.run_vm\n"
+            "def spy(*a, **k):\n"
+            "    status = run(*a, **k)\n"
+            "    print(gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr)\n"
+            "    return status\n"
+            "c.run_vm = spy\n"
+            f"main(['boot', '--accel', 'kvm', '--kernel', {guests('hello')!r}, '--mem', '64M'])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=GUEST_TIMEOUT + 30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "True True" in result.stderr.splitlines(), result.stderr

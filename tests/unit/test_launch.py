@@ -112,10 +112,16 @@ def test_exit_now_with_stdout_gone_takes_the_interpreter_s_way_out(exit_call):
     assert "Exception ignored" in result.stderr
 
 
-def test_main_called_in_process_raises_system_exit_as_before(tmp_path):
-    # Only the program (main() without argv) ends the process itself; a caller keeps it.
+@pytest.mark.parametrize("args,status", [(["--kernel", "missing"], 2), (["--help"], 0),
+                                         (["--kernel", "missing", "-x"], 2)])
+def test_main_called_in_process_raises_system_exit_as_before(args, status):
+    # Only the program (main() without argv) ends the process itself; a caller keeps it,
+    # with its collector on (the fast path stops it for a boot's start-up).
+    import gc
+
     from voidbox.launch import main
 
     with pytest.raises(SystemExit) as done:
-        main(["boot", "--kernel", str(tmp_path / "missing")])
-    assert done.value.code == 2
+        main(["boot", *args])
+    assert done.value.code == status
+    assert gc.isenabled()
