@@ -7,10 +7,10 @@ in inspect (with ast, dis and tokenize), and each class's methods are compiled o
 at a time, plus an inspect.signature() for every class without a docstring.
 
 This decorator makes the same classes for the subset voidbox uses (frozen, slots, eq,
-defaults, default_factory, __post_init__, inheritance), with all of a class's methods
-compiled in one exec() and nothing imported. The classes stay dataclasses to the outside:
-dataclasses.fields(), replace(), asdict() and is_dataclass() work (replace() here does
-the same without importing dataclasses), because
+defaults, default_factory, __post_init__, inheritance), with one exec() per class (its
+__init__, compiled when the first instance is made) and nothing imported. The classes
+stay dataclasses to the outside: dataclasses.fields(), replace(), asdict() and
+is_dataclass() work (replace() here does the same without importing dataclasses), because
 `__dataclass_fields__` is built of real dataclasses.Field objects the first time anything
 asks for it; assigning to a frozen instance raises dataclasses.FrozenInstanceError.
 
@@ -152,8 +152,10 @@ def _process(cls, frozen: bool, slots: bool, eq: bool, kw_only: bool = False):
     explicit_hash = "__hash__" in cls.__dict__ and not (
         cls.__dict__["__hash__"] is None and "__eq__" in cls.__dict__)
 
-    # Only __init__ is compiled (one exec: the call must be as fast as a hand-written one);
-    # the other methods are closures and shared functions, which cost nothing to make.
+    # Only __init__ is compiled (one exec: the call must be as fast as a hand-written one),
+    # and only when the first instance is made: a boot makes few of the classes it
+    # imports (most KVM exits and structures never happen), and the compiles were ~3 ms
+    # of it. The other methods are closures and shared functions, which cost nothing.
     ns = {"_FACTORY": _FACTORY, "_setattr": object.__setattr__}
     params, body = [], []
     seen_default = False
@@ -178,8 +180,16 @@ def _process(cls, frozen: bool, slots: bool, eq: bool, kw_only: bool = False):
         body.append("  self.__post_init__()")
     if kw_only and params:
         params.insert(0, "*")
-    exec("\n".join([f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"])]), ns)  # noqa: S102
-    methods = {"__init__": ns["__init__"], "__repr__": _repr}
+    source = "\n".join([f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"])])
+
+    def __init__(self, *args, **kwargs):
+        exec(source, ns)  # noqa: S102  (two threads at once: both compile the same)
+        init = ns["__init__"]
+        init.__qualname__ = f"{final[0].__qualname__}.__init__"
+        type.__setattr__(final[0], "__init__", init)
+        init(self, *args, **kwargs)
+
+    methods = {"__init__": __init__, "__repr__": _repr}
     values = _values_getter(tuple(names))
     if eq:
         methods["__eq__"] = _eq

@@ -266,3 +266,19 @@ def test_the_default_boot_path_does_not_import_typing():
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          check=True, env={"PYTHONPATH": ROOT})
     assert out.stdout.strip() == "False"
+
+
+def test_init_is_compiled_by_the_first_instance_and_behaves_the_same():
+    # __init__ is compiled when the first instance is made (start-up imports many classes
+    # and makes few); a bad first call fails as any call would, and leaves it working.
+    @_records.dataclass(frozen=True)
+    class Point:
+        x: int
+        y: int = 0
+
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'x'") as first:
+        Point()
+    with pytest.raises(TypeError) as again:
+        Point()
+    assert str(first.value) == str(again.value)
+    assert Point(1) == Point(x=1, y=0) and Point.__init__.__qualname__.endswith("Point.__init__")
