@@ -309,7 +309,6 @@ class Vm(VmBase):
         network and the network never waits on the disk."""
         import select
 
-        from .cards import open_nic
         from .eventloop import LoopThread
 
         if self.net_thread is None:
@@ -317,6 +316,8 @@ class Vm(VmBase):
         loop = self.net_thread.loop
         if spec.backend == "vhost-user" or spec.index in self._children:
             return self._add_vhost_user_nic(spec, slot, irqs, loop)
+        from .cards import open_nic
+
         # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
         device = open_nic(spec, self.config, loop, loop.call_soon_threadsafe)
         self.nics.append(device)
