@@ -207,30 +207,26 @@ class Vm(VmBase):
     # -- building ------------------------------------------------------------------
 
     def _build(self) -> None:
-        from ._kvm import Kvm
-        from .boot.acpi import build_acpi_tables
-        from .boot.loader import load_kernel
-        from .devices.acpi_pm import AcpiPm
-        from .devices.i8042 import I8042
-        from .devices.serial import Serial8250
-        from .host import kvm_info
-        from .memory import GuestMemory
-        from .vcpu import configure_vcpu
-
         config = self.config
-        # First: each isolated card's backend process starts up while the VM is built.
-        self._children = self._spawn_backends()
-        self.memory = GuestMemory(config.mem)
-        self._kvm = kvm = Kvm()
-        self._vmfd = vmfd = kvm.create_vm()
-        # The TSS and identity-map pages must sit in guest-physical space no RAM uses
-        # (api.rst, KVM_SET_TSS_ADDR): the top of the MMIO gap, below the BIOS ROM.
-        vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        vmfd.set_tss_addr(TSS_ADDR)
-        vmfd.create_irqchip()
-        vmfd.create_pit2()
-        for slot, region in enumerate(self.memory.regions):
-            vmfd.set_user_memory_region(slot, region.gpa, region.size, self.memory.mmap, region.offset)
+        # The kernel's part of the VM is made on a thread of its own: the kernel sleeps in
+        # it (a kthread for the PIT, an SRCU grace period per memory slot: ~7 ms, ~20 on a
+        # busy host; _kvm releases the GIL there), while this thread starts each isolated
+        # card's backend process and imports the rest of the start-up.
+        kernel_part = _Worker(self._create_vm, "vm-setup")
+        try:
+            self._children = self._spawn_backends()
+            from .boot.acpi import build_acpi_tables
+            from .boot.loader import load_kernel
+            from .devices.acpi_pm import AcpiPm
+            from .devices.i8042 import I8042
+            from .devices.serial import Serial8250
+            from .host import kvm_info
+            from .vcpu import configure_vcpu
+        except BaseException:
+            kernel_part.join()  # what it made is closed with the rest (close())
+            raise
+        kernel_part.result()
+        kvm, vmfd = self._kvm, self._vmfd
 
         self.serial = Serial8250(
             irq=lambda level: vmfd.irq_line(layout.SERIAL_COM1_IRQ, level),
@@ -266,6 +262,24 @@ class Vm(VmBase):
         boot = self._vcpus[0]
         boot.set_sregs(plan.sregs_update(boot.get_sregs()))
         boot.set_regs(plan.regs)
+
+    def _create_vm(self) -> None:
+        """Guest memory, KVM_CREATE_VM, the in-kernel irqchip and PIT, the memory slots.
+        Each is kept on self as soon as it exists, for close()."""
+        from ._kvm import Kvm
+        from .memory import GuestMemory
+
+        self.memory = memory = GuestMemory(self.config.mem)
+        self._kvm = kvm = Kvm()
+        self._vmfd = vmfd = kvm.create_vm()
+        # The TSS and identity-map pages must sit in guest-physical space no RAM uses
+        # (api.rst, KVM_SET_TSS_ADDR): the top of the MMIO gap, below the BIOS ROM.
+        vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vmfd.set_tss_addr(TSS_ADDR)
+        vmfd.create_irqchip()
+        vmfd.create_pit2()
+        for slot, region in enumerate(memory.regions):
+            vmfd.set_user_memory_region(slot, region.gpa, region.size, memory.mmap, region.offset)
 
     def _add_virtio_devices(self):
         """Create the configured virtio devices (VmConfig.devices), each on its own MMIO
@@ -502,6 +516,29 @@ class Vm(VmBase):
 # three pages): kept in the MMIO gap, clear of the IOAPIC and LAPIC.
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 TSS_ADDR = 0xFFFB_D000
+
+
+class _Worker(threading.Thread):
+    """fn() on a thread of its own, started at once; result() waits for it and raises
+    what it raised."""
+
+    def __init__(self, fn, name: str):
+        super().__init__(name=name, daemon=True)
+        self._fn = fn
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as error:  # noqa: BLE001 - handed to result()'s caller
+            self._error = error
+
+    def result(self) -> None:
+        self.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 _ACTION_REASONS = {

@@ -12,7 +12,7 @@ import pytest
 
 from tests.guests.build import build_guest
 from voidbox import Vm, VmConfig
-from voidbox.errors import ExitStatus
+from voidbox.errors import ExitStatus, VoidboxError
 from voidbox.vm import StopReason
 
 pytestmark = pytest.mark.kvm
@@ -212,3 +212,36 @@ def test_a_boot_collects_again_once_the_vm_runs(guests):
                             timeout=GUEST_TIMEOUT + 30, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert "True True" in result.stderr.splitlines(), result.stderr
+
+
+def refusing(create_vm):
+    """Vm._create_vm that makes everything, then fails."""
+    def create(self):
+        create_vm(self)
+        raise VoidboxError("no PIT today")
+
+    return create
+
+
+def test_a_failure_while_the_kernel_part_is_made_is_the_start_s_error(guests, monkeypatch):
+    # The kernel's part of the VM is made on a thread beside the rest of the start-up: its
+    # error reaches start()'s caller, and what it had made is closed.
+    monkeypatch.setattr(Vm, "_create_vm", refusing(Vm._create_vm))
+    vm = Vm(VmConfig(kernel=guests("hello"), mem="64M", net=[], timeout=GUEST_TIMEOUT))
+    with pytest.raises(VoidboxError, match="no PIT today"):
+        vm.start()
+    assert vm.memory is None and vm._vmfd is None and vm._kvm is None
+
+
+def test_the_start_s_own_failure_comes_first(guests, monkeypatch):
+    # Both halves fail: the caller hears the start-up's own error (as before the kernel's
+    # part had a thread), and the kernel part's objects are closed all the same.
+    def no_backends(self):
+        raise VoidboxError("no backend either")
+
+    monkeypatch.setattr(Vm, "_create_vm", refusing(Vm._create_vm))
+    monkeypatch.setattr(Vm, "_spawn_backends", no_backends)
+    vm = Vm(VmConfig(kernel=guests("hello"), mem="64M", net=[], timeout=GUEST_TIMEOUT))
+    with pytest.raises(VoidboxError, match="no backend either"):
+        vm.start()
+    assert vm.memory is None and vm._vmfd is None
