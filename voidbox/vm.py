@@ -207,6 +207,8 @@ class Vm(VmBase):
     # -- building ------------------------------------------------------------------
 
     def _build(self) -> None:
+        from . import _kvm, memory  # noqa: F401  (here: imports on two threads would queue)
+
         config = self.config
         # The kernel's part of the VM is made on a thread of its own: the kernel sleeps in
         # it (a kthread for the PIT, an SRCU grace period per memory slot: ~7 ms, ~20 on a
