@@ -282,3 +282,18 @@ def test_init_is_compiled_by_the_first_instance_and_behaves_the_same():
         Point()
     assert str(first.value) == str(again.value)
     assert Point(1) == Point(x=1, y=0) and Point.__init__.__qualname__.endswith("Point.__init__")
+
+
+def test_the_card_s_backend_process_does_not_import_typing():
+    # `voidbox net serve --vmm-fd` (the default card's NAT) starts beside every boot: its
+    # start-up takes CPU from the VM's own on a busy host.
+    code = (
+        "import sys\n"
+        "import voidbox.vhost_user.child, voidbox.cards, voidbox.net.backend, voidbox.net.engine\n"
+        "import voidbox.net.tcp_nat, voidbox.vhost_user.backend, voidbox.vhost_user.serve\n"
+        "import voidbox.sandbox, voidbox.net.netns, voidbox.eventloop, voidbox.net.policy\n"
+        "print('typing' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": ROOT})
+    assert out.stdout.strip() == "False"
