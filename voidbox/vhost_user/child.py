@@ -31,11 +31,14 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 
 from ..errors import ExitStatus, VoidboxError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
+    import subprocess
 
 READY_TIMEOUT = 30.0  # the child's start-up: a Python interpreter and the NAT's imports
 EXIT_TIMEOUT = 5.0  # after its frontend went away, before the child is killed
@@ -95,9 +98,11 @@ class BackendProcess:
     def ended(self, within: float = 0.0) -> str | None:
         """How the child ended ('exited with status 1', 'was killed by SIGSYS'), waiting
         up to `within` seconds; None while it runs."""
+        from subprocess import TimeoutExpired
+
         try:
             status = self.process.wait(within) if within > 0 else self.process.poll()
-        except subprocess.TimeoutExpired:
+        except TimeoutExpired:
             return None
         if status is None:
             return None
@@ -165,6 +170,7 @@ def spawn(spec, config, listener: socket.socket | None = None) -> BackendProcess
     child: call wait_ready() before the first vhost-user request, so its start-up
     overlaps the VMM's own."""
     import copy
+    import subprocess  # the VMM's side only: the child's start-up never needs it
 
     from ..net.config import NatConfig
 
