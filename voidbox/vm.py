@@ -285,7 +285,7 @@ class Vm(VmBase):
 
     def _add_virtio_devices(self):
         """Create the configured virtio devices (VmConfig.devices), each on its own MMIO
-        window and IRQ, and start their I/O threads."""
+        window and IRQ; start() starts their I/O threads."""
         from .boot.acpi import VIRTIO_MMIO_IRQS, VirtioMmioDevice
         from .config import DiskSpec
 
@@ -294,10 +294,6 @@ class Vm(VmBase):
             add = self._add_disk if isinstance(spec, DiskSpec) else self._add_nic
             base, irq = add(spec, slot, VIRTIO_MMIO_IRQS)
             windows.append(VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq))
-        for worker in self._workers:
-            worker.start()
-        if self.net_thread is not None:
-            self.net_thread.start()
         return windows
 
     def _add_disk(self, spec, slot: int, irqs) -> tuple[int, int]:
@@ -442,6 +438,17 @@ class Vm(VmBase):
             )
             self._threads.append(thread)
             thread.start()
+        # The devices' I/O threads start once the guest runs: starting a thread waits until
+        # the scheduler runs it (milliseconds on a busy host), and nothing is lost before
+        # they do (a kick waits in its ioeventfd, a trapped one in the loop's queue).
+        try:
+            for worker in self._workers:
+                worker.start()
+            if self.net_thread is not None:
+                self.net_thread.start()
+        except BaseException:
+            self.close()
+            raise
 
     def _vcpu_loop(self, vcpu) -> None:
         pio, mmio, stopped = self.pio_bus, self.mmio_bus, self._stopped
