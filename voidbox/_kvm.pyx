@@ -207,6 +207,34 @@ cdef int _ioctl_value(int fd, unsigned long request, unsigned long arg, str op) 
     return ret
 
 
+# The set-up ioctls the kernel may sleep in (an SRCU grace period for each memory slot, a
+# kthread for the PIT: milliseconds, more on a busy host) run without the GIL, so a thread
+# building the VM lets the others run (voidbox.vm builds it beside the rest of the start-up).
+# The others keep it: a short ioctl that let go of the GIL could wait to get it back.
+
+cdef int _ioctl_nogil(int fd, unsigned long request, void *arg, str op) except -1:
+    """_ioctl without the GIL."""
+    cdef int ret, err
+    with nogil:
+        ret = ioctl(fd, request, arg)
+        err = errno
+    if ret < 0:
+        raise KvmError(op, err)
+    return ret
+
+
+cdef int _ioctl_value_nogil(int fd, unsigned long request, unsigned long arg,
+                            str op) except -1:
+    """_ioctl_value without the GIL."""
+    cdef int ret, err
+    with nogil:
+        ret = ioctl(fd, request, arg)
+        err = errno
+    if ret < 0:
+        raise KvmError(op, err)
+    return ret
+
+
 # -- kvm_run decoding -------------------------------------------------------------------
 # The readers copy with memcpy: a caller's buffer need not be aligned.
 
@@ -448,7 +476,7 @@ cdef class Kvm:
         """KVM_CREATE_VM (default machine type)."""
         cdef VmFd vm = VmFd.__new__(VmFd)
         cdef size_t run_size = self.vcpu_mmap_size()
-        vm.fd = _ioctl_value(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        vm.fd = _ioctl_value_nogil(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         vm.kvm = self
         vm.run_size = run_size
         return vm
@@ -500,7 +528,7 @@ cdef class VmFd:
     def create_irqchip(self):
         """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs."""
         self._require_open()
-        _ioctl_value(self.fd, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+        _ioctl_value_nogil(self.fd, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
 
     def create_pit2(self):
         """KVM_CREATE_PIT2 with a dummy speaker port, as Firecracker and QEMU's microvm do."""
@@ -508,7 +536,7 @@ cdef class VmFd:
         self._require_open()
         memset(&config, 0, sizeof(config))
         config.flags = KVM_PIT_SPEAKER_DUMMY
-        _ioctl(self.fd, KVM_CREATE_PIT2, &config, "KVM_CREATE_PIT2")
+        _ioctl_nogil(self.fd, KVM_CREATE_PIT2, &config, "KVM_CREATE_PIT2")
 
     def set_user_memory_region(self, uint32_t slot, uint64_t gpa, uint64_t size, buffer,
                                uint64_t offset=0, uint32_t flags=0):
@@ -551,7 +579,8 @@ cdef class VmFd:
         region.guest_phys_addr = gpa
         region.memory_size = size
         region.userspace_addr = base + offset if size else 0
-        _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION")
+        _ioctl_nogil(self.fd, KVM_SET_USER_MEMORY_REGION, &region,
+                     "KVM_SET_USER_MEMORY_REGION")
         if size:
             self._slots[slot] = keep
         else:
@@ -604,7 +633,7 @@ cdef class VmFd:
         cdef void *area
         cdef int err
         self._require_open()
-        vcpu.fd = _ioctl_value(self.fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        vcpu.fd = _ioctl_value_nogil(self.fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         vcpu.index = index
         vcpu.vm = self
         area = mmap(NULL, self.run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu.fd, 0)

@@ -1,4 +1,5 @@
-"""`dataclass` and `field` for the modules `voidbox boot` imports, without dataclasses' cost.
+"""`dataclass`, `field` and `named_tuple` for the modules `voidbox boot` imports, without
+the cost of dataclasses and typing.
 
 Start-up is a feature (voidbox/launch.py). The boot path defines about 30 dataclasses, and
 the standard decorator costs about a fifth of a trivial boot: importing dataclasses pulls
@@ -6,12 +7,16 @@ in inspect (with ast, dis and tokenize), and each class's methods are compiled o
 at a time, plus an inspect.signature() for every class without a docstring.
 
 This decorator makes the same classes for the subset voidbox uses (frozen, slots, eq,
-defaults, default_factory, __post_init__, inheritance), with all of a class's methods
-compiled in one exec() and nothing imported. The classes stay dataclasses to the outside:
-dataclasses.fields(), replace(), asdict() and is_dataclass() work (replace() here does
-the same without importing dataclasses), because
+defaults, default_factory, __post_init__, inheritance), with one exec() per class (its
+__init__, compiled when the first instance is made) and nothing imported. The classes
+stay dataclasses to the outside: dataclasses.fields(), replace(), asdict() and
+is_dataclass() work (replace() here does the same without importing dataclasses), because
 `__dataclass_fields__` is built of real dataclasses.Field objects the first time anything
 asks for it; assigning to a frozen instance raises dataclasses.FrozenInstanceError.
+
+`named_tuple` is typing.NamedTuple's class syntax on collections.namedtuple: importing
+typing costs ~3 ms (~6 ms with the re and contextlib it pulls in), and typing.NamedTuple
+compiles every field's annotation, a string here, into a ForwardRef.
 """
 
 from __future__ import annotations
@@ -147,8 +152,10 @@ def _process(cls, frozen: bool, slots: bool, eq: bool, kw_only: bool = False):
     explicit_hash = "__hash__" in cls.__dict__ and not (
         cls.__dict__["__hash__"] is None and "__eq__" in cls.__dict__)
 
-    # Only __init__ is compiled (one exec: the call must be as fast as a hand-written one);
-    # the other methods are closures and shared functions, which cost nothing to make.
+    # Only __init__ is compiled (one exec: the call must be as fast as a hand-written one),
+    # and only when the first instance is made: a boot makes few of the classes it
+    # imports (most KVM exits and structures never happen), and the compiles were ~3 ms
+    # of it. The other methods are closures and shared functions, which cost nothing.
     ns = {"_FACTORY": _FACTORY, "_setattr": object.__setattr__}
     params, body = [], []
     seen_default = False
@@ -173,8 +180,16 @@ def _process(cls, frozen: bool, slots: bool, eq: bool, kw_only: bool = False):
         body.append("  self.__post_init__()")
     if kw_only and params:
         params.insert(0, "*")
-    exec("\n".join([f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"])]), ns)  # noqa: S102
-    methods = {"__init__": ns["__init__"], "__repr__": _repr}
+    source = "\n".join([f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"])])
+
+    def __init__(self, *args, **kwargs):
+        exec(source, ns)  # noqa: S102  (two threads at once: both compile the same)
+        init = ns["__init__"]
+        init.__qualname__ = f"{final[0].__qualname__}.__init__"
+        type.__setattr__(final[0], "__init__", init)
+        init(self, *args, **kwargs)
+
+    methods = {"__init__": __init__, "__repr__": _repr}
     values = _values_getter(tuple(names))
     if eq:
         methods["__eq__"] = _eq
@@ -235,3 +250,21 @@ def _process(cls, frozen: bool, slots: bool, eq: bool, kw_only: bool = False):
         cls.__doc__ = f"{cls.__name__}({', '.join(names)})"
     return cls
 
+
+
+def named_tuple(cls):
+    """@named_tuple over `class X: a: int; b: str = ""` (docstring, methods, properties):
+    the collections.namedtuple class typing.NamedTuple would make, without typing."""
+    from collections import namedtuple
+
+    own = cls.__dict__
+    names = list(own.get("__annotations__", {}))
+    defaults = [own[name] for name in names if name in own]
+    if any(name not in own for name in names[len(names) - len(defaults):]):
+        raise TypeError(f"{cls.__name__}: a field without a default follows one with")
+    made = namedtuple(cls.__name__, names, defaults=defaults, module=cls.__module__)
+    for key, value in own.items():
+        if key not in names and key not in ("__dict__", "__weakref__", "__module__"):
+            setattr(made, key, value)
+    made.__qualname__ = cls.__qualname__
+    return made

@@ -5,6 +5,7 @@ path and cli.py's click command) call boot_command with the same parameters.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -119,6 +120,12 @@ def run_vm(config, software_only: bool = False, stats: bool = False, accel=None)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         vm.start()
+        if not gc.isenabled():
+            # launch.py stopped the collector for the start-up: what the start-up made
+            # lives as long as the VM, so it is set aside (never scanned again) and
+            # collection resumes.
+            gc.freeze()
+            gc.enable()
         console = None
         if config.interactive:
             from .console import Console

@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import NamedTuple
 
-from ._records import dataclass, field
+from ._records import dataclass, field, named_tuple
 from .errors import UsageError
 from .layout import MIN_MEM, MiB
 
@@ -52,14 +51,16 @@ def _existing_file(path: str | None, what: str) -> str | None:
     return path
 
 
-class DiskSpec(NamedTuple):
+@named_tuple
+class DiskSpec:
     """A virtio-blk disk: a raw image file."""
 
     path: str
     readonly: bool
 
 
-class NicSpec(NamedTuple):
+@named_tuple
+class NicSpec:
     """A virtio-net card: its backend ("slirp", "tap" or "vhost-user"), the TAP's name or
     the vhost-user socket's path, its MAC, and its index."""
 

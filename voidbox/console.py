@@ -41,7 +41,10 @@ import sys
 import termios
 import threading
 from collections.abc import Callable
-from typing import BinaryIO, TextIO
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start-up
+if TYPE_CHECKING:
+    from typing import BinaryIO, TextIO
 
 CTRL_A = 0x01
 ESCAPE_CHAR = CTRL_A

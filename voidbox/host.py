@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
-from ._records import dataclass
+from ._records import dataclass, named_tuple
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -62,7 +61,8 @@ def can_create_tap() -> bool:
 QEMU_PACKAGE = "qemu-system-x86"  # Debian and Ubuntu
 
 
-class Accel(NamedTuple):
+@named_tuple
+class Accel:
     """Who runs the guest's CPUs, and why that one."""
 
     name: str  # "kvm" or "qemu"

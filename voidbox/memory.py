@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import NamedTuple
 
-from ._records import dataclass
+from ._records import dataclass, named_tuple
 from .errors import GuestMemoryError, UsageError
 from .layout import MIN_MEM, MMIO_GAP_END, MMIO_GAP_START
 
@@ -34,7 +33,8 @@ class MemoryRegion:
         return self.gpa + self.size
 
 
-class HostRegion(NamedTuple):
+@named_tuple
+class HostRegion:
     """A guest-physical range and a writable buffer over its `size` bytes of host memory."""
 
     gpa: int

@@ -9,10 +9,12 @@ configuration layer (config.py, net/options.py), never here.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+
+from ._records import named_tuple
 
 
-class Option(NamedTuple):
+@named_tuple
+class Option:
     flag: str
     kind: type  # str, int, float (finite only: nan and inf are refused), or bool for a flag
     default: object

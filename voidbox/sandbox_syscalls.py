@@ -20,7 +20,7 @@ x86-64 ABI values, named as in the headers cited.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from voidbox._records import named_tuple
 
 # Comparison operators (libseccomp's enum scmp_compare).
 CMP_EQ = 4
@@ -47,7 +47,8 @@ PROT_EXEC = 0x4
 AT_EMPTY_PATH = 0x1000
 
 
-class Cond(NamedTuple):
+@named_tuple
+class Cond:
     """Argument `arg` compared by `op`: arg == a (CMP_EQ), or (arg & a) == b (MASKED_EQ)."""
 
     arg: int
@@ -64,7 +65,8 @@ def masked(arg: int, mask: int, value: int) -> Cond:
     return Cond(arg, CMP_MASKED_EQ, mask, value)
 
 
-class Allow(NamedTuple):
+@named_tuple
+class Allow:
     """One system call: `why` names who makes it; `when` lists alternative conditions
     (each a tuple AND-ed together), or is empty when any arguments are allowed."""
 

@@ -207,30 +207,28 @@ class Vm(VmBase):
     # -- building ------------------------------------------------------------------
 
     def _build(self) -> None:
-        from ._kvm import Kvm
-        from .boot.acpi import build_acpi_tables
-        from .boot.loader import load_kernel
-        from .devices.acpi_pm import AcpiPm
-        from .devices.i8042 import I8042
-        from .devices.serial import Serial8250
-        from .host import kvm_info
-        from .memory import GuestMemory
-        from .vcpu import configure_vcpu
+        from . import _kvm, memory  # noqa: F401  (here: imports on two threads would queue)
 
         config = self.config
-        # First: each isolated card's backend process starts up while the VM is built.
-        self._children = self._spawn_backends()
-        self.memory = GuestMemory(config.mem)
-        self._kvm = kvm = Kvm()
-        self._vmfd = vmfd = kvm.create_vm()
-        # The TSS and identity-map pages must sit in guest-physical space no RAM uses
-        # (api.rst, KVM_SET_TSS_ADDR): the top of the MMIO gap, below the BIOS ROM.
-        vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        vmfd.set_tss_addr(TSS_ADDR)
-        vmfd.create_irqchip()
-        vmfd.create_pit2()
-        for slot, region in enumerate(self.memory.regions):
-            vmfd.set_user_memory_region(slot, region.gpa, region.size, self.memory.mmap, region.offset)
+        # The kernel's part of the VM is made on a thread of its own: the kernel sleeps in
+        # it (a kthread for the PIT, an SRCU grace period per memory slot: ~7 ms, ~20 on a
+        # busy host; _kvm releases the GIL there), while this thread starts each isolated
+        # card's backend process and imports the rest of the start-up.
+        kernel_part = _Worker(self._create_vm, "vm-setup")
+        try:
+            self._children = self._spawn_backends()
+            from .boot.acpi import build_acpi_tables
+            from .boot.loader import load_kernel
+            from .devices.acpi_pm import AcpiPm
+            from .devices.i8042 import I8042
+            from .devices.serial import Serial8250
+            from .host import kvm_info
+            from .vcpu import configure_vcpu
+        except BaseException:
+            kernel_part.join()  # what it made is closed with the rest (close())
+            raise
+        kernel_part.result()
+        kvm, vmfd = self._kvm, self._vmfd
 
         self.serial = Serial8250(
             irq=lambda level: vmfd.irq_line(layout.SERIAL_COM1_IRQ, level),
@@ -267,9 +265,27 @@ class Vm(VmBase):
         boot.set_sregs(plan.sregs_update(boot.get_sregs()))
         boot.set_regs(plan.regs)
 
+    def _create_vm(self) -> None:
+        """Guest memory, KVM_CREATE_VM, the in-kernel irqchip and PIT, the memory slots.
+        Each is kept on self as soon as it exists, for close()."""
+        from ._kvm import Kvm
+        from .memory import GuestMemory
+
+        self.memory = memory = GuestMemory(self.config.mem)
+        self._kvm = kvm = Kvm()
+        self._vmfd = vmfd = kvm.create_vm()
+        # The TSS and identity-map pages must sit in guest-physical space no RAM uses
+        # (api.rst, KVM_SET_TSS_ADDR): the top of the MMIO gap, below the BIOS ROM.
+        vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vmfd.set_tss_addr(TSS_ADDR)
+        vmfd.create_irqchip()
+        vmfd.create_pit2()
+        for slot, region in enumerate(memory.regions):
+            vmfd.set_user_memory_region(slot, region.gpa, region.size, memory.mmap, region.offset)
+
     def _add_virtio_devices(self):
         """Create the configured virtio devices (VmConfig.devices), each on its own MMIO
-        window and IRQ, and start their I/O threads."""
+        window and IRQ; start() starts their I/O threads."""
         from .boot.acpi import VIRTIO_MMIO_IRQS, VirtioMmioDevice
         from .config import DiskSpec
 
@@ -278,10 +294,6 @@ class Vm(VmBase):
             add = self._add_disk if isinstance(spec, DiskSpec) else self._add_nic
             base, irq = add(spec, slot, VIRTIO_MMIO_IRQS)
             windows.append(VirtioMmioDevice(base, layout.VIRTIO_MMIO_SIZE, irq))
-        for worker in self._workers:
-            worker.start()
-        if self.net_thread is not None:
-            self.net_thread.start()
         return windows
 
     def _add_disk(self, spec, slot: int, irqs) -> tuple[int, int]:
@@ -309,7 +321,6 @@ class Vm(VmBase):
         network and the network never waits on the disk."""
         import select
 
-        from .cards import open_nic
         from .eventloop import LoopThread
 
         if self.net_thread is None:
@@ -317,6 +328,8 @@ class Vm(VmBase):
         loop = self.net_thread.loop
         if spec.backend == "vhost-user" or spec.index in self._children:
             return self._add_vhost_user_nic(spec, slot, irqs, loop)
+        from .cards import open_nic
+
         # A TAP that cannot be opened: the NAT serves the card, or VoidboxError (fail).
         device = open_nic(spec, self.config, loop, loop.call_soon_threadsafe)
         self.nics.append(device)
@@ -425,6 +438,17 @@ class Vm(VmBase):
             )
             self._threads.append(thread)
             thread.start()
+        # The devices' I/O threads start once the guest runs: starting a thread waits until
+        # the scheduler runs it (milliseconds on a busy host), and nothing is lost before
+        # they do (a kick waits in its ioeventfd, a trapped one in the loop's queue).
+        try:
+            for worker in self._workers:
+                worker.start()
+            if self.net_thread is not None:
+                self.net_thread.start()
+        except BaseException:
+            self.close()
+            raise
 
     def _vcpu_loop(self, vcpu) -> None:
         pio, mmio, stopped = self.pio_bus, self.mmio_bus, self._stopped
@@ -501,6 +525,29 @@ class Vm(VmBase):
 # three pages): kept in the MMIO gap, clear of the IOAPIC and LAPIC.
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 TSS_ADDR = 0xFFFB_D000
+
+
+class _Worker(threading.Thread):
+    """fn() on a thread of its own, started at once; result() waits for it and raises
+    what it raised."""
+
+    def __init__(self, fn, name: str):
+        super().__init__(name=name, daemon=True)
+        self._fn = fn
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as error:  # noqa: BLE001 - handed to result()'s caller
+            self._error = error
+
+    def result(self) -> None:
+        self.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 _ACTION_REASONS = {

@@ -64,6 +64,7 @@ def test_the_nat_runs_in_a_child_without_kvm(spin):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         assert b"net" in argv and b"serve" in argv and b"--vmm-fd" in argv, argv
+        assert b"-S" in argv, argv  # no site: no .pth hook runs in it
         with open(f"/proc/{pid}/stat") as f:
             assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # our child
         targets = fd_targets(pid)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.guests.build import build_guest
 from voidbox import Vm, VmConfig
-from voidbox.errors import ExitStatus
+from voidbox.errors import ExitStatus, VoidboxError
 from voidbox.vm import StopReason
 
 pytestmark = pytest.mark.kvm
@@ -195,3 +195,53 @@ def test_the_boot_path_imports_neither_numpy_nor_click(guests):
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time" in line]
     assert "voidbox._kvm" in imported
     assert not [name for name in imported if name.split(".")[0] in ("numpy", "click")]
+
+
+def test_a_boot_collects_again_once_the_vm_runs(guests):
+    # launch.py stops the collector for the start-up; run_vm freezes what it made and
+    # turns collection back on before the guest's run.
+    code = ("import gc, sys\nimport voidbox.commands as c\nfrom voidbox.launch import main\n"
+            "run = c.run_vm\n"
+            "def spy(*a, **k):\n"
+            "    status = run(*a, **k)\n"
+            "    print(gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr)\n"
+            "    return status\n"
+            "c.run_vm = spy\n"
+            f"main(['boot', '--accel', 'kvm', '--kernel', {guests('hello')!r}, '--mem', '64M'])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=GUEST_TIMEOUT + 30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "True True" in result.stderr.splitlines(), result.stderr
+
+
+def refusing(create_vm):
+    """Vm._create_vm that makes everything, then fails."""
+    def create(self):
+        create_vm(self)
+        raise VoidboxError("no PIT today")
+
+    return create
+
+
+def test_a_failure_while_the_kernel_part_is_made_is_the_start_s_error(guests, monkeypatch):
+    # The kernel's part of the VM is made on a thread beside the rest of the start-up: its
+    # error reaches start()'s caller, and what it had made is closed.
+    monkeypatch.setattr(Vm, "_create_vm", refusing(Vm._create_vm))
+    vm = Vm(VmConfig(kernel=guests("hello"), mem="64M", net=[], timeout=GUEST_TIMEOUT))
+    with pytest.raises(VoidboxError, match="no PIT today"):
+        vm.start()
+    assert vm.memory is None and vm._vmfd is None and vm._kvm is None
+
+
+def test_the_start_s_own_failure_comes_first(guests, monkeypatch):
+    # Both halves fail: the caller hears the start-up's own error (as before the kernel's
+    # part had a thread), and the kernel part's objects are closed all the same.
+    def no_backends(self):
+        raise VoidboxError("no backend either")
+
+    monkeypatch.setattr(Vm, "_create_vm", refusing(Vm._create_vm))
+    monkeypatch.setattr(Vm, "_spawn_backends", no_backends)
+    vm = Vm(VmConfig(kernel=guests("hello"), mem="64M", net=[], timeout=GUEST_TIMEOUT))
+    with pytest.raises(VoidboxError, match="no backend either"):
+        vm.start()
+    assert vm.memory is None and vm._vmfd is None

@@ -1,5 +1,6 @@
 """voidbox._records.dataclass makes the same classes as dataclasses.dataclass, for the
-subset the boot path uses, and the boot path's modules no longer import dataclasses.
+subset the boot path uses, and the boot path's modules no longer import dataclasses
+(nor, with _records.named_tuple, typing).
 
 Each shape below is declared twice, once with each decorator, and the two must behave
 alike: construction, defaults and factories, repr, equality, hashing, frozen assignment,
@@ -10,13 +11,17 @@ functions (fields, replace, asdict, is_dataclass) on the result.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import subprocess
 import sys
+import typing
 
 import pytest
 
 from voidbox import _records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def shapes(dc, field):
@@ -204,3 +209,91 @@ def test_the_boot_path_imports_neither_dataclasses_nor_inspect_nor_logging():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@_records.named_tuple
+class Plain:
+    """A named tuple made without typing."""
+
+    flag: str
+    default: object = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-")
+
+
+class Typed(typing.NamedTuple):
+    """A named tuple made without typing."""
+
+    flag: str
+    default: object = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-")
+
+
+def test_named_tuple_makes_what_typing_named_tuple_makes():
+    a, b = Plain("--x"), Typed("--x")
+    assert (a, a.dest, repr(a)[5:], a._fields, a._field_defaults) == (
+        b, b.dest, repr(b)[5:], b._fields, b._field_defaults)
+    assert a._replace(default=1) == ("--x", 1) and hash(a) == hash(b)
+    assert Plain.__doc__ == Typed.__doc__ and Plain.__qualname__ == "Plain"
+    assert pickle.loads(pickle.dumps(Plain("--y", 2))) == Plain("--y", 2)
+    with pytest.raises(TypeError):
+        Plain()
+    with pytest.raises(TypeError, match="without a default follows"):
+        @_records.named_tuple
+        class Bad:
+            a: int = 0
+            b: int
+
+
+def test_the_default_boot_path_does_not_import_typing():
+    # `voidbox boot` with its card's NAT in a child process (the default): typing costs
+    # ~3 ms of its start-up (~6 ms with the re and contextlib it brings).
+    code = (
+        "import sys\n"
+        "import voidbox.launch, voidbox.commands, voidbox.options, voidbox.net.options\n"
+        "import voidbox.net.policy, voidbox.config, voidbox.host, voidbox.vm, voidbox._kvm\n"
+        "import voidbox.boot.loader, voidbox.boot.acpi, voidbox.memory, voidbox.console\n"
+        "import voidbox.devices.serial, voidbox.devices.i8042, voidbox.devices.acpi_pm\n"
+        "import voidbox.vhost_user.child, voidbox.vhost_user.frontend, voidbox.virtio.mmio\n"
+        "import voidbox.cards, voidbox.eventloop, voidbox.ring, voidbox.cpuid, voidbox.vcpu\n"
+        "print('typing' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": ROOT})
+    assert out.stdout.strip() == "False"
+
+
+def test_init_is_compiled_by_the_first_instance_and_behaves_the_same():
+    # __init__ is compiled when the first instance is made (start-up imports many classes
+    # and makes few); a bad first call fails as any call would, and leaves it working.
+    @_records.dataclass(frozen=True)
+    class Point:
+        x: int
+        y: int = 0
+
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'x'") as first:
+        Point()
+    with pytest.raises(TypeError) as again:
+        Point()
+    assert str(first.value) == str(again.value)
+    assert Point(1) == Point(x=1, y=0) and Point.__init__.__qualname__.endswith("Point.__init__")
+
+
+def test_the_card_s_backend_process_does_not_import_typing():
+    # `voidbox net serve --vmm-fd` (the default card's NAT) starts beside every boot: its
+    # start-up takes CPU from the VM's own on a busy host.
+    code = (
+        "import sys\n"
+        "import voidbox.vhost_user.child, voidbox.cards, voidbox.net.backend, voidbox.net.engine\n"
+        "import voidbox.net.tcp_nat, voidbox.vhost_user.backend, voidbox.vhost_user.serve\n"
+        "import voidbox.sandbox, voidbox.net.netns, voidbox.eventloop, voidbox.net.policy\n"
+        "print('typing' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": ROOT})
+    assert out.stdout.strip() == "False"

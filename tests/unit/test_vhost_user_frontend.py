@@ -179,3 +179,25 @@ def test_a_backend_that_keeps_refusing_is_retried_quietly(tmp_path, capfd):
         rude.close()
         for fd in kicks:
             os.close(fd)
+
+
+def test_the_frontend_s_virtio_net_numbers_are_the_device_core_s():
+    # net_defs keeps the frontend clear of the data path's imports; the numbers must not drift.
+    from voidbox.vhost_user import frontend, protocol
+    from voidbox.virtio import net, net_defs
+
+    names = [n for n in vars(net_defs) if n.isupper()]
+    assert names and all(getattr(net_defs, n) == getattr(net, n) for n in names)
+    assert frontend.PROTOCOL_FEATURES_BIT == 1 << protocol.VHOST_USER_F_PROTOCOL_FEATURES
+
+
+def test_building_the_frontend_imports_neither_the_data_path_nor_the_codec():
+    # Start-up: a boot that ends before its card's backend answers never needs them.
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport voidbox.vm, voidbox.vhost_user.frontend\n"
+            "print(sorted(m for m in ('voidbox.virtio.net', 'voidbox.vhost_user.protocol', 'ctypes')"
+            " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -14,8 +14,7 @@ Nothing is reported in the MMIO gap: the kernel must not treat device windows as
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+from .._records import named_tuple
 from ..layout import EBDA_ADDR, HIMEM_ADDR
 
 # struct boot_e820_entry.type (arch/x86/include/uapi/asm/bootparam.h, e820/types.h).
@@ -28,7 +27,8 @@ E820_UNUSABLE = 5
 E820_MAX_ENTRIES_ZEROPAGE = 128  # bootparam.h: room in boot_params.e820_table
 
 
-class E820Entry(NamedTuple):
+@named_tuple
+class E820Entry:
     """struct boot_e820_entry: a range [addr, addr + size) of one type."""
 
     addr: int

@@ -12,10 +12,13 @@ straight from the file into guest memory.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO
 
 from .._records import dataclass, field
 from ..errors import UsageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start-up
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 ELFMAG = b"\x7fELF"
 EI_CLASS = 4

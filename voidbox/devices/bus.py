@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Protocol
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start-up
+if TYPE_CHECKING:
+    from typing import Protocol
 
-class BusDevice(Protocol):
-    def read(self, offset: int, size: int) -> int: ...
+    class BusDevice(Protocol):
+        def read(self, offset: int, size: int) -> int: ...
 
-    def write(self, offset: int, size: int, value: int) -> None: ...
+        def write(self, offset: int, size: int, value: int) -> None: ...
 
 
 class BusConflict(ValueError):

@@ -9,8 +9,8 @@ server identifier, interface MTU and, if configured, the host name.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
+from voidbox._records import named_tuple
 from voidbox.net.config import NatConfig
 from voidbox.net.packets import ETH_ALEN, ETH_BROADCAST, PacketError, ip_to_bytes
 
@@ -57,13 +57,15 @@ INADDR_ANY = b"\x00" * 4
 INADDR_BROADCAST = b"\xff" * 4
 
 
-class DhcpReply(NamedTuple):
+@named_tuple
+class DhcpReply:
     payload: bytes  # the UDP payload, from server port 67 to client port 68
     dst_ip: bytes
     dst_mac: bytes
 
 
-class DhcpRequest(NamedTuple):
+@named_tuple
+class DhcpRequest:
     op: int
     xid: int
     flags: int

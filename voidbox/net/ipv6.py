@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import NamedTuple
 
+from voidbox._records import named_tuple
 from voidbox.net.packets import PacketError, checksum, ones_sum
 
 # RFC 8200 §3
@@ -128,7 +128,8 @@ def pseudo_header_sum6(src: bytes, dst: bytes, proto: int, length: int) -> int:
     return ones_sum(bytes(src) + bytes(dst) + struct.pack("!IxxxB", length, proto))
 
 
-class IPv6Header(NamedTuple):
+@named_tuple
+class IPv6Header:
     tclass: int
     flow: int
     payload_length: int
@@ -268,7 +269,8 @@ def build_ipv6_fragments(src: bytes, dst: bytes, proto: int, payload: bytes | me
 # ---------------------------------------------------------------- ICMPv6
 
 
-class Icmp6Header(NamedTuple):
+@named_tuple
+class Icmp6Header:
     type: int
     code: int
     csum: int

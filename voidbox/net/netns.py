@@ -6,7 +6,6 @@ Python 3.11 has no os.unshare, so unshare(2) and mount(2) are called through lib
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import socket
@@ -29,7 +28,9 @@ NETNS_SELF = "/proc/self/ns/net"
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The interpreter's own libc (as voidbox.sandbox does): ctypes.util.find_library("c") runs
+# `ldconfig -p` in a subprocess, ~5 ms of the card's backend process's start-up.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_void_p]

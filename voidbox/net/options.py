@@ -14,11 +14,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from typing import TYPE_CHECKING
 
 from voidbox.errors import UsageError
 from voidbox.net.config import DNS_PORT, MAX_MTU, MIN_MTU, NatConfig
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start-up
 if TYPE_CHECKING:
     from voidbox.net.pcap import PcapSpec
     from voidbox.net.policy import Policy

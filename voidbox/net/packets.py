@@ -9,8 +9,8 @@ count.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
+from voidbox._records import named_tuple
 from voidbox.net.fastpath import inet_checksum
 
 # IEEE 802.3 / RFC 894
@@ -104,7 +104,8 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
 # ---------------------------------------------------------------- Ethernet
 
 
-class EthHeader(NamedTuple):
+@named_tuple
+class EthHeader:
     dst: bytes
     src: bytes
     ethertype: int
@@ -126,7 +127,8 @@ def build_ethernet(dst: bytes, src: bytes, ethertype: int, payload: bytes | memo
 # ---------------------------------------------------------------- ARP
 
 
-class Arp(NamedTuple):
+@named_tuple
+class Arp:
     op: int
     sha: bytes
     spa: bytes
@@ -151,7 +153,8 @@ def build_arp(op: int, sha: bytes, spa: bytes, tha: bytes, tpa: bytes) -> bytes:
 # ---------------------------------------------------------------- IPv4
 
 
-class IPv4Header(NamedTuple):
+@named_tuple
+class IPv4Header:
     ihl: int  # header length in bytes
     tos: int
     total_length: int
@@ -217,7 +220,8 @@ def build_ipv4(
 # ---------------------------------------------------------------- UDP
 
 
-class UdpHeader(NamedTuple):
+@named_tuple
+class UdpHeader:
     sport: int
     dport: int
     length: int
@@ -255,7 +259,8 @@ def build_udp(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes | m
 # ---------------------------------------------------------------- ICMP
 
 
-class IcmpHeader(NamedTuple):
+@named_tuple
+class IcmpHeader:
     type: int
     code: int
     csum: int

@@ -27,7 +27,6 @@ Decisions a reader should know:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import socket
@@ -45,7 +44,7 @@ from ..virtio.device import (
     VIRTIO_MMIO_INT_VRING,
     VirtioDevice,
 )
-from ..virtio.net import (
+from ..virtio.net_defs import (
     DEFAULT_MTU,
     QUEUE_SIZE,
     VIRTIO_ID_NET,
@@ -61,11 +60,14 @@ from ..virtio.net import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 )
-from . import protocol as p
+
+# The message codec (protocol.py, ~3 ms of imports) and ctypes are imported where a message
+# is built: a card's backend process answers well after the VM runs, so a boot that is
+# over before its card is used never needs them.
 
 REPLY_TIMEOUT = 10.0
 RECONNECT_INTERVAL = 0.5  # seconds between attempts with --net-reconnect
-PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+PROTOCOL_FEATURES_BIT = 1 << 30  # protocol.VHOST_USER_F_PROTOCOL_FEATURES
 # What the backend may offer the guest through us: the data path's features. MAC, MTU and
 # STATUS are the card's config space, which the VMM owns.
 BACKEND_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)
@@ -74,7 +76,6 @@ BACKEND_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX)
                     | (1 << VIRTIO_NET_F_HOST_TSO6) | (1 << VIRTIO_NET_F_GUEST_CSUM)
                     | (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6))
 CONFIG_FEATURES = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_STATUS)
-WANTED_PROTOCOL_FEATURES = 1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK
 
 
 class BackendGone(VoidboxError):
@@ -100,8 +101,11 @@ class VhostUserConnection:
             self.sock.close()
             raise VoidboxError(f"vhost-user:{path}: cannot connect: {error.strerror or error}") from None
 
-    def send(self, msg: p.Message) -> None:
-        """A request without a reply of its own (acknowledged when REPLY_ACK is on)."""
+    def send(self, msg) -> None:
+        """A request (a protocol.Message) without a reply of its own (acknowledged when
+        REPLY_ACK is on)."""
+        from . import protocol as p
+
         if self.reply_ack:
             msg = replace(msg, need_reply=True)
         data, fds = p.encode_request(msg)
@@ -114,8 +118,10 @@ class VhostUserConnection:
             if status:
                 raise BackendGone(f"the backend refused {msg.name} ({status})")
 
-    def call(self, msg: p.Message, size: int) -> bytes:
-        """A request whose reply carries `size` bytes of payload."""
+    def call(self, msg, size: int) -> bytes:
+        """A request (a protocol.Message) whose reply carries `size` bytes of payload."""
+        from . import protocol as p
+
         data, fds = p.encode_request(msg)
         try:
             socket.send_fds(self.sock, [data], list(fds))
@@ -124,6 +130,8 @@ class VhostUserConnection:
         return self._reply(msg.request, size)
 
     def _reply(self, request: int, size: int) -> bytes:
+        from . import protocol as p
+
         header = self._recv(p.VHOST_USER_HDR_SIZE)
         got, flags, length = p.HEADER.unpack(header)
         if got != request or not flags & p.VHOST_USER_REPLY_MASK or length != size:
@@ -245,14 +253,17 @@ class VhostUserNic(VirtioDevice):
 
     def _handshake(self, conn: VhostUserConnection) -> int:
         """Features, protocol features and ownership; -> the backend's features."""
+        from . import protocol as p
+
         try:
             (features,) = struct.unpack("<Q", conn.call(p.GetFeatures(), 8))
             if not features & (1 << VIRTIO_F_VERSION_1):
                 raise VoidboxError(f"{self.label}: the backend does not offer VIRTIO_F_VERSION_1")
             if features & PROTOCOL_FEATURES_BIT:
                 (offered,) = struct.unpack("<Q", conn.call(p.GetProtocolFeatures(), 8))
-                conn.send(p.SetProtocolFeatures(features=offered & WANTED_PROTOCOL_FEATURES))
-                conn.reply_ack = bool(offered & WANTED_PROTOCOL_FEATURES)
+                wanted = 1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK
+                conn.send(p.SetProtocolFeatures(features=offered & wanted))
+                conn.reply_ack = bool(offered & wanted)
             conn.send(p.SetOwner())
         except BackendGone as error:
             raise VoidboxError(f"{self.label}: {error}") from None
@@ -289,6 +300,10 @@ class VhostUserNic(VirtioDevice):
 
     def _hand_over(self, memory, queues, bases) -> None:
         """The data path to the backend: features, memory table, each ring from `bases`."""
+        import ctypes
+
+        from . import protocol as p
+
         conn = self.conn
         acked = self.acked_features & BACKEND_FEATURES
         if self.backend_features & PROTOCOL_FEATURES_BIT:
@@ -348,6 +363,8 @@ class VhostUserNic(VirtioDevice):
 
     def _reset(self) -> None:
         if self.active:
+            from . import protocol as p
+
             self.active = False
             try:
                 for index in range(len(self.queue_max_sizes)):

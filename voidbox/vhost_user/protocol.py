@@ -29,10 +29,13 @@ import os
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import ClassVar, NoReturn
 
 from voidbox._records import dataclass
 from voidbox.errors import VoidboxError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at start-up
+if TYPE_CHECKING:
+    from typing import ClassVar, NoReturn
 
 # Header ("Message Specification"): request, flags, size.
 HEADER = struct.Struct("<III")

@@ -99,13 +99,12 @@ class VirtioMmioTransport:
         notify: Callable[[int], None] | None = None,
         ring_factory=None,
     ):
-        if ring_factory is None:
-            from ..ring import Virtqueue as ring_factory
         self.device = device
         self.memory = memory
         self._signal = signal_interrupt
         self._notify = notify or self.handle_notify
-        self._ring_factory = ring_factory
+        self._ring_factory = ring_factory  # None: voidbox.ring.Virtqueue, imported when
+        # the driver readies a queue (a boot that never does never imports the rings)
         self._lock = threading.RLock()
         # Held while the device serves a kick, and by a driver reset: a reset waits for
         # the request in hand instead of pulling the queues from under it (§2.1.2: after
@@ -274,10 +273,10 @@ class VirtioMmioTransport:
             self._make_ready(queue)
 
     def _make_ready(self, queue: _QueueConfig) -> None:
-        from ..ring import QueueError
+        from ..ring import QueueError, Virtqueue
 
         max_size = self.device.queue_max_sizes[self.queue_sel]
-        ring = self._ring_factory(self.memory, max_size)
+        ring = (self._ring_factory or Virtqueue)(self.memory, max_size)
         try:
             ring.activate(size=queue.size, desc_addr=queue.desc, avail_addr=queue.avail,
                           used_addr=queue.used,
