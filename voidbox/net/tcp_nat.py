@@ -350,16 +350,13 @@ class TcpNat:
             # host socket drains, for a window update (one-shot, re-armed by guest traffic).
             f.want_out = True
         self._apply(f, mask, now)
-        self._settle(f, now)
         if self.flows.get(key) is f and not f.events & EPOLLIN and not f.pump_scheduled:
             # An ACK or window update may let more host data go out; the socket is not
             # being polled while data is in flight, so pump from here: once, after the
-            # rest of the TAP batch (a wakeup brings dozens of ACKs), with one peek. When
-            # the ACK left nothing in flight, _settle watches EPOLLIN again instead, and
-            # epoll says whether there is anything to peek (a request/response flow's
-            # socket is usually empty then).
+            # rest of the TAP batch (a wakeup brings dozens of ACKs), with one peek.
             f.pump_scheduled = True
             self.loop.call_soon(lambda: self._deferred_pump(f))
+        self._settle(f, now)
 
     def _reset_unknown(self, seg: Segment, guest_ip: bytes, remote_ip: bytes) -> None:
         rst = reset_for(seg)
