@@ -58,8 +58,8 @@ import errno
 import struct
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 
+from .._records import named_tuple
 from ..net.packets import pseudo_header_sum
 from ..ring import REQUIRE_READABLE, REQUIRE_WRITABLE, QueueError
 from .device import (
@@ -70,25 +70,28 @@ from .device import (
     VirtioDevice,
 )
 
-VIRTIO_ID_NET = 1
+# The device id, feature bits and config values live in net_defs, which the vhost-user
+# frontend imports without this data path.
+from .net_defs import (  # noqa: F401 (names this module's users import from it)
+    DEFAULT_MTU,
+    QUEUE_SIZE,
+    VIRTIO_ID_NET,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+)
+
 RX_QUEUE = 0  # receiveq1
 TX_QUEUE = 1  # transmitq1
-QUEUE_SIZE = 256
-
-# Feature bits (§5.1.3)
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
-VIRTIO_NET_F_MTU = 3
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_GUEST_TSO4 = 7
-VIRTIO_NET_F_GUEST_TSO6 = 8
-VIRTIO_NET_F_HOST_TSO4 = 11
-VIRTIO_NET_F_HOST_TSO6 = 12
-VIRTIO_NET_F_HOST_ECN = 13
-VIRTIO_NET_F_MRG_RXBUF = 15
-VIRTIO_NET_F_STATUS = 16
-
-VIRTIO_NET_S_LINK_UP = 1  # §5.1.4: status field
 
 # struct virtio_net_hdr (§5.1.6)
 VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size,
@@ -116,7 +119,6 @@ VLAN_HLEN = 4
 # header and two VLAN tags (IPv6 TSO frames, ours and Linux's, stay within it too).
 # Anything longer is dropped, never truncated.
 MAX_FRAME = ETH_HLEN + 2 * VLAN_HLEN + 65535
-DEFAULT_MTU = 1500
 # Frames waiting for RX buffers: a NIC's worth of queue. Past it, frames are dropped.
 RX_BACKLOG_FRAMES = 256
 # Chains one kick may serve before the rest is rescheduled: a guest cannot keep the
@@ -171,7 +173,8 @@ def l4_checksum_offset(frame) -> int | None:
     return None
 
 
-class SuperFrame(NamedTuple):
+@named_tuple
+class SuperFrame:
     """The layout of a TCP frame longer than the MTU (a TSO segment), as cut by segment_tcp."""
 
     v6: bool
@@ -281,7 +284,8 @@ def gso_layers_match(frame, gso_type: int, csum_start: int, csum_offset: int) ->
     return thl >= 20 and l4 + thl <= end and (csum_start, csum_offset) == (l4, TCP_CSUM_OFFSET)
 
 
-class RxOffloads(NamedTuple):
+@named_tuple
+class RxOffloads:
     """What a header towards the guest may say, from what the driver acked (rx_offloads)."""
 
     merge: bool  # a frame may spread over several buffers (MRG_RXBUF)

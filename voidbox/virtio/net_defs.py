@@ -2,8 +2,8 @@
 
 The vhost-user frontend (the VMM's side of a card whose backend is another process) needs
 the device id, feature bits and config-space values, but none of the data path that
-virtio/net.py imports (packets, rings, the NAT's fast path: ~3 ms of a boot). The values
-are virtio/net.py's own; tests/unit/test_vhost_user_frontend.py checks that they agree.
+virtio/net.py imports (packets, rings, the NAT's fast path: ~3 ms of a boot). virtio/net.py
+takes its own from here.
 """
 
 VIRTIO_ID_NET = 1
@@ -16,7 +16,10 @@ VIRTIO_NET_F_GUEST_CSUM = 1
 VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
 VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 
