@@ -213,7 +213,7 @@ def test_an_unprivileged_nat_is_sandboxed_in_a_user_namespace(tmp_path, workdir)
     assert stats["sandbox"].startswith(f"pid {stats['nat_pid']}; namespaces user,mount,pid,ipc,uts")
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.6, 1.0])
 def test_sigterm_at_any_moment_of_the_start_up_ends_the_command(delay):
     """SIGTERM while net run is still starting (namespaces, the init's fork, the NAT's
     sandbox) ends voidbox and the command: no signal is lost between a fork and the

@@ -315,7 +315,12 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         if stats is not None:
             stats["nat_pid"] = info["pid"]
             stats["sandbox"] = info.get("sandbox")
-        sock.send(MSG_GO)
+        try:
+            sock.send(MSG_GO)
+        except OSError:
+            # The set-up child is gone before the command started (a SIGTERM relayed to it
+            # during start-up): its status, read below, is the run's.
+            pass
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         poller.register(nat_pidfd, select.POLLIN)
