@@ -297,6 +297,8 @@ cdef enum:
     ETH_HEADER_LEN = 14
     ETH_ALEN = 6
     ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_IPV6 = 0x86DD
+    IPPROTO_UDP = 17
     IPV4_FRAGMENT_BITS = 0x3FFF  # MF and the fragment offset (RFC 791 §3.1)
 
 
@@ -330,6 +332,36 @@ def guest_ipv4_split(const uint8_t[::1] frame, bytes gateway_mac, bytes guest_ma
         return None
     return (f[9], (<const char *>f + 16)[:IPV4_ALEN], ETH_HEADER_LEN + ihl,
             ETH_HEADER_LEN + total)
+
+
+def guest_ipv6_split(const uint8_t[::1] frame, bytes gateway_mac, bytes guest_mac,
+                     bytes prefix64):
+    """guest_ipv4_split's IPv6 twin: for an Ethernet frame from guest_mac to gateway_mac
+    carrying an IPv6 packet with no extension headers, TCP or UDP right after the fixed
+    header (RFC 8200 §3), a payload length within the frame (not a jumbogram's 0 before a
+    Hop-by-Hop header: that is not TCP or UDP), a source in the guest's /64 (prefix64, its
+    first 8 bytes) and a destination that is not multicast, return (next header, source,
+    destination, payload start, payload end); None for anything else. Which addresses of
+    the /64 are the NAT's own is the caller's check."""
+    cdef Py_ssize_t n = frame.shape[0]
+    cdef const uint8_t *f
+    cdef Py_ssize_t plen
+    if (n < ETH_HEADER_LEN + IPV6_HEADER_LEN or len(gateway_mac) != ETH_ALEN
+            or len(guest_mac) != ETH_ALEN or len(prefix64) != 8):
+        return None
+    f = &frame[0]
+    if (memcmp(f, <const char *>gateway_mac, ETH_ALEN) != 0
+            or memcmp(f + ETH_ALEN, <const char *>guest_mac, ETH_ALEN) != 0
+            or f[12] != ETHERTYPE_IPV6 >> 8 or f[13] != (ETHERTYPE_IPV6 & 0xFF)):
+        return None
+    f += ETH_HEADER_LEN
+    plen = (<Py_ssize_t>f[4] << 8) | f[5]
+    if (f[0] >> 4 != 6 or (f[6] != IPPROTO_TCP and f[6] != IPPROTO_UDP)
+            or IPV6_HEADER_LEN + plen > n - ETH_HEADER_LEN
+            or memcmp(f + 8, <const char *>prefix64, 8) != 0 or f[24] == 0xFF):
+        return None
+    return (f[6], (<const char *>f + 8)[:IPV6_ALEN], (<const char *>f + 24)[:IPV6_ALEN],
+            ETH_HEADER_LEN + IPV6_HEADER_LEN, ETH_HEADER_LEN + IPV6_HEADER_LEN + plen)
 
 
 def build_ipv4_tcp(uint8_t[::1] out, const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,

@@ -378,6 +378,45 @@ def test_guest_ipv4_split_takes_the_guests_plain_segment(slirp):
                                   GUEST_MAC, GUEST_IP) is None  # a fragment: the full path
 
 
+PREFIX64 = bytes.fromhex("fd00000000000000")
+
+
+def guest_frame6(next_header: int, src: bytes, dst: bytes, plen_delta: int) -> bytearray:
+    """An Ethernet frame from the guest to the gateway carrying an IPv6 packet."""
+    payload = b"\x00" * 24
+    header = struct.pack("!IHBB16s16s", 6 << 28, max(0, len(payload) + plen_delta) & 0xFFFF,
+                         next_header, 64, src, dst)
+    return bytearray(GATEWAY_MAC + GUEST_MAC + b"\x86\xdd") + header + payload
+
+
+@settings(max_examples=800, deadline=None)
+@given(next_header=st.sampled_from([6, 17, 58, 0, 44]),
+       src=st.sampled_from([PREFIX64 + bytes(7) + b"\x64", bytes.fromhex("fe80" + "00" * 13 + "01"),
+                            bytes(16)]),
+       dst=st.sampled_from([PREFIX64 + bytes(7) + b"\x02", bytes.fromhex("ff02" + "00" * 13 + "fb")]),
+       plen_delta=st.integers(-30, 3),
+       edits=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=2),
+       cut=st.integers(0, 80), kind=kinds, offset=st.integers(0, 15))
+def test_guest_ipv6_split_agrees(slirp, next_header, src, dst, plen_delta, edits, cut, kind,
+                                 offset):
+    frame = guest_frame6(next_header, src, dst, plen_delta)
+    for index, value in edits:
+        frame[index % len(frame)] = value
+    frame = bytes(frame[:max(0, len(frame) - cut)])
+    results = [outcome(m.guest_ipv6_split, as_kind(frame, kind, offset), GATEWAY_MAC, GUEST_MAC,
+                       PREFIX64) for m in slirp]
+    assert results[0] == results[1]
+
+
+def test_guest_ipv6_split_takes_the_guests_plain_segment(slirp):
+    guest, gateway = PREFIX64 + bytes(7) + b"\x64", PREFIX64 + bytes(7) + b"\x02"
+    for m in slirp:
+        assert m.guest_ipv6_split(bytes(guest_frame6(6, guest, gateway, 0)), GATEWAY_MAC,
+                                  GUEST_MAC, PREFIX64) == (6, guest, gateway, 54, 78)
+        assert m.guest_ipv6_split(bytes(guest_frame6(0, guest, gateway, 0)), GATEWAY_MAC,
+                                  GUEST_MAC, PREFIX64) is None  # hop-by-hop: the full path
+
+
 # ---------------------------------------------------------------------------------------
 # The FramePort: what read_batch reports and what send_tcp_stream writes
 # ---------------------------------------------------------------------------------------

@@ -190,6 +190,32 @@ def guest_ipv4_split(frame, gateway_mac: bytes, guest_mac: bytes, guest_ip: byte
     return ip[9], bytes(ip[16:20]), ETH_HEADER_LEN + ihl, ETH_HEADER_LEN + total
 
 
+ETHERTYPE_IPV6 = b"\x86\xdd"
+
+
+def guest_ipv6_split(frame, gateway_mac: bytes, guest_mac: bytes, prefix64: bytes):
+    """guest_ipv4_split's IPv6 twin: for an Ethernet frame from guest_mac to gateway_mac
+    carrying an IPv6 packet with no extension headers, TCP or UDP right after the fixed
+    header (RFC 8200 §3), a payload length within the frame (not a jumbogram's 0 before a
+    Hop-by-Hop header: that is not TCP or UDP), a source in the guest's /64 (prefix64, its
+    first 8 bytes) and a destination that is not multicast, return (next header, source,
+    destination, payload start, payload end); None for anything else. Which addresses of
+    the /64 are the NAT's own is the caller's check."""
+    f = _bytes_view(frame)
+    if (len(f) < ETH_HEADER_LEN + IPV6_HEADER_LEN or len(gateway_mac) != 6
+            or len(guest_mac) != 6 or len(prefix64) != 8):
+        return None
+    if f[0:6] != gateway_mac or f[6:12] != guest_mac or f[12:14] != ETHERTYPE_IPV6:
+        return None
+    ip = f[ETH_HEADER_LEN:]
+    plen = int.from_bytes(ip[4:6], "big")
+    if (ip[0] >> 4 != 6 or ip[6] not in (IPPROTO_TCP, 17)
+            or IPV6_HEADER_LEN + plen > len(ip) or ip[8:16] != prefix64 or ip[24] == 0xFF):
+        return None
+    return (ip[6], bytes(ip[8:24]), bytes(ip[24:40]), ETH_HEADER_LEN + IPV6_HEADER_LEN,
+            ETH_HEADER_LEN + IPV6_HEADER_LEN + plen)
+
+
 def build_ipv4_tcp(out, src_ip, dst_ip, ip_id: int, src_port: int, dst_port: int, seq: int,
                    ack: int, flags: int, window: int, options, payload) -> int:
     """Write an IPv4 packet carrying one TCP segment into out; return its length.

@@ -35,7 +35,7 @@ from voidbox.net.config import NatConfig, parse_mac
 from voidbox.net.dhcp import DHCP_CLIENT_PORT, DHCP_SERVER_PORT, DhcpServer
 from voidbox.net.dhcpv6 import DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, Dhcp6Server
 from voidbox.net.dns import DnsRelay
-from voidbox.net.fastpath import guest_ipv4_split
+from voidbox.net.fastpath import guest_ipv4_split, guest_ipv6_split
 from voidbox.net.icmp import IcmpNat
 from voidbox.net.ipv6 import (
     ALL_DHCP_SERVERS,
@@ -253,10 +253,10 @@ class Engine:
         (virtio_net_hdr NEEDS_CSUM or DATA_VALID), so it is not checked here.
         """
         # Most frames are the guest's TCP segments and UDP datagrams: one compiled check
-        # (guest_ipv4_split) vouches for the Ethernet and IPv4 headers the full path below
-        # would parse, and the payload goes straight to the relay. The full path is the
-        # specification: it takes everything else (DNS, DHCP, ICMP, fragments, IPv6, ARP),
-        # and counts what is wrong.
+        # (guest_ipv4_split, guest_ipv6_split) vouches for the Ethernet and IP headers the
+        # full path below would parse, and the payload goes straight to the relay. The
+        # full path is the specification: it takes everything else (DNS, DHCP, ICMP, NDP,
+        # fragments, extension headers, ARP), and counts what is wrong.
         split = guest_ipv4_split(frame, self.gateway_mac, self.guest_mac, self.guest_ip)
         if split is not None:
             proto, dst, start, end = split
@@ -281,6 +281,10 @@ class Engine:
                 except PacketError as e:
                     self._count(str(e))
                 return
+        elif self.ndp is not None:
+            split = guest_ipv6_split(frame, self.gateway_mac, self.guest_mac, self.prefix6_64)
+            if split is not None and self._ipv6_fast(frame, split, csum_verified):
+                return
         self._count("frames_from_guest")
         try:
             eth, payload = parse_ethernet(frame)
@@ -297,6 +301,38 @@ class Engine:
                 self._count("eth_unsupported_type")
         except PacketError as e:
             self._count(str(e))
+
+    def _ipv6_fast(self, frame, split, csum_verified: bool) -> bool:
+        """The fast path's IPv6 half (see guest_frame): the guest's TCP, and its UDP to
+        anyone but the NAT's own services, from one of its own addresses. False: the
+        full path decides (nothing was counted)."""
+        proto, src, dst, start, end = split
+        if src in self.local6 or src == self.subnet_anycast6:
+            return False  # not the guest's: the full path counts the spoofing
+        if proto == IPPROTO_TCP:
+            if self.tcp is None:
+                return False
+            self._count("frames_from_guest")
+            self._count("ip6_in")
+            self._count("tcp6_in")
+            try:
+                self.tcp.guest_segment(src, dst, memoryview(frame)[start:end], csum_verified)
+            except PacketError as e:
+                self._count(str(e))
+            return True
+        if dst == self.dns_ip6 or dst == self.router_ll6:
+            return False  # DNS and DHCPv6
+        self._count("frames_from_guest")
+        self._count("ip6_in")
+        try:
+            packet = memoryview(frame)[ETH_HLEN:end]
+            hdr, data = parse_udp6(src, dst, packet[start - ETH_HLEN:],
+                                   verify=not csum_verified)
+            self._count("udp6_in")
+            self.udp.guest_datagram(dst, hdr[0], hdr[1], data, packet, guest_src=src)
+        except PacketError as e:
+            self._count(str(e))
+        return True
 
     def _arp(self, payload: memoryview) -> None:
         reply, learned = self.arp.handle(parse_arp(payload))
