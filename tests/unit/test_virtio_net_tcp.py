@@ -128,12 +128,12 @@ def payload(n: int) -> bytes:
 
 
 class HostServer:
-    """One connection on 127.0.0.1, on a thread: sends `data` then closes, or reads to EOF
-    (hashing) then closes. .result is (bytes, sha256 hex) of what it sent or received."""
+    """One connection on 127.0.0.1 (or ::1), on a thread: sends `data` then closes, or reads
+    to EOF (hashing) then closes. .result is (bytes, sha256 hex) of what it sent or received."""
 
-    def __init__(self, mode: str, data: bytes = b""):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+    def __init__(self, mode: str, data: bytes = b"", host: str = "127.0.0.1"):
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.listener.bind((host, 0))
         self.listener.listen(1)
         self.listener.settimeout(DEADLINE_S)
         self.port = self.listener.getsockname()[1]

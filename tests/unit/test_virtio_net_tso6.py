@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -34,13 +32,12 @@ from tests.unit.test_virtio_net import (
     tcp_frame,
 )
 from tests.unit.test_virtio_net_tcp import (
-    CHUNK,
-    DEADLINE_S,
     FEATURES,
     NIC_MAC,
     TX_SLOT,
     BulkRig,
     GuestEndpoint,
+    HostServer,
     payload,
 )
 from voidbox.layout import MiB
@@ -487,46 +484,6 @@ TSO6_FEATURES = FEATURES | HOST_TSO6 | GUEST_OFFLOADS | GUEST_TSO6
 BULK6 = 8 * MiB
 
 
-class HostServer6:
-    """One connection on ::1, on a thread: sends `data` then closes, or reads to EOF."""
-
-    def __init__(self, mode: str, data: bytes = b""):
-        self.listener = socket.socket(socket.AF_INET6)
-        self.listener.bind(("::1", 0))
-        self.listener.listen(1)
-        self.listener.settimeout(DEADLINE_S)
-        self.port = self.listener.getsockname()[1]
-        self.mode, self.data, self.result, self.error = mode, data, None, None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-            with conn:
-                conn.settimeout(DEADLINE_S)
-                if self.mode == "send":
-                    conn.sendall(self.data)
-                    self.result = (len(self.data), hashlib.sha256(self.data).hexdigest())
-                else:
-                    h, total = hashlib.sha256(), 0
-                    while chunk := conn.recv(CHUNK):
-                        h.update(chunk)
-                        total += len(chunk)
-                    self.result = (total, h.hexdigest())
-        except BaseException as e:  # reported by the test's thread
-            self.error = e
-        finally:
-            self.listener.close()
-
-    def join(self):
-        self.thread.join(DEADLINE_S)
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None, "the host server did not finish"
-        return self.result
-
-
 class BulkRig6(BulkRig):
     """test_virtio_net_tcp's BulkRig with the guest at fd00::100 talking to fd00::2 (the
     host's ::1): IPv6 frames both ways, GSO_TCPV6 when acked."""
@@ -590,7 +547,7 @@ def rig6(impl, memory):
 
 def test_host_to_guest_bulk_over_ipv6_in_gso_tcpv6_frames(impl, rig6):
     down = payload(BULK6)
-    server = HostServer6("send", down)
+    server = HostServer("send", down, host="::1")
     ep = rig6.connect(server.port, eof=False)
     rig6.run(lambda: ep.flow.fin_received)
     ep.eof = True
@@ -611,7 +568,7 @@ def test_host_to_guest_bulk_over_ipv6_in_gso_tcpv6_frames(impl, rig6):
 
 def test_guest_to_host_bulk_over_ipv6_in_tso6_segments(impl, rig6):
     up = payload(BULK6)
-    sink = HostServer6("recv")
+    sink = HostServer("recv", host="::1")
     ep = rig6.connect(sink.port, up, eof=True)
     rig6.run(lambda: ep.flow.state is not TcpState.SYN_SENT)
     ep.flow.snd_mss = TSO6_PAYLOAD  # the guest's TSO: one 64 KiB segment per frame
