@@ -102,6 +102,28 @@ def boot(guest, tmp_path):
         vm.close()
 
 
+
+def hashing_sink(host: str):
+    """A listener on host that takes one connection on a thread, hashing what it reads:
+    -> (listener, thread, its sha256, {"bytes": total} once the peer closes)."""
+    sink = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    received = hashlib.sha256()
+    got = {}
+
+    def drain():
+        conn, _ = sink.accept()
+        with conn:
+            total = 0
+            while chunk := conn.recv(1 << 20):
+                received.update(chunk)
+                total += len(chunk)
+        got["bytes"] = total
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    return sink, drainer, received, got
+
+
 def serve_http(directory) -> http.server.ThreadingHTTPServer:
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -181,21 +203,7 @@ def test_bulk_tcp_both_ways_with_offloads(boot, tmp_path):
     blob = os.urandom(BULK_MIB << 20)
     (www / "blob").write_bytes(blob)
     server = serve_http(www)
-    sink = socket.create_server(("127.0.0.1", 0))
-    received = hashlib.sha256()
-    got = {}
-
-    def drain():
-        conn, _ = sink.accept()
-        with conn:
-            total = 0
-            while chunk := conn.recv(1 << 20):
-                received.update(chunk)
-                total += len(chunk)
-        got["bytes"] = total
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
+    sink, drainer, received, got = hashing_sink("127.0.0.1")
     try:
         vm, shell = boot(mem="768M")
         status, out = shell.run(f"wget -q -O - http://10.0.2.2:{server.server_address[1]}/blob"

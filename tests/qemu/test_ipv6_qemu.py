@@ -18,7 +18,7 @@ import threading
 
 import pytest
 
-from tests.qemu.test_accel_qemu import boot, guest  # noqa: F401  (fixtures)
+from tests.qemu.test_accel_qemu import boot, guest, hashing_sink  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -72,21 +72,7 @@ def test_bulk_tcp_over_ipv6_both_ways_with_tso6(boot, tmp_path):  # noqa: F811
     blob = os.urandom(BULK6_MIB << 20)
     (www / "blob6").write_bytes(blob)
     server = serve_http6(www)
-    sink = socket.create_server(("::1", 0), family=socket.AF_INET6)
-    received = hashlib.sha256()
-    got = {}
-
-    def drain():
-        conn, _ = sink.accept()
-        with conn:
-            total = 0
-            while chunk := conn.recv(1 << 20):
-                received.update(chunk)
-                total += len(chunk)
-        got["bytes"] = total
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
+    sink, drainer, received, got = hashing_sink("::1")
     try:
         vm, shell = boot()
         status, out = shell.run(SLAAC_WAIT)
