@@ -524,7 +524,8 @@ def main() -> int:
                              "(default: all)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--perf", metavar="DIR",
-                        help="perf record voidbox's NAT during each latency op, into DIR/OP-MTU.data")
+                        help="perf record voidbox's NAT during each latency op, into DIR/OP-MTU.data "
+                             "(perf's sampling slows the NAT: a --perf run's figures are not a comparison)")
     parser.add_argument("--max-minutes", type=float, default=10.0,
                         help="skip the sessions that would start after this")
     parser.add_argument("--family", type=int, choices=(4, 6), default=4,
