@@ -332,3 +332,30 @@ def test_forward_never_shares_a_port_held_with_so_reuseaddr():
         nat.close()
         loop.close()
         service.close()
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_parse_recverr_reads_the_error_and_its_offender_and_refuses_the_rest(v6):
+    """The error queue's control message (ip(7) IP_RECVERR, ipv6(7) IPV6_RECVERR): type,
+    code, info and the offender's address; another origin, a short message or another
+    level say nothing."""
+    import socket as s
+    import struct as st
+
+    from voidbox.net import udp
+
+    level, ctype = (s.IPPROTO_IPV6, udp.IPV6_RECVERR) if v6 else (s.IPPROTO_IP, udp.IP_RECVERR)
+    origin = udp.SO_EE_ORIGIN_ICMP6 if v6 else udp.SO_EE_ORIGIN_ICMP
+    offender = bytes(range(1, 17)) if v6 else bytes([10, 0, 0, 9])
+    err = udp._SOCK_EXTENDED_ERR.pack(113, origin, 2 if v6 else 3, 1, 0, 1280, 0)
+    sockaddr = (st.pack("=HHI", s.AF_INET6, 0, 0) + offender + b"\0" * 4 if v6
+                else st.pack("=HH", s.AF_INET, 0) + offender + b"\0" * 8)
+    assert udp.parse_recverr([(level, ctype, err + sockaddr)], v6) == \
+        (2 if v6 else 3, 1, 1280, offender)
+    assert udp.parse_recverr([(level, ctype, err)], v6) == (2 if v6 else 3, 1, 1280, None)
+    assert udp.parse_recverr([(level, ctype, err + sockaddr[:3])], v6)[3] is None  # cut short
+    local = udp._SOCK_EXTENDED_ERR.pack(113, 1, 0, 0, 0, 0, 0)  # SO_EE_ORIGIN_LOCAL
+    assert udp.parse_recverr([(level, ctype, local + sockaddr)], v6) is None
+    assert udp.parse_recverr([(level, ctype, err[:8])], v6) is None
+    assert udp.parse_recverr([(s.SOL_SOCKET, ctype, err + sockaddr)], v6) is None
+    assert udp.parse_recverr([(level, ctype, err + sockaddr)], not v6) is None  # the other family

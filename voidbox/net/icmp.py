@@ -68,7 +68,6 @@ from voidbox.net.udp import (
     IPV6_RECVERR,
     is_unicast_destination,
     parse_recverr,
-    parse_recverr6,
 )
 
 from .._lazylog import get_logger
@@ -347,7 +346,8 @@ class IcmpNat:
                     break
                 err = parse_recverr(anc)
                 if err is not None:
-                    self._reflect_error(flow, *err)
+                    etype, code, _info, offender = err
+                    self._reflect_error(flow, etype, code, offender)
         for _ in range(ICMP_BATCH):
             try:
                 msg = flow.sock.recv(ICMP_MAX_MESSAGE)
@@ -570,7 +570,7 @@ class IcmpNat:
                                                         socket.MSG_ERRQUEUE)
                 except OSError:
                     break
-                err = parse_recverr6(anc)
+                err = parse_recverr(anc, v6=True)
                 if err is not None:
                     self._reflect_error6(flow, *err)
         for _ in range(ICMP_BATCH):

@@ -116,37 +116,25 @@ IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)  # ipv6(7)
 SO_EE_ORIGIN_ICMP6 = 3
 
 
-def parse_recverr6(ancdata) -> tuple[int, int, int, bytes | None] | None:
-    """(ICMPv6 type, code, info, offender address) from an IPV6_RECVERR control message,
-    if it came from ICMPv6; info is the MTU of a Packet Too Big (RFC 4443 §3.2)."""
-    for level, ctype, data in ancdata:
-        if level == socket.IPPROTO_IPV6 and ctype == IPV6_RECVERR \
-                and len(data) >= _SOCK_EXTENDED_ERR.size:
+def parse_recverr(ancdata, v6: bool = False) -> tuple[int, int, int, bytes | None] | None:
+    """(ICMP type, code, info, offender address) from an IP_RECVERR (v6: IPV6_RECVERR)
+    control message, if ICMP (ICMPv6) sent it; info is a Packet Too Big's MTU (RFC 4443
+    §3.2). The offender is SO_EE_OFFENDER, the sockaddr right after the struct."""
+    level, ctype = (socket.IPPROTO_IPV6, IPV6_RECVERR) if v6 else (socket.IPPROTO_IP, IP_RECVERR)
+    origin_wanted = SO_EE_ORIGIN_ICMP6 if v6 else SO_EE_ORIGIN_ICMP
+    # sockaddr_in6: family, port, flowinfo, address; sockaddr_in: family, port, address.
+    family, addr_at, addr_len = ((socket.AF_INET6, 8, 16) if v6 else (socket.AF_INET, 4, 4))
+    for msg_level, msg_type, data in ancdata:
+        if msg_level == level and msg_type == ctype and len(data) >= _SOCK_EXTENDED_ERR.size:
             _errno, origin, etype, code, _pad, info, _data = _SOCK_EXTENDED_ERR.unpack_from(data)
-            if origin != SO_EE_ORIGIN_ICMP6:
+            if origin != origin_wanted:
                 return None
             offender = None
             off = _SOCK_EXTENDED_ERR.size
-            # SO_EE_OFFENDER: a sockaddr_in6 (family, port, flowinfo, address, scope).
-            if len(data) >= off + 24 and struct.unpack_from("=H", data, off)[0] == socket.AF_INET6:
-                offender = bytes(data[off + 8:off + 24])
+            if (len(data) >= off + addr_at + addr_len
+                    and struct.unpack_from("=H", data, off)[0] == family):
+                offender = bytes(data[off + addr_at:off + addr_at + addr_len])
             return etype, code, info, offender
-    return None
-
-
-def parse_recverr(ancdata) -> tuple[int, int, bytes | None] | None:
-    """(ICMP type, code, offender address) from an IP_RECVERR control message, if from ICMP."""
-    for level, ctype, data in ancdata:
-        if level == socket.IPPROTO_IP and ctype == IP_RECVERR and len(data) >= _SOCK_EXTENDED_ERR.size:
-            _errno, origin, etype, code, _pad, _info, _data = _SOCK_EXTENDED_ERR.unpack_from(data)
-            if origin != SO_EE_ORIGIN_ICMP:
-                return None
-            offender = None
-            off = _SOCK_EXTENDED_ERR.size
-            # SO_EE_OFFENDER: a sockaddr_in right after the struct (family, port, addr).
-            if len(data) >= off + 8 and struct.unpack_from("=H", data, off)[0] == socket.AF_INET:
-                offender = bytes(data[off + 4 : off + 8])
-            return etype, code, offender
     return None
 
 
@@ -594,7 +582,7 @@ class UdpNat:
             except OSError:
                 return
             if flow.guest_src is not None:
-                err6 = parse_recverr6(anc)
+                err6 = parse_recverr(anc, v6=True)
                 if err6 is None or not flow.quote:
                     continue
                 etype, code, info, offender = err6
@@ -607,7 +595,7 @@ class UdpNat:
             err = parse_recverr(anc)
             if err is None or not flow.quote:
                 continue
-            etype, code, offender = err
+            etype, code, _info, offender = err
             # The guest must see the error come from the address it sent to.
             src = flow.guest_dst if offender in (None, flow.host_dst) else offender
             self.send_ip(self._icmp_error(etype, code, src, flow.quote))
