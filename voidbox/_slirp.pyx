@@ -302,6 +302,15 @@ cdef enum:
     IPV4_FRAGMENT_BITS = 0x3FFF  # MF and the fragment offset (RFC 791 §3.1)
 
 
+cdef inline bint from_guest(const uint8_t *f, bytes gateway_mac, bytes guest_mac,
+                            uint16_t ethertype):
+    """An Ethernet header from guest_mac to gateway_mac with this EtherType (the caller
+    checked that the frame holds one and that the MACs are 6 bytes)."""
+    return (memcmp(f, <const char *>gateway_mac, ETH_ALEN) == 0
+            and memcmp(f + ETH_ALEN, <const char *>guest_mac, ETH_ALEN) == 0
+            and f[12] == ethertype >> 8 and f[13] == (ethertype & 0xFF))
+
+
 def guest_ipv4_split(const uint8_t[::1] frame, bytes gateway_mac, bytes guest_mac,
                      bytes guest_ip):
     """The engine's fast path (voidbox.net.engine.Engine.guest_frame): for an Ethernet
@@ -316,9 +325,7 @@ def guest_ipv4_split(const uint8_t[::1] frame, bytes gateway_mac, bytes guest_ma
             or len(guest_mac) != ETH_ALEN or len(guest_ip) != IPV4_ALEN):
         return None
     f = &frame[0]
-    if (memcmp(f, <const char *>gateway_mac, ETH_ALEN) != 0
-            or memcmp(f + ETH_ALEN, <const char *>guest_mac, ETH_ALEN) != 0
-            or f[12] != ETHERTYPE_IPV4 >> 8 or f[13] != (ETHERTYPE_IPV4 & 0xFF)):
+    if not from_guest(f, gateway_mac, guest_mac, ETHERTYPE_IPV4):
         return None
     f += ETH_HEADER_LEN
     if f[0] >> 4 != 4:
@@ -350,9 +357,7 @@ def guest_ipv6_split(const uint8_t[::1] frame, bytes gateway_mac, bytes guest_ma
             or len(guest_mac) != ETH_ALEN or len(prefix64) != 8):
         return None
     f = &frame[0]
-    if (memcmp(f, <const char *>gateway_mac, ETH_ALEN) != 0
-            or memcmp(f + ETH_ALEN, <const char *>guest_mac, ETH_ALEN) != 0
-            or f[12] != ETHERTYPE_IPV6 >> 8 or f[13] != (ETHERTYPE_IPV6 & 0xFF)):
+    if not from_guest(f, gateway_mac, guest_mac, ETHERTYPE_IPV6):
         return None
     f += ETH_HEADER_LEN
     plen = (<Py_ssize_t>f[4] << 8) | f[5]

@@ -166,6 +166,11 @@ ETHERTYPE_IPV4 = b"\x08\x00"
 IPV4_FRAGMENT_BITS = 0x3FFF  # MF and the fragment offset (RFC 791 §3.1)
 
 
+def _from_guest(f: memoryview, gateway_mac: bytes, guest_mac: bytes, ethertype: bytes) -> bool:
+    """An Ethernet header from guest_mac to gateway_mac with this EtherType."""
+    return f[0:6] == gateway_mac and f[6:12] == guest_mac and f[12:14] == ethertype
+
+
 def guest_ipv4_split(frame, gateway_mac: bytes, guest_mac: bytes, guest_ip: bytes):
     """The engine's fast path (voidbox.net.engine.Engine.guest_frame): for an Ethernet
     frame from guest_mac to gateway_mac carrying one whole IPv4 packet from guest_ip (a
@@ -176,7 +181,7 @@ def guest_ipv4_split(frame, gateway_mac: bytes, guest_mac: bytes, guest_ip: byte
     if (len(f) < ETH_HEADER_LEN + IPV4_HEADER_LEN or len(gateway_mac) != 6
             or len(guest_mac) != 6 or len(guest_ip) != 4):
         return None
-    if f[0:6] != gateway_mac or f[6:12] != guest_mac or f[12:14] != ETHERTYPE_IPV4:
+    if not _from_guest(f, gateway_mac, guest_mac, ETHERTYPE_IPV4):
         return None
     ip = f[ETH_HEADER_LEN:]
     if ip[0] >> 4 != 4:
@@ -205,7 +210,7 @@ def guest_ipv6_split(frame, gateway_mac: bytes, guest_mac: bytes, prefix64: byte
     if (len(f) < ETH_HEADER_LEN + IPV6_HEADER_LEN or len(gateway_mac) != 6
             or len(guest_mac) != 6 or len(prefix64) != 8):
         return None
-    if f[0:6] != gateway_mac or f[6:12] != guest_mac or f[12:14] != ETHERTYPE_IPV6:
+    if not _from_guest(f, gateway_mac, guest_mac, ETHERTYPE_IPV6):
         return None
     ip = f[ETH_HEADER_LEN:]
     plen = int.from_bytes(ip[4:6], "big")
