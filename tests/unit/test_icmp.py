@@ -104,3 +104,69 @@ def test_echo_reply_larger_than_the_mtu_is_fragmented():
     whole = [r.push(ip, payload, now=0.0) for ip, payload in packets][-1]
     assert whole == build_icmp(ICMP_ECHOREPLY, 0, (0x77 << 16) | 1, data)
     h.close()
+
+
+class ErrQueueSocket:
+    """A ping socket's stand-in: one error in its queue, then one echo reply, then EAGAIN."""
+
+    def __init__(self, ancdata, reply: bytes):
+        self.ancdata, self.reply = ancdata, reply
+
+    def recvmsg(self, _size, _space, _flags):
+        if self.ancdata is None:
+            raise BlockingIOError
+        anc, self.ancdata = self.ancdata, None
+        return b"", anc, 0, None
+
+    def recv(self, _size):
+        if self.reply is None:
+            raise BlockingIOError
+        reply, self.reply = self.reply, None
+        return reply
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_a_ping_sockets_error_and_reply_reach_the_guest(v6):
+    """What the host's stack says about an echo flow (ip(7) IP_RECVERR / IPV6_RECVERR):
+    the error goes to the guest from the address it pinged, quoting its request, and a
+    reply on the same socket is relayed with the guest's id."""
+    import select
+    import socket
+    import struct
+
+    from tests.unit.netframes import GUEST6, icmp6_messages
+    from voidbox.net import udp
+    from voidbox.net.icmp import _Flow
+    from voidbox.net.packets import parse_ethernet, parse_icmp, parse_ipv4
+
+    far = bytes([192, 0, 2, 9]) if not v6 else bytes.fromhex("20010db8" + "00" * 11 + "09")
+    h = Harness()
+    try:
+        level, ctype = ((socket.IPPROTO_IPV6, udp.IPV6_RECVERR) if v6
+                        else (socket.IPPROTO_IP, udp.IP_RECVERR))
+        origin = udp.SO_EE_ORIGIN_ICMP6 if v6 else udp.SO_EE_ORIGIN_ICMP
+        etype, code = (1, 3) if v6 else (ICMP_DEST_UNREACH, ICMP_HOST_UNREACH)
+        err = udp._SOCK_EXTENDED_ERR.pack(113, origin, etype, code, 0, 0, 0)
+        reply_type = 129 if v6 else ICMP_ECHOREPLY
+        reply = struct.pack("!BBHHH", reply_type, 0, 0, 4321, 7) + b"pong"
+        flow = _Flow("k", far, far, 77, GUEST6 if v6 else b"")
+        flow.quote = b"the guest's request"
+        flow.sock = ErrQueueSocket([(level, ctype, err)], reply)
+        h.engine.icmp._ping_event(flow, select.EPOLLERR | select.EPOLLIN)
+        if v6:
+            (_e, ip_err, hdr_err, body_err), (_e2, ip_rep, hdr_rep, body_rep) = icmp6_messages(h.out)
+            assert (ip_err.src, ip_err.dst, hdr_err.type, hdr_err.code) == (far, GUEST6, 1, 3)
+            assert body_err.endswith(b"the guest's request")
+            assert (ip_rep.src, hdr_rep.type) == (far, 129) and body_rep.endswith(b"pong")
+            assert h.engine.counters["icmp6_error_reflected"] == 1
+        else:
+            err_frame, reply_frame = h.out
+            for frame, want in ((err_frame, ICMP_DEST_UNREACH), (reply_frame, ICMP_ECHOREPLY)):
+                ip, payload = parse_ipv4(parse_ethernet(frame)[1])
+                assert ip.src == far and ip.dst == GUEST and ip.proto == IPPROTO_ICMP
+                assert parse_icmp(payload)[0].type == want
+            assert bytes(err_frame).endswith(b"the guest's request")
+            assert bytes(reply_frame).endswith(b"pong")
+            assert h.engine.counters["icmp_error_reflected"] == 1
+    finally:
+        h.close()

@@ -327,7 +327,8 @@ class IcmpNat:
         self._count("icmp_echo_rx")
         self._echo_reply(flow.guest_dst, flow.guest_id, seq, data)
 
-    def _reflect_error(self, flow: _Flow, etype: int, code: int, offender: bytes | None) -> None:
+    def _reflect_error(self, flow: _Flow, etype: int, code: int, _info: int,
+                       offender: bytes | None) -> None:
         if not flow.quote:
             return
         src = flow.guest_dst if offender in (None, flow.host_dst) else offender
@@ -335,19 +336,25 @@ class IcmpNat:
         self.send_ip(build_ipv4(src, self.guest_ip, IPPROTO_ICMP, build_icmp(etype, code, 0, flow.quote)))
 
     def _ping_event(self, flow: _Flow, events: int) -> None:
+        """A ping socket's events, either family (an IPv6 flow has its guest's source):
+        errors from its queue reflected to the guest, echo replies relayed. Ping sockets
+        deliver the ICMP message without the IP header; the kernel already checked it and
+        matched the id."""
         if flow.sock is None:
             return
+        v6 = bool(flow.guest_src)
         if events & select.EPOLLERR:
+            space = ERRQUEUE_CMSG_SPACE6 if v6 else ERRQUEUE_CMSG_SPACE
             for _ in range(ICMP_BATCH):
                 try:
-                    _d, anc, _f, _a = flow.sock.recvmsg(ICMP_MAX_MESSAGE, ERRQUEUE_CMSG_SPACE,
-                                                        socket.MSG_ERRQUEUE)
+                    _d, anc, _f, _a = flow.sock.recvmsg(ICMP_MAX_MESSAGE, space, socket.MSG_ERRQUEUE)
                 except OSError:
                     break
-                err = parse_recverr(anc)
+                err = parse_recverr(anc, v6)
                 if err is not None:
-                    etype, code, _info, offender = err
-                    self._reflect_error(flow, etype, code, offender)
+                    (self._reflect_error6 if v6 else self._reflect_error)(flow, *err)
+        hlen, reply_type = (ICMPV6_HLEN, ICMPV6_ECHO_REPLY) if v6 else (ICMP_HLEN, ICMP_ECHOREPLY)
+        reply = self._reply_to_guest6 if v6 else self._reply_to_guest
         for _ in range(ICMP_BATCH):
             try:
                 msg = flow.sock.recv(ICMP_MAX_MESSAGE)
@@ -355,12 +362,9 @@ class IcmpNat:
                 return
             except OSError:
                 continue
-            # Ping sockets deliver the ICMP message without the IP header; the kernel
-            # already checked it and matched the id.
-            if len(msg) < ICMP_HLEN or msg[0] != ICMP_ECHOREPLY:
+            if len(msg) < hlen or msg[0] != reply_type:
                 continue
-            seq = struct.unpack_from("!H", msg, 6)[0]
-            self._reply_to_guest(flow, seq, memoryview(msg)[ICMP_HLEN:])
+            reply(flow, struct.unpack_from("!H", msg, 6)[0], memoryview(msg)[hlen:])
 
     def _raw_event(self, events: int) -> None:
         for _ in range(ICMP_BATCH):
@@ -390,7 +394,7 @@ class IcmpNat:
                 inner_id = struct.unpack_from("!H", data, ihl + 4)[0]
                 flow = self.raw_ids.get(inner_id)
                 if flow is not None and flow.host_dst == inner_dst:
-                    self._reflect_error(flow, hdr.type, hdr.code, ip.src)
+                    self._reflect_error(flow, hdr.type, hdr.code, 0, ip.src)
 
     # ------------------------------------------------------------ ICMPv6 (RFC 4443)
 
@@ -529,7 +533,7 @@ class IcmpNat:
                 self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet)
                 return None
             flow.sock = sock
-            self.loop.watch(sock.fileno(), select.EPOLLIN, lambda ev, f=flow: self._ping_event6(f, ev))
+            self.loop.watch(sock.fileno(), select.EPOLLIN, lambda ev, f=flow: self._ping_event(f, ev))
         else:
             host_id = self._alloc_id()
             if host_id is None:
@@ -559,31 +563,6 @@ class IcmpNat:
         self._count("icmp6_error_reflected")
         self.send_ip6(src, flow.guest_src, build_icmpv6(src, flow.guest_src, etype, code, rest,
                                                         flow.quote))
-
-    def _ping_event6(self, flow: _Flow, events: int) -> None:
-        if flow.sock is None:
-            return
-        if events & select.EPOLLERR:
-            for _ in range(ICMP_BATCH):
-                try:
-                    _d, anc, _f, _a = flow.sock.recvmsg(ICMP_MAX_MESSAGE, ERRQUEUE_CMSG_SPACE6,
-                                                        socket.MSG_ERRQUEUE)
-                except OSError:
-                    break
-                err = parse_recverr(anc, v6=True)
-                if err is not None:
-                    self._reflect_error6(flow, *err)
-        for _ in range(ICMP_BATCH):
-            try:
-                msg = flow.sock.recv(ICMP_MAX_MESSAGE)
-            except BlockingIOError:
-                return
-            except OSError:
-                continue
-            if len(msg) < ICMPV6_HLEN or msg[0] != ICMPV6_ECHO_REPLY:
-                continue
-            self._reply_to_guest6(flow, struct.unpack_from("!H", msg, 6)[0],
-                                  memoryview(msg)[ICMPV6_HLEN:])
 
     def _raw_event6(self, events: int) -> None:
         # An ICMPv6 raw socket delivers the message without the IPv6 header (RFC 3542 §3),
