@@ -21,6 +21,7 @@ import pytest
 from tests.netns.dnsserver import DnsServer
 from tests.netns.test_net_run import (  # noqa: F401  (workdir: a fixture)
     WAIT,
+    UdpEcho,
     _drop_to_nobody_and_run,
     run,
     script,
@@ -121,31 +122,8 @@ def test_ping6_a_host_address_through_an_icmpv6_socket():
     assert rc != 0 and counters["icmp_denied"] == 1
 
 
-class UdpEcho6:
-    """A UDP echo server on the host's ::1, in a thread."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        self.sock.bind(("::1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.received = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except OSError:
-                return
-            self.received += 1
-            self.sock.sendto(data, peer)
-
-    def close(self):
-        self.sock.close()
-
-
 def test_udp_to_the_hosts_ipv6_loopback(tmp_path):
-    echo = UdpEcho6()
+    echo = UdpEcho("::1")
     out = tmp_path / "out"
     client = script(tmp_path, "client.py", f"""\
         import socket
@@ -293,7 +271,7 @@ def test_unprivileged_run_over_ipv6(tmp_path, workdir):  # noqa: F811
         pytest.skip("needs /usr/bin/python3 for the unprivileged UDP client")
     # Imported here, as root: uid nobody cannot read this venv's interpreter's library.
     import pyroute2  # noqa: F401
-    echo = UdpEcho6()
+    echo = UdpEcho("::1")
     out = workdir / "out"
     client = script(workdir, "client.py", f"""\
         import os, socket

@@ -75,11 +75,12 @@ def script(tmp_path, name, body):
 
 
 class UdpEcho:
-    """A UDP echo server on the host's loopback, in a thread."""
+    """A UDP echo server on the host's loopback (127.0.0.1, or ::1), in a thread."""
 
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
         self.received = 0
         threading.Thread(target=self._serve, daemon=True).start()
