@@ -160,6 +160,8 @@ class Rig:
     the guest as frames read from the pair, as it does from a real TAP.
     """
 
+    guest = GUEST  # the guest's address: every segment to it goes there
+
     def __init__(self, policy=None, config=None, stream=None):
         self.loop = StepLoop()
         self.to_guest: list[bytes] = []
@@ -233,7 +235,7 @@ class Rig:
         moved = False
         self.loop.run_once(timeout)
         for _src, dst, seg in self.take():
-            assert dst == GUEST
+            assert dst == self.guest
             ep = self.guests.get(seg.dst_port)
             if ep is None:
                 continue

@@ -59,6 +59,8 @@ def complete_partial_checksum6(pkt: bytearray) -> None:
 class Rig6(v4.Rig):
     """test_tcp_nat's Rig with the guest at fd00::100 and the remote at ::1 (or fd00::2)."""
 
+    guest = GUEST6
+
     def __init__(self, policy=None, config=None, stream=None):
         super().__init__(policy=policy, config=config, stream=stream)
         self.remote = LOOPBACK6
@@ -98,24 +100,6 @@ class Rig6(v4.Rig):
         out = [parse_packet6(p) for p in self.to_guest]
         self.to_guest.clear()
         return out
-
-    def step(self, timeout=0.002) -> bool:
-        moved = False
-        self.loop.run_once(timeout)
-        for _src, dst, seg in self.take():
-            assert dst == GUEST6
-            ep = self.guests.get(seg.dst_port)
-            if ep is None:
-                continue
-            ep.receive(seg, self.loop.now)
-            moved = True
-        for ep in self.guests.values():
-            ep.pump(self.loop.now)
-            batch, ep.outbox = ep.outbox, []
-            for seg in batch:
-                moved = True
-                self.inject(seg)
-        return moved
 
 
 class Server6(v4.Server):
