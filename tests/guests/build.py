@@ -15,6 +15,7 @@ Run as a script to build one guest by hand: python tests/guests/build.py hello O
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ GUESTS_DIR = Path(__file__).resolve().parent
 LINKER_SCRIPT = GUESTS_DIR / "guest.ld"
 HEADER = GUESTS_DIR / "guest.h"
 GUEST_NAMES = ("hello", "io", "irq", "reset", "triple", "spin", "serial_irq", "virtio_blk", "virtio_blk_spin",
-               "pio_loop", "virtio_net")
+               "pio_loop", "virtio_net", "virtio_net_lenient", "virtio_net_relink")
 GUEST_LOAD_ADDR = 0x100000  # layout.HIMEM_ADDR; guest.ld links here
 
 CFLAGS = (
@@ -62,7 +63,8 @@ def build_guest(name: str, tmp_dir: str | os.PathLike) -> Path:
 
         missing("needs gcc to build the tiny test guests")
     out = Path(tmp_dir) / f"{name}.elf"
-    newest_input = max(p.stat().st_mtime for p in (source, HEADER, LINKER_SCRIPT))
+    inputs = (source, HEADER, LINKER_SCRIPT, *_included(source))
+    newest_input = max(p.stat().st_mtime for p in inputs)
     if out.exists() and out.stat().st_mtime >= newest_input:
         return out
     result = subprocess.run(
@@ -74,6 +76,12 @@ def build_guest(name: str, tmp_dir: str | os.PathLike) -> Path:
         out.unlink(missing_ok=True)
         raise GuestBuildError(f"building guest {name!r} failed:\n{diagnostics}")
     return out
+
+
+def _included(source: Path) -> list[Path]:
+    """The guest sources `source` includes by a quoted name (a variant includes its base)."""
+    names = re.findall(r'^#include "([^"]+)"', source.read_text(), re.MULTILINE)
+    return [GUESTS_DIR / name for name in names if (GUESTS_DIR / name).is_file()]
 
 
 def disassemble(elf: str | os.PathLike) -> str:
