@@ -77,6 +77,10 @@ def test_the_guest_is_served_by_a_backend_in_another_process(kernel, serve, tmp_
     # The backend signalled its used buffers on the card's irqfd itself: the VMM relayed
     # none, the guest took them (its own count) and found them in its rings.
     assert card["interrupts"] == 0 and card["link_down"] == 0, card
+    # The guest's kicks (the receiveq's, and one per frame sent) went from KVM's ioeventfd
+    # straight to the backend: not one QueueNotify write reached the VMM.
+    (transport,) = [t for t in vm.virtio_transports if t.device is vm.nics[0]]
+    assert transport.trapped_notifies == 0, transport.trapped_notifies
     assert guest_interrupts(log) >= 1, why  # two irqfd signals may reach the guest as one
 
 
