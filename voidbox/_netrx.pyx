@@ -36,9 +36,30 @@ from voidbox.virtio._netrx_py import MAX_CHAINS as _MAX_CHAINS
 from voidbox.virtio._netrx_py import MAX_GSO_PAYLOAD6 as _MAX_GSO_PAYLOAD6
 from voidbox.virtio._netrx_py import STREAM_BLOCKED, STREAM_DRAINED, STREAM_EOF, STREAM_MORE
 from voidbox.virtio._netrx_py import RingStream as _PureRingStream
-from voidbox.virtio._netrx_py import frame_payload_cap, unread_beyond_peek
+from voidbox.virtio._netrx_py import SO_PEEK_OFF as _SO_PEEK_OFF
+from voidbox.virtio._netrx_py import frame_payload_cap
+from voidbox.ring import REQUIRE_WRITABLE, QueueError
 from voidbox.virtio._netrx_py import readv_into_chains as _pure_readv_into_chains
 from voidbox.virtio._netrx_py import writev_from_chain as _pure_writev_from_chain
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    enum:
+        FIONREAD
+
+cdef extern from "<sys/socket.h>" nogil:
+    int getsockopt(int fd, int level, int name, void *value, unsigned int *length)
+    enum:
+        SOL_SOCKET
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLRDHUP
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)
@@ -70,6 +91,25 @@ cdef uint64_t SEQ_MASK = 0xFFFFFFFF
 assert HEADROOM == _FRAME_HEADROOM and CHAINS_CAP == _MAX_CHAINS and CSUM_START == _CSUM_START
 assert HEADROOM6 == _FRAME_HEADROOM6 and CSUM_START6 == _CSUM_START6
 assert MAX_MSS6 == _MAX_GSO_PAYLOAD6
+cdef int SO_PEEK_OFF_C = _SO_PEEK_OFF
+cdef int REQUIRE_WRITABLE_C = REQUIRE_WRITABLE
+
+
+def unread_beyond_peek(int sockfd):
+    """As the pure twin's: SIOCINQ minus SO_PEEK_OFF (at least 0), in two system calls and
+    no socket object; an error is the OSError the pure twin's calls raise."""
+    cdef int inq = 0, off = 0
+    cdef unsigned int size = sizeof(off)
+    if ioctl(sockfd, FIONREAD, &inq) < 0 or getsockopt(sockfd, SOL_SOCKET, SO_PEEK_OFF_C,
+                                                       &off, &size) < 0:
+        raise OSError(errno, os_strerror(errno))
+    return max(0, inq - max(off, 0))
+
+
+cdef object os_strerror(int err):
+    import os
+
+    return os.strerror(err)
 
 
 cdef uint64_t add_piece(uint64_t acc, const uint8_t *p, size_t n, size_t *odd) noexcept nogil:
@@ -135,15 +175,88 @@ class RingStream(_PureRingStream):
                 return 0, 0, 0, self._empty_status(sockfd)
             offloads = card.rx_offloads()
             gso = offloads.tso6 if v6 else offloads.tso4
-            chains, caps, firsts = self._take_planned(queue, want, mss,
-                                                      frame_payload_cap(mss, gso, v6),
-                                                      offloads.merge, headroom)
+            chains, caps, firsts = self._take_planned_c(queue, want, mss,
+                                                        frame_payload_cap(mss, gso, v6),
+                                                        offloads.merge, headroom)
             if not chains:
                 card.counters["rx_starved"] += 1
                 return 0, 0, 0, STREAM_BLOCKED
             return self._fill(card, queue, chains, caps, firsts, offloads.csum, gso, v6,
                               sockfd, eth_header, src_ip, dst_ip, src_port, dst_port, seq,
                               ack, window, mss, unread, ip_id)
+
+    def _take_planned_c(self, Virtqueue queue, Py_ssize_t want, Py_ssize_t mss,
+                        Py_ssize_t frame_cap, bint merge, Py_ssize_t headroom):
+        """The pure twin's _take_planned, with C integers, for a compiled ring's chains
+        (the pure twin's path, taken for a pure ring, keeps the pure methods)."""
+        cdef list chains = [], caps = [], firsts = []
+        cdef Py_ssize_t left = want, room = 0, take, count, typical, index, writable
+        cdef list more
+        count = -(-want // mss) if frame_cap == mss else 1
+        while left > 0 and len(chains) < CHAINS_CAP:
+            more = self._take_c(queue, max(1, min(count, CHAINS_CAP - len(chains))), headroom)
+            if not more:
+                break
+            for index in range(len(more)):
+                if left <= 0:
+                    self._give_back(more[index:])
+                    break
+                writable = (<Chain>more[index]).writable
+                if merge and room > 0:
+                    take = min(writable, room)
+                    firsts.append(False)
+                else:
+                    room = min(frame_cap, left)
+                    take = min(writable - headroom, room)
+                    firsts.append(True)
+                chains.append(more[index])
+                caps.append(take)
+                room -= take
+                left -= take
+            typical = (<Chain>chains[len(chains) - 1]).writable
+            if merge:
+                count = -(-(left + -(-left // frame_cap) * headroom) // typical)
+            else:
+                count = -(-left // min(typical - headroom, frame_cap))
+        return chains, caps, firsts
+
+    def _take_c(self, Virtqueue queue, Py_ssize_t n, Py_ssize_t headroom):
+        """The pure twin's _take: n RX chains big enough for headers and a byte."""
+        card = self.card
+        held = card._rx_held
+        cdef list out = []
+        cdef Chain chain
+        while len(out) < n:
+            if not held:
+                try:
+                    more = queue.pop(n - len(out), REQUIRE_WRITABLE_C)
+                    if not more and queue.enable_notifications():
+                        continue  # buffers arrived while we looked
+                except QueueError:
+                    card.counters["rx_queue_errors"] += 1
+                    card.rx_ring_error = True
+                    break
+                if not more:
+                    break
+                held.extend(more)
+            chain = <Chain>held.popleft()
+            if chain.writable <= <uint64_t>headroom:
+                queue.push(chain.head, 0)  # too small for a segment: back, unused
+                card.counters["rx_buffer_too_small"] += 1
+                continue
+            out.append(chain)
+        return out
+
+    def _empty_status(self, int sockfd):
+        """As the pure twin's, with poll(2) called directly."""
+        cdef pollfd p
+        p.fd = sockfd
+        p.events = POLLRDHUP
+        p.revents = 0
+        cdef bint hup = poll(&p, 1, 0) > 0
+        if unread_beyond_peek(sockfd) > 0:
+            return STREAM_MORE
+        return STREAM_EOF if hup else STREAM_DRAINED
 
     def _fill(self, card, queue, list chains, list plan_caps, list plan_firsts, bint csum,
               bint gso, bint v6, int sockfd, const uint8_t[::1] eth,

@@ -136,7 +136,7 @@ ALLOW: tuple[Allow, ...] = (
           "IPV6_RECVERR on flows"),
     Allow("getsockopt", "SO_ERROR after a non-blocking connect, SO_PEEK_OFF, SO_SNDBUF"),
     Allow("ioctl", "FIONBIO (socket.setblocking of accepted connections), FIONREAD = "
-          "SIOCINQ (the pure _netrx twin sizes a flow's unread bytes), TUNSETOFFLOAD (a "
+          "SIOCINQ (the card's stream port sizes a flow's unread bytes), TUNSETOFFLOAD (a "
           "TAP-backed card follows the offloads its driver acked)",
           one_of(1, (FIONBIO, FIONREAD, TUNSETOFFLOAD))),
     Allow("fcntl", "F_DUPFD_CLOEXEC only: mmap.mmap keeps its own copy of a memory "

@@ -661,6 +661,34 @@ def test_stream_port_fills_the_same_buffers(ring, chains, size, mss, offloads, s
     assert seen[0] == seen[1]
 
 
+@settings(max_examples=50, deadline=None)
+@given(queued=st.integers(0, 5000), peeked=st.integers(0, 5000))
+def test_unread_beyond_peek_agrees(queued, peeked):
+    """The bytes past the peek offset: the same count, and the same error for what is not
+    a socket or not an fd."""
+    compiled_netrx = load_compiled("voidbox._netrx")
+    ours, peer = tcp_with_queued(b"x" * queued)
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, _netrx_py.SO_PEEK_OFF, 0)
+        peeked = min(peeked, queued)
+        if peeked:
+            assert len(ours.recv(peeked, socket.MSG_PEEK)) == peeked  # moves the offset
+        assert (compiled_netrx.unread_beyond_peek(ours.fileno())
+                == _netrx_py.unread_beyond_peek(ours.fileno()) == queued - peeked)
+    finally:
+        ours.close()
+        peer.close()
+    r, w = os.pipe()
+    try:
+        for fd in (r, 999_999):  # a pipe; no fd at all
+            kinds = [outcome(impl.unread_beyond_peek, fd)
+                     for impl in (_netrx_py, compiled_netrx)]
+            assert kinds[0] == kinds[1] and kinds[0][0] is OSError, kinds
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 # ---------------------------------------------------------------------------------------
 # Virtqueue arithmetic (virtio 1.2 §2.7)
 # ---------------------------------------------------------------------------------------
