@@ -33,6 +33,7 @@ from voidbox.net.packets import (
     parse_arp,
 )
 from voidbox.net.policy import Policy
+from voidbox.ring import VIRTQ_AVAIL_F_NO_INTERRUPT
 from voidbox.vhost_user import protocol as p
 from voidbox.vhost_user.backend import OFFERED_PROTOCOL_FEATURES, VhostUserServer
 from voidbox.virtio.device import VIRTIO_F_VERSION_1
@@ -311,6 +312,25 @@ def test_arp_through_the_nat_and_back(rig, path):
     # GET_VRING_BASE stops the ring and reports how far the device read.
     assert front.call(p.GetVringBase(index=1, num=0)) == p.VRING_STATE.pack(1, 1)
     assert rig.device.queues == ()
+    front.close()
+
+
+def test_each_queue_is_called_only_when_its_own_driver_asks(rig, path):
+    """A used ring that moved is not a reason to call its queue: with the transmitq's
+    interrupts suppressed (VIRTQ_AVAIL_F_NO_INTERRUPT, §2.7.7), a frame nobody answers is
+    used without a call, and the ARP reply after it calls the receiveq alone."""
+    front = Frontend(rig, path)
+    front.start()
+    front.tx.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
+    front.transmit(b"\xff" * 6 + MAC + b"\x88\xb5" + bytes(46))  # a local experimental type
+    rig.pump(lambda: front.tx.used_idx == 1, rounds=50)
+    assert front.tx.used_idx == 1 and not front.called(1)
+    front.transmit(arp_request())
+    frames: list[bytes] = []
+    rig.pump(lambda: frames.extend(front.received()) or frames, rounds=50)
+    assert len(frames) == 1 and front.tx.used_idx == 2
+    assert front.called(0)  # the receiveq's driver asked
+    assert not front.called(1)  # the transmitq's did not
     front.close()
 
 

@@ -371,9 +371,19 @@ class _Session:
         if self.queues is not None:
             self.device.queue_notify(index)
 
-    def _interrupt(self, _kind: int) -> None:
+    def _interrupt(self, _kind: int, queue: int | None = None) -> None:
+        """The device's interrupt: each queue has its own call eventfd, so a device that
+        says which queue's used ring asked (its EVENT_IDX check) signals that one only.
+        Signalling another whose used index merely moved would undo the suppression its
+        driver asked for, and wake the frontend and the guest for nothing."""
         queues = self.queues
         if queues is None:
+            return
+        if queue is not None and queue < len(queues):
+            vring = self.vrings[queue]
+            vring.signalled_used = queues[queue].used_idx
+            if vring.call is not None:
+                os.eventfd_write(vring.call, 1)
             return
         moved = [i for i, q in enumerate(queues) if q.used_idx != self.vrings[i].signalled_used]
         for i in moved or range(len(queues)):

@@ -233,7 +233,7 @@ class RingStream:
             queue.push_many(used)
             self._count(frames, got, *stats, v6=v6)
             if queue.needs_notification():
-                card.interrupt(1)
+                card.interrupt(1, 0)  # the used-buffer kind, for receiveq1
             # Drained once the socket gave all it held: the caller need not ask again.
             return got, got, frames, STREAM_DRAINED if got >= unread else STREAM_MORE
 

@@ -136,8 +136,9 @@ class VirtioMmioTransport:
 
     # -- interrupts ----------------------------------------------------------------
 
-    def interrupt(self, kind: int = VIRTIO_MMIO_INT_VRING) -> None:
-        """Set the interrupt-status bit first, then signal (§4.2.3.4)."""
+    def interrupt(self, kind: int = VIRTIO_MMIO_INT_VRING, queue: int | None = None) -> None:
+        """Set the interrupt-status bit first, then signal (§4.2.3.4). `queue` (the one
+        whose used ring asked for it) does not matter here: virtio-mmio has one line."""
         with self._lock:
             self.interrupt_status |= kind
             self.interrupts_signalled += 1

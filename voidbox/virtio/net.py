@@ -456,7 +456,7 @@ class VirtioNet(VirtioDevice):
                     queue.push_many([(chain.head, 0) for chain in chains])
                 # Also after a pop that only retired malformed chains.
                 if queue.needs_notification():
-                    self.interrupt(VIRTIO_MMIO_INT_VRING)
+                    self.interrupt(VIRTIO_MMIO_INT_VRING, TX_QUEUE)
                 if not chains:
                     return
             # Budget used with chains left: carry on after the loop's other work.
@@ -714,7 +714,7 @@ class VirtioNet(VirtioDevice):
                 self.rx_ring_error = True
                 status = RX_FD_BLOCKED
             if placed and queue.needs_notification():
-                self.interrupt(VIRTIO_MMIO_INT_VRING)
+                self.interrupt(VIRTIO_MMIO_INT_VRING, RX_QUEUE)
         return placed, status
 
     def _count_rx(self, length: int, buffers: int, flags: int, gso_type: int) -> None:
@@ -833,7 +833,7 @@ class VirtioNet(VirtioDevice):
             self.pcap.write(frame)
         self._count_rx(length, len(chains), flags, gso_type)
         if queue.needs_notification():
-            self.interrupt(VIRTIO_MMIO_INT_VRING)
+            self.interrupt(VIRTIO_MMIO_INT_VRING, RX_QUEUE)
         return True
 
     def close(self) -> None:
