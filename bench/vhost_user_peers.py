@@ -53,6 +53,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -268,6 +269,40 @@ def table(sessions: list[dict]) -> str:
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells)
                      + " |")
     return "\n".join(lines)
+
+
+def median_session(rounds: list[dict]) -> dict:
+    """One backend's sessions from several rounds as one: each figure the median of the
+    rounds that gave it (p50 and p99 each on its own), so one round disturbed by the rest
+    of the machine does not decide the row."""
+    ok = [s for s in rounds if s.get("ops")]
+    if not ok:
+        return rounds[-1]
+    out = {k: v for k, v in ok[-1].items() if k != "ops"}
+    out["ops"] = {}
+    for key in ("up", "down", "connect", "rr"):
+        results = [s["ops"].get(key) or {} for s in ok]
+        if key in ("up", "down"):
+            good = [r for r in results if r.get("ok")]
+            if not good:
+                out["ops"][key] = results[-1]
+                continue
+            merged = dict(good[-1], bits_per_second=statistics.median(
+                r["bits_per_second"] for r in good),
+                retransmits=int(statistics.median(r.get("retransmits") or 0 for r in good)))
+            cpu = [r["backend_cpu_s"] / (r["bytes"] / GB) for r in good
+                   if r.get("backend_cpu_s") is not None]
+            if cpu:
+                merged.update(backend_cpu_s=statistics.median(cpu), bytes=GB)
+        else:
+            good = [r for r in results if r.get("n")]
+            if not good:
+                out["ops"][key] = results[-1]
+                continue
+            merged = dict(good[-1], p50_us=statistics.median(r["p50_us"] for r in good),
+                          p99_us=statistics.median(r["p99_us"] for r in good))
+        out["ops"][key] = merged
+    return out
 
 
 def ratios(sessions: list[dict], base: str = "voidbox") -> list[str]:
@@ -741,7 +776,12 @@ def main() -> int:
                              "e.g. --serve-arg=--pcap --serve-arg=/tmp/vb.pcap")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="keep each backend's serial and backend logs here")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every backend this many times, taking turns, and table "
+                             "the median of each figure (each round's table is printed too)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        sys.exit("--rounds must be at least 1")
     backends = args.backend or list(BACKENDS)
     missing = [b for b in ("qemu-system-x86_64", "iperf3", "apt-get", "dpkg-deb")
                if not shutil.which(b)]
@@ -758,7 +798,7 @@ def main() -> int:
             "argv": " ".join([sys.executable, *sys.argv]), "versions": versions(),
             "cpus": os.cpu_count(), "load_before": os.getloadavg(),
             "guest_kernel": guest.kernel_version}
-    sessions = []
+    rounds: list[list[dict]] = []
     work = Path(args.keep_logs) if args.keep_logs else Path(tempfile.mkdtemp(
         prefix="voidbox-vu-peers-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -768,17 +808,23 @@ def main() -> int:
         except BenchError as e:
             sys.exit(f"cannot build the guest overlay: {e}")
         info.update(overlay)
-        for backend in backends:
-            print(f"# {backend} ...", file=sys.stderr, flush=True)
-            try:
-                with host_servers() as ports:
-                    kind = BootSession if backend.startswith("boot") else Session
-                    session = kind(backend, args, work, guest, initrd, ports).run()
-            except BenchError as e:
-                session = {"backend": backend, "error": str(e)}
-            sessions.append(session)
-            if session.get("version"):
-                info["versions"][f"{backend}"] = session["version"]
+        for round_no in range(args.rounds):
+            sessions = []
+            round_work = work / f"round{round_no + 1}" if args.rounds > 1 else work
+            round_work.mkdir(exist_ok=True)
+            for backend in backends:
+                print(f"# {backend} (round {round_no + 1}/{args.rounds}) ...", file=sys.stderr,
+                      flush=True)
+                try:
+                    with host_servers() as ports:
+                        kind = BootSession if backend.startswith("boot") else Session
+                        session = kind(backend, args, round_work, guest, initrd, ports).run()
+                except BenchError as e:
+                    session = {"backend": backend, "error": str(e)}
+                sessions.append(session)
+                if session.get("version"):
+                    info["versions"][f"{backend}"] = session["version"]
+            rounds.append(sessions)
     finally:
         if not args.keep_logs:
             shutil.rmtree(work, ignore_errors=True)
@@ -801,17 +847,24 @@ def main() -> int:
           f"retransmits); connect N {args.conns}, RR N {args.rrs}, after {WARMUP} warm-ups, "
           f"guest clock; backend CPU = the backend process's CPU seconds per GB received "
           f"(10^9 B)\n")
+    if args.rounds > 1:
+        for round_no, round_sessions in enumerate(rounds, 1):
+            print(f"Round {round_no}:\n\n{table(round_sessions)}\n")
+        sessions = [median_session([r[i] for r in rounds]) for i in range(len(backends))]
+        print(f"Median of {args.rounds} rounds:\n")
+    else:
+        sessions = rounds[0]
     print(table(sessions))
     extra = ratios(sessions)
     if extra:
         print("\nRatios (throughput: >1 is voidbox faster; p50: <1 is voidbox faster):")
         print("\n".join(extra))
-    errors = [f"- {s['backend']}: {s['error']}" for s in sessions if s.get("error")]
+    errors = [f"- {s['backend']}: {s['error']}" for r in rounds for s in r if s.get("error")]
     if errors:
         print("\nErrors:\n" + "\n".join(errors))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "sessions": sessions}, f, indent=1)
+            json.dump({"info": info, "sessions": sessions, "rounds": rounds}, f, indent=1)
     return 0
 
 

@@ -103,3 +103,24 @@ def test_cells_and_table(peers):
     assert "| in QEMU |" in lines[3]
     assert "unavailable: apt-get update failed: no network" in lines[4]
     assert peers.ratios(sessions) == ["- voidbox / slirp: guest->host 0.50x"]
+
+
+def test_rounds_are_tabled_as_each_figures_median(peers):
+    def session(up, cpu, p50, p99, ok=True):
+        return {"backend": "voidbox", "backend_pid": 1, "ops": {
+            "up": {"ok": ok, "bits_per_second": up, "retransmits": 0, "bytes": 2 * peers.GB,
+                   "backend_cpu_s": cpu},
+            "rr": {"n": 10, "asked": 10, "p50_us": p50, "p99_us": p99}}}
+
+    rounds = [session(3e9, 2.0, 400, 900), session(1e9, 6.0, 300, 5000),
+              session(2e9, 4.0, 500, 700), {"backend": "voidbox", "error": "no socket"}]
+    merged = peers.median_session(rounds)
+    assert merged["ops"]["up"]["bits_per_second"] == 2e9
+    assert peers.cell_cpu(merged).startswith("2.00 ")  # median of 1.0, 3.0 and 2.0 s/GB
+    # p50 and p99 are each their own median, not one round's pair.
+    assert peers.cell_latency(merged["ops"]["rr"]) == "400 / 900"
+    # A round whose throughput failed does not count towards that figure.
+    failed = session(0, None, 450, 800, ok=False)
+    assert peers.median_session([failed, session(1e9, 2.0, 350, 600)])["ops"]["up"][
+        "bits_per_second"] == 1e9
+    assert peers.median_session([{"backend": "x", "error": "e"}]) == {"backend": "x", "error": "e"}
