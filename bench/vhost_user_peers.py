@@ -802,6 +802,10 @@ def main() -> int:
     work = Path(args.keep_logs) if args.keep_logs else Path(tempfile.mkdtemp(
         prefix="voidbox-vu-peers-"))
     work.mkdir(parents=True, exist_ok=True)
+    if "passt" in backends:
+        # Debian 12's passt binds its socket after it drops to nobody, who must be able
+        # to walk down to the sticky socket directory (mkdtemp makes this one 0700).
+        work.chmod(0o711)
     try:
         try:
             initrd, overlay = bench_initrd(guest, work)
