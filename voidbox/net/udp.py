@@ -49,12 +49,9 @@ from voidbox.net.packets import (
     ICMP_DEST_UNREACH,
     ICMP_HOST_UNREACH,
     ICMP_PKT_FILTERED,
-    IP_DF,
     IPPROTO_ICMP,
     IPPROTO_UDP,
     IPV4_HLEN,
-    IPV4_MIN_IHL,
-    IPV4_VERSION,
     UDP_HLEN,
     build_icmp,
     build_ipv4,
@@ -65,6 +62,7 @@ from voidbox.net.packets import (
     ip_to_str,
 )
 from voidbox.net.policy import Policy
+from voidbox.net.udpfast import build_ipv4_udp
 
 # linux/errqueue.h: struct sock_extended_err and its origins
 SO_EE_ORIGIN_ICMP = 2
@@ -82,15 +80,8 @@ UDP_FIRST_BATCH = 1
 UDP_SPARE_SOCKETS = 4
 # IPv4 + UDP headers in front of a reply's payload (RFC 791 §3.1, RFC 768).
 IPV4_UDP_HLEN = IPV4_HLEN + UDP_HLEN
-# The RFC 768 pseudo-header (source, destination, zero, protocol, UDP length) is 12 bytes;
-# it is written just before the UDP header, over the tail of the not yet written IPv4
-# header, so one checksum pass covers pseudo-header and datagram without a copy.
-_PSEUDO = struct.Struct("!4s4sBBH")
-PSEUDO_OFF = IPV4_UDP_HLEN - UDP_HLEN - _PSEUDO.size
-_IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # IPv4 header (no options) + UDP header
 _UDP = struct.Struct("!HHHH")
 _CSUM = struct.Struct("!H")
-IPV4_CSUM_OFF = 10  # RFC 791 §3.1: header checksum
 UNSPECIFIED6 = bytes(16)
 IPV6_HLEN = 40  # RFC 8200 §3
 IPV6_UDP_HLEN = IPV6_HLEN + UDP_HLEN
@@ -99,7 +90,6 @@ UDP_CSUM_FIELD = 6  # RFC 768: the checksum's offset in the UDP header
 _PSEUDO6 = struct.Struct("!16s16sI3xB")  # RFC 8200 §8.1
 _IPV6_HDR = struct.Struct("!IHBB16s16s")
 UDP_CSUM_NONE = 0xFFFF  # RFC 768: a computed zero is sent as all ones
-IPV4_VIHL = (IPV4_VERSION << 4) | IPV4_MIN_IHL
 LOOPBACK_NET = 127  # first octet of 127.0.0.0/8, loopback (RFC 1122 §3.2.1.3 (g))
 ROUTABLE_MEMO_MAX = 4096  # destinations whose routability is remembered; cleared when full
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(_SOCK_EXTENDED_ERR.size + 16)
@@ -211,8 +201,6 @@ class UdpNat:
         self._rx_view = memoryview(self._rx)
         self._rx_payload = self._rx_view[ETH_HLEN + IPV4_UDP_HLEN:]
         self._rx_packet = self._rx_view[ETH_HLEN:]
-        self._pseudo_view = self._rx_view[ETH_HLEN + PSEUDO_OFF:]
-        self._ip_hdr_view = self._rx_view[ETH_HLEN:ETH_HLEN + IPV4_HLEN]
         # An IPv6 reply's buffer, made at the first IPv6 flow: its headers are 48 bytes,
         # and the 40-byte pseudo-header (RFC 8200 §8.1) is written where the IPv6 header
         # goes, then overwritten by it, so one pass sums pseudo-header and datagram.
@@ -525,21 +513,15 @@ class UdpNat:
             self._to_guest(src_ip, sport, dport, bytes(self._rx_payload[:n]))
             return
         buf = self._rx
-        guest_ip = self.guest_ip
-        ulen = UDP_HLEN + n
-        _PSEUDO.pack_into(buf, ETH_HLEN + PSEUDO_OFF, src_ip, guest_ip, 0, IPPROTO_UDP, ulen)
-        _UDP.pack_into(buf, ETH_HLEN + IPV4_HLEN, sport, dport, ulen, 0)
-        csum = inet_checksum(self._pseudo_view[:_PSEUDO.size + ulen])
         self._ident = ident = (self._ident + 1) & 0xFFFF
-        _IPV4_UDP.pack_into(buf, ETH_HLEN, IPV4_VIHL, 0, total, ident, IP_DF, DEFAULT_TTL,
-                            IPPROTO_UDP, 0, src_ip, guest_ip, sport, dport, ulen,
-                            csum or UDP_CSUM_NONE)
-        _CSUM.pack_into(buf, ETH_HLEN + IPV4_CSUM_OFF, inet_checksum(self._ip_hdr_view))
+        # One compiled call writes both headers and both checksums (voidbox.net.udpfast).
+        build_ipv4_udp(buf, ETH_HLEN, src_ip, self.guest_ip, ident, sport, dport, n)
         if self.send_ip_buf is not None:
             self.send_ip_buf(buf, total)
         else:
             self.send_ip(bytes(self._rx_packet[:total]))
-        self._count("udp_rx")
+        counters = self.counters
+        counters["udp_rx"] = counters.get("udp_rx", 0) + 1
 
     def _reply6(self, flow: _Flow, n: int) -> None:
         """The n payload bytes in self._rx6 to the guest as one IPv6 + UDP packet (RFC 8200
