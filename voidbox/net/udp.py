@@ -15,6 +15,7 @@ an IPv6 host address reaches the guest over IPv4, from the gateway, as any forwa
 
 from __future__ import annotations
 
+import _socket
 import heapq
 import ipaddress
 import select
@@ -153,7 +154,38 @@ class _Flow:
         self.guest_src: bytes | None = None  # IPv6 flows: the guest address that sent
 
     def __call__(self, events: int) -> None:
-        self.nat._flow_event(self, events)
+        """The socket's events: ICMP errors to reflect, datagrams to relay to the guest."""
+        sock = self.sock
+        if sock is None:
+            return
+        nat = self.nat
+        if events & select.EPOLLERR:
+            nat._drain_errors(self)
+        if events & select.EPOLLIN:
+            batch = self.batch
+            got = 0
+            v6 = self.guest_src is not None
+            target = memoryview(nat._rx6)[ETH_HLEN + IPV6_UDP_HLEN:] if v6 else nat._rx_payload
+            for _ in range(batch):
+                try:
+                    # Straight into the reply buffer, behind the space for its headers.
+                    n = sock.recv_into(target)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    # The pending error was already reported through the error queue.
+                    continue
+                got += 1
+                if v6:
+                    nat._reply6(self, n)
+                    continue
+                key = self.key
+                nat._reply(self.guest_dst, key[2], key[0], n)
+            else:
+                if batch < UDP_BATCH:
+                    self.batch = batch * 2  # the whole batch was used: a busy flow
+            if got:
+                self.last_active = nat.loop.time()
 
 
 class UdpNat:
@@ -177,7 +209,8 @@ class UdpNat:
         self.idle_timeout = config.udp_idle_timeout
         # Per guest destination: (host address, its 4 bytes), or None where datagrams go
         # nowhere; ipaddress and the translation are too slow to redo per new flow.
-        self._dest_memo: dict[bytes, tuple[str, bytes] | None] = {}
+        # The guest's address as text is kept too: the policy asks for it at each new flow.
+        self._dest_memo: dict[bytes, tuple[str, bytes, str] | None] = {}
         self.flows: dict[tuple[int, bytes, int], _Flow] = {}
         self.listeners: dict[int, socket.socket] = {}
         self._ident = 0
@@ -270,8 +303,8 @@ class UdpNat:
         if len(self.flows) >= self.config.max_flows:
             self._count("udp_dropped_flow_limit")
             return None
-        host_ip, host_ip_bytes = dest
-        if not self.policy.allows("udp", host_ip, dport, guest_dst=ip_to_str(dst_ip)):
+        host_ip, host_ip_bytes, guest_dst = dest
+        if not self.policy.allows("udp", host_ip, dport, guest_dst=guest_dst):
             self._count("udp_denied")
             self.send_ip(self._icmp_error(ICMP_DEST_UNREACH, ICMP_PKT_FILTERED, dst_ip,
                                           icmp_error_quote(ip_packet)))
@@ -368,8 +401,8 @@ class UdpNat:
     @staticmethod
     def _new_socket6() -> socket.socket:
         """_new_socket for IPv6 flows, with IPV6_RECVERR (ipv6(7))."""
-        sock = socket.socket(socket.AF_INET6,
-                             socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock = _socket.socket(socket.AF_INET6,
+                              socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         except OSError:
@@ -380,9 +413,11 @@ class UdpNat:
     @staticmethod
     def _new_socket() -> socket.socket:
         """An unconnected flow socket: non-blocking and close-on-exec from socket(2) itself
-        (no fcntl calls), with IP_RECVERR for ICMP errors."""
-        sock = socket.socket(socket.AF_INET,
-                             socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        (no fcntl calls), with IP_RECVERR for ICMP errors. The C type (_socket.socket):
+        socket.socket's Python-level __init__ and close cost two calls per flow, for
+        makefile() and friends a flow never uses."""
+        sock = _socket.socket(socket.AF_INET,
+                              socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         except OSError:
@@ -414,8 +449,9 @@ class UdpNat:
         elif addr in self.network and dst_ip != self.gateway_ip:
             dest = _UNREACHABLE
         else:
-            host_ip = self.config.translate(ip_to_str(dst_ip))
-            dest = (host_ip, ip_to_bytes(host_ip))
+            guest_dst = ip_to_str(dst_ip)
+            host_ip = self.config.translate(guest_dst)
+            dest = (host_ip, ip_to_bytes(host_ip), guest_dst)
         if len(self._dest_memo) >= ROUTABLE_MEMO_MAX:
             self._dest_memo.clear()
         self._dest_memo[dst_ip] = dest
@@ -473,37 +509,6 @@ class UdpNat:
         flow.sock = None
 
     # ------------------------------------------------------------ host -> guest
-
-    def _flow_event(self, flow: _Flow, events: int) -> None:
-        sock = flow.sock
-        if sock is None:
-            return
-        if events & select.EPOLLERR:
-            self._drain_errors(flow)
-        if events & select.EPOLLIN:
-            batch = flow.batch
-            got = 0
-            v6 = flow.guest_src is not None
-            target = memoryview(self._rx6)[ETH_HLEN + IPV6_UDP_HLEN:] if v6 else self._rx_payload
-            for _ in range(batch):
-                try:
-                    # Straight into the reply buffer, behind the space for its headers.
-                    n = sock.recv_into(target)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    # The pending error was already reported through the error queue.
-                    continue
-                got += 1
-                if v6:
-                    self._reply6(flow, n)
-                    continue
-                self._reply(flow.guest_dst, flow.key[2], flow.key[0], n)
-            else:
-                if batch < UDP_BATCH:
-                    flow.batch = batch * 2  # the whole batch was used: a busy flow
-            if got:
-                flow.last_active = self.loop.time()
 
     def _reply(self, src_ip: bytes, sport: int, dport: int, n: int) -> None:
         """Send the n payload bytes in self._rx_payload to the guest as one IPv4 + UDP
