@@ -253,7 +253,8 @@ class UdpNat:
         guest_src is its IPv6 source (None: IPv4, from the guest's one address)."""
         key = (sport, dst_ip, dport)
         flow = self.flows.get(key)
-        if flow is None:
+        opened = flow is None
+        if opened:
             if guest_src is not None:
                 flow = self._open_flow6(key, guest_src, ip_packet)
             else:
@@ -262,28 +263,33 @@ class UdpNat:
                 return
         else:
             flow.last_active = self.loop.time()
-        if guest_src is not None:
-            flow.guest_src = guest_src
-            flow.quote = icmpv6_error_quote(ip_packet)
-        else:
-            # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine) + 8
-            # bytes.
-            flow.quote = bytes(ip_packet[:(ip_packet[0] & 0x0F) * 4 + UDP_HLEN])
-        counters = self.counters
         try:
-            if flow.listener is not None:
-                flow.listener.sendto(payload, flow.peer)
+            if guest_src is not None:
+                flow.guest_src = guest_src
+                flow.quote = icmpv6_error_quote(ip_packet)
             else:
-                flow.sock.send(payload)
-        except BlockingIOError:
-            # UDP may drop; the socket buffer is full
-            counters["udp_tx_dropped"] = counters.get("udp_tx_dropped", 0) + 1
-            return
-        except OSError:
-            # An earlier ICMP error surfacing; IP_RECVERR delivers the details separately.
-            counters["udp_tx_error"] = counters.get("udp_tx_error", 0) + 1
-            return
-        counters["udp_tx"] = counters.get("udp_tx", 0) + 1
+                # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine)
+                # + 8 bytes.
+                flow.quote = bytes(ip_packet[:(ip_packet[0] & 0x0F) * 4 + UDP_HLEN])
+            counters = self.counters
+            try:
+                if flow.listener is not None:
+                    flow.listener.sendto(payload, flow.peer)
+                else:
+                    flow.sock.send(payload)
+            except BlockingIOError:
+                # UDP may drop; the socket buffer is full
+                counters["udp_tx_dropped"] = counters.get("udp_tx_dropped", 0) + 1
+            except OSError:
+                # An earlier ICMP error surfacing; IP_RECVERR delivers the details apart.
+                counters["udp_tx_error"] = counters.get("udp_tx_error", 0) + 1
+            else:
+                counters["udp_tx"] = counters.get("udp_tx", 0) + 1
+        finally:
+            if opened:
+                # Watched only now, after the datagram left: epoll is level-triggered, so
+                # a reply that is already there is reported at once.
+                self._install(flow)
 
     def _open_flow(self, key, ip_packet: memoryview) -> _Flow | None:
         sport, dst_ip, dport = key
@@ -329,7 +335,6 @@ class UdpNat:
                                           icmp_error_quote(ip_packet)))
             return None
         flow = _Flow(self, key, sock, dst_ip, host_ip_bytes, self.loop.time())
-        self._install(flow)
         counters = self.counters
         counters["udp_flows_opened"] = counters.get("udp_flows_opened", 0) + 1
         return flow
@@ -379,7 +384,6 @@ class UdpNat:
             return None
         flow = _Flow(self, key, sock, dst_ip, ip6_to_bytes(host_ip), self.loop.time())
         flow.guest_src = guest_src
-        self._install(flow)
         self._count("udp6_flows_opened")
         return flow
 
