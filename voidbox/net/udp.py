@@ -207,9 +207,9 @@ class UdpNat:
         self.dns_ip = ip_to_bytes(config.dns_ip)
         self.network = config.network
         self.idle_timeout = config.udp_idle_timeout
-        # Per guest destination: (host address, its 4 bytes), or None where datagrams go
-        # nowhere; ipaddress and the translation are too slow to redo per new flow.
-        # The guest's address as text is kept too: the policy asks for it at each new flow.
+        # Per guest destination: (host address, its 4 bytes, the guest's address as text,
+        # which the policy asks for), or None where datagrams go nowhere; ipaddress and
+        # the translation are too slow to redo per new flow.
         self._dest_memo: dict[bytes, tuple[str, bytes, str] | None] = {}
         self.flows: dict[tuple[int, bytes, int], _Flow] = {}
         self.listeners: dict[int, socket.socket] = {}
@@ -218,8 +218,8 @@ class UdpNat:
         # Fresh sockets made ahead of need (as passt pre-opens its TCP socket pool), so a
         # new flow's first datagram pays only connect(2): socket(2) + setsockopt(2) for
         # the next flows run after the current loop turn, while the host answers.
-        self._spare: list[socket.socket] = []
-        self._spare6: list[socket.socket] = []  # the same for IPv6, once it is in use
+        self._spare: list[_socket.socket] = []
+        self._spare6: list[_socket.socket] = []  # the same for IPv6, once it is in use
         self._v6_used = False
         self._refill_pending = False
         # Idle expiry: one heap of (deadline, flow key) and one loop timer for its head,
@@ -403,7 +403,7 @@ class UdpNat:
             self.send_ip(pkt)
 
     @staticmethod
-    def _new_socket6() -> socket.socket:
+    def _new_socket6() -> _socket.socket:
         """_new_socket for IPv6 flows, with IPV6_RECVERR (ipv6(7))."""
         sock = _socket.socket(socket.AF_INET6,
                               socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -415,7 +415,7 @@ class UdpNat:
         return sock
 
     @staticmethod
-    def _new_socket() -> socket.socket:
+    def _new_socket() -> _socket.socket:
         """An unconnected flow socket: non-blocking and close-on-exec from socket(2) itself
         (no fcntl calls), with IP_RECVERR for ICMP errors. The C type (_socket.socket):
         socket.socket's Python-level __init__ and close cost two calls per flow, for
