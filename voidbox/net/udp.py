@@ -15,7 +15,6 @@ an IPv6 host address reaches the guest over IPv4, from the gateway, as any forwa
 
 from __future__ import annotations
 
-import _socket
 import heapq
 import ipaddress
 import select
@@ -218,8 +217,8 @@ class UdpNat:
         # Fresh sockets made ahead of need (as passt pre-opens its TCP socket pool), so a
         # new flow's first datagram pays only connect(2): socket(2) + setsockopt(2) for
         # the next flows run after the current loop turn, while the host answers.
-        self._spare: list[_socket.socket] = []
-        self._spare6: list[_socket.socket] = []  # the same for IPv6, once it is in use
+        self._spare: list[socket.socket] = []
+        self._spare6: list[socket.socket] = []  # the same for IPv6, once it is in use
         self._v6_used = False
         self._refill_pending = False
         # Idle expiry: one heap of (deadline, flow key) and one loop timer for its head,
@@ -403,10 +402,10 @@ class UdpNat:
             self.send_ip(pkt)
 
     @staticmethod
-    def _new_socket6() -> _socket.socket:
+    def _new_socket6() -> socket.socket:
         """_new_socket for IPv6 flows, with IPV6_RECVERR (ipv6(7))."""
-        sock = _socket.socket(socket.AF_INET6,
-                              socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_INET6,
+                             socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         except OSError:
@@ -415,13 +414,11 @@ class UdpNat:
         return sock
 
     @staticmethod
-    def _new_socket() -> _socket.socket:
+    def _new_socket() -> socket.socket:
         """An unconnected flow socket: non-blocking and close-on-exec from socket(2) itself
-        (no fcntl calls), with IP_RECVERR for ICMP errors. The C type (_socket.socket):
-        socket.socket's Python-level __init__ and close cost two calls per flow, for
-        makefile() and friends a flow never uses."""
-        sock = _socket.socket(socket.AF_INET,
-                              socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        (no fcntl calls), with IP_RECVERR for ICMP errors."""
+        sock = socket.socket(socket.AF_INET,
+                             socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         except OSError:
