@@ -1,6 +1,7 @@
 """The compiled twins are the ones in use: a silent fallback to pure Python fails here.
 
-voidbox/ring.py, voidbox/net/fastpath.py, voidbox/net/tcpcore.py and voidbox/eventloop.py pick the pure twin when their extension does not
+voidbox/ring.py, voidbox/net/fastpath.py, voidbox/net/tcpcore.py, voidbox/net/udpfast.py and
+voidbox/eventloop.py pick the pure twin when their extension does not
 import (a source checkout without build_ext, or a broken build). Every other test would still
 pass on the pure twins, so this is the test that notices. Under VOIDBOX_PURE=1 the run asked
 for the pure twins, and it checks that they, not the extensions, are in use.
@@ -23,6 +24,8 @@ SELECTORS = [
     ("voidbox.virtio.rxstream", "voidbox._netrx", "voidbox.virtio._netrx_py", "RingStream"),
     ("voidbox.net.tcpcore", "voidbox._tcp", "voidbox.net.tcp", "TcpCore"),
     ("voidbox.net.tcpcore", "voidbox._tcp", "voidbox.net.tcp", "flow_key"),
+    ("voidbox.net.udpfast", "voidbox._udp", "voidbox.net._udp_py", "guest_udp_split"),
+    ("voidbox.net.udpfast", "voidbox._udp", "voidbox.net._udp_py", "build_ipv4_udp"),
     ("voidbox.eventloop", "voidbox._loop", "voidbox._loop_py", "EventLoop"),
     ("voidbox.eventloop", "voidbox._loop", "voidbox._loop_py", "Timer"),
 ]
@@ -53,6 +56,9 @@ def test_the_selectors_report_what_they_chose():
     from voidbox.net import tcpcore
 
     assert tcpcore.COMPILED is not pure_only()
+    from voidbox.net import udpfast
+
+    assert udpfast.COMPILED is not pure_only()
     from voidbox import eventloop
 
     assert eventloop.IMPLEMENTATION == ("pure" if pure_only() else "cython")

@@ -64,6 +64,7 @@ from voidbox.net.packets import (
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    UDP_HLEN,
     PacketError,
     Reassembler,
     build_ethernet,
@@ -77,6 +78,7 @@ from voidbox.net.packets import (
 )
 from voidbox.net.policy import Policy
 from voidbox.net.udp import UdpNat
+from voidbox.net.udpfast import guest_udp_split
 
 from .._lazylog import get_logger
 
@@ -88,14 +90,6 @@ INADDR_ANY = b"\x00" * 4
 # Ethernet multicast: the group bit is the low bit of the first octet (IEEE 802.3 §3.2.3).
 ETH_GROUP_BIT = 0x01
 _ETH_HDR = struct.Struct("!6s6sH")  # IEEE 802.3 §3.1.1: destination, source, EtherType
-
-
-def _dhcp_ports(frame, udp_start: int) -> bool:
-    """Whether the UDP header at udp_start says client to server port (DHCP, RFC 2131 §4.1):
-    those go to the full path, whatever their addresses."""
-    return (len(frame) >= udp_start + 4
-            and frame[udp_start] << 8 | frame[udp_start + 1] == DHCP_CLIENT_PORT
-            and frame[udp_start + 2] << 8 | frame[udp_start + 3] == DHCP_SERVER_PORT)
 
 
 class Engine:
@@ -121,7 +115,9 @@ class Engine:
         self.arp = ArpResponder(config)
         self.dhcp = DhcpServer(config)
         self.dns = DnsRelay(loop, config, self._dns_reply, self.counters)
-        self.udp = UdpNat(loop, config, self.policy, self.send_ip, self.counters)
+        # Replies are built in the relay's buffer and framed in place (send_ip_buf).
+        self.udp = UdpNat(loop, config, self.policy, self.send_ip, self.counters,
+                          send_ip_buf=self.send_ip_buf)
         self.icmp = IcmpNat(loop, config, self.policy, self.send_ip, self.counters)
         self.reassembler = Reassembler()
         self.closed = False
@@ -270,17 +266,28 @@ class Engine:
                 except PacketError as e:
                     self._count(str(e))
                 return
-            if proto == IPPROTO_UDP and dst != self.dns_ip and not _dhcp_ports(frame, start):
-                self._count("frames_from_guest")
+            if proto == IPPROTO_UDP and dst != self.dns_ip:
+                # One compiled call checks the UDP header as parse_udp does; None is a DHCP
+                # client's datagram, which the full path takes.
                 try:
-                    packet = memoryview(frame)[ETH_HLEN:end]
-                    hdr, data = parse_udp(self.guest_ip, dst, packet[start - ETH_HLEN:],
-                                          verify=not csum_verified)
-                    self._count("udp_in")
-                    self.udp.guest_datagram(dst, hdr.sport, hdr.dport, data, packet)
+                    udp = guest_udp_split(frame, start, end, self.guest_ip, dst,
+                                          not csum_verified)
                 except PacketError as e:
+                    self._count("frames_from_guest")
                     self._count(str(e))
-                return
+                    return
+                if udp is not None:
+                    counters = self.counters
+                    counters["frames_from_guest"] = counters.get("frames_from_guest", 0) + 1
+                    counters["udp_in"] = counters.get("udp_in", 0) + 1
+                    sport, dport, data_end = udp
+                    view = memoryview(frame)
+                    try:
+                        self.udp.guest_datagram(dst, sport, dport, view[start + UDP_HLEN:data_end],
+                                                view[ETH_HLEN:end])
+                    except PacketError as e:
+                        self._count(str(e))
+                    return
         elif self.ndp is not None:
             split = guest_ipv6_split(frame, self.gateway_mac, self.guest_mac, self.prefix6_64)
             if split is not None and self._ipv6_fast(frame, split, csum_verified):

@@ -49,12 +49,9 @@ from voidbox.net.packets import (
     ICMP_DEST_UNREACH,
     ICMP_HOST_UNREACH,
     ICMP_PKT_FILTERED,
-    IP_DF,
     IPPROTO_ICMP,
     IPPROTO_UDP,
     IPV4_HLEN,
-    IPV4_MIN_IHL,
-    IPV4_VERSION,
     UDP_HLEN,
     build_icmp,
     build_ipv4,
@@ -65,6 +62,7 @@ from voidbox.net.packets import (
     ip_to_str,
 )
 from voidbox.net.policy import Policy
+from voidbox.net.udpfast import build_ipv4_udp
 
 # linux/errqueue.h: struct sock_extended_err and its origins
 SO_EE_ORIGIN_ICMP = 2
@@ -82,15 +80,8 @@ UDP_FIRST_BATCH = 1
 UDP_SPARE_SOCKETS = 4
 # IPv4 + UDP headers in front of a reply's payload (RFC 791 §3.1, RFC 768).
 IPV4_UDP_HLEN = IPV4_HLEN + UDP_HLEN
-# The RFC 768 pseudo-header (source, destination, zero, protocol, UDP length) is 12 bytes;
-# it is written just before the UDP header, over the tail of the not yet written IPv4
-# header, so one checksum pass covers pseudo-header and datagram without a copy.
-_PSEUDO = struct.Struct("!4s4sBBH")
-PSEUDO_OFF = IPV4_UDP_HLEN - UDP_HLEN - _PSEUDO.size
-_IPV4_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")  # IPv4 header (no options) + UDP header
 _UDP = struct.Struct("!HHHH")
 _CSUM = struct.Struct("!H")
-IPV4_CSUM_OFF = 10  # RFC 791 §3.1: header checksum
 UNSPECIFIED6 = bytes(16)
 IPV6_HLEN = 40  # RFC 8200 §3
 IPV6_UDP_HLEN = IPV6_HLEN + UDP_HLEN
@@ -99,7 +90,6 @@ UDP_CSUM_FIELD = 6  # RFC 768: the checksum's offset in the UDP header
 _PSEUDO6 = struct.Struct("!16s16sI3xB")  # RFC 8200 §8.1
 _IPV6_HDR = struct.Struct("!IHBB16s16s")
 UDP_CSUM_NONE = 0xFFFF  # RFC 768: a computed zero is sent as all ones
-IPV4_VIHL = (IPV4_VERSION << 4) | IPV4_MIN_IHL
 LOOPBACK_NET = 127  # first octet of 127.0.0.0/8, loopback (RFC 1122 §3.2.1.3 (g))
 ROUTABLE_MEMO_MAX = 4096  # destinations whose routability is remembered; cleared when full
 ERRQUEUE_CMSG_SPACE = socket.CMSG_SPACE(_SOCK_EXTENDED_ERR.size + 16)
@@ -163,7 +153,38 @@ class _Flow:
         self.guest_src: bytes | None = None  # IPv6 flows: the guest address that sent
 
     def __call__(self, events: int) -> None:
-        self.nat._flow_event(self, events)
+        """The socket's events: ICMP errors to reflect, datagrams to relay to the guest."""
+        sock = self.sock
+        if sock is None:
+            return
+        nat = self.nat
+        if events & select.EPOLLERR:
+            nat._drain_errors(self)
+        if events & select.EPOLLIN:
+            batch = self.batch
+            got = 0
+            v6 = self.guest_src is not None
+            target = memoryview(nat._rx6)[ETH_HLEN + IPV6_UDP_HLEN:] if v6 else nat._rx_payload
+            for _ in range(batch):
+                try:
+                    # Straight into the reply buffer, behind the space for its headers.
+                    n = sock.recv_into(target)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    # The pending error was already reported through the error queue.
+                    continue
+                got += 1
+                if v6:
+                    nat._reply6(self, n)
+                    continue
+                key = self.key
+                nat._reply(self.guest_dst, key[2], key[0], n)
+            else:
+                if batch < UDP_BATCH:
+                    self.batch = batch * 2  # the whole batch was used: a busy flow
+            if got:
+                self.last_active = nat.loop.time()
 
 
 class UdpNat:
@@ -185,9 +206,10 @@ class UdpNat:
         self.dns_ip = ip_to_bytes(config.dns_ip)
         self.network = config.network
         self.idle_timeout = config.udp_idle_timeout
-        # Per guest destination: (host address, its 4 bytes), or None where datagrams go
-        # nowhere; ipaddress and the translation are too slow to redo per new flow.
-        self._dest_memo: dict[bytes, tuple[str, bytes] | None] = {}
+        # Per guest destination: (host address, its 4 bytes, the guest's address as text,
+        # which the policy asks for), or None where datagrams go nowhere; ipaddress and
+        # the translation are too slow to redo per new flow.
+        self._dest_memo: dict[bytes, tuple[str, bytes, str] | None] = {}
         self.flows: dict[tuple[int, bytes, int], _Flow] = {}
         self.listeners: dict[int, socket.socket] = {}
         self._ident = 0
@@ -211,8 +233,6 @@ class UdpNat:
         self._rx_view = memoryview(self._rx)
         self._rx_payload = self._rx_view[ETH_HLEN + IPV4_UDP_HLEN:]
         self._rx_packet = self._rx_view[ETH_HLEN:]
-        self._pseudo_view = self._rx_view[ETH_HLEN + PSEUDO_OFF:]
-        self._ip_hdr_view = self._rx_view[ETH_HLEN:ETH_HLEN + IPV4_HLEN]
         # An IPv6 reply's buffer, made at the first IPv6 flow: its headers are 48 bytes,
         # and the 40-byte pseudo-header (RFC 8200 §8.1) is written where the IPv6 header
         # goes, then overwritten by it, so one pass sums pseudo-header and datagram.
@@ -232,7 +252,8 @@ class UdpNat:
         guest_src is its IPv6 source (None: IPv4, from the guest's one address)."""
         key = (sport, dst_ip, dport)
         flow = self.flows.get(key)
-        if flow is None:
+        opened = flow is None
+        if opened:
             if guest_src is not None:
                 flow = self._open_flow6(key, guest_src, ip_packet)
             else:
@@ -241,28 +262,33 @@ class UdpNat:
                 return
         else:
             flow.last_active = self.loop.time()
-        if guest_src is not None:
-            flow.guest_src = guest_src
-            flow.quote = icmpv6_error_quote(ip_packet)
-        else:
-            # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine) + 8
-            # bytes.
-            flow.quote = bytes(ip_packet[:(ip_packet[0] & 0x0F) * 4 + UDP_HLEN])
-        counters = self.counters
         try:
-            if flow.listener is not None:
-                flow.listener.sendto(payload, flow.peer)
+            if guest_src is not None:
+                flow.guest_src = guest_src
+                flow.quote = icmpv6_error_quote(ip_packet)
             else:
-                flow.sock.send(payload)
-        except BlockingIOError:
-            # UDP may drop; the socket buffer is full
-            counters["udp_tx_dropped"] = counters.get("udp_tx_dropped", 0) + 1
-            return
-        except OSError:
-            # An earlier ICMP error surfacing; IP_RECVERR delivers the details separately.
-            counters["udp_tx_error"] = counters.get("udp_tx_error", 0) + 1
-            return
-        counters["udp_tx"] = counters.get("udp_tx", 0) + 1
+                # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine)
+                # + 8 bytes.
+                flow.quote = bytes(ip_packet[:(ip_packet[0] & 0x0F) * 4 + UDP_HLEN])
+            counters = self.counters
+            try:
+                if flow.listener is not None:
+                    flow.listener.sendto(payload, flow.peer)
+                else:
+                    flow.sock.send(payload)
+            except BlockingIOError:
+                # UDP may drop; the socket buffer is full
+                counters["udp_tx_dropped"] = counters.get("udp_tx_dropped", 0) + 1
+            except OSError:
+                # An earlier ICMP error surfacing; IP_RECVERR delivers the details apart.
+                counters["udp_tx_error"] = counters.get("udp_tx_error", 0) + 1
+            else:
+                counters["udp_tx"] = counters.get("udp_tx", 0) + 1
+        finally:
+            if opened:
+                # Watched only now, after the datagram left: epoll is level-triggered, so
+                # a reply that is already there is reported at once.
+                self._install(flow)
 
     def _open_flow(self, key, ip_packet: memoryview) -> _Flow | None:
         sport, dst_ip, dport = key
@@ -282,8 +308,8 @@ class UdpNat:
         if len(self.flows) >= self.config.max_flows:
             self._count("udp_dropped_flow_limit")
             return None
-        host_ip, host_ip_bytes = dest
-        if not self.policy.allows("udp", host_ip, dport, guest_dst=ip_to_str(dst_ip)):
+        host_ip, host_ip_bytes, guest_dst = dest
+        if not self.policy.allows("udp", host_ip, dport, guest_dst=guest_dst):
             self._count("udp_denied")
             self.send_ip(self._icmp_error(ICMP_DEST_UNREACH, ICMP_PKT_FILTERED, dst_ip,
                                           icmp_error_quote(ip_packet)))
@@ -308,7 +334,6 @@ class UdpNat:
                                           icmp_error_quote(ip_packet)))
             return None
         flow = _Flow(self, key, sock, dst_ip, host_ip_bytes, self.loop.time())
-        self._install(flow)
         counters = self.counters
         counters["udp_flows_opened"] = counters.get("udp_flows_opened", 0) + 1
         return flow
@@ -358,7 +383,6 @@ class UdpNat:
             return None
         flow = _Flow(self, key, sock, dst_ip, ip6_to_bytes(host_ip), self.loop.time())
         flow.guest_src = guest_src
-        self._install(flow)
         self._count("udp6_flows_opened")
         return flow
 
@@ -426,8 +450,9 @@ class UdpNat:
         elif addr in self.network and dst_ip != self.gateway_ip:
             dest = _UNREACHABLE
         else:
-            host_ip = self.config.translate(ip_to_str(dst_ip))
-            dest = (host_ip, ip_to_bytes(host_ip))
+            guest_dst = ip_to_str(dst_ip)
+            host_ip = self.config.translate(guest_dst)
+            dest = (host_ip, ip_to_bytes(host_ip), guest_dst)
         if len(self._dest_memo) >= ROUTABLE_MEMO_MAX:
             self._dest_memo.clear()
         self._dest_memo[dst_ip] = dest
@@ -486,37 +511,6 @@ class UdpNat:
 
     # ------------------------------------------------------------ host -> guest
 
-    def _flow_event(self, flow: _Flow, events: int) -> None:
-        sock = flow.sock
-        if sock is None:
-            return
-        if events & select.EPOLLERR:
-            self._drain_errors(flow)
-        if events & select.EPOLLIN:
-            batch = flow.batch
-            got = 0
-            v6 = flow.guest_src is not None
-            target = memoryview(self._rx6)[ETH_HLEN + IPV6_UDP_HLEN:] if v6 else self._rx_payload
-            for _ in range(batch):
-                try:
-                    # Straight into the reply buffer, behind the space for its headers.
-                    n = sock.recv_into(target)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    # The pending error was already reported through the error queue.
-                    continue
-                got += 1
-                if v6:
-                    self._reply6(flow, n)
-                    continue
-                self._reply(flow.guest_dst, flow.key[2], flow.key[0], n)
-            else:
-                if batch < UDP_BATCH:
-                    flow.batch = batch * 2  # the whole batch was used: a busy flow
-            if got:
-                flow.last_active = self.loop.time()
-
     def _reply(self, src_ip: bytes, sport: int, dport: int, n: int) -> None:
         """Send the n payload bytes in self._rx_payload to the guest as one IPv4 + UDP
         packet (RFC 791 §3.1, RFC 768), or as fragments if that exceeds the MTU."""
@@ -525,21 +519,15 @@ class UdpNat:
             self._to_guest(src_ip, sport, dport, bytes(self._rx_payload[:n]))
             return
         buf = self._rx
-        guest_ip = self.guest_ip
-        ulen = UDP_HLEN + n
-        _PSEUDO.pack_into(buf, ETH_HLEN + PSEUDO_OFF, src_ip, guest_ip, 0, IPPROTO_UDP, ulen)
-        _UDP.pack_into(buf, ETH_HLEN + IPV4_HLEN, sport, dport, ulen, 0)
-        csum = inet_checksum(self._pseudo_view[:_PSEUDO.size + ulen])
         self._ident = ident = (self._ident + 1) & 0xFFFF
-        _IPV4_UDP.pack_into(buf, ETH_HLEN, IPV4_VIHL, 0, total, ident, IP_DF, DEFAULT_TTL,
-                            IPPROTO_UDP, 0, src_ip, guest_ip, sport, dport, ulen,
-                            csum or UDP_CSUM_NONE)
-        _CSUM.pack_into(buf, ETH_HLEN + IPV4_CSUM_OFF, inet_checksum(self._ip_hdr_view))
+        # One compiled call writes both headers and both checksums (voidbox.net.udpfast).
+        build_ipv4_udp(buf, ETH_HLEN, src_ip, self.guest_ip, ident, sport, dport, n)
         if self.send_ip_buf is not None:
             self.send_ip_buf(buf, total)
         else:
             self.send_ip(bytes(self._rx_packet[:total]))
-        self._count("udp_rx")
+        counters = self.counters
+        counters["udp_rx"] = counters.get("udp_rx", 0) + 1
 
     def _reply6(self, flow: _Flow, n: int) -> None:
         """The n payload bytes in self._rx6 to the guest as one IPv6 + UDP packet (RFC 8200
