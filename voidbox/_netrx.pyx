@@ -106,6 +106,12 @@ def unread_beyond_peek(int sockfd):
     return max(0, inq - max(off, 0))
 
 
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept:
+    """a / b rounded up, for a >= 0 and b > 0: the pure twin's -(-a // b). (This module
+    is built with cdivision, where // truncates, so the pure twin's idiom would not do.)"""
+    return (a + b - 1) // b
+
+
 cdef object os_strerror(int err):
     import os
 
@@ -192,7 +198,7 @@ class RingStream(_PureRingStream):
         cdef list chains = [], caps = [], firsts = []
         cdef Py_ssize_t left = want, room = 0, take, count, typical, index, writable
         cdef list more
-        count = -(-want // mss) if frame_cap == mss else 1
+        count = ceil_div(want, mss) if frame_cap == mss else 1
         while left > 0 and len(chains) < CHAINS_CAP:
             more = self._take_c(queue, max(1, min(count, CHAINS_CAP - len(chains))), headroom)
             if not more:
@@ -215,9 +221,9 @@ class RingStream(_PureRingStream):
                 left -= take
             typical = (<Chain>chains[len(chains) - 1]).writable
             if merge:
-                count = -(-(left + -(-left // frame_cap) * headroom) // typical)
+                count = ceil_div(left + ceil_div(left, frame_cap) * headroom, typical)
             else:
-                count = -(-left // min(typical - headroom, frame_cap))
+                count = ceil_div(left, min(typical - headroom, frame_cap))
         return chains, caps, firsts
 
     def _take_c(self, Virtqueue queue, Py_ssize_t n, Py_ssize_t headroom):

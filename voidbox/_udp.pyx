@@ -13,11 +13,12 @@ Python-level steps per datagram with one call.
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 from libc.string cimport memcpy
 
+from voidbox._slirp cimport csum_finish, csum_partial
+
 from voidbox.net.packets import PacketError
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t x)
-    uint16_t be16toh(uint16_t x)
 
 cdef enum:
     IPV4_HEADER_LEN = 20
@@ -33,32 +34,6 @@ cdef enum:
     DHCP_SERVER_PORT = 67
     DHCP_CLIENT_PORT = 68
     PORT_MAX = 0xFFFF
-
-
-cdef uint64_t csum_partial(const uint8_t *p, Py_ssize_t n, uint64_t acc) noexcept nogil:
-    # RFC 1071 §2(B): the sum is byte-order independent: native 16-bit words into a 64-bit
-    # accumulator, swapped once at the end. Datagrams here are small (a DNS query).
-    cdef uint16_t w16
-    cdef uint8_t tail[2]
-    cdef Py_ssize_t i = 0
-    while i + 2 <= n:
-        memcpy(&w16, p + i, 2)  # memcpy: p + i may be unaligned
-        acc += w16
-        i += 2
-    if i < n:
-        # The odd trailing byte is the high byte of a big-endian word padded with zero.
-        tail[0] = p[i]
-        tail[1] = 0
-        memcpy(&w16, tail, 2)
-        acc += w16
-    return acc
-
-
-cdef uint16_t csum_finish(uint64_t acc) noexcept nogil:
-    while acc >> 16:
-        acc = (acc & 0xFFFF) + (acc >> 16)
-    # The folded native-order sum, read back as a network-order 16-bit value.
-    return <uint16_t>(~be16toh(<uint16_t>acc)) & 0xFFFF
 
 
 cdef uint64_t udp_pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
