@@ -126,6 +126,8 @@ PACKET_BUF = 65536
 TX_BATCH_MAX = 64
 TCP_FLAGS_OFFSET = 13  # RFC 9293 §3.1: the control bits' byte in the TCP header
 _PORTS = struct.Struct("!HH")
+ISS_BATCH = 256
+_ISS_BATCH = struct.Struct(f"<{ISS_BATCH}I")
 
 
 class _Flow:
@@ -142,7 +144,7 @@ class _Flow:
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
-                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "__weakref__")
+                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "alive", "__weakref__")
 
     def __init__(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -170,6 +172,8 @@ class _Flow:
         self.tx_len = 0
         self.queued = False  # in TcpNat._turn_queue
         self.unconsumed = 0  # acknowledged bytes still at the head of the host socket
+        # In TcpNat.flows: the same as flows.get(key) is self, without the lookup.
+        self.alive = False
 
 
 _LIMITS = (("idle_timeout", "tcp_idle_timeout"), ("keepalive_interval", "tcp_keepalive_interval"),
@@ -219,6 +223,7 @@ class TcpNat:
         self._discard = bytearray(DISCARD_BUF)
         self._ip_id = 0
         self._next_port = EPHEMERAL_LO
+        self._iss_pool: list[int] = []  # random initial sequence numbers not yet used
         self.peek_off_supported: bool | None = None
         rate = config.max_conn_rate
         self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
@@ -256,9 +261,9 @@ class TcpNat:
         """The stream port drained: resume the flows it stopped."""
         waiting, self._waiting_port = self._waiting_port, {}
         for f in waiting.values():
-            if self.flows.get(f.key) is f and not f.pump_scheduled:
+            if f.alive and not f.pump_scheduled:
                 f.pump_scheduled = True
-                self.loop.call_soon(lambda f=f: self._deferred_pump(f))
+                self.loop.call_soon(partial(self._deferred_pump, f))
 
     # ---- bookkeeping --------------------------------------------------------------------
 
@@ -349,13 +354,14 @@ class TcpNat:
             # We are (nearly) closing the guest's window: have EPOLLOUT tell us once the
             # host socket drains, for a window update (one-shot, re-armed by guest traffic).
             f.want_out = True
-        self._apply(f, mask, now)
-        if self.flows.get(key) is f and not f.events & EPOLLIN and not f.pump_scheduled:
+        if mask or core.n_out:  # most ACKs leave nothing to carry out
+            self._apply(f, mask, now)
+        if f.alive and not f.events & EPOLLIN and not f.pump_scheduled:
             # An ACK or window update may let more host data go out; the socket is not
             # being polled while data is in flight, so pump from here: once, after the
             # rest of the TAP batch (a wakeup brings dozens of ACKs), with one peek.
             f.pump_scheduled = True
-            self.loop.call_soon(lambda: self._deferred_pump(f))
+            self.loop.call_soon(partial(self._deferred_pump, f))
         self._settle(f, now)
 
     def _reset_unknown(self, seg: Segment, guest_ip: bytes, remote_ip: bytes) -> None:
@@ -466,24 +472,24 @@ class TcpNat:
                 self.peek_off_supported = False
 
     def _iss(self) -> int:
-        # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers.
-        return int.from_bytes(os.urandom(4), "little")
+        # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers, drawn
+        # ISS_BATCH at a time rather than one getrandom(2) per connection.
+        pool = self._iss_pool
+        if not pool:
+            pool.extend(_ISS_BATCH.unpack(os.urandom(_ISS_BATCH.size)))
+        return pool.pop()
 
     def _register(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                   remote_ip: bytes) -> _Flow:
         f = _Flow(key, core, sock, guest_ip, remote_ip)
         self.flows[key] = f
+        f.alive = True
         return f
 
     # ---- host socket events -------------------------------------------------------------
 
-    def _events(self, f: _Flow) -> Callable[[int], None]:
-        def on_event(revents: int) -> None:
-            self._on_event(f, revents)
-        return on_event
-
     def _on_event(self, f: _Flow, revents: int) -> None:
-        if f.sock is None or self.flows.get(f.key) is not f:
+        if f.sock is None or not f.alive:
             return
         if f.tx_bufs:
             self._flush_tx(f)
@@ -507,7 +513,7 @@ class TcpNat:
             f.want_out = False
             self._refresh_window(f, now, force=True)
             self._apply(f, f.core.window_update(now), now)
-        if f.sock is not None and self.flows.get(f.key) is f:
+        if f.sock is not None and f.alive:
             self._pump(f, now)
             self._settle(f, now)
 
@@ -585,7 +591,7 @@ class TcpNat:
         # After the host's EOF only retransmissions remain (send_budget stops at our FIN).
         fallback = not self.peek_off_supported
         sent = 0
-        while sent < PUMP_CAP and self.flows.get(f.key) is f:
+        while sent < PUMP_CAP and f.alive:
             budget = core.send_budget()
             if budget <= 0:
                 return
@@ -656,10 +662,10 @@ class TcpNat:
             sent += n
             if budget == 0:
                 return
-        if self.flows.get(f.key) is f and core.send_budget() > 0 and not f.pump_scheduled:
+        if f.alive and core.send_budget() > 0 and not f.pump_scheduled:
             # Yield to other flows; carry on at the next loop turn.
             f.pump_scheduled = True
-            self.loop.call_soon(lambda: self._deferred_pump(f))
+            self.loop.call_soon(partial(self._deferred_pump, f))
 
     def _stream(self, f: _Flow, budget: int, now: float) -> int:
         """One FramePort.send_tcp_stream burst of host data to the guest (no FIN due).
@@ -686,8 +692,9 @@ class TcpNat:
             if frames:
                 core.last_ack = ack  # else the turn's coalesced ACK must still go out
             f.bytes_down += sent
-            self._count("tcp_bytes_to_guest", sent)
-            self._count("tcp_stream_frames", frames)
+            counters = self.counters
+            counters["tcp_bytes_to_guest"] = counters.get("tcp_bytes_to_guest", 0) + sent
+            counters["tcp_stream_frames"] = counters.get("tcp_stream_frames", 0) + frames
         if status < 0:
             self._count("tcp_host_reset")
             self._apply(f, core.host_reset(), now)
@@ -707,7 +714,7 @@ class TcpNat:
 
     def _deferred_pump(self, f: _Flow) -> None:
         f.pump_scheduled = False
-        if self.flows.get(f.key) is f:
+        if f.alive:
             if f.tx_bufs:
                 self._flush_tx(f)
             now = self.loop.time()
@@ -756,7 +763,7 @@ class TcpNat:
             self._count("tcp_retransmits")
             if not f.pump_scheduled:
                 f.pump_scheduled = True
-                self.loop.call_soon(lambda: self._deferred_pump(f))
+                self.loop.call_soon(partial(self._deferred_pump, f))
         if mask & A_SHUT_WR:
             if f.sock is not None:
                 try:
@@ -805,7 +812,7 @@ class TcpNat:
             core = f.core
             if not core.ack_due:
                 continue
-            if self.flows.get(f.key) is not f:
+            if not f.alive:
                 core.ack_due = False
                 continue
             if core.flush_ack():  # not when a later segment already carried the ack
@@ -831,8 +838,10 @@ class TcpNat:
                 pass
             except OSError:
                 broken = True
-            self._count("tcp_host_sends")
-        self._count("tcp_bytes_to_host", n)
+        counters = self.counters
+        if sock is not None:
+            counters["tcp_host_sends"] = counters.get("tcp_host_sends", 0) + 1
+        counters["tcp_bytes_to_host"] = counters.get("tcp_bytes_to_host", 0) + n
         if n >= total:
             return True
         left = total - n
@@ -846,16 +855,16 @@ class TcpNat:
             # As a failed send() in the writer does: reset both sides. Deferred, since this
             # may run inside the flow's own segment processing.
             self._count("tcp_host_reset")
-            self.loop.call_soon(lambda: self._host_broken(f))
+            self.loop.call_soon(partial(self._host_broken, f))
             return False
         f.want_out = True
         self._count("tcp_host_eagain")
-        if self.flows.get(f.key) is f:
+        if f.alive:
             self._interest(f)
         return False
 
     def _host_broken(self, f: _Flow) -> None:
-        if self.flows.get(f.key) is f:
+        if f.alive:
             now = self.loop.time()
             self._apply(f, f.core.host_reset(), now)
             self._settle(f, now)
@@ -874,37 +883,37 @@ class TcpNat:
             self.send_ip(bytes(self._pkt_ip[:n]))
 
     def _settle(self, f: _Flow, now: float) -> None:
-        """After any event: release a finished socket, re-arm the timer and epoll interest."""
-        if self.flows.get(f.key) is not f:
+        """After any event: release a finished socket, re-arm the timer and epoll interest.
+
+        Runs after every event of every flow: the timer's part is written out here rather
+        than called, and the interest is computed only when it may have changed."""
+        if not f.alive:
             return
         core = f.core
-        if core.state is TcpState.TIME_WAIT and f.sock is not None:
+        if f.sock is not None and core.state is TcpState.TIME_WAIT:
             # Both FINs are done; TIME-WAIT only needs the TCB to re-ACK a FIN.
             self._drop_socket(f, rst=False)
-        self._schedule(f)
-        self._interest(f)
-
-    def _schedule(self, f: _Flow) -> None:
-        d = f.core.deadline
+        d = core.deadline
+        timer = f.timer
         if d is None:
-            if f.timer is not None:
-                f.timer.cancel()
+            if timer is not None:
+                timer.cancel()
                 f.timer = None
-            return
-        if f.timer is not None:
-            if f.timer_when <= d:
-                return  # fires early at worst; on_timer re-arms for the real deadline
-            f.timer.cancel()
-        f.timer_when = d
-        # Weakly: a cancelled timer stays in the loop's heap, and must not keep the flow.
-        f.timer = self.loop.call_at(d, partial(self._on_timer, weakref.ref(f)))
+        elif timer is None or f.timer_when > d:
+            # (A timer due before d stays: it fires early, and on_timer re-arms.)
+            if timer is not None:
+                timer.cancel()
+            f.timer_when = d
+            # Weakly: a cancelled timer stays in the loop's heap, and must not keep the flow.
+            f.timer = self.loop.call_at(d, partial(self._on_timer, weakref.ref(f)))
+        self._interest(f)
 
     def _on_timer(self, ref: weakref.ref) -> None:
         f = ref()
         if f is None:
             return
         f.timer = None
-        if self.flows.get(f.key) is not f:
+        if not f.alive:
             return
         if f.tx_bufs:
             self._flush_tx(f)
@@ -931,15 +940,15 @@ class TcpNat:
             want = 0
             # Not while the stream port is full: the host data is only peeked, so EPOLLIN
             # would fire every turn; port_writable() pumps the flow instead.
-            if (not f.host_eof and core.fin_seq is None and core.in_flight() == 0
-                    and core.send_budget() > 0 and f.key not in self._waiting_port):
-                want |= EPOLLIN
+            if (not f.host_eof and core.ready_for_host_data()
+                    and f.key not in self._waiting_port):
+                want = EPOLLIN
             if f.want_out:
                 want |= EPOLLOUT
         if want == f.events:
             return
         if want:
-            self.loop.watch(f.fd, want, self._events(f))
+            self.loop.watch(f.fd, want, partial(self._on_event, f))
         else:
             # Even an empty interest set reports EPOLLHUP; unregister instead.
             self.loop.unwatch(f.fd)
@@ -972,10 +981,13 @@ class TcpNat:
             f.timer = None
         if self._waiting_port.get(f.key) is f:
             del self._waiting_port[f.key]
-        if self.flows.get(f.key) is f:
+        if f.alive:
+            f.alive = False
             del self.flows[f.key]
-            self._count("tcp_flows_closed")
-            self._count("tcp_retransmits_total", f.core.retransmits)
+            counters = self.counters
+            counters["tcp_flows_closed"] = counters.get("tcp_flows_closed", 0) + 1
+            counters["tcp_retransmits_total"] = (counters.get("tcp_retransmits_total", 0)
+                                                 + f.core.retransmits)
 
     # ---- port forwards ------------------------------------------------------------------
 
