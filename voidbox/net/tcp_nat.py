@@ -319,17 +319,17 @@ class TcpNat:
                 self._close(f, rst=False)
                 f = None
         if f is None:
+            src_ip = bytes(src_ip)
+            dst_ip = bytes(dst_ip)
+            if tcp[TCP_FLAGS_OFFSET] & (SYN | ACK | RST | FIN) == SYN:
+                self._open(key, tcp, src_ip, dst_ip, now)  # TcpCore parses it
+                return
             try:
                 seg = parse_segment(tcp)
             except SegmentError:
                 self._count("tcp_malformed")
                 return
-            src_ip = bytes(src_ip)
-            dst_ip = bytes(dst_ip)
-            if seg.flags & (SYN | ACK | RST | FIN) == SYN:
-                self._open(key, seg, tcp, src_ip, dst_ip, now)
-            else:
-                self._reset_unknown(seg, src_ip, dst_ip)
+            self._reset_unknown(seg, src_ip, dst_ip)
             return
         self._refresh_window(f, now)
         core = f.core
@@ -371,9 +371,10 @@ class TcpNat:
         self._count("tcp_rst_unknown_flow")
         self._send(remote_ip, guest_ip, rst)
 
-    def _refuse(self, seg: Segment, guest_ip: bytes, remote_ip: bytes, counter: str) -> None:
+    def _refuse(self, syn, guest_ip: bytes, remote_ip: bytes, counter: str) -> None:
+        """Answer the guest's SYN (its TCP header and payload, known to parse) with a RST."""
         self._count(counter)
-        self._send(remote_ip, guest_ip, reset_for(seg))
+        self._send(remote_ip, guest_ip, reset_for(parse_segment(syn)))
 
     def _rate_ok(self, now: float) -> bool:
         rate = self.config.max_conn_rate
@@ -387,27 +388,34 @@ class TcpNat:
         self._tokens -= 1.0
         return True
 
-    def _open(self, key: int, seg: Segment, tcp, guest_ip: bytes, remote_ip: bytes,
-              now: float) -> None:
-        dport = seg.dst_port
+    def _open(self, key: int, tcp, guest_ip: bytes, remote_ip: bytes, now: float) -> None:
+        """A guest SYN for no flow: connect to the host, answer once connected."""
+        v6 = len(remote_ip) == 16
+        sport, dport = _PORTS.unpack_from(tcp)
+        # The core parses the SYN (compiled: no Segment object per connection); a refused
+        # SYN's core is simply dropped.
+        core = TcpCore(dport, sport, self._iss(), mss=self.mss6 if v6 else self.mss,
+                       wscale=WSCALE, **self.flow_kw)
+        if core.open_passive(tcp, now) & A_MALFORMED:
+            self._count("tcp_malformed")
+            return
         if len(self.flows) >= self.config.max_flows:
-            self._refuse(seg, guest_ip, remote_ip, "tcp_flow_limit")
+            self._refuse(tcp, guest_ip, remote_ip, "tcp_flow_limit")
             return
         if not self._rate_ok(now):
-            self._refuse(seg, guest_ip, remote_ip, "tcp_rate_limited")
+            self._refuse(tcp, guest_ip, remote_ip, "tcp_rate_limited")
             return
-        v6 = len(remote_ip) == 16
         visible = _ntop(remote_ip)
         endpoint = self.config.host_endpoint(visible, dport)
         if endpoint is None:
             # Another address of the guest's subnet, or the DNS address off port 53.
-            self._refuse(seg, guest_ip, remote_ip, "tcp_unreachable")
+            self._refuse(tcp, guest_ip, remote_ip, "tcp_unreachable")
             return
         host_ip, host_port = endpoint
         # DNS over TCP is the NAT's own service, as over UDP: the policy does not apply.
         if remote_ip not in (self.dns_ip, self.dns_ip6) and not self.policy.allows(
                 "tcp", host_ip, host_port, guest_dst=visible):
-            self._refuse(seg, guest_ip, remote_ip, "tcp_denied")
+            self._refuse(tcp, guest_ip, remote_ip, "tcp_denied")
             return
         # The host socket's family is the host endpoint's: fd00::3:53 may be relayed to an
         # IPv4 upstream, and the guest's family stays what it sent.
@@ -417,7 +425,7 @@ class TcpNat:
                                  | socket.SOCK_CLOEXEC)
         except OSError as e:  # EMFILE and the like: refuse now, the guest is not left hanging
             self.exhaustion.refused("TCP connection", e)
-            self._refuse(seg, guest_ip, remote_ip, "tcp_no_socket")
+            self._refuse(tcp, guest_ip, remote_ip, "tcp_no_socket")
             return
         try:
             self._prepare(sock)
@@ -426,16 +434,13 @@ class TcpNat:
             err = e.errno or errno.EINVAL
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._refuse(seg, guest_ip, remote_ip, "tcp_connect_failed")
+            self._refuse(tcp, guest_ip, remote_ip, "tcp_connect_failed")
             return
         if err and self._connect_done(sock):
             # A loopback connect finishes inside connect(): answer the SYN in this turn
             # instead of after an epoll register, a wait and a modify.
             err = 0
             self._count("tcp_connect_immediate")
-        core = TcpCore(seg.dst_port, seg.src_port, self._iss(),
-                       mss=self.mss6 if v6 else self.mss, wscale=WSCALE, **self.flow_kw)
-        core.open_passive(tcp, now)
         if v6:
             self._count("tcp6_flows_opened")
         f = self._register(key, core, sock, guest_ip, remote_ip)
@@ -580,7 +585,9 @@ class TcpNat:
         if f.want_out:
             f.core.rcv_wnd = 0  # blocked on a full socket until EPOLLOUT says otherwise
             return
-        f.core.rcv_wnd = max(0, min(f.win_base - f.written, MAX_WINDOW))
+        # max(0, min(room, MAX_WINDOW)) without two builtin calls on every guest segment
+        room = f.win_base - f.written
+        f.core.rcv_wnd = room if 0 <= room <= MAX_WINDOW else (0 if room < 0 else MAX_WINDOW)
 
     def _pump(self, f: _Flow, now: float) -> None:
         """Send host data the guest's window has room for (peek, never consume)."""
@@ -859,8 +866,7 @@ class TcpNat:
             return False
         f.want_out = True
         self._count("tcp_host_eagain")
-        if f.alive:
-            self._interest(f)
+        self._settle(f, self.loop.time())  # for EPOLLOUT
         return False
 
     def _host_broken(self, f: _Flow) -> None:
@@ -885,14 +891,15 @@ class TcpNat:
     def _settle(self, f: _Flow, now: float) -> None:
         """After any event: release a finished socket, re-arm the timer and epoll interest.
 
-        Runs after every event of every flow: the timer's part is written out here rather
-        than called, and the interest is computed only when it may have changed."""
+        Runs after every event of every flow, so it is written out in one function."""
         if not f.alive:
             return
         core = f.core
-        if f.sock is not None and core.state is TcpState.TIME_WAIT:
+        sock = f.sock
+        if sock is not None and core.state is TcpState.TIME_WAIT:
             # Both FINs are done; TIME-WAIT only needs the TCB to re-ACK a FIN.
             self._drop_socket(f, rst=False)
+            sock = None
         d = core.deadline
         timer = f.timer
         if d is None:
@@ -906,7 +913,28 @@ class TcpNat:
             f.timer_when = d
             # Weakly: a cancelled timer stays in the loop's heap, and must not keep the flow.
             f.timer = self.loop.call_at(d, partial(self._on_timer, weakref.ref(f)))
-        self._interest(f)
+        # The epoll interest.
+        if sock is None:
+            return
+        if f.connecting:
+            want = EPOLLOUT
+        else:
+            want = 0
+            # Not while the stream port is full: the host data is only peeked, so EPOLLIN
+            # would fire every turn; port_writable() pumps the flow instead.
+            if (not f.host_eof and core.ready_for_host_data()
+                    and f.key not in self._waiting_port):
+                want = EPOLLIN
+            if f.want_out:
+                want |= EPOLLOUT
+        if want == f.events:
+            return
+        if want:
+            self.loop.watch(f.fd, want, partial(self._on_event, f))
+        else:
+            # Even an empty interest set reports EPOLLHUP; unregister instead.
+            self.loop.unwatch(f.fd)
+        f.events = want
 
     def _on_timer(self, ref: weakref.ref) -> None:
         f = ref()
@@ -929,30 +957,6 @@ class TcpNat:
             self._count("tcp_flows_expired")
         self._apply(f, mask, now)
         self._settle(f, now)
-
-    def _interest(self, f: _Flow) -> None:
-        if f.sock is None:
-            return
-        core = f.core
-        if f.connecting:
-            want = EPOLLOUT
-        else:
-            want = 0
-            # Not while the stream port is full: the host data is only peeked, so EPOLLIN
-            # would fire every turn; port_writable() pumps the flow instead.
-            if (not f.host_eof and core.ready_for_host_data()
-                    and f.key not in self._waiting_port):
-                want = EPOLLIN
-            if f.want_out:
-                want |= EPOLLOUT
-        if want == f.events:
-            return
-        if want:
-            self.loop.watch(f.fd, want, partial(self._on_event, f))
-        else:
-            # Even an empty interest set reports EPOLLHUP; unregister instead.
-            self.loop.unwatch(f.fd)
-        f.events = want
 
     def _drop_socket(self, f: _Flow, rst: bool) -> None:
         sock = f.sock
