@@ -126,6 +126,9 @@ PACKET_BUF = 65536
 TX_BATCH_MAX = 64
 TCP_FLAGS_OFFSET = 13  # RFC 9293 §3.1: the control bits' byte in the TCP header
 _PORTS = struct.Struct("!HH")
+_TIME_WAIT = TcpState.TIME_WAIT  # one global lookup on the per-segment path, not two
+# Action bits past A_CONSUME and the queued segments: rare enough to test once in _apply.
+_RARE_ACTIONS = A_RST | A_REWIND | A_SHUT_WR | A_ABORT | A_CLOSE
 ISS_BATCH = 256
 _ISS_BATCH = struct.Struct(f"<{ISS_BATCH}I")
 
@@ -307,7 +310,7 @@ class TcpNat:
         key = flow_key(src_ip, dst_ip, tcp)
         f = self.flows.get(key)
         now = self.loop.time()
-        if f is not None and f.core.state is TcpState.TIME_WAIT:
+        if f is not None and f.core.state is _TIME_WAIT:
             try:
                 seg = parse_segment(tcp)
             except SegmentError:
@@ -762,10 +765,12 @@ class TcpNat:
                     self._queue_turn(f)
             else:
                 self._consume(f, core.consume_n)  # peeks start at 0: drop the bytes at once
-        if mask & A_RST:
-            self._count("tcp_rst_sent")
         if core.n_out:
             self._emit(f)
+        if not mask & _RARE_ACTIONS:
+            return
+        if mask & A_RST:
+            self._count("tcp_rst_sent")
         if mask & A_REWIND:
             self._count("tcp_retransmits")
             if not f.pump_scheduled:
@@ -896,7 +901,7 @@ class TcpNat:
             return
         core = f.core
         sock = f.sock
-        if sock is not None and core.state is TcpState.TIME_WAIT:
+        if sock is not None and core.state is _TIME_WAIT:
             # Both FINs are done; TIME-WAIT only needs the TCB to re-ACK a FIN.
             self._drop_socket(f, rst=False)
             sock = None
