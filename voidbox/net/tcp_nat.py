@@ -148,7 +148,8 @@ class _Flow:
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
-                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "alive", "__weakref__")
+                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "alive", "on_timer",
+                 "__weakref__")
 
     def __init__(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -178,6 +179,7 @@ class _Flow:
         self.unconsumed = 0  # acknowledged bytes still at the head of the host socket
         # In TcpNat.flows: the same as flows.get(key) is self, without the lookup.
         self.alive = False
+        self.on_timer: Callable[[], None] | None = None  # the timer's callback (weak)
 
 
 _LIMITS = (("idle_timeout", "tcp_idle_timeout"), ("keepalive_interval", "tcp_keepalive_interval"),
@@ -495,6 +497,9 @@ class TcpNat:
         f = _Flow(key, core, sock, guest_ip, remote_ip)
         self.flows[key] = f
         f.alive = True
+        # One callback for every timer of the flow, holding it weakly: a cancelled timer
+        # stays in the loop's timer structure, and must not keep the flow.
+        f.on_timer = partial(self._on_timer, weakref.ref(f))
         return f
 
     # ---- host socket events -------------------------------------------------------------
@@ -919,8 +924,7 @@ class TcpNat:
             if timer is not None:
                 timer.cancel()
             f.timer_when = d
-            # Weakly: a cancelled timer stays in the loop's heap, and must not keep the flow.
-            f.timer = self.loop.call_at(d, partial(self._on_timer, weakref.ref(f)))
+            f.timer = self.loop.call_at(d, f.on_timer)
         # The epoll interest.
         if sock is None:
             return
