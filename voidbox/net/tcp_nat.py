@@ -933,8 +933,12 @@ class TcpNat:
         else:
             want = 0
             # Not while the stream port is full: the host data is only peeked, so EPOLLIN
-            # would fire every turn; port_writable() pumps the flow instead.
-            if (not f.host_eof and core.ready_for_host_data()
+            # would fire every turn; port_writable() pumps the flow instead. Nor while a
+            # pump is scheduled: it reads the socket itself (this turn, or right after
+            # the next poll if scheduled by a callback) and settles the flow again. An
+            # ACK whose pump finds the host's answer already there then costs no
+            # EPOLL_CTL_ADD and DEL.
+            if (not f.host_eof and not f.pump_scheduled and core.ready_for_host_data()
                     and f.key not in self._waiting_port):
                 want = EPOLLIN
             if f.want_out:
