@@ -30,8 +30,8 @@ host kernel socket is the buffer:
 - A loopback connect() completes inside the call: the SYN-ACK then goes out at once.
 - A flow that cannot make progress is not polled: EPOLLIN only while nothing is in flight
   and the guest's window is open (an ACK or window update pumps once the turn's frames
-  are in), EPOLLOUT only while guest data is blocked on a full socket. The loop never
-  spins on a flow.
+  are in, and EPOLLIN waits for that pump), EPOLLOUT only while guest data is blocked on
+  a full socket. The loop never spins on a flow.
 - Flows do not live forever when the guest side is gone (its RST lost): the lifetime
   limits of TcpCore (keepalive probes after NatConfig.tcp_idle_timeout, 7200 s, without a
   guest segment, 9 probes 75 s apart; half-open and unacknowledged-FIN flows after 60 s)
