@@ -46,7 +46,6 @@ host kernel socket is the buffer:
 
 from __future__ import annotations
 
-import _socket
 import errno
 import os
 import select
@@ -427,10 +426,8 @@ class TcpNat:
         # IPv4 upstream, and the guest's family stays what it sent.
         family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
         try:
-            # The C socket type: socket.socket's Python __init__ and close() were two of
-            # the few Python frames left per connection; nothing here uses what they add.
-            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                  | socket.SOCK_CLOEXEC)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC)
         except OSError as e:  # EMFILE and the like: refuse now, the guest is not left hanging
             self.exhaustion.refused("TCP connection", e)
             self._refuse(tcp, guest_ip, remote_ip, "tcp_no_socket")
