@@ -346,7 +346,8 @@ class TcpNat:
         mask = core.guest_segment(tcp, now)
         if mask & A_DELIVER:
             off = core.deliver_off
-            n = self._deliver(f, tcp[off:off + core.deliver_len], batch)
+            n = self._deliver(f, tcp[off:off + core.deliver_len], batch,
+                              tcp[TCP_FLAGS_OFFSET] & PSH)
             mask = (mask & ~A_DELIVER) | core.delivered(n, now)
         elif mask & A_MALFORMED:
             self._count("tcp_malformed")
@@ -535,14 +536,37 @@ class TcpNat:
         self._refresh_window(f, now, force=True)
         self._apply(f, f.core.host_connected(now), now)
 
-    def _deliver(self, f: _Flow, data: memoryview, batch: bool) -> int:
+    def _deliver(self, f: _Flow, data: memoryview, batch: bool, push: int = 0) -> int:
         """Hand in-order guest data to the host; returns the bytes taken (-1: the host
-        connection is broken). batch: the segment may have its data batched."""
+        connection is broken). batch: the segment may have its data batched; push: it
+        carries PSH."""
         sock = f.sock
         if sock is None:
             return -1
         n = len(data)
         core = f.core
+        if batch and push and not f.tx_bufs and n <= core.rcv_wnd:
+            # A whole guest write in one segment (a request): batched, it would be sent
+            # at once by the PSH flush. Send it as that batch of one, counted alike.
+            counters = self.counters
+            counters["tcp_host_sends"] = counters.get("tcp_host_sends", 0) + 1
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._count("tcp_host_reset")
+                return -1
+            counters["tcp_bytes_to_host"] = counters.get("tcp_bytes_to_host", 0) + sent
+            f.written += sent
+            f.bytes_up += sent
+            if sent < n:
+                self._count("tcp_host_eagain")
+                f.want_out = True
+                core.rcv_wnd = 0
+            else:
+                core.rcv_wnd -= n
+            return sent
         if batch and n <= core.rcv_wnd and len(f.tx_bufs) < TX_BATCH_MAX:
             # Accepted now, sent by _flush_tx before anything acknowledges it.
             if not f.tx_bufs and not f.queued:
