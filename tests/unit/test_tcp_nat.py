@@ -49,7 +49,7 @@ class StepLoop:
 
     def watch(self, fd, events, callback):
         if fd in self.cbs:
-            if self.ev[fd] != events:
+            if self.ev[fd] != events or events & select.EPOLLONESHOT:  # re-arm
                 self.ep.modify(fd, events)
         else:
             self.ep.register(fd, events)

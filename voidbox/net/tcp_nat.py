@@ -106,6 +106,7 @@ _MEMINFO = struct.Struct(f"{SK_MEMINFO_VARS}I")
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR
+EPOLLONESHOT = select.EPOLLONESHOT
 
 WSCALE = 7  # our window shift: 65535 << 7 is an 8 MiB window (RFC 7323 §2.3)
 MAX_WINDOW = 0xFFFF << WSCALE
@@ -148,7 +149,7 @@ class _Flow:
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
                  "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "alive", "on_timer",
-                 "__weakref__")
+                 "watched", "__weakref__")
 
     def __init__(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -158,7 +159,8 @@ class _Flow:
         self.fd = sock.fileno()
         self.guest_ip = guest_ip
         self.remote_ip = remote_ip
-        self.events = 0
+        self.events = 0  # what the host socket is armed for (see TcpNat._settle)
+        self.watched = False  # registered with the loop, armed or not
         self.connecting = False
         self.timer = None
         self.timer_when = 0.0
@@ -503,6 +505,7 @@ class TcpNat:
     # ---- host socket events -------------------------------------------------------------
 
     def _on_event(self, f: _Flow, revents: int) -> None:
+        f.events = 0  # a one-shot registration: this event disarmed it (see _settle)
         if f.sock is None or not f.alive:
             return
         if f.tx_bufs:
@@ -522,6 +525,7 @@ class TcpNat:
             if err:
                 self._count("tcp_host_reset")
                 self._apply(f, f.core.host_reset(), now)
+                self._settle(f, now)  # re-armed if the flow is somehow still there
                 return
         if revents & EPOLLOUT and f.want_out:
             f.want_out = False
@@ -966,11 +970,17 @@ class TcpNat:
                 want |= EPOLLOUT
         if want == f.events:
             return
+        # One-shot: the event that ends a flow's polling (EPOLLIN, and the data it
+        # brought is then in flight) has disarmed it already, so the flow stays
+        # registered with nothing armed and needs no EPOLL_CTL_DEL; watch() re-arms it.
         if want:
-            self.loop.watch(f.fd, want, partial(self._on_event, f))
+            self.loop.watch(f.fd, want | EPOLLONESHOT, partial(self._on_event, f))
+            f.watched = True
         else:
-            # Even an empty interest set reports EPOLLHUP; unregister instead.
+            # Armed for what is no longer wanted. Even an empty interest set reports
+            # EPOLLHUP; unregister instead.
             self.loop.unwatch(f.fd)
+            f.watched = False
         f.events = want
 
     def _on_timer(self, ref: weakref.ref) -> None:
@@ -999,8 +1009,9 @@ class TcpNat:
         sock = f.sock
         if sock is None:
             return
-        if f.events:
+        if f.watched:
             self.loop.unwatch(f.fd)
+            f.watched = False
             f.events = 0
         if rst:
             try:
