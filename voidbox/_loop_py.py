@@ -88,9 +88,12 @@ class EventLoop:
     # ------------------------------------------------------------ fds
 
     def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        """Call callback(events) while fd is ready for events; calling again modifies."""
+        """Call callback(events) while fd is ready for events; calling again modifies.
+
+        With EPOLLONESHOT in events, the first event disarms the fd (it stays watched) and
+        every watch() call re-arms it, with the same events or not."""
         if fd in self._watchers:
-            if self._events[fd] != events:
+            if self._events[fd] != events or events & select.EPOLLONESHOT:
                 self._epoll.modify(fd, events)
         else:
             self._epoll.register(fd, events)
