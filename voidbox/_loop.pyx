@@ -81,7 +81,6 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
         EPOLLIN
-        EPOLLONESHOT
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -456,10 +455,7 @@ cdef class EventLoop:
     # ------------------------------------------------------------ fds
 
     def watch(self, int fd, unsigned int events, callback) -> None:
-        """Call callback(events) while fd is ready for events; calling again modifies.
-
-        With EPOLLONESHOT in events, the first event disarms the fd (it stays watched) and
-        every watch() call re-arms it, with the same events or not."""
+        """Call callback(events) while fd is ready for events; calling again modifies."""
         cdef epoll_event ev
         cdef PyObject *old
         cdef uint32_t gen
@@ -473,7 +469,7 @@ cdef class EventLoop:
         ev.events = events
         if old != NULL:
             gen = self._gen[fd]
-            if self._interest[fd] != events or events & EPOLLONESHOT:
+            if self._interest[fd] != events:
                 ev.data.u64 = <uint64_t>fd | (<uint64_t>gen << 32)
                 if epoll_ctl(self._epfd, EPOLL_CTL_MOD, fd, &ev) < 0:
                     PyErr_SetFromErrno(OSError)

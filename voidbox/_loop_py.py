@@ -88,12 +88,9 @@ class EventLoop:
     # ------------------------------------------------------------ fds
 
     def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        """Call callback(events) while fd is ready for events; calling again modifies.
-
-        With EPOLLONESHOT in events, the first event disarms the fd (it stays watched) and
-        every watch() call re-arms it, with the same events or not."""
+        """Call callback(events) while fd is ready for events; calling again modifies."""
         if fd in self._watchers:
-            if self._events[fd] != events or events & select.EPOLLONESHOT:
+            if self._events[fd] != events:
                 self._epoll.modify(fd, events)
         else:
             self._epoll.register(fd, events)

@@ -551,9 +551,6 @@ cdef class TcpCore:
     def send_budget(self):
         return self.send_budget_c()
 
-    def ready_for_host_data(self):
-        return not self.has_fin and self.in_flight_c() == 0 and self.send_budget_c() > 0
-
     def send_data(self, Py_ssize_t n, double now):
         cdef bint new
         cdef uint32_t seq

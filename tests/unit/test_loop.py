@@ -77,28 +77,6 @@ def test_watch_again_modifies_the_interest(loop):
         os.close(w)
 
 
-def test_a_one_shot_watch_fires_once_and_watch_rearms_it(loop):
-    """EPOLLONESHOT: the first event disarms the fd, which stays watched; watch() with
-    the same events re-arms it (the TCP relay's host sockets rely on both)."""
-    r, w = os.pipe()
-    seen = []
-    try:
-        os.write(w, b"x")  # stays readable: level-triggered, it would fire every turn
-        loop.watch(r, select.EPOLLIN | select.EPOLLONESHOT, seen.append)
-        run_until(loop, lambda: seen)
-        for _ in range(3):
-            loop.run_once(0)
-        assert len(seen) == 1 and loop.watched_count() == 1
-        loop.watch(r, select.EPOLLIN | select.EPOLLONESHOT, seen.append)
-        run_until(loop, lambda: len(seen) == 2)
-        loop.run_once(0)
-        assert len(seen) == 2
-    finally:
-        loop.unwatch(r)
-        os.close(r)
-        os.close(w)
-
-
 def test_timers_fire_in_order_and_cancel(loop):
     fired = []
     now = loop.time()

@@ -654,22 +654,3 @@ def test_send_budget_respects_the_guest_window():
     nat.pump(0.1)
     assert sum(len(s.payload) for s in nat.outbox) == 3000
     assert nat.flow.send_budget() == 0
-
-
-def test_ready_for_host_data_only_when_nothing_is_in_flight_and_the_window_is_open():
-    """The relay polls the host socket for EPOLLIN only when new host data could go out."""
-    guest, nat = handshake(b"", b"x" * 1000)
-    flow = nat.flow
-    assert flow.ready_for_host_data()
-    nat.handle(flow.send_data(b"x" * 1000, 0.0))
-    assert flow.in_flight() == 1000 and not flow.ready_for_host_data()
-    guest.receive(nat.outbox.pop(), 0.0)
-    nat.receive(guest.outbox.pop(), 0.0)
-    assert flow.in_flight() == 0 and flow.ready_for_host_data()
-    zero = Segment(40000, 80, guest.flow.snd_nxt, flow.snd_nxt, ACK, 0)
-    nat.receive(zero, 0.0)
-    assert flow.send_budget() == 0 and not flow.ready_for_host_data()
-    nat.receive(Segment(40000, 80, guest.flow.snd_nxt, flow.snd_nxt, ACK, 1000), 0.0)
-    assert flow.ready_for_host_data()
-    nat.handle(flow.host_eof(0.0))
-    assert flow.fin_seq is not None and not flow.ready_for_host_data()

@@ -49,7 +49,7 @@ class StepLoop:
 
     def watch(self, fd, events, callback):
         if fd in self.cbs:
-            if self.ev[fd] != events or events & select.EPOLLONESHOT:  # re-arm
+            if self.ev[fd] != events:
                 self.ep.modify(fd, events)
         else:
             self.ep.register(fd, events)
@@ -1170,22 +1170,3 @@ def test_full_port_before_any_data_does_not_spin():
     finally:
         go.set()
         rig.close()
-
-
-def test_initial_sequence_numbers_are_drawn_in_batches(monkeypatch):
-    """One getrandom(2) per ISS_BATCH connections, each flow its own random ISS."""
-    from voidbox.eventloop import EventLoop
-    from voidbox.net.policy import Policy
-
-    reads: list[int] = []
-    real = os.urandom
-    monkeypatch.setattr(tcp_nat.os, "urandom", lambda n: reads.append(n) or real(n))
-    loop = EventLoop()
-    try:
-        nat = TcpNat(loop, [].append, Policy(host_loopback=True), NatConfig())
-        isss = [nat._iss() for _ in range(tcp_nat.ISS_BATCH + 1)]
-    finally:
-        loop.close()
-    assert reads == [4 * tcp_nat.ISS_BATCH] * 2
-    assert all(0 <= iss <= 0xFFFFFFFF for iss in isss)
-    assert len(set(isss)) == len(isss)  # a collision among 257 of 2**32: p < 1e-5

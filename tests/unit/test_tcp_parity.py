@@ -217,7 +217,6 @@ class Twins:
         elif kind == "rcv_wnd":
             a.rcv_wnd = self.b.rcv_wnd = step[1]
         self.same("window_field", lambda c: c.window_field())
-        self.same("ready_for_host_data", lambda c: c.ready_for_host_data())
         if a.n_out > 4:
             self.drain(True)
 

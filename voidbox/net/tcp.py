@@ -443,11 +443,6 @@ class TcpCore:
             return 0
         return max(0, seq_diff(end, start))
 
-    def ready_for_host_data(self) -> bool:
-        """Nothing in flight, no FIN of ours, room in the guest's window: new host data may
-        go out now (the relay polls the host socket for EPOLLIN only then)."""
-        return self.fin_seq is None and self.in_flight() == 0 and self.send_budget() > 0
-
     def _probe_needed(self) -> bool:
         return (self.snd_wnd == 0 and self.state in _SEND_STATES and self.fin_seq is None
                 and not self._in_flight_any())

@@ -30,8 +30,8 @@ host kernel socket is the buffer:
 - A loopback connect() completes inside the call: the SYN-ACK then goes out at once.
 - A flow that cannot make progress is not polled: EPOLLIN only while nothing is in flight
   and the guest's window is open (an ACK or window update pumps once the turn's frames
-  are in, and EPOLLIN waits for that pump), EPOLLOUT only while guest data is blocked on
-  a full socket. The loop never spins on a flow.
+  are in), EPOLLOUT only while guest data is blocked on a full socket. The loop never
+  spins on a flow.
 - Flows do not live forever when the guest side is gone (its RST lost): the lifetime
   limits of TcpCore (keepalive probes after NatConfig.tcp_idle_timeout, 7200 s, without a
   guest segment, 9 probes 75 s apart; half-open and unacknowledged-FIN flows after 60 s)
@@ -106,7 +106,6 @@ _MEMINFO = struct.Struct(f"{SK_MEMINFO_VARS}I")
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR
-EPOLLONESHOT = select.EPOLLONESHOT
 
 WSCALE = 7  # our window shift: 65535 << 7 is an 8 MiB window (RFC 7323 §2.3)
 MAX_WINDOW = 0xFFFF << WSCALE
@@ -127,11 +126,6 @@ PACKET_BUF = 65536
 TX_BATCH_MAX = 64
 TCP_FLAGS_OFFSET = 13  # RFC 9293 §3.1: the control bits' byte in the TCP header
 _PORTS = struct.Struct("!HH")
-_TIME_WAIT = TcpState.TIME_WAIT  # one global lookup on the per-segment path, not two
-# Action bits past A_CONSUME and the queued segments: rare enough to test once in _apply.
-_RARE_ACTIONS = A_RST | A_REWIND | A_SHUT_WR | A_ABORT | A_CLOSE
-ISS_BATCH = 256
-_ISS_BATCH = struct.Struct(f"<{ISS_BATCH}I")
 
 
 class _Flow:
@@ -148,8 +142,7 @@ class _Flow:
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
-                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "alive", "on_timer",
-                 "watched", "__weakref__")
+                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "__weakref__")
 
     def __init__(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -159,8 +152,7 @@ class _Flow:
         self.fd = sock.fileno()
         self.guest_ip = guest_ip
         self.remote_ip = remote_ip
-        self.events = 0  # what the host socket is armed for (see TcpNat._settle)
-        self.watched = False  # registered with the loop, armed or not
+        self.events = 0
         self.connecting = False
         self.timer = None
         self.timer_when = 0.0
@@ -178,9 +170,6 @@ class _Flow:
         self.tx_len = 0
         self.queued = False  # in TcpNat._turn_queue
         self.unconsumed = 0  # acknowledged bytes still at the head of the host socket
-        # In TcpNat.flows: the same as flows.get(key) is self, without the lookup.
-        self.alive = False
-        self.on_timer: Callable[[], None] | None = None  # the timer's callback (weak)
 
 
 _LIMITS = (("idle_timeout", "tcp_idle_timeout"), ("keepalive_interval", "tcp_keepalive_interval"),
@@ -230,7 +219,6 @@ class TcpNat:
         self._discard = bytearray(DISCARD_BUF)
         self._ip_id = 0
         self._next_port = EPHEMERAL_LO
-        self._iss_pool: list[int] = []  # random initial sequence numbers not yet used
         self.peek_off_supported: bool | None = None
         rate = config.max_conn_rate
         self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
@@ -268,9 +256,9 @@ class TcpNat:
         """The stream port drained: resume the flows it stopped."""
         waiting, self._waiting_port = self._waiting_port, {}
         for f in waiting.values():
-            if f.alive and not f.pump_scheduled:
+            if self.flows.get(f.key) is f and not f.pump_scheduled:
                 f.pump_scheduled = True
-                self.loop.call_soon(partial(self._deferred_pump, f))
+                self.loop.call_soon(lambda f=f: self._deferred_pump(f))
 
     # ---- bookkeeping --------------------------------------------------------------------
 
@@ -314,7 +302,7 @@ class TcpNat:
         key = flow_key(src_ip, dst_ip, tcp)
         f = self.flows.get(key)
         now = self.loop.time()
-        if f is not None and f.core.state is _TIME_WAIT:
+        if f is not None and f.core.state is TcpState.TIME_WAIT:
             try:
                 seg = parse_segment(tcp)
             except SegmentError:
@@ -326,17 +314,17 @@ class TcpNat:
                 self._close(f, rst=False)
                 f = None
         if f is None:
-            src_ip = bytes(src_ip)
-            dst_ip = bytes(dst_ip)
-            if tcp[TCP_FLAGS_OFFSET] & (SYN | ACK | RST | FIN) == SYN:
-                self._open(key, tcp, src_ip, dst_ip, now)  # TcpCore parses it
-                return
             try:
                 seg = parse_segment(tcp)
             except SegmentError:
                 self._count("tcp_malformed")
                 return
-            self._reset_unknown(seg, src_ip, dst_ip)
+            src_ip = bytes(src_ip)
+            dst_ip = bytes(dst_ip)
+            if seg.flags & (SYN | ACK | RST | FIN) == SYN:
+                self._open(key, seg, tcp, src_ip, dst_ip, now)
+            else:
+                self._reset_unknown(seg, src_ip, dst_ip)
             return
         self._refresh_window(f, now)
         core = f.core
@@ -348,8 +336,7 @@ class TcpNat:
         mask = core.guest_segment(tcp, now)
         if mask & A_DELIVER:
             off = core.deliver_off
-            n = self._deliver(f, tcp[off:off + core.deliver_len], batch,
-                              tcp[TCP_FLAGS_OFFSET] & PSH)
+            n = self._deliver(f, tcp[off:off + core.deliver_len], batch)
             mask = (mask & ~A_DELIVER) | core.delivered(n, now)
         elif mask & A_MALFORMED:
             self._count("tcp_malformed")
@@ -362,14 +349,13 @@ class TcpNat:
             # We are (nearly) closing the guest's window: have EPOLLOUT tell us once the
             # host socket drains, for a window update (one-shot, re-armed by guest traffic).
             f.want_out = True
-        if mask or core.n_out:  # most ACKs leave nothing to carry out
-            self._apply(f, mask, now)
-        if f.alive and not f.events & EPOLLIN and not f.pump_scheduled:
+        self._apply(f, mask, now)
+        if self.flows.get(key) is f and not f.events & EPOLLIN and not f.pump_scheduled:
             # An ACK or window update may let more host data go out; the socket is not
             # being polled while data is in flight, so pump from here: once, after the
             # rest of the TAP batch (a wakeup brings dozens of ACKs), with one peek.
             f.pump_scheduled = True
-            self.loop.call_soon(partial(self._deferred_pump, f))
+            self.loop.call_soon(lambda: self._deferred_pump(f))
         self._settle(f, now)
 
     def _reset_unknown(self, seg: Segment, guest_ip: bytes, remote_ip: bytes) -> None:
@@ -379,10 +365,9 @@ class TcpNat:
         self._count("tcp_rst_unknown_flow")
         self._send(remote_ip, guest_ip, rst)
 
-    def _refuse(self, syn, guest_ip: bytes, remote_ip: bytes, counter: str) -> None:
-        """Answer the guest's SYN (its TCP header and payload, known to parse) with a RST."""
+    def _refuse(self, seg: Segment, guest_ip: bytes, remote_ip: bytes, counter: str) -> None:
         self._count(counter)
-        self._send(remote_ip, guest_ip, reset_for(parse_segment(syn)))
+        self._send(remote_ip, guest_ip, reset_for(seg))
 
     def _rate_ok(self, now: float) -> bool:
         rate = self.config.max_conn_rate
@@ -396,34 +381,27 @@ class TcpNat:
         self._tokens -= 1.0
         return True
 
-    def _open(self, key: int, tcp, guest_ip: bytes, remote_ip: bytes, now: float) -> None:
-        """A guest SYN for no flow: connect to the host, answer once connected."""
-        v6 = len(remote_ip) == 16
-        sport, dport = _PORTS.unpack_from(tcp)
-        # The core parses the SYN (compiled: no Segment object per connection); a refused
-        # SYN's core is simply dropped.
-        core = TcpCore(dport, sport, self._iss(), mss=self.mss6 if v6 else self.mss,
-                       wscale=WSCALE, **self.flow_kw)
-        if core.open_passive(tcp, now) & A_MALFORMED:
-            self._count("tcp_malformed")
-            return
+    def _open(self, key: int, seg: Segment, tcp, guest_ip: bytes, remote_ip: bytes,
+              now: float) -> None:
+        dport = seg.dst_port
         if len(self.flows) >= self.config.max_flows:
-            self._refuse(tcp, guest_ip, remote_ip, "tcp_flow_limit")
+            self._refuse(seg, guest_ip, remote_ip, "tcp_flow_limit")
             return
         if not self._rate_ok(now):
-            self._refuse(tcp, guest_ip, remote_ip, "tcp_rate_limited")
+            self._refuse(seg, guest_ip, remote_ip, "tcp_rate_limited")
             return
+        v6 = len(remote_ip) == 16
         visible = _ntop(remote_ip)
         endpoint = self.config.host_endpoint(visible, dport)
         if endpoint is None:
             # Another address of the guest's subnet, or the DNS address off port 53.
-            self._refuse(tcp, guest_ip, remote_ip, "tcp_unreachable")
+            self._refuse(seg, guest_ip, remote_ip, "tcp_unreachable")
             return
         host_ip, host_port = endpoint
         # DNS over TCP is the NAT's own service, as over UDP: the policy does not apply.
         if remote_ip not in (self.dns_ip, self.dns_ip6) and not self.policy.allows(
                 "tcp", host_ip, host_port, guest_dst=visible):
-            self._refuse(tcp, guest_ip, remote_ip, "tcp_denied")
+            self._refuse(seg, guest_ip, remote_ip, "tcp_denied")
             return
         # The host socket's family is the host endpoint's: fd00::3:53 may be relayed to an
         # IPv4 upstream, and the guest's family stays what it sent.
@@ -433,7 +411,7 @@ class TcpNat:
                                  | socket.SOCK_CLOEXEC)
         except OSError as e:  # EMFILE and the like: refuse now, the guest is not left hanging
             self.exhaustion.refused("TCP connection", e)
-            self._refuse(tcp, guest_ip, remote_ip, "tcp_no_socket")
+            self._refuse(seg, guest_ip, remote_ip, "tcp_no_socket")
             return
         try:
             self._prepare(sock)
@@ -442,13 +420,16 @@ class TcpNat:
             err = e.errno or errno.EINVAL
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._refuse(tcp, guest_ip, remote_ip, "tcp_connect_failed")
+            self._refuse(seg, guest_ip, remote_ip, "tcp_connect_failed")
             return
         if err and self._connect_done(sock):
             # A loopback connect finishes inside connect(): answer the SYN in this turn
             # instead of after an epoll register, a wait and a modify.
             err = 0
             self._count("tcp_connect_immediate")
+        core = TcpCore(seg.dst_port, seg.src_port, self._iss(),
+                       mss=self.mss6 if v6 else self.mss, wscale=WSCALE, **self.flow_kw)
+        core.open_passive(tcp, now)
         if v6:
             self._count("tcp6_flows_opened")
         f = self._register(key, core, sock, guest_ip, remote_ip)
@@ -485,28 +466,24 @@ class TcpNat:
                 self.peek_off_supported = False
 
     def _iss(self) -> int:
-        # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers, drawn
-        # ISS_BATCH at a time rather than one getrandom(2) per connection.
-        pool = self._iss_pool
-        if not pool:
-            pool.extend(_ISS_BATCH.unpack(os.urandom(_ISS_BATCH.size)))
-        return pool.pop()
+        # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers.
+        return int.from_bytes(os.urandom(4), "little")
 
     def _register(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                   remote_ip: bytes) -> _Flow:
         f = _Flow(key, core, sock, guest_ip, remote_ip)
         self.flows[key] = f
-        f.alive = True
-        # One callback for every timer of the flow, holding it weakly: a cancelled timer
-        # stays in the loop's timer structure, and must not keep the flow.
-        f.on_timer = partial(self._on_timer, weakref.ref(f))
         return f
 
     # ---- host socket events -------------------------------------------------------------
 
+    def _events(self, f: _Flow) -> Callable[[int], None]:
+        def on_event(revents: int) -> None:
+            self._on_event(f, revents)
+        return on_event
+
     def _on_event(self, f: _Flow, revents: int) -> None:
-        f.events = 0  # a one-shot registration: this event disarmed it (see _settle)
-        if f.sock is None or not f.alive:
+        if f.sock is None or self.flows.get(f.key) is not f:
             return
         if f.tx_bufs:
             self._flush_tx(f)
@@ -525,13 +502,12 @@ class TcpNat:
             if err:
                 self._count("tcp_host_reset")
                 self._apply(f, f.core.host_reset(), now)
-                self._settle(f, now)  # re-armed if the flow is somehow still there
                 return
         if revents & EPOLLOUT and f.want_out:
             f.want_out = False
             self._refresh_window(f, now, force=True)
             self._apply(f, f.core.window_update(now), now)
-        if f.sock is not None and f.alive:
+        if f.sock is not None and self.flows.get(f.key) is f:
             self._pump(f, now)
             self._settle(f, now)
 
@@ -540,37 +516,14 @@ class TcpNat:
         self._refresh_window(f, now, force=True)
         self._apply(f, f.core.host_connected(now), now)
 
-    def _deliver(self, f: _Flow, data: memoryview, batch: bool, push: int = 0) -> int:
+    def _deliver(self, f: _Flow, data: memoryview, batch: bool) -> int:
         """Hand in-order guest data to the host; returns the bytes taken (-1: the host
-        connection is broken). batch: the segment may have its data batched; push: it
-        carries PSH."""
+        connection is broken). batch: the segment may have its data batched."""
         sock = f.sock
         if sock is None:
             return -1
         n = len(data)
         core = f.core
-        if batch and push and not f.tx_bufs and n <= core.rcv_wnd:
-            # A whole guest write in one segment (a request): batched, it would be sent
-            # at once by the PSH flush. Send it as that batch of one, counted alike.
-            counters = self.counters
-            counters["tcp_host_sends"] = counters.get("tcp_host_sends", 0) + 1
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._count("tcp_host_reset")
-                return -1
-            counters["tcp_bytes_to_host"] = counters.get("tcp_bytes_to_host", 0) + sent
-            f.written += sent
-            f.bytes_up += sent
-            if sent < n:
-                self._count("tcp_host_eagain")
-                f.want_out = True
-                core.rcv_wnd = 0
-            else:
-                core.rcv_wnd -= n
-            return sent
         if batch and n <= core.rcv_wnd and len(f.tx_bufs) < TX_BATCH_MAX:
             # Accepted now, sent by _flush_tx before anything acknowledges it.
             if not f.tx_bufs and not f.queued:
@@ -621,9 +574,7 @@ class TcpNat:
         if f.want_out:
             f.core.rcv_wnd = 0  # blocked on a full socket until EPOLLOUT says otherwise
             return
-        # max(0, min(room, MAX_WINDOW)) without two builtin calls on every guest segment
-        room = f.win_base - f.written
-        f.core.rcv_wnd = room if 0 <= room <= MAX_WINDOW else (0 if room < 0 else MAX_WINDOW)
+        f.core.rcv_wnd = max(0, min(f.win_base - f.written, MAX_WINDOW))
 
     def _pump(self, f: _Flow, now: float) -> None:
         """Send host data the guest's window has room for (peek, never consume)."""
@@ -634,7 +585,7 @@ class TcpNat:
         # After the host's EOF only retransmissions remain (send_budget stops at our FIN).
         fallback = not self.peek_off_supported
         sent = 0
-        while sent < PUMP_CAP and f.alive:
+        while sent < PUMP_CAP and self.flows.get(f.key) is f:
             budget = core.send_budget()
             if budget <= 0:
                 return
@@ -705,10 +656,10 @@ class TcpNat:
             sent += n
             if budget == 0:
                 return
-        if f.alive and core.send_budget() > 0 and not f.pump_scheduled:
+        if self.flows.get(f.key) is f and core.send_budget() > 0 and not f.pump_scheduled:
             # Yield to other flows; carry on at the next loop turn.
             f.pump_scheduled = True
-            self.loop.call_soon(partial(self._deferred_pump, f))
+            self.loop.call_soon(lambda: self._deferred_pump(f))
 
     def _stream(self, f: _Flow, budget: int, now: float) -> int:
         """One FramePort.send_tcp_stream burst of host data to the guest (no FIN due).
@@ -735,9 +686,8 @@ class TcpNat:
             if frames:
                 core.last_ack = ack  # else the turn's coalesced ACK must still go out
             f.bytes_down += sent
-            counters = self.counters
-            counters["tcp_bytes_to_guest"] = counters.get("tcp_bytes_to_guest", 0) + sent
-            counters["tcp_stream_frames"] = counters.get("tcp_stream_frames", 0) + frames
+            self._count("tcp_bytes_to_guest", sent)
+            self._count("tcp_stream_frames", frames)
         if status < 0:
             self._count("tcp_host_reset")
             self._apply(f, core.host_reset(), now)
@@ -757,7 +707,7 @@ class TcpNat:
 
     def _deferred_pump(self, f: _Flow) -> None:
         f.pump_scheduled = False
-        if f.alive:
+        if self.flows.get(f.key) is f:
             if f.tx_bufs:
                 self._flush_tx(f)
             now = self.loop.time()
@@ -798,17 +748,15 @@ class TcpNat:
                     self._queue_turn(f)
             else:
                 self._consume(f, core.consume_n)  # peeks start at 0: drop the bytes at once
-        if core.n_out:
-            self._emit(f)
-        if not mask & _RARE_ACTIONS:
-            return
         if mask & A_RST:
             self._count("tcp_rst_sent")
+        if core.n_out:
+            self._emit(f)
         if mask & A_REWIND:
             self._count("tcp_retransmits")
             if not f.pump_scheduled:
                 f.pump_scheduled = True
-                self.loop.call_soon(partial(self._deferred_pump, f))
+                self.loop.call_soon(lambda: self._deferred_pump(f))
         if mask & A_SHUT_WR:
             if f.sock is not None:
                 try:
@@ -857,7 +805,7 @@ class TcpNat:
             core = f.core
             if not core.ack_due:
                 continue
-            if not f.alive:
+            if self.flows.get(f.key) is not f:
                 core.ack_due = False
                 continue
             if core.flush_ack():  # not when a later segment already carried the ack
@@ -883,10 +831,8 @@ class TcpNat:
                 pass
             except OSError:
                 broken = True
-        counters = self.counters
-        if sock is not None:
-            counters["tcp_host_sends"] = counters.get("tcp_host_sends", 0) + 1
-        counters["tcp_bytes_to_host"] = counters.get("tcp_bytes_to_host", 0) + n
+            self._count("tcp_host_sends")
+        self._count("tcp_bytes_to_host", n)
         if n >= total:
             return True
         left = total - n
@@ -900,15 +846,16 @@ class TcpNat:
             # As a failed send() in the writer does: reset both sides. Deferred, since this
             # may run inside the flow's own segment processing.
             self._count("tcp_host_reset")
-            self.loop.call_soon(partial(self._host_broken, f))
+            self.loop.call_soon(lambda: self._host_broken(f))
             return False
         f.want_out = True
         self._count("tcp_host_eagain")
-        self._settle(f, self.loop.time())  # for EPOLLOUT
+        if self.flows.get(f.key) is f:
+            self._interest(f)
         return False
 
     def _host_broken(self, f: _Flow) -> None:
-        if f.alive:
+        if self.flows.get(f.key) is f:
             now = self.loop.time()
             self._apply(f, f.core.host_reset(), now)
             self._settle(f, now)
@@ -927,68 +874,37 @@ class TcpNat:
             self.send_ip(bytes(self._pkt_ip[:n]))
 
     def _settle(self, f: _Flow, now: float) -> None:
-        """After any event: release a finished socket, re-arm the timer and epoll interest.
-
-        Runs after every event of every flow, so it is written out in one function."""
-        if not f.alive:
+        """After any event: release a finished socket, re-arm the timer and epoll interest."""
+        if self.flows.get(f.key) is not f:
             return
         core = f.core
-        sock = f.sock
-        if sock is not None and core.state is _TIME_WAIT:
+        if core.state is TcpState.TIME_WAIT and f.sock is not None:
             # Both FINs are done; TIME-WAIT only needs the TCB to re-ACK a FIN.
             self._drop_socket(f, rst=False)
-            sock = None
-        d = core.deadline
-        timer = f.timer
+        self._schedule(f)
+        self._interest(f)
+
+    def _schedule(self, f: _Flow) -> None:
+        d = f.core.deadline
         if d is None:
-            if timer is not None:
-                timer.cancel()
+            if f.timer is not None:
+                f.timer.cancel()
                 f.timer = None
-        elif timer is None or f.timer_when > d:
-            # (A timer due before d stays: it fires early, and on_timer re-arms.)
-            if timer is not None:
-                timer.cancel()
-            f.timer_when = d
-            f.timer = self.loop.call_at(d, f.on_timer)
-        # The epoll interest.
-        if sock is None:
             return
-        if f.connecting:
-            want = EPOLLOUT
-        else:
-            want = 0
-            # Not while the stream port is full: the host data is only peeked, so EPOLLIN
-            # would fire every turn; port_writable() pumps the flow instead. Nor while a
-            # pump is scheduled: it reads the socket itself (this turn, or right after
-            # the next poll if scheduled by a callback) and settles the flow again. An
-            # ACK whose pump finds the host's answer already there then costs no
-            # EPOLL_CTL_ADD and DEL.
-            if (not f.host_eof and not f.pump_scheduled and core.ready_for_host_data()
-                    and f.key not in self._waiting_port):
-                want = EPOLLIN
-            if f.want_out:
-                want |= EPOLLOUT
-        if want == f.events:
-            return
-        # One-shot: the event that ends a flow's polling (EPOLLIN, and the data it
-        # brought is then in flight) has disarmed it already, so the flow stays
-        # registered with nothing armed and needs no EPOLL_CTL_DEL; watch() re-arms it.
-        if want:
-            self.loop.watch(f.fd, want | EPOLLONESHOT, partial(self._on_event, f))
-            f.watched = True
-        else:
-            # Armed for what is no longer wanted. Even an empty interest set reports
-            # EPOLLHUP; unregister instead.
-            self.loop.unwatch(f.fd)
-            f.watched = False
-        f.events = want
+        if f.timer is not None:
+            if f.timer_when <= d:
+                return  # fires early at worst; on_timer re-arms for the real deadline
+            f.timer.cancel()
+        f.timer_when = d
+        # Weakly: a cancelled timer stays in the loop's heap, and must not keep the flow.
+        f.timer = self.loop.call_at(d, partial(self._on_timer, weakref.ref(f)))
 
     def _on_timer(self, ref: weakref.ref) -> None:
         f = ref()
         if f is None:
             return
         f.timer = None
-        if not f.alive:
+        if self.flows.get(f.key) is not f:
             return
         if f.tx_bufs:
             self._flush_tx(f)
@@ -1005,13 +921,36 @@ class TcpNat:
         self._apply(f, mask, now)
         self._settle(f, now)
 
+    def _interest(self, f: _Flow) -> None:
+        if f.sock is None:
+            return
+        core = f.core
+        if f.connecting:
+            want = EPOLLOUT
+        else:
+            want = 0
+            # Not while the stream port is full: the host data is only peeked, so EPOLLIN
+            # would fire every turn; port_writable() pumps the flow instead.
+            if (not f.host_eof and core.fin_seq is None and core.in_flight() == 0
+                    and core.send_budget() > 0 and f.key not in self._waiting_port):
+                want |= EPOLLIN
+            if f.want_out:
+                want |= EPOLLOUT
+        if want == f.events:
+            return
+        if want:
+            self.loop.watch(f.fd, want, self._events(f))
+        else:
+            # Even an empty interest set reports EPOLLHUP; unregister instead.
+            self.loop.unwatch(f.fd)
+        f.events = want
+
     def _drop_socket(self, f: _Flow, rst: bool) -> None:
         sock = f.sock
         if sock is None:
             return
-        if f.watched:
+        if f.events:
             self.loop.unwatch(f.fd)
-            f.watched = False
             f.events = 0
         if rst:
             try:
@@ -1033,13 +972,10 @@ class TcpNat:
             f.timer = None
         if self._waiting_port.get(f.key) is f:
             del self._waiting_port[f.key]
-        if f.alive:
-            f.alive = False
+        if self.flows.get(f.key) is f:
             del self.flows[f.key]
-            counters = self.counters
-            counters["tcp_flows_closed"] = counters.get("tcp_flows_closed", 0) + 1
-            counters["tcp_retransmits_total"] = (counters.get("tcp_retransmits_total", 0)
-                                                 + f.core.retransmits)
+            self._count("tcp_flows_closed")
+            self._count("tcp_retransmits_total", f.core.retransmits)
 
     # ---- port forwards ------------------------------------------------------------------
 
