@@ -1,19 +1,12 @@
 """Selects the NAT's per-packet hot path: compiled voidbox._slirp, or its pure-Python twin.
 
-VOIDBOX_PURE=1 forces the twin (the test suite runs both). Without the environment
-variable the compiled module is used when it is built; `COMPILED` says which one was chosen.
+voidbox._twins.pick chooses (VOIDBOX_PURE=1 forces the twin); `COMPILED` says which one
+was chosen.
 """
 
-import os
+from voidbox._twins import pick
 
-if os.environ.get("VOIDBOX_PURE") == "1":
-    from voidbox.net import _slirp_py as impl
-else:
-    try:
-        from voidbox import _slirp as impl
-    except ImportError:  # not built (source checkout without build_ext): same API, slower
-        from voidbox.net import _slirp_py as impl
-
+impl = pick("voidbox._slirp", "voidbox.net._slirp_py")
 COMPILED = impl.__name__ == "voidbox._slirp"
 
 seq_lt = impl.seq_lt

@@ -1,20 +1,13 @@
 """Selects the UDP relay's per-datagram work: compiled voidbox._udp, or its pure-Python twin
 voidbox.net._udp_py (the readable specification).
 
-VOIDBOX_PURE=1 forces the twin (the test suite runs both). Without the environment
-variable the compiled module is used when it is built; `COMPILED` says which one was chosen.
+voidbox._twins.pick chooses (VOIDBOX_PURE=1 forces the twin); `COMPILED` says which one
+was chosen.
 """
 
-import os
+from voidbox._twins import pick
 
-if os.environ.get("VOIDBOX_PURE") == "1":
-    from voidbox.net import _udp_py as impl
-else:
-    try:
-        from voidbox import _udp as impl
-    except ImportError:  # not built (source checkout without build_ext): same API, slower
-        from voidbox.net import _udp_py as impl
-
+impl = pick("voidbox._udp", "voidbox.net._udp_py")
 COMPILED = impl.__name__ == "voidbox._udp"
 guest_udp_split = impl.guest_udp_split
 build_ipv4_udp = impl.build_ipv4_udp
