@@ -51,6 +51,7 @@
 #define LAPIC_TPR 0x80
 #define LAPIC_EOI 0xB0
 #define LAPIC_SVR 0xF0
+#define LAPIC_IRR 0x200
 #define LAPIC_SVR_APIC_ENABLE 0x100
 #define LAPIC_LVT_LINT0 0x350
 #define LAPIC_LVT_MASKED 0x10000
@@ -278,6 +279,12 @@ static inline void lapic_enable(void)
 static inline void lapic_eoi(void)
 {
     lapic_write(LAPIC_EOI, 0);
+}
+
+/* Whether `vector` waits in the LAPIC's Interrupt Request Register (0x200 + 0x10 per 32). */
+static inline int lapic_pending(uint8_t vector)
+{
+    return (lapic_read(LAPIC_IRR + 0x10 * (vector / 32)) >> (vector % 32)) & 1;
 }
 
 static inline void ioapic_write(uint32_t index, uint32_t value)

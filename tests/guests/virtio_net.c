@@ -612,9 +612,16 @@ void guest_main(void)
     /* A used-buffer interrupt the device signalled while receive() checked the rings with
      * interrupts off stays pending until they are on again: a fast backend (another
      * process) can finish before this driver ever halts. Take it now (bounded), so the
-     * count says whether interrupts arrive, not how that race went. */
-    for (int spin = 0; spin < 100000 && vring_irq_count == 0; spin++)
-        __asm__ volatile("sti\n\tnop\n\tcli" : : : "memory");
+     * count says whether interrupts arrive, not how that race went. KVM injects a pending
+     * interrupt only at an entry with interrupts on; a software KVM (kvm_pvm) has no
+     * interrupt-window exit, so a bare "sti; nop; cli" may never see it: halt instead,
+     * once the LAPIC holds the vector (a pending interrupt wakes the HLT at once). */
+    for (int spin = 0; spin < 100000 && vring_irq_count == 0; spin++) {
+        if (lapic_pending(VIRTIO_NET_VECTOR)) {
+            sti_hlt();
+            cli();
+        }
+    }
 
 #ifdef VIRTIO_NET_LENIENT
     serial_puts("rx data_valid unasked=");
