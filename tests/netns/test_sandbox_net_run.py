@@ -75,7 +75,14 @@ def status_of(pid: int) -> dict[str, str]:
 
 
 def assert_sandboxed(pid: int) -> dict[str, str]:
+    # The NAT takes its name before it loads its seccomp filter (the last step): wait for
+    # that step, bounded, or a busy machine finds it in between.
     status = status_of(pid)
+    for _ in range(WAIT * 20):
+        if status["Seccomp"] != "0":
+            break
+        time.sleep(0.05)
+        status = status_of(pid)
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
     assert status["CapEff"] == ZERO_CAPS and status["CapPrm"] == ZERO_CAPS
