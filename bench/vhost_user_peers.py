@@ -513,7 +513,9 @@ class Session:
                 serve += ["--mtu", str(mtu)]
             serve += self.args.serve_arg or []
             if self.args.profile_voidbox:
-                serve = ["-m", "cProfile", "-o", self.args.profile_voidbox, *serve]
+                # The sandboxed server is a forked child that cannot write files: profile
+                # an unsandboxed one, which serves in this process.
+                serve = ["-m", "cProfile", "-o", self.args.profile_voidbox, *serve, "--no-sandbox"]
             self._spawn([sys.executable, *serve])
             return vhost
         if self.backend == "slirp":
@@ -770,7 +772,7 @@ def main() -> int:
                              "QEMU 7.2's -netdev user has no MTU option: slirp stays at 1500")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--profile-voidbox", metavar="FILE",
-                        help="run `net serve` under cProfile, stats to FILE")
+                        help="run `net serve` under cProfile (unsandboxed), stats to FILE")
     parser.add_argument("--serve-arg", action="append", metavar="ARG",
                         help="one more argument for `voidbox net serve` (repeatable), "
                              "e.g. --serve-arg=--pcap --serve-arg=/tmp/vb.pcap")
