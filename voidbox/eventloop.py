@@ -9,19 +9,13 @@ on a thread of its own.
 
 from __future__ import annotations
 
-import os
 import threading
 
-if os.environ.get("VOIDBOX_PURE") == "1":
-    from ._loop_py import MAX_EVENTS, EventLoop, Timer
-    IMPLEMENTATION = "pure"
-else:
-    try:
-        from ._loop import MAX_EVENTS, EventLoop, Timer
-        IMPLEMENTATION = "cython"
-    except ImportError:
-        from ._loop_py import MAX_EVENTS, EventLoop, Timer
-        IMPLEMENTATION = "pure"
+from ._twins import pick
+
+_impl = pick("voidbox._loop", "voidbox._loop_py")
+MAX_EVENTS, EventLoop, Timer = _impl.MAX_EVENTS, _impl.EventLoop, _impl.Timer
+IMPLEMENTATION = "cython" if _impl.__name__ == "voidbox._loop" else "pure"
 
 __all__ = ["IMPLEMENTATION", "MAX_EVENTS", "EventLoop", "LoopThread", "Timer"]
 

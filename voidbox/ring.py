@@ -3,8 +3,6 @@
 Both implementations export the same names; `IMPLEMENTATION` says which one loaded.
 """
 
-import os
-
 from ._ring_py import (  # noqa: F401  (constants and the exception are shared)
     REQUIRE_ANY,
     REQUIRE_READABLE,
@@ -20,17 +18,11 @@ from ._ring_py import (  # noqa: F401  (constants and the exception are shared)
     desc_table_size,
     used_ring_size,
 )
+from ._twins import pick
 
-if os.environ.get("VOIDBOX_PURE") == "1":
-    from ._ring_py import Chain, Virtqueue, vring_need_event
-    IMPLEMENTATION = "pure"
-else:
-    try:
-        from ._ring import Chain, Virtqueue, vring_need_event
-        IMPLEMENTATION = "cython"
-    except ImportError:
-        from ._ring_py import Chain, Virtqueue, vring_need_event
-        IMPLEMENTATION = "pure"
+_impl = pick("voidbox._ring", "voidbox._ring_py")
+Chain, Virtqueue, vring_need_event = _impl.Chain, _impl.Virtqueue, _impl.vring_need_event
+IMPLEMENTATION = "cython" if _impl.__name__ == "voidbox._ring" else "pure"
 
 __all__ = [
     "REQUIRE_ANY", "REQUIRE_READABLE", "REQUIRE_WRITABLE", "VIRTQ_AVAIL_F_NO_INTERRUPT",

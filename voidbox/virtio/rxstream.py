@@ -6,16 +6,12 @@ it is missing; `COMPILED` says which.
   chains written to a TAP, with iovecs into guest memory.
 """
 
-import os
+from .._twins import pick
 
-if os.environ.get("VOIDBOX_PURE") == "1":
-    from ._netrx_py import RingStream, readv_into_chains, writev_from_chain
-else:
-    try:
-        from voidbox._netrx import RingStream, readv_into_chains, writev_from_chain
-    except ImportError:  # not built: the same behaviour, with a copy on the way
-        from ._netrx_py import RingStream, readv_into_chains, writev_from_chain
-
-COMPILED = RingStream.__module__ == "voidbox._netrx"
+# Not built: the same behaviour, with a copy on the way.
+_impl = pick("voidbox._netrx", "voidbox.virtio._netrx_py")
+RingStream = _impl.RingStream
+readv_into_chains, writev_from_chain = _impl.readv_into_chains, _impl.writev_from_chain
+COMPILED = _impl.__name__ == "voidbox._netrx"
 
 __all__ = ["COMPILED", "RingStream", "readv_into_chains", "writev_from_chain"]
