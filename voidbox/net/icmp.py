@@ -83,6 +83,26 @@ ERRQUEUE_CMSG_SPACE6 = socket.CMSG_SPACE(16 + 28)  # sock_extended_err + sockadd
 DEST_MEMO_MAX = 4096
 
 
+class _Family:
+    """What an echo flow's host side needs of its address family."""
+
+    def __init__(self, name: str, label: str, family: int, proto: int,
+                 recverr: tuple[int, int], to_str: Callable[[bytes], str], unreachable: str):
+        self.name = name  # "icmp" or "icmp6": counter names
+        self.label = label  # "ICMP" or "ICMPv6": log lines
+        self.family = family
+        self.proto = proto
+        self.recverr = recverr  # (level, option) of IP(V6)_RECVERR
+        self.to_str = to_str
+        self.unreachable = unreachable  # what the guest gets when echo is unavailable
+
+
+_V4 = _Family("icmp", "ICMP", socket.AF_INET, socket.IPPROTO_ICMP, (socket.IPPROTO_IP, IP_RECVERR),
+              ip_to_str, "host unreachable")
+_V6 = _Family("icmp6", "ICMPv6", socket.AF_INET6, socket.IPPROTO_ICMPV6,
+              (socket.IPPROTO_IPV6, IPV6_RECVERR), ip6_to_str, "address unreachable")
+
+
 def echo_reply(guest_ip: bytes, responder_ip: bytes, ident: int, seq: int,
                data: bytes | memoryview) -> bytes:
     """An IPv4 echo reply from responder_ip to the guest, echoing ident, seq and data."""
@@ -133,8 +153,7 @@ class IcmpNat:
         self.raw6: socket.socket | None = None
         self._frag_ident6 = 0
         self._next_id = 1
-        self._warned = False
-        self._warned6 = False
+        self._warned: set[str] = set()  # the families whose unavailable echo was logged
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -231,50 +250,60 @@ class IcmpNat:
             self._probe6()
 
     def _probe(self) -> None:
+        self.mode, self.raw = self._probe_family(_V4, self._raw_event)
+
+    def _probe_family(self, fam: _Family, raw_event) -> tuple[str, socket.socket | None]:
+        """("ping", None) with unprivileged ping sockets (net.ipv4.ping_group_range),
+        ("raw", the socket, watched) with CAP_NET_RAW, else ("none", None)."""
         try:
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
-            self.mode = "ping"
-            return
+            socket.socket(fam.family, socket.SOCK_DGRAM, fam.proto).close()
+            return "ping", None
         except OSError:
             pass
         try:
-            self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                     socket.IPPROTO_ICMP)
+            raw = socket.socket(fam.family, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                | socket.SOCK_CLOEXEC, fam.proto)
         except OSError:
-            self.mode = "none"
-            return
-        self.mode = "raw"
-        self.loop.watch(self.raw.fileno(), select.EPOLLIN, self._raw_event)
+            return "none", None
+        self.loop.watch(raw.fileno(), select.EPOLLIN, raw_event)
+        return "raw", raw
 
     def _open(self, key, guest_dst: bytes, host_dst: bytes, ident: int, quote: bytes) -> _Flow | None:
         if self.mode is None:
             self._probe()
-        if self.mode == "none":
-            if not self._warned:
-                self._warned = True
-                log.warning("ICMP echo to outside hosts is unavailable: no ping socket "
-                            "(net.ipv4.ping_group_range) and no CAP_NET_RAW; guests get "
-                            "host unreachable")
-            self._unreachable(guest_dst, ICMP_HOST_UNREACH, quote)
+        return self._open_flow(_V4, self.mode, _Flow(key, guest_dst, host_dst, ident),
+                               lambda: self._unreachable(guest_dst, ICMP_HOST_UNREACH, quote))
+
+    def _open_flow(self, fam: _Family, mode: str, flow: _Flow,
+                   refuse: Callable[[], None]) -> _Flow | None:
+        """Give `flow` its host side (a connected ping socket, or an id on the raw socket)
+        and start tracking it; None, with refuse() answering the guest where it should
+        hear, when that cannot be done."""
+        if mode == "none":
+            if fam.name not in self._warned:
+                self._warned.add(fam.name)
+                log.warning("%s echo to outside hosts is unavailable: no ping socket "
+                            "(net.ipv4.ping_group_range) and no CAP_NET_RAW; guests get %s",
+                            fam.label, fam.unreachable)
+            refuse()
             return None
         if len(self.flows) >= self.config.max_flows:
             self._count("icmp_dropped_flow_limit")
             return None
-        flow = _Flow(key, guest_dst, host_dst, ident)
-        if self.mode == "ping":
+        if mode == "ping":
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMP)
+                sock = socket.socket(fam.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC, fam.proto)
             except OSError as e:  # EMFILE and the like: answer now, never raise
-                self.exhaustion.refused("ICMP echo flow", e)
-                self._unreachable(guest_dst, ICMP_HOST_UNREACH, quote)
+                self.exhaustion.refused(f"{fam.label} echo flow", e)
+                refuse()
                 return None
             try:
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-                sock.connect((ip_to_str(host_dst), 0))
+                sock.setsockopt(*fam.recverr, 1)
+                sock.connect((fam.to_str(flow.host_dst), 0))
             except OSError:
                 sock.close()
-                self._unreachable(guest_dst, ICMP_HOST_UNREACH, quote)
+                refuse()
                 return None
             flow.sock = sock
             self.loop.watch(sock.fileno(), select.EPOLLIN, lambda ev, f=flow: self._ping_event(f, ev))
@@ -285,10 +314,10 @@ class IcmpNat:
                 return None
             flow.host_id = host_id
             self.raw_ids[host_id] = flow
-        self.flows[key] = flow
+        self.flows[flow.key] = flow
         flow.last_active = self.loop.time()
         self._arm(flow)
-        self._count("icmp_flows_opened")
+        self._count(f"{fam.name}_flows_opened")
         return flow
 
     def _alloc_id(self) -> int | None:
@@ -486,66 +515,15 @@ class IcmpNat:
         self._count("icmp6_echo_tx")
 
     def _probe6(self) -> None:
-        try:
-            socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6).close()
-            self.mode6 = "ping"
-            return
-        except OSError:
-            pass
-        try:
-            self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                      | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMPV6)
-        except OSError:
-            self.mode6 = "none"
-            return
-        self.mode6 = "raw"
-        self.loop.watch(self.raw6.fileno(), select.EPOLLIN, self._raw_event6)
+        self.mode6, self.raw6 = self._probe_family(_V6, self._raw_event6)
 
     def _open6(self, key, guest_dst: bytes, host_dst: bytes, ident: int, guest_src: bytes,
                packet: memoryview) -> _Flow | None:
         if self.mode6 is None:
             self._probe6()
-        if self.mode6 == "none":
-            if not self._warned6:
-                self._warned6 = True
-                log.warning("ICMPv6 echo to outside hosts is unavailable: no ping socket "
-                            "(net.ipv4.ping_group_range) and no CAP_NET_RAW; guests get "
-                            "address unreachable")
-            self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet)
-            return None
-        if len(self.flows) >= self.config.max_flows:
-            self._count("icmp_dropped_flow_limit")
-            return None
-        flow = _Flow(key, guest_dst, host_dst, ident, guest_src)
-        if self.mode6 == "ping":
-            try:
-                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMPV6)
-            except OSError as e:
-                self.exhaustion.refused("ICMPv6 echo flow", e)
-                self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet)
-                return None
-            try:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-                sock.connect((ip6_to_str(host_dst), 0))
-            except OSError:
-                sock.close()
-                self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet)
-                return None
-            flow.sock = sock
-            self.loop.watch(sock.fileno(), select.EPOLLIN, lambda ev, f=flow: self._ping_event(f, ev))
-        else:
-            host_id = self._alloc_id()
-            if host_id is None:
-                self._count("icmp_dropped_flow_limit")
-                return None
-            flow.host_id = host_id
-            self.raw_ids[host_id] = flow
-        self.flows[key] = flow
-        flow.last_active = self.loop.time()
-        self._arm(flow)
-        self._count("icmp6_flows_opened")
-        return flow
+        return self._open_flow(
+            _V6, self.mode6, _Flow(key, guest_dst, host_dst, ident, guest_src),
+            lambda: self._unreachable6(guest_dst, guest_src, ICMPV6_ADDR_UNREACH, packet))
 
     def _reply_to_guest6(self, flow: _Flow, seq: int, data: bytes | memoryview) -> None:
         flow.last_active = self.loop.time()
