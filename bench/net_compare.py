@@ -55,6 +55,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -333,6 +334,8 @@ class Session:
     def _start_pasta(self) -> None:
         name = self._add_netns()
         pidfile = os.path.join(self.workdir, f"pasta-{self.mtu}.pid")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pidfile)  # an earlier round's: it would be read before pasta writes
         self.nat = subprocess.Popen(
             ["pasta", "-f", "--runas", "0", "--config-net", "-m", str(self.mtu),
              "-a", LAYOUTS[4].guest, "-n", LAYOUTS[4].prefix_len, "-g", LAYOUTS[4].gateway,
@@ -464,8 +467,24 @@ def cell_iperf(res, session, what: str) -> str:
     if not res["bytes"]:
         return "n/a: 0 bytes"
     # The share of one core says whether the NAT was CPU-bound or waiting.
-    core = f" ({100 * res['nat_cpu_s'] / res['seconds']:.0f}% core)" if res.get("seconds") else ""
-    return f"{res['nat_cpu_s'] / (res['bytes'] / GB):.2f}{core}"
+    core = iperf_core_pct(res)
+    core = f" ({core:.0f}% core)" if core is not None else ""
+    return f"{iperf_cpu_per_gb(res):.2f}{core}"
+
+
+# Figures derived per session, read from a median session (--rounds) where it has them.
+def iperf_cpu_per_gb(res: dict) -> float:
+    return res.get("cpu_s_per_gb", res["nat_cpu_s"] / (res["bytes"] / GB))
+
+
+def iperf_core_pct(res: dict) -> float | None:
+    if "core_pct" in res:
+        return res["core_pct"]
+    return 100 * res["nat_cpu_s"] / res["seconds"] if res.get("seconds") else None
+
+
+def cpu_us_per_op(res: dict) -> float:
+    return res.get("cpu_us_per_op", res["nat_cpu_s"] / res["n"] * 1e6)
 
 
 def cell_latency(res, session, what: str) -> str:
@@ -478,7 +497,39 @@ def cell_latency(res, session, what: str) -> str:
         return f"{res['p50_us']:.0f} / {res['p99_us']:.0f}{note}"
     if what == "rate":
         return f"{res['per_s']:.0f}"
-    return f"{res['nat_cpu_s'] / res['n'] * 1e6:.0f}"
+    return f"{cpu_us_per_op(res):.0f}"
+
+
+def median_session(rounds: list[dict]) -> dict:
+    """One peer's sessions at one MTU from several rounds as one: each figure the median
+    of the rounds that gave it (p50 and p99 each on its own, CPU per op or per GB taken per
+    round), so a round disturbed by the rest of the machine does not decide the cell."""
+    ok = [s for s in rounds if not s.get("error")]
+    if not ok:
+        return rounds[-1]
+    out = dict(ok[-1])
+    for key in ("up", "down"):
+        good = [s[key] for s in ok if (s.get(key) or {}).get("ok") and s[key]["bytes"]]
+        if good:
+            out[key] = dict(good[-1],
+                            bits_per_second=statistics.median(r["bits_per_second"] for r in good),
+                            retransmits=int(statistics.median(r.get("retransmits") or 0
+                                                              for r in good)),
+                            stalled_s=statistics.median(r.get("stalled_s") or 0 for r in good),
+                            cpu_s_per_gb=statistics.median(iperf_cpu_per_gb(r) for r in good))
+            cores = [iperf_core_pct(r) for r in good if iperf_core_pct(r) is not None]
+            if cores:
+                out[key]["core_pct"] = statistics.median(cores)
+    for key in ("connect", "connect4", "rr", "udp"):
+        good = [s[key] for s in ok if (s.get(key) or {}).get("n")]
+        if good:
+            out[key] = dict(good[-1], **{f: statistics.median(r[f] for r in good)
+                                         for f in ("p50_us", "p99_us", "per_s")},
+                            cpu_us_per_op=statistics.median(cpu_us_per_op(r) for r in good))
+    busy = [s["host_busy_pct"] for s in ok if "host_busy_pct" in s]
+    if busy:
+        out["host_busy_pct"] = statistics.median(busy)
+    return out
 
 
 ROWS = [
@@ -530,7 +581,13 @@ def main() -> int:
                         help="skip the sessions that would start after this")
     parser.add_argument("--family", type=int, choices=(4, 6), default=4,
                         help="IPv4 (10.0.2.2 -> 127.0.0.1) or IPv6 (fd00::2 -> ::1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every session this many times, the peers in a rotated order "
+                             "each round (no peer always first), and table the median of each "
+                             "figure (each round's table is printed too)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     global NET
     NET = LAYOUTS[args.family]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -550,7 +607,7 @@ def main() -> int:
             "argv": " ".join([sys.executable, *sys.argv]), "versions": versions(),
             "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
             "load_before": os.getloadavg()}
-    sessions = []
+    rounds: list[list[dict]] = []
     with tempfile.TemporaryDirectory(prefix="voidbox-netbench-") as workdir:
         echo = subprocess.Popen([sys.executable, ECHO_SERVER, "--bind", NET.loopback],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -559,14 +616,21 @@ def main() -> int:
             if line is None:
                 sys.exit("echo server did not start")
             echo_ports = json.loads(line)
-            # MTU outermost and peers interleaved, so a drift in host load hits every peer.
-            for mtu in mtus:
-                for peer in peers:
-                    if time.monotonic() - started > args.max_minutes * 60:
-                        sessions.append({"peer": peer, "mtu": mtu, "error": "time limit"})
-                        continue
-                    print(f"# {peer} @ MTU {mtu} ...", file=sys.stderr, flush=True)
-                    sessions.append(run_session(peer, mtu, args, echo_ports, workdir))
+            # MTU outermost and peers interleaved, so a drift in host load hits every peer;
+            # each round starts with another peer (the first session after an idle spell
+            # runs slower here).
+            for round_no in range(args.rounds):
+                by_key = {}
+                order = peers[round_no % len(peers):] + peers[:round_no % len(peers)]
+                for mtu in mtus:
+                    for peer in order:
+                        if time.monotonic() - started > args.max_minutes * 60 * args.rounds:
+                            by_key[peer, mtu] = {"peer": peer, "mtu": mtu, "error": "time limit"}
+                            continue
+                        print(f"# {peer} @ MTU {mtu} (round {round_no + 1}/{args.rounds}) ...",
+                              file=sys.stderr, flush=True)
+                        by_key[peer, mtu] = run_session(peer, mtu, args, echo_ports, workdir)
+                rounds.append([by_key[peer, mtu] for mtu in mtus for peer in peers])
         finally:
             echo.stdin.close()
             stop(echo)
@@ -588,13 +652,21 @@ def main() -> int:
           f"CPU time over the iperf3 run's length); retr = iperf3 sender's TCP retransmits; "
           f"s stalled = 0.5 s iperf3 intervals (client's view) moving <1% of the mean; "
           f"wall {info['wall_s']} s\n")
+    if args.rounds > 1:
+        for round_no, round_sessions in enumerate(rounds, 1):
+            print(f"Round {round_no}:\n\n{table(round_sessions)}\n")
+        sessions = [median_session([r[i] for r in rounds]) for i in range(len(rounds[0]))]
+        print(f"Median of {args.rounds} rounds:\n")
+    else:
+        sessions = rounds[0]
     print(table(sessions))
-    errors = [f"- {s['peer']} @{s['mtu']}: {s['error']}" for s in sessions if s.get("error")]
+    errors = [f"- {s['peer']} @{s['mtu']}: {s['error']}" for r in rounds for s in r
+              if s.get("error")]
     if errors:
         print("\nSession errors:\n" + "\n".join(errors))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "sessions": sessions}, f, indent=1)
+            json.dump({"info": info, "sessions": sessions, "rounds": rounds}, f, indent=1)
     return 0
 
 
