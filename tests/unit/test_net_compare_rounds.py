@@ -1,20 +1,14 @@
 """bench/net_compare.py --rounds: one table of medians from several rounds. The bench
 itself needs root and the peers; its median is pure and tested here."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "net_compare.py"
+from tests import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def nc():
-    spec = importlib.util.spec_from_file_location("net_compare", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("net_compare.py")
 
 
 def session(p50, cpu_s, gbps, up_cpu_s, busy=50.0):

@@ -6,7 +6,6 @@ follow the virtqueue section of NET-LESSONS.md line by line.
 
 import mmap
 import struct
-from pathlib import Path
 
 import pytest
 
@@ -957,13 +956,10 @@ def test_both_twins_agree_over_separate_mappings():
 def ring_bench(tmp_path_factory):
     """bench/_ring_bench.pyx, compiled: it cimports Virtqueue and calls pop_batch & co."""
     load_impl("cython")
-    import importlib.util
+    from tests import bench_scripts
 
-    path = Path(__file__).resolve().parents[2] / "bench" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("bench_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_ring_bench(tmp_path_factory.mktemp("ring_bench"))
+    bench = bench_scripts.load("conftest.py", "bench_conftest")
+    return bench.build_ring_bench(tmp_path_factory.mktemp("ring_bench"))
 
 
 @pytest.mark.slow

@@ -2,21 +2,16 @@
 iperf3 report, the loader's library list, and the table cells. The bench itself boots
 QEMU and is not part of the test suite."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "vhost_user_peers.py"
+from tests import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("vhost_user_peers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("vhost_user_peers.py")
 
 
 # What netbench prints (bench/guest_tools/netbench.c), as the serial console delivers it.
