@@ -577,6 +577,17 @@ def test_lossy_link_recovers(rig, peek_off):
 
 # ---- flow control -----------------------------------------------------------------------
 
+def assert_no_spinning(rig, turns: int = 50) -> None:
+    """Loop turns with nothing to do for the relay fire (almost) no fd callbacks: a
+    spinning relay fires one per turn. Behind a full loopback socket the kernel may still
+    free room once or twice meanwhile (a zero-window probe answered, the receiver
+    collapsing its queue): one EPOLLOUT each, handled, not a spin."""
+    before = rig.loop.fd_calls
+    for _ in range(turns):
+        rig.loop.run_once(0)
+    assert rig.loop.fd_calls - before <= 2
+
+
 def _slow_reader(go, data_len):
     def handler(conn, res):
         go.wait(60)
@@ -594,10 +605,7 @@ def test_host_backpressure_closes_the_guest_window_without_spinning(rig):
             max_steps=20000)
     (flow,) = rig.nat.flows.values()
     assert flow.core.state is TcpState.ESTABLISHED and g.consumed < len(data)
-    before = rig.loop.fd_calls
-    for _ in range(50):
-        rig.loop.run_once(0)
-    assert rig.loop.fd_calls == before  # nothing to do: no callback fires
+    assert_no_spinning(rig)
     go.set()
     rig.run(lambda: g.flow.closed or g.flow.state is TcpState.TIME_WAIT)
     assert srv.join()["sha"] == hashlib.sha256(data).hexdigest()
@@ -635,10 +643,7 @@ def test_full_host_socket_is_eagain_not_close(rig, monkeypatch):
     # rcv_nxt (what every ACK carries) covers exactly what send() took, nothing more.
     acked = (flow.core.rcv_nxt - g.flow.iss - 1) & 0xFFFFFFFF
     assert acked == rig.nat.counters["tcp_bytes_to_host"]
-    before = rig.loop.fd_calls
-    for _ in range(50):
-        rig.loop.run_once(0)
-    assert rig.loop.fd_calls == before
+    assert_no_spinning(rig)
     go.set()
     rig.run(lambda: g.flow.closed or g.flow.state is TcpState.TIME_WAIT)
     assert srv.join()["sha"] == hashlib.sha256(data).hexdigest()
