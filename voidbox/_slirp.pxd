@@ -57,10 +57,17 @@ cdef uint64_t pseudo_sum6(const uint8_t *src_ip, const uint8_t *dst_ip,
 # An IPv6 header without extension headers, next header TCP, hop limit 64.
 cdef void write_ipv6_header(uint8_t *out, uint16_t payload_len,
                             const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil
-# The TCP pseudo-header (RFC 9293 §3.1: addresses, zero, protocol, TCP length) summed.
+# The IPv4 pseudo-header (RFC 9293 §3.1, RFC 768: addresses, zero, protocol, the
+# upper-layer length) summed; pseudo_sum is TCP's.
+cdef uint64_t pseudo_sum_ipv4(const uint8_t *src_ip, const uint8_t *dst_ip,
+                              Py_ssize_t length, uint8_t proto) noexcept nogil
 cdef uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
                          Py_ssize_t length) noexcept nogil
-# An IPv4 header without options, DF, TTL 64, protocol TCP, its checksum filled in.
+# An IPv4 header without options, DF, TTL 64, its checksum filled in; write_ipv4_header's
+# protocol is TCP.
+cdef void write_ipv4_header_proto(uint8_t *out, uint16_t total, uint16_t ip_id,
+                                  const uint8_t *src_ip, const uint8_t *dst_ip,
+                                  uint8_t proto) noexcept nogil
 cdef void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
                             const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil
 # A TCP header with checksum and urgent pointer zero (the caller fills the checksum).

@@ -81,16 +81,22 @@ cdef uint16_t csum_finish(uint64_t acc) noexcept nogil:
     return <uint16_t>(~be16toh(<uint16_t>acc)) & 0xFFFF
 
 
-cdef uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
-                         Py_ssize_t length) noexcept nogil:
+cdef uint64_t pseudo_sum_ipv4(const uint8_t *src_ip, const uint8_t *dst_ip,
+                              Py_ssize_t length, uint8_t proto) noexcept nogil:
+    # RFC 9293 §3.1, RFC 768: source, destination, zero, protocol, upper-layer length.
     cdef uint8_t ph[12]
     cdef uint16_t be_len = htobe16(<uint16_t>length)
     memcpy(ph, src_ip, 4)
     memcpy(ph + 4, dst_ip, 4)
     ph[8] = 0
-    ph[9] = IPPROTO_TCP
+    ph[9] = proto
     memcpy(ph + 10, &be_len, 2)
     return csum_partial(ph, 12, 0)
+
+
+cdef uint64_t pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
+                         Py_ssize_t length) noexcept nogil:
+    return pseudo_sum_ipv4(src_ip, dst_ip, length, IPPROTO_TCP)
 
 
 cdef uint64_t pseudo_sum6(const uint8_t *src_ip, const uint8_t *dst_ip,
@@ -119,21 +125,27 @@ cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     memcpy(p, &be, 4)
 
 
-cdef void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
-                            const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil:
-    # RFC 791 §3.1: no options, DF, TTL 64, protocol TCP, with its header checksum.
+cdef void write_ipv4_header_proto(uint8_t *out, uint16_t total, uint16_t ip_id,
+                                  const uint8_t *src_ip, const uint8_t *dst_ip,
+                                  uint8_t proto) noexcept nogil:
+    # RFC 791 §3.1: no options, DF, TTL 64, with its header checksum.
     out[0] = IPV4_VERSION_IHL
     out[1] = 0
     put16(out + 2, total)
     put16(out + 4, ip_id)
     put16(out + 6, IPV4_FLAG_DF)
     out[8] = IPV4_DEFAULT_TTL
-    out[9] = IPPROTO_TCP
+    out[9] = proto
     put16(out + 10, 0)
     memcpy(out + 12, src_ip, 4)
     memcpy(out + 16, dst_ip, 4)
     # csum_finish returns the checksum as a number; put16 stores it big-endian.
     put16(out + 10, csum_finish(csum_partial(out, IPV4_HEADER_LEN, 0)))
+
+
+cdef void write_ipv4_header(uint8_t *out, uint16_t total, uint16_t ip_id,
+                            const uint8_t *src_ip, const uint8_t *dst_ip) noexcept nogil:
+    write_ipv4_header_proto(out, total, ip_id, src_ip, dst_ip, IPPROTO_TCP)
 
 
 cdef void write_ipv6_header(uint8_t *out, uint16_t payload_len,

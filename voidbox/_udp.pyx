@@ -10,15 +10,11 @@ specification: same names, results and errors).
 Each new-socket query (a DNS lookup) is one datagram each way: these replace a dozen
 Python-level steps per datagram with one call.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint64_t
-from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint16_t
 
-from voidbox._slirp cimport csum_finish, csum_partial
+from voidbox._slirp cimport csum_finish, csum_partial, pseudo_sum_ipv4, write_ipv4_header_proto
 
 from voidbox.net.packets import PacketError
-
-cdef extern from "<endian.h>" nogil:
-    uint16_t htobe16(uint16_t x)
 
 cdef enum:
     IPV4_HEADER_LEN = 20
@@ -26,27 +22,11 @@ cdef enum:
     IPV4_UDP_HEADER_LEN = 28
     IPV4_ALEN = 4
     IPPROTO_UDP = 17
-    IPV4_VERSION_IHL = 0x45      # version 4, 5 header words (no IP options)
-    IPV4_FLAG_DF = 0x4000        # RFC 791 §3.1: don't fragment
-    IPV4_DEFAULT_TTL = 64
     IPV4_MAX_TOTAL_LEN = 0xFFFF
     UDP_CSUM_NONE = 0xFFFF       # RFC 768: a computed zero is sent as all ones
     DHCP_SERVER_PORT = 67
     DHCP_CLIENT_PORT = 68
     PORT_MAX = 0xFFFF
-
-
-cdef uint64_t udp_pseudo_sum(const uint8_t *src_ip, const uint8_t *dst_ip,
-                             Py_ssize_t length) noexcept nogil:
-    # RFC 768: source, destination, zero, protocol, UDP length.
-    cdef uint8_t ph[12]
-    cdef uint16_t be_len = htobe16(<uint16_t>length)
-    memcpy(ph, src_ip, IPV4_ALEN)
-    memcpy(ph + 4, dst_ip, IPV4_ALEN)
-    ph[8] = 0
-    ph[9] = IPPROTO_UDP
-    memcpy(ph + 10, &be_len, 2)
-    return csum_partial(ph, 12, 0)
 
 
 cdef inline uint16_t get16(const uint8_t *p) noexcept nogil:
@@ -86,7 +66,8 @@ def guest_udp_split(const uint8_t[::1] frame, Py_ssize_t start, Py_ssize_t end,
     # RFC 768: an all-zero checksum means the sender computed none.
     if (verify and get16(u + 6) != 0
             and csum_finish(csum_partial(u, length,
-                                         udp_pseudo_sum(&src_ip[0], &dst_ip[0], length))) != 0):
+                                         pseudo_sum_ipv4(&src_ip[0], &dst_ip[0], length,
+                                                         IPPROTO_UDP))) != 0):
         raise PacketError("udp_checksum")
     return get16(u), get16(u + 2), start + length
 
@@ -117,18 +98,9 @@ def build_ipv4_udp(uint8_t[::1] buf, Py_ssize_t off, const uint8_t[::1] src_ip,
         put16(p + 24, <uint16_t>(UDP_HEADER_LEN + n))
         put16(p + 26, 0)
         csum = csum_finish(csum_partial(p + IPV4_HEADER_LEN, UDP_HEADER_LEN + n,
-                                        udp_pseudo_sum(&src_ip[0], &dst_ip[0],
-                                                       UDP_HEADER_LEN + n)))
+                                        pseudo_sum_ipv4(&src_ip[0], &dst_ip[0],
+                                                        UDP_HEADER_LEN + n, IPPROTO_UDP)))
         put16(p + 26, csum if csum else UDP_CSUM_NONE)
-        p[0] = IPV4_VERSION_IHL
-        p[1] = 0
-        put16(p + 2, <uint16_t>total)
-        put16(p + 4, <uint16_t>ident)
-        put16(p + 6, IPV4_FLAG_DF)
-        p[8] = IPV4_DEFAULT_TTL
-        p[9] = IPPROTO_UDP
-        put16(p + 10, 0)
-        memcpy(p + 12, &src_ip[0], IPV4_ALEN)
-        memcpy(p + 16, &dst_ip[0], IPV4_ALEN)
-        put16(p + 10, csum_finish(csum_partial(p, IPV4_HEADER_LEN, 0)))
+        write_ipv4_header_proto(p, <uint16_t>total, <uint16_t>ident, &src_ip[0], &dst_ip[0],
+                                IPPROTO_UDP)
     return total
