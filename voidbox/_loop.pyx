@@ -49,7 +49,7 @@ from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.errno cimport EINTR, errno
 from libc.math cimport ceil, floor
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memset, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -81,6 +81,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
         EPOLLIN
+        EPOLLERR
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -116,6 +117,9 @@ cdef enum:
     MAX_WAIT_MS = 0x3FFFFFFF
     FD_TABLE_MIN = 64
     DUE_MIN = 16
+    # _kreg flags: the kernel's interest list holds the fd; a deferred watch waits.
+    REGISTERED = 1
+    PENDING = 2
 
 cdef double TICKS_PER_S = 1000.0  # TICK_S = 1 ms
 cdef int64_t TICK_MAX = (<int64_t>1 << (WHEEL_BITS * WHEEL_LEVELS)) - 1
@@ -398,6 +402,13 @@ cdef class EventLoop:
     cdef PyObject **_cbs
     cdef uint32_t *_interest
     cdef uint32_t *_gen
+    # What the kernel's interest list holds for an fd (a deferred watch may not be
+    # there yet), and the fds whose registration waits for the end of the turn.
+    cdef uint32_t *_kint
+    cdef uint8_t *_kreg
+    cdef int *_pending
+    cdef int _npending
+    cdef list _failed_watches  # (fd, gen) whose deferred registration failed: told EPOLLERR
     cdef int _fd_cap
     cdef Py_ssize_t _nwatched
     cdef uint32_t _next_gen
@@ -419,6 +430,9 @@ cdef class EventLoop:
         self._cbs = NULL
         self._interest = NULL
         self._gen = NULL
+        self._kint = NULL
+        self._kreg = NULL
+        self._pending = NULL
         self._due = NULL
         memset(&self._wheel, 0, sizeof(Wheel))
 
@@ -428,6 +442,7 @@ cdef class EventLoop:
         self.errors = 0
         self._clock = clock
         self._ready = collections.deque()
+        self._failed_watches = []
         self._next_gen = 1
         self._epfd = epoll_create1(EPOLL_CLOEXEC)
         if self._epfd < 0:
@@ -450,13 +465,20 @@ cdef class EventLoop:
         free(self._cbs)
         free(self._interest)
         free(self._gen)
+        free(self._kint)
+        free(self._kreg)
+        free(self._pending)
         free(self._due)
 
     # ------------------------------------------------------------ fds
 
-    def watch(self, int fd, unsigned int events, callback) -> None:
-        """Call callback(events) while fd is ready for events; calling again modifies."""
-        cdef epoll_event ev
+    def watch(self, int fd, unsigned int events, callback, bint defer=False) -> None:
+        """Call callback(events) while fd is ready for events; calling again modifies.
+
+        defer: the kernel learns of it just before the loop next waits, so an fd watched
+        and unwatched within one turn costs no system call; a registration that then
+        fails is logged, counted in .errors and reported as callback(EPOLLERR).
+        """
         cdef PyObject *old
         cdef uint32_t gen
         if self._closed:
@@ -466,25 +488,64 @@ cdef class EventLoop:
         if fd >= self._fd_cap:
             self._grow_fd_table(fd)
         old = self._cbs[fd]
-        ev.events = events
         if old != NULL:
             gen = self._gen[fd]
-            if self._interest[fd] != events:
-                ev.data.u64 = <uint64_t>fd | (<uint64_t>gen << 32)
-                if epoll_ctl(self._epfd, EPOLL_CTL_MOD, fd, &ev) < 0:
-                    PyErr_SetFromErrno(OSError)
         else:
             gen = self._next_gen
             self._next_gen = gen + 1 if gen != 0xFFFFFFFF else 1
-            ev.data.u64 = <uint64_t>fd | (<uint64_t>gen << 32)
-            if epoll_ctl(self._epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-                PyErr_SetFromErrno(OSError)
+        if defer:
+            if not self._kreg[fd] & REGISTERED or self._kint[fd] != events:
+                self._defer(fd)
+        else:
+            self._register(fd, events, gen)
+        if old == NULL:
             self._gen[fd] = gen
             self._nwatched += 1
         Py_INCREF(callback)
         self._cbs[fd] = <PyObject *>callback
         self._interest[fd] = events
         xdecref_ptr(old)  # last: its destructor may call back into the loop
+
+    cdef int _register(self, int fd, uint32_t events, uint32_t gen) except -1:
+        """Make the kernel's interest list hold fd with events (ADD or MOD)."""
+        cdef epoll_event ev
+        cdef bint known = self._kreg[fd] & REGISTERED
+        if known and self._kint[fd] == events:
+            return 0
+        ev.events = events
+        ev.data.u64 = <uint64_t>fd | (<uint64_t>gen << 32)
+        if epoll_ctl(self._epfd, EPOLL_CTL_MOD if known else EPOLL_CTL_ADD, fd, &ev) < 0:
+            PyErr_SetFromErrno(OSError)
+        self._kreg[fd] |= REGISTERED
+        self._kint[fd] = events
+        return 0
+
+    cdef int _defer(self, int fd) except -1:
+        # The PENDING flag keeps an fd in the list once, so it never outgrows _fd_cap.
+        if self._kreg[fd] & PENDING:
+            return 0
+        self._pending[self._npending] = fd
+        self._npending += 1
+        self._kreg[fd] |= PENDING
+        return 0
+
+    cdef int _sync(self) except -1:
+        """Apply the deferred registrations, before the loop waits."""
+        cdef int i, fd
+        cdef int n = self._npending
+        self._npending = 0
+        for i in range(n):
+            fd = self._pending[i]
+            self._kreg[fd] &= ~PENDING
+            if self._cbs[fd] == NULL:
+                continue  # unwatched since: nothing to tell the kernel
+            try:
+                self._register(fd, self._interest[fd], self._gen[fd])
+            except OSError as e:
+                self.errors += 1
+                log.warning("cannot watch fd %d: %s", fd, e.strerror)
+                self._failed_watches.append((fd, self._gen[fd]))
+        return 0
 
     def unwatch(self, int fd) -> None:
         cdef PyObject *old
@@ -495,10 +556,16 @@ cdef class EventLoop:
         self._gen[fd] = 0  # events already read for this registration are dropped
         self._interest[fd] = 0
         self._nwatched -= 1
-        if not self._closed:
-            # Fails when the fd is already closed: the kernel dropped it from the set.
-            epoll_ctl(self._epfd, EPOLL_CTL_DEL, fd, NULL)
+        if self._kreg[fd] & REGISTERED:
+            self._kreg[fd] &= ~REGISTERED
+            if not self._closed:
+                # Fails when the fd is already closed: the kernel dropped it from the set.
+                epoll_ctl(self._epfd, EPOLL_CTL_DEL, fd, NULL)
         decref_ptr(old)
+
+    def _epoll_fd(self) -> int:
+        """The epoll fd (tests read the kernel's interest list in its fdinfo)."""
+        return self._epfd
 
     def watched_count(self) -> int:
         """Fds watched for callers (the loop's own wakeup eventfd is not counted)."""
@@ -528,6 +595,20 @@ cdef class EventLoop:
         if gen == NULL:
             raise MemoryError()
         self._gen = gen
+        kint = <uint32_t *>realloc(self._kint, cap * sizeof(uint32_t))
+        if kint == NULL:
+            raise MemoryError()
+        self._kint = kint
+        kreg = <uint8_t *>realloc(self._kreg, cap * sizeof(uint8_t))
+        if kreg == NULL:
+            raise MemoryError()
+        self._kreg = kreg
+        pending = <int *>realloc(self._pending, cap * sizeof(int))
+        if pending == NULL:
+            raise MemoryError()
+        self._pending = pending
+        memset(&self._kint[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint32_t))
+        memset(&self._kreg[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint8_t))
         memset(&self._cbs[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(PyObject *))
         memset(&self._interest[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint32_t))
         memset(&self._gen[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint32_t))
@@ -664,7 +745,9 @@ cdef class EventLoop:
         cdef bint debug = self.debug
         if self._closed:
             raise ValueError("I/O operation on closed epoll object")
-        if self._ready or self._due_len:
+        if self._npending:
+            self._sync()
+        if self._ready or self._due_len or self._failed_watches:
             wait_ms = 0
         elif self._wheel.count:
             tick = wheel_next_wake(&self._wheel, &slot0)
@@ -714,7 +797,9 @@ cdef class EventLoop:
                 try:
                     cb(events[i].events)
                 except Exception:
-                    self._failed(cb)
+                    self._callback_failed(cb)
+        if self._failed_watches:
+            self._report_failed_watches()
         if self._wheel.count or self._due_len:
             self._run_timers()
         # Only what was ready before this point runs now: callbacks queued by callbacks
@@ -733,7 +818,7 @@ cdef class EventLoop:
                     try:
                         cb()
                     except Exception:
-                        self._failed(cb)
+                        self._callback_failed(cb)
         return 0
 
     cdef int _run_timers(self) except -1:
@@ -774,12 +859,30 @@ cdef class EventLoop:
                     try:
                         cb()
                     except Exception:
-                        self._failed(cb)
+                        self._callback_failed(cb)
         finally:
             self._firing, self._fire_now = firing, fire_now
         return 0
 
-    cdef void _failed(self, cb) noexcept:
+    cdef int _report_failed_watches(self) except -1:
+        """EPOLLERR to each callback whose deferred registration failed (if its fd is
+        still watched by that registration)."""
+        cdef int fd
+        failed, self._failed_watches = self._failed_watches, []
+        for fd, gen in failed:
+            if fd >= self._fd_cap or self._gen[fd] != <uint32_t>gen or self._cbs[fd] == NULL:
+                continue
+            cb = <object>self._cbs[fd]
+            if self.debug:
+                cb(EPOLLERR)
+            else:
+                try:
+                    cb(EPOLLERR)
+                except Exception:
+                    self._callback_failed(cb)
+        return 0
+
+    cdef void _callback_failed(self, cb) noexcept:
         """Count and log the exception being handled (production loops go on)."""
         self.errors += 1
         try:
@@ -802,9 +905,12 @@ cdef class EventLoop:
                 self._cbs[fd] = NULL
                 self._gen[fd] = 0
                 self._interest[fd] = 0
+                self._kreg[fd] = 0
                 doomed.append(<object>cbp)
                 decref_ptr(cbp)  # doomed holds it now
         self._nwatched = 0
+        self._npending = 0
+        self._failed_watches = []
         for slot in range(WHEEL_LEVELS * WHEEL_SLOTS):
             n = self._wheel.slots[slot]
             self._wheel.slots[slot] = NULL

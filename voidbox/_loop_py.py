@@ -70,6 +70,12 @@ class EventLoop:
         self._epoll = select.epoll()
         self._watchers: dict[int, Callable[[int], None]] = {}
         self._events: dict[int, int] = {}
+        # What the kernel's interest list holds (a deferred watch may not be there yet),
+        # the fds whose registration waits for the end of the turn, and those whose
+        # deferred registration failed (told EPOLLERR in the next turn).
+        self._kernel: dict[int, int] = {}
+        self._pending: set[int] = set()
+        self._failed_watches: list[int] = []
         # Fds unwatched since the current batch of events was read: their events in it
         # belong to a registration that is gone (the fd may even be a new socket by now).
         self._stale: set[int] = set()
@@ -87,25 +93,61 @@ class EventLoop:
 
     # ------------------------------------------------------------ fds
 
-    def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        """Call callback(events) while fd is ready for events; calling again modifies."""
-        if fd in self._watchers:
-            if self._events[fd] != events:
-                self._epoll.modify(fd, events)
+    def watch(self, fd: int, events: int, callback: Callable[[int], None],
+              defer: bool = False) -> None:
+        """Call callback(events) while fd is ready for events; calling again modifies.
+
+        defer: the kernel learns of it just before the loop next waits, so an fd watched
+        and unwatched within one turn costs no system call; a registration that then
+        fails is logged, counted in .errors and reported as callback(EPOLLERR).
+        """
+        if defer:
+            if self._kernel.get(fd) != events:
+                self._pending.add(fd)
         else:
-            self._epoll.register(fd, events)
+            self._register(fd, events)
         self._watchers[fd] = callback
         self._events[fd] = events
+
+    def _register(self, fd: int, events: int) -> None:
+        """Make the kernel's interest list hold fd with events (register or modify)."""
+        known = self._kernel.get(fd)
+        if known == events:
+            return
+        if known is None:
+            self._epoll.register(fd, events)
+        else:
+            self._epoll.modify(fd, events)
+        self._kernel[fd] = events
+
+    def _sync(self) -> None:
+        """Apply the deferred registrations, before the loop waits."""
+        pending, self._pending = self._pending, set()
+        for fd in pending:
+            events = self._events.get(fd)
+            if events is None:
+                continue  # unwatched since: nothing to tell the kernel
+            try:
+                self._register(fd, events)
+            except OSError as e:
+                self.errors += 1
+                log.warning("cannot watch fd %d: %s", fd, e.strerror)
+                self._failed_watches.append(fd)
 
     def unwatch(self, fd: int) -> None:
         if self._watchers.pop(fd, None) is not None:
             del self._events[fd]
             self._stale.add(fd)
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                # Already closed: the kernel dropped it from the interest list.
-                pass
+            if self._kernel.pop(fd, None) is not None:
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):
+                    # Already closed: the kernel dropped it from the interest list.
+                    pass
+
+    def _epoll_fd(self) -> int:
+        """The epoll fd (tests read the kernel's interest list in its fdinfo)."""
+        return self._epoll.fileno()
 
     def watched_count(self) -> int:
         """Fds watched for callers (the loop's own wakeup eventfd is not counted)."""
@@ -171,7 +213,9 @@ class EventLoop:
         """One iteration: wait for fds or the next timer, then run what is due."""
         timers = self._timers
         clock = self._clock
-        if self._ready:
+        if self._pending:
+            self._sync()
+        if self._ready or self._failed_watches:
             wait = 0.0
         elif timers:
             wait = timers[0][0] - clock()
@@ -207,6 +251,8 @@ class EventLoop:
                         cb(ev)
                     except Exception:
                         self._failed(cb)
+        if self._failed_watches:
+            self._report_failed_watches()
         # The timer heap is looked at only when its head is due (or it needs a clean-up).
         if timers:
             if timers[0][0] <= clock():
@@ -221,6 +267,15 @@ class EventLoop:
                 if not ready:
                     break  # a callback closed the loop
                 self._invoke(ready.popleft())
+
+    def _report_failed_watches(self) -> None:
+        """EPOLLERR to each callback whose deferred registration failed (nothing ran
+        between that and now, so a watched fd is still that registration's)."""
+        failed, self._failed_watches = self._failed_watches, []
+        for fd in failed:
+            cb = self._watchers.get(fd)
+            if cb is not None:
+                self._invoke(cb, select.EPOLLERR)
 
     def _drain_wakeup(self, _events: int = 0) -> None:
         with self._lock:
@@ -277,6 +332,9 @@ class EventLoop:
         os.close(self._wake_fd)
         self._watchers.clear()
         self._events.clear()
+        self._kernel.clear()
+        self._pending.clear()
+        self._failed_watches.clear()
         self._stale.clear()
         self._timers.clear()
         self._cancelled = 0

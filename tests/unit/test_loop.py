@@ -557,3 +557,82 @@ def test_a_replaced_time_method_serves_callers(loop, monkeypatch):
     monkeypatch.setattr(loop, "time", lambda: 5.0)
     assert loop.time() == 5.0
     assert loop.call_later(1.0, lambda: None).when == 6.0
+
+
+# ---- deferred watches: the kernel's interest list is read from the epoll fd's fdinfo
+
+
+def kernel_interest(loop) -> dict[int, int]:
+    """{fd: events} as the kernel's interest list holds them (proc(5) fdinfo tfd lines),
+    without the EPOLLERR and EPOLLHUP epoll_ctl(2) always adds."""
+    out = {}
+    with open(f"/proc/self/fdinfo/{loop._epoll_fd()}") as f:
+        for line in f:
+            if line.startswith("tfd:"):
+                words = line.split()
+                out[int(words[1])] = int(words[3], 16) & ~(select.EPOLLERR | select.EPOLLHUP)
+    return out
+
+
+def test_a_deferred_watch_reaches_the_kernel_when_the_loop_next_waits(loop):
+    r, w = os.pipe()
+    seen = []
+    try:
+        os.write(w, b"x")
+        loop.watch(r, select.EPOLLIN, seen.append, defer=True)
+        assert r not in kernel_interest(loop) and loop.watched_count() == 1
+        loop.run_once(0)
+        assert kernel_interest(loop)[r] == select.EPOLLIN
+        assert seen and seen[0] & select.EPOLLIN
+        # A deferred change of interest waits as well; an eager one does not.
+        loop.watch(r, select.EPOLLOUT, seen.append, defer=True)
+        assert kernel_interest(loop)[r] == select.EPOLLIN
+        loop.run_once(0)
+        assert kernel_interest(loop)[r] == select.EPOLLOUT
+        loop.watch(r, select.EPOLLIN, seen.append)
+        assert kernel_interest(loop)[r] == select.EPOLLIN
+        loop.unwatch(r)
+        assert r not in kernel_interest(loop)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_fd_watched_and_unwatched_within_a_turn_never_reaches_the_kernel(loop):
+    r, w = os.pipe()
+    seen = []
+    try:
+        os.write(w, b"x")
+        loop.watch(r, select.EPOLLIN, seen.append, defer=True)
+        loop.unwatch(r)
+        loop.run_once(0)
+        assert r not in kernel_interest(loop) and seen == [] and loop.watched_count() == 0
+        # Watched again in the same turn, after an unwatch: it is registered once.
+        loop.watch(r, select.EPOLLIN, seen.append, defer=True)
+        loop.unwatch(r)
+        loop.watch(r, select.EPOLLIN, seen.append, defer=True)
+        loop.run_once(0)
+        assert kernel_interest(loop).get(r) == select.EPOLLIN and seen
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_deferred_watch_the_kernel_refuses_is_told_epollerr_and_counted(EventLoop, tmp_path):
+    lp = EventLoop()  # a production loop: the failure is logged and counted, not raised
+    path = tmp_path / "regular"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    seen = []
+    try:
+        lp.watch(fd, select.EPOLLIN, seen.append, defer=True)  # epoll(7): EPERM for files
+        lp.run_once(0)
+        assert seen == [select.EPOLLERR] and lp.errors == 1
+        assert fd not in kernel_interest(lp)
+        lp.run_once(0)
+        assert seen == [select.EPOLLERR]  # told once
+        lp.unwatch(fd)
+        assert lp.watched_count() == 0
+    finally:
+        os.close(fd)
+        lp.close()
