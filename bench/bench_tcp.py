@@ -139,7 +139,7 @@ class _Loop:
         self.cbs = {}
         self.soon = []
 
-    def watch(self, fd, events, cb):
+    def watch(self, fd, events, cb, defer=False):
         if fd in self.cbs:
             self.ep.modify(fd, events)
         else:

@@ -47,7 +47,8 @@ class StepLoop:
         self.ready: collections.deque = collections.deque()
         self.fd_calls = 0
 
-    def watch(self, fd, events, callback):
+    def watch(self, fd, events, callback, defer=False):
+        # defer: registered at once all the same (this loop's turns are driven by hand).
         if fd in self.cbs:
             if self.ev[fd] != events:
                 self.ep.modify(fd, events)
@@ -618,7 +619,7 @@ def test_full_host_socket_is_eagain_not_close(rig, monkeypatch):
     go = threading.Event()
     srv = Server(_slow_reader(go, len(data)))
 
-    def lying_window(f, now, force=False):
+    def lying_window(f, now, force=False, fresh=False):
         f.core.rcv_wnd = 0 if f.want_out else (8 << 20)
 
     monkeypatch.setattr(rig.nat, "_refresh_window", lying_window)
@@ -701,6 +702,34 @@ def test_window_advertised_from_host_send_buffer(rig):
     g.eof = True
     rig.run(lambda: g.flow.closed or g.flow.state is TcpState.TIME_WAIT)
     srv.join()
+
+
+def test_new_flows_share_one_window_reading_and_draw_their_iss_from_a_pool(rig, monkeypatch):
+    """A connected socket that was never written has every new socket's free send buffer:
+    read once (SO_MEMINFO), not per connection. Initial sequence numbers come from one
+    os.urandom draw per ISS_POOL flows, and still differ."""
+    meminfo = CountingStruct(tcp_nat._MEMINFO)
+    monkeypatch.setattr(tcp_nat, "_MEMINFO", meminfo)
+    draws = []
+    real_urandom = os.urandom
+    monkeypatch.setattr(tcp_nat.os, "urandom", lambda n: draws.append(n) or real_urandom(n))
+
+    def handler(conn, res):
+        recv_all(conn)
+
+    servers = [Server(handler) for _ in range(3)]
+    guests = [rig.connect(srv.port, b"", eof=False) for srv in servers]
+    rig.run(lambda: all(g.flow.state is TcpState.ESTABLISHED for g in guests))
+    flows = list(rig.nat.flows.values())
+    assert len(flows) == 3 and meminfo.calls == 1
+    assert len({f.core.rcv_wnd for f in flows}) == 1 and flows[0].core.rcv_wnd > 0
+    assert len({f.core.snd_una for f in flows}) == 3  # the ISSs (+1 for the SYN)
+    assert draws == [4 * tcp_nat.ISS_POOL]
+    for g in guests:
+        g.eof = True
+    rig.run(lambda: all(g.flow.closed or g.flow.state is TcpState.TIME_WAIT for g in guests))
+    for srv in servers:
+        srv.join()
 
 
 # ---- half-close ---------------------------------------------------------------------------

@@ -126,6 +126,8 @@ PACKET_BUF = 65536
 TX_BATCH_MAX = 64
 TCP_FLAGS_OFFSET = 13  # RFC 9293 §3.1: the control bits' byte in the TCP header
 _PORTS = struct.Struct("!HH")
+ISS_POOL = 1024  # initial sequence numbers drawn from os.urandom at a time
+_ISS_WORDS = struct.Struct(f"{ISS_POOL}I")
 
 
 class _Flow:
@@ -220,6 +222,8 @@ class TcpNat:
         self._ip_id = 0
         self._next_port = EPHEMERAL_LO
         self.peek_off_supported: bool | None = None
+        self._fresh_free = 0  # a new socket's free send buffer (see _refresh_window)
+        self._iss_pool: list[int] = []
         rate = config.max_conn_rate
         self._tokens = max(1.0, float(rate)) if rate is not None else 0.0  # bucket starts full
         self._token_time = loop.time()
@@ -466,8 +470,12 @@ class TcpNat:
                 self.peek_off_supported = False
 
     def _iss(self) -> int:
-        # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers.
-        return int.from_bytes(os.urandom(4), "little")
+        # RFC 9293 §3.4.1 / RFC 6528: unpredictable initial sequence numbers, drawn from
+        # the kernel's CSPRNG ISS_POOL at a time (one getrandom(2) per 1024 flows).
+        pool = self._iss_pool
+        if not pool:
+            pool = self._iss_pool = list(_ISS_WORDS.unpack(os.urandom(_ISS_WORDS.size)))
+        return pool.pop()
 
     def _register(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                   remote_ip: bytes) -> _Flow:
@@ -513,7 +521,7 @@ class TcpNat:
 
     def _connected(self, f: _Flow, now: float) -> None:
         f.connecting = False
-        self._refresh_window(f, now, force=True)
+        self._refresh_window(f, now, force=True, fresh=True)
         self._apply(f, f.core.host_connected(now), now)
 
     def _deliver(self, f: _Flow, data: memoryview, batch: bool) -> int:
@@ -554,18 +562,27 @@ class TcpNat:
         self._count("tcp_bytes_to_host", n)
         return n
 
-    def _refresh_window(self, f: _Flow, now: float, force: bool = False) -> None:
+    def _refresh_window(self, f: _Flow, now: float, force: bool = False,
+                        fresh: bool = False) -> None:
+        """fresh: nothing was ever written to the socket (just connected), so its free
+        send buffer is every new socket's (the fixed HOST_SNDBUF as the kernel granted
+        it), read once per NAT instead of once per flow."""
         sock = f.sock
         if sock is None:
             f.core.rcv_wnd = 0
             return
         if force or now - f.win_time >= WINDOW_CACHE_S:
-            try:
-                info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO,
-                                                       _MEMINFO.size))
-                free = info[SK_MEMINFO_SNDBUF] - info[SK_MEMINFO_WMEM_QUEUED]
-            except (OSError, struct.error):
-                free = 0
+            if fresh and self._fresh_free:
+                free = self._fresh_free
+            else:
+                try:
+                    info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO,
+                                                           _MEMINFO.size))
+                    free = info[SK_MEMINFO_SNDBUF] - info[SK_MEMINFO_WMEM_QUEUED]
+                except (OSError, struct.error):
+                    free = 0
+                if fresh:
+                    self._fresh_free = free
             # The send queue is charged skb truesize, not payload (socket(7) doubles
             # SO_SNDBUF for the same reason): count half of the free space as payload.
             f.win_base = free // 2
@@ -939,7 +956,9 @@ class TcpNat:
         if want == f.events:
             return
         if want:
-            self.loop.watch(f.fd, want, self._events(f))
+            # Deferred to the turn's end: a flow often wants EPOLLIN as an ACK empties its
+            # flight and drops it again as the next peek refills it, in the same turn.
+            self.loop.watch(f.fd, want, self._events(f), True)
         else:
             # Even an empty interest set reports EPOLLHUP; unregister instead.
             self.loop.unwatch(f.fd)
