@@ -20,6 +20,12 @@ stdin/stdout, so the peers measure the same thing:
 5. the NAT process's CPU seconds (utime+stime of /proc/PID/stat, all its threads) over each
    iperf3 run divided by the GB (10^9 bytes) received, and per connection in (2).
 
+Each connection a NAT relays leaves its host socket in TIME-WAIT for 60 s, and connect()
+slows as they pile up (here voidbox's NAT among 77k of them spent 293-330 µs of CPU per
+connection against 255-258 µs among fewer than 6k), so a session with connect ops first
+waits (--settle-seconds, at most 65 s) until fewer than SETTLE_TIME_WAIT remain from the
+sessions before it.
+
 How each NAT is run (from their man pages; Debian 12 versions):
 - voidbox: `voidbox net run --mtu N -- CLIENT`; the NAT is the `voidbox net run` process's
   sandboxed child (comm `voidbox-nat`), whose CPU is measured.
@@ -93,6 +99,7 @@ READY_TIMEOUT = 15.0  # NAT set-up and the client's wait for its route
 OP_MARGIN = 20.0  # seconds allowed beyond an op's own budget before the session is abandoned
 LATENCY_BUDGET = 30.0  # seconds per latency op, whatever N is
 WARMUP = 20
+SETTLE_TIME_WAIT = 10000  # TIME-WAIT sockets a session with connect ops may start among
 STOP_TIMEOUT = 5.0
 TCP_LISTEN = "0A"  # include/net/tcp_states.h TCP_LISTEN, as /proc/net/tcp prints it
 # --ops names -> the plan entries (table keys) each one runs; "throughput" is both iperf3 ways.
@@ -406,8 +413,35 @@ def perf_record(pid: int, path: str):
         perf.wait(30)
 
 
+def time_wait_sockets() -> int:
+    """TCP sockets in TIME-WAIT in this network namespace (proc(5) /proc/net/sockstat)."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                words = line.split()
+                return int(words[words.index("tw") + 1])
+    return 0
+
+
+def settle_time_wait(limit_s: float) -> tuple[int, float]:
+    """Wait (at most limit_s) until the TIME-WAIT sockets earlier sessions left are under
+    SETTLE_TIME_WAIT. Every connection a NAT relays leaves its host socket in TIME-WAIT for
+    60 s, and connect()'s search for a free port slows as they pile up: without this, a
+    session that follows another's thousands of connections measures the pile too.
+    Returns (the count at the start, the seconds waited)."""
+    start = time.monotonic()
+    first = time_wait_sockets()
+    count = first
+    while count >= SETTLE_TIME_WAIT and time.monotonic() - start < limit_s:
+        time.sleep(1.0)
+        count = time_wait_sockets()
+    return first, round(time.monotonic() - start, 1)
+
+
 def run_session(peer: str, mtu: int, args, echo_ports: dict, workdir: str) -> dict:
     out: dict = {"peer": peer, "mtu": mtu}
+    if args.settle_seconds > 0 and args.plan_keys & {"connect", "connect4"}:
+        out["time_wait_before"], out["settle_s"] = settle_time_wait(args.settle_seconds)
     session = Session(peer, mtu, workdir)
     busy0 = cpu_busy_snapshot()
     try:
@@ -562,6 +596,13 @@ def table(sessions: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def settle_note(args) -> str:
+    if args.settle_seconds <= 0:
+        return "no wait for TIME-WAIT sockets between sessions; "
+    return (f"each session with connect ops waited (at most {args.settle_seconds:g} s) for the "
+            f"host's TIME-WAIT sockets to fall under {SETTLE_TIME_WAIT}; ")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer", action="append", choices=PEERS, help="default: all three")
@@ -581,6 +622,10 @@ def main() -> int:
                         help="skip the sessions that would start after this")
     parser.add_argument("--family", type=int, choices=(4, 6), default=4,
                         help="IPv4 (10.0.2.2 -> 127.0.0.1) or IPv6 (fd00::2 -> ::1)")
+    parser.add_argument("--settle-seconds", type=float, default=65.0,
+                        help="before a session with connect ops, wait at most this long for the "
+                             f"host's TIME-WAIT sockets to fall under {SETTLE_TIME_WAIT} "
+                             "(0: do not wait)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every session this many times, the peers in a rotated order "
                              "each round (no peer always first), and table the median of each "
@@ -651,7 +696,7 @@ def main() -> int:
           f"NAT CPU = user+system time of the NAT process, all threads (\"% core\": its "
           f"CPU time over the iperf3 run's length); retr = iperf3 sender's TCP retransmits; "
           f"s stalled = 0.5 s iperf3 intervals (client's view) moving <1% of the mean; "
-          f"wall {info['wall_s']} s\n")
+          f"{settle_note(args)}wall {info['wall_s']} s\n")
     if args.rounds > 1:
         for round_no, round_sessions in enumerate(rounds, 1):
             print(f"Round {round_no}:\n\n{table(round_sessions)}\n")
