@@ -895,6 +895,7 @@ cdef class EventLoop:
         Decrefs run last, once the structures are consistent: they may run code that
         calls back into the loop."""
         cdef int fd, slot
+        cdef Py_ssize_t i
         cdef PyObject *cbp
         cdef TimerNode *n
         cdef TimerNode *nxt
@@ -909,6 +910,8 @@ cdef class EventLoop:
                 doomed.append(<object>cbp)
                 decref_ptr(cbp)  # doomed holds it now
         self._nwatched = 0
+        for i in range(self._npending):
+            self._kreg[self._pending[i]] = 0  # unwatched while pending: the flag alone is left
         self._npending = 0
         self._failed_watches = []
         for slot in range(WHEEL_LEVELS * WHEEL_SLOTS):
