@@ -343,6 +343,16 @@ cdef TimerNode *due_pop(TimerNode **heap, Py_ssize_t *length) noexcept nogil:
     return top
 
 
+cdef void *grow_zeroed(void *table, Py_ssize_t old_n, Py_ssize_t new_n,
+                       size_t size) except NULL:
+    """table reallocated from old_n to new_n entries of size bytes, the new ones zeroed."""
+    cdef char *grown = <char *>realloc(table, new_n * size)
+    if grown == NULL:
+        raise MemoryError()
+    memset(grown + old_n * size, 0, (new_n - old_n) * size)
+    return grown
+
+
 # ---------------------------------------------------------------- Python objects
 
 @cython.freelist(256)
@@ -579,39 +589,18 @@ cdef class EventLoop:
 
     cdef int _grow_fd_table(self, int fd) except -1:
         cdef int cap = self._fd_cap * 2
+        cdef int old = self._fd_cap
         if cap < FD_TABLE_MIN:
             cap = FD_TABLE_MIN
         if cap <= fd:
             cap = fd + 1
-        cbs = <PyObject **>realloc(self._cbs, cap * sizeof(PyObject *))
-        if cbs == NULL:
-            raise MemoryError()
-        self._cbs = cbs
-        interest = <uint32_t *>realloc(self._interest, cap * sizeof(uint32_t))
-        if interest == NULL:
-            raise MemoryError()
-        self._interest = interest
-        gen = <uint32_t *>realloc(self._gen, cap * sizeof(uint32_t))
-        if gen == NULL:
-            raise MemoryError()
-        self._gen = gen
-        kint = <uint32_t *>realloc(self._kint, cap * sizeof(uint32_t))
-        if kint == NULL:
-            raise MemoryError()
-        self._kint = kint
-        kreg = <uint8_t *>realloc(self._kreg, cap * sizeof(uint8_t))
-        if kreg == NULL:
-            raise MemoryError()
-        self._kreg = kreg
-        pending = <int *>realloc(self._pending, cap * sizeof(int))
-        if pending == NULL:
-            raise MemoryError()
-        self._pending = pending
-        memset(&self._kint[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint32_t))
-        memset(&self._kreg[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint8_t))
-        memset(&self._cbs[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(PyObject *))
-        memset(&self._interest[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint32_t))
-        memset(&self._gen[self._fd_cap], 0, (cap - self._fd_cap) * sizeof(uint32_t))
+        # One failure leaves the tables grown so far larger than _fd_cap: harmless.
+        self._cbs = <PyObject **>grow_zeroed(self._cbs, old, cap, sizeof(PyObject *))
+        self._interest = <uint32_t *>grow_zeroed(self._interest, old, cap, sizeof(uint32_t))
+        self._gen = <uint32_t *>grow_zeroed(self._gen, old, cap, sizeof(uint32_t))
+        self._kint = <uint32_t *>grow_zeroed(self._kint, old, cap, sizeof(uint32_t))
+        self._kreg = <uint8_t *>grow_zeroed(self._kreg, old, cap, sizeof(uint8_t))
+        self._pending = <int *>grow_zeroed(self._pending, old, cap, sizeof(int))
         self._fd_cap = cap
         return 0
 
