@@ -269,12 +269,12 @@ class EventLoop:
                 self._invoke(ready.popleft())
 
     def _report_failed_watches(self) -> None:
-        """EPOLLERR to each callback whose deferred registration failed (nothing ran
-        between that and now, so a watched fd is still that registration's)."""
+        """EPOLLERR to each callback whose deferred registration failed, unless this
+        turn's callbacks unwatched its fd since (it may be another file's watch by now)."""
         failed, self._failed_watches = self._failed_watches, []
         for fd in failed:
             cb = self._watchers.get(fd)
-            if cb is not None:
+            if cb is not None and fd not in self._stale:
                 self._invoke(cb, select.EPOLLERR)
 
     def _drain_wakeup(self, _events: int = 0) -> None:

@@ -636,3 +636,37 @@ def test_a_deferred_watch_the_kernel_refuses_is_told_epollerr_and_counted(EventL
     finally:
         os.close(fd)
         lp.close()
+
+
+def test_a_failed_deferred_watch_is_not_reported_to_the_fd_watched_again_since(EventLoop,
+                                                                              tmp_path):
+    """The failure is told after the turn's fd callbacks: if one of them unwatched the fd
+    and watched a new file under its number, the new watch gets no EPOLLERR."""
+    lp = EventLoop()
+    path = tmp_path / "regular"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    told_old, told_new = [], []
+
+    def swap(_ev):
+        lp.unwatch(r)
+        lp.unwatch(fd)
+        os.dup2(r2, fd)  # the number is now a pipe's read end
+        lp.watch(fd, select.EPOLLIN, told_new.append)
+
+    try:
+        os.write(w, b"x")
+        lp.watch(r, select.EPOLLIN, swap)
+        lp.watch(fd, select.EPOLLIN, told_old.append, defer=True)  # EPERM when it is applied
+        lp.run_once(0)
+        assert told_old == [] and told_new == [] and lp.errors == 1
+        os.write(w2, b"y")
+        lp.run_once(0)
+        assert told_new == [select.EPOLLIN]
+        lp.unwatch(fd)
+    finally:
+        for n in (fd, r, w, r2, w2):
+            os.close(n)
+        lp.close()
