@@ -142,6 +142,32 @@ def test_read_batch_is_bounded(impl, tap_pair):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_read_each_hands_frames_over_in_order_and_an_exception_ends_the_batch(impl, tap_pair):
+    ours, peer = tap_pair
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=10, batch=8)
+    frames = [ETH + b"a" * 10, ETH + b"b" * 200, ETH + b"c" * 10]
+    peer.send(VNET.pack(2, 0, 0, 0, 0, 0) + frames[0])     # DATA_VALID
+    peer.send(VNET.pack(0, 0, 0, 0, 0, 0) + frames[1])     # longer than `oversize`
+    peer.send(b"\0" * 12)                                  # dropped: shorter than hdr + Ethernet
+    peer.send(VNET.pack(0, 0, 0, 0, 0, 0) + frames[2])
+    got = []
+    assert port.read_each(lambda f, v: got.append((f, v)), 100) == 3
+    assert got == [(frames[0], True), (frames[1], False), (frames[2], False)]
+    assert (port.rx_frames, port.rx_dropped, port.rx_oversize) == (3, 1, 1)
+    assert port.read_each(got.append, 100) == 0  # EAGAIN ends the batch quietly
+
+    def refuse(frame, verified):
+        raise RuntimeError("no")
+
+    for f in frames:
+        peer.send(VNET.pack(0, 0, 0, 0, 0, 0) + f)
+    with pytest.raises(RuntimeError):
+        port.read_each(refuse, 100)
+    assert port.rx_frames == 4  # the frame handed over; those read after it are dropped
+    assert port.read_each(got.append, 100) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_write_prefixes_an_empty_virtio_header(impl, tap_pair):
     ours, peer = tap_pair
     port = impl.FramePort(ours.fileno(), vnet_hdr_len=12)

@@ -496,6 +496,40 @@ def test_read_batch_reports_the_same_frames_and_checksum_states(slirp, hl, frame
     assert seen[0] == seen[1]
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hl=st.sampled_from([0, 10, 12]), frames=st.lists(rx_frames(), max_size=12),
+       batch=st.integers(1, 5), oversize=st.sampled_from([0, 20, 100]))
+def test_read_each_hands_over_what_read_batch_returns(slirp, hl, frames, batch, oversize):
+    """Both twins' read_each against their own read_batch on the same frames: the same
+    frames and checksum states, the same counters, and rx_oversize as counted by hand."""
+    seen = []
+    for m in slirp:
+        for method in ("read_batch", "read_each"):
+            a, b = dgram_pair()
+            try:
+                port = m.FramePort(a.fileno(), vnet_hdr_len=hl, batch=batch)
+                for frame_hl, data in frames:
+                    if frame_hl == hl:
+                        b.send(data)
+                got = []
+                for _ in range(len(frames) + 2):
+                    if method == "read_batch":
+                        batch_got = [(bytes(f), bool(v)) for f, v in port.read_batch()]
+                    else:
+                        batch_got = []
+                        n = port.read_each(lambda f, v: batch_got.append((bytes(f), bool(v))),
+                                           oversize)
+                        assert n == len(batch_got)
+                    got.append(batch_got)
+                big = sum(1 for batch_got in got for f, _ in batch_got if 0 < oversize < len(f))
+                seen.append((got, port.rx_frames, port.rx_dropped, port.read_errno))
+                assert port.rx_oversize == (big if method == "read_each" else 0)
+            finally:
+                a.close()
+                b.close()
+    assert all(x == seen[0] for x in seen)
+
+
 @settings(max_examples=100, deadline=None)
 @given(hl=st.sampled_from([0, 10, 12]), frame=st.binary(max_size=3000))
 def test_write_sends_the_same_datagram(slirp, hl, frame):

@@ -366,12 +366,14 @@ class FramePort:
         self.tso = tso
         self.max_frame = max_frame
         self.batch = batch
-        self.rx_frames = self.rx_dropped = self.tx_frames = 0
+        self.rx_frames = self.rx_dropped = self.tx_frames = self.rx_oversize = 0
         self.tx_eagain = self.tx_dropped = self.stream_frames = self.stream_bytes = 0
         self.paused = False
         self.read_errno = 0
 
-    def read_batch(self):
+    def _read_frames(self):
+        """Up to `batch` frames read and checked, [(frame, checksum_verified)], uncounted
+        in rx_frames; dropped ones are counted in rx_dropped."""
         hl = self.vnet_hdr_len
         out = []
         self.read_errno = 0
@@ -394,8 +396,25 @@ class FramePort:
                 self.rx_dropped += 1
                 continue
             out.append((bytes(buf[hl:]), state == 1))
+        return out
+
+    def read_batch(self):
+        out = self._read_frames()
         self.rx_frames += len(out)
         return out
+
+    def read_each(self, on_frame, oversize: int = 0) -> int:
+        """read_batch's frames handed to on_frame(frame, checksum_verified) one by one;
+        frames longer than oversize (if > 0) counted in rx_oversize. An exception from
+        on_frame ends the batch (the later frames are dropped, uncounted)."""
+        handed = 0
+        for frame, verified in self._read_frames():
+            if 0 < oversize < len(frame):
+                self.rx_oversize += 1
+            self.rx_frames += 1
+            handed += 1
+            on_frame(frame, verified)
+        return handed
 
     def _writev(self, parts) -> int:
         try:

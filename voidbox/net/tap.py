@@ -116,7 +116,6 @@ class TapIO:
                               payload + ETH_HLEN + 2 * VLAN_HLEN, TAP_READ_BATCH, vnet_hdr)
         self.backlog: collections.deque[bytes] = collections.deque()
         self.wakeups = 0
-        self.rx_oversize = 0  # frames longer than the MTU allows: GSO super-frames (TSO)
         self.backlog_dropped = 0  # frames refused because the write backlog was full
         self.mtu_frame = mtu + ETH_HLEN
         self._events = select.EPOLLIN
@@ -130,22 +129,29 @@ class TapIO:
             self._flush()
         if events & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
             self.wakeups += 1
-            # EAGAIN, EOF and EIO (before the interface is up) all end the batch.
-            frames = self.port.read_batch()
-            if not frames and events & (select.EPOLLERR | select.EPOLLHUP) \
+            # EAGAIN, EOF and EIO (before the interface is up) all end the batch. Each
+            # frame goes to on_frame from the port's own loop (frames longer than the
+            # MTU's, GSO super-frames of TSO, counted there), or through the capture.
+            if self.pcap is None:
+                got = self.port.read_each(self.on_frame, self.mtu_frame)
+            else:
+                got = self._read_captured()
+            if not got and events & (select.EPOLLERR | select.EPOLLHUP) \
                     and self.port.read_errno not in _TRANSIENT_READ_ERRORS:
                 # The interface is gone (EBADFD: `ip link del`): epoll would report the
                 # fd on every turn from now on, so stop watching it.
                 self._hung_up()
-                return
-            mtu_frame = self.mtu_frame
-            pcap = self.pcap
-            for frame, verified in frames:
-                if len(frame) > mtu_frame:
-                    self.rx_oversize += 1
-                if pcap is not None:
-                    pcap.write(frame)
-                self.on_frame(frame, verified)
+
+    def _read_captured(self) -> int:
+        """read_each's work with each frame also written to the capture."""
+        port = self.port
+        frames = port.read_batch()
+        for frame, verified in frames:
+            if len(frame) > self.mtu_frame:
+                port.rx_oversize += 1
+            self.pcap.write(frame)
+            self.on_frame(frame, verified)
+        return len(frames)
 
     def _hung_up(self) -> None:
         self.gone = True
@@ -175,7 +181,7 @@ class TapIO:
         return {"tap_rx": port.rx_frames, "tap_tx": port.tx_frames,
                 "tap_tx_dropped": port.tx_dropped + self.backlog_dropped,
                 "tap_stream_frames": port.stream_frames, "tap_wakeups": self.wakeups,
-                "tap_rx_oversize": self.rx_oversize, "tap_gone": int(self.gone)}
+                "tap_rx_oversize": port.rx_oversize, "tap_gone": int(self.gone)}
 
     def stream_blocked(self) -> None:
         """The TCP NAT's direct writes hit EAGAIN: wake for EPOLLOUT like a queued write."""
