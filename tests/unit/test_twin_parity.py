@@ -517,8 +517,10 @@ def test_read_each_hands_over_what_read_batch_returns(slirp, hl, frames, batch, 
                         batch_got = [(bytes(f), bool(v)) for f, v in port.read_batch()]
                     else:
                         batch_got = []
-                        n = port.read_each(lambda f, v: batch_got.append((bytes(f), bool(v))),
-                                           oversize)
+
+                        def take(f, v, into=batch_got):
+                            into.append((bytes(f), bool(v)))
+                        n = port.read_each(take, oversize)
                         assert n == len(batch_got)
                     got.append(batch_got)
                 big = sum(1 for batch_got in got for f, _ in batch_got if 0 < oversize < len(f))
