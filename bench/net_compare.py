@@ -22,7 +22,7 @@ stdin/stdout, so the peers measure the same thing:
 
 Each connection a NAT relays leaves its host socket in TIME-WAIT for 60 s, and connect()
 slows as they pile up (here voidbox's NAT among 77k of them spent 293-330 µs of CPU per
-connection against 255-258 µs among fewer than 6k), so a session with connect ops first
+connection against 255-258 µs among 5.5k-6k), so a session with connect ops first
 waits (--settle-seconds, at most 65 s) until fewer than SETTLE_TIME_WAIT remain from the
 sessions before it.
 
