@@ -1,4 +1,5 @@
-"""Builds bench/_ring_bench.pyx (a Cython caller of voidbox/_ring.pxd) for the benchmarks."""
+"""Builds the benchmarks' own Cython modules: bench/_ring_bench.pyx (a Cython caller of
+voidbox/_ring.pxd) and bench/_guest_rx.pyx (the bulk rig's RX driver)."""
 
 import importlib.util
 import sys
@@ -17,11 +18,16 @@ def build_ring_bench(build_dir: Path = BENCH / "build"):
         import voidbox._ring  # noqa: F401
     except ImportError:
         return None
+    return build_bench_module("_ring_bench", build_dir)
+
+
+def build_bench_module(name: str, build_dir: Path = BENCH / "build"):
+    """Compile bench/NAME.pyx into build_dir and import it."""
     from Cython.Build import cythonize
     from setuptools import Distribution, Extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    ext = Extension("_ring_bench", [str(BENCH / "_ring_bench.pyx")], extra_compile_args=["-O2"])
+    ext = Extension(name, [str(BENCH / f"{name}.pyx")], extra_compile_args=["-O2"])
     dist = Distribution({"ext_modules": cythonize([ext], include_path=[str(ROOT)], quiet=True,
                                                   build_dir=str(build_dir))})
     cmd = dist.get_command_obj("build_ext")
@@ -29,8 +35,8 @@ def build_ring_bench(build_dir: Path = BENCH / "build"):
     cmd.build_temp = str(build_dir / "tmp")
     cmd.ensure_finalized()
     cmd.run()
-    [path] = build_dir.glob("_ring_bench*.so")
-    spec = importlib.util.spec_from_file_location("_ring_bench", path)
+    [path] = build_dir.glob(f"{name}.*.so")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
