@@ -46,9 +46,20 @@ class StepLoop:
         self.seq = itertools.count()
         self.ready: collections.deque = collections.deque()
         self.fd_calls = 0
+        self.fail_deferred = False
+        self.failed: list[int] = []  # refused deferred watches not yet unwatched
 
     def watch(self, fd, events, callback, defer=False):
-        # defer: registered at once all the same (this loop's turns are driven by hand).
+        # defer: registered at once all the same (this loop's turns are driven by hand),
+        # unless fail_deferred: then refused as EventLoop reports a registration the kernel
+        # refused (ENOMEM, max_user_watches): EPOLLERR to the callback in the next turn,
+        # the entry kept until the caller unwatches.
+        if defer and self.fail_deferred:
+            self.failed.append(fd)
+            self.cbs[fd] = callback
+            self.ev[fd] = events
+            self.ready.append(lambda: self.cbs.get(fd) is callback and callback(select.EPOLLERR))
+            return
         if fd in self.cbs:
             if self.ev[fd] != events:
                 self.ep.modify(fd, events)
@@ -60,6 +71,9 @@ class StepLoop:
     def unwatch(self, fd):
         if self.cbs.pop(fd, None) is not None:
             del self.ev[fd]
+            if fd in self.failed:
+                self.failed.remove(fd)
+                return
             try:
                 self.ep.unregister(fd)
             except OSError:
@@ -951,6 +965,28 @@ def test_host_reset_resets_the_guest(rig):
     rig.run(lambda: g.ended is not None)
     srv.join()
     assert rig.nat.flow_count() == 0 and g.flow.closed
+
+
+def test_a_socket_the_loop_cannot_watch_resets_the_flow_instead_of_hanging(rig):
+    """The kernel may refuse to watch a host socket (ENOMEM, max_user_watches spent): the
+    loop reports that as EPOLLERR with no socket error. That flow could never be polled
+    again, so both sides get a RST, it is counted, and the socket and the loop's entry go."""
+    def handler(conn, res):
+        res["data"] = conn.recv(100)
+        try:
+            res["eof"] = conn.recv(100)
+        except ConnectionResetError:
+            res["reset"] = True
+
+    srv = Server(handler)
+    rig.loop.fail_deferred = True  # the host socket's first watch (EPOLLIN) is refused
+    g = rig.connect(srv.port, b"x", eof=False)
+    rig.run(lambda: g.ended is not None)
+    assert g.flow.closed
+    assert rig.nat.counters["tcp_watch_failed"] == 1, rig.nat.counters
+    assert rig.nat.flow_count() == 0
+    assert rig.loop.cbs == {} and rig.loop.failed == []
+    assert srv.join() == {"data": b"x", "reset": True}  # the guest's byte, then a RST
 
 
 def test_guest_reset_resets_the_host(rig):

@@ -496,8 +496,19 @@ class TcpNat:
         if f.tx_bufs:
             self._flush_tx(f)
         now = self.loop.time()
-        if f.connecting:
+        err = 0
+        if f.connecting or revents & EPOLLERR:
             err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if revents & EPOLLERR and not err:
+            # A TCP socket reports EPOLLERR only with an error pending, which SO_ERROR
+            # returns. None: the loop could not register the socket (ENOMEM, or the
+            # user's max_user_watches spent) and says so with EPOLLERR. The flow would
+            # never be polled again, so it ends now (a RST each way, and the loop's entry
+            # goes with the socket) rather than leaving both sides hanging.
+            self._count("tcp_watch_failed")
+            self._apply(f, f.core.host_reset(), now)
+            return
+        if f.connecting:
             if err:
                 self._count("tcp_connect_failed")
                 self._apply(f, f.core.host_refused(), now)
@@ -505,12 +516,10 @@ class TcpNat:
             self._connected(f, now)
             self._settle(f, now)
             return
-        if revents & EPOLLERR:
-            err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._count("tcp_host_reset")
-                self._apply(f, f.core.host_reset(), now)
-                return
+        if err:
+            self._count("tcp_host_reset")
+            self._apply(f, f.core.host_reset(), now)
+            return
         if revents & EPOLLOUT and f.want_out:
             f.want_out = False
             self._refresh_window(f, now, force=True)
