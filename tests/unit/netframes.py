@@ -6,6 +6,8 @@ the engine sends to the guest are collected in .out, parsed on demand.
 
 from __future__ import annotations
 
+import errno
+
 from voidbox.eventloop import EventLoop
 from voidbox.net.config import GATEWAY_MAC, GUEST_MAC, NatConfig, parse_mac
 from voidbox.net.engine import Engine
@@ -61,6 +63,22 @@ def guest_udp_frame(dst: bytes, sport: int, dport: int, data: bytes, src: bytes 
 
 def guest_echo_frame(dst: bytes, ident: int, seq: int, data: bytes = b"ping") -> bytes:
     return guest_ip_frame(dst, IPPROTO_ICMP, build_icmp(8, 0, (ident << 16) | seq, data))
+
+
+class RefusingLoop:
+    """An event loop whose watch() fails as the kernel's epoll_ctl does when the user's
+    max_user_watches is spent; everything else is the wrapped loop's."""
+
+    def __init__(self, loop):
+        self._loop = loop
+        self.refused = 0
+
+    def __getattr__(self, name):
+        return getattr(self._loop, name)
+
+    def watch(self, fd, events, callback, defer=False):
+        self.refused += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 class Harness:

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from tests.unit.netframes import DNS, GUEST, Harness, guest_udp_frame
+from tests.unit.netframes import DNS, GUEST, Harness, RefusingLoop, guest_udp_frame
 from voidbox.net.config import NatConfig, read_resolv_conf
 from voidbox.net.dns import DNS_FLAG_TC, question_end, truncate_response
 from voidbox.net.packets import PacketError
@@ -63,6 +63,26 @@ def test_relay_roundtrip_from_the_dns_address():
         assert (ip.src, ip.dst, hdr.sport, hdr.dport) == (DNS, GUEST, 53, 33333)
         assert data == response(q)
         assert not h.engine.dns.pending
+    finally:
+        up.close()
+        h.close()
+
+
+def test_a_query_socket_the_loop_cannot_watch_gets_servfail_at_once(monkeypatch):
+    """epoll_ctl may fail (ENOMEM, max_user_watches spent): the query socket goes and the
+    guest hears SERVFAIL now, rather than a query pending forever with no timer."""
+    up = upstream()
+    h = Harness(NatConfig(dns_upstreams=[up.getsockname()]))
+    try:
+        monkeypatch.setattr(h.engine.dns, "loop", RefusingLoop(h.loop))
+        h.send(guest_udp_frame(DNS, 33334, 53, query()))
+        [(_ip, hdr, data)] = h.udp_replies()
+        assert (hdr.sport, hdr.dport) == (53, 33334)
+        ident, flags = struct.unpack_from("!HH", data)
+        assert ident == 0x1111 and flags & 0x800F == 0x8002  # a response: SERVFAIL
+        assert not h.engine.dns.pending
+        assert h.engine.counters["dns_servfail"] == 1
+        assert h.engine.counters["flows_refused_no_watch"] == 1
     finally:
         up.close()
         h.close()

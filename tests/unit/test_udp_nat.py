@@ -12,6 +12,7 @@ from tests.unit.netframes import (
     MAX_PUMP,
     PUMP_SLICE,
     Harness,
+    RefusingLoop,
     frame_of,
     guest_udp_frame,
 )
@@ -310,6 +311,27 @@ def test_socket_exhaustion_drops_the_datagram_and_counts_it(monkeypatch, server)
     assert h.engine.udp.flow_count() == 1  # only the first flow
     assert h.engine.counters["udp_socket_error"] == 1
     assert server.recvfrom(100)[0] == b"x"
+    h.close()
+
+
+def test_a_flow_the_loop_cannot_watch_is_closed_not_left_unpolled(monkeypatch, server):
+    """epoll_ctl may fail (ENOMEM, the user's max_user_watches spent): the datagram has
+    left, but a flow nothing polls or expires would keep its socket for good, so it goes."""
+    h = Harness()
+    port = server.getsockname()[1]
+    refusing = RefusingLoop(h.loop)
+    monkeypatch.setattr(h.engine.udp, "loop", refusing)
+    fds = len(os.listdir("/proc/self/fd"))
+    h.send(guest_udp_frame(GATEWAY, 40019, port, b"x"))
+    assert server.recvfrom(100)[0] == b"x"
+    assert refusing.refused == 1
+    assert h.engine.udp.flow_count() == 0
+    assert h.engine.counters["udp_watch_failed"] == 1
+    assert h.engine.counters["flows_refused_no_watch"] == 1
+    assert len(os.listdir("/proc/self/fd")) == fds  # the flow's socket did not stay open
+    monkeypatch.undo()
+    h.send(guest_udp_frame(GATEWAY, 40019, port, b"y"))  # the next one opens a flow
+    assert server.recvfrom(100)[0] == b"y" and h.engine.udp.flow_count() == 1
     h.close()
 
 

@@ -168,10 +168,18 @@ class DnsRelay:
                 self._count("dns_upstream_error")
                 query.upstream_index += 1
                 continue
-            query.sock = sock
             fd = sock.fileno()
+            try:
+                self.loop.watch(fd, select.EPOLLIN, lambda ev, q=query: self._readable(q))
+            except OSError as e:
+                # The kernel would not watch it (ENOMEM, max_user_watches spent): no
+                # upstream would fare better, so SERVFAIL now, as when out of fds.
+                sock.close()
+                self.exhaustion.refused("DNS query", e, watch=True)
+                self._servfail(query)
+                return
+            query.sock = sock
             self.pending[fd] = query
-            self.loop.watch(fd, select.EPOLLIN, lambda ev, q=query: self._readable(q))
             query.timer = self.loop.call_at(self.loop.time() + self.config.dns_timeout,
                                             lambda q=query: self._timeout(q))
             return

@@ -59,16 +59,22 @@ def cap_flows(config, default_max_flows: int) -> None:
 
 
 class Exhaustion:
-    """Counts flows refused for lack of fds and logs it at most once per LOG_INTERVAL."""
+    """Counts flows refused for lack of fds or of epoll watches, and logs it at most once
+    per LOG_INTERVAL."""
 
     def __init__(self, counters: dict[str, int]):
         self.counters = counters
         self._last_log = -LOG_INTERVAL
 
-    def refused(self, what: str, error: OSError) -> None:
-        self.counters["flows_refused_no_fds"] = self.counters.get("flows_refused_no_fds", 0) + 1
+    def refused(self, what: str, error: OSError, watch: bool = False) -> None:
+        """`watch`: the event loop could not watch the flow's socket (epoll_ctl failed)."""
+        key = "flows_refused_no_watch" if watch else "flows_refused_no_fds"
+        self.counters[key] = self.counters.get(key, 0) + 1
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL:
             self._last_log = now
-            log.warning("%s refused: %s (raise `ulimit -n` or lower --max-flows)",
-                        what, error.strerror or error)
+            hint = ("raise fs.epoll.max_user_watches or lower --max-flows"
+                    if error.errno == errno.ENOSPC else
+                    "free memory or lower --max-flows" if watch else
+                    "raise `ulimit -n` or lower --max-flows")
+            log.warning("%s refused: %s (%s)", what, error.strerror or error, hint)

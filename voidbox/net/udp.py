@@ -459,9 +459,18 @@ class UdpNat:
         return dest
 
     def _install(self, flow: _Flow) -> None:
-        self.flows[flow.key] = flow
         if flow.listener is None:
-            self.loop.watch(flow.sock.fileno(), select.EPOLLIN, flow)
+            try:
+                self.loop.watch(flow.sock.fileno(), select.EPOLLIN, flow)
+            except OSError as e:
+                # The kernel would not watch it (ENOMEM, the user's max_user_watches
+                # spent): a flow nothing polls or expires would keep its socket for good.
+                # The datagram has left; its replies are lost, as UDP allows.
+                flow.sock.close()
+                self._count("udp_watch_failed")
+                self.exhaustion.refused("UDP flow", e, watch=True)
+                return
+        self.flows[flow.key] = flow
         deadline = flow.last_active + self.idle_timeout
         timer = self._sweep_timer
         if timer is not None and timer.when <= deadline:
