@@ -80,7 +80,7 @@ def collect(uint8_t[::1] mem, Py_ssize_t used_off, Py_ssize_t avail_off, Py_ssiz
                     raise ValueError(f"a {length}-byte first buffer holds no header")
                 buf = &mem[data_off + head * buf_len]
                 want = _u16(buf + NUM_BUFFERS_AT)
-                if want < 1 or want > pending - i or want > MAX_BUFFERS:
+                if want < 1 or want > <uint32_t>(pending - i) or want > MAX_BUFFERS:
                     raise ValueError(f"num_buffers {want} past the {pending - i} used")
             heads[nbuf] = head
             lengths[nbuf] = length

@@ -6,12 +6,13 @@
 All in one run, SIZE bytes each way (64 MiB), the median of ROUNDS transfers:
 - ring: the rig of tests/unit/test_virtio_net_tcp.py. A host server thread on 127.0.0.1,
   SlirpBackend (the NAT) behind VirtioNet on its MMIO transport, the driver mock playing
-  the guest's rings and a scripted guest TCP endpoint (voidbox's sans-I/O TcpFlow) as the
+  the guest's rings (its RX side compiled: bench/_guest_rx.pyx) and a scripted guest TCP endpoint (voidbox's sans-I/O TcpFlow) as the
   guest's stack, all on one thread. Down: host socket -> guest into RX_BUF_LEN-byte
   mergeable RX buffers (64, as the unit test posts, and 256, a full ring), either as MTU
   1500 frames with whole checksums ("mss": the guest acks no guest offloads) or, with
   GUEST_CSUM and GUEST_TSO4 acked as a Linux guest does ("gso"), as 64 KiB GSO frames with
-  NEEDS_CSUM over many buffers; up: guest -> host socket, 64 KiB TSO frames with NEEDS_CSUM. The guest's own work
+  NEEDS_CSUM over many buffers, and once more with a 4 MiB guest window as a Linux guest
+  advertises ("win4M"); up: guest -> host socket, 64 KiB TSO frames with NEEDS_CSUM. The guest's own work
   (parsing frames and both checksums, its TCP, building frames) runs on the same thread;
   it is timed apart, and "VMM MiB/s" is the rate with it taken out (the driver mock's
   ring reads stay in). Both ring twins.
