@@ -4,18 +4,18 @@
     .venv/bin/python bench/test_virtio_net_bulk.py --profile down 16 gso  # cProfile, top entries
 
 All in one run, SIZE bytes each way (64 MiB), the median of ROUNDS transfers:
-- ring: the rig of tests/unit/test_virtio_net_tcp.py. A host server thread on 127.0.0.1,
+- ring: the rig of tests/unit/test_virtio_net_tcp.py. A host server process on 127.0.0.1,
   SlirpBackend (the NAT) behind VirtioNet on its MMIO transport, the driver mock playing
-  the guest's rings (its RX side compiled: bench/_guest_rx.pyx) and a scripted guest TCP endpoint (voidbox's sans-I/O TcpFlow) as the
-  guest's stack, all on one thread. Down: host socket -> guest into RX_BUF_LEN-byte
-  mergeable RX buffers (64, as the unit test posts, and 256, a full ring), either as MTU
-  1500 frames with whole checksums ("mss": the guest acks no guest offloads) or, with
-  GUEST_CSUM and GUEST_TSO4 acked as a Linux guest does ("gso"), as 64 KiB GSO frames with
-  NEEDS_CSUM over many buffers, and once more with a 4 MiB guest window as a Linux guest
-  advertises ("win4M"); up: guest -> host socket, 64 KiB TSO frames with NEEDS_CSUM. The guest's own work
-  (parsing frames and both checksums, its TCP, building frames) runs on the same thread;
-  it is timed apart, and "VMM MiB/s" is the rate with it taken out (the driver mock's
-  ring reads stay in). Both ring twins.
+  the guest's rings (in C: bench/_guest_driver.pyx) and a scripted guest TCP endpoint
+  (voidbox's sans-I/O TcpFlow) as the guest's stack, all on one thread. Down: host socket
+  -> guest into RX_BUF_LEN-byte mergeable RX buffers (64, as the unit test posts, and 256,
+  a full ring), either as MTU 1500 frames with whole checksums ("mss": the guest acks no
+  guest offloads) or, with GUEST_CSUM and GUEST_TSO4 acked as a Linux guest does ("gso"),
+  as 64 KiB GSO frames with NEEDS_CSUM over many buffers, and once more with a 4 MiB guest
+  window as a Linux guest advertises ("win4M"); up: guest -> host socket, 64 KiB TSO frames
+  with NEEDS_CSUM. The guest's own work (parsing frames and both checksums, its TCP,
+  building frames) runs on the same thread; it is timed apart, and "VMM MiB/s" is the rate
+  with it taken out (the driver's ring work stays in). Both ring twins.
 - net run: `voidbox net run -- PYTHON -c CLIENT get|put PORT SIZE`: the client in the
   namespace connects to 10.0.2.2:PORT (the same host server thread) and reads SIZE bytes,
   or sends them, shuts down and waits for the server's close. Its own clock, from connect
@@ -55,9 +55,7 @@ from tests.twins import load_ring  # noqa: E402
 from tests.unit.test_virtio_net_tcp import (  # noqa: E402
     FEATURES,
     GSO_FEATURES,
-    RX_BUF_LEN,
-    RX_DATA,
-    BulkRig,
+    CompiledDriverRig,
     TcpState,
     payload,
 )
@@ -137,25 +135,21 @@ class ProcessServer:
 
 
 @functools.cache
-def guest_rx():
-    """bench/_guest_rx.pyx, compiled once per process."""
-    return build_bench_module("_guest_rx")
+def guest_driver():
+    """bench/_guest_driver.pyx, compiled once per process."""
+    return build_bench_module("_guest_driver")
 
 
-class TimedRig(BulkRig):
-    """BulkRig with the guest's own work (frame parsing and checksums, its TCP receive,
-    building its frames) timed apart, and its driver's RX side in C (bench/_guest_rx.pyx):
-    in Python that side costs a dozen calls per 2 KiB buffer, more than the VMM's whole
-    path host -> guest, and a real guest's driver runs on its own vCPU."""
+class TimedRig(CompiledDriverRig):
+    """The rig with its guest driver's ring work in C (bench/_guest_driver.pyx: in Python
+    it costs a dozen calls per 2 KiB RX buffer, more than the VMM's whole path host ->
+    guest, and a real guest's driver runs on its own vCPU), and the guest's own work (frame
+    parsing and checksums, its TCP receive, building its frames) timed apart."""
 
     guest_s = 0.0
 
-    def _take_rx(self):
-        rx, memory = self.rx, self.memory
-        frames, rx.last_used, rx.avail_idx = guest_rx().collect(
-            memory.numpy(), memory.translate(rx.used_addr), memory.translate(rx.avail_addr),
-            memory.translate(RX_DATA), RX_BUF_LEN, rx.size, rx.last_used, rx.avail_idx)
-        return frames
+    def __init__(self, *args, **kwargs):
+        super().__init__(guest_driver(), *args, **kwargs)
 
     def _to_guest(self, frame, now, header=(0,) * 7):
         t = time.perf_counter()
@@ -300,7 +294,7 @@ def profile(direction: str, mib: int, top: int = 25, offload: str = "mss") -> No
     blob = payload(mib * MiB)
     with GuestMemory(64 * MiB) as mem:
         impl = load_ring("cython")
-        guest_rx()  # built before the profile starts
+        guest_driver()  # built before the profile starts
         prof = cProfile.Profile()
         prof.enable()
         seconds, guest = ring_transfer(impl, mem, direction, blob, offload=offload)

@@ -26,6 +26,7 @@ def test_cython_lint():
     assert linter, "cython-lint is not installed: pip install -e '.[test]'"
     sources = glob.glob(os.path.join(ROOT, "voidbox", "**", "*.pyx"), recursive=True)
     sources += glob.glob(os.path.join(ROOT, "voidbox", "**", "*.pxd"), recursive=True)
+    sources += glob.glob(os.path.join(ROOT, "bench", "*.pyx"))  # the benchmarks' own
     assert sources, "no Cython sources found"
     # cython-lint runs pycodestyle from the same environment.
     env = dict(os.environ, PATH=os.path.dirname(linter) + os.pathsep + os.environ.get("PATH", ""))

@@ -258,19 +258,28 @@ class BulkRig:
 
     def transmit(self, frames) -> None:
         """[(virtio_net_hdr, frame)] into TX chains, one kick per ring's worth."""
-        tx, memory = self.tx, self.memory
         for i in range(0, len(frames), TX_QSIZE):
-            for header, frame in frames[i:i + TX_QSIZE]:
-                head = tx.free[0]
-                addr = TX_DATA + head * TX_SLOT
-                memory.write(addr, header)
-                memory.write(addr + VIRTIO_NET_HDR_LEN, frame)
-                tx.add_chain([(addr, VIRTIO_NET_HDR_LEN + len(frame), False)])
-                self.stats["tx_frames"] += 1
-                self.stats["tx_bytes"] += len(frame)
+            batch = frames[i:i + TX_QSIZE]
+            self._offer_tx(batch)
+            self.stats["tx_frames"] += len(batch)
+            self.stats["tx_bytes"] += sum(len(frame) for _header, frame in batch)
             self._kick(TX_QUEUE)
-            used = tx.collect(recycle=True)
-            assert len(used) == len(frames[i:i + TX_QSIZE]), "the device left TX chains"
+            self._retire_tx(len(batch))
+
+    def _offer_tx(self, batch) -> None:
+        """Each (header, frame) in one readable chain, offered. bench/ replaces this and
+        _retire_tx with a compiled driver."""
+        tx, memory = self.tx, self.memory
+        for header, frame in batch:
+            head = tx.free[0]
+            addr = TX_DATA + head * TX_SLOT
+            memory.write(addr, header)
+            memory.write(addr + VIRTIO_NET_HDR_LEN, frame)
+            tx.add_chain([(addr, VIRTIO_NET_HDR_LEN + len(frame), False)])
+
+    def _retire_tx(self, offered: int) -> None:
+        used = self.tx.collect(recycle=True)
+        assert len(used) == offered, "the device left TX chains"
 
     def _take_rx(self) -> list[tuple[bytes, bytes]]:
         """(virtio_net_hdr, frame) bytes for each frame the device put in RX buffers since
@@ -550,19 +559,20 @@ def test_host_to_guest_with_a_window_beyond_the_cards_room(impl, rig):
     assert dev["rx_bytes"] == rig.stats["rx_bytes"]
 
 
-# -- the benchmark's compiled RX driver (bench/_guest_rx.pyx) ---------------------------------
+# -- the benchmark's compiled driver (bench/_guest_driver.pyx) --------------------------------
 
 
 @pytest.fixture(scope="module")
-def guest_rx(tmp_path_factory):
+def guest_driver(tmp_path_factory):
     from tests import bench_scripts
 
     bench = bench_scripts.load("conftest.py", "bench_conftest")
-    return bench.build_bench_module("_guest_rx", tmp_path_factory.mktemp("guest_rx"))
+    return bench.build_bench_module("_guest_driver", tmp_path_factory.mktemp("guest_driver"))
 
 
-class CompiledRxRig(BulkRig):
-    """BulkRig with bench/test_virtio_net_bulk.py's RX driver in place of the Python one."""
+class CompiledDriverRig(BulkRig):
+    """BulkRig whose guest driver does its ring work in C (bench/_guest_driver.pyx): RX
+    buffers taken and given back, TX frames offered and retired. The benchmark's rig."""
 
     def __init__(self, driver, *args, **kwargs):
         self.driver = driver
@@ -570,22 +580,33 @@ class CompiledRxRig(BulkRig):
 
     def _take_rx(self):
         rx, memory = self.rx, self.memory
-        frames, rx.last_used, rx.avail_idx = self.driver.collect(
+        frames, rx.last_used, rx.avail_idx = self.driver.rx_collect(
             memory.numpy(), memory.translate(rx.used_addr), memory.translate(rx.avail_addr),
             memory.translate(RX_DATA), RX_BUF_LEN, rx.size, rx.last_used, rx.avail_idx)
         return frames
 
+    def _offer_tx(self, batch) -> None:
+        tx, memory = self.tx, self.memory
+        tx.avail_idx = self.driver.tx_offer(
+            memory.numpy(), memory.translate(tx.desc_addr), memory.translate(tx.avail_addr),
+            memory.translate(TX_DATA), TX_DATA, TX_SLOT, tx.size, tx.avail_idx, batch)
+
+    def _retire_tx(self, offered: int) -> None:
+        tx = self.tx
+        tx.last_used = self.driver.tx_retire(self.memory.numpy(), self.memory.translate(tx.used_addr),
+                                             tx.size, tx.last_used, offered)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("features", [FEATURES, GSO_FEATURES], ids=["mss", "gso"])
-def test_the_benchmarks_compiled_rx_driver_delivers_what_the_device_wrote(impl, guest_rx,
-                                                                          memory, features):
+def test_the_benchmarks_compiled_driver_moves_what_the_python_one_does(impl, guest_driver,
+                                                                       memory, features):
     """The benchmark's figures rest on this driver: with it the guest still receives every
-    byte in order (SHA-256), and what it counts (frames, bytes, merged, GSO, checksum
-    states) matches the device's counters; GSO frames are joined over their buffers."""
+    byte in order and sends every byte (SHA-256 both ways), and what it counts (frames,
+    bytes, merged, GSO, checksum states, TSO) matches the device's counters."""
     size = 4 * MiB
     data = payload(size)
-    rig = CompiledRxRig(guest_rx, impl, memory, features=features, rx_buffers=256)
+    rig = CompiledDriverRig(guest_driver, impl, memory, features=features, rx_buffers=256)
     try:
         rig.arp()
         server = HostServer("send", data)
@@ -596,9 +617,17 @@ def test_the_benchmarks_compiled_rx_driver_delivers_what_the_device_wrote(impl, 
         rig.run(lambda: ep.flow.state in (TcpState.TIME_WAIT, TcpState.CLOSED))
         assert server.join() == (ep.received, ep.hash.hexdigest()) == \
             (size, hashlib.sha256(data).hexdigest())
-        rig.assert_counters_consistent()
         if features == GSO_FEATURES:
             assert rig.stats["rx_gso"] > 0 and rig.stats["rx_merged"] > 0, rig.stats
+        server = HostServer("recv")
+        ep = rig.connect(server.port, data, eof=True)
+        rig.run(lambda: ep.flow.state is not TcpState.SYN_SENT)
+        ep.flow.snd_mss = TSO_PAYLOAD
+        rig.run(lambda: ep.flow.fin_received and ep.consumed == size)
+        rig.run(lambda: ep.flow.state in (TcpState.TIME_WAIT, TcpState.CLOSED))
+        assert server.join() == (size, hashlib.sha256(data).hexdigest())
+        assert rig.stats["tx_tso"] >= size // TSO_PAYLOAD - 1
+        rig.assert_counters_consistent()
         # A used entry the device never wrote is refused, not read past the buffers.
         rx = rig.rx
         slot = rx.used_addr + 4 + 8 * (rx.last_used % rx.size)
@@ -606,5 +635,8 @@ def test_the_benchmarks_compiled_rx_driver_delivers_what_the_device_wrote(impl, 
         memory.write(rx.used_addr + 2, struct.pack("<H", (rx.last_used + 1) & 0xFFFF))
         with pytest.raises(ValueError, match="outside the RX buffers"):
             rig._take_rx()
+        # A TX chain the device left is noticed.
+        with pytest.raises(ValueError, match="used 0 of 1 chains"):
+            rig._retire_tx(1)
     finally:
         rig.close()
