@@ -441,6 +441,26 @@ def build_ipv6_tcp(uint8_t[::1] out, const uint8_t[::1] src_ip, const uint8_t[::
 
 
 # ---------------------------------------------------------------------------------------
+# The allocator under a loop turn's batches.
+# ---------------------------------------------------------------------------------------
+
+cdef extern from "<malloc.h>" nogil:
+    int mallopt(int param, int value)
+    int M_TRIM_THRESHOLD
+    int M_MMAP_THRESHOLD
+
+
+def keep_freed_heap(int trim_threshold, int mmap_threshold):
+    """Tell glibc's malloc to keep up to trim_threshold freed bytes at the heap's top rather
+    than give them back to the kernel, and to serve blocks below mmap_threshold from the
+    heap (mallopt(3)). Frames batched for one sendmsg are freed together at a turn's end:
+    by default glibc returns that memory each turn and the next turn faults it back in,
+    page by page. True if the allocator took both settings."""
+    return (mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+            and mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1)
+
+
+# ---------------------------------------------------------------------------------------
 # Frame port: a TAP fd (or any fd that keeps frame boundaries) with virtio_net_hdr framing.
 # ---------------------------------------------------------------------------------------
 

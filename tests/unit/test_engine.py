@@ -330,3 +330,15 @@ def test_the_fast_path_and_the_full_path_agree_on_hostile_frames(kind, edits, fl
         edits = [*edits, (IP_FLAGS_AT, flags)]
     frame = _mutated(FRAMES[kind](), edits, cut, fix)
     assert _dispatch(frame, True, verified) == _dispatch(frame, False, verified)
+
+
+def test_every_nat_keeps_its_freed_heap(monkeypatch):
+    """Whoever runs the NAT (net run, a VM's card, net serve) builds an Engine: it tells the
+    allocator to keep what a turn's batches free (see keep_freed_heap's test)."""
+    from voidbox.net import engine, fastpath
+
+    calls = []
+    monkeypatch.setattr(fastpath, "keep_freed_heap", lambda *args: calls.append(args) or True)
+    h = Harness()
+    assert calls == [(engine.KEEP_FREED_HEAP, engine.HEAP_MMAP_THRESHOLD)]
+    h.close()

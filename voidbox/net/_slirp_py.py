@@ -297,6 +297,26 @@ def build_ipv6_tcp(out, src_ip, dst_ip, ip_id: int, src_port: int, dst_port: int
 
 
 # ---------------------------------------------------------------------------------------
+# The allocator under a loop turn's batches (twin of _slirp.keep_freed_heap).
+# ---------------------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_heap(trim_threshold: int, mmap_threshold: int) -> bool:
+    """See _slirp.keep_freed_heap: mallopt(3) through ctypes; False where the C library
+    has no mallopt, or refuses."""
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    return (mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+            and mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1)
+
+
+# ---------------------------------------------------------------------------------------
 # Frame port (twin of _slirp.FramePort): see its docstrings for the contract.
 # ---------------------------------------------------------------------------------------
 

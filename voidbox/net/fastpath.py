@@ -22,6 +22,7 @@ build_ipv6_tcp = impl.build_ipv6_tcp
 guest_ipv4_split = impl.guest_ipv4_split
 guest_ipv6_split = impl.guest_ipv6_split
 FramePort = impl.FramePort
+keep_freed_heap = impl.keep_freed_heap
 STREAM_MORE = impl.STREAM_MORE
 STREAM_DRAINED = impl.STREAM_DRAINED
 STREAM_EOF = impl.STREAM_EOF
@@ -38,6 +39,6 @@ def build_ip_tcp(out, src_ip, dst_ip, *args) -> int:
 
 __all__ = [
     "COMPILED", "FramePort", "STREAM_BLOCKED", "STREAM_DRAINED", "STREAM_EOF", "STREAM_MORE",
-    "build_ip_tcp", "build_ipv4_tcp", "build_ipv6_tcp", "guest_ipv4_split", "guest_ipv6_split", "impl", "inet_checksum", "seq_add", "seq_diff", "seq_ge",
+    "build_ip_tcp", "build_ipv4_tcp", "build_ipv6_tcp", "guest_ipv4_split", "guest_ipv6_split", "impl", "inet_checksum", "keep_freed_heap", "seq_add", "seq_diff", "seq_ge",
     "seq_gt", "seq_le", "seq_lt", "tcp_checksum",
 ]
