@@ -397,9 +397,10 @@ class BulkRig:
         assert fastpath.tcp_checksum(pkt[12:16], pkt[16:20], pkt[20:]) == 0
         self.endpoint.receive(parse_segment(pkt[20:]), now)
 
-    def step(self) -> None:
+    def step(self, until=None) -> None:
         """One turn: the guest handles what arrived, sends what it has, then the loop runs
-        once (blocking up to IDLE_WAIT when nothing is due)."""
+        once (blocking up to IDLE_WAIT when nothing is due), unless until() already holds:
+        a transfer's clock must not take in a wait that comes after its end."""
         ep = self.endpoint
         now = time.monotonic()
         for header, frame in self.receive():
@@ -415,14 +416,16 @@ class BulkRig:
             keep = [seg for i, seg in enumerate(out)
                     if seg.payload or seg.flags & ~0x10 or i == len(out) - 1]
             self.transmit([self._frame_of(seg) for seg in keep])
-        self.loop.run_once(IDLE_WAIT)
         self.stats["iterations"] += 1
+        if until is not None and until():
+            return
+        self.loop.run_once(IDLE_WAIT)
 
     def run(self, until) -> None:
         deadline = time.monotonic() + DEADLINE_S
         while not until():
             assert time.monotonic() < deadline, f"stuck: {self.describe()}"
-            self.step()
+            self.step(until)
 
     def describe(self) -> str:
         flow = self.endpoint.flow
