@@ -537,21 +537,25 @@ def test_guest_to_host_bulk(impl, rig):
     assert rig.stats["iterations"] <= MAX_ITERATIONS_PER_MIB * max(1, size // MiB), rig.stats
 
 
+def download_with_window(rig, data: bytes, window: int) -> None:
+    """A host server sends `data` to the guest, which advertises `window`; both sides
+    close; the guest received every byte in order (SHA-256)."""
+    server = HostServer("send", data)
+    ep = rig.connect(server.port, eof=False)
+    ep.window = window
+    rig.run(lambda: ep.flow.fin_received)
+    ep.eof = True
+    rig.run(lambda: ep.flow.state in (TcpState.TIME_WAIT, TcpState.CLOSED))
+    assert server.join() == (ep.received, ep.hash.hexdigest()) == \
+        (len(data), hashlib.sha256(data).hexdigest())
+
+
 @OFFLOAD_SETS
 def test_host_to_guest_with_a_window_beyond_the_cards_room(impl, rig):
     """A guest window (1 MiB, as a Linux guest advertises) larger than its posted buffers
     plus the device's backlog: the NAT's TCP stops at the card's room (rx_room) and
     resumes on rx_ready, so no frame is dropped and nothing needs retransmitting."""
-    size = 8 * MiB
-    data = payload(size)
-    server = HostServer("send", data)
-    ep = rig.connect(server.port, eof=False)
-    ep.window = 1 << 20
-    rig.run(lambda: ep.flow.fin_received)
-    ep.eof = True
-    rig.run(lambda: ep.flow.state in (TcpState.TIME_WAIT, TcpState.CLOSED))
-    assert server.join() == (ep.received, ep.hash.hexdigest()) == \
-        (size, hashlib.sha256(data).hexdigest())
+    download_with_window(rig, payload(8 * MiB), 1 << 20)
     dev, nat = rig.device.counters, rig.backend.counters
     drops = {k: v for k, v in dev.items() if "drop" in k}
     assert drops == {}, drops
@@ -612,14 +616,7 @@ def test_the_benchmarks_compiled_driver_moves_what_the_python_one_does(impl, gue
     rig = CompiledDriverRig(guest_driver, impl, memory, features=features, rx_buffers=256)
     try:
         rig.arp()
-        server = HostServer("send", data)
-        ep = rig.connect(server.port, eof=False)
-        ep.window = 1 << 20
-        rig.run(lambda: ep.flow.fin_received)
-        ep.eof = True
-        rig.run(lambda: ep.flow.state in (TcpState.TIME_WAIT, TcpState.CLOSED))
-        assert server.join() == (ep.received, ep.hash.hexdigest()) == \
-            (size, hashlib.sha256(data).hexdigest())
+        download_with_window(rig, data, 1 << 20)
         if features == GSO_FEATURES:
             assert rig.stats["rx_gso"] > 0 and rig.stats["rx_merged"] > 0, rig.stats
         server = HostServer("recv")
