@@ -103,6 +103,9 @@ cdef extern from "Python.h":
 
 # Cap on one epoll_wait's batch; more ready fds are picked up by the next iteration.
 MAX_EVENTS = 256
+# Reported with EPOLLERR to the callback of a deferred watch the kernel refused (see
+# _loop_py.WATCH_FAILED): POLLNVAL's bit, which epoll never reports.
+WATCH_FAILED = 0x20
 
 cdef enum:
     C_MAX_EVENTS = 256
@@ -418,7 +421,7 @@ cdef class EventLoop:
     cdef uint8_t *_kreg
     cdef int *_pending
     cdef int _npending
-    cdef list _failed_watches  # (fd, gen) whose deferred registration failed: told EPOLLERR
+    cdef list _failed_watches  # (fd, gen) whose deferred registration failed: to be told
     cdef int _fd_cap
     cdef Py_ssize_t _nwatched
     cdef uint32_t _next_gen
@@ -487,7 +490,7 @@ cdef class EventLoop:
 
         defer: the kernel learns of it just before the loop next waits, so an fd watched
         and unwatched within one turn costs no system call; a registration that then
-        fails is logged, counted in .errors and reported as callback(EPOLLERR).
+        fails is logged, counted in .errors and reported as callback(EPOLLERR | WATCH_FAILED).
         """
         cdef PyObject *old
         cdef uint32_t gen
@@ -854,8 +857,8 @@ cdef class EventLoop:
         return 0
 
     cdef int _report_failed_watches(self) except -1:
-        """EPOLLERR to each callback whose deferred registration failed (if its fd is
-        still watched by that registration)."""
+        """EPOLLERR | WATCH_FAILED to each callback whose deferred registration failed (if
+        its fd is still watched by that registration)."""
         cdef int fd
         failed, self._failed_watches = self._failed_watches, []
         for fd, gen in failed:
@@ -863,10 +866,10 @@ cdef class EventLoop:
                 continue
             cb = <object>self._cbs[fd]
             if self.debug:
-                cb(EPOLLERR)
+                cb(EPOLLERR | WATCH_FAILED)
             else:
                 try:
-                    cb(EPOLLERR)
+                    cb(EPOLLERR | WATCH_FAILED)
                 except Exception:
                     self._callback_failed(cb)
         return 0

@@ -30,6 +30,10 @@ log = get_logger("voidbox.eventloop")
 
 # Cap on one epoll_wait's batch; more ready fds are picked up by the next iteration.
 MAX_EVENTS = 256
+# Reported with EPOLLERR to the callback of a deferred watch the kernel refused (ENOMEM,
+# max_user_watches spent): POLLNVAL's bit, which epoll never reports, so the callback can
+# tell it from a socket error whose SO_ERROR something already read.
+WATCH_FAILED = 0x20
 # Rebuild the heap once cancelled timers outnumber live ones by this factor, so a flow
 # that re-arms its idle timer on every packet does not grow the heap without bound.
 CANCELLED_REBUILD_FACTOR = 2
@@ -99,7 +103,7 @@ class EventLoop:
 
         defer: the kernel learns of it just before the loop next waits, so an fd watched
         and unwatched within one turn costs no system call; a registration that then
-        fails is logged, counted in .errors and reported as callback(EPOLLERR).
+        fails is logged, counted in .errors and reported as callback(EPOLLERR | WATCH_FAILED).
         """
         if defer:
             if self._kernel.get(fd) != events:
@@ -269,13 +273,14 @@ class EventLoop:
                 self._invoke(ready.popleft())
 
     def _report_failed_watches(self) -> None:
-        """EPOLLERR to each callback whose deferred registration failed, unless this
-        turn's callbacks unwatched its fd since (it may be another file's watch by now)."""
+        """EPOLLERR | WATCH_FAILED to each callback whose deferred registration failed,
+        unless this turn's callbacks unwatched its fd since (it may be another file's watch
+        by now)."""
         failed, self._failed_watches = self._failed_watches, []
         for fd in failed:
             cb = self._watchers.get(fd)
             if cb is not None and fd not in self._stale:
-                self._invoke(cb, select.EPOLLERR)
+                self._invoke(cb, select.EPOLLERR | WATCH_FAILED)
 
     def _drain_wakeup(self, _events: int = 0) -> None:
         with self._lock:

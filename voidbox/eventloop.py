@@ -15,9 +15,10 @@ from ._twins import pick
 
 _impl = pick("voidbox._loop", "voidbox._loop_py")
 MAX_EVENTS, EventLoop, Timer = _impl.MAX_EVENTS, _impl.EventLoop, _impl.Timer
+WATCH_FAILED = _impl.WATCH_FAILED  # with EPOLLERR: a deferred watch the kernel refused
 IMPLEMENTATION = "cython" if _impl.__name__ == "voidbox._loop" else "pure"
 
-__all__ = ["IMPLEMENTATION", "MAX_EVENTS", "EventLoop", "LoopThread", "Timer"]
+__all__ = ["IMPLEMENTATION", "MAX_EVENTS", "WATCH_FAILED", "EventLoop", "LoopThread", "Timer"]
 
 
 class LoopThread:

@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tests.unit.test_tcp import Endpoint
+from voidbox.eventloop import WATCH_FAILED
 from voidbox.net import fastpath, tcp_nat
 from voidbox.net.config import NatConfig
 from voidbox.net.tcp import ACK, RST, SYN, Segment, TcpFlow, TcpState, parse_segment
@@ -52,13 +53,15 @@ class StepLoop:
     def watch(self, fd, events, callback, defer=False):
         # defer: registered at once all the same (this loop's turns are driven by hand),
         # unless fail_deferred: then refused as EventLoop reports a registration the kernel
-        # refused (ENOMEM, max_user_watches): EPOLLERR to the callback in the next turn,
+        # refused (ENOMEM, max_user_watches): EPOLLERR | WATCH_FAILED to the callback in
+        # the next turn,
         # the entry kept until the caller unwatches.
         if defer and self.fail_deferred:
             self.failed.append(fd)
             self.cbs[fd] = callback
             self.ev[fd] = events
-            self.ready.append(lambda: self.cbs.get(fd) is callback and callback(select.EPOLLERR))
+            self.ready.append(lambda: self.cbs.get(fd) is callback
+                              and callback(select.EPOLLERR | WATCH_FAILED))
             return
         if fd in self.cbs:
             if self.ev[fd] != events:

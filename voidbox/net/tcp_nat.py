@@ -56,6 +56,7 @@ from collections.abc import Callable
 from functools import partial
 
 from voidbox.errors import VoidboxError
+from voidbox.eventloop import WATCH_FAILED
 from voidbox.net.fastpath import (
     STREAM_BLOCKED,
     STREAM_DRAINED,
@@ -496,19 +497,16 @@ class TcpNat:
         if f.tx_bufs:
             self._flush_tx(f)
         now = self.loop.time()
-        err = 0
-        if f.connecting or revents & EPOLLERR:
-            err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if revents & EPOLLERR and not err:
-            # A TCP socket reports EPOLLERR only with an error pending, which SO_ERROR
-            # returns. None: the loop could not register the socket (ENOMEM, or the
-            # user's max_user_watches spent) and says so with EPOLLERR. The flow would
-            # never be polled again, so it ends now (a RST each way, and the loop's entry
-            # goes with the socket) rather than leaving both sides hanging.
+        if revents & WATCH_FAILED:
+            # The loop could not register the socket (ENOMEM, or the user's
+            # max_user_watches spent). The flow would never be polled again, so it ends
+            # now (a RST each way; the loop's entry goes with the socket) rather than
+            # leaving both sides hanging, and a connect is not taken for complete.
             self._count("tcp_watch_failed")
             self._apply(f, f.core.host_reset(), now)
             return
         if f.connecting:
+            err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self._count("tcp_connect_failed")
                 self._apply(f, f.core.host_refused(), now)
@@ -516,10 +514,12 @@ class TcpNat:
             self._connected(f, now)
             self._settle(f, now)
             return
-        if err:
-            self._count("tcp_host_reset")
-            self._apply(f, f.core.host_reset(), now)
-            return
+        if revents & EPOLLERR:
+            err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._count("tcp_host_reset")
+                self._apply(f, f.core.host_reset(), now)
+                return
         if revents & EPOLLOUT and f.want_out:
             f.want_out = False
             self._refresh_window(f, now, force=True)
