@@ -301,12 +301,17 @@ class IcmpNat:
             try:
                 sock.setsockopt(*fam.recverr, 1)
                 sock.connect((fam.to_str(flow.host_dst), 0))
-                # Refused by the kernel (ENOMEM, max_user_watches spent) like a failed
-                # connect: a socket nothing polls would never answer.
-                self.loop.watch(sock.fileno(), select.EPOLLIN,
-                                lambda ev, f=flow: self._ping_event(f, ev))
             except OSError:
                 sock.close()
+                refuse()
+                return None
+            try:
+                self.loop.watch(sock.fileno(), select.EPOLLIN,
+                                lambda ev, f=flow: self._ping_event(f, ev))
+            except OSError as e:
+                # ENOMEM, max_user_watches spent: a socket nothing polls would never answer.
+                sock.close()
+                self.exhaustion.refused(f"{fam.label} echo flow", e, watch=True)
                 refuse()
                 return None
             flow.sock = sock

@@ -73,8 +73,10 @@ class Exhaustion:
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL:
             self._last_log = now
-            hint = ("raise fs.epoll.max_user_watches or lower --max-flows"
-                    if error.errno == errno.ENOSPC else
-                    "free memory or lower --max-flows" if watch else
-                    "raise `ulimit -n` or lower --max-flows")
+            if not watch:
+                hint = "raise `ulimit -n` or lower --max-flows"
+            elif error.errno == errno.ENOSPC:
+                hint = "raise fs.epoll.max_user_watches or lower --max-flows"
+            else:
+                hint = "free memory or lower --max-flows"
             log.warning("%s refused: %s (%s)", what, error.strerror or error, hint)

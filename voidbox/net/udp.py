@@ -465,7 +465,8 @@ class UdpNat:
             except OSError as e:
                 # The kernel would not watch it (ENOMEM, the user's max_user_watches
                 # spent): a flow nothing polls or expires would keep its socket for good.
-                # The datagram has left; its replies are lost, as UDP allows.
+                # The datagram has left; its replies are lost, as UDP allows. (It counts
+                # among the flows opened, and in udp_watch_failed.)
                 flow.sock.close()
                 self._count("udp_watch_failed")
                 self.exhaustion.refused("UDP flow", e, watch=True)
