@@ -205,12 +205,15 @@ def test_fastpath_selects_by_environment(monkeypatch):
 HEAP_TURNS = """
 import importlib, resource, sys
 twin = importlib.import_module(sys.argv[1])
+block, count = int(sys.argv[3]), int(sys.argv[4])
 if sys.argv[2] == "keep":
-    assert twin.keep_freed_heap(16 << 20, 1 << 20)
+    from voidbox.net import engine
+    assert twin.keep_freed_heap(engine.KEEP_FREED_HEAP, engine.HEAP_MMAP_THRESHOLD)
 
 def turn():
-    # What a turn of guest -> host bulk leaves: 64 frames of 64 KiB batched, then freed.
-    batch = [bytes(65536) for _ in range(64)]
+    # Written through, as a read(2) or a frame copy fills them (bytes(n) would be calloc's
+    # untouched pages).
+    batch = [b"\\x01" * block for _ in range(count)]
     del batch
 
 turn()
@@ -221,22 +224,27 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.parametrize("twin", ["voidbox._slirp", "voidbox.net._slirp_py"])
-def test_keep_freed_heap_stops_every_turn_faulting_its_batch_back_in(twin):
-    """By default glibc gives a turn's freed 4 MiB back to the kernel and the next turn
-    faults it in again, page by page (guest -> host bulk through a VM's card ran at half
-    speed). After keep_freed_heap, the turns reuse it: next to no page faults."""
+def heap_turn_faults(twin: str, mode: str, block: int, count: int) -> int:
+    """Page faults of 20 turns that each allocate `count` blocks and free them."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", HEAP_TURNS, twin, mode, str(block), str(count)],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout)
+
+
+@pytest.mark.parametrize("twin", ["voidbox._slirp", "voidbox.net._slirp_py"])
+def test_keep_freed_heap_stops_every_turn_faulting_its_batch_back_in(twin):
+    """By default glibc gives a turn's freed 4 MiB (64 frames of 64 KiB, batched for one
+    sendmsg) back to the kernel and the next turn faults it in again, page by page
+    (guest -> host bulk through a VM's card ran at half speed). With the Engine's
+    settings the turns reuse it; so do larger blocks (a 1.25 MiB disk read, a 4 MiB
+    peek), which the settings' fixed mmap threshold must not send back to mmap."""
     if twin == "voidbox._slirp":
         load_compiled(twin)
-
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", HEAP_TURNS, twin, mode], check=True,
-                             capture_output=True, text=True)
-        return int(out.stdout)
-
-    default, kept = faults("default"), faults("keep")
-    assert default > 20 * 256, default  # the problem: hundreds of faults a turn
-    assert kept * 10 < default, (kept, default)
+    # 64 frames of 64 KiB (a batch), 4 disk reads of 1.25 MiB, 2 peeks of 4 MiB.
+    for block, count in ((64 << 10, 64), (1280 << 10, 4), (4 << 20, 2)):
+        default, kept = (heap_turn_faults(twin, mode, block, count) for mode in ("default", "keep"))
+        assert default > 20 * block * count // 4096 // 2, (block, default)  # the problem
+        assert kept * 10 < default, (block, kept, default)

@@ -89,8 +89,12 @@ IPV6_VERSION_NIBBLE = 6  # the version field, the high 4 bits of an IP packet's 
 INADDR_ANY = b"\x00" * 4
 # Ethernet multicast: the group bit is the low bit of the first octet (IEEE 802.3 §3.2.3).
 ETH_GROUP_BIT = 0x01
-KEEP_FREED_HEAP = 16 << 20  # bytes freed at the heap's top that malloc keeps (mallopt)
-HEAP_MMAP_THRESHOLD = 1 << 20  # blocks below this come from the heap, not their own mmap
+# mallopt(3) for every NAT process. Setting either turns glibc's sliding mmap threshold
+# off, so the mmap threshold goes where that would slide to at most (32 MiB on 64-bit):
+# a 1.25 MiB virtio-blk read or a 4 MiB peek keeps coming from the heap, not from an
+# mmap faulted in page by page each time.
+KEEP_FREED_HEAP = 64 << 20  # bytes freed at the heap's top that malloc keeps
+HEAP_MMAP_THRESHOLD = 32 << 20  # blocks below this come from the heap
 _ETH_HDR = struct.Struct("!6s6sH")  # IEEE 802.3 §3.1.1: destination, source, EtherType
 
 
