@@ -49,6 +49,14 @@ cdef inline void _set_u32(uint8_t *p, uint32_t v) noexcept nogil:
     _set_u16(p + 2, v >> 16)
 
 
+cdef int _check_ring(const uint8_t[::1] mem, Py_ssize_t off, Py_ssize_t elem,
+                     uint16_t size) except -1:
+    """A ring (flags, idx, `size` entries of `elem` bytes, an event index) inside mem."""
+    if off < 0 or off + RING_HEADER + elem * size + 2 > mem.shape[0]:
+        raise ValueError(f"a ring at offset {off} outside the memory given")
+    return 0
+
+
 def tx_offer(uint8_t[::1] mem, Py_ssize_t desc_off, Py_ssize_t avail_off, Py_ssize_t data_off,
              uint64_t data_gpa, Py_ssize_t slot_len, uint16_t size, uint16_t avail_idx,
              list frames):
@@ -60,8 +68,10 @@ def tx_offer(uint8_t[::1] mem, Py_ssize_t desc_off, Py_ssize_t avail_off, Py_ssi
     cdef uint8_t *desc
     if n > size:
         raise ValueError(f"{n} frames for a ring of {size}")
-    if data_off + n * slot_len > mem.shape[0] or desc_off + size * DESC_SIZE > mem.shape[0]:
+    if data_off < 0 or data_off + n * slot_len > mem.shape[0] \
+            or desc_off < 0 or desc_off + size * DESC_SIZE > mem.shape[0]:
         raise ValueError("the TX slots lie outside the memory given")
+    _check_ring(mem, avail_off, AVAIL_ELEM, size)
     for i in range(n):
         header, frame = frames[i]
         hlen, flen = header.shape[0], frame.shape[0]
@@ -88,14 +98,16 @@ def tx_retire(const uint8_t[::1] mem, Py_ssize_t used_off, uint16_t size, uint16
     """Check that the device used exactly the `expected` chains offered last, slots 0 to
     expected - 1 in any order; returns the new last_used. A device that left a chain, or
     returned one it was not given, raises ValueError."""
-    cdef uint16_t used_idx = _u16(&mem[used_off + 2]), k, slot
+    cdef uint16_t used_idx, k, slot
     cdef uint32_t head
     cdef uint8_t seen[SEEN_BYTES]
+    _check_ring(mem, used_off, USED_ELEM, size)
+    used_idx = _u16(&mem[used_off + 2])
     if <uint16_t>(used_idx - last_used) != expected:
         raise ValueError(f"the device used {<uint16_t>(used_idx - last_used)} of {expected} chains")
     memset(seen, 0, sizeof(seen))
     for k in range(expected):
-        slot = (last_used + k) % size
+        slot = <uint16_t>(last_used + k) % size  # the index wraps at 2**16, then the ring
         head = _u32(&mem[used_off + RING_HEADER + USED_ELEM * slot])
         if head >= expected or seen[head >> 3] & (1 << (head & 7)):
             raise ValueError(f"used id {head} was not offered, or came back twice")
@@ -113,10 +125,9 @@ def rx_collect(uint8_t[::1] mem, Py_ssize_t used_off, Py_ssize_t avail_off, Py_s
     the ring, a length beyond the buffer, num_buffers past what was used) raises
     ValueError, as the Python rig's asserts would fail.
     """
-    cdef const uint8_t *used = &mem[used_off]
-    cdef uint8_t *avail = &mem[avail_off]
-    cdef uint16_t used_idx = _u16(used + 2)
-    cdef uint16_t pending = <uint16_t>(used_idx - last_used)
+    cdef const uint8_t *used
+    cdef uint8_t *avail
+    cdef uint16_t used_idx, pending
     cdef uint16_t i = 0, k, nbuf, slot
     cdef uint32_t head, length, total, want = 0
     cdef uint32_t heads[MAX_BUFFERS]
@@ -124,17 +135,22 @@ def rx_collect(uint8_t[::1] mem, Py_ssize_t used_off, Py_ssize_t avail_off, Py_s
     cdef const uint8_t *buf
     cdef bytes frame
     cdef char *out
+    _check_ring(mem, used_off, USED_ELEM, size)
+    _check_ring(mem, avail_off, AVAIL_ELEM, size)
+    if data_off < 0 or buf_len < 0 or data_off + <Py_ssize_t>size * buf_len > mem.shape[0]:
+        raise ValueError("the RX buffers lie outside the memory given")
+    used, avail = &mem[used_off], &mem[avail_off]
+    used_idx = _u16(used + 2)
+    pending = <uint16_t>(used_idx - last_used)
     if pending > size:
         raise ValueError(f"used->idx {used_idx} is {pending} ahead of {last_used}")
-    if <Py_ssize_t>data_off + <Py_ssize_t>size * buf_len > mem.shape[0]:
-        raise ValueError("the RX buffers lie outside the memory given")
     frames = []
     while i < pending:
         # One frame: its first buffer carries the header and num_buffers.
         nbuf = 0
         total = 0
         while True:
-            slot = (last_used + i + nbuf) % size
+            slot = <uint16_t>(last_used + i + nbuf) % size
             head = _u32(used + RING_HEADER + USED_ELEM * slot)
             length = _u32(used + RING_HEADER + USED_ELEM * slot + 4)
             if head >= size or length > <uint32_t>buf_len:

@@ -1,5 +1,5 @@
 """Builds the benchmarks' own Cython modules: bench/_ring_bench.pyx (a Cython caller of
-voidbox/_ring.pxd) and bench/_guest_rx.pyx (the bulk rig's RX driver)."""
+voidbox/_ring.pxd) and bench/_guest_driver.pyx (the bulk rig's guest driver)."""
 
 import importlib.util
 import sys

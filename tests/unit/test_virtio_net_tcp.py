@@ -638,5 +638,13 @@ def test_the_benchmarks_compiled_driver_moves_what_the_python_one_does(impl, gue
         # A TX chain the device left is noticed.
         with pytest.raises(ValueError, match="used 0 of 1 chains"):
             rig._retire_tx(1)
+        # Rings and buffers are checked against the memory before anything is read.
+        mem = memory.numpy()
+        with pytest.raises(ValueError, match="outside the memory"):
+            guest_driver.rx_collect(mem, len(mem) - 8, 0, 0, RX_BUF_LEN, 256, 0, 0)
+        with pytest.raises(ValueError, match="outside the memory"):
+            guest_driver.rx_collect(mem, 0, 0, len(mem) - RX_BUF_LEN, RX_BUF_LEN, 256, 0, 0)
+        with pytest.raises(ValueError, match="outside the memory"):
+            guest_driver.tx_retire(mem, -4, 256, 0, 0)
     finally:
         rig.close()
