@@ -170,3 +170,36 @@ def test_a_ping_sockets_error_and_reply_reach_the_guest(v6):
             assert h.engine.counters["icmp_error_reflected"] == 1
     finally:
         h.close()
+
+
+def test_an_echo_socket_the_loop_cannot_watch_is_closed_and_refused(monkeypatch):
+    """epoll_ctl may fail (ENOMEM, max_user_watches spent): the ping socket is closed and
+    the guest told unreachable, counted and logged with the watch hint, rather than a flow
+    whose socket nothing polls. Ping sockets are off on many hosts (ping_group_range), so
+    a UDP socket stands in for one; nothing is sent: the watch fails before the echo."""
+    import socket
+    import types
+
+    from tests.unit.netframes import RefusingLoop
+    from voidbox.net import icmp
+
+    opened = []
+
+    def udp_instead_of_ping(family, kind, _proto):
+        opened.append(socket.socket(family, kind, 0))
+        return opened[-1]
+
+    fake = types.SimpleNamespace(**{k: getattr(socket, k) for k in dir(socket) if k.isupper()})
+    fake.socket = udp_instead_of_ping
+    monkeypatch.setattr(icmp, "socket", fake)
+    h = Harness()
+    refusing = RefusingLoop(h.loop)
+    monkeypatch.setattr(h.engine.icmp, "loop", refusing)
+    refused = []
+    flow = icmp._Flow("k", OUTSIDE, OUTSIDE, 77)
+    assert h.engine.icmp._open_flow(icmp._V4, "ping", flow, lambda: refused.append(1)) is None
+    assert refusing.refused == 1 and refused == [1]
+    assert [s.fileno() for s in opened] == [-1]  # closed
+    assert flow.sock is None and not h.engine.icmp.flows
+    assert h.engine.counters["flows_refused_no_watch"] == 1
+    h.close()
