@@ -267,8 +267,8 @@ class BulkRig:
             self._retire_tx(len(batch))
 
     def _offer_tx(self, batch) -> None:
-        """Each (header, frame) in one readable chain, offered. bench/ replaces this and
-        _retire_tx with a compiled driver."""
+        """Each (header, frame) in one readable chain, offered. CompiledDriverRig replaces
+        this and _retire_tx with the compiled driver."""
         tx, memory = self.tx, self.memory
         for header, frame in batch:
             head = tx.free[0]
@@ -284,7 +284,7 @@ class BulkRig:
     def _take_rx(self) -> list[tuple[bytes, bytes]]:
         """(virtio_net_hdr, frame) bytes for each frame the device put in RX buffers since
         the last call, its buffers joined by num_buffers; every buffer is reposted at once
-        (the caller kicks). bench/ replaces this with a compiled driver."""
+        (the caller kicks). CompiledDriverRig replaces this with the compiled driver."""
         used = self.rx.collect()
         frames = []
         read = self.memory.read
