@@ -93,6 +93,28 @@ def test_net_serve_vmm_fd_without_a_vmm_is_one_line_and_exit_2():
     assert result.stderr.count("\n") == 1, result.stderr
 
 
+def test_the_child_runs_this_voidbox_not_one_in_the_working_directory(tmp_path):
+    """A `voidbox` package in the directory the VMM was started from (anyone may leave one
+    in /tmp) is never what the child imports: python -c would put the working directory
+    first on sys.path."""
+    marker = tmp_path / "decoy-ran"
+    decoy = tmp_path / "voidbox"
+    decoy.mkdir()
+    for name in ("__init__.py", "launch.py"):
+        (decoy / name).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    a, b = socket.socketpair()
+    a.sendall(b"not a document")
+    a.close()
+    argv, env = child.child_command(b.fileno())
+    result = subprocess.run(argv, pass_fds=(b.fileno(),), env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    b.close()
+    assert not marker.exists()
+    # This voidbox ran: the one-line answer of `net serve --vmm-fd` without a VMM.
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("voidbox: net serve --vmm-fd: no configuration from the VMM: ")
+
+
 class FakeProcess:
     """Popen's face for BackendProcess: a child that runs until told otherwise."""
 

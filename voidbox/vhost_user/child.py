@@ -217,15 +217,12 @@ def spawn(spec, config, listener: socket.socket | None = None) -> BackendProcess
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [vhost_user.fileno()] + ([tap_fd] if tap_fd is not None else [])
     try:
+        argv, env = child_command(theirs.fileno())
         process = subprocess.Popen(
-            # -S: no site (PYTHONPATH finds this voidbox, which needs nothing else): its
-            # .pth hooks are not the child's to run, and they cost ~15 ms of its start-up.
-            # -c rather than -m: runpy and what it imports cost another ~6 ms.
-            [sys.executable, "-S", "-c", CHILD_MAIN, "net", "serve", "--vmm-fd",
-             str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             # Its own session: the terminal's Ctrl-C is the VMM's to act on.
-            start_new_session=True, env=_child_environment())
+            start_new_session=True, env=env)
         _send(ours, document, fds)
     except OSError as error:
         ours.close()
@@ -240,6 +237,19 @@ def spawn(spec, config, listener: socket.socket | None = None) -> BackendProcess
     child = BackendProcess(process, ours, f"net{spec.index}")
     child.frontend_socket = front
     return child
+
+
+def child_command(control_fd: int) -> tuple[list[str], dict]:
+    """The child's command line and environment.
+
+    -S: no site (PYTHONPATH finds this voidbox, which needs nothing else): its .pth hooks
+    are not the child's to run, and they cost ~15 ms of its start-up. -c rather than -m:
+    runpy and what it imports cost another ~6 ms. -P: -c would put the working directory
+    first on sys.path, so a `voidbox` directory there (anyone's, in /tmp) would be what
+    the child imports and runs.
+    """
+    return ([sys.executable, "-S", "-P", "-c", CHILD_MAIN, "net", "serve", "--vmm-fd",
+             str(control_fd)], _child_environment())
 
 
 def _child_environment() -> dict:
