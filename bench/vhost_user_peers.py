@@ -516,7 +516,11 @@ class Session:
                 # The sandboxed server is a forked child that cannot write files: profile
                 # an unsandboxed one, which serves in this process.
                 serve = ["-m", "cProfile", "-o", self.args.profile_voidbox, *serve, "--no-sandbox"]
-            self._spawn([sys.executable, *serve])
+            # The voidbox of this bench's tree, whatever the working directory: -m would
+            # put that first on sys.path (an A/B run from another tree measured that one).
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+            self._spawn([sys.executable, "-P", *serve], env)
             return vhost
         if self.backend == "slirp":
             return ["-netdev", f"user,id=n0,net=10.0.2.0/{PREFIX_LEN},host={GATEWAY}"]
