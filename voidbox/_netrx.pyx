@@ -227,12 +227,18 @@ class RingStream(_PureRingStream):
         return chains, caps, firsts
 
     def _take_c(self, Virtqueue queue, Py_ssize_t n, Py_ssize_t headroom):
-        """The pure twin's _take: n RX chains big enough for headers and a byte."""
+        """The pure twin's _take: n RX chains big enough for headers and a byte (at most a
+        ring's worth of too-small ones going back per call)."""
         card = self.card
         held = card._rx_held
         cdef list out = []
         cdef Chain chain
+        cdef Py_ssize_t refused = 0
         while len(out) < n:
+            if refused >= queue.size:
+                card.counters["rx_too_small_burst"] += 1
+                queue.enable_notifications()
+                break
             if not held:
                 try:
                     more = queue.pop(n - len(out), REQUIRE_WRITABLE_C)
@@ -249,6 +255,7 @@ class RingStream(_PureRingStream):
             if chain.writable <= <uint64_t>headroom:
                 queue.push(chain.head, 0)  # too small for a segment: back, unused
                 card.counters["rx_buffer_too_small"] += 1
+                refused += 1
                 continue
             out.append(chain)
         return out

@@ -20,7 +20,7 @@ import termios
 import pytest
 
 from tests.twins import load_compiled
-from tests.unit.test_virtio_net import ALL, GUEST_OFFLOADS, QSIZE, Nic
+from tests.unit.test_virtio_net import ALL, GUEST_OFFLOADS, QSIZE, Nic, RecyclingGuest
 from tests.virtio_driver import DATA_ADDR, Driver
 from voidbox.net.fastpath import inet_checksum, tcp_checksum
 from voidbox.net.packets import pseudo_header_sum
@@ -154,6 +154,22 @@ def test_headers_and_payload_scatter_over_odd_sized_descriptors(impl, memory, st
     sent, _, count, _ = burst(stream_cls(nic.device), near)
     assert (sent, count) == (3001, 3)
     check(frames(nic), payload)
+
+
+def test_small_chains_reposted_at_once_cannot_keep_the_stream_looping(impl, memory,
+                                                                      stream_cls, pair):
+    """A driver that re-posts each too-small chain as soon as it is used: at most a ring's
+    worth go back per burst, which then blocks as if starved."""
+    near, far = pair
+    drivers = {}
+    guest = RecyclingGuest(impl, lambda: drivers)
+    nic = Nic(guest, memory, rx_buffers=0)
+    drivers[nic.rx.avail_addr] = nic.rx
+    nic.post(1, HEADROOM)  # room for the headers and not one byte more
+    far.sendall(b"q" * 100)
+    assert burst(stream_cls(nic.device), near)[:3] == (0, 0, 0)
+    assert nic.counters["rx_too_small_burst"] == 1
+    assert QSIZE <= nic.counters["rx_buffer_too_small"] == guest.reposts <= 2 * QSIZE + 1
 
 
 def test_chains_too_small_go_back_unused_and_no_chain_blocks(impl, memory, stream_cls, pair):

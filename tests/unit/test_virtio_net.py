@@ -333,6 +333,50 @@ def test_without_mrg_rxbuf_a_frame_needs_one_buffer_that_fits(impl, memory):
     assert nic.counters["rx_buffer_too_small"] == 1
 
 
+class RecyclingGuest:
+    """A ring factory whose RX ring plays a second vCPU: every buffer the device returns
+    is posted again at once, as a hostile driver can (bounded, so a loop fails the test
+    instead of hanging it)."""
+
+    def __init__(self, impl, nic_drivers):
+        outer = self
+
+        class Ring(impl.Virtqueue):
+            def push(self, head, written):
+                super().push(head, written)
+                driver = nic_drivers().get(self.avail_addr)
+                if driver is not None:
+                    outer.reposts += 1
+                    assert outer.reposts < 100_000, "the device kept taking the same buffers"
+                    driver.offer(head)
+
+        self.Virtqueue = Ring
+        self.reposts = 0
+
+
+@pytest.mark.parametrize("features", [BASE, ALL], ids=["one_buffer", "mrg_rxbuf"])
+def test_buffers_too_small_reposted_at_once_cannot_keep_the_device_looping(impl, memory,
+                                                                             features):
+    """Too-small buffers go back unused, at most a ring's worth per frame: a driver that
+    re-posts each as soon as it is used gets its frame backlogged, as if it had none."""
+    drivers = {}
+    guest = RecyclingGuest(impl, lambda: drivers)
+    nic = Nic(guest, memory, features=features, rx_buffers=0)
+    drivers[nic.rx.avail_addr] = nic.rx
+    nic.post(1, 200 if features == BASE else 8)  # short of a frame; short of the header
+    assert nic.backend.deliver(udp_frame(500))  # held in the backlog, not lost
+    assert nic.counters["rx_too_small_burst"] == 1
+    assert QSIZE <= nic.counters["rx_buffer_too_small"] <= 2 * QSIZE + 1
+    assert guest.reposts == nic.counters["rx_buffer_too_small"]
+    del drivers[nic.rx.avail_addr]  # the driver behaves from now on
+    nic.rx.collect()
+    good = nic.post(1)[0]
+    used = dict(nic.rx.collect())  # the last small one comes back unused first
+    assert set(used) <= {good} | set(range(QSIZE)) and used[good] > 12
+    frame = udp_frame(500)
+    assert nic.memory.read(nic.rx.read_desc(good)[0] + 12, len(frame)) == frame
+
+
 def test_no_rx_buffers_backlog_then_resume_in_order_and_bounded(impl, memory):
     nic = Nic(impl, memory, rx_buffers=0)
     frames = [udp_frame(100 + i) for i in range(RX_BACKLOG_FRAMES + 10)]

@@ -277,11 +277,19 @@ class RingStream:
         return chains, caps, firsts
 
     def _take(self, queue, n: int, headroom: int = FRAME_HEADROOM) -> list:
-        """n RX chains big enough for headers and a byte: the card's held ones first."""
+        """n RX chains big enough for headers and a byte: the card's held ones first.
+
+        At most a ring's worth of too-small buffers go back per call (as in
+        VirtioNet._take_buffers): a driver re-posting each at once would keep it looping."""
         card = self.card
         held = card._rx_held
         out = []
+        refused = 0
         while len(out) < n:
+            if refused >= queue.size:
+                card.counters["rx_too_small_burst"] += 1
+                queue.enable_notifications()
+                break
             if not held:
                 try:
                     more = queue.pop(n - len(out), REQUIRE_WRITABLE)
@@ -301,6 +309,7 @@ class RingStream:
             if chain.writable <= headroom:
                 queue.push(chain.head, 0)  # too small for a segment: back, unused
                 card.counters["rx_buffer_too_small"] += 1
+                refused += 1
                 continue
             out.append(chain)
         return out
@@ -344,6 +353,11 @@ class RingStream:
 
 # ---- a TAP's frames straight into RX chains, and TX chains straight to a TAP ---------------
 
+# The most one read(2) of a TAP returns: the 12-byte header and a 64 KiB GSO frame, with
+# room to spare (a frame this long would come back truncated and be dropped).
+TAP_READ_MAX = 128 * 1024
+
+
 def readv_into_chains(fd: int, chains) -> tuple[int, int, int, list | None]:
     """Read one frame (one read(2) of a TAP) into the chains' writable bytes, in order;
     -> (the frame's length or -errno (-EAGAIN: nothing queued), the virtio_net_hdr's flags
@@ -355,13 +369,15 @@ def readv_into_chains(fd: int, chains) -> tuple[int, int, int, list | None]:
     this one goes through a buffer."""
     # One byte more than the chains hold: a frame that does not fit shows as longer
     # (the TAP returns what it copied, so a truncated read would look like a full one).
-    total = sum(chain.writable for chain in chains)
-    buf = bytearray(total + 1)
+    # No more than any TAP frame, whatever the chains claim: the driver sizes them, and
+    # descriptors that alias one region can claim far more than the guest has.
+    room = min(sum(chain.writable for chain in chains), TAP_READ_MAX)
+    buf = bytearray(room + 1)
     try:
         got = os.readv(fd, [buf])
     except OSError as error:
         return -(error.errno or errno.EIO), 0, 0, None
-    if got > total:
+    if got > room:
         return got, 0, 0, None
     used, pos = [], 0
     for chain in chains:

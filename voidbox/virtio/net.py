@@ -673,8 +673,10 @@ class VirtioNet(VirtioDevice):
             # The largest frame the guest takes: 64 KiB with GSO, else its MTU's with one
             # VLAN tag (what Linux sizes its mergeable buffers for: 12 + 14 + 4 + MTU).
             max_frame = MAX_FRAME if offloads.any_gso else ETH_HLEN + VLAN_HLEN + self.mtu
+            reads = 0  # frames dropped count against the budget too
             try:
-                while placed < budget:
+                while reads < budget:
+                    reads += 1
                     chains = self._take_for_read(queue, merge, max_frame)
                     if chains is None:
                         status = RX_FD_BLOCKED
@@ -761,10 +763,19 @@ class VirtioNet(VirtioDevice):
             rx_ready()
 
     def _take_buffers(self, queue, needed: int):
-        """Held RX chains covering `needed` bytes (popping more as needed), or None."""
+        """Held RX chains covering `needed` bytes (popping more as needed), or None.
+
+        Buffers too small to use go back unused, at most a ring's worth per call: a driver
+        that re-posts each one as soon as it is used would otherwise keep this loop (and
+        the card's lock) forever. It then waits for its next RX kick, as if starved."""
         held = self._rx_held
         merge = self._acked(VIRTIO_NET_F_MRG_RXBUF)
+        refused_at = self.counters["rx_buffer_too_small"] + queue.size
         while True:
+            if self.counters["rx_buffer_too_small"] >= refused_at:
+                self.counters["rx_too_small_burst"] += 1
+                queue.enable_notifications()
+                return None
             if merge:
                 while held and held[0].writable < VIRTIO_NET_HDR_LEN:
                     # With MRG_RXBUF every buffer holds at least the header (§5.1.6.3.1);
