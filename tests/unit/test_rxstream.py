@@ -421,3 +421,32 @@ def test_a_reset_in_the_middle_drops_the_offloads_with_the_ack(impl, memory, str
     check([(h, f) for h, f, _n in merged_frames(nic)], payload[30_000:30_000 + sent],
           seq=(SEQ + 30_000) & 0xFFFFFFFF)
     assert nic.counters["rx_gso_frames"] == 1  # the one before the reset
+
+
+class ClaimingChain:
+    """An RX chain whose descriptors alias one region, claiming far more than RAM."""
+
+    head = 3
+
+    def __init__(self, writable):
+        self.writable = writable
+        self.written = b""
+
+    def write(self, data, offset):
+        self.written = bytes(data)
+
+
+def test_a_tap_read_into_chains_that_claim_terabytes_allocates_one_frame():
+    """The pure twin reads through a buffer: it is sized by what a TAP can return, never
+    by what the driver's descriptors claim."""
+    r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        frame = bytes(12) + ETH + b"x" * 100
+        w.send(frame)
+        chain = ClaimingChain(1 << 40)
+        got, flags, gso, used = _netrx_py.readv_into_chains(r.fileno(), [chain])
+        assert (got, used) == (len(frame), [(3, len(frame))])
+        assert chain.written[12:] == frame[12:]
+    finally:
+        r.close()
+        w.close()
