@@ -437,6 +437,20 @@ def test_status_zero_resets_the_transport_and_the_device(rig, memory):
     assert device.kicks == [0]
 
 
+def test_a_driver_cannot_clear_a_status_bit_and_activate_twice(rig, memory):
+    """§2.1.2: only a reset clears status bits. Clearing DRIVER_OK and setting it again
+    (no reset) must not activate the live device a second time."""
+    transport, guest, device, signals, drv = live(rig, memory)
+    status = guest.r(VIRTIO_MMIO_STATUS)
+    guest.w(VIRTIO_MMIO_STATUS, status & ~(VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FEATURES_OK))
+    assert guest.r(VIRTIO_MMIO_STATUS) == status
+    guest.w(VIRTIO_MMIO_STATUS, status)
+    assert len(device.activations) == 1 and device.resets == 1
+    drv.add_buffers(readable=[b"x"])
+    guest.kick(0)
+    assert device.kicks == [0]  # still served, by the one activation
+
+
 def test_reset_waits_for_the_request_in_hand(rig, memory):
     """A driver reset on a vCPU must not pull the queues from under the I/O worker."""
     entered, release = threading.Event(), threading.Event()

@@ -293,6 +293,10 @@ class VirtioMmioTransport:
             self.device.reset()
             self._reset_state()
             return
+        # §2.1.2: the driver must not clear a status bit; only a reset (0) does. A write
+        # that tries keeps them: clearing DRIVER_OK and setting it again would otherwise
+        # activate a live device a second time, its buffers still held from the old rings.
+        value |= self.status & ~VIRTIO_CONFIG_S_NEEDS_RESET
         new_bits = value & ~self.status
         if new_bits & VIRTIO_CONFIG_S_FEATURES_OK:
             # §2.2.2: the device refuses feature sets it did not offer, and VERSION_1 is
