@@ -319,6 +319,8 @@ class VhostUserNic(VirtioDevice):
             return base + memory.translate(gpa)
 
         for index, ring in enumerate(queues):
+            if ring is None:
+                continue  # a queue the driver never made ready: the backend keeps it stopped
             conn.send(p.SetVringNum(index=index, num=ring.size))
             conn.send(p.SetVringAddr(index=index, flags=0, desc_user_addr=user(ring.desc_addr),
                                      used_user_addr=user(ring.used_addr),
