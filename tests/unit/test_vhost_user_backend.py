@@ -551,3 +551,27 @@ def test_rings_stopped_with_get_vring_base_resume_at_set_vring_base(rig, path):
     arp_round_trip(front)
     assert front.tx.used_idx == 2 and front.rx.used_idx == 2
     front.close()
+
+
+def test_fds_piling_up_before_a_message_ends_close_the_connection(rig, path, caplog):
+    """A frontend that sends a message a byte at a time, each byte with fds, cannot make
+    the server hold more fds than one message may carry (MAX_FDS_PER_MESSAGE): left alone
+    they would pile up until the process has none left (EMFILE for everyone)."""
+    before = open_fds()
+    front = Frontend(rig, path)
+    header = p.HEADER.pack(p.VHOST_USER_SET_MEM_TABLE, p.VHOST_USER_VERSION, p.MEMORY_HEADER.size)
+    with caplog.at_level(logging.WARNING, logger="voidbox.vhost_user.backend"):
+        for byte in header[:2]:  # each read: one byte and a full message's worth of fds
+            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(p.MAX_FDS_PER_MESSAGE)]
+            try:
+                front.send_raw(bytes([byte]), fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            rig.pump(rounds=2)
+        assert front.closed_by_server()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"vhost-user {path}: closing the connection: protocol error: "
+        f"{2 * p.MAX_FDS_PER_MESSAGE} fds received for one message, more than {p.MAX_FDS_PER_MESSAGE}"]
+    front.close()
+    assert open_fds() == before

@@ -146,6 +146,11 @@ class _Session:
             except (BlockingIOError, InterruptedError):
                 return False
             self._pending_fds += fds
+            # The decoder checks a message's fds only once it is whole: a frontend sending
+            # one byte at a time, each with fds, would pile them up here without this.
+            if len(self._pending_fds) > p.MAX_FDS_PER_MESSAGE:
+                raise ProtocolError(f"{len(self._pending_fds)} fds received for one message, "
+                                    f"more than {p.MAX_FDS_PER_MESSAGE}")
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError("file descriptors truncated (MSG_CTRUNC)")
             if not data:
