@@ -11,6 +11,7 @@ import gc
 import logging
 import mmap
 import os
+import select
 import socket
 import stat
 import struct
@@ -575,3 +576,95 @@ def test_fds_piling_up_before_a_message_ends_close_the_connection(rig, path, cap
         f"{2 * p.MAX_FDS_PER_MESSAGE} fds received for one message, more than {p.MAX_FDS_PER_MESSAGE}"]
     front.close()
     assert open_fds() == before
+
+
+def _pipe_whose_writer_closed() -> int:
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.close(write_end)
+    return read_end  # epoll says EPOLLHUP every turn, reads return nothing
+
+
+NOT_EVENTFDS = {
+    "a pipe whose writer closed": _pipe_whose_writer_closed,
+    "/dev/null": lambda: os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC),
+    "a memfd": lambda: os.memfd_create("not-an-eventfd", os.MFD_CLOEXEC),
+}
+
+
+@pytest.mark.parametrize("message", [p.SetVringKick, p.SetVringCall, p.SetVringErr])
+@pytest.mark.parametrize("kind", NOT_EVENTFDS)
+def test_a_vring_fd_that_is_not_an_eventfd_is_refused(rig, path, kind, message, caplog):
+    """A kick that is not an eventfd would spin the loop (a pipe's EPOLLHUP every turn,
+    every read failing); a call that is a file or a pipe would be written on for ever."""
+    before = open_fds()
+    front = Frontend(rig, path)
+    front.negotiate()
+    fd = NOT_EVENTFDS[kind]()
+    with caplog.at_level(logging.WARNING):
+        try:
+            front.send(message(index=0, fds=(fd,)))
+        finally:
+            os.close(fd)
+        assert front.closed_by_server()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"vhost-user {path}: closing the connection: protocol error: "
+        f"{message(index=0).name}: the fd is not an eventfd"]
+    front.close()
+    assert open_fds() == before
+
+
+def test_a_full_blocking_call_eventfd_never_blocks_the_loop(rig, path):
+    """A frontend's call eventfds may be blocking, their counters one short of full: a
+    write would then block the loop thread for ever. The server makes them non-blocking,
+    and a write that finds the counter full is dropped: the frontend sees the interrupt
+    anyway (the counter is not zero)."""
+    front = Frontend(rig, path)
+    for index in range(2):
+        os.close(front.calls[index])
+        front.calls[index] = os.eventfd(0, os.EFD_CLOEXEC)
+        os.eventfd_write(front.calls[index], 0xFFFF_FFFF_FFFF_FFFE)
+    front.negotiate()
+    front.send(p.SetVringCall(index=0, fds=(front.calls[0],)))
+    rig.pump(rounds=3)
+    # The server's copy shares the open file description with the frontend's.
+    assert not os.get_blocking(front.calls[0])
+    front.send(front.mem_table())
+    for _ in range(4):
+        front.rx.add_buffers(writable=[2048])
+    front.setup_ring(0, front.rx)
+    front.setup_ring(1, front.tx)
+    rig.pump(lambda: rig.device.queues != (), rounds=20)
+    front.transmit(arp_request())
+    frames: list[bytes] = []
+    rig.pump(lambda: frames.extend(front.received()) or frames, rounds=50)
+    assert len(frames) == 1 and front.tx.used_idx == 1
+    assert rig.server.full_calls >= 2 and rig.server.session is not None
+    arp_round_trip(front)  # the counters read, calls get through again
+    front.close()
+
+
+def test_a_kick_or_call_fd_that_fails_in_use_ends_the_session(rig, path, caplog):
+    """fstat cannot tell an eventfd from the other files on the kernel's anonymous inode
+    (epoll, timerfd, signalfd...), and the sandboxed backend may not read /proc: such an fd
+    is taken, and its first failing read (a kick) or write (a call) ends the session with
+    one line, instead of a traceback every turn."""
+    for which in ("kick", "call"):
+        front = Frontend(rig, path)
+        front.start()
+        poller = select.epoll()
+        signalled = os.eventfd(1, os.EFD_CLOEXEC)
+        poller.register(signalled, select.EPOLLIN)  # the epoll fd is readable from now on
+        message = p.SetVringKick if which == "kick" else p.SetVringCall
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            front.send(message(index=1, fds=(poller.fileno(),)))
+            if which == "call":
+                front.transmit(arp_request())  # its used buffer calls the transmitq
+            rig.pump(lambda: rig.server.session is None, rounds=20)
+            assert rig.server.session is None
+        assert len(caplog.records) == 1, caplog.text
+        assert caplog.records[0].exc_info is None
+        assert f"{which} eventfd of ring 1: [Errno 22] Invalid argument" in caplog.records[0].getMessage()
+        poller.close()
+        os.close(signalled)
+        front.close()

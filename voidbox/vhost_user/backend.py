@@ -20,6 +20,8 @@ Decisions a reader should know:
   resume there (Virtqueue.resume), so a frontend can stop, migrate or reconnect.
 - SET_VRING_ADDR carries frontend user addresses: they are translated through the table
   to guest-physical addresses; one that maps into no region is refused.
+- Kick, call and err fds must be eventfds (any other file is refused) and are made
+  non-blocking: a call whose counter the frontend filled never blocks the loop.
 - Anything malformed or out of order raises ProtocolError: that connection closes with one
   log line and the server waits for the next frontend, with the device reset, rings
   stopped, mappings unmapped and every fd received closed.
@@ -27,12 +29,15 @@ Decisions a reader should know:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
 import select
 import socket
 import stat
+import struct
+import termios
 
 from .._records import dataclass, field
 from ..errors import VoidboxError
@@ -52,6 +57,22 @@ MAX_RING_SIZE = 1024
 SEND_TIMEOUT = 5.0
 OFFERED_PROTOCOL_FEATURES = (1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK) | (1 << p.VHOST_USER_PROTOCOL_F_CONFIG)
 PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+_FIONBIO_ON = struct.pack("i", 1)
+
+
+def _eventfd_inode() -> tuple[int, int]:
+    """The (st_dev, st_ino) of an eventfd: the kernel's one anonymous inode, which every
+    eventfd shares (and epoll, timerfd, signalfd... too). Read at import, before any
+    sandbox: a sandboxed backend may not create an eventfd."""
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino
+
+
+_EVENTFD_INODE = _eventfd_inode()
 
 
 @dataclass
@@ -109,6 +130,7 @@ class _Session:
         self.closed = False
         self._pending = bytearray()  # the message being read
         self._pending_fds: list[int] = []
+        self._ending = False  # an end is scheduled (_end_soon)
 
     # ---- I/O ---------------------------------------------------------------------------
 
@@ -325,10 +347,11 @@ class _Session:
 
     def _on_SetVringKick(self, msg) -> bool:
         vring = self._vring(msg)
-        self._replace_fd(vring, "kick", msg.fd)
-        if msg.fd is not None:
-            self.server.loop.watch(msg.fd, select.EPOLLIN,
-                                   lambda _ev, fd=msg.fd, i=msg.index: self._kicked(fd, i))
+        fd = self._take_eventfd(msg)
+        self._replace_fd(vring, "kick", fd)
+        if fd is not None:
+            self.server.loop.watch(fd, select.EPOLLIN,
+                                   lambda events, fd=fd, i=msg.index: self._kicked(events, fd, i))
         vring.started = True
         if not self.protocol_negotiated:
             vring.enabled = True
@@ -336,12 +359,37 @@ class _Session:
         return False
 
     def _on_SetVringCall(self, msg) -> bool:
-        self._replace_fd(self._vring(msg), "call", msg.fd)
+        self._replace_fd(self._vring(msg), "call", self._take_eventfd(msg))
         return False
 
     def _on_SetVringErr(self, msg) -> bool:
-        self._replace_fd(self._vring(msg), "err", msg.fd)
+        self._replace_fd(self._vring(msg), "err", self._take_eventfd(msg))
         return False
+
+    def _take_eventfd(self, msg) -> int | None:
+        """The message's fd, made non-blocking; anything but an eventfd is refused (and
+        closed). Not readlink of /proc/self/fd: the sandboxed backend has no /proc, and
+        readlink is off its seccomp allow-list (the process would die of SIGSYS). fstat
+        sees the anonymous inode eventfds share with epoll, timerfd and the like: one of
+        those fails its first read or write, which ends the session (_kicked, _signal)."""
+        fd = msg.fd
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            if stat.S_IFMT(st.st_mode) or (st.st_dev, st.st_ino) != _EVENTFD_INODE:
+                raise ProtocolError(f"{msg.name}: the fd is not an eventfd")
+            # FIONBIO rather than fcntl(F_SETFL): only the first is on the sandbox's
+            # allow-list. The frontend shares this open file description and could clear
+            # O_NONBLOCK again: a full counter would then block a call's write once more.
+            fcntl.ioctl(fd, termios.FIONBIO, _FIONBIO_ON)
+        except OSError as error:
+            msg.close()
+            raise ProtocolError(f"{msg.name}: {error}") from None
+        except ProtocolError:
+            msg.close()
+            raise
+        return fd
 
     def _on_SetVringEnable(self, msg) -> bool:
         vring = self._vring(msg)
@@ -368,10 +416,19 @@ class _Session:
             self._replace_fd(vring, name, None)
         self.vrings[index] = _Vring(num=vring.num, addrs=vring.addrs)
 
-    def _kicked(self, fd: int, index: int) -> None:
+    def _kicked(self, events: int, fd: int, index: int) -> None:
+        if self.closed:
+            return
+        # An eventfd never hangs up: a kick fd that does would be reported every turn.
+        if events & (select.EPOLLHUP | select.EPOLLERR):
+            self.server._end(self, f"kick eventfd of ring {index} hung up or failed")
+            return
         try:
             os.eventfd_read(fd)
         except BlockingIOError:
+            return
+        except OSError as error:
+            self.server._end(self, f"kick eventfd of ring {index}: {error}")
             return
         if self.queues is not None:
             self.device.queue_notify(index)
@@ -388,14 +445,37 @@ class _Session:
             vring = self.vrings[queue]
             vring.signalled_used = queues[queue].used_idx
             if vring.call is not None:
-                os.eventfd_write(vring.call, 1)
+                self._signal(vring.call, f"call eventfd of ring {queue}")
             return
         moved = [i for i, q in enumerate(queues) if q.used_idx != self.vrings[i].signalled_used]
         for i in moved or range(len(queues)):
             vring = self.vrings[i]
             vring.signalled_used = queues[i].used_idx
             if vring.call is not None:
-                os.eventfd_write(vring.call, 1)
+                self._signal(vring.call, f"call eventfd of ring {i}")
+
+    def _signal(self, fd: int, what: str) -> None:
+        """Add 1 to a call (or err) eventfd, never blocking the loop."""
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            # The counter is full, so not zero: the frontend sees this signal anyway.
+            self.server.full_calls += 1
+        except OSError as error:
+            self._end_soon(f"{what}: {error}")
+
+    def _end_soon(self, reason: str) -> None:
+        """End the session on the loop's next turn: the device core, which calls
+        _interrupt, must not be reset from inside its own call."""
+        if self._ending or self.closed:
+            return
+        self._ending = True
+
+        def end() -> None:
+            if not self.closed:
+                self.server._end(self, reason)
+
+        self.server.loop.call_soon(end)
 
     def _maybe_activate(self) -> None:
         if self.queues is not None:
@@ -521,6 +601,7 @@ class VhostUserServer:
         self.sessions = 0
         self.activations = 0
         self.refused = 0
+        self.full_calls = 0  # call signals dropped: the frontend's counter was full
         self.lingering_mappings = 0
         self.last_error: str | None = None
 
