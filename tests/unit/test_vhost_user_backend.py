@@ -668,3 +668,53 @@ def test_a_kick_or_call_fd_that_fails_in_use_ends_the_session(rig, path, caplog)
         poller.close()
         os.close(signalled)
         front.close()
+
+
+@pytest.mark.parametrize("when", ["kick", "activation"])
+def test_a_broken_ring_stops_alone_until_it_is_set_up_again(rig, path, when, caplog):
+    """A head beyond the ring in the transmitq's available ring (QueueError): one line,
+    the ring's err eventfd signalled, its kicks no longer served; the session and the
+    receiveq go on, and the ring serves again once the frontend sets it up afresh."""
+    front = Frontend(rig, path)
+    err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    bad_head = QSIZE + 5
+    with caplog.at_level(logging.WARNING):
+        if when == "kick":
+            front.start()
+            front.send(p.SetVringErr(index=1, fds=(err,)))
+            front.tx.offer(bad_head)
+            os.eventfd_write(front.kicks[1], 1)
+        else:  # the kicks activation serves for the rings
+            front.negotiate()
+            front.send(front.mem_table())
+            for _ in range(4):
+                front.rx.add_buffers(writable=[2048])
+            front.tx.offer(bad_head)
+            front.send(p.SetVringErr(index=1, fds=(err,)))
+            front.setup_ring(0, front.rx)
+            front.setup_ring(1, front.tx)
+        rig.pump(lambda: len(caplog.records) > 0, rounds=20)
+        os.eventfd_write(front.kicks[1], 1)  # no longer served: no second line
+        rx_kicks = rig.device.counters["rx_kicks"]
+        os.eventfd_write(front.kicks[0], 1)  # the receiveq still is
+        rig.pump(lambda: rig.device.counters["rx_kicks"] > rx_kicks, rounds=20)
+    assert rig.device.counters["rx_kicks"] == rx_kicks + 1
+    assert len(caplog.records) == 1, caplog.text
+    assert caplog.records[0].exc_info is None
+    assert f"vhost-user {path}: ring 1 stopped until it is set up again: " in caplog.records[0].getMessage()
+    assert os.eventfd_read(err) == 1
+    assert rig.server.session is not None and len(rig.device.queues) == 2
+    # The frontend stops the rings, its driver mends the transmitq, and sets both up again.
+    bases = [p.VRING_STATE.unpack(front.call(p.GetVringBase(index=i, num=0)))[1] for i in range(2)]
+    assert bases[1] == 0  # the bad entry was never consumed
+    front.tx.avail_idx = 0
+    front.transmit(arp_request())  # a good chain where the bad head was
+    for index, driver in ((0, front.rx), (1, front.tx)):
+        front.setup_ring(index, driver, base=bases[index])
+    frames: list[bytes] = []
+    rig.pump(lambda: frames.extend(front.received()) or frames, rounds=50)
+    assert len(frames) == 1 and front.tx.used_idx == 1
+    arp_round_trip(front)
+    assert len(caplog.records) == 1
+    os.close(err)
+    front.close()

@@ -22,6 +22,8 @@ Decisions a reader should know:
   to guest-physical addresses; one that maps into no region is refused.
 - Kick, call and err fds must be eventfds (any other file is refused) and are made
   non-blocking: a call whose counter the frontend filled never blocks the loop.
+- A ring the device finds broken (QueueError) stops alone: its kick is no longer served
+  and its err eventfd is signalled until the frontend sets it up again.
 - Anything malformed or out of order raises ProtocolError: that connection closes with one
   log line and the server waits for the next frontend, with the device reset, rings
   stopped, mappings unmapped and every fd received closed.
@@ -431,7 +433,23 @@ class _Session:
             self.server._end(self, f"kick eventfd of ring {index}: {error}")
             return
         if self.queues is not None:
-            self.device.queue_notify(index)
+            try:
+                self.device.queue_notify(index)
+            except QueueError as error:
+                self._ring_failed(index, error)
+
+    def _ring_failed(self, index: int, error: QueueError) -> None:
+        """A ring the guest or the frontend broke: one line, its err eventfd signalled,
+        and its kicks left unserved until the frontend sets it up again (a new
+        SET_VRING_KICK). Served on, it would fail the same way at every kick."""
+        vring = self.vrings[index]
+        self.server.failed_rings += 1
+        log.warning("vhost-user %s: ring %d stopped until it is set up again: %s",
+                    self.server.path, index, error)
+        if vring.kick is not None:
+            self.server.loop.unwatch(vring.kick)
+        if vring.err is not None:
+            self._signal(vring.err, f"err eventfd of ring {index}")
 
     def _interrupt(self, _kind: int, queue: int | None = None) -> None:
         """The device's interrupt: each queue has its own call eventfd, so a device that
@@ -505,7 +523,10 @@ class _Session:
         self.server.activations += 1
         # Kicks that came before the last ring started.
         for index in range(self.nqueues):
-            self.device.queue_notify(index)
+            try:
+                self.device.queue_notify(index)
+            except QueueError as error:
+                self._ring_failed(index, error)
 
     def stop_device(self) -> None:
         """Reset the device core and forget the live rings, keeping each one's index."""
@@ -602,6 +623,7 @@ class VhostUserServer:
         self.activations = 0
         self.refused = 0
         self.full_calls = 0  # call signals dropped: the frontend's counter was full
+        self.failed_rings = 0  # rings stopped for a QueueError
         self.lingering_mappings = 0
         self.last_error: str | None = None
 
