@@ -15,6 +15,8 @@ import select
 import socket
 import stat
 import struct
+import threading
+import time
 
 import pytest
 
@@ -718,3 +720,42 @@ def test_a_broken_ring_stops_alone_until_it_is_set_up_again(rig, path, when, cap
     assert len(caplog.records) == 1
     os.close(err)
     front.close()
+
+
+def test_a_frontend_that_reads_its_replies_slowly_cannot_hold_the_loop(rig, path, monkeypatch):
+    """A frontend that queues requests and reads one reply now and then keeps each wait for
+    the socket short, but the loop thread would be in send() for as long as it keeps that
+    up (64 replies a wakeup). The waits of a session share one budget, SEND_TIMEOUT: a
+    frontend that reads each reply before its next request never waits at all."""
+    from voidbox.vhost_user import backend
+
+    monkeypatch.setattr(backend, "SEND_TIMEOUT", 0.3)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    rig.pump(lambda: rig.server.session is not None, rounds=5)
+    # The kernel's least send buffer: a few unread replies fill it.
+    rig.server.session.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    sock.sendall(p.encode_request(p.GetFeatures())[0] * 200)
+    stop = threading.Event()
+
+    def read_a_reply_now_and_then() -> None:
+        sock.settimeout(1)
+        while not stop.wait(0.05):
+            try:
+                if not sock.recv(p.VHOST_USER_HDR_SIZE + 8):
+                    return
+            except (TimeoutError, ConnectionResetError):
+                return
+
+    reader = threading.Thread(target=read_a_reply_now_and_then)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 3  # without the budget: 200 replies take over 7 s
+        while rig.server.session is not None and time.monotonic() < deadline:
+            rig.loop.run_once(0.01)
+        assert rig.server.session is None
+        assert "does not read its replies" in rig.server.last_error
+    finally:
+        stop.set()
+        reader.join()
+        sock.close()

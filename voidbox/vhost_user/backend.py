@@ -40,6 +40,7 @@ import socket
 import stat
 import struct
 import termios
+import time
 
 from .._records import dataclass, field
 from ..errors import VoidboxError
@@ -133,6 +134,7 @@ class _Session:
         self._pending = bytearray()  # the message being read
         self._pending_fds: list[int] = []
         self._ending = False  # an end is scheduled (_end_soon)
+        self._send_wait_left = SEND_TIMEOUT  # seconds the loop may still wait in send()
 
     # ---- I/O ---------------------------------------------------------------------------
 
@@ -194,7 +196,11 @@ class _Session:
         return not self.closed
 
     def send(self, data: bytes) -> None:
-        """Send a reply; a frontend that stops reading for SEND_TIMEOUT loses its connection."""
+        """Send a reply, waiting for the frontend to read at most SEND_TIMEOUT in all over
+        the session: it then loses its connection. Not a limit per wait, nor per reply: a
+        frontend that queues requests and reads a reply every few seconds would keep the
+        loop thread here (64 replies a wakeup). One that reads each reply before its next
+        request, as QEMU does, never fills the socket and never waits."""
         view = memoryview(data)
         poller = None
         while view:
@@ -204,7 +210,10 @@ class _Session:
                 if poller is None:
                     poller = select.poll()
                     poller.register(self.conn.fileno(), select.POLLOUT)
-                if not poller.poll(SEND_TIMEOUT * 1000):
+                started = time.monotonic()
+                ready = poller.poll(max(self._send_wait_left, 0.0) * 1000)
+                self._send_wait_left -= time.monotonic() - started
+                if not ready:
                     raise OSError("the frontend does not read its replies") from None
                 continue
             view = view[sent:]
