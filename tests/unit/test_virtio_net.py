@@ -7,6 +7,7 @@ does from its thread.
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
@@ -547,3 +548,25 @@ def test_a_gso_frame_larger_than_the_posted_buffers_is_dropped_not_stuck(impl, m
     frame = udp_frame(100)
     assert nic.backend.deliver(frame)
     assert frame in [data for _h, data in nic.received()]
+
+
+def test_a_tap_frame_marked_data_valid_reaches_a_guest_without_guest_csum_unmarked(impl,
+                                                                                   memory):
+    """The TAP marks a frame whose checksum the kernel verified DATA_VALID whatever its
+    offloads (a frame forwarded from a NIC): a driver that did not ack GUEST_CSUM gets the
+    complete frame with its flags cleared (§5.1.6.3), not a drop. NEEDS_CSUM, whose
+    checksum is unfinished, is still dropped for it."""
+    nic = Nic(impl, memory, rx_buffers=QSIZE)  # MRG_RXBUF, no GUEST_CSUM
+    ours, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        frame = udp_frame(200)
+        tap.send(VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0) + frame)
+        tap.send(VIRTIO_NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 6, 0) + frame)
+        ours.setblocking(False)
+        assert nic.device.rx_from_fd(ours.fileno(), 8)[0] == 1
+        assert nic.received() == [((0, 0, 0, 0, 0, 0, 1), frame)]
+        assert nic.counters["rx_data_valid_cleared"] == 1
+        assert nic.counters["rx_drop_offload_not_negotiated"] == 1
+    finally:
+        ours.close()
+        tap.close()

@@ -699,7 +699,8 @@ class VirtioNet(VirtioDevice):
                         continue
                     if len(used) < len(chains):
                         self._rx_held.extendleft(reversed(chains[len(used):]))
-                    if got < VIRTIO_NET_HDR_LEN + ETH_HLEN or (flags and not csum) \
+                    if got < VIRTIO_NET_HDR_LEN + ETH_HLEN \
+                            or (flags & ~VIRTIO_NET_HDR_F_DATA_VALID and not csum) \
                             or not offloads.allows_gso(gso_type):
                         # Made before TUNSETOFFLOAD followed a new ack, or a runt: the
                         # buffers go back unused, nothing the driver did not ack reaches it.
@@ -707,6 +708,14 @@ class VirtioNet(VirtioDevice):
                         counters["rx_drop_offload_not_negotiated" if got >= VIRTIO_NET_HDR_LEN
                                  + ETH_HLEN else "rx_drop_bad_length"] += 1
                         continue
+                    if flags and not csum:
+                        # DATA_VALID alone: the kernel checked a complete checksum (a frame
+                        # forwarded from a NIC that verified it), whatever TUNSETOFFLOAD
+                        # says. Without GUEST_CSUM the flags must be zero (§5.1.6.3): the
+                        # frame is complete as it is, so the mark goes, not the frame.
+                        chains[0].write(b"\x00", 0)
+                        flags = 0
+                        counters["rx_data_valid_cleared"] += 1
                     queue.push_many(used)
                     placed += 1
                     counters["rx_direct_frames"] += 1
