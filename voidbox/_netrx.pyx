@@ -258,6 +258,8 @@ class RingStream(_PureRingStream):
                 refused += 1
                 continue
             out.append(chain)
+        if refused and queue.needs_notification():
+            card.interrupt(1, 0)  # the buffers went back unused: the driver refills
         return out
 
     def _empty_status(self, int sockfd):

@@ -178,7 +178,9 @@ def test_chains_too_small_go_back_unused_and_no_chain_blocks(impl, memory, strea
     small = nic.post(2, HEADROOM)  # room for the headers and not one byte more
     far.sendall(b"q" * 100)
     stream = stream_cls(nic.device)
+    nic.signals.seen.clear()
     assert burst(stream, near) == (0, 0, 0, _netrx_py.STREAM_BLOCKED)
+    assert nic.signals.seen  # told: a driver in interrupt mode refills only then
     assert nic.rx.collect() == [(head, 0) for head in small]
     assert nic.counters["rx_buffer_too_small"] == 2 and nic.counters["rx_starved"] == 1
     nic.post(1, 2048)

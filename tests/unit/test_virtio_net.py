@@ -378,6 +378,24 @@ def test_buffers_too_small_reposted_at_once_cannot_keep_the_device_looping(impl,
     assert nic.memory.read(nic.rx.read_desc(good)[0] + 12, len(frame)) == frame
 
 
+@pytest.mark.parametrize("features", [BASE, BASE | 1 << VIRTIO_F_EVENT_IDX],
+                         ids=["plain", "event_idx"])
+def test_buffers_returned_unused_are_signalled_even_with_no_frame_placed(impl, memory,
+                                                                          features):
+    """A driver in interrupt mode learns its buffers came back only from the interrupt:
+    without it, it never refills, never kicks, and the frame waiting here waits for good."""
+    nic = Nic(impl, memory, features=features, rx_buffers=0)
+    nic.post(QSIZE, 200)  # every one too small for the frame
+    nic.signals.seen.clear()
+    assert nic.backend.deliver(udp_frame(500))  # backlogged
+    assert nic.counters["rx_buffer_too_small"] == QSIZE
+    assert nic.signals.seen  # the used-buffer interrupt went out
+    assert len(nic.rx.collect(recycle=True)) == QSIZE
+    nic.post(1)  # the driver refills and kicks: the frame arrives
+    ((_hdr, data),) = nic.received()
+    assert data == udp_frame(500)
+
+
 def test_no_rx_buffers_backlog_then_resume_in_order_and_bounded(impl, memory):
     nic = Nic(impl, memory, rx_buffers=0)
     frames = [udp_frame(100 + i) for i in range(RX_BACKLOG_FRAMES + 10)]

@@ -312,6 +312,8 @@ class RingStream:
                 refused += 1
                 continue
             out.append(chain)
+        if refused and queue.needs_notification():
+            card.interrupt(1, 0)  # the buffers went back unused: the driver refills
         return out
 
     def _give_back(self, chains) -> None:

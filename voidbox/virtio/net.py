@@ -724,7 +724,8 @@ class VirtioNet(VirtioDevice):
                 counters["rx_queue_errors"] += 1
                 self.rx_ring_error = True
                 status = RX_FD_BLOCKED
-            if placed and queue.needs_notification():
+            # Also with nothing placed: buffers may have gone back unused (too small).
+            if queue.needs_notification():
                 self.interrupt(VIRTIO_MMIO_INT_VRING, RX_QUEUE)
         return placed, status
 
@@ -776,7 +777,8 @@ class VirtioNet(VirtioDevice):
 
         Buffers too small to use go back unused, at most a ring's worth per call: a driver
         that re-posts each one as soon as it is used would otherwise keep this loop (and
-        the card's lock) forever. It then waits for its next RX kick, as if starved."""
+        the card's lock) forever. It then waits for its next RX kick, as if starved (the
+        caller signals the buffers returned, so the driver refills and kicks)."""
         held = self._rx_held
         merge = self._acked(VIRTIO_NET_F_MRG_RXBUF)
         refused_at = self.counters["rx_buffer_too_small"] + queue.size
@@ -831,9 +833,13 @@ class VirtioNet(VirtioDevice):
                 return True  # consumed: dropped
         length = len(frame)
         chains = self._take_buffers(queue, VIRTIO_NET_HDR_LEN + length)
-        if chains is None:
-            return False
-        if chains is TOO_BIG:
+        if chains is None or chains is TOO_BIG:
+            # Buffers it refused went back unused: the driver must hear of them, or one in
+            # interrupt mode never refills (and never kicks) for the frame waiting here.
+            if queue.needs_notification():
+                self.interrupt(VIRTIO_MMIO_INT_VRING, RX_QUEUE)
+            if chains is None:
+                return False
             self.counters["rx_drop_larger_than_ring"] += 1
             return True  # consumed: dropped
         view = memoryview(frame)
