@@ -424,7 +424,8 @@ class VhostUserNic(VirtioDevice):
                 old.close()
                 self.backend_features = features
                 if self.interrupt is not None and self.memory is not None and self.queues:
-                    bases = [int.from_bytes(self.memory.read(ring.used_addr + 2, 2), "little")
+                    bases = [0 if ring is None else
+                             int.from_bytes(self.memory.read(ring.used_addr + 2, 2), "little")
                              for ring in self.queues]
                     self._hand_over(self.memory, self.queues, bases)
                     self.active = True
