@@ -20,10 +20,12 @@ Decisions a reader should know:
   resume there (Virtqueue.resume), so a frontend can stop, migrate or reconnect.
 - SET_VRING_ADDR carries frontend user addresses: they are translated through the table
   to guest-physical addresses; one that maps into no region is refused.
-- Kick, call and err fds must be eventfds (any other file is refused) and are made
-  non-blocking: a call whose counter the frontend filled never blocks the loop.
+- Kick, call and err fds must look like eventfds to fstat (files, pipes and sockets are
+  refused; epoll, timerfd and the like share the eventfd's anonymous inode and fail
+  their first read or write instead) and are made non-blocking: a call whose counter the
+  frontend filled never blocks the loop.
 - A ring the device finds broken (QueueError) stops alone: its kick is no longer served
-  and its err eventfd is signalled until the frontend sets it up again.
+  and its err eventfd is signalled, until the frontend stops it and sets it up again.
 - Anything malformed or out of order raises ProtocolError: that connection closes with one
   log line and the server waits for the next frontend, with the device reset, rings
   stopped, mappings unmapped and every fd received closed.
@@ -63,19 +65,27 @@ PROTOCOL_FEATURES_BIT = 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
 _FIONBIO_ON = struct.pack("i", 1)
 
 
-def _eventfd_inode() -> tuple[int, int]:
-    """The (st_dev, st_ino) of an eventfd: the kernel's one anonymous inode, which every
-    eventfd shares (and epoll, timerfd, signalfd... too). Read at import, before any
-    sandbox: a sandboxed backend may not create an eventfd."""
-    fd = os.eventfd(0, os.EFD_CLOEXEC)
+def _eventfd_identity() -> tuple[int, int | None, int]:
+    """What fstat shows of an eventfd: (st_dev, st_ino, st_mode). Every eventfd shares the
+    kernel's one anonymous inode (with epoll, timerfd, signalfd... too); on a kernel that
+    gave each its own, st_ino is None here and only the device and mode are compared.
+    Read at import, before any sandbox: a sandboxed backend may not create an eventfd."""
+    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
     try:
-        st = os.fstat(fd)
+        first, second = (os.fstat(fd) for fd in fds)
     finally:
-        os.close(fd)
-    return st.st_dev, st.st_ino
+        for fd in fds:
+            os.close(fd)
+    shared = (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+    return first.st_dev, first.st_ino if shared else None, first.st_mode
 
 
-_EVENTFD_INODE = _eventfd_inode()
+_EVENTFD = _eventfd_identity()
+
+
+def _looks_like_eventfd(st: os.stat_result) -> bool:
+    dev, ino, mode = _EVENTFD
+    return st.st_dev == dev and st.st_mode == mode and (ino is None or st.st_ino == ino)
 
 
 @dataclass
@@ -388,7 +398,7 @@ class _Session:
             return None
         try:
             st = os.fstat(fd)
-            if stat.S_IFMT(st.st_mode) or (st.st_dev, st.st_ino) != _EVENTFD_INODE:
+            if not _looks_like_eventfd(st):
                 raise ProtocolError(f"{msg.name}: the fd is not an eventfd")
             # FIONBIO rather than fcntl(F_SETFL): only the first is on the sandbox's
             # allow-list. The frontend shares this open file description and could clear
@@ -449,8 +459,9 @@ class _Session:
 
     def _ring_failed(self, index: int, error: QueueError) -> None:
         """A ring the guest or the frontend broke: one line, its err eventfd signalled,
-        and its kicks left unserved until the frontend sets it up again (a new
-        SET_VRING_KICK). Served on, it would fail the same way at every kick."""
+        and its kicks left unserved until the frontend stops it (GET_VRING_BASE) and sets
+        it up again; a new SET_VRING_KICK alone only serves the broken ring once more (and
+        logs once more). Served on, it would fail the same way at every kick."""
         vring = self.vrings[index]
         self.server.failed_rings += 1
         log.warning("vhost-user %s: ring %d stopped until it is set up again: %s",
