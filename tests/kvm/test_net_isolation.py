@@ -244,7 +244,8 @@ def test_a_backend_killed_by_seccomp_takes_the_link_down_not_the_vm(spin, capfd,
         (card,) = vm.nics
         assert card.wait_backend(30)
         os.kill(card.process.serving_pid, signal.SIGUSR2)
-        assert link_went_down(vm)
+        assert link_went_down(vm), (dict(card.counters), card.process.ended(0),
+                                    os.path.exists(f"/proc/{card.process.serving_pid}"))
         assert vm.wait(1) is None  # the guest runs on
         vm.stop(StopReason.QUIT)
         vm.wait()
