@@ -10,6 +10,7 @@ comes back up; without, it stays down.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -93,31 +94,48 @@ def wait_until(predicate) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def card_on_a_backend(tmp_path, reconnect: bool):
+    """A VhostUserNic on its loop thread, an in-process backend serving it and the guest's
+    rings in memory; everything closed after (the backend the test left in rig.backend)."""
+    rig = SimpleNamespace(path=tmp_path / "net.sock")
+    rig.backend = Backend(rig.path)
+    loop = LoopThread("net")
+    rig.memory = GuestMemory(32 << 20)
+    rig.kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+    rig.nic = VhostUserNic(str(rig.path), MAC, rig.kicks, loop.loop, reconnect=reconnect)
+    loop.start()
+    rig.guest = Guest(rig.memory)
+    try:
+        yield rig
+    finally:
+        loop.stop()
+        rig.nic.close()
+        loop.close()
+        rig.backend.close()
+        for fd in rig.kicks:
+            os.close(fd)
+        rig.memory.close()
+
+
 @pytest.mark.parametrize("reconnect", [True, False], ids=["reconnect", "no-reconnect"])
 def test_a_backend_that_goes_and_comes_back(tmp_path, capfd, reconnect):
-    path = tmp_path / "net.sock"
-    backend = Backend(path)
-    loop = LoopThread("net")
-    memory = GuestMemory(32 << 20)
-    kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-    nic = VhostUserNic(str(path), MAC, kicks, loop.loop, reconnect=reconnect)
-    loop.start()
-    guest = Guest(memory)
-    try:
+    with card_on_a_backend(tmp_path, reconnect) as rig:
+        nic, guest, kicks = rig.nic, rig.guest, rig.kicks
         nic.acked_features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)
         for _ in range(8):
             guest.rx.add_buffers(writable=[2048])
-        nic.activate(memory, guest.queues(), guest.interrupt)
+        nic.activate(rig.memory, guest.queues(), guest.interrupt)
         assert arp_through(nic, guest, kicks)
 
-        backend.close()  # the backend process dies
+        rig.backend.close()  # the backend process dies
         # The link goes down, then the configuration interrupt tells the driver.
         assert wait_until(lambda: VIRTIO_MMIO_INT_CONFIG in guest.interrupts)
         assert not nic.link_up
         status = int.from_bytes(nic.config_bytes()[6:8], "little")
         assert status & VIRTIO_NET_S_LINK_UP == 0
 
-        backend = Backend(path)  # a new one on the same socket
+        rig.backend = Backend(rig.path)  # a new one on the same socket
         if reconnect:
             assert wait_until(lambda: guest.interrupts.count(VIRTIO_MMIO_INT_CONFIG) == 2), \
                 capfd.readouterr().err
@@ -131,14 +149,6 @@ def test_a_backend_that_goes_and_comes_back(tmp_path, capfd, reconnect):
         err = capfd.readouterr().err.splitlines()
         assert len([line for line in err if "the guest's link is down" in line]) == 1, err
         assert len([line for line in err if "the guest's link is up" in line]) == int(reconnect), err
-    finally:
-        loop.stop()
-        nic.close()
-        loop.close()
-        backend.close()
-        for fd in kicks:
-            os.close(fd)
-        memory.close()
 
 
 def test_a_backend_that_keeps_refusing_is_retried_quietly(tmp_path, capfd):
@@ -204,33 +214,18 @@ def test_driver_ok_with_a_queue_never_made_ready_is_not_an_error(tmp_path, capfd
     """The guest may set DRIVER_OK without readying every queue (the transport then hands
     the card None for it): that card does not run, a backend that comes back takes the
     rings there are, and the VM goes on."""
-    path = tmp_path / "net.sock"
-    backend = Backend(path)
-    loop = LoopThread("net")
-    memory = GuestMemory(32 << 20)
-    kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-    nic = VhostUserNic(str(path), MAC, kicks, loop.loop, reconnect=True)
-    loop.start()
-    guest = Guest(memory)
-    try:
+    with card_on_a_backend(tmp_path, reconnect=True) as rig:
+        nic, guest = rig.nic, rig.guest
         nic.acked_features = 1 << VIRTIO_F_VERSION_1
-        nic.activate(memory, (None, guest.queues()[1]), guest.interrupt)
+        nic.activate(rig.memory, (None, guest.queues()[1]), guest.interrupt)
         assert nic.link_up
-        backend.close()
+        rig.backend.close()
         assert wait_until(lambda: not nic.link_up)
-        backend = Backend(path)
+        rig.backend = Backend(rig.path)
         assert wait_until(lambda: nic.link_up), capfd.readouterr().err
         assert nic.counters["reconnects"] == 1
         nic.reset()
-        nic.activate(memory, guest.queues(), guest.interrupt)  # a proper start after a reset
+        nic.activate(rig.memory, guest.queues(), guest.interrupt)  # a proper start after a reset
         for _ in range(8):
             guest.rx.add_buffers(writable=[2048])
-        assert arp_through(nic, guest, kicks)
-    finally:
-        loop.stop()
-        nic.close()
-        loop.close()
-        backend.close()
-        for fd in kicks:
-            os.close(fd)
-        memory.close()
+        assert arp_through(nic, guest, rig.kicks)
