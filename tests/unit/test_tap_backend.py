@@ -397,6 +397,26 @@ def test_the_nic_signals_rx_ready_once_its_backlog_is_placed(impl, memory):
 
 
 @pytest.mark.netns
+def test_with_a_capture_the_frame_sent_is_the_frame_captured(impl, memory, tap, tmp_path):
+    """With a capture the NIC reads each TX frame once and sends that copy: a second read
+    of guest memory could capture other bytes than the TAP got."""
+    from voidbox.net.pcap import PcapWriter
+
+    loop, backend, wire = tap
+    nic = Nic(impl, memory, direct=True, backend=backend)
+    capture = tmp_path / "tx.pcap"
+    nic.device.pcap = PcapWriter(str(capture))
+    frame = to_namespace(dport=wire.udp.getsockname()[1])
+    nic.send(frame)
+    assert wire.raw.recv(65536) == frame
+    nic.device.pcap.close()
+    raw = capture.read_bytes()
+    assert raw.endswith(frame) and len(raw) == 24 + 16 + len(frame)  # one record: that frame
+    assert nic.counters["tx_captured_copies"] == 1 and nic.counters["tx_direct_frames"] == 0
+    assert backend.counters["tap_tx_frames"] == 1
+
+
+@pytest.mark.netns
 def test_hostile_tx_headers_never_reach_the_tap(impl, memory, tap):
     """A TX chain goes to the TAP from guest memory only after its header passed the NIC's
     checks: GSO that was not negotiated, a checksum field outside the frame, DATA_VALID

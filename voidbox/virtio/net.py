@@ -514,14 +514,21 @@ class VirtioNet(VirtioDevice):
             # The header is checked and the kernel checks it again as it takes the frame
             # (virtio_net_hdr_to_skb): our copy of it goes to the TAP (the kernel reads 10
             # bytes and skips num_buffers), then the frame straight from guest memory.
+            # With a capture, the frame is read once and that copy is both captured and
+            # sent: two reads of guest memory could capture other bytes than the TAP got
+            # (a guest rewriting its buffer meanwhile could hide a frame from the capture).
             if self.pcap is not None:
-                self.pcap.write(chain.read(VIRTIO_NET_HDR_LEN, length))
-            if direct(data, chain, VIRTIO_NET_HDR_LEN):
+                frame = chain.read(VIRTIO_NET_HDR_LEN, length)
+                self.pcap.write(frame)
+                sent = self.backend.guest_copy(data, frame)
+            else:
+                sent = direct(data, chain, VIRTIO_NET_HDR_LEN)
+            if sent:
                 if gso_type != VIRTIO_NET_HDR_GSO_NONE:
                     self._count_tso(gso_type)
                 counters["tx_frames"] += 1
                 counters["tx_bytes"] += length
-                counters["tx_direct_frames"] += 1
+                counters["tx_direct_frames" if self.pcap is None else "tx_captured_copies"] += 1
                 if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
                     counters["tx_csum_offloaded"] += 1
             return
