@@ -788,41 +788,45 @@ class VirtioNet(VirtioDevice):
         caller signals the buffers returned, so the driver refills and kicks)."""
         held = self._rx_held
         merge = self._acked(VIRTIO_NET_F_MRG_RXBUF)
-        refused_at = self.counters["rx_buffer_too_small"] + queue.size
-        while True:
-            if self.counters["rx_buffer_too_small"] >= refused_at:
-                self.counters["rx_too_small_burst"] += 1
-                queue.enable_notifications()
-                return None
-            if merge:
-                while held and held[0].writable < VIRTIO_NET_HDR_LEN:
-                    # With MRG_RXBUF every buffer holds at least the header (§5.1.6.3.1);
-                    # one that cannot is returned unused, and counted.
-                    queue.push(held.popleft().head, 0)
-                    self.counters["rx_buffer_too_small"] += 1
-                room = 0
-                for count, chain in enumerate(held, 1):
-                    room += chain.writable
-                    if room >= needed:
-                        return [held.popleft() for _ in range(count)]
-                if len(held) >= queue.size:
-                    return TOO_BIG  # the whole ring would not hold it: never wait for it
-            else:
-                while held and held[0].writable < needed:
-                    # Without MRG_RXBUF the driver posts buffers that fit a whole frame
-                    # (§5.1.6.3.1); one that does not is returned unused, and counted.
-                    chain = held.popleft()
-                    queue.push(chain.head, 0)
-                    self.counters["rx_buffer_too_small"] += 1
-                if held:
-                    return [held.popleft()]
-            chains = queue.pop(None, REQUIRE_WRITABLE)
-            if not chains:
-                if queue.enable_notifications():
-                    continue  # buffers arrived while we looked: take them
-                self.counters["rx_starved"] += 1
-                return None
-            held.extend(chains)
+        refused = 0  # counted once, on the way out: this runs for every frame placed
+        try:
+            while True:
+                if refused >= queue.size:
+                    self.counters["rx_too_small_burst"] += 1
+                    queue.enable_notifications()
+                    return None
+                if merge:
+                    while held and held[0].writable < VIRTIO_NET_HDR_LEN:
+                        # With MRG_RXBUF every buffer holds at least the header (§5.1.6.3.1);
+                        # one that cannot is returned unused, and counted.
+                        queue.push(held.popleft().head, 0)
+                        refused += 1
+                    room = 0
+                    for count, chain in enumerate(held, 1):
+                        room += chain.writable
+                        if room >= needed:
+                            return [held.popleft() for _ in range(count)]
+                    if len(held) >= queue.size:
+                        return TOO_BIG  # the whole ring would not hold it: never wait for it
+                else:
+                    while held and held[0].writable < needed:
+                        # Without MRG_RXBUF the driver posts buffers that fit a whole frame
+                        # (§5.1.6.3.1); one that does not is returned unused, and counted.
+                        chain = held.popleft()
+                        queue.push(chain.head, 0)
+                        refused += 1
+                    if held:
+                        return [held.popleft()]
+                chains = queue.pop(None, REQUIRE_WRITABLE)
+                if not chains:
+                    if queue.enable_notifications():
+                        continue  # buffers arrived while we looked: take them
+                    self.counters["rx_starved"] += 1
+                    return None
+                held.extend(chains)
+        finally:
+            if refused:
+                self.counters["rx_buffer_too_small"] += refused
 
     def _place(self, frame, header: tuple = PLAIN) -> bool:
         """Copy frame behind its header (fields but num_buffers) into RX buffers and publish
