@@ -17,7 +17,7 @@ All in one run, SIZE bytes each way (64 MiB), the median of ROUNDS transfers:
   building frames) runs on the same thread; it is timed apart, and "VMM MiB/s" is the rate
   with it taken out (the driver's ring work stays in). Both ring twins.
 - net run: `voidbox net run -- PYTHON -c CLIENT get|put PORT SIZE`: the client in the
-  namespace connects to 10.0.2.2:PORT (the same host server thread) and reads SIZE bytes,
+  namespace connects to 10.0.2.2:PORT (the same host server process) and reads SIZE bytes,
   or sends them, shuts down and waits for the server's close. Its own clock, from connect
   to the last byte, is the figure (the namespace's set-up and teardown are left out); the
   wall time of the whole command is shown beside it. Default MTU 1500, offload on (the
