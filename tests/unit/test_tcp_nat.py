@@ -26,7 +26,17 @@ from tests.unit.test_tcp import Endpoint
 from voidbox.eventloop import WATCH_FAILED
 from voidbox.net import fastpath, tcp_nat
 from voidbox.net.config import NatConfig
-from voidbox.net.tcp import ACK, RST, SYN, Segment, TcpFlow, TcpState, parse_segment
+from voidbox.net.tcp import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    Segment,
+    TcpFlow,
+    TcpState,
+    parse_segment,
+    seq_add,
+)
 from voidbox.net.tcp_nat import TcpNat
 
 GUEST = bytes([10, 0, 2, 15])
@@ -781,6 +791,92 @@ def test_host_eof_then_guest_keeps_sending(rig):
     g.eof = True
     rig.run(lambda: g.flow.closed or g.flow.state is TcpState.TIME_WAIT)
     assert srv.join()["got"] == b"after the host's FIN" * 1000
+
+
+def _segments_to_guest(rig) -> list[Segment]:
+    """From now on, every segment the NAT sends the guest, in order."""
+    seen: list[Segment] = []
+    take = rig.take
+
+    def recording_take():
+        out = take()
+        seen.extend(seg for _src, _dst, seg in out)
+        return out
+    rig.take = recording_take
+    return seen
+
+
+def test_guest_close_ends_in_three_segments_when_the_host_closes_too(rig):
+    """The ACK of the guest's FIN waits for the host's FIN and rides on it: no lone ACK,
+    even when the host closes some turns after the FIN came in."""
+    go = threading.Event()
+
+    def handler(conn, res):
+        conn.sendall(conn.recv(64))
+        res["rest"] = recv_all(conn)  # the guest's FIN
+        assert go.wait(10)  # then the server closes, a few turns later
+
+    srv = Server(handler)
+    g = rig.connect(srv.port, b"ping", eof=False)
+    rig.run(lambda: bytes(g.sink) == b"ping")
+    seen = _segments_to_guest(rig)
+    fin_seq = g.flow.snd_nxt
+    g.eof = True
+    (flow,) = rig.nat.flows.values()
+    rig.run(lambda: flow.core.state is TcpState.CLOSE_WAIT)
+    for _ in range(5):  # turns in which an unheld ACK would go out (no fake time passes)
+        rig.step()
+    assert seen == []
+    go.set()
+    rig.run(lambda: g.flow.state is TcpState.TIME_WAIT)
+    assert srv.join()["rest"] == b""
+    assert [(s.flags, s.ack) for s in seen] == [(FIN | ACK, seq_add(fin_seq, 1))]
+    assert "tcp_fin_acks_alone" not in rig.nat.counters
+    rig.run(lambda: rig.nat.flow_count() == 0)
+
+
+def test_guest_fin_is_acknowledged_alone_when_the_host_stays_open(rig):
+    """A host that keeps its side open (a half-close) gets the guest's FIN acknowledged
+    after FIN_ACK_DELAY_S, and its later data and FIN still reach the guest."""
+    go = threading.Event()
+
+    def handler(conn, res):
+        res["got"] = recv_all(conn)
+        assert go.wait(10)
+        conn.sendall(b"late reply")
+
+    srv = Server(handler)
+    g = rig.connect(srv.port, b"request", eof=True)
+    rig.run(lambda: g.flow.state is TcpState.FIN_WAIT_2)
+    (flow,) = rig.nat.flows.values()
+    assert flow.core.state is TcpState.CLOSE_WAIT and not flow.host_eof
+    assert rig.nat.counters["tcp_fin_acks_alone"] == 1
+    go.set()
+    rig.run(lambda: g.flow.state is TcpState.TIME_WAIT)
+    assert bytes(g.sink) == b"late reply"
+    assert srv.join()["got"] == b"request"
+    rig.run(lambda: rig.nat.flow_count() == 0)
+
+
+def test_a_held_fin_ack_is_dropped_with_its_flow(rig):
+    """A guest RST while the FIN's ACK is held ends the flow and cancels the timer."""
+    go = threading.Event()
+
+    def handler(conn, res):
+        res["got"] = recv_all(conn)
+        go.wait(10)
+
+    srv = Server(handler)
+    g = rig.connect(srv.port, b"x", eof=True)
+    rig.run(lambda: g.flow.fin_seq is not None and g.flow.state is TcpState.FIN_WAIT_1
+            and any(f.ack_timer is not None for f in rig.nat.flows.values()))
+    (flow,) = rig.nat.flows.values()
+    timer = flow.ack_timer
+    rig.inject(Segment(g.flow.port, srv.port, g.flow.snd_nxt, 0, RST, 0, b""))
+    assert rig.nat.flow_count() == 0 and flow.ack_timer is None
+    assert timer.cancelled
+    go.set()
+    srv.join()
 
 
 def test_time_wait_is_reaped_and_fds_return(rig):

@@ -22,6 +22,10 @@ host kernel socket is the buffer:
 - ACKs that only acknowledge new guest data are coalesced to one per flow per loop turn
   (call_soon: still this turn, never a timer); duplicate ACKs go out at once, since the
   guest's fast retransmit counts them.
+- The ACK of the guest's FIN is the one ACK that waits longer: while the host's side is
+  still open it is held for up to FIN_ACK_DELAY_S, so the host's own FIN (a server closes
+  once it reads EOF) or its last data carries it, and a connection the guest closes first
+  ends with three segments, not four (RFC 1122 §4.2.3.2 allows delaying an ACK).
 - Consecutive in-order data segments of one flow in one TAP batch go to the host in one
   sendmsg(2) at the end of the loop turn (or at a PSH, which ends a guest write), before
   that turn's ACK. Whatever the kernel refuses is taken back (rcv_nxt rewinds) before any
@@ -114,6 +118,10 @@ PEEK_BUF = 256 * 1024  # one peek; the fallback path also caps in-flight data at
 DISCARD_BUF = 256 * 1024  # recv(MSG_TRUNC) copies nothing, but Python wants a buffer this big
 PUMP_CAP = 1024 * 1024  # bytes one flow may send per turn before yielding to other flows
 WINDOW_CACHE_S = 0.005  # getsockopt(SO_MEMINFO) for the window at most this often per flow
+# How long the ACK of the guest's FIN waits for the host's FIN to carry it: Linux's own
+# minimum delayed ACK (TCP_DELACK_MIN), far below any retransmission timeout of the guest's
+# FIN (RFC 6298: at least 1 s; Linux: 200 ms).
+FIN_ACK_DELAY_S = 0.04
 # A fixed host send buffer: autotuning only grows sk_sndbuf after writes hit the limit, which
 # a relay that advertises only the free space never does. socket(7): the kernel doubles it
 # and caps the request at net.core.wmem_max. The memory is used only while data is queued.
@@ -145,7 +153,8 @@ class _Flow:
     __slots__ = ("key", "core", "sock", "fd", "guest_ip", "remote_ip", "events", "connecting",
                  "timer", "timer_when", "peek_off", "host_eof", "win_base", "win_time",
                  "written", "want_out", "pump_scheduled", "bytes_up", "bytes_down",
-                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "__weakref__")
+                 "forwarded", "tx_bufs", "tx_len", "queued", "unconsumed", "ack_timer",
+                 "__weakref__")
 
     def __init__(self, key: int, core: TcpCore, sock: socket.socket, guest_ip: bytes,
                  remote_ip: bytes):
@@ -173,6 +182,7 @@ class _Flow:
         self.tx_len = 0
         self.queued = False  # in TcpNat._turn_queue
         self.unconsumed = 0  # acknowledged bytes still at the head of the host socket
+        self.ack_timer = None  # the held ACK of the guest's FIN (see _hold_fin_ack)
 
 
 _LIMITS = (("idle_timeout", "tcp_idle_timeout"), ("keepalive_interval", "tcp_keepalive_interval"),
@@ -834,8 +844,30 @@ class TcpNat:
             if self.flows.get(f.key) is not f:
                 core.ack_due = False
                 continue
+            if self._hold_fin_ack(f):
+                continue
             if core.flush_ack():  # not when a later segment already carried the ack
                 self._emit(f)
+
+    def _hold_fin_ack(self, f: _Flow) -> bool:
+        """Whether the due ACK is the guest's FIN's, left for the host's FIN to carry: the
+        guest has closed (CLOSE-WAIT) and the host not yet. A timer sends it after
+        FIN_ACK_DELAY_S if nothing else has by then."""
+        if f.core.state is not TcpState.CLOSE_WAIT or f.host_eof or f.sock is None:
+            return False
+        if f.ack_timer is None:
+            f.ack_timer = self.loop.call_at(self.loop.time() + FIN_ACK_DELAY_S,
+                                            partial(self._send_held_ack, weakref.ref(f)))
+        return True
+
+    def _send_held_ack(self, ref: weakref.ref) -> None:
+        f = ref()
+        if f is None:
+            return
+        f.ack_timer = None
+        if self.flows.get(f.key) is f and f.core.flush_ack():
+            self._count("tcp_fin_acks_alone")
+            self._emit(f)
 
     def _flush_tx(self, f: _Flow) -> bool:
         """Send the flow's batched guest data in one sendmsg(2).
@@ -998,6 +1030,9 @@ class TcpNat:
         if f.timer is not None:
             f.timer.cancel()
             f.timer = None
+        if f.ack_timer is not None:
+            f.ack_timer.cancel()
+            f.ack_timer = None
         if self._waiting_port.get(f.key) is f:
             del self._waiting_port[f.key]
         if self.flows.get(f.key) is f:
