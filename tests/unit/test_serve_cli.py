@@ -113,6 +113,29 @@ def test_bad_serve_arguments_are_one_line_usage_errors(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("where, message", [
+    ("missing/dir/s.sock", "cannot listen on"),  # no such directory
+    ("a" * 120 + ".sock", "cannot listen on"),  # longer than sun_path holds
+    ("file/s.sock", "cannot use"),  # a regular file where a directory should be
+])
+@pytest.mark.parametrize("command", [["net", "serve"], ["blk", "serve"]])
+def test_a_socket_path_that_cannot_be_bound_is_a_one_line_error(tmp_path, where, message,
+                                                                command):
+    """The socket path is the user's input: a path the server cannot bind is one line and
+    exit status 1, not a traceback."""
+    (tmp_path / "file").write_bytes(b"")
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    extra = [str(image)] if command[0] == "blk" else []
+    result = subprocess.run([sys.executable, "-m", "voidbox", *command, "--vhost-user",
+                             str(tmp_path / where), *extra],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voidbox: error: ") and message in lines[0], \
+        result.stderr
+
+
 def serve_as_nobody(workdir: pathlib.Path, fallback: str) -> tuple[int, str]:
     """`voidbox net serve --backend tap:vbnope1 --net-fallback fallback` as uid nobody (who
     cannot open /dev/net/tun) in a forked child, stopped by SIGTERM once its socket is up;

@@ -652,6 +652,9 @@ class VhostUserServer:
             st = os.lstat(self.path)
         except FileNotFoundError:
             pass
+        except OSError as error:
+            raise VoidboxError(f"cannot use {self.path} as a socket path: "
+                               f"{error.strerror or error}") from None
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise VoidboxError(f"{self.path} exists and is not a socket: not replacing it")
@@ -665,6 +668,12 @@ class VhostUserServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.path)
+        except OSError as error:
+            # A missing directory, no write permission, a path over sun_path's 107 bytes:
+            # the user's input, so one line, not a traceback.
+            sock.close()
+            raise VoidboxError(f"cannot listen on {self.path}: {error.strerror or error}") from None
+        try:
             # Nobody can connect before listen(): the mode is set before that.
             os.chmod(self.path, 0o600)
             sock.listen(1)
