@@ -171,6 +171,34 @@ def test_unwritable_path_is_one_line(tmp_path):
     assert str(info.value) == f"cannot write pcap {path}: No such file or directory"
 
 
+def test_a_path_that_takes_no_data_is_one_line_before_any_traffic():
+    """/dev/full opens but refuses every byte: the header is written through at once, so
+    the run stops before its command starts, with one line and no fd left open."""
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VoidboxError) as info:
+        PcapWriter("/dev/full")
+    assert str(info.value) == "cannot write pcap /dev/full: No space left on device"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_flush_the_file_refuses_stops_the_capture_not_the_run(tmp_path, caplog):
+    """flush() runs before net run forks: a file that fails then (its reader gone) ends
+    the capture with one warning; writes after it are counted as dropped, close() is
+    quiet."""
+    fifo = tmp_path / "c.pcap"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = PcapWriter(str(fifo))
+    writer.write(b"\x00" * 60)
+    os.close(reader)  # the pipe has no reader now: the next write fails with EPIPE
+    with caplog.at_level(logging.WARNING, logger="voidbox.net.pcap"):
+        writer.flush()
+    assert writer.stopped and "capture stopped" in caplog.text
+    writer.write(b"\x00" * 60)
+    assert writer.counters == {"pcap_frames": 1, "pcap_dropped": 1}
+    writer.close()
+
+
 def test_no_fd_is_left_behind(tmp_path):
     before = len(os.listdir("/proc/self/fd"))
     writer = PcapWriter(str(tmp_path / "c.pcap"))

@@ -89,11 +89,21 @@ class PcapWriter:
             if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
                 os.fchmod(fd, FILE_MODE)
             self._file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), BUFFER_SIZE)
+        except OSError as e:
+            os.close(fd)
+            raise VoidboxError(f"cannot write pcap {path}: {e.strerror or e}") from None
         except BaseException:
             os.close(fd)
             raise
         header = file_header()
-        self._file.write(header)
+        try:
+            # Written through at once: a path that opens but takes no data (a full disk,
+            # /dev/full, a /proc file) fails here, as one line, before any traffic flows.
+            self._file.write(header)
+            self._file.flush()
+        except OSError as e:
+            self._close_quietly()
+            raise VoidboxError(f"cannot write pcap {path}: {e.strerror or e}") from None
         self.size = len(header)
 
     def write(self, frame: bytes | memoryview) -> None:
@@ -131,7 +141,21 @@ class PcapWriter:
     def flush(self) -> None:
         """Write the buffered records now: before a fork, after which the child writes
         (a buffer left here would be written twice)."""
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as e:
+            # As in write(): the capture ends, the traffic it records goes on.
+            self.stopped = True
+            log.warning("pcap %s: %s: capture stopped", self.path, e.strerror)
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        """Close without flushing what the file refused (close() would try it again)."""
+        raw = self._file.raw
+        try:
+            raw.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._file.closed:
