@@ -828,7 +828,9 @@ def test_guest_close_ends_in_three_segments_when_the_host_closes_too(rig):
         rig.step()
     assert seen == []
     go.set()
-    rig.run(lambda: g.flow.state is TcpState.TIME_WAIT)
+    # Patient: the fake clock must not jump to the held ACK's timer while the server
+    # thread is still closing (a loaded machine may take well over 100 ms).
+    rig.run(lambda: g.flow.state is TcpState.TIME_WAIT, idle_steps=5000)
     assert srv.join()["rest"] == b""
     assert [(s.flags, s.ack) for s in seen] == [(FIN | ACK, seq_add(fin_seq, 1))]
     assert "tcp_fin_acks_alone" not in rig.nat.counters
@@ -846,8 +848,16 @@ def test_guest_fin_is_acknowledged_alone_when_the_host_stays_open(rig):
         conn.sendall(b"late reply")
 
     srv = Server(handler)
-    g = rig.connect(srv.port, b"request", eof=True)
+    g = rig.connect(srv.port, b"request", eof=False)
+    rig.run(lambda: g.consumed == len(b"request"))
+    g.eof = True
+    rig.run(lambda: g.flow.fin_seq is not None)
+    fin_sent = rig.loop.now
     rig.run(lambda: g.flow.state is TcpState.FIN_WAIT_2)
+    # Held no longer than FIN_ACK_DELAY_S (plus a 1 ms timer tick): the guest never had
+    # to retransmit its FIN.
+    assert rig.loop.now - fin_sent <= tcp_nat.FIN_ACK_DELAY_S + 0.001
+    assert g.flow.retransmits == 0
     (flow,) = rig.nat.flows.values()
     assert flow.core.state is TcpState.CLOSE_WAIT and not flow.host_eof
     assert rig.nat.counters["tcp_fin_acks_alone"] == 1
@@ -855,6 +865,66 @@ def test_guest_fin_is_acknowledged_alone_when_the_host_stays_open(rig):
     rig.run(lambda: g.flow.state is TcpState.TIME_WAIT)
     assert bytes(g.sink) == b"late reply"
     assert srv.join()["got"] == b"request"
+    rig.run(lambda: rig.nat.flow_count() == 0)
+
+
+def test_host_data_after_the_guests_fin_carries_the_held_ack(rig):
+    """A half-close answered by data: the reply carries the FIN's ACK, and so does the
+    host's FIN after it; nothing goes out alone."""
+    go, go2 = threading.Event(), threading.Event()
+
+    def handler(conn, res):
+        res["got"] = recv_all(conn)
+        assert go.wait(10)
+        conn.sendall(b"reply")
+        assert go2.wait(10)
+
+    srv = Server(handler)
+    g = rig.connect(srv.port, b"req", eof=False)
+    rig.run(lambda: g.consumed == 3)
+    seen = _segments_to_guest(rig)
+    fin_seq = g.flow.snd_nxt
+    g.eof = True
+    (flow,) = rig.nat.flows.values()
+    rig.run(lambda: flow.core.state is TcpState.CLOSE_WAIT)
+    for _ in range(3):
+        rig.step()
+    go.set()
+    rig.run(lambda: bytes(g.sink) == b"reply", idle_steps=5000)
+    for _ in range(3):
+        rig.step()
+    go2.set()
+    rig.run(lambda: rig.nat.flow_count() == 0, idle_steps=5000)
+    assert srv.join()["got"] == b"req"
+    assert seen and all(s.ack == seq_add(fin_seq, 1) for s in seen)
+    assert seen[-1].flags & FIN
+    assert "tcp_fin_acks_alone" not in rig.nat.counters
+
+
+def test_a_retransmitted_fin_while_held_gets_one_ack(rig):
+    go = threading.Event()
+
+    def handler(conn, res):
+        res["got"] = recv_all(conn)
+        go.wait(10)
+
+    srv = Server(handler)
+    g = rig.connect(srv.port, b"x", eof=False)
+    rig.run(lambda: g.consumed == 1)
+    seen = _segments_to_guest(rig)
+    fin_seq = g.flow.snd_nxt
+    g.eof = True
+    (flow,) = rig.nat.flows.values()
+    rig.run(lambda: flow.ack_timer is not None)
+    for _ in range(3):  # the guest's FIN again, as a retransmission would send it
+        rig.inject(Segment(g.flow.port, srv.port, fin_seq, g.flow.rcv_nxt, FIN | ACK, 1000,
+                           b""))
+        rig.step()
+    assert seen == []
+    rig.run(lambda: g.flow.state is TcpState.FIN_WAIT_2)
+    assert [(s.flags, s.ack) for s in seen] == [(ACK, seq_add(fin_seq, 1))]
+    go.set()
+    srv.join()
     rig.run(lambda: rig.nat.flow_count() == 0)
 
 
