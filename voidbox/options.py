@@ -54,7 +54,8 @@ NAT_OPTIONS = (
     Option("--max-conn-rate", str, None, "New connections per second, e.g. 10 or 2.5 "
            "(default unlimited).", metavar="RATE"),
     Option("--pcap", str, None, "Write every frame crossing the guest's interface, both "
-           "ways, to FILE (pcap, mode 0600; replaced if it exists). Captures slow bulk TCP: "
+           "ways, to FILE (pcap, mode 0600; an earlier capture there is replaced, any other "
+           "file is refused). Captures slow bulk TCP: "
            "host data then takes the Python path.", metavar="FILE"),
     Option("--pcap-max-bytes", str, None, "Stop capturing, with a note, before FILE grows "
            "past N bytes (default 67108864, 64 MiB).", metavar="N"),

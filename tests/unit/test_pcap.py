@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -139,7 +141,7 @@ def test_bound_below_the_header_is_refused(tmp_path):
 
 def test_file_is_private_even_when_it_existed(tmp_path):
     path = tmp_path / "c.pcap"
-    path.write_bytes(b"old capture, much longer than a pcap header")
+    path.write_bytes(GOLDEN_HEADER + b"an old capture's records, longer than the header")
     path.chmod(0o644)
     PcapWriter(str(path)).close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -182,21 +184,48 @@ def test_a_path_that_takes_no_data_is_one_line_before_any_traffic():
 
 
 def test_a_flush_the_file_refuses_stops_the_capture_not_the_run(tmp_path, caplog):
-    """flush() runs before net run forks: a file that fails then (its reader gone) ends
-    the capture with one warning; writes after it are counted as dropped, close() is
-    quiet."""
-    fifo = tmp_path / "c.pcap"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    writer = PcapWriter(str(fifo))
-    writer.write(b"\x00" * 60)
-    os.close(reader)  # the pipe has no reader now: the next write fails with EPIPE
-    with caplog.at_level(logging.WARNING, logger="voidbox.net.pcap"):
-        writer.flush()
+    """flush() runs before net run forks: a file that refuses the buffered records then
+    (here: past RLIMIT_FSIZE, EFBIG) ends the capture with one warning; writes after it
+    are counted as dropped, and close() is quiet."""
+    writer = PcapWriter(str(tmp_path / "c.pcap"))
+    writer.write(b"\x00" * 4000)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, limit[1]))
+        with caplog.at_level(logging.WARNING, logger="voidbox.net.pcap"):
+            writer.flush()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, xfsz)
     assert writer.stopped and "capture stopped" in caplog.text
     writer.write(b"\x00" * 60)
     assert writer.counters == {"pcap_frames": 1, "pcap_dropped": 1}
     writer.close()
+
+
+def test_a_file_that_is_not_a_capture_is_never_replaced(tmp_path):
+    """--pcap naming the VM's disk or kernel by mistake: refused, the file untouched."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\xeb\x63\x90" + bytes(4093))
+    with pytest.raises(VoidboxError) as info:
+        PcapWriter(str(image))
+    assert str(info.value) == f"pcap {image} exists and is not a capture: not replacing it"
+    assert image.read_bytes() == b"\xeb\x63\x90" + bytes(4093)
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes(b"")
+    PcapWriter(str(empty)).close()  # an empty file holds nothing to lose
+    assert empty.read_bytes() == GOLDEN_HEADER
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_reader(tmp_path):
+    fifo = tmp_path / "c.pcap"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(VoidboxError) as info:
+        PcapWriter(str(fifo))
+    assert str(info.value) == f"cannot write pcap {fifo}: not a regular file"
+    assert time.monotonic() - started < 5
 
 
 def test_no_fd_is_left_behind(tmp_path):

@@ -58,6 +58,25 @@ def file_header() -> bytes:
                             SNAPLEN, LINKTYPE_ETHERNET)
 
 
+# Magics of a capture this writer (or tcpdump) may have left at the path: the file is
+# then an old capture, and replacing it loses nothing that was not a capture already.
+_PCAP_MAGICS = frozenset(struct.pack(order + "I", magic) for order in "<>"
+                         for magic in (0xA1B2C3D4, PCAP_MAGIC_NSEC))
+
+
+def _check_replaceable(fd: int, path: str) -> None:
+    """Refuse a path that holds something a capture must not replace: anything but a
+    regular file or a character device (/dev/null), and a non-empty regular file that is
+    not a pcap capture (a disk image or a kernel named by mistake, maybe the VM's own)."""
+    st = os.fstat(fd)
+    if stat.S_ISCHR(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise VoidboxError(f"cannot write pcap {path}: not a regular file")
+    if st.st_size and os.pread(fd, 4, 0) not in _PCAP_MAGICS:
+        raise VoidboxError(f"pcap {path} exists and is not a capture: not replacing it")
+
+
 class PcapWriter:
     """Writes each frame given to write() as one pcap record, until max_bytes.
 
@@ -76,13 +95,19 @@ class PcapWriter:
         self.stopped = False
         try:
             # O_NOFOLLOW: a symlink planted at the path cannot redirect the capture onto
-            # another file (open(2) fails with ELOOP).
-            fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC
-                         | os.O_NOFOLLOW, FILE_MODE)
+            # another file (open(2) fails with ELOOP). Not O_TRUNC: what is there is
+            # looked at first (_check_replaceable). O_NONBLOCK: a FIFO at the path must
+            # not block the open until a reader comes.
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+                         | os.O_NONBLOCK, FILE_MODE)
         except OSError as e:
             raise VoidboxError(f"cannot write pcap {path}: {e.strerror}") from None
         try:
+            _check_replaceable(fd, path)
+            os.set_blocking(fd, True)
             st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                os.ftruncate(fd, 0)
             # O_CREAT's mode applies only to a new file: an old capture of ours that others
             # could read becomes private too. Someone else's file, a FIFO or a device
             # keeps its mode.
