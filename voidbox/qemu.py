@@ -114,6 +114,30 @@ def _set_parent_death_signal() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+SUN_PATH_MAX = 107  # unix(7): sun_path holds 108 bytes, the last one the NUL
+LONGEST_SOCKET_NAME = len("/console.sock")  # of the sockets made in the runtime directory
+
+
+def _make_run_dir() -> Path:
+    """A private (0700) directory for QEMU's sockets: in $XDG_RUNTIME_DIR when it takes one
+    whose socket paths fit sun_path, else in the temporary directory. The environment is
+    the user's input: a bad XDG_RUNTIME_DIR falls back, it never ends in a traceback."""
+    reason = "no usable directory"
+    for base in (os.environ.get("XDG_RUNTIME_DIR") or None, None):
+        if base is not None and not os.path.isdir(base):
+            continue
+        try:
+            path = tempfile.mkdtemp(prefix="voidbox-", dir=base)  # mode 0700
+        except OSError as error:
+            reason = f"{error.filename}: {error.strerror}"
+            continue
+        if len(os.fsencode(path)) + LONGEST_SOCKET_NAME <= SUN_PATH_MAX:
+            return Path(path)
+        os.rmdir(path)
+        reason = f"{path}: too long for a unix socket's path"
+    raise VoidboxError(f"cannot make a runtime directory for QEMU's sockets ({reason})")
+
+
 class _Console:
     """The guest's serial port as QEMU hands it over: a stream socket."""
 
@@ -176,10 +200,7 @@ class QemuVm(VmBase):
 
         config = self.config
         probe_kernel(config.kernel)  # a bad kernel is a usage error, as with kvm
-        base = os.environ.get("XDG_RUNTIME_DIR")
-        if not (base and os.path.isdir(base) and os.access(base, os.W_OK)):
-            base = None
-        self.run_dir = Path(tempfile.mkdtemp(prefix="voidbox-", dir=base))  # mode 0700
+        self.run_dir = _make_run_dir()
         for name in ("console", "qmp"):
             self._listeners[name] = self._listen(self.run_dir / f"{name}.sock")
         self._serve_devices()

@@ -3,6 +3,11 @@ the one line `boot` prints about it."""
 
 from __future__ import annotations
 
+import os
+import pathlib
+import stat
+import tempfile
+
 import pytest
 
 from voidbox import host
@@ -65,3 +70,46 @@ def test_accel_is_validated_with_the_rest_of_the_configuration(tmp_path):
     with pytest.raises(UsageError, match="bad --accel 'tcg'"):
         VmConfig(kernel=str(kernel), accel="tcg")
     assert VmConfig(kernel=str(kernel)).accel == "auto"
+
+
+# ---- --accel qemu's runtime directory ------------------------------------------------------
+
+def _run_dir_with(monkeypatch, xdg):
+    from voidbox import qemu
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    path = qemu._make_run_dir()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        assert len(os.fsencode(path / "console.sock")) <= qemu.SUN_PATH_MAX
+        return path
+    finally:
+        path.rmdir()
+
+
+def test_the_runtime_directory_is_made_in_xdg_runtime_dir(tmp_path, monkeypatch):
+    assert _run_dir_with(monkeypatch, tmp_path).parent == tmp_path
+
+
+@pytest.mark.parametrize("xdg", ["/proc", "/nonexistent", "LONG"])
+def test_an_unusable_xdg_runtime_dir_falls_back_to_the_temporary_directory(tmp_path,
+                                                                           monkeypatch, xdg):
+    """/proc takes no directory (even from root), a missing one is skipped, and one whose
+    socket paths would not fit sun_path is left: none ends in a traceback."""
+    if xdg == "LONG":
+        xdg = tmp_path / ("x" * 100)
+        xdg.mkdir()
+    path = _run_dir_with(monkeypatch, xdg)
+    assert path.parent == pathlib.Path(tempfile.gettempdir())
+    if isinstance(xdg, pathlib.Path):
+        assert list(xdg.iterdir()) == []  # the too-long attempt was removed
+
+
+def test_no_usable_runtime_directory_is_one_error(monkeypatch):
+    from voidbox import qemu
+
+    def refuse(prefix, dir=None):
+        raise PermissionError(13, "Permission denied", dir or "/tmp")
+    monkeypatch.setattr(qemu.tempfile, "mkdtemp", refuse)
+    with pytest.raises(VoidboxError) as info:
+        qemu._make_run_dir()
+    assert str(info.value).startswith("cannot make a runtime directory for QEMU's sockets (")

@@ -136,6 +136,17 @@ def test_a_socket_path_that_cannot_be_bound_is_a_one_line_error(tmp_path, where,
         result.stderr
 
 
+@pytest.mark.parametrize("command", [["net", "serve"], ["blk", "serve"]])
+def test_an_empty_socket_path_is_a_one_line_error(tmp_path, command):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    extra = [str(image)] if command[0] == "blk" else []
+    result = subprocess.run([sys.executable, "-m", "voidbox", *command, "--vhost-user", "",
+                             *extra], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "voidbox: error: the vhost-user socket path is empty\n"
+
+
 def serve_as_nobody(workdir: pathlib.Path, fallback: str) -> tuple[int, str]:
     """`voidbox net serve --backend tap:vbnope1 --net-fallback fallback` as uid nobody (who
     cannot open /dev/net/tun) in a forked child, stopped by SIGTERM once its socket is up;

@@ -648,6 +648,9 @@ class VhostUserServer:
         self.last_error: str | None = None
 
     def start(self) -> None:
+        if not self.path:
+            # bind("") would take an autobound abstract address nobody can name.
+            raise VoidboxError("the vhost-user socket path is empty")
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
