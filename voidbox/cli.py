@@ -32,7 +32,43 @@ def main(argv=None) -> None:
     except (KeyboardInterrupt, click.Abort):
         click.echo("voidbox: interrupted", err=True)
         sys.exit(int(ExitStatus.SIGINT))
+    except OSError as error:
+        if not _written_by_echo(error):
+            raise
+        # --help, --version or doctor into a full disk or /dev/full: one line, not the
+        # traceback of click's echo (a pipe whose reader left stays quiet).
+        _stdout_to_devnull()
+        if not isinstance(error, BrokenPipeError):
+            click.echo(f"voidbox: error: cannot write to standard output: "
+                       f"{error.strerror or error}", err=True)
+        sys.exit(int(ExitStatus.ERROR))
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _written_by_echo(error: OSError) -> bool:
+    """Whether the error is click.echo's write failing (output, not the command's work)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (tb is not None and tb.tb_frame.f_code.co_name == "echo"
+            and tb.tb_frame.f_globals.get("__name__") == "click.utils")
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so the interpreter's exit does not fail again
+    on whatever is still buffered for it (Python's advice for SIGPIPE)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

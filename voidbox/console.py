@@ -367,8 +367,8 @@ class ConsoleOutput:
             try:
                 self._stream.write(data)
                 self._stream.flush()
-            except BrokenPipeError:
-                self._reader_gone()
+            except OSError as error:
+                self._failed(error)
                 self.bytes_dropped += len(data)
                 return
             self.bytes_written += len(data)
@@ -381,8 +381,8 @@ class ConsoleOutput:
                 return
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._reader_gone()
+            except OSError as error:
+                self._failed(error)
 
     def close(self) -> None:
         self.flush()
@@ -395,6 +395,17 @@ class ConsoleOutput:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _failed(self, error: OSError) -> None:
+        """The output refused the guest's bytes: a pipe whose reader left ends it quietly;
+        anything else (a full disk or /dev/full, EIO) once, in one line. The VM runs on
+        either way: its console is lost, not its work."""
+        if not isinstance(error, BrokenPipeError):
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"voidbox: console output stopped ({error.strerror or error});"
+                                 " the guest's output from here on is dropped\n")
+                sys.stderr.flush()
+        self._reader_gone()
 
     def _reader_gone(self) -> None:
         """The pipe's reader left: stop writing and keep the exit quiet.

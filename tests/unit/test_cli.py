@@ -58,3 +58,25 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("boot", "image", "doctor"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["doctor"], ["net", "run", "--help"]])
+def test_output_into_a_full_disk_is_one_line(args):
+    """stdout on /dev/full: exit 1 and one line, not the traceback of click's echo."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "voidbox", *args], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "voidbox: error: cannot write to standard output: " \
+                            "No space left on device\n"
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    """voidbox doctor | head -1: the reader leaving is no error worth a line."""
+    proc = subprocess.Popen([sys.executable, "-m", "voidbox", "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(60) in (0, 1)
+    assert stderr == b""

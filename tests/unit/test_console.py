@@ -308,6 +308,26 @@ def test_stdout_epipe_exits_without_traceback():
     assert stderr == b""
 
 
+def test_a_full_output_stops_the_console_with_one_line():
+    """stdout on /dev/full (a full disk): the guest's output is dropped and counted, one
+    line says so, and the process exits without a traceback."""
+    child = textwrap.dedent("""
+        import sys
+        from voidbox.console import ConsoleOutput
+        out = ConsoleOutput()
+        for _ in range(100):
+            out.write(b"guest says hello\\n")
+        out.flush()
+        sys.exit(0 if out.broken and out.bytes_dropped == 100 * 17 else 3)
+    """)
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-c", child], stdout=full,
+                                stderr=subprocess.PIPE, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (b"voidbox: console output stopped (No space left on device); "
+                             b"the guest's output from here on is dropped\n")
+
+
 def test_background_terminal_is_left_alone(pty, monkeypatch):
     # Started with `&`: another process group owns the terminal. Raw mode would
     # stop us with SIGTTOU and reading with SIGTTIN.
