@@ -116,7 +116,8 @@ class VmConfig:
     def validate(self) -> None:
         self.mem = parse_size(self.mem)
         if self.mem < MIN_MEM:
-            raise UsageError(f"--mem must be at least {MIN_MEM // MiB}M, got {self.mem // MiB}M")
+            got = f"{self.mem // MiB}M" if self.mem >= MiB else f"{self.mem} bytes"
+            raise UsageError(f"--mem must be at least {MIN_MEM // MiB}M, got {got}")
         if self.mem > MAX_MEM:
             raise UsageError(f"--mem {self.mem >> 30}G is larger than voidbox supports (1T)")
         if self.mem % (2 * MiB):

@@ -196,10 +196,12 @@ class QemuVm(VmBase):
             raise
 
     def _start(self) -> None:
-        from .boot.loader import encode_cmdline, probe_kernel
+        from .boot.loader import encode_cmdline, probe_initrd, probe_kernel
 
         config = self.config
         probe_kernel(config.kernel)  # a bad kernel is a usage error, as with kvm
+        if config.initrd is not None:
+            probe_initrd(config.initrd)
         self.run_dir = _make_run_dir()
         for name in ("console", "qmp"):
             self._listeners[name] = self._listen(self.run_dir / f"{name}.sock")

@@ -80,3 +80,11 @@ def test_output_into_a_closed_pipe_is_quiet():
     proc.stderr.close()
     assert proc.wait(60) in (0, 1)
     assert stderr == b""
+
+
+@pytest.mark.parametrize("mem, got", [("0", "got 0 bytes"), ("1K", "got 1024 bytes"),
+                                      ("15M", "got 15M")])
+def test_too_little_memory_says_how_much_was_asked(mem, got):
+    result = voidbox("boot", "--mem", mem, "--timeout", "1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"voidbox: error: --mem must be at least 16M, {got}\n"

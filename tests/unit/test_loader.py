@@ -240,3 +240,20 @@ def test_real_vmlinux(prefer_pvh):
         assert layout.KERNEL_LOAD_ADDR <= plan.entry < plan.kernel_end
         if plan.entry_mode == "pvh":
             assert mem.read(plan.entry, 1) == b"\xfc"  # pvh_start_xen begins with cld
+
+
+def test_probe_initrd_refuses_what_the_loader_would(tmp_path):
+    """--accel qemu hands the initrd to QEMU's loader: an empty or unopenable one is the
+    same usage error voidbox's own loader gives, not a guest that panics."""
+    from voidbox.boot.loader import probe_initrd
+    from voidbox.errors import UsageError
+
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    with pytest.raises(UsageError, match="is empty"):
+        probe_initrd(str(empty))
+    with pytest.raises(UsageError, match="cannot open initrd"):
+        probe_initrd(str(tmp_path / "missing.img"))
+    good = tmp_path / "initrd.img"
+    good.write_bytes(b"070701")
+    probe_initrd(str(good))

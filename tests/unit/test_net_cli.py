@@ -150,6 +150,22 @@ def test_loose_numbers_are_usage_errors(cli, args, word):
     assert err.startswith("voidbox: error: ") and word in err
 
 
+@pytest.mark.parametrize("option", ["--max-flows", "--pcap-max-bytes"])
+def test_a_number_too_large_to_read_says_so(cli, option):
+    """Not "must be at least 1": the number has more digits than any limit needs."""
+    extra = ["--pcap", "x.pcap"] if option == "--pcap-max-bytes" else []
+    status, _, err, calls = cli(*extra, option, "9" * 30, "--", "true")
+    assert status == 2 and not calls
+    assert err == f"voidbox: error: {option} {'9' * 20}... is too large\n"
+
+
+def test_an_empty_command_name_is_one_line():
+    result = subprocess.run([*VOIDBOX, "net", "run", "--", ""], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "voidbox: error: no command given\n"
+
+
 # Defect 2 (parsing): duplicate --forward host ports are a usage error.
 
 def test_duplicate_forwards_are_usage_errors(cli):

@@ -164,6 +164,14 @@ def _load_bzimage(memory, f, head: bytes, file_size: int, path: str) -> _Loaded:
     )
 
 
+def probe_initrd(path: str) -> None:
+    """UsageError, as _load_initrd would give, for an initrd another loader (QEMU's) is
+    handed: one that cannot be opened or is empty."""
+    with _open(path, "initrd") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise UsageError(f"initrd {path} is empty")
+
+
 def probe_kernel(kernel_path: str) -> str:
     """"elf" or "bzimage" for a kernel file another loader will load (QEMU's, with
     --accel qemu); UsageError, as load_kernel would give, for anything else."""

@@ -45,7 +45,12 @@ def parse_int(value: str | int, what: str, lo: int, hi: int | None = None, where
         raise UsageError(f"bad {what} {value!r}{where}: expected a decimal number")
     if number is None or number < lo or (hi is not None and number > hi):
         shown = value if number is not None else f"{value[:MAX_DIGITS]}..."
-        bounds = f"out of range {lo}-{hi}" if hi is not None else f"must be at least {lo}"
+        if hi is not None:
+            bounds = f"out of range {lo}-{hi}"
+        elif number is None:
+            bounds = "is too large"
+        else:
+            bounds = f"must be at least {lo}"
         raise UsageError(f"{what} {shown} {bounds}{where}")
     return number
 

@@ -79,7 +79,7 @@ def run_in_netns(argv: list[str], config: NatConfig, dhcp: bool = False,
     pcap, if given, captures every frame crossing the namespace's interface, both ways.
     sandbox=False runs the NAT without voidbox.sandbox (`--no-sandbox`).
     """
-    if not argv:
+    if not argv or not argv[0]:
         raise VoidboxError("no command given")
     # Opened before anything else: a capture that cannot be written stops the run before
     # the command starts, not after it has sent traffic nobody recorded.
