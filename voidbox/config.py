@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 
 from ._records import dataclass, field, named_tuple
 from .errors import UsageError
@@ -42,13 +43,29 @@ def parse_size(text: str | int) -> int:
 def _existing_file(path: str | None, what: str) -> str | None:
     if path is None:
         return None
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    if not os.path.isfile(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path!r} does not exist") from None
+    except OSError as e:  # EACCES on a directory on the way, ENOTDIR, ELOOP, ...
+        raise UsageError(f"{what} {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{what} {path!r} is not a regular file")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{what} {path!r} is not readable")
     return path
+
+
+def _check_type(name: str, value, types, none: bool = False) -> None:
+    """UsageError unless value is one of types (a bool is never taken for a number)."""
+    if value is None and none:
+        return
+    bad_bool = isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
+                                                          else (types,))
+    if bad_bool or not isinstance(value, types):
+        wanted = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise UsageError(f"{name} must be {wanted}{' or None' if none else ''}, "
+                         f"got {type(value).__name__}")
 
 
 @named_tuple
@@ -114,6 +131,7 @@ class VmConfig:
         self.validate()
 
     def validate(self) -> None:
+        self._check_types()
         self.mem = parse_size(self.mem)
         if self.mem < MIN_MEM:
             got = f"{self.mem // MiB}M" if self.mem >= MiB else f"{self.mem} bytes"
@@ -138,6 +156,37 @@ class VmConfig:
         if self.net_fallback not in NET_FALLBACKS:
             raise UsageError(f"bad --net-fallback {self.net_fallback!r}: expected slirp or fail")
         self.nics = self._parse_nics()
+
+    def _check_types(self) -> None:
+        """From Python a field can hold anything: the wrong type is a UsageError naming
+        the field, as a bad flag is, not a TypeError from deep inside the VMM."""
+        for name in ("kernel", "initrd", "image"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)):
+                    raise UsageError(f"{name} must be a path, got {type(value).__name__}")
+                value = os.fspath(value)
+                if not isinstance(value, str):
+                    raise UsageError(f"{name} must be a str path, got {type(value).__name__}")
+                setattr(self, name, value)
+        _check_type("cmdline", self.cmdline, str, none=True)
+        _check_type("append", self.append, str)
+        _check_type("mem", self.mem, (int, str))
+        _check_type("cpus", self.cpus, int)
+        _check_type("timeout", self.timeout, (int, float), none=True)
+        _check_type("readonly", self.readonly, bool)
+        _check_type("interactive", self.interactive, bool)
+        _check_type("serial_log_limit", self.serial_log_limit, int)
+        if self.serial_log_limit < 0:
+            raise UsageError(f"serial_log_limit must be at least 0, got {self.serial_log_limit}")
+        _check_type("mac", self.mac, str, none=True)
+        for name in ("accel", "net_fallback", "net_isolation"):
+            _check_type(name, getattr(self, name), str)
+        if self.net is not None:
+            if isinstance(self.net, str) or not isinstance(self.net, (list, tuple)):
+                raise UsageError(f"net must be a list of card specs, got {type(self.net).__name__}")
+            for spec in self.net:
+                _check_type("each net entry", spec, str)
 
     @property
     def devices(self) -> list[DiskSpec | NicSpec]:

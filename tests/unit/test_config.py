@@ -1,5 +1,10 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
+from tests.requires import requires
 from voidbox.config import DEFAULT_CMDLINE, VmConfig, parse_size
 from voidbox.errors import UsageError
 from voidbox.layout import MiB
@@ -81,3 +86,51 @@ def test_devices_come_from_the_configuration_in_window_order(tmp_path):
     # The default MAC is locally administered, unicast, and the same for the same image.
     mac = VmConfig(kernel=str(kernel), image=str(disk)).devices[1].mac
     assert mac[0] & 0b11 == 0b10 and mac == VmConfig(kernel=str(kernel), image=str(disk)).devices[1].mac
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mem": 5.5e8}, "mem must be int or str, got float"),
+    ({"mem": None}, "mem must be int or str, got NoneType"),
+    ({"cpus": True}, "cpus must be int, got bool"),
+    ({"cpus": "2"}, "cpus must be int, got str"),
+    ({"timeout": "3"}, "timeout must be int or float or None, got str"),
+    ({"net": "slirp"}, "net must be a list of card specs, got str"),
+    ({"net": [1]}, "each net entry must be str, got int"),
+    ({"image": b"disk.img"}, "image must be a path, got bytes"),
+    ({"initrd": ["x"]}, "initrd must be a path, got list"),
+    ({"mac": 5}, "mac must be str or None, got int"),
+    ({"cmdline": b"console=ttyS0"}, "cmdline must be str or None, got bytes"),
+    ({"append": None}, "append must be str, got NoneType"),
+    ({"serial_log_limit": "x"}, "serial_log_limit must be int, got str"),
+    ({"serial_log_limit": -1}, "serial_log_limit must be at least 0, got -1"),
+    ({"readonly": "no"}, "readonly must be bool, got str"),
+])
+def test_wrong_types_from_python_are_usage_errors_naming_the_field(kernel, kwargs, message):
+    """VmConfig from Python: a value of the wrong type is the same one-line UsageError a
+    bad flag gives, not a TypeError from deep inside the VMM (or, for cpus=True, a VM)."""
+    with pytest.raises(UsageError) as info:
+        VmConfig(kernel=kernel, **kwargs)
+    assert str(info.value) == message
+
+
+def test_paths_may_be_pathlike(kernel):
+    import pathlib
+    assert VmConfig(kernel=pathlib.Path(kernel)).kernel == str(kernel)
+
+
+@requires(os.geteuid() == 0, "needs root to run the check as another user (setpriv)")
+def test_an_unreadable_directory_on_the_way_is_not_a_missing_file(tmp_path):
+    """stat's EACCES is said as such: the file may well exist."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "vmlinux").write_bytes(b"\x7fELF")
+    locked.chmod(0o700)
+    tmp_path.chmod(0o755)
+    child = ("from voidbox.config import VmConfig\n"
+             "from voidbox.errors import UsageError\n"
+             f"try:\n    VmConfig(kernel={str(locked / 'vmlinux')!r})\n"
+             "except UsageError as e:\n    print(e)\n")
+    result = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                             sys.executable, "-c", child], capture_output=True, text=True,
+                            timeout=60, cwd="/", env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.stdout.strip().endswith(": Permission denied"), result.stderr
