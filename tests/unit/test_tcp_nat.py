@@ -806,6 +806,29 @@ def _segments_to_guest(rig) -> list[Segment]:
     return seen
 
 
+def _guest_sends_then_closes(rig, port: int, data: bytes):
+    """Connect, have `data` taken, then close the guest's side: (its endpoint, the NAT's
+    flow, every segment to the guest from the FIN on, the FIN's sequence number)."""
+    g = rig.connect(port, data, eof=False)
+    rig.run(lambda: g.consumed == len(data))
+    seen = _segments_to_guest(rig)
+    fin_seq = g.flow.snd_nxt
+    g.eof = True
+    (flow,) = rig.nat.flows.values()
+    return g, flow, seen, fin_seq
+
+
+def _server_holding_its_side_open() -> tuple[Server, threading.Event]:
+    """A server that reads to the guest's FIN, then keeps its side open until `go`."""
+    go = threading.Event()
+
+    def handler(conn, res):
+        res["got"] = recv_all(conn)
+        go.wait(10)
+
+    return Server(handler), go
+
+
 def test_guest_close_ends_in_three_segments_when_the_host_closes_too(rig):
     """The ACK of the guest's FIN waits for the host's FIN and rides on it: no lone ACK,
     even when the host closes some turns after the FIN came in."""
@@ -880,12 +903,7 @@ def test_host_data_after_the_guests_fin_carries_the_held_ack(rig):
         assert go2.wait(10)
 
     srv = Server(handler)
-    g = rig.connect(srv.port, b"req", eof=False)
-    rig.run(lambda: g.consumed == 3)
-    seen = _segments_to_guest(rig)
-    fin_seq = g.flow.snd_nxt
-    g.eof = True
-    (flow,) = rig.nat.flows.values()
+    g, flow, seen, fin_seq = _guest_sends_then_closes(rig, srv.port, b"req")
     rig.run(lambda: flow.core.state is TcpState.CLOSE_WAIT)
     for _ in range(3):
         rig.step()
@@ -902,19 +920,8 @@ def test_host_data_after_the_guests_fin_carries_the_held_ack(rig):
 
 
 def test_a_retransmitted_fin_while_held_gets_one_ack(rig):
-    go = threading.Event()
-
-    def handler(conn, res):
-        res["got"] = recv_all(conn)
-        go.wait(10)
-
-    srv = Server(handler)
-    g = rig.connect(srv.port, b"x", eof=False)
-    rig.run(lambda: g.consumed == 1)
-    seen = _segments_to_guest(rig)
-    fin_seq = g.flow.snd_nxt
-    g.eof = True
-    (flow,) = rig.nat.flows.values()
+    srv, go = _server_holding_its_side_open()
+    g, flow, seen, fin_seq = _guest_sends_then_closes(rig, srv.port, b"x")
     rig.run(lambda: flow.ack_timer is not None)
     for _ in range(3):  # the guest's FIN again, as a retransmission would send it
         rig.inject(Segment(g.flow.port, srv.port, fin_seq, g.flow.rcv_nxt, FIN | ACK, 1000,
@@ -930,13 +937,7 @@ def test_a_retransmitted_fin_while_held_gets_one_ack(rig):
 
 def test_a_held_fin_ack_is_dropped_with_its_flow(rig):
     """A guest RST while the FIN's ACK is held ends the flow and cancels the timer."""
-    go = threading.Event()
-
-    def handler(conn, res):
-        res["got"] = recv_all(conn)
-        go.wait(10)
-
-    srv = Server(handler)
+    srv, go = _server_holding_its_side_open()
     g = rig.connect(srv.port, b"x", eof=True)
     rig.run(lambda: g.flow.fin_seq is not None and g.flow.state is TcpState.FIN_WAIT_1
             and any(f.ack_timer is not None for f in rig.nat.flows.values()))
