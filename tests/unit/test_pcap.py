@@ -218,6 +218,20 @@ def test_a_file_that_is_not_a_capture_is_never_replaced(tmp_path):
     assert empty.read_bytes() == GOLDEN_HEADER
 
 
+@requires(os.geteuid() == 0, "needs root to give the file to another user")
+def test_another_users_file_is_never_written(tmp_path):
+    """A capture planted by someone else in a shared directory, even one writable to us:
+    its owner would read this user's traffic. Refused, untouched."""
+    planted = tmp_path / "c.pcap"
+    planted.write_bytes(GOLDEN_HEADER)
+    planted.chmod(0o666)
+    os.chown(planted, 65534, 65534)  # nobody
+    with pytest.raises(VoidboxError) as info:
+        PcapWriter(str(planted))
+    assert str(info.value) == f"pcap {planted} belongs to another user: not replacing it"
+    assert planted.read_bytes() == GOLDEN_HEADER
+
+
 def test_a_fifo_is_refused_without_waiting_for_a_reader(tmp_path):
     fifo = tmp_path / "c.pcap"
     os.mkfifo(fifo)

@@ -66,13 +66,18 @@ _PCAP_MAGICS = frozenset(struct.pack(order + "I", magic) for order in "<>"
 
 def _check_replaceable(fd: int, path: str) -> None:
     """Refuse a path that holds something a capture must not replace: anything but a
-    regular file or a character device (/dev/null), and a non-empty regular file that is
-    not a pcap capture (a disk image or a kernel named by mistake, maybe the VM's own)."""
+    regular file or a character device (/dev/null), another user's file, and a non-empty
+    regular file that is not a pcap capture (a disk image or a kernel named by mistake,
+    maybe the VM's own)."""
     st = os.fstat(fd)
     if stat.S_ISCHR(st.st_mode):
         return
     if not stat.S_ISREG(st.st_mode):
         raise VoidboxError(f"cannot write pcap {path}: not a regular file")
+    if st.st_uid != os.geteuid():
+        # Planted in a shared directory (/tmp) and writable to us: its owner would read
+        # the capture, this user's traffic.
+        raise VoidboxError(f"pcap {path} belongs to another user: not replacing it")
     if st.st_size and os.pread(fd, 4, 0) not in _PCAP_MAGICS:
         raise VoidboxError(f"pcap {path} exists and is not a capture: not replacing it")
 
@@ -109,9 +114,9 @@ class PcapWriter:
             if stat.S_ISREG(st.st_mode):
                 os.ftruncate(fd, 0)
             # O_CREAT's mode applies only to a new file: an old capture of ours that others
-            # could read becomes private too. Someone else's file, a FIFO or a device
-            # keeps its mode.
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            # could read becomes private too (another user's file was refused above; a
+            # device keeps its mode).
+            if stat.S_ISREG(st.st_mode):
                 os.fchmod(fd, FILE_MODE)
             self._file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), BUFFER_SIZE)
         except OSError as e:
