@@ -173,14 +173,42 @@ def test_unwritable_path_is_one_line(tmp_path):
     assert str(info.value) == f"cannot write pcap {path}: No such file or directory"
 
 
-def test_a_path_that_takes_no_data_is_one_line_before_any_traffic():
-    """/dev/full opens but refuses every byte: the header is written through at once, so
-    the run stops before its command starts, with one line and no fd left open."""
+def test_a_file_that_takes_no_data_is_one_line_before_any_traffic(tmp_path):
+    """A file that opens but refuses its bytes (here: past RLIMIT_FSIZE, as a full disk
+    would): the header is written through at once, so the run stops before its command
+    starts, with one line and no fd left open."""
     before = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(VoidboxError) as info:
-        PcapWriter("/dev/full")
-    assert str(info.value) == "cannot write pcap /dev/full: No space left on device"
+    path = tmp_path / "c.pcap"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10, limit[1]))
+        with pytest.raises(VoidboxError) as info:
+            PcapWriter(str(path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert str(info.value) == f"cannot write pcap {path}: File too large"
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("device", ["/dev/full", "/dev/zero", "/dev/tty"])
+def test_a_device_other_than_dev_null_is_refused_before_it_is_opened(device, monkeypatch):
+    """A device may act on being opened or written (/dev/full refuses every byte, others
+    do worse): only /dev/null takes a capture. One line, no fd left open, and open(2)
+    never called on it."""
+    from voidbox.net import pcap as pcap_module
+    before = len(os.listdir("/proc/self/fd"))
+    opened = []
+    real_open = pcap_module.os.open
+    monkeypatch.setattr(pcap_module.os, "open",
+                        lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    with pytest.raises(VoidboxError) as info:
+        PcapWriter(device)
+    assert str(info.value) == f"cannot write pcap {device}: not a regular file"
+    assert opened == []
+    assert len(os.listdir("/proc/self/fd")) == before
+    PcapWriter("/dev/null").close()
 
 
 def test_a_flush_the_file_refuses_stops_the_capture_not_the_run(tmp_path, caplog):

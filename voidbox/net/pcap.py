@@ -64,22 +64,34 @@ _PCAP_MAGICS = frozenset(struct.pack(order + "I", magic) for order in "<>"
                          for magic in (0xA1B2C3D4, PCAP_MAGIC_NSEC))
 
 
-def _check_replaceable(fd: int, path: str) -> None:
-    """Refuse a path that holds something a capture must not replace: anything but a
-    regular file or a character device (/dev/null), another user's file, and a non-empty
-    regular file that is not a pcap capture (a disk image or a kernel named by mistake,
-    maybe the VM's own)."""
-    st = os.fstat(fd)
-    if stat.S_ISCHR(st.st_mode):
-        return
+_DEV_NULL = os.makedev(1, 3)  # Documentation/admin-guide/devices.txt: mem devices, null
+
+
+def _refusal(st: os.stat_result, path: str) -> str | None:
+    """Why a capture must not go where `st` is: anything but a regular file or /dev/null
+    (a FIFO would block, a device might do anything when written, or even opened), and
+    another user's file (planted in a shared directory and writable to us, its owner
+    would read the capture: this user's traffic)."""
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL:
+        return None
     if not stat.S_ISREG(st.st_mode):
-        raise VoidboxError(f"cannot write pcap {path}: not a regular file")
+        return f"cannot write pcap {path}: not a regular file"
     if st.st_uid != os.geteuid():
-        # Planted in a shared directory (/tmp) and writable to us: its owner would read
-        # the capture, this user's traffic.
-        raise VoidboxError(f"pcap {path} belongs to another user: not replacing it")
-    if st.st_size and os.pread(fd, 4, 0) not in _PCAP_MAGICS:
+        return f"pcap {path} belongs to another user: not replacing it"
+    return None
+
+
+def _check_replaceable(fd: int, path: str) -> os.stat_result:
+    """The open file's stat, once it is known to be a place a capture may go: see
+    _refusal, and a non-empty regular file must be an earlier capture (not a disk image
+    or a kernel named by mistake, maybe the VM's own)."""
+    st = os.fstat(fd)
+    reason = _refusal(st, path)
+    if reason is not None:
+        raise VoidboxError(reason)
+    if stat.S_ISREG(st.st_mode) and st.st_size and os.pread(fd, 4, 0) not in _PCAP_MAGICS:
         raise VoidboxError(f"pcap {path} exists and is not a capture: not replacing it")
+    return st
 
 
 class PcapWriter:
@@ -99,24 +111,29 @@ class PcapWriter:
         self.dropped = 0  # frames not written: the size bound was reached
         self.stopped = False
         try:
+            existing = os.lstat(path)
+        except OSError:
+            existing = None  # missing (made below), or open() says why
+        if (existing is not None and not stat.S_ISLNK(existing.st_mode)  # open: ELOOP
+                and (reason := _refusal(existing, path)) is not None):
+            raise VoidboxError(reason)  # before open(2): a device may act on being opened
+        try:
             # O_NOFOLLOW: a symlink planted at the path cannot redirect the capture onto
             # another file (open(2) fails with ELOOP). Not O_TRUNC: what is there is
-            # looked at first (_check_replaceable). O_NONBLOCK: a FIFO at the path must
-            # not block the open until a reader comes.
+            # looked at first (_check_replaceable, again on the open file, which may have
+            # been swapped since lstat). O_NONBLOCK and O_NOCTTY: a FIFO or a terminal
+            # swapped in must neither block the open nor become ours.
             fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
-                         | os.O_NONBLOCK, FILE_MODE)
+                         | os.O_NONBLOCK | os.O_NOCTTY, FILE_MODE)
         except OSError as e:
             raise VoidboxError(f"cannot write pcap {path}: {e.strerror}") from None
         try:
-            _check_replaceable(fd, path)
+            st = _check_replaceable(fd, path)
             os.set_blocking(fd, True)
-            st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 os.ftruncate(fd, 0)
-            # O_CREAT's mode applies only to a new file: an old capture of ours that others
-            # could read becomes private too (another user's file was refused above; a
-            # device keeps its mode).
-            if stat.S_ISREG(st.st_mode):
+                # O_CREAT's mode applies only to a new file: an old capture of ours that
+                # others could read becomes private too.
                 os.fchmod(fd, FILE_MODE)
             self._file = io.BufferedWriter(io.FileIO(fd, "wb", closefd=True), BUFFER_SIZE)
         except OSError as e:
@@ -127,8 +144,8 @@ class PcapWriter:
             raise
         header = file_header()
         try:
-            # Written through at once: a path that opens but takes no data (a full disk,
-            # /dev/full, a /proc file) fails here, as one line, before any traffic flows.
+            # Written through at once: a file that opens but takes no data (a full disk,
+            # a file size limit, a /proc file) fails here, as one line, before any traffic.
             self._file.write(header)
             self._file.flush()
         except OSError as e:
