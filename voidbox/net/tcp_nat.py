@@ -844,7 +844,9 @@ class TcpNat:
             if self.flows.get(f.key) is not f:
                 core.ack_due = False
                 continue
-            if self._hold_fin_ack(f):
+            # fin_received first: a plain field, so every other flow's ACK (one per request
+            # and response) pays no call here.
+            if core.fin_received and self._hold_fin_ack(f):
                 continue
             if core.flush_ack():  # not when a later segment already carried the ack
                 self._emit(f)
