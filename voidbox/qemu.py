@@ -26,6 +26,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -118,13 +119,26 @@ SUN_PATH_MAX = 107  # unix(7): sun_path holds 108 bytes, the last one the NUL
 LONGEST_SOCKET_NAME = len("/console.sock")  # of the sockets made in the runtime directory
 
 
+def _own_private_dir(path: str) -> bool:
+    """XDG_RUNTIME_DIR as the XDG Base Directory spec defines it: a directory this user
+    owns that no one else may write. Anywhere others may rename entries (a world-writable
+    directory without the sticky bit), one could swap our directory for theirs between
+    our bind() and QEMU's connect(), and serve QEMU the guest's devices (and memory)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
 def _make_run_dir() -> Path:
     """A private (0700) directory for QEMU's sockets: in $XDG_RUNTIME_DIR when it takes one
     whose socket paths fit sun_path, else in the temporary directory. The environment is
     the user's input: a bad XDG_RUNTIME_DIR falls back, it never ends in a traceback."""
     reason = "no usable directory"
     for base in (os.environ.get("XDG_RUNTIME_DIR") or None, None):
-        if base is not None and not os.path.isdir(base):
+        if base is not None and not _own_private_dir(base):
             continue
         try:
             path = tempfile.mkdtemp(prefix="voidbox-", dir=base)  # mode 0700

@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+from tests.requires import requires
 from voidbox import host
 from voidbox.config import VmConfig
 from voidbox.errors import UsageError, VoidboxError
@@ -113,3 +114,28 @@ def test_no_usable_runtime_directory_is_one_error(monkeypatch):
     with pytest.raises(VoidboxError) as info:
         qemu._make_run_dir()
     assert str(info.value).startswith("cannot make a runtime directory for QEMU's sockets (")
+
+
+def _not_used_as_xdg_runtime_dir(monkeypatch, shared: pathlib.Path) -> None:
+    path = _run_dir_with(monkeypatch, shared)
+    assert path.parent == pathlib.Path(tempfile.gettempdir())
+    assert list(shared.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_an_xdg_runtime_dir_others_may_write_is_not_used(tmp_path, monkeypatch, mode):
+    """Anyone who may rename entries there could swap the directory for one of theirs
+    before QEMU connects: the temporary directory is used instead."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    _not_used_as_xdg_runtime_dir(monkeypatch, shared)
+
+
+@requires(os.geteuid() == 0, "needs root to give a directory to another user")
+def test_an_xdg_runtime_dir_another_user_owns_is_not_used(tmp_path, monkeypatch):
+    shared = tmp_path / "theirs"
+    shared.mkdir()
+    shared.chmod(0o700)
+    os.chown(shared, 65534, 65534)  # nobody
+    _not_used_as_xdg_runtime_dir(monkeypatch, shared)
