@@ -5,6 +5,7 @@ a loopback TCP connection for the host socket, so no root is needed. Every test 
 the compiled port and its pure twin; the two must write the same bytes.
 """
 
+import errno
 import fcntl
 import importlib
 import select
@@ -163,8 +164,29 @@ def test_read_each_hands_frames_over_in_order_and_an_exception_ends_the_batch(im
         peer.send(VNET.pack(0, 0, 0, 0, 0, 0) + f)
     with pytest.raises(RuntimeError):
         port.read_each(refuse, 100)
-    assert port.rx_frames == 4  # the frame handed over; those read after it are dropped
+    assert port.rx_frames == 4  # the frame handed over; the ones behind it are not read
+    got.clear()
+    assert port.read_each(lambda f, v: got.append(f), 100) == 2
+    assert got == frames[1:]
     assert port.read_each(got.append, 100) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_read_each_hands_a_frame_over_before_it_reads_the_next(impl, tap_pair):
+    """The answer to a lone request leaves before the read that finds the fd empty: each
+    frame reaches on_frame while the frames behind it are still in the fd."""
+    ours, peer = tap_pair
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=10, batch=8)
+    for tag in b"xyz":
+        peer.send(VNET.pack(0, 0, 0, 0, 0, 0) + ETH + bytes([tag]) * 20)
+    still_readable = []
+
+    def take(frame, verified):
+        still_readable.append((frame[-1], bool(select.select([ours], [], [], 0)[0])))
+
+    assert port.read_each(take, 0) == 3
+    assert still_readable == [(ord("x"), True), (ord("y"), True), (ord("z"), False)]
+    assert port.read_errno == errno.EAGAIN
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -392,21 +392,24 @@ class FramePort:
         self.read_errno = 0
 
     def _read_frames(self):
-        """Up to `batch` frames read and checked, [(frame, checksum_verified)], uncounted
-        in rx_frames; dropped ones are counted in rx_dropped."""
+        """Up to `batch` frames read and checked, yielded as (frame, checksum_verified)
+        one read at a time, uncounted in rx_frames; dropped ones are counted in
+        rx_dropped."""
         hl = self.vnet_hdr_len
-        out = []
         self.read_errno = 0
         for _ in range(self.batch):
             try:
-                data = _os.read(self.fd, hl + self.max_frame)
-            except InterruptedError:
-                continue
+                while True:
+                    try:
+                        data = _os.read(self.fd, hl + self.max_frame)
+                        break
+                    except InterruptedError:
+                        continue
             except OSError as e:
                 self.read_errno = e.errno
-                break
+                return
             if not data:
-                break
+                return
             if len(data) < hl + ETH_HLEN:
                 self.rx_dropped += 1
                 continue
@@ -415,18 +418,18 @@ class FramePort:
             if state < 0:
                 self.rx_dropped += 1
                 continue
-            out.append((bytes(buf[hl:]), state == 1))
-        return out
+            yield bytes(buf[hl:]), state == 1
 
     def read_batch(self):
-        out = self._read_frames()
+        out = list(self._read_frames())
         self.rx_frames += len(out)
         return out
 
     def read_each(self, on_frame, oversize: int = 0) -> int:
-        """read_batch's frames handed to on_frame(frame, checksum_verified) one by one;
-        frames longer than oversize (if > 0) counted in rx_oversize. An exception from
-        on_frame ends the batch (the later frames are dropped, uncounted)."""
+        """read_batch's frames handed to on_frame(frame, checksum_verified) each as soon
+        as it is read, before the next read; frames longer than oversize (if > 0) counted
+        in rx_oversize. An exception from on_frame ends the batch (the later frames stay
+        unread in the fd)."""
         handed = 0
         for frame, verified in self._read_frames():
             if 0 < oversize < len(frame):
