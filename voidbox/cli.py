@@ -19,7 +19,13 @@ def main(argv=None) -> None:
     """The click CLI (launch.main is the entry point): every error, click's usage errors
     included, is one line on stderr."""
     try:
-        status = cli.main(args=argv, prog_name="voidbox", standalone_mode=False)
+        try:
+            status = cli.main(args=argv, prog_name="voidbox", standalone_mode=False)
+        except SystemExit as done:
+            # click ends a write into a pipe whose reader left (EPIPE) with status 1.
+            if done.code == 1 and _stdout_reader_gone():
+                sys.exit(int(ExitStatus.SIGPIPE))
+            raise
     except click.UsageError as error:
         hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
         click.echo(f"voidbox: error: {error.format_message()}{hint}", err=True)
@@ -36,11 +42,13 @@ def main(argv=None) -> None:
         if not _written_by_echo(error):
             raise
         # --help, --version or doctor into a full disk or /dev/full: one line, not the
-        # traceback of click's echo (a pipe whose reader left stays quiet).
+        # traceback of click's echo. A pipe whose reader left stays quiet, with the status
+        # a shell shows for a tool SIGPIPE stopped (Python ignores SIGPIPE itself).
         _stdout_to_devnull()
-        if not isinstance(error, BrokenPipeError):
-            click.echo(f"voidbox: error: cannot write to standard output: "
-                       f"{error.strerror or error}", err=True)
+        if isinstance(error, BrokenPipeError):
+            sys.exit(int(ExitStatus.SIGPIPE))
+        click.echo(f"voidbox: error: cannot write to standard output: "
+                   f"{error.strerror or error}", err=True)
         sys.exit(int(ExitStatus.ERROR))
     sys.exit(status if isinstance(status, int) else 0)
 
@@ -52,6 +60,19 @@ def _written_by_echo(error: OSError) -> bool:
         tb = tb.tb_next
     return (tb is not None and tb.tb_frame.f_code.co_name == "echo"
             and tb.tb_frame.f_globals.get("__name__") == "click.utils")
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe or socket nobody reads any more (poll(2) reports
+    POLLERR on a pipe's write end once its read end is closed)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _stdout_to_devnull() -> None:

@@ -13,6 +13,7 @@ class ExitStatus(enum.IntEnum):
     RESET = 4
     GUEST_CRASH = 5  # triple fault, KVM emulation failure or internal error
     SIGINT = 130
+    SIGPIPE = 141  # standard output's reader left (`voidbox doctor | head -1`)
     SIGTERM = 143
 
 
