@@ -257,3 +257,33 @@ def test_probe_initrd_refuses_what_the_loader_would(tmp_path):
     good = tmp_path / "initrd.img"
     good.write_bytes(b"070701")
     probe_initrd(str(good))
+
+
+@pytest.mark.parametrize("kind", ["elf", "bzimage"])
+def test_probe_kernel_refuses_what_the_loader_would(mem, tmp_path, kind):
+    """--accel qemu hands the kernel to QEMU's loader: a truncated or corrupt one is the
+    usage error voidbox's own loader gives (exit 2, one line), not QEMU failing to start.
+    Each truncation of a good kernel: the probe refuses exactly what the loader refuses
+    (the loader alone also knows guest RAM, which the probe cannot check)."""
+    from voidbox.boot.loader import probe_kernel
+
+    good = linux_elf() if kind == "elf" else make_bzimage()
+    path = tmp_path / "k"
+    refused = 0
+    for n in list(range(0, 0x400, 7)) + list(range(0x400, len(good) + 1, 331)) + [len(good)]:
+        path.write_bytes(good[:n])
+        try:
+            load_kernel(mem, str(path), "")
+            loader_error = None
+        except UsageError as e:
+            loader_error = str(e)
+        try:
+            probe_kernel(str(path))
+            probe_error = None
+        except UsageError as e:
+            probe_error = str(e)
+        assert probe_error == loader_error, n
+        refused += probe_error is not None
+    assert 0 < refused
+    path.write_bytes(good)
+    assert probe_kernel(str(path)) == kind

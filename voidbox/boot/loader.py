@@ -177,13 +177,18 @@ def probe_kernel(kernel_path: str) -> str:
     --accel qemu); UsageError, as load_kernel would give, for anything else."""
     with _open(kernel_path, "kernel") as f:
         try:
+            file_size = os.fstat(f.fileno()).st_size
             head = f.read(bzimage.HEADER_READ_SIZE)
+            # The same header and segment checks load_kernel makes (a truncated or corrupt
+            # kernel, an ELF for another machine), without loading anything.
+            if head.startswith(elf.ELFMAG):
+                elf.parse_elf(f, file_size, kernel_path)
+                return "elf"
+            if bzimage.is_bzimage(head):
+                bzimage.parse_bzimage(head, file_size, kernel_path)
+                return "bzimage"
         except OSError as e:
             raise UsageError(f"cannot read kernel {kernel_path}: {e.strerror or e}") from None
-    if head.startswith(elf.ELFMAG):
-        return "elf"
-    if bzimage.is_bzimage(head):
-        return "bzimage"
     raise UsageError(f"{kernel_path} is not a bzImage or x86-64 ELF kernel")
 
 
