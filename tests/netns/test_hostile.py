@@ -140,6 +140,71 @@ def test_sigterm_reaches_the_command_through_the_init():
     assert proc.wait(timeout=WAIT) == 128 + signal.SIGTERM
 
 
+# The command counts the SIGINTs it gets: its status is 10 + how many.
+_COUNT_SIGINTS = """
+import signal, sys, time
+n = 0
+def count(sig, frame):
+    global n
+    n += 1
+signal.signal(signal.SIGINT, count)
+print("ready", flush=True)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline and n == 0:
+    time.sleep(0.01)
+time.sleep(0.5)  # a second SIGINT would come in here
+sys.exit(10 + n)
+"""
+
+
+def test_a_sigint_sent_to_voidbox_alone_reaches_the_command_once():
+    """A script's kill -INT (or Popen.send_signal) to voidbox, not to its process group:
+    it was ignored, and the run went on as if nothing had been asked."""
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "voidbox"),
+                             "net", "run", "--", sys.executable, "-c", _COUNT_SIGINTS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=WAIT) == 11, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_terminals_ctrl_c_reaches_the_command_once():
+    """Ctrl-C on the terminal goes to the whole foreground process group, the command
+    included: voidbox must not pass its own copy on as a second SIGINT."""
+    import fcntl
+    import select
+    import termios
+
+    main_fd, tty_fd = os.openpty()
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "voidbox"),
+                             "net", "run", "--", sys.executable, "-c", _COUNT_SIGINTS],
+                            stdin=tty_fd, stdout=tty_fd, stderr=tty_fd,
+                            preexec_fn=own_terminal)
+    os.close(tty_fd)
+    try:
+        seen = b""
+        deadline = time.monotonic() + WAIT
+        while b"ready" not in seen and time.monotonic() < deadline:
+            if select.select([main_fd], [], [], 0.5)[0]:
+                seen += os.read(main_fd, 4096)
+        assert b"ready" in seen, seen
+        os.write(main_fd, b"\x03")  # the terminal's VINTR: the kernel signals the group
+        assert proc.wait(timeout=WAIT) == 11
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(main_fd)
+
+
 
 
 # ---- defect 8: a TAP whose interface is deleted leaves the loop -------------------------

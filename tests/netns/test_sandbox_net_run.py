@@ -242,6 +242,28 @@ def test_sigterm_at_any_moment_of_the_start_up_ends_the_command(delay):
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0])
+def test_sigint_at_any_moment_of_the_start_up_ends_the_command(delay):
+    """A SIGINT sent to voidbox alone while net run starts: before the supervisor reads
+    SIGINT from its signalfd it is voidbox's KeyboardInterrupt, after it the command's
+    SIGINT (and before the interpreter's own handler, the process dies of it); either way
+    nothing is left running."""
+    marker = f"{70 + delay + os.getpid() % 1000 / 1000:.4f}"  # the command, found by its argv
+    proc = net_run("--", "sleep", marker)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), err
+    deadline = time.monotonic() + WAIT
+    while _cmdline_running(["sleep", marker]):
+        assert time.monotonic() < deadline, f"sleep {marker} outlived voidbox net run"
+        time.sleep(0.05)
+
+
 def _cmdline_running(argv: list[str]) -> bool:
     wanted = "\0".join(argv).encode() + b"\0"
     for entry in os.listdir("/proc"):

@@ -9,6 +9,7 @@ import ctypes
 import os
 import signal
 import socket
+import struct
 
 from voidbox.errors import VoidboxError
 
@@ -57,6 +58,45 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int) -> No
 
 def set_parent_death_signal(sig: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+# signalfd(2): a blocked signal read as a record that says who sent it, which a Python
+# handler never learns.
+SFD_NONBLOCK = os.O_NONBLOCK
+SFD_CLOEXEC = os.O_CLOEXEC
+SIGINFO_SIZE = 128  # struct signalfd_siginfo
+SI_KERNEL = 0x80  # si_code of a signal the kernel sent, such as a terminal's Ctrl-C
+_SIGSET_SIZE = 128  # glibc's sigset_t
+_libc.signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.sigemptyset.argtypes = [ctypes.c_void_p]
+_libc.sigaddset.argtypes = [ctypes.c_void_p, ctypes.c_int]
+
+
+def open_signalfd(signals) -> int:
+    """A non-blocking, close-on-exec signalfd for `signals`, which the caller blocks
+    (pthread_sigmask) so that they queue for it instead of being delivered."""
+    mask = ctypes.create_string_buffer(_SIGSET_SIZE)
+    _libc.sigemptyset(mask)
+    for sig in signals:
+        _libc.sigaddset(mask, int(sig))
+    fd = _libc.signalfd(-1, mask, SFD_NONBLOCK | SFD_CLOEXEC)
+    if fd < 0:
+        raise VoidboxError(f"signalfd: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def read_signals(fd: int) -> list[tuple[int, int, int]]:
+    """The signals queued on a signalfd, as (signo, si_code, sender's pid)."""
+    out = []
+    while True:
+        try:
+            record = os.read(fd, SIGINFO_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return out
+        if len(record) < SIGINFO_SIZE:
+            return out
+        signo, _errno, code, pid = struct.unpack_from("<IiiI", record)
+        out.append((signo, code, pid))
 
 
 def enter_namespaces(unprivileged: bool) -> None:

@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 from voidbox import sandbox as sandboxing
@@ -179,9 +180,14 @@ def _child(argv, config: NatConfig, dhcp: bool, unprivileged: bool, resolv_path:
         os._exit(status)
 
 
+# A SIGINT sent to voidbox alone (a script's kill, Popen.send_signal), on its way down the
+# chain: the set-up child and the init ignore SIGINT itself, which a terminal's Ctrl-C
+# delivers to them and to the command at once, so the command must not get it twice. The
+# init turns it back into SIGINT for the command.
+SIGINT_RELAY = signal.SIGRTMIN
 # Signals relayed down the chain voidbox -> set-up child -> init -> command.
 RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                   signal.SIGUSR2)
+                   signal.SIGUSR2, SIGINT_RELAY)
 
 
 def _wait_relaying_signals(pid: int, mask=frozenset()) -> int:
@@ -224,7 +230,8 @@ def _init(argv) -> None:
         if cmd_pid == 0:
             _exec_command(argv)  # never returns
         for sig in RELAYED_SIGNALS:
-            signal.signal(sig, lambda sig, _f: _kill_quietly(cmd_pid, sig))
+            signal.signal(sig, lambda sig, _f: _kill_quietly(
+                cmd_pid, signal.SIGINT if sig == SIGINT_RELAY else sig))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED_SIGNALS)  # blocked since the fork
         while True:
             try:
@@ -284,6 +291,7 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
     report = nat_pidfd = None
     pidfd = os.pidfd_open(pid)
     old_handlers = {}
+    interrupts = None
     try:
         msg, tap_fd = netns.recv_fd(sock)
         if msg.startswith(MSG_ERROR) or tap_fd is None:
@@ -307,7 +315,9 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         os.close(tap_fd)
         tap_fd = None
         nat_pidfd = os.pidfd_open(nat_pid)
-        old_handlers = _forward_signals(pid)
+        # SIGINT first: queued from here on, none is lost between the two.
+        interrupts = _watch_interrupts()
+        old_handlers = _forward_signals(pid, interrupts is None)
         ready = _next_report(report, nat_pidfd, None)
         if ready is None or not ready.startswith(REPORT_READY):
             raise VoidboxError(_nat_failure(nat_pid, ready))
@@ -324,8 +334,12 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         poller.register(nat_pidfd, select.POLLIN)
+        if interrupts is not None:
+            poller.register(interrupts, select.POLLIN)
         while True:
             events = dict(poller.poll())
+            if interrupts in events:
+                _relay_interrupts(interrupts, pid)
             if pidfd in events:
                 break
             if nat_pidfd in events:
@@ -336,6 +350,8 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
         _, status = os.waitpid(pid, 0)
         pid = 0
         code = os.waitstatus_to_exitcode(status)
+        if code == -SIGINT_RELAY:
+            code = -signal.SIGINT  # the relayed SIGINT came before the chain relayed it
         final = _next_report(report, nat_pidfd, DRAIN_MAX + NAT_EXIT_GRACE)
         if final is None or not final.startswith(REPORT_STATS):
             message = _nat_failure(nat_pid, final)
@@ -349,6 +365,13 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
             raise VoidboxError(f"net run: the NAT {describe_exit(nat_status)} after its report")
         return SIGNAL_STATUS_BASE - code if code < 0 else code
     finally:
+        if interrupts is not None:
+            # What is still queued (a terminal's Ctrl-C at the end) is dropped with the
+            # signalfd, and SIG_IGN drops anything pending, before SIGINT is unblocked.
+            os.close(interrupts)
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+            signal.signal(signal.SIGINT, handler)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
         for child in (pid, nat_pid):
@@ -535,8 +558,33 @@ def _quiet_gc():
         gc.set_threshold(*old)
 
 
-def _forward_signals(pid: int) -> dict:
-    """SIGTERM/SIGHUP go to the command; SIGINT reaches it from the terminal anyway."""
+def _watch_interrupts() -> int | None:
+    """A signalfd for SIGINT, which is blocked from here on; None off the main thread or
+    without signalfd (SIGINT is then ignored, as before). Who sent a SIGINT decides what
+    it means: see _relay_interrupts."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        return netns.open_signalfd([signal.SIGINT])
+    except VoidboxError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+        return None
+
+
+def _relay_interrupts(fd: int, pid: int) -> None:
+    """SIGINTs queued for the supervisor. A terminal's Ctrl-C (sent by the kernel to the
+    whole foreground process group) has reached the command already and is dropped; one
+    that a process sent to voidbox alone goes down the chain to the command."""
+    for _signo, code, _sender in netns.read_signals(fd):
+        if code != netns.SI_KERNEL:
+            _kill_quietly(pid, SIGINT_RELAY)
+
+
+def _forward_signals(pid: int, ignore_sigint: bool) -> dict:
+    """SIGTERM/SIGHUP go to the command. SIGINT is read from a signalfd
+    (_watch_interrupts), or, where there is none, ignored: a terminal's Ctrl-C reaches
+    the command anyway."""
     old = {}
 
     def forward(sig, _frame):
@@ -546,7 +594,8 @@ def _forward_signals(pid: int) -> dict:
             pass
 
     try:
-        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if ignore_sigint:
+            old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             old[sig] = signal.signal(sig, forward)
     except ValueError:
