@@ -468,7 +468,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno  # EWOULDBLOCK == EAGAIN on Linux
 from libc.stdlib cimport free, malloc
 
-from voidbox.includes.sockio cimport c_read, c_write, iovec, peek_iov, writev
+from voidbox.includes.sockio cimport MSG_DONTWAIT, c_read, c_recv, c_write, iovec, peek_iov, writev
 
 cdef extern from "<string.h>" nogil:
     void *memset(void *s, int c, size_t n)
@@ -485,6 +485,9 @@ cdef enum:
     ETH_P_IP_C = 0x0800
     ETH_P_IPV6_C = 0x86DD
     IPPROTO_UDP_C = 17
+    UDP_HEADER_LEN_C = 8
+    IPV4_UDP_HEADROOM = ETH_HLEN_C + IPV4_HEADER_LEN + UDP_HEADER_LEN_C
+    UDP_CSUM_ALL_ONES = 0xFFFF  # RFC 768: a computed zero is sent as all ones
     TCP_CSUM_OFFSET = 16           # RFC 9293 §3.1: the checksum field's offset in the header
     TCP_FLAG_PSH = 0x08
     TCP_FLAG_ACK = 0x10
@@ -512,6 +515,20 @@ STREAM_MORE = S_MORE
 STREAM_DRAINED = S_DRAINED
 STREAM_EOF = S_EOF
 STREAM_BLOCKED = S_BLOCKED
+
+cdef enum DatagramStatus:
+    # send_udp4: why the relay of a socket's datagrams ended.
+    D_DRAINED = 0   # the socket had no more (EAGAIN)
+    D_BUDGET = 1    # `budget` receives were made: the socket may hold more
+    D_PAUSED = 2    # the owner has frames queued: nothing was received
+    D_OVERSIZE = 3  # a datagram too long for one frame: its payload is in the buffer
+    D_BLOCKED = 4   # the port refused a frame (EAGAIN): the frame is in the buffer
+
+UDP_DRAINED = D_DRAINED
+UDP_BUDGET = D_BUDGET
+UDP_PAUSED = D_PAUSED
+UDP_OVERSIZE = D_OVERSIZE
+UDP_BLOCKED = D_BLOCKED
 
 
 cdef inline void put16le(uint8_t *p, uint16_t v) noexcept nogil:
@@ -744,6 +761,96 @@ cdef class FramePort:
             return 0
         self.tx_dropped += 1
         return -1
+
+    def send_udp4(self, int sockfd, uint8_t[::1] buf, const uint8_t[::1] eth_header,
+                  const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip, int src_port,
+                  int dst_port, int ip_id, Py_ssize_t budget, Py_ssize_t mtu):
+        """Relay datagrams from the connected UDP socket sockfd to the port: each is
+        received straight into buf behind the room for its Ethernet, IPv4 and UDP headers
+        (42 bytes), framed there (both checksums, DF, TTL 64, identification ip_id, then
+        ip_id + 1, ...) and written. At most `budget` receives are made; one that fails
+        with another error than EAGAIN (an ICMP error the socket reports, see IP_RECVERR)
+        uses one up and is skipped, as the UDP NAT's own loop does.
+
+        Returns (frames written, identifications used, status, n). Status:
+        UDP_DRAINED: the socket had no more; UDP_BUDGET: all `budget` receives were made;
+        UDP_PAUSED: the port is paused (its owner has frames queued), nothing was received;
+        UDP_OVERSIZE: a datagram of n bytes is too long for one frame (28 + n > mtu): its
+        payload is at buf[42:42 + n], for the caller to send as fragments;
+        UDP_BLOCKED: the port refused the frame with EAGAIN: the whole frame, 42 + n bytes,
+        is at buf[0:42 + n] for the caller to queue (its identification counts as used).
+        A frame the port refuses for good is lost on the wire (tx_dropped).
+        """
+        cdef Py_ssize_t cap = buf.shape[0] - IPV4_UDP_HEADROOM
+        cdef Py_ssize_t written = 0, ids = 0, tries = 0, n = 0
+        cdef ssize_t r
+        cdef int status = D_BUDGET
+        cdef int hl = self.vnet_hdr_len
+        cdef uint8_t vhdr[VIRTIO_NET_HDR_LEN + 2]
+        cdef iovec iov[2]
+        cdef uint8_t *p
+        cdef uint8_t *u
+        cdef uint16_t c
+        if eth_header.shape[0] != ETH_HLEN_C or src_ip.shape[0] != 4 or dst_ip.shape[0] != 4:
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
+        if cap < 0:
+            raise ValueError("the buffer has no room behind the headers")
+        if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= ip_id <= 0xFFFF):
+            raise ValueError("ports and the identification are 16-bit numbers")
+        if self.paused:
+            return 0, 0, D_PAUSED, 0
+        p = &buf[0]
+        u = p + ETH_HLEN_C + IPV4_HEADER_LEN
+        memset(vhdr, 0, sizeof(vhdr))
+        iov[0].iov_base = vhdr
+        iov[0].iov_len = hl
+        iov[1].iov_base = p
+        with nogil:
+            while tries < budget:
+                tries += 1
+                r = c_recv(sockfd, p + IPV4_UDP_HEADROOM, cap, MSG_DONTWAIT)
+                if r < 0:
+                    if errno == EINTR:
+                        tries -= 1
+                        continue
+                    if errno == EAGAIN:
+                        status = D_DRAINED
+                        break
+                    continue  # the socket's pending error, reported once
+                n = r
+                if IPV4_HEADER_LEN + UDP_HEADER_LEN_C + n > mtu:
+                    status = D_OVERSIZE
+                    break
+                memcpy(p, &eth_header[0], ETH_HLEN_C)
+                put16(u, <uint16_t>src_port)
+                put16(u + 2, <uint16_t>dst_port)
+                put16(u + 4, <uint16_t>(UDP_HEADER_LEN_C + n))
+                put16(u + 6, 0)
+                c = csum_finish(csum_partial(u, UDP_HEADER_LEN_C + n,
+                                             pseudo_sum_ipv4(&src_ip[0], &dst_ip[0],
+                                                             UDP_HEADER_LEN_C + n,
+                                                             IPPROTO_UDP_C)))
+                put16(u + 6, c if c else UDP_CSUM_ALL_ONES)
+                write_ipv4_header_proto(p + ETH_HLEN_C,
+                                        <uint16_t>(IPV4_HEADER_LEN + UDP_HEADER_LEN_C + n),
+                                        <uint16_t>((ip_id + ids) & 0xFFFF), &src_ip[0],
+                                        &dst_ip[0], IPPROTO_UDP_C)
+                ids += 1
+                iov[1].iov_len = IPV4_UDP_HEADROOM + n
+                while True:
+                    r = writev(self.fd, iov + (0 if hl else 1), 2 if hl else 1)
+                    if not (r < 0 and errno == EINTR):
+                        break
+                if r < 0:
+                    if errno == EAGAIN:
+                        self.tx_eagain += 1
+                        status = D_BLOCKED
+                        break
+                    self.tx_dropped += 1
+                else:
+                    written += 1
+            self.tx_frames += written
+        return written, ids, status, n
 
     def send_tcp_stream(self, int sockfd, const uint8_t[::1] eth_header,
                         const uint8_t[::1] src_ip, const uint8_t[::1] dst_ip,

@@ -137,6 +137,55 @@ class Harness:
         self.loop.close()
 
 
+class PortHarness(Harness):
+    """Harness wired as `voidbox net run` wires the NAT without --pcap: the engine's frames
+    go through a TapIO (write backlog, EPOLLOUT flush) on one end of a datagram socketpair
+    standing in for the TAP, and the UDP NAT relays replies through its FramePort itself
+    (Engine.attach_datagram_port). impl picks the FramePort twin. `out` gets what the
+    other end reads; sndbuf, if given, shrinks our end's send buffer."""
+
+    def __init__(self, config: NatConfig | None = None, policy: Policy | None = None,
+                 impl=None, sndbuf: int | None = None):
+        import socket
+
+        from voidbox.net import fastpath
+        from voidbox.net.tap import TapIO
+
+        super().__init__(config, policy)
+        self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.ours.setblocking(False)
+        self.peer.setblocking(False)
+        if sndbuf is not None:
+            self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.tap = TapIO(self.loop, self.ours.fileno(), self.config.mtu, self.engine.guest_frame)
+        self.tap.port = (impl or fastpath).FramePort(self.ours.fileno(), 0,
+                                                     self.config.mtu + 14, 8)
+        self.port = self.tap.port
+        self.engine.send_frame = self.tap.write
+        self.engine.attach_datagram_port(self.port)
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                self.out.append(self.peer.recv(1 << 17))
+            except BlockingIOError:
+                return
+
+    def pump(self, until) -> None:
+        for _ in range(MAX_PUMP):
+            self._collect()
+            if until():
+                return
+            self.loop.run_once(PUMP_SLICE)
+        raise AssertionError("condition not reached")
+
+    def close(self) -> None:
+        self.tap.close()
+        super().close()
+        self.ours.close()
+        self.peer.close()
+
+
 # ---------------------------------------------------------------- IPv6 (RFC 8200)
 
 GUEST6 = ip6_to_bytes("fd00::100")

@@ -355,3 +355,179 @@ def test_stream_blocked_port_reports_what_went_out(impl, tcp_pair):
     finally:
         a.close()
         b.close()
+
+
+# ---- send_udp4: the UDP NAT's replies, socket -> frame -> port ------------------------
+
+UDP_HEADROOM = 42  # Ethernet, IPv4, UDP
+
+
+@pytest.fixture
+def udp_flow():
+    """(flow: our connected socket, as the UDP NAT's flow has it; host: the server)."""
+    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host.bind(("127.0.0.1", 0))
+    flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flow.connect(host.getsockname())
+    flow.setblocking(False)
+    host.connect(flow.getsockname())
+    yield flow, host
+    flow.close()
+    host.close()
+
+
+def queue_datagrams(flow, host, payloads):
+    for p in payloads:
+        host.send(p)
+    deadline = time.monotonic() + 10
+    while len(payloads) and time.monotonic() < deadline:
+        if select.select([flow], [], [], 0.1)[0]:
+            break
+
+
+def parse_udp_frame(frame):
+    """(ip identification, source port, destination port, payload), each checksum and
+    length checked."""
+    assert frame[:14] == ETH
+    ip = frame[14:]
+    assert ip[0] == 0x45 and ip[9] == 17 and ip[8] == 64
+    assert struct.unpack_from("!H", ip, 2)[0] == len(ip)
+    assert struct.unpack_from("!H", ip, 6)[0] == 0x4000  # DF
+    assert ip[12:16] == SRC and ip[16:20] == DST
+    assert _slirp_py.inet_checksum(ip[:20]) == 0
+    udp = ip[20:]
+    sport, dport, length, csum = struct.unpack_from("!HHHH", udp)
+    assert length == len(udp) and csum != 0
+    pseudo = SRC + DST + struct.pack("!BBH", 0, 17, length)
+    assert _slirp_py.inet_checksum(pseudo + udp) == 0
+    return struct.unpack_from("!H", ip, 4)[0], sport, dport, udp[8:]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hl", [0, 10, 12])
+def test_udp_replies_are_framed_in_the_buffer_and_written(impl, tap_pair, udp_flow, hl):
+    ours, peer = tap_pair
+    flow, host = udp_flow
+    payloads = [b"", b"a", bytes(range(256)) * 5, b"\xff" * 1371]
+    queue_datagrams(flow, host, payloads)
+    port = impl.FramePort(ours.fileno(), vnet_hdr_len=hl)
+    buf = bytearray(UDP_HEADROOM + 65535)
+    # A budget beyond the datagrams: the socket runs dry first.
+    got = port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 53, 40000, 0xFFFE, 8, 1500)
+    assert got[:3] == (4, 4, impl.UDP_DRAINED)
+    assert port.tx_frames == 4
+    frames = recv_all(peer, 4)
+    for i, (raw, payload) in enumerate(zip(frames, payloads, strict=True)):
+        assert raw[:hl] == bytes(hl)  # an empty virtio_net_hdr: nothing offloaded
+        ident, sport, dport, body = parse_udp_frame(raw[hl:])
+        assert (ident, sport, dport, body) == ((0xFFFE + i) & 0xFFFF, 53, 40000, payload)
+    assert port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 53, 40000, 0, 8, 1500) \
+        == (0, 0, impl.UDP_DRAINED, 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_udp_relay_stops_at_its_budget(impl, tap_pair, udp_flow):
+    ours, peer = tap_pair
+    flow, host = udp_flow
+    queue_datagrams(flow, host, [b"%d" % i for i in range(5)])
+    port = impl.FramePort(ours.fileno())
+    buf = bytearray(UDP_HEADROOM + 65535)
+    assert port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 1, 2, 7, 3, 1500)[:3] \
+        == (3, 3, impl.UDP_BUDGET)
+    assert port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 1, 2, 10, 3, 1500)[:3] \
+        == (2, 2, impl.UDP_DRAINED)
+    assert [parse_udp_frame(f)[3] for f in recv_all(peer, 5)] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_udp_datagram_beyond_the_mtu_is_left_in_the_buffer(impl, tap_pair, udp_flow):
+    """Fragmenting is the caller's: the payload waits at buf[42:], nothing is written."""
+    ours, peer = tap_pair
+    flow, host = udp_flow
+    big = bytes(range(256)) * 8  # 2048 bytes: 28 + 2048 > 1500
+    queue_datagrams(flow, host, [b"small", big])
+    port = impl.FramePort(ours.fileno())
+    buf = bytearray(UDP_HEADROOM + 65535)
+    assert port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 1, 2, 0, 8, 1500) \
+        == (1, 1, impl.UDP_OVERSIZE, len(big))
+    assert bytes(buf[UDP_HEADROOM:UDP_HEADROOM + len(big)]) == big
+    assert parse_udp_frame(peer.recv(4096))[3] == b"small"
+    with pytest.raises(BlockingIOError):
+        peer.recv(4096)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_udp_relay_of_a_paused_port_receives_nothing(impl, tap_pair, udp_flow):
+    ours, _peer = tap_pair
+    flow, host = udp_flow
+    queue_datagrams(flow, host, [b"wait"])
+    port = impl.FramePort(ours.fileno())
+    port.paused = True  # its owner has frames queued: these must not overtake them
+    buf = bytearray(UDP_HEADROOM + 65535)
+    assert port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 1, 2, 0, 8, 1500) \
+        == (0, 0, impl.UDP_PAUSED, 0)
+    assert flow.recv(100) == b"wait"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_udp_frame_the_port_refuses_waits_in_the_buffer(impl, udp_flow):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # a few frames fill it
+    flow, host = udp_flow
+    try:
+        payloads = [b"%04d" % i + b"p" * 996 for i in range(40)]
+        queue_datagrams(flow, host, payloads)
+        port = impl.FramePort(a.fileno())
+        buf = bytearray(UDP_HEADROOM + 65535)
+        written, ids, status, n = port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 1, 2, 0,
+                                                 40, 1500)
+        assert status == impl.UDP_BLOCKED and port.tx_eagain == 1
+        assert ids == written + 1  # the refused frame has its identification
+        ident, _s, _d, body = parse_udp_frame(bytes(buf[:UDP_HEADROOM + n]))
+        assert (ident, body) == (written, payloads[written])
+        got = [parse_udp_frame(b.recv(4096))[3] for _ in range(written)]
+        assert got == payloads[:written]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_udp_relay_skips_a_pending_socket_error(impl, tap_pair):
+    """An ICMP port unreachable surfaces as one failed receive (ECONNREFUSED): it uses one
+    receive of the budget and the relay goes on."""
+    ours, peer = tap_pair
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flow.connect(closed.getsockname())
+    closed.close()  # nobody there now: the kernel answers port unreachable
+    flow.setblocking(False)
+    try:
+        flow.send(b"anyone?")
+        select.select([flow], [], [], 5)
+        port = impl.FramePort(ours.fileno())
+        buf = bytearray(UDP_HEADROOM + 65535)
+        assert port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 1, 2, 0, 1, 1500) \
+            == (0, 0, impl.UDP_BUDGET, 0)
+        assert port.send_udp4(flow.fileno(), buf, ETH, SRC, DST, 1, 2, 0, 4, 1500) \
+            == (0, 0, impl.UDP_DRAINED, 0)
+    finally:
+        flow.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_udp_relay_rejects_bad_arguments(impl, tap_pair, udp_flow):
+    ours, _peer = tap_pair
+    flow, _host = udp_flow
+    port = impl.FramePort(ours.fileno())
+    buf = bytearray(UDP_HEADROOM + 100)
+    fd = flow.fileno()
+    for args in [(fd, buf, ETH[:13], SRC, DST, 1, 2, 0, 1, 1500),
+                 (fd, buf, ETH, SRC + b"\0", DST, 1, 2, 0, 1, 1500),
+                 (fd, bytearray(41), ETH, SRC, DST, 1, 2, 0, 1, 1500),
+                 (fd, buf, ETH, SRC, DST, 65536, 2, 0, 1, 1500),
+                 (fd, buf, ETH, SRC, DST, 1, 2, 65536, 1, 1500)]:
+        with pytest.raises(ValueError):
+            port.send_udp4(*args)

@@ -547,6 +547,41 @@ def test_write_sends_the_same_datagram(slirp, hl, frame):
     assert seen[0] == seen[1]
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hl=st.sampled_from([0, 10, 12]),
+       payloads=st.lists(st.binary(max_size=1600), max_size=6),
+       ip_id=st.integers(0, 0xFFFF), budget=st.integers(0, 8),
+       mtu=st.sampled_from([68, 576, 1500, 65535]), paused=st.booleans(),
+       ports=st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)))
+def test_udp_relay_sends_the_same_frames(slirp, hl, payloads, ip_id, budget, mtu, paused,
+                                         ports):
+    """send_udp4 of both twins on the same datagrams: the same frames, return values,
+    buffer contents behind an oversized datagram, and counters."""
+    seen = []
+    for m in slirp:
+        a, b = dgram_pair()
+        host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        host.bind(("127.0.0.1", 0))
+        flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flow.connect(host.getsockname())
+        flow.setblocking(False)
+        host.connect(flow.getsockname())
+        try:
+            for p in payloads:
+                host.send(p)  # loopback: queued at flow before send() returns
+            port = m.FramePort(a.fileno(), vnet_hdr_len=hl)
+            port.paused = paused
+            buf = bytearray(42 + 65535)
+            got = port.send_udp4(flow.fileno(), buf, b"\x02" * 14, b"\x0a\0\2\2",
+                                 b"\x0a\0\2\x0f", ports[0], ports[1], ip_id, budget, mtu)
+            left = bytes(buf[42:42 + got[3]]) if got[2] == m.UDP_OVERSIZE else None
+            seen.append((got, drain(b), left, port.tx_frames, port.tx_dropped))
+        finally:
+            for sock in (a, b, host, flow):
+                sock.close()
+    assert seen[0] == seen[1]
+
+
 def tcp_with_queued(data: bytes):
     """(our end, peer) of a loopback connection with `data` queued at our end, peek offset 0."""
     listener = socket.socket()

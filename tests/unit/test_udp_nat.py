@@ -1,22 +1,26 @@
 """UDP NAT (voidbox/net/udp.py) against real sockets on the host's loopback (no root)."""
 
 import errno
+import importlib
 import os
 import socket
 
 import pytest
 
+from tests.twins import pure_only
 from tests.unit.netframes import (
     GATEWAY,
     GUEST,
     MAX_PUMP,
     PUMP_SLICE,
     Harness,
+    PortHarness,
     RefusingLoop,
     frame_of,
     guest_udp_frame,
 )
 from voidbox.eventloop import EventLoop
+from voidbox.net import _slirp_py
 from voidbox.net.config import Forward, NatConfig
 from voidbox.net.packets import (
     ETH_HLEN,
@@ -34,6 +38,21 @@ from voidbox.net.packets import (
 )
 from voidbox.net.policy import Policy
 from voidbox.net.udp import UDP_BATCH, UDP_SPARE_SOCKETS, UdpNat
+
+_compiled_slirp = None if pure_only() else importlib.import_module("voidbox._slirp")
+
+
+@pytest.fixture(params=["engine", "port-pure", "port-cython"])
+def make(request):
+    """A Harness whose UDP replies go Python's way (send_ip_buf), or a PortHarness whose
+    replies the frame port relays itself (FramePort.send_udp4, either twin)."""
+    if request.param == "engine":
+        return Harness
+    if request.param == "port-pure":
+        return lambda *a, **k: PortHarness(*a, impl=_slirp_py, **k)
+    if _compiled_slirp is None:
+        pytest.skip("VOIDBOX_PURE=1: pure twin only")
+    return lambda *a, **k: PortHarness(*a, impl=_compiled_slirp, **k)
 
 
 @pytest.fixture
@@ -53,8 +72,8 @@ def free_udp_port() -> int:
     return port
 
 
-def test_gateway_maps_to_loopback_and_replies_come_back(server):
-    h = Harness()
+def test_gateway_maps_to_loopback_and_replies_come_back(make, server):
+    h = make()
     port = server.getsockname()[1]
     h.send(guest_udp_frame(GATEWAY, 40000, port, b"hello"))
     data, peer = server.recvfrom(100)
@@ -70,8 +89,8 @@ def test_gateway_maps_to_loopback_and_replies_come_back(server):
     h.close()
 
 
-def test_large_replies_are_fragmented_to_the_mtu(server):
-    h = Harness(NatConfig(mtu=1500))
+def test_large_replies_are_fragmented_to_the_mtu(make, server):
+    h = make(NatConfig(mtu=1500))
     port = server.getsockname()[1]
     h.send(guest_udp_frame(GATEWAY, 40001, port, b"q"))
     _, peer = server.recvfrom(100)
@@ -174,10 +193,10 @@ def test_port_forward_presents_loopback_peers_as_the_gateway():
         h.close()
 
 
-def test_reply_is_byte_for_byte_what_the_packet_builders_make(server):
+def test_reply_is_byte_for_byte_what_the_packet_builders_make(make, server):
     # The reply is assembled in place (headers packed in front of the received payload,
     # checksums by the compiled RFC 1071 sum): it must equal the reference builders' packet.
-    h = Harness()
+    h = make()
     port = server.getsockname()[1]
     h.send(guest_udp_frame(GATEWAY, 40010, port, b"q"))
     _, peer = server.recvfrom(100)
@@ -224,10 +243,10 @@ def test_send_ip_buf_gets_the_reply_in_the_nats_buffer(server):
     loop.close()
 
 
-def test_a_burst_larger_than_a_batch_arrives_complete_and_in_order(server):
+def test_a_burst_larger_than_a_batch_arrives_complete_and_in_order(make, server):
     # A flow's first wakeup reads one datagram and each full batch doubles the next, so a
     # burst is relayed across several loop turns: nothing may be lost or reordered.
-    h = Harness()
+    h = make()
     port = server.getsockname()[1]
     h.send(guest_udp_frame(GATEWAY, 40012, port, b"q"))
     _, peer = server.recvfrom(100)
@@ -381,3 +400,69 @@ def test_parse_recverr_reads_the_error_and_its_offender_and_refuses_the_rest(v6)
     assert udp.parse_recverr([(level, ctype, err[:8])], v6) is None
     assert udp.parse_recverr([(s.SOL_SOCKET, ctype, err + sockaddr)], v6) is None
     assert udp.parse_recverr([(level, ctype, err + sockaddr)], not v6) is None  # the other family
+
+
+@pytest.fixture(params=["pure", "cython"])
+def port_impl(request):
+    if request.param == "pure":
+        return _slirp_py
+    if _compiled_slirp is None:
+        pytest.skip("VOIDBOX_PURE=1: pure twin only")
+    return _compiled_slirp
+
+
+def _open_flow(h, server, guest_port):
+    port = server.getsockname()[1]
+    h.send(guest_udp_frame(GATEWAY, guest_port, port, b"q"))
+    return port, server.recvfrom(100)[1]
+
+
+def test_the_port_relays_replies_with_no_python_per_datagram(port_impl, server):
+    """Through the frame port, send_ip_buf (Python's way) is never called: the batch is
+    received, framed and written in one call per wakeup, and counted as Python's way is."""
+    h = PortHarness(impl=port_impl)
+    port, peer = _open_flow(h, server, 40020)
+
+    def refuse(buf, n):
+        raise AssertionError("a reply the port can take must not come this way")
+
+    h.engine.udp.send_ip_buf = refuse
+    before = dict(h.engine.counters)
+    for i in range(5):
+        server.sendto(b"r%d" % i, peer)
+    h.pump(lambda: len(h.out) >= 5)
+    assert [d for _ip, _hdr, d in h.udp_replies()] == [b"r%d" % i for i in range(5)]
+    c = h.engine.counters
+    assert c["udp_rx"] - before.get("udp_rx", 0) == 5
+    assert c["frames_to_guest"] - before.get("frames_to_guest", 0) == 5
+    assert h.port.tx_frames == 5
+    h.close()
+
+
+def test_replies_wait_behind_frames_the_tap_has_queued(port_impl, server):
+    """A paused port (the TAP's backlog holds frames) takes nothing: the replies go Python's
+    way into that backlog, behind what is queued, and arrive in order."""
+    h = PortHarness(impl=port_impl)
+    port, peer = _open_flow(h, server, 40021)
+    h.tap._enqueue(h.engine._guest_eth_header() + build_ipv4(
+        GATEWAY, GUEST, IPPROTO_UDP, build_udp(GATEWAY, GUEST, port, 40021, b"first")))
+    assert h.port.paused
+    server.sendto(b"second", peer)
+    h.pump(lambda: len(h.out) >= 2)
+    assert [d for _ip, _hdr, d in h.udp_replies()] == [b"first", b"second"]
+    h.close()
+
+
+def test_replies_the_tap_refuses_are_queued_not_lost(port_impl, server):
+    """A burst larger than the TAP's buffer: the frame the port could not write (EAGAIN)
+    goes to the backlog, the rest follow it there, and all arrive in order once it drains."""
+    h = PortHarness(impl=port_impl, sndbuf=4096)
+    port, peer = _open_flow(h, server, 40022)
+    burst = [b"%04d" % i + b"b" * 900 for i in range(60)]
+    for payload in burst:
+        server.sendto(payload, peer)
+    h.pump(lambda: len(h.out) >= len(burst))
+    assert [d for _ip, _hdr, d in h.udp_replies()] == burst
+    assert h.port.tx_eagain >= 1  # the port did hit a full TAP
+    assert h.tap.backlog_dropped == 0
+    h.close()

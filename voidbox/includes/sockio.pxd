@@ -22,6 +22,7 @@ cdef extern from "<sys/socket.h>" nogil:
         size_t msg_controllen
         int msg_flags
     ssize_t recvmsg(int sockfd, msghdr *msg, int flags)
+    ssize_t c_recv "recv"(int sockfd, void *buf, size_t len, int flags)
     enum:
         MSG_PEEK
         MSG_DONTWAIT

@@ -341,6 +341,8 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 IPPROTO_UDP = 17
 STREAM_MORE, STREAM_DRAINED, STREAM_EOF, STREAM_BLOCKED = range(4)
+UDP_DRAINED, UDP_BUDGET, UDP_PAUSED, UDP_OVERSIZE, UDP_BLOCKED = range(5)
+IPV4_UDP_HEADROOM = ETH_HLEN + IPV4_HEADER_LEN + 8  # Ethernet, IPv4 and UDP headers
 _VNET_HDR = struct.Struct("<BBHHHH")  # virtio 1.2 §5.1.6 struct virtio_net_hdr
 
 
@@ -459,6 +461,60 @@ class FramePort:
         if r == 1:
             self.tx_frames += 1
         return r
+
+    def send_udp4(self, sockfd: int, buf, eth_header, src_ip, dst_ip, src_port: int,
+                  dst_port: int, ip_id: int, budget: int, mtu: int):
+        """See _slirp.FramePort.send_udp4: datagrams of the connected UDP socket sockfd
+        received into buf behind 42 bytes of headers, framed there and written; returns
+        (frames written, identifications used, status, n)."""
+        from voidbox.net._udp_py import build_ipv4_udp  # _udp_py imports this module
+
+        eth_header, src_ip, dst_ip = _bytes_view(eth_header), _bytes_view(src_ip), _bytes_view(dst_ip)
+        if len(eth_header) != ETH_HLEN or len(src_ip) != 4 or len(dst_ip) != 4:
+            raise ValueError("Ethernet header is 14 bytes, IPv4 addresses 4")
+        view = memoryview(buf)
+        if len(view) < IPV4_UDP_HEADROOM:
+            raise ValueError("the buffer has no room behind the headers")
+        if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF and 0 <= ip_id <= 0xFFFF):
+            raise ValueError("ports and the identification are 16-bit numbers")
+        if self.paused:
+            return 0, 0, UDP_PAUSED, 0
+        written = ids = n = 0
+        status = UDP_BUDGET
+        payload = view[IPV4_UDP_HEADROOM:]
+        sock = _socket.socket(fileno=sockfd)
+        try:
+            for _ in range(budget):
+                try:
+                    n = sock.recv_into(payload, len(payload), _socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    status = UDP_DRAINED
+                    break
+                except OSError:
+                    continue  # the socket's pending error, reported once
+                if IPV4_HEADER_LEN + 8 + n > mtu:
+                    status = UDP_OVERSIZE
+                    break
+                view[:ETH_HLEN] = eth_header
+                build_ipv4_udp(view, ETH_HLEN, src_ip, dst_ip, (ip_id + ids) & 0xFFFF,
+                               src_port, dst_port, n)
+                ids += 1
+                frame = view[:IPV4_UDP_HEADROOM + n]
+                try:
+                    _os.writev(self.fd, [bytes(self.vnet_hdr_len), frame]
+                               if self.vnet_hdr_len else [frame])
+                except BlockingIOError:
+                    self.tx_eagain += 1
+                    status = UDP_BLOCKED
+                    break
+                except OSError:
+                    self.tx_dropped += 1
+                else:
+                    written += 1
+        finally:
+            sock.detach()
+        self.tx_frames += written
+        return written, ids, status, n
 
     def send_tcp_stream(self, sockfd: int, eth_header, src_ip, dst_ip, src_port: int,
                         dst_port: int, seq: int, ack: int, window: int, mss: int,

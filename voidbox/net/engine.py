@@ -249,6 +249,13 @@ class Engine:
         if self.tcp is not None:
             self.tcp.set_stream_port(port, self._guest_eth_header, blocked)
 
+    def attach_datagram_port(self, port) -> None:
+        """Let the UDP NAT relay host datagrams straight to port (a FramePort on the same
+        fd as send_frame, uncaptured: FramePort.send_udp4); a port without send_udp4 (a
+        VM's RX ring) leaves the relay on send_ip_buf."""
+        if hasattr(port, "send_udp4"):
+            self.udp.set_frame_port(port, self._guest_eth_header)
+
     def _guest_eth_header(self, ipv6: bool = False) -> bytes:
         return _ETH_HDR.pack(self.guest_mac, self.gateway_mac, ETH_P_IPV6 if ipv6 else ETH_P_IP)
 

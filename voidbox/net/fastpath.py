@@ -27,6 +27,11 @@ STREAM_MORE = impl.STREAM_MORE
 STREAM_DRAINED = impl.STREAM_DRAINED
 STREAM_EOF = impl.STREAM_EOF
 STREAM_BLOCKED = impl.STREAM_BLOCKED
+UDP_DRAINED = impl.UDP_DRAINED
+UDP_BUDGET = impl.UDP_BUDGET
+UDP_PAUSED = impl.UDP_PAUSED
+UDP_OVERSIZE = impl.UDP_OVERSIZE
+UDP_BLOCKED = impl.UDP_BLOCKED
 
 
 
@@ -39,6 +44,8 @@ def build_ip_tcp(out, src_ip, dst_ip, *args) -> int:
 
 __all__ = [
     "COMPILED", "FramePort", "STREAM_BLOCKED", "STREAM_DRAINED", "STREAM_EOF", "STREAM_MORE",
-    "build_ip_tcp", "build_ipv4_tcp", "build_ipv6_tcp", "guest_ipv4_split", "guest_ipv6_split", "impl", "inet_checksum", "keep_freed_heap", "seq_add", "seq_diff", "seq_ge",
+    "UDP_BLOCKED", "UDP_BUDGET", "UDP_DRAINED", "UDP_OVERSIZE", "UDP_PAUSED",
+    "build_ip_tcp", "build_ipv4_tcp", "build_ipv6_tcp", "guest_ipv4_split", "guest_ipv6_split",
+    "impl", "inet_checksum", "keep_freed_heap", "seq_add", "seq_diff", "seq_ge",
     "seq_gt", "seq_le", "seq_lt", "tcp_checksum",
 ]

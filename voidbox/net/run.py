@@ -478,6 +478,8 @@ def _serve(tap_fd: int, command_pidfd: int, report: socket.socket, config: NatCo
         if offload and tap.port.tso and engine.tcp is not None and pcap is None:
             engine.attach_stream_port(tap.port, tap.stream_blocked)
             tap.on_writable = engine.tcp.port_writable
+        if pcap is None:
+            engine.attach_datagram_port(tap.port)
         loop.watch(command_pidfd, select.EPOLLIN, lambda ev: loop.stop())
         info = {"pid": os.getpid(), "sandbox": None}
         if sandboxed:

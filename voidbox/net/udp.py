@@ -25,7 +25,7 @@ from collections.abc import Callable
 from voidbox.errors import VoidboxError
 from voidbox.eventloop import EventLoop, Timer
 from voidbox.net.config import NatConfig
-from voidbox.net.fastpath import inet_checksum
+from voidbox.net.fastpath import UDP_BLOCKED, UDP_BUDGET, UDP_OVERSIZE, UDP_PAUSED, inet_checksum
 from voidbox.net.ipv6 import (
     ICMPV6_ADDR_UNREACH,
     ICMPV6_ADM_PROHIBITED,
@@ -136,13 +136,14 @@ class _Flow:
     (udp_idle_timeout), each extra tracked object per flow costs in every collection.
     """
 
-    __slots__ = ("nat", "key", "sock", "guest_dst", "host_dst", "last_active", "quote", "peer",
-                 "listener", "batch", "guest_src")
+    __slots__ = ("nat", "key", "sock", "fd", "guest_dst", "host_dst", "last_active", "quote",
+                 "peer", "listener", "batch", "guest_src")
 
     def __init__(self, nat: UdpNat, key, sock, guest_dst: bytes, host_dst: bytes, now: float):
         self.nat = nat
         self.key = key  # (guest port, guest-visible remote address, remote port)
         self.sock = sock
+        self.fd = sock.fileno()
         self.guest_dst = guest_dst
         self.host_dst = host_dst
         self.last_active = now
@@ -162,8 +163,19 @@ class _Flow:
             nat._drain_errors(self)
         if events & select.EPOLLIN:
             batch = self.batch
-            got = 0
             v6 = self.guest_src is not None
+            if nat.port is not None and not v6:
+                # The frame port relays the batch in one compiled call: received into the
+                # reply buffer, framed there and written, no Python per datagram.
+                got, status = nat._relay(self, batch)
+                if got:
+                    self.last_active = nat.loop.time()
+                if status == UDP_BUDGET and batch < UDP_BATCH:
+                    self.batch = batch * 2  # every receive was used: a busy flow
+                if status != UDP_PAUSED:
+                    return
+                # The port has frames queued: the loop below queues these behind them.
+            got = 0
             target = memoryview(nat._rx6)[ETH_HLEN + IPV6_UDP_HLEN:] if v6 else nat._rx_payload
             for _ in range(batch):
                 try:
@@ -237,6 +249,16 @@ class UdpNat:
         # and the 40-byte pseudo-header (RFC 8200 §8.1) is written where the IPv6 header
         # goes, then overwritten by it, so one pass sums pseudo-header and datagram.
         self._rx6: bytearray | None = None
+        # The frame port IPv4 replies go through (set_frame_port), or None: Python's path.
+        self.port = None
+        self._eth_header: Callable[[], bytes] | None = None
+
+    def set_frame_port(self, port, eth_header: Callable[[], bytes]) -> None:
+        """Relay IPv4 replies with port.send_udp4 (a FramePort on the fd send_ip_buf
+        writes, without capture): socket -> frame -> port in one compiled call per batch.
+        eth_header() is the Ethernet header of a frame to the guest."""
+        self.port = port
+        self._eth_header = eth_header
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -520,6 +542,30 @@ class UdpNat:
         flow.sock = None
 
     # ------------------------------------------------------------ host -> guest
+
+    def _relay(self, flow: _Flow, batch: int) -> tuple[int, int]:
+        """One FramePort.send_udp4 call for an IPv4 flow's datagrams; (datagrams sent to
+        the guest, status). What the port could not take whole is sent Python's way from
+        the reply buffer: a datagram too long for one frame as fragments, a frame the TAP
+        refused (EAGAIN) into its backlog."""
+        key = flow.key
+        written, ids, status, n = self.port.send_udp4(
+            flow.fd, self._rx, self._eth_header(), flow.guest_dst, self.guest_ip, key[2],
+            key[0], (self._ident + 1) & 0xFFFF, batch, self.config.mtu)
+        self._ident = (self._ident + ids) & 0xFFFF
+        counters = self.counters
+        if written:
+            counters["frames_to_guest"] = counters.get("frames_to_guest", 0) + written
+            counters["udp_rx"] = counters.get("udp_rx", 0) + written
+        if status == UDP_BLOCKED:
+            # Its identification is counted in ids; send_ip_buf counts the frame.
+            self.send_ip_buf(self._rx, IPV4_UDP_HLEN + n)
+            self._count("udp_rx")
+            return written + 1, status
+        if status == UDP_OVERSIZE:
+            self._to_guest(flow.guest_dst, key[2], key[0], bytes(self._rx_payload[:n]))
+            return written + 1, status
+        return written, status
 
     def _reply(self, src_ip: bytes, sport: int, dport: int, n: int) -> None:
         """Send the n payload bytes in self._rx_payload to the guest as one IPv4 + UDP
