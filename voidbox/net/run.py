@@ -367,7 +367,8 @@ def _parent(pid: int, sock: socket.socket, config: NatConfig, policy: Policy | N
     finally:
         if interrupts is not None:
             # What is still queued (a terminal's Ctrl-C at the end) is dropped with the
-            # signalfd, and SIG_IGN drops anything pending, before SIGINT is unblocked.
+            # signalfd, and SIG_IGN drops anything pending, before SIGINT is unblocked
+            # and its handler restored.
             os.close(interrupts)
             handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
@@ -561,10 +562,18 @@ def _quiet_gc():
 
 
 def _watch_interrupts() -> int | None:
-    """A signalfd for SIGINT, which is blocked from here on; None off the main thread or
-    without signalfd (SIGINT is then ignored, as before). Who sent a SIGINT decides what
-    it means: see _relay_interrupts."""
-    if threading.current_thread() is not threading.main_thread():
+    """A signalfd for SIGINT, which is blocked from here on. Who sent a SIGINT decides
+    what it means: see _relay_interrupts.
+
+    None (SIGINT is then ignored, as before) where a signalfd would not see every SIGINT
+    or would take the caller's: another thread (the Python API in a threaded program)
+    would get a process-wide SIGINT that this thread blocks, a caller that blocks SIGINT
+    keeps its own pending ones, and a voidbox started with SIGINT ignored (`cmd &` in a
+    script) goes on ignoring it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or threading.active_count() != 1
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            or signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])):
         return None
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
     try:
@@ -577,7 +586,9 @@ def _watch_interrupts() -> int | None:
 def _relay_interrupts(fd: int, pid: int) -> None:
     """SIGINTs queued for the supervisor. A terminal's Ctrl-C (sent by the kernel to the
     whole foreground process group) has reached the command already and is dropped; one
-    that a process sent to voidbox alone goes down the chain to the command."""
+    that a process sent goes down the chain to the command. (A process that signals the
+    whole group, `kill -INT -PGID`, reaches the command itself as well: siginfo cannot
+    tell that from a kill of voidbox alone, so the command gets two.)"""
     for _signo, code, _sender in netns.read_signals(fd):
         if code != netns.SI_KERNEL:
             _kill_quietly(pid, SIGINT_RELAY)
