@@ -440,16 +440,67 @@ def test_the_port_relays_replies_with_no_python_per_datagram(port_impl, server):
 
 
 def test_replies_wait_behind_frames_the_tap_has_queued(port_impl, server):
-    """A paused port (the TAP's backlog holds frames) takes nothing: the replies go Python's
-    way into that backlog, behind what is queued, and arrive in order."""
-    h = PortHarness(impl=port_impl)
+    """A paused port (the TAP's backlog holds frames the full TAP refused) takes nothing:
+    the reply goes Python's way into that backlog, behind what is queued, and all arrive
+    in order once the TAP drains."""
+    from voidbox.net.fastpath import UDP_PAUSED
+
+    h = PortHarness(impl=port_impl, sndbuf=4096)
     port, peer = _open_flow(h, server, 40021)
-    h.tap._enqueue(h.engine._guest_eth_header() + build_ipv4(
-        GATEWAY, GUEST, IPPROTO_UDP, build_udp(GATEWAY, GUEST, port, 40021, b"first")))
+    eth = h.engine._guest_eth_header()
+
+    def frame(data):
+        return eth + build_ipv4(GATEWAY, GUEST, IPPROTO_UDP,
+                                build_udp(GATEWAY, GUEST, port, 40021, data))
+
+    fills = 0
+    while h.port.write(frame(b"fill%03d" % fills)) == 1:  # the TAP is full, unread
+        fills += 1
+    h.tap._enqueue(frame(b"first"))
     assert h.port.paused
+    statuses = []
+    relay = h.engine.udp._relay
+
+    def spy(flow, batch):
+        got = relay(flow, batch)
+        statuses.append(got[1])
+        return got
+
+    h.engine.udp._relay = spy
     server.sendto(b"second", peer)
-    h.pump(lambda: len(h.out) >= 2)
-    assert [d for _ip, _hdr, d in h.udp_replies()] == [b"first", b"second"]
+    for _ in range(MAX_PUMP):  # no reading at the peer yet: the TAP stays full
+        if statuses:
+            break
+        h.loop.run_once(PUMP_SLICE)
+    assert statuses == [UDP_PAUSED]
+    h.pump(lambda: len(h.out) >= fills + 2)
+    got = [d for _ip, _hdr, d in h.udp_replies()]
+    assert got == [b"fill%03d" % i for i in range(fills)] + [b"first", b"second"]
+    h.close()
+
+
+def test_a_burst_of_datagrams_beyond_the_mtu_is_relayed_a_batch_per_wakeup(port_impl, server):
+    """Fragmenting one datagram does not end the port's batch: the relay carries on, and
+    the batch grows as for datagrams that fit."""
+    h = PortHarness(NatConfig(mtu=1500), impl=port_impl)
+    port, peer = _open_flow(h, server, 40023)
+    burst = [bytes([i]) * 3000 for i in range(24)]
+    for payload in burst:
+        server.sendto(payload, peer)
+    wholes = []
+    r = h.engine.reassembler  # the engine's own reassembler stands in for the guest's
+
+    def collected():
+        for ip, payload in h.ip_packets():
+            whole = r.push(ip, payload, 0.0)
+            if whole is not None:
+                wholes.append(whole)
+        return len(wholes) >= len(burst)
+
+    h.pump(collected)
+    assert wholes == [build_udp(GATEWAY, GUEST, port, 40023, p) for p in burst]
+    [flow] = h.engine.udp.flows.values()
+    assert flow.batch > 4  # grew: each wakeup relayed a whole batch, not one datagram
     h.close()
 
 

@@ -544,28 +544,39 @@ class UdpNat:
     # ------------------------------------------------------------ host -> guest
 
     def _relay(self, flow: _Flow, batch: int) -> tuple[int, int]:
-        """One FramePort.send_udp4 call for an IPv4 flow's datagrams; (datagrams sent to
-        the guest, status). What the port could not take whole is sent Python's way from
-        the reply buffer: a datagram too long for one frame as fragments, a frame the TAP
-        refused (EAGAIN) into its backlog."""
+        """FramePort.send_udp4 calls for an IPv4 flow's datagrams, up to `batch` of them;
+        (datagrams sent to the guest, status of the last call). What the port could not
+        take whole goes on Python's way from the reply buffer: a datagram too long for one
+        frame as fragments (and the relay carries on), a frame the TAP refused (EAGAIN)
+        into its backlog. Frames are counted as built, as Python's way counts them."""
         key = flow.key
-        written, ids, status, n = self.port.send_udp4(
-            flow.fd, self._rx, self._eth_header(), flow.guest_dst, self.guest_ip, key[2],
-            key[0], (self._ident + 1) & 0xFFFF, batch, self.config.mtu)
-        self._ident = (self._ident + ids) & 0xFFFF
         counters = self.counters
-        if written:
-            counters["frames_to_guest"] = counters.get("frames_to_guest", 0) + written
-            counters["udp_rx"] = counters.get("udp_rx", 0) + written
-        if status == UDP_BLOCKED:
-            # Its identification is counted in ids; send_ip_buf counts the frame.
-            self.send_ip_buf(self._rx, IPV4_UDP_HLEN + n)
-            self._count("udp_rx")
-            return written + 1, status
-        if status == UDP_OVERSIZE:
+        got = 0
+        left = batch
+        while True:
+            _written, ids, status, n = self.port.send_udp4(
+                flow.fd, self._rx, self._eth_header(), flow.guest_dst, self.guest_ip,
+                key[2], key[0], (self._ident + 1) & 0xFFFF, left, self.config.mtu)
+            self._ident = (self._ident + ids) & 0xFFFF
+            # A frame the port refused for good is lost on the wire, as TapIO.write loses
+            # it: counted all the same. One refused with EAGAIN is counted by send_ip_buf.
+            built = ids - 1 if status == UDP_BLOCKED else ids
+            if built:
+                counters["frames_to_guest"] = counters.get("frames_to_guest", 0) + built
+                counters["udp_rx"] = counters.get("udp_rx", 0) + built
+            got += built
+            left -= built
+            if status == UDP_BLOCKED:
+                self.send_ip_buf(self._rx, IPV4_UDP_HLEN + n)  # to the TAP's backlog
+                self._count("udp_rx")
+                return got + 1, status
+            if status != UDP_OVERSIZE:
+                return got, status
             self._to_guest(flow.guest_dst, key[2], key[0], bytes(self._rx_payload[:n]))
-            return written + 1, status
-        return written, status
+            got += 1
+            left -= 1
+            if left <= 0:
+                return got, UDP_BUDGET
 
     def _reply(self, src_ip: bytes, sport: int, dport: int, n: int) -> None:
         """Send the n payload bytes in self._rx_payload to the guest as one IPv4 + UDP
