@@ -701,7 +701,7 @@ cdef class FramePort:
         cdef Py_ssize_t flen
         cdef Py_ssize_t handed = 0
         cdef ssize_t r
-        cdef int state
+        cdef int state, err = 0
         cdef int hl = self.vnet_hdr_len
         cdef uint8_t *slot = self.rx
         self.read_errno = 0
@@ -710,9 +710,10 @@ cdef class FramePort:
                 r = c_read(self.fd, slot, self.rx_slot)
                 while r < 0 and errno == EINTR:
                     r = c_read(self.fd, slot, self.rx_slot)
-            if r <= 0:
                 if r < 0:
-                    self.read_errno = errno
+                    err = errno  # before the GIL is taken back
+            if r <= 0:
+                self.read_errno = err
                 break
             n += 1
             self.rx_len[0] = r

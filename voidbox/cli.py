@@ -64,13 +64,15 @@ def _written_by_echo(error: OSError) -> bool:
 
 def _stdout_reader_gone() -> bool:
     """Whether standard output is a pipe or socket nobody reads any more (poll(2) reports
-    POLLERR on a pipe's write end once its read end is closed)."""
+    POLLERR on a pipe's write end once its read end is closed, POLLHUP on a socket whose
+    peer has gone)."""
     import select
 
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP)
+                   for _fd, events in poller.poll(0))
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -287,3 +287,19 @@ def test_probe_kernel_refuses_what_the_loader_would(mem, tmp_path, kind):
     assert 0 < refused
     path.write_bytes(good)
     assert probe_kernel(str(path)) == kind
+
+
+def test_probe_kernel_refuses_a_pvh_entry_outside_the_kernel(mem, tmp_path):
+    """QEMU enters an ELF kernel at its PVH entry: one outside every loadable segment is
+    the loader's usage error under --accel qemu too, not a guest that jumps nowhere."""
+    from voidbox.boot.loader import probe_kernel
+
+    code = b"\x90" * 0x100
+    path = write(tmp_path, "vmlinux", make_elf(
+        segments=[(0x1000000, KERNEL_VADDR, code, 0x1000)], entry=0x1000000,
+        notes=note(b"Xen", 6, b"linux\0") + pvh_note(0x2000000)))
+    with pytest.raises(UsageError, match="PVH entry 0x2000000 is not in any loadable") as probed:
+        probe_kernel(path)
+    with pytest.raises(UsageError) as loaded:
+        load_kernel(mem, path, "")
+    assert str(probed.value) == str(loaded.value)

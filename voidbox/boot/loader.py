@@ -182,7 +182,11 @@ def probe_kernel(kernel_path: str) -> str:
             # The same header and segment checks load_kernel makes (a truncated or corrupt
             # kernel, an ELF for another machine), without loading anything.
             if head.startswith(elf.ELFMAG):
-                elf.parse_elf(f, file_size, kernel_path)
+                kernel = elf.parse_elf(f, file_size, kernel_path)
+                # QEMU enters an ELF kernel at its PVH entry when it has one.
+                if kernel.pvh_entry is not None and not kernel.holds(kernel.pvh_entry):
+                    raise UsageError(f"{kernel_path}: PVH entry {kernel.pvh_entry:#x} is "
+                                     "not in any loadable segment")
                 return "elf"
             if bzimage.is_bzimage(head):
                 bzimage.parse_bzimage(head, file_size, kernel_path)
