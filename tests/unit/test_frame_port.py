@@ -362,15 +362,22 @@ def test_stream_blocked_port_reports_what_went_out(impl, tcp_pair):
 UDP_HEADROOM = 42  # Ethernet, IPv4, UDP
 
 
-@pytest.fixture
-def udp_flow():
-    """(flow: our connected socket, as the UDP NAT's flow has it; host: the server)."""
+def connected_udp_pair():
+    """(flow: a non-blocking socket connected as the UDP NAT's flow's is; host: the server,
+    connected back to it) on the loopback, where a send is queued at the other end before
+    it returns."""
     host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     host.bind(("127.0.0.1", 0))
     flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flow.connect(host.getsockname())
     flow.setblocking(False)
     host.connect(flow.getsockname())
+    return flow, host
+
+
+@pytest.fixture
+def udp_flow():
+    flow, host = connected_udp_pair()
     yield flow, host
     flow.close()
     host.close()

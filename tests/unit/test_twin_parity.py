@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.twins import load_compiled
+from tests.unit.test_frame_port import connected_udp_pair
 from voidbox import _ring_py
 from voidbox.layout import MiB
 from voidbox.memory import GuestMemory
@@ -560,15 +561,10 @@ def test_udp_relay_sends_the_same_frames(slirp, hl, payloads, ip_id, budget, mtu
     seen = []
     for m in slirp:
         a, b = dgram_pair()
-        host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        host.bind(("127.0.0.1", 0))
-        flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        flow.connect(host.getsockname())
-        flow.setblocking(False)
-        host.connect(flow.getsockname())
+        flow, host = connected_udp_pair()
         try:
             for p in payloads:
-                host.send(p)  # loopback: queued at flow before send() returns
+                host.send(p)
             port = m.FramePort(a.fileno(), vnet_hdr_len=hl)
             port.paused = paused
             buf = bytearray(42 + 65535)
