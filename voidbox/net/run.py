@@ -481,7 +481,14 @@ def _serve(tap_fd: int, command_pidfd: int, report: socket.socket, config: NatCo
             tap.on_writable = engine.tcp.port_writable
         if pcap is None:
             engine.attach_datagram_port(tap.port)
-        loop.watch(command_pidfd, select.EPOLLIN, lambda ev: loop.stop())
+
+        def command_exited(_events: int) -> None:
+            # Once: a pidfd stays readable after its process exits, and a level-triggered
+            # watch would stop every turn of the drain below, which then never sleeps.
+            loop.unwatch(command_pidfd)
+            loop.stop()
+
+        loop.watch(command_pidfd, select.EPOLLIN, command_exited)
         info = {"pid": os.getpid(), "sandbox": None}
         if sandboxed:
             # Everything is open (the TAP, forwards' listeners, the DNS upstreams, the
@@ -494,7 +501,7 @@ def _serve(tap_fd: int, command_pidfd: int, report: socket.socket, config: NatCo
         report.send(REPORT_READY + json.dumps(info).encode())
         with _quiet_gc():
             loop.run()
-            _drain(loop, engine, tap)
+            stats["drain_turns"] = _drain(loop, engine, tap)
     finally:
         if engine is not None:
             # Flows still carrying data when the command's namespace went away: the
@@ -528,9 +535,13 @@ DRAIN_MAX = 5.0
 DRAIN_QUIET = 1.0
 
 
-def _drain(loop: EventLoop, engine: Engine, tap: TapIO) -> None:
+def _drain(loop: EventLoop, engine: Engine, tap: TapIO) -> int:
+    """Relay while TCP flows are open and frames move (see above); the loop turns taken,
+    which the stats report: a turn waits for events or 50 ms, so a drain with nothing to
+    do takes about DRAIN_QUIET / 0.05 of them."""
     start = quiet_since = time.monotonic()
     last = None
+    turns = 0
     while engine.active_tcp_flows():
         now = time.monotonic()
         activity = (tap.port.rx_frames, tap.port.tx_frames)  # tx includes TCP streams
@@ -539,6 +550,8 @@ def _drain(loop: EventLoop, engine: Engine, tap: TapIO) -> None:
         if now - quiet_since > DRAIN_QUIET or now - start > DRAIN_MAX:
             break
         loop.run_once(0.05)
+        turns += 1
+    return turns
 
 
 # The relay allocates a few short-lived objects per frame; with the default threshold
