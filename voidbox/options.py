@@ -50,7 +50,7 @@ NAT_OPTIONS = (
            "(a narrower --allow, e.g. --allow 10.0.2.2:8080, opens one)."),
     Option("--dns-upstream", str, (), "Relay 10.0.2.3 to this resolver instead of "
            "/etc/resolv.conf's (repeatable).", True, "IP[:PORT]"),
-    Option("--max-flows", str, None, "Most flows open at once (default 65536).", metavar="N"),
+    Option("--max-flows", str, None, "Most flows open at once, TCP, UDP and ICMP together (default 65536).", metavar="N"),
     Option("--max-conn-rate", str, None, "New connections per second, e.g. 10 or 2.5 "
            "(default unlimited).", metavar="RATE"),
     Option("--pcap", str, None, "Write every frame crossing the guest's interface, both "

@@ -121,6 +121,9 @@ class DnsRelay:
         self.counters = counters if counters is not None else {}
         self.exhaustion = Exhaustion(self.counters)
         self.pending: dict[int, _Query] = {}  # by socket fd
+        # Sockets open against --max-flows (each pending query holds one): this relay's,
+        # or (Engine) every relay's flows together.
+        self.open_flows: Callable[[], int] = lambda: len(self.pending)
         # Largest UDP payload that fits in one guest frame without fragmentation.
         self.max_reply = config.mtu - IPV4_HLEN - UDP_HLEN
 
@@ -141,6 +144,9 @@ class DnsRelay:
             return
         if len(self.pending) >= MAX_PENDING_QUERIES:
             self._count("dns_dropped_busy")
+            return
+        if self.open_flows() >= self.config.max_flows:
+            self._count("dns_dropped_flow_limit")
             return
         query = _Query(sport, ident, bytes(payload), guest_ip)
         self._count("dns_queries")

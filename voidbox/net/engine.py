@@ -145,6 +145,18 @@ class Engine:
             self.prefix6_64 = self.subnet_anycast6[:8]  # the guest's /64, compared per frame
             self.local6 = self.ndp.own
         self.tcp = self._make_tcp()
+        # --max-flows bounds the flows of every relay together (each holds a host fd, and
+        # the sandbox's fd limit is sized by it): one protocol must not take them all.
+        tables = [self.udp.flows, self.icmp.flows, self.dns.pending]
+        if self.tcp is not None:
+            tables.append(self.tcp.flows)
+
+        def open_flows() -> int:
+            return sum(map(len, tables))
+
+        for relay in (self.udp, self.icmp, self.dns, self.tcp):
+            if relay is not None:
+                relay.open_flows = open_flows
         for fwd in config.forwards:
             self.add_forward(fwd.proto, fwd.host_addr, fwd.host_port, fwd.guest_port)
 

@@ -146,6 +146,8 @@ class IcmpNat:
         self.network = config.network
         self._dest_memo: dict[bytes, str | None] = {}
         self.flows: dict[tuple[bytes, int], _Flow] = {}
+        # Flows open against --max-flows: this table's, or (Engine) every relay's together.
+        self.open_flows: Callable[[], int] = self.flow_count
         self.raw_ids: dict[int, _Flow] = {}
         self.mode: str | None = None  # "ping", "raw" or "none", probed on first use
         self.raw: socket.socket | None = None
@@ -287,7 +289,7 @@ class IcmpNat:
                             fam.label, fam.unreachable)
             refuse()
             return None
-        if len(self.flows) >= self.config.max_flows:
+        if self.open_flows() >= self.config.max_flows:
             self._count("icmp_dropped_flow_limit")
             return None
         if mode == "ping":

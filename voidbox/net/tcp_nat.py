@@ -222,6 +222,8 @@ class TcpNat:
         self.dns_ip = socket.inet_aton(config.dns_ip)
         self.dns_ip6 = socket.inet_pton(socket.AF_INET6, config.dns_ip6)
         self.flows: dict[int, _Flow] = {}  # by flow_key
+        # Flows open against --max-flows: this table's, or (Engine) every relay's together.
+        self.open_flows: Callable[[], int] = self.flow_count
         self.listeners: dict[int, tuple[socket.socket, int]] = {}
         self.counters: dict[str, int] = {}
         self.exhaustion = Exhaustion(self.counters)
@@ -399,7 +401,7 @@ class TcpNat:
     def _open(self, key: int, seg: Segment, tcp, guest_ip: bytes, remote_ip: bytes,
               now: float) -> None:
         dport = seg.dst_port
-        if len(self.flows) >= self.config.max_flows:
+        if self.open_flows() >= self.config.max_flows:
             self._refuse(seg, guest_ip, remote_ip, "tcp_flow_limit")
             return
         if not self._rate_ok(now):
@@ -1102,7 +1104,7 @@ class TcpNat:
                 return
             conn.setblocking(False)
             port = self._ephemeral_port(guest_port)
-            if len(self.flows) >= self.config.max_flows or port is None:
+            if self.open_flows() >= self.config.max_flows or port is None:
                 self._count("tcp_flow_limit")
                 self._abort_socket(conn)
                 continue

@@ -223,6 +223,8 @@ class UdpNat:
         # the translation are too slow to redo per new flow.
         self._dest_memo: dict[bytes, tuple[str, bytes, str] | None] = {}
         self.flows: dict[tuple[int, bytes, int], _Flow] = {}
+        # Flows open against --max-flows: this table's, or (Engine) every relay's together.
+        self.open_flows: Callable[[], int] = self.flow_count
         self.listeners: dict[int, socket.socket] = {}
         self._ident = 0
         self._closed = False
@@ -327,7 +329,7 @@ class UdpNat:
             self._count("udp_unreachable")
             self.unreachable(dst_ip, ICMP_HOST_UNREACH, ip_packet)
             return None
-        if len(self.flows) >= self.config.max_flows:
+        if self.open_flows() >= self.config.max_flows:
             self._count("udp_dropped_flow_limit")
             return None
         host_ip, host_ip_bytes, guest_dst = dest
@@ -375,7 +377,7 @@ class UdpNat:
             self._count("udp_unreachable")
             self.unreachable6(guest_src, dst_ip, ip_packet, ICMPV6_ADDR_UNREACH)
             return None
-        if len(self.flows) >= self.config.max_flows:
+        if self.open_flows() >= self.config.max_flows:
             self._count("udp_dropped_flow_limit")
             return None
         host_ip = self.config.translate(text)
@@ -702,7 +704,7 @@ class UdpNat:
             flow = self.flows.get(key)
             now = self.loop.time()
             if flow is None:
-                if len(self.flows) >= self.config.max_flows:
+                if self.open_flows() >= self.config.max_flows:
                     self._count("udp_dropped_flow_limit")
                     continue
                 flow = _Flow(self, key, sock, visible, peer_ip, now)
