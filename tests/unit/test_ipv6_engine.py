@@ -184,6 +184,34 @@ def test_router_solicitation_gets_an_advertisement_for_slaac(h):
     assert ip.dst == ALL_NODES
 
 
+def test_advertisements_to_all_nodes_are_rate_limited(h):
+    """RFC 4861 §6.2.6: at most one RA to all-nodes per MIN_DELAY_BETWEEN_RAS. A burst of
+    solicitations from :: gets one answer; the unsolicited one counts too. Solicitations
+    from an address are answered to that address, each of them."""
+    from voidbox.net.ndp import MIN_DELAY_BETWEEN_RAS
+
+    now = [1000.0]
+    h.engine.ndp.clock = lambda: now[0]
+
+    def solicit_from(src):
+        h.send(guest_icmp6_frame(ALL_ROUTERS, ND_ROUTER_SOLICIT, 0, 0,
+                                 b"" if src == UNSPECIFIED else sll(), src=src,
+                                 hop_limit=255, dst_mac=multicast_mac(ALL_ROUTERS)))
+        sent = [ip.dst for _eth, ip, _hdr, _body in icmp6_messages(h.out)]
+        h.out.clear()
+        return sent
+
+    assert [solicit_from(UNSPECIFIED) for _ in range(50)] == [[ALL_NODES]] + [[]] * 49
+    assert h.engine.counters["ndp_rs_rate_limited"] == 49
+    assert [solicit_from(GUEST_LL6) for _ in range(3)] == [[GUEST_LL6]] * 3
+    now[0] += MIN_DELAY_BETWEEN_RAS
+    assert solicit_from(UNSPECIFIED) == [ALL_NODES]
+    now[0] += MIN_DELAY_BETWEEN_RAS
+    h.engine.link_up()  # the periodic one, to all-nodes
+    h.out.clear()
+    assert solicit_from(UNSPECIFIED) == []
+
+
 def test_link_up_sends_an_unsolicited_advertisement_and_repeats_it(h):
     h.engine.link_up()
     eth, ip, *_ = _ra_contents(h)

@@ -245,7 +245,7 @@ class Engine:
         if self.ndp is None or self.closed:
             return
         self._count("frames_to_guest")
-        self.send_frame(self.ndp.advertisement())
+        self.send_frame(self.ndp.periodic_advertisement())
         self._arm_ra()
 
     def _arm_ra(self) -> None:

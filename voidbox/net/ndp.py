@@ -24,6 +24,7 @@ taught (its source link-layer address option), if any.
 from __future__ import annotations
 
 import struct
+import time
 
 from voidbox.net.config import NatConfig, parse_mac
 from voidbox.net.ipv6 import (
@@ -69,6 +70,9 @@ RA_FLAG_OTHER = 0x40
 # 3 x that. RA_INTERVAL is how often an unsolicited RA goes out (below Max, so a guest
 # never loses its default route); RFC 8106 §5.1 wants RDNSS to outlive a few intervals.
 RA_INTERVAL = 200.0
+# RFC 4861 §6.2.6: router advertisements to all-nodes at most once per this many seconds
+# (MIN_DELAY_BETWEEN_RAS); a solicitation from :: can only be answered that way.
+MIN_DELAY_BETWEEN_RAS = 3.0
 ROUTER_LIFETIME = 1800
 PREFIX_VALID_LIFETIME = 86400
 PREFIX_PREFERRED_LIFETIME = 14400
@@ -119,6 +123,8 @@ class NdpResponder:
         # Every address the NAT answers for, all at its one MAC.
         self.own = frozenset({self.gateway, self.dns, self.router_ll})
         self.ra_flags = RA_FLAG_OTHER
+        self.clock = time.monotonic
+        self._last_multicast_ra: float | None = None  # when an RA last went to all-nodes
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -199,11 +205,26 @@ class NdpResponder:
             self._count("ndp_invalid")  # RFC 4861 §6.1.1
             return [], None
         learned = sll[2:8] if sll is not None and len(sll) >= 8 else None
-        self._count("ndp_ra_solicited")
         if ip.src == UNSPECIFIED:
+            # Only all-nodes can answer it: at most one RA per MIN_DELAY_BETWEEN_RAS, the
+            # rest of a burst of solicitations goes unanswered (the first answer serves).
+            now = self.clock()
+            if (self._last_multicast_ra is not None
+                    and now - self._last_multicast_ra < MIN_DELAY_BETWEEN_RAS):
+                self._count("ndp_rs_rate_limited")
+                return [], None
+            self._last_multicast_ra = now
+            self._count("ndp_ra_solicited")
             return [self.advertisement()], None
+        self._count("ndp_ra_solicited")
         # RFC 4861 §6.2.6 allows a unicast answer to the soliciting address.
         return [self.advertisement(ip.src, learned or eth_src)], learned
+
+    def periodic_advertisement(self) -> bytes:
+        """The unsolicited RA to all-nodes (RFC 4861 §6.2.4), counted against the rate
+        limit of §6.2.6 as an answer to a solicitation from :: is."""
+        self._last_multicast_ra = self.clock()
+        return self.advertisement()
 
     def advertisement(self, dst: bytes = ALL_NODES, dst_mac: bytes | None = None) -> bytes:
         """A router advertisement (RFC 4861 §4.2) from the router's link-local address:
