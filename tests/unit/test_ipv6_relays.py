@@ -80,6 +80,26 @@ def test_replies_go_to_the_guest_address_that_sent(server6):
     h.close()
 
 
+def test_each_guest_address_is_a_flow_of_its_own(server6):
+    """Two of the guest's addresses, the same port, the same remote: two flows, two host
+    ports, and each reply goes back to the address it answers (the flows were keyed
+    without the source, and replies went to whichever address had sent last)."""
+    h = Harness()
+    other = ip6_to_bytes("fd00::abcd")
+    port = server6.getsockname()[1]
+    h.send(guest_udp6_frame(GATEWAY6, 4002, port, b"from-a", src=GUEST6))
+    _d, peer_a = server6.recvfrom(100)
+    h.send(guest_udp6_frame(GATEWAY6, 4002, port, b"from-b", src=other))
+    _d, peer_b = server6.recvfrom(100)
+    assert peer_a != peer_b and h.engine.udp.flow_count() == 2
+    server6.sendto(b"to-a", peer_a)
+    server6.sendto(b"to-b", peer_b)
+    h.pump(lambda: len(h.out) >= 2)
+    got = sorted((payload, ip.dst) for ip, _s, _d, payload in udp6_replies(h))
+    assert got == [(b"to-a", GUEST6), (b"to-b", other)]
+    h.close()
+
+
 def test_large_replies_are_fragmented_to_the_mtu(server6):
     h = Harness()
     h.send(guest_udp6_frame(GATEWAY6, 4002, server6.getsockname()[1], b"x"))

@@ -141,7 +141,9 @@ class _Flow:
 
     def __init__(self, nat: UdpNat, key, sock, guest_dst: bytes, host_dst: bytes, now: float):
         self.nat = nat
-        self.key = key  # (guest port, guest-visible remote address, remote port)
+        # (guest port, guest-visible remote address, remote port), and for IPv6 the
+        # guest's source address.
+        self.key = key
         self.sock = sock
         self.fd = sock.fileno()
         self.guest_dst = guest_dst
@@ -274,7 +276,9 @@ class UdpNat:
                        ip_packet: memoryview, guest_src: bytes | None = None) -> None:
         """A validated UDP datagram from the guest (not DHCP, not DNS to the relay);
         guest_src is its IPv6 source (None: IPv4, from the guest's one address)."""
-        key = (sport, dst_ip, dport)
+        # An IPv6 guest may send from several addresses (SLAAC, privacy, link-local): each
+        # is a flow of its own, whose replies go back to it.
+        key = (sport, dst_ip, dport) if guest_src is None else (sport, dst_ip, dport, guest_src)
         flow = self.flows.get(key)
         opened = flow is None
         if opened:
@@ -288,7 +292,6 @@ class UdpNat:
             flow.last_active = self.loop.time()
         try:
             if guest_src is not None:
-                flow.guest_src = guest_src
                 flow.quote = icmpv6_error_quote(ip_packet)
             else:
                 # icmp_error_quote inlined: the IPv4 header (IHL, validated by the engine)
@@ -364,7 +367,7 @@ class UdpNat:
 
     def _open_flow6(self, key, guest_src: bytes, ip_packet: memoryview) -> _Flow | None:
         """_open_flow for an IPv6 destination (RFC 8200): the same verdicts, in ICMPv6."""
-        sport, dst_ip, dport = key
+        sport, dst_ip, dport, _src = key
         if is_multicast(dst_ip) or dst_ip == UNSPECIFIED6:
             # Nowhere to go, silently, as IPv4 broadcasts; :: would be the host's loopback
             # to a connect() (RFC 4291 §2.5.2: it names no host).
