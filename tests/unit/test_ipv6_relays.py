@@ -202,6 +202,24 @@ def test_echo_to_the_hosts_loopback_goes_through_an_icmpv6_socket():
     h.close()
 
 
+def test_echoes_from_two_guest_addresses_come_back_to_each():
+    """The same identifier from two of the guest's addresses: two flows, each reply to
+    the address that asked (the flows were keyed without the source)."""
+    h = Harness()
+    h.engine.icmp.prepare()
+    if h.engine.icmp.mode6 == "none":
+        h.close()
+        pytest.skip("neither an ICMPv6 ping socket (ping_group_range) nor CAP_NET_RAW here")
+    other = ip6_to_bytes("fd00::abcd")
+    h.send(guest_echo6_frame(LOOPBACK6, 0x78, 1, b"from-a"))
+    h.send(guest_echo6_frame(LOOPBACK6, 0x78, 1, b"from-b", src=other))
+    h.pump(lambda: len(h.out) >= 2)
+    got = sorted((bytes(body), ip.dst) for _eth, ip, _hdr, body in icmp6_messages(h.out))
+    assert got == [(b"from-a", GUEST6), (b"from-b", other)]
+    assert h.engine.icmp.flow_count() == 2
+    h.close()
+
+
 def test_echo_denied_and_echo_without_a_socket(caplog):
     h = Harness(policy=Policy(deny=["2001:db8::/32"], host_loopback=True))
     h.send(guest_echo6_frame(OUTSIDE6, 1, 1))

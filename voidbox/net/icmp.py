@@ -499,14 +499,15 @@ class IcmpNat:
             self._count("icmp_denied")
             self._unreachable6(dst, src, ICMPV6_ADM_PROHIBITED, ip_packet)
             return
-        key = (dst, ident)
+        # Each of the guest's addresses echoes on a flow of its own, whose replies go
+        # back to it (as UDP's flows).
+        key = (dst, ident, src)
         flow = self.flows.get(key)
         if flow is None:
             flow = self._open6(key, dst, ip6_to_bytes(host_ip), ident, src, ip_packet)
             if flow is None:
                 return
         flow.last_active = self.loop.time()
-        flow.guest_src = src
         flow.quote = icmpv6_error_quote(ip_packet)
         # Both kinds of socket compute the ICMPv6 checksum themselves (RFC 3542 §3.1 for
         # raw ones); a ping socket also puts in its own identifier.
